@@ -1,0 +1,30 @@
+"""The `pfc` command tree. Each command module registers its commands on one of these apps."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="pfc",
+    help="Distributed Partial FC face-recognition training with DiscFace.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: pack, inspect, synthesise and pair MXNet RecordIO face data.",
+                       no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON output with --json): head, data loader, training step.",
+                        no_args_is_help=True)
+export_app = typer.Typer(help="Export trained backbones (ONNX).", no_args_is_help=True)
+config_app = typer.Typer(help="Training configuration: show the resolved config.", no_args_is_help=True)
+
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+app.add_typer(export_app, name="export")
+app.add_typer(config_app, name="config")
+
+
+def not_yet(what: str, issue: int) -> None:
+    """Fail loudly for a command whose implementation has not landed yet."""
+    typer.echo(f"pfc: `{what}` is not implemented yet (tracked in issue {issue})", err=True)
+    raise typer.Exit(code=2)
