@@ -1,11 +1,116 @@
-"""`pfc plan`."""
+"""`pfc plan`: memory per rank and traffic per step of the Partial FC head, for runs of any size."""
 
 from __future__ import annotations
 
-from launcher.commands.groups import app, not_yet
+import json
+from pathlib import Path
+
+import typer
+
+from launcher.commands.groups import app
+from launcher.planner import (
+    DEFAULT_WORLDS,
+    DTYPE_BYTES,
+    RankPlan,
+    human_bytes,
+    parse_worlds,
+    plan_rank,
+    plan_table,
+)
+
+
+def _breakdown(plan: RankPlan) -> list[tuple[str, str]]:
+    rows = [(name.replace("_", " "), human_bytes(v)) for name, v in plan.memory.items()]
+    rows.append(("TOTAL per rank", human_bytes(plan.total_bytes)))
+    rows.append(("", ""))
+    rows += [(f"sent: {name.replace('_', ' ')}", human_bytes(v)) for name, v in plan.comm.items()]
+    rows.append(("sent per step per rank", human_bytes(plan.comm_bytes_per_step)))
+    return rows
+
+
+def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
+    out = []
+    for p in plans:
+        m = p.memory
+        out.append([
+            f"{p.world_size}{' *' if p.world_size == chosen else ''}",
+            f"{p.shard_rows:,}",
+            f"{p.num_sample:,}",
+            human_bytes(p.shard_weights_plus_momentum_bytes),
+            human_bytes(m["sampled_weights"] + m["sampled_weights_grad"] + m["sampled_weights_normalised"]),
+            human_bytes(m["logits"]),
+            human_bytes(m["gathered_embeddings"] + m["gathered_normalised"] + m["local_embeddings"]),
+            human_bytes(p.total_bytes),
+            human_bytes(p.comm_bytes_per_step),
+        ])
+    return out
+
+
+_HEADERS = ["W", "rows", "sampled", "W+mom", "sampled W", "logits", "embeds", "total", "sent/step"]
+_LEGEND = ("rows: classes in the largest shard; sampled: classes per step; W+mom: shard weights + momentum; "
+           "sampled W: sampled rows' copy, gradient and normalised copy; logits: N x sampled fp32 buffers; "
+           "embeds: gathered and local embeddings with gradients; sent/step: bytes this rank sends per step")
+
+
+def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
+    title = (f"C={plan.num_classes:,}  W={plan.world_size}  B={plan.local_batch}/rank (N={plan.global_batch})  "
+             f"D={plan.dim}  r={plan.sample_rate}  dtype={plan.dtype}")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich comes with typer, but plain text keeps working without it
+        typer.echo(title)
+        for k, v in _breakdown(plan):
+            typer.echo(f"  {k:<44} {v:>14}")
+        typer.echo("  ".join(_HEADERS))
+        for row in _table_rows(table, plan.world_size):
+            typer.echo("  ".join(row))
+        typer.echo(_LEGEND)
+        return
+    console = Console(width=max(Console().width, 110))
+    detail = Table(title=title, show_header=False)
+    detail.add_column("part")
+    detail.add_column("bytes", justify="right")
+    for k, v in _breakdown(plan):
+        detail.add_row(k, v)
+    console.print(detail)
+    across = Table(title="Across world sizes (per rank; * = --world-size)")
+    for h in _HEADERS:
+        across.add_column(h, justify="right")
+    for row in _table_rows(table, plan.world_size):
+        across.add_row(*row)
+    console.print(across)
+    console.print(_LEGEND)
+    if plan.num_sample_worst > plan.num_sample:
+        console.print(f"note: N={plan.global_batch} exceeds the sampling quota {plan.num_sample}; if a "
+                      f"step's positives in one shard exceed it, up to {plan.num_sample_worst} classes "
+                      "are kept")
 
 
 @app.command("plan")
-def plan_cmd() -> None:
+def plan_cmd(
+    classes: int = typer.Option(..., "--classes", min=1, help="Number of classes C."),
+    world_size: int = typer.Option(..., "--world-size", min=1, help="Ranks W."),
+    batch: int = typer.Option(..., "--batch", min=1, help="Local batch B per rank."),
+    dim: int = typer.Option(512, "--dim", min=1, help="Embedding size D."),
+    sample_rate: float = typer.Option(1.0, "--sample-rate", min=0.0, max=1.0, help="Sample rate r in (0, 1]."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Head dtype: " + "|".join(DTYPE_BYTES)),
+    worlds: str = typer.Option(",".join(map(str, DEFAULT_WORLDS)), "--worlds",
+                               help="World sizes for the table, comma-separated."),
+    discface: bool = typer.Option(True, "--discface/--no-discface",
+                                  help="Count DiscFace's all-reduces (a scalar and b's gradient)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
     """Memory and communication per rank for a run, across world sizes."""
-    not_yet("pfc plan", 4)
+    try:
+        world_list = parse_worlds(worlds)
+        plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface)
+        table = plan_table(classes, [*world_list, world_size], batch, dim, sample_rate, dtype, discface)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    _print_human(plan, table)
+    if json_path is not None:
+        doc = {"plan": plan.to_dict(), "table": [p.to_dict() for p in table],
+               "model": "launcher/planner.py (ring-algorithm bytes sent; largest shard's memory)"}
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        typer.echo(f"wrote {json_path}")

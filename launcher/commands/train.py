@@ -2,16 +2,87 @@
 
 from __future__ import annotations
 
-from launcher.commands.groups import app, not_yet
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from launcher.commands.groups import app
+from launcher.config import ConfigError, load_config, resolve_config_path
 
 
-@app.command("train")
-def train_cmd() -> None:
-    """Train from a config, under torchrun or launching it."""
-    not_yet("pfc train", 6)
+def _config_or_exit(config: str, overrides: list[str]):  # noqa: ANN202
+    try:
+        return load_config(resolve_config_path(config), overrides)
+    except ConfigError as e:
+        typer.echo(f"pfc: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
+                    sets: list[str] | None) -> list[str]:
+    """The short flags are shorthands for `--set`; explicit `--set` items come last and win."""
+    out: list[str] = []
+    if data is not None:
+        out.append(f"data.prefix={json.dumps(data)}")
+    if val_bin:
+        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
+    if output is not None:
+        out.append(f"output={json.dumps(output)}")
+    return out + list(sets or [])
+
+
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: str = typer.Argument(..., help="YAML file, or a built-in recipe name such as demo_cpu"),
+    data: str | None = typer.Option(None, "--data", help="training data PREFIX (PREFIX.rec/.idx)"),
+    val_bin: list[str] | None = typer.Option(None, "--val-bin", help="verification .bin (repeatable)"),
+    output: str | None = typer.Option(None, "--output", help="run folder"),
+    sets: list[str] | None = typer.Option(None, "--set", help="override: section.field=value (repeatable)"),
+    nproc_per_node: int | None = typer.Option(None, "--nproc-per-node", min=1,
+                                              help="start torchrun with this many ranks per node"),
+    nnodes: str = typer.Option("1", "--nnodes", help="number of nodes (or MIN:MAX) for torchrun"),
+    node_rank: int | None = typer.Option(None, "--node-rank", min=0),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of c10d rendezvous"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts after a failure"),
+) -> None:
+    """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
+    from launcher.distributed import init_distributed, shutdown, torchrun, under_launcher
+    from launcher.progress import setup_logging
+
+    overrides = build_overrides(data, val_bin, output, sets)
+    cfg = _config_or_exit(config, overrides)
+    if nproc_per_node is not None and not under_launcher():
+        argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
+        code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                        rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+        raise typer.Exit(code=code)
+    from launcher.training import train
+
+    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    setup_logging(ctx.rank)
+    try:
+        summary = train(cfg, ctx)
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        typer.echo(f"run finished: {summary['steps']} steps in {summary['seconds']:.1f}s -> {cfg.output}")
 
 
 @app.command("demo")
-def demo_cmd() -> None:
-    """Synthetic data, 2 CPU ranks with Partial FC + DiscFace, then evaluation."""
-    not_yet("pfc demo", 6)
+def demo_cmd(
+    output: str = typer.Option("runs/demo", "--output", help="run folder (data goes in OUTPUT/data)"),
+    identities: int = typer.Option(300, "--identities", min=10),
+    images_per_identity: int = typer.Option(12, "--images-per-identity", min=2),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="override train.steps"),
+    nproc: int = typer.Option(2, "--nproc", min=1, help="CPU ranks"),
+    sets: list[str] | None = typer.Option(None, "--set", help="extra config overrides"),
+) -> None:
+    """Synthetic identities -> 2 CPU ranks of Partial FC + DiscFace -> evaluation on unseen identities."""
+    from launcher.demo import run_demo
+
+    code = run_demo(Path(output), identities=identities, images_per_identity=images_per_identity,
+                    steps=steps, nproc=nproc, extra_sets=list(sets or []))
+    if code:
+        sys.exit(code)

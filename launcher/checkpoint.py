@@ -1,0 +1,171 @@
+"""Training checkpoints: atomic, pruned, and loadable on any world size.
+
+Layout of one save (all paths inside ``<run>/checkpoints``)::
+
+    step_00000200/
+        meta.json               step, epoch position, world size, wall time, resolved config
+        backbone.safetensors    rank 0; the backbone's config in the safetensors metadata
+        trainer_state.pt        rank 0; backbone optimizer, LR schedulers, AMP scaler (tensors and
+                                plain containers only: loaded with ``weights_only=True``)
+        rng/rank_00003.pt       each rank's torch / numpy / python RNG state (used on the same world size)
+        head/                   the Partial FC shards with their class ranges (``partialfc.checkpoint``)
+    latest                      the name of the newest complete save, replaced last
+
+A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
+mid-write leaves the previous ``latest`` untouched; stale partial folders are removed at the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(group: Any = None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": repr(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(ast.literal_eval(state["python"]))
+
+
+@dataclass
+class CheckpointPaths:
+    root: Path
+
+    def latest(self) -> Path | None:
+        """The newest complete save, or None. A ``latest`` naming a missing folder is an error."""
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        path = self.root / name
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"{pointer} names {name!r}, but {path}/meta.json does not exist: "
+                                    "the checkpoint folder was modified outside the trainer")
+        return path
+
+    def complete_saves(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    backbone: torch.nn.Module,
+    backbone_config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    save_head: Any,
+    meta: dict[str, Any],
+    keep_last: int,
+    group: Any = None,
+) -> Path:
+    """Collective: every rank calls it. ``save_head(path)`` writes this rank's head shard into ``path``."""
+    t0 = time.perf_counter()
+    paths = CheckpointPaths(Path(root))
+    final = paths.root / step_dir_name(step)
+    partial = paths.root / f".{final.name}.partial"
+    rank = _rank()
+    if rank == 0:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+        (partial / "rng").mkdir()
+    _barrier(group)
+    try:
+        if rank == 0:
+            state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+            save_file(state, str(partial / "backbone.safetensors"),
+                      metadata={"config": json.dumps(backbone_config)})
+            torch.save(trainer_state, partial / "trainer_state.pt")
+        torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+        save_head(partial / "head")
+    except BaseException:
+        # Leave the partial folder for the next save to clean; `latest` still names the last good one.
+        raise
+    _barrier(group)
+    if rank == 0:
+        meta = dict(meta, step=step, saved_at=time.time(), save_seconds=time.perf_counter() - t0)
+        _atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+        replaced = None
+        if final.exists():  # the same step saved again after a resume
+            replaced = final.with_name(f".{final.name}.replaced")
+            os.rename(final, replaced)
+        os.rename(partial, final)
+        _fsync_dir(paths.root)
+        _atomic_write_text(paths.root / LATEST, final.name)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        for old in paths.complete_saves()[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(group)
+    return final
+
+
+def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Read what rank ``rank`` needs from a complete save (the head is loaded separately)."""
+    meta = json.loads((path / "meta.json").read_text())
+    out: dict[str, Any] = {"meta": meta}
+    out["backbone"] = load_file(str(path / "backbone.safetensors"))
+    out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True)
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    out["rng"] = (torch.load(rng_file, weights_only=True)
+                  if meta.get("world_size") == world_size and rng_file.is_file() else None)
+    return out

@@ -1,0 +1,230 @@
+"""One typed training configuration: defaults < YAML file < command-line ``--set a.b=value``.
+
+Every section forbids unknown keys, so a typo (``optim.lrr``) is an error naming the field rather than
+a silently ignored setting. The resolved config is written into the run folder (``config.yaml``) and
+into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout)")
+    val_bins: list[str] = Field(default_factory=list, description="Verification .bin files")
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    workers: int = Field(2, ge=0, le=64)
+    flip: bool = True
+    skip_corrupt: bool = Field(False, description="Skip and count corrupt records instead of stopping")
+
+
+class ModelConfig(_Section):
+    backbone: str = "iresnet50"
+    embedding_size: int = Field(512, ge=2, le=8192)
+    image_size: int = Field(112, ge=16, le=448)
+    width: float = Field(1.0, gt=0.0, le=8.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        known = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny")
+        if v not in known:
+            raise ValueError(f"unknown backbone {v!r}; expected one of {', '.join(known)}")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"image_size {v} must be a multiple of 16 (the backbones downsample by 16)")
+        return v
+
+
+class HeadConfig(_Section):
+    num_classes: int | None = Field(None, ge=2, description="None: read from the dataset's property file")
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0)
+    margin: tuple[float, float, float] = Field((1.0, 0.5, 0.0), description="(m1, m2, m3): ArcFace (1,0.5,0)")
+    scale: float = Field(64.0, gt=0.0, le=1024.0)
+    discface_lambda: float = Field(0.0, ge=0.0, le=100.0)
+    discface_cap: float = Field(0.05, gt=0.0, le=2.0)
+
+    @field_validator("margin")
+    @classmethod
+    def _margin(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        m1, m2, m3 = v
+        if not (m1 > 0 and 0 <= m2 < math.pi and 0 <= m3 < 2):
+            raise ValueError(f"margin {v} out of range: need m1 > 0, 0 <= m2 < pi, 0 <= m3 < 2")
+        return v
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    head_lr: float | None = Field(None, gt=0.0, le=10.0, description="None: same as lr")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    power: float = Field(2.0, ge=0.0, le=10.0, description="polynomial decay power after warm-up")
+    grad_clip: float | None = Field(5.0, gt=0.0, description="max global norm of backbone gradients")
+    grad_accum: int = Field(1, ge=1, le=1024)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(128, ge=1, le=65536, description="per rank")
+    steps: int = Field(1000, ge=1)
+    seed: int = Field(0, ge=0, lt=2**31)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    max_nonfinite_in_a_row: int = Field(10, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: bool = True
+    init_backbone: str | None = Field(None, description="backbone-only weights to fine-tune from")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    discrepancy_every_steps: int = Field(50, ge=1)
+
+
+class LogConfig(_Section):
+    every_steps: int = Field(10, ge=1)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="bind address; loopback by default outside containers")
+    port_base: int = Field(9400, ge=1, le=65535)
+
+
+class DistConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(0, ge=0, le=3)
+    timeout_s: float = Field(600.0, gt=0.0)
+
+
+class Config(_Section):
+    output: str = Field("runs/default", description="run folder")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.dist.engine == "ddp" and self.dist.zero_stage:
+            raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or validated; the message names the field and the value."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {field} = {shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML so numbers, lists and nulls work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return path, value
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for p in path[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (``section.field=value``)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded
+        source = str(p)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _apply(tree, keys, value, item)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a recipe shipped in ``launcher/configs`` (``demo_cpu`` or ``demo_cpu.yaml``)."""
+    here = Path(__file__).parent / "configs"
+    p = here / (name if name.endswith(".yaml") else name + ".yaml")
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in here.glob("*.yaml")))
+        raise ConfigError(f"no built-in config {name!r}; built-in recipes: {known}")
+    return p
+
+
+def resolve_config_path(arg: str) -> Path:
+    """A path to a YAML file, or the name of a built-in recipe (``demo_cpu``)."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    try:
+        return builtin_config(p.name)
+    except ConfigError as e:
+        raise ConfigError(f"config file {p} does not exist, and {e}") from None

@@ -1,0 +1,103 @@
+"""Progress on rank 0: throughput, ETA, loss by component, LR and memory, in one log line per k steps.
+
+Modelled on torchvision's reference ``MetricLogger``: smoothed values over a window, plus a JSON
+lines file in the run folder that ``pfc report`` and the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pfc")
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs at INFO; other ranks only warnings, so one terminal shows one progress stream."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: CUDA allocator peak on GPUs, the process's max RSS on CPUs."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class SmoothedValue:
+    def __init__(self, window: int = 20) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, v: float, n: int = 1) -> None:
+        self.values.append(v)
+        self.total += v * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class ProgressLogger:
+    def __init__(self, total_steps: int, global_batch: int, device: torch.device, jsonl: Path | None,
+                 enabled: bool) -> None:
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self.device = device
+        self.enabled = enabled
+        self.meters: dict[str, SmoothedValue] = {}
+        self.step_time = SmoothedValue(window=20)
+        self.jsonl = open(jsonl, "a") if (jsonl is not None and enabled) else None  # noqa: SIM115
+        self._last = time.perf_counter()
+
+    def update(self, **values: float) -> None:
+        for k, v in values.items():
+            self.meters.setdefault(k, SmoothedValue()).update(float(v))
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        dt = now - self._last
+        self._last = now
+        self.step_time.update(dt)
+        return dt
+
+    def images_per_s(self) -> float:
+        avg = self.step_time.avg
+        return self.global_batch / avg if avg and avg > 0 else float("nan")
+
+    def emit(self, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": step, "time": time.time(), "images_per_s": self.images_per_s(),
+                               "memory_bytes": memory_bytes(self.device)}
+        rec.update({k: m.avg for k, m in self.meters.items()})
+        rec.update(extra or {})
+        if self.enabled:
+            remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
+            eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0.0)))
+            losses = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("loss"))
+            log.info(f"step {step}/{self.total_steps}  {rec['images_per_s']:.1f} img/s  eta {eta}  "
+                     f"{losses}  lr {rec.get('lr', float('nan')):.5f}  "
+                     f"mem {rec['memory_bytes'] / 2**20:.0f} MiB")
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps(rec) + "\n")
+                self.jsonl.flush()
+        return rec
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()

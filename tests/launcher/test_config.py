@@ -1,0 +1,142 @@
+"""The config schema: defaults < file < --set, and every invalid field named in the error."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import annotated_types as at
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from launcher.config import Config, ConfigError, builtin_config, load_config, resolve_config_path
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, typing.Any]]:
+    out = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaf_fields(ann, prefix + name + ".")
+        else:
+            out.append((prefix + name, info))
+    return out
+
+
+LEAVES = _leaf_fields(Config)
+
+
+def _bounds(info) -> dict[str, float]:
+    b: dict[str, float] = {}
+    for m in info.metadata:
+        for attr, cls in (("ge", at.Ge), ("gt", at.Gt), ("le", at.Le), ("lt", at.Lt)):
+            if isinstance(m, cls):
+                b[attr] = getattr(m, attr)
+    return b
+
+
+def _invalid_values(info) -> list[typing.Any]:
+    """Values that the field must refuse: a wrong type always, and out-of-range numbers where bounded."""
+    vals: list[typing.Any] = [{"not": "a value"}]
+    b = _bounds(info)
+    if "ge" in b:
+        vals.append(b["ge"] - 1)
+    if "gt" in b:
+        vals.append(b["gt"])
+    if "le" in b:
+        vals.append(b["le"] + 1)
+    if "lt" in b:
+        vals.append(b["lt"])
+    if typing.get_origin(info.annotation) is typing.Literal:
+        vals.append("no-such-choice")
+    return vals
+
+
+@pytest.mark.parametrize(("field", "info"), LEAVES, ids=[f for f, _ in LEAVES])
+def test_every_field_rejects_invalid_values_and_names_itself(field, info):
+    for bad in _invalid_values(info):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{field}={yaml.safe_dump(bad, default_flow_style=True).strip()}"])
+        assert field in str(e.value), f"error for {field}={bad!r} does not name the field:\n{e.value}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_random_in_range_numbers_accepted_out_of_range_refused(data):
+    numeric = [(f, i) for f, i in LEAVES if i.annotation in (int, float) and _bounds(i)]
+    field, info = data.draw(st.sampled_from(numeric))
+    b = _bounds(info)
+    lo = b.get("ge", b.get("gt", -1e6))
+    hi = b.get("le", b.get("lt", 1e6))
+    if info.annotation is int:
+        lo_i = int(math.ceil(lo)) + (1 if "gt" in b else 0)
+        hi_i = int(math.floor(hi)) - (1 if "lt" in b else 0)
+        good = data.draw(st.integers(lo_i, hi_i))
+        if field == "model.image_size":  # also constrained to multiples of 16
+            good = max(16, good // 16 * 16)
+        sides = []
+        if "ge" in b or "gt" in b:
+            sides.append(st.integers(max_value=lo_i - 1))
+        if "le" in b or "lt" in b:
+            sides.append(st.integers(min_value=hi_i + 1))
+        bad = data.draw(st.one_of(*sides))
+    else:
+        good = data.draw(st.floats(lo, hi, exclude_min="gt" in b, exclude_max="lt" in b))
+        fsides = []
+        if "ge" in b or "gt" in b:
+            fsides.append(st.floats(max_value=lo, exclude_max="ge" in b, allow_nan=False,
+                                    allow_infinity=False))
+        if "le" in b or "lt" in b:
+            fsides.append(st.floats(min_value=hi, exclude_min="le" in b, allow_nan=False,
+                                    allow_infinity=False))
+        bad = data.draw(st.one_of(*fsides))
+    overrides = [f"{field}={good!r}"]
+    if field == "dist.zero_stage" and good:
+        overrides.append("dist.engine=deepspeed")
+    cfg = load_config(None, overrides)
+    section, name = field.rsplit(".", 1) if "." in field else ("", field)
+    node = cfg
+    for p in filter(None, section.split(".")):
+        node = getattr(node, p)
+    assert getattr(node, name) == pytest.approx(good)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [f"{field}={bad!r}"])
+
+
+def test_precedence_defaults_then_file_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.05\ntrain:\n  steps: 7\n")
+    cfg = load_config(f, ["train.steps=9"])
+    assert cfg.optim.lr == 0.05 and cfg.train.steps == 9 and cfg.optim.momentum == 0.9
+
+
+def test_unknown_field_and_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(None, ["dist.zero_stage=2"])
+
+
+def test_image_size_must_be_a_multiple_of_16():
+    with pytest.raises(ConfigError, match=r"model\.image_size = 40: .*multiple of 16"):
+        load_config(None, ["model.image_size=40"])
+
+
+def test_builtin_recipes_validate():
+    for name in ("demo_cpu", "ms1mv3_r50_pfc01_discface", "webface42m_r100_pfc02"):
+        cfg = load_config(builtin_config(name))
+        assert cfg.model.image_size % 16 == 0
+    assert resolve_config_path("demo_cpu").name == "demo_cpu.yaml"
+    with pytest.raises(ConfigError, match="built-in recipes"):
+        resolve_config_path("nope")
