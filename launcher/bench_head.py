@@ -27,6 +27,7 @@ Bytes sent per step come from :data:`partialfc.collectives.comm_stats` (reset be
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -215,9 +216,25 @@ def gemm_floor(n: int, s: int, d: int, dtype: Any, device: Any, reps: int,
 def _build_head(cfg: BenchConfig, device: Any) -> Any:
     from partialfc import PartialFC
 
-    head = PartialFC(cfg.num_classes, cfg.dim, sample_rate=cfg.sample_rate,
-                     discface_lambda=cfg.discface_lambda, seed=cfg.seed)
-    return head.to(device)
+    # The head takes its device from the caller (library code never moves itself); building on the
+    # device directly avoids a CPU copy of the shard.
+    return PartialFC(cfg.num_classes, cfg.dim, sample_rate=cfg.sample_rate,
+                     discface_lambda=cfg.discface_lambda, seed=cfg.seed, device=device)
+
+
+def _warm_up(cfg: BenchConfig, device: Any) -> None:
+    import torch
+
+    tiny = replace(cfg, num_classes=4 * cfg.world_size, sample_rate=1.0)
+    head = _build_head(tiny, device)
+    opt = head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb = torch.randn(cfg.batch, cfg.dim, device=device, requires_grad=True)
+    for _ in range(2):
+        labels = torch.randint(0, tiny.num_classes, (cfg.batch,)).to(device)
+        head(emb, labels).backward()
+        head.weight_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
@@ -241,6 +258,10 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         else:
             dist.barrier()
 
+    # Warm the runtime up with a tiny head first (autograd engine, gloo/NCCL buffers, kernels, lazy
+    # imports), so that the baseline below holds them and the measured peak is the head's own.
+    _warm_up(cfg, device)
+    gc.collect()
     mem = PeakMemory(device)
     barrier()
     mem.reset()
@@ -281,8 +302,8 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         embeddings.grad = None
         _sync(device)
         t4 = time.perf_counter()
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"rank {rank}: loss is {float(loss)} at step {step}")
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"rank {rank}: loss is {float(loss.detach())} at step {step}")
         if step >= cfg.warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
@@ -428,13 +449,19 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise ValueError(f"--world-size {cfg.world_size} needs one GPU per rank, but "
                          f"{torch.cuda.device_count()} CUDA device(s) are visible")
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.world_size)
+    # On CPU, fork children from this process, which has imported torch and partialfc and run no
+    # torch op (no thread pools to inherit): ranks start in milliseconds instead of re-importing torch.
+    # CUDA does not survive a fork: spawn there.
+    start_method = "spawn" if backend == "nccl" or "fork" not in mp.get_all_start_methods() else "fork"
+    import partialfc.collectives  # noqa: F401  (imported once here, inherited by forked ranks)
+    import partialfc.head  # noqa: F401
     # The parent holds the store on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, cfg.world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=cfg.timeout_s))
     with tempfile.TemporaryDirectory(prefix="pfc-bench-head-") as tmp:
         out_path = os.path.join(tmp, "ranks.json")
         mp.start_processes(_rank_main, args=(cfg, store.port, backend, out_path), nprocs=cfg.world_size,
-                           join=True, start_method="spawn")
+                           join=True, start_method=start_method)
         ranks = json.loads(Path(out_path).read_text())
     del store
     with contextlib.suppress(Exception):

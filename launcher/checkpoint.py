@@ -7,7 +7,8 @@ Layout of one save (all paths inside ``<run>/checkpoints``)::
         backbone.safetensors    rank 0; the backbone's config in the safetensors metadata
         trainer_state.pt        rank 0; backbone optimizer, LR schedulers, AMP scaler (tensors and
                                 plain containers only: loaded with ``weights_only=True``)
-        rng/rank_00003.pt       each rank's torch / numpy / python RNG state (used on the same world size)
+        rank/rank_00003.pt      each rank's torch / numpy / python RNG state, and its partition of a ZeRO
+                                optimizer state (used when resuming on the same world size)
         head/                   the Partial FC shards with their class ranges (``partialfc.checkpoint``)
     latest                      the name of the newest complete save, replaced last
 
@@ -29,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from partialfc.backbones import save_backbone
 
 LATEST = "latest"
 
@@ -66,7 +69,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -113,6 +116,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     save_head: Any,
     meta: dict[str, Any],
+    rank_state: dict[str, Any] | None = None,
     keep_last: int,
     group: Any = None,
 ) -> Path:
@@ -127,15 +131,13 @@ def save_checkpoint(
         for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
-        (partial / "rng").mkdir()
+        (partial / "rank").mkdir()
     _barrier(group)
     try:
         if rank == 0:
-            state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-            save_file(state, str(partial / "backbone.safetensors"),
-                      metadata={"config": json.dumps(backbone_config)})
+            save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
             torch.save(trainer_state, partial / "trainer_state.pt")
-        torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+        torch.save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
         save_head(partial / "head")
     except BaseException:
         # Leave the partial folder for the next save to clean; `latest` still names the last good one.
@@ -165,7 +167,30 @@ def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]
     out: dict[str, Any] = {"meta": meta}
     out["backbone"] = load_file(str(path / "backbone.safetensors"))
     out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True)
-    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
-    out["rng"] = (torch.load(rng_file, weights_only=True)
-                  if meta.get("world_size") == world_size and rng_file.is_file() else None)
+    rank_file = path / "rank" / f"rank_{rank:05d}.pt"
+    out["rank_state"] = (torch.load(rank_file, weights_only=True)
+                         if meta.get("world_size") == world_size and rank_file.is_file() else None)
     return out
+
+
+def resolve_backbone_file(model: str | Path) -> Path:
+    """MODEL as users give it -> the backbone weight file.
+
+    Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
+    (``step_*``), or a backbone ``.safetensors`` file itself.
+    """
+    p = Path(model)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
+                                "folder or a backbone .safetensors file)")
+    if (p / "backbone.safetensors").is_file():
+        return p / "backbone.safetensors"
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).exists():
+            latest = CheckpointPaths(root).latest()
+            assert latest is not None
+            return latest / "backbone.safetensors"
+    raise FileNotFoundError(f"{p} holds no checkpoint: expected {p}/checkpoints/latest, {p}/latest or "
+                            f"{p}/backbone.safetensors")

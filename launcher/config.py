@@ -83,6 +83,8 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1, le=65536, description="per rank")
     steps: int = Field(1000, ge=1)
+    stop_after: int | None = Field(None, ge=1, description="end this run after this step (planned "
+                                   "preemption); the schedule still spans train.steps; resume continues")
     seed: int = Field(0, ge=0, lt=2**31)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
@@ -115,7 +117,9 @@ class MetricsConfig(_Section):
 class DistConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     engine: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = Field(0, ge=0, le=3)
+    # ZeRO-3 partitions the parameters themselves; checkpoints here gather replicated weights, so it is
+    # refused until the trainer saves through DeepSpeed's gathered state dict.
+    zero_stage: int = Field(0, ge=0, le=2)
     timeout_s: float = Field(600.0, gt=0.0)
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from data_pipeline.verification import load_bin
 from PIL import Image
 
-from data_pipeline.verification import load_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
 from partialfc.metrics import flip_embed, verification_metrics

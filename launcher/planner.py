@@ -11,11 +11,12 @@ global batch N = W * B, embedding dim D, sample rate r, element size e of the he
   plan reports that bound too (``num_sample_worst``) but sizes the buffers with the quota, which is
   what every shape planned at scale has (N is thousands, the quota is tens of thousands or more).
 * Persistent state: the shard (rows x D) and its SGD momentum (rows x D), both in the head's dtype.
-* Per step: a copy of the sampled rows (S x D) and its gradient (S x D) in the head's dtype, their
-  normalised fp32 copy (S x D, saved for backward), ``logit_buffers`` fp32 N x S buffers alive at
-  the peak (the head computes logits in fp32 whatever the backbone's dtype), the gathered global
-  batch of embeddings with its normalised copy and their gradients (N x D each), and the local
-  embeddings and their gradient (B x D each).
+* Per step the head works on S x D copies of the sampled rows (fp32 at least: the head upcasts them)
+  and one N x S fp32 logits buffer. Which of them are alive together depends on the phase of the
+  step (forward, the softmax's backward, the backward through the rows' normalisation, the sparse
+  optimizer step); the peak is the largest phase. The buffer counts are those of partialfc/ as
+  written (see the constants below), measured phase by phase; the gathered embeddings (N x D) and
+  the local ones (B x D) with their gradients are added to every phase.
 
 Traffic is the number of bytes this rank puts on the wire for ring algorithms (what NCCL uses at
 scale): an all-gather of n elements per rank sends (W - 1) n, an all-reduce of n elements sends
@@ -33,9 +34,17 @@ from typing import Any
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 FP32 = 4
 
-# How many N x S fp32 buffers the head keeps alive at the peak of a step (the backward of the
-# logits). Checked against partialfc/head.py: see ``HEAD_BUFFERS`` below for the accounting.
-DEFAULT_LOGIT_BUFFERS = 3
+# Buffers the head keeps alive, counted in partialfc/head.py, softmax.py and optimizer.py and checked
+# by measuring the peak resident set of each phase of a step (torch 2.13, CPU):
+# * N x S fp32 logits: ONE buffer (softmax.py computes the logits in place, reuses the buffer for the
+#   probabilities and then for their gradient);
+DEFAULT_LOGIT_BUFFERS = 1
+# * S x D buffers at the peak of the backward through F.normalize on the sampled rows: the sampled copy,
+#   its gradient, the normalised rows' gradient (two, accumulated from the softmax GEMM and from the
+#   target logits' index_select) and F.normalize's backward temporaries;
+NORMALISE_BACKWARD_BUFFERS = 6
+# * S x D buffers the sparse SGD step gathers (rows, momentum rows, decayed gradient).
+OPTIMIZER_BUFFERS = 3
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 
@@ -92,6 +101,8 @@ class RankPlan:
     global_batch: int
     memory: dict[str, int] = field(default_factory=dict)
     comm: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)   # step memory above the shard + momentum
+    peak_phase: str = ""
 
     @property
     def shard_weights_plus_momentum_bytes(self) -> int:
@@ -147,35 +158,51 @@ def plan_rank(
     if local_batch < 1 or dim < 1:
         raise ValueError(f"local_batch and dim must be >= 1, got {local_batch} and {dim}")
     e = DTYPE_BYTES[dtype]
-    f = max(e, FP32)  # logits and normalised copies: fp32, or fp64 for a float64 head
+    f = max(e, FP32)  # the head computes in fp32 at least (fp64 for a float64 head)
     rows = shard_rows(num_classes, world_size)
     s = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    memory = {
-        "shard_weights": rows * dim * e,
-        "momentum": rows * dim * e,
-        "sampled_weights": s * dim * e,
-        "sampled_weights_grad": s * dim * e,
-        "sampled_weights_normalised": s * dim * f,
-        "logits": logit_buffers * n * s * f,
-        "gathered_embeddings": 2 * n * dim * e,        # the all-gathered batch and its gradient
-        "gathered_normalised": 2 * n * dim * f,        # z = f / ||f|| and its gradient
-        "local_embeddings": 2 * local_batch * dim * e,  # this rank's features and their gradient
+    sd_f, sd_e, ns_f = s * dim * f, s * dim * e, logit_buffers * n * s * f
+    # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
+    # the local embeddings and their gradient: small beside the rest, alive through the backward.
+    embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
+    phases: dict[str, dict[str, int]] = {
+        # logits l = s z w_hat^T are computed into one N x S buffer, reused for exp, probabilities and
+        # then the logits' gradient; the sampled rows are copied (and upcast) to a fresh fp32 leaf.
+        "forward": {"sampled_weights": sd_f, "sampled_weights_normalised": sd_f, "logits": ns_f,
+                    "embeddings": embeddings},
+        "softmax_backward": {"sampled_weights": sd_f, "sampled_weights_normalised": sd_f,
+                             "grad_normalised_weights": sd_f, "logits": ns_f, "embeddings": embeddings},
+        # F.normalize's backward on the S x D rows and the accumulation of w_hat's two gradients
+        # (softmax GEMM, target-logit index_select): NORMALISE_BACKWARD_BUFFERS S x D buffers at once.
+        "normalise_backward": {"sampled_weights": sd_f, "sampled_weights_grad": sd_f,
+                               "backward_workspace": (NORMALISE_BACKWARD_BUFFERS - 2) * sd_f,
+                               "embeddings": embeddings},
+        # the sparse SGD gathers the sampled rows, their momentum and the decayed gradient (S x D each)
+        "optimizer": {"sampled_weights": sd_f, "sampled_weights_grad": sd_f,
+                      "optimizer_workspace": OPTIMIZER_BUFFERS * sd_e},
     }
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    memory = {"shard_weights": rows * dim * e, "momentum": rows * dim * e, **phases[peak_phase]}
     comm = {
-        "allgather_embeddings": allgather_sent(local_batch * dim, world_size, e),
+        "allgather_sizes": allgather_sent(1, world_size, 8),
+        "allgather_labels": allgather_sent(local_batch, world_size, 8),
+        "allgather_embeddings": allgather_sent(local_batch * dim, world_size, f),
         "allreduce_max": allreduce_sent(n, world_size, f),
-        "allreduce_sum_exp": allreduce_sent(n, world_size, f),
-        "allreduce_target_logit": allreduce_sent(n, world_size, f),
-        "reduce_scatter_embedding_grad": reduce_scatter_sent(n * dim, world_size, e),
+        # the partition function and the target logit travel in one all-reduce of 2 N values
+        "allreduce_sum_exp_and_target": allreduce_sent(2 * n, world_size, f),
+        "reduce_scatter_embedding_grad": reduce_scatter_sent(n * dim, world_size, f),
     }
     if discface:
-        comm["allreduce_discface_scalar"] = allreduce_sent(1, world_size, f)
+        comm["allreduce_discface_sum"] = allreduce_sent(1, world_size, f)
         comm["allreduce_b_grad"] = allreduce_sent(dim, world_size, f)
+    if world_size == 1:
+        comm = dict.fromkeys(comm, 0.0)
     return RankPlan(
         num_classes=num_classes, world_size=world_size, local_batch=local_batch, dim=dim,
         sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
         num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
+        phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase,
     )
 
 

@@ -65,6 +65,7 @@ class ProgressLogger:
         self.step_time = SmoothedValue(window=20)
         self.jsonl = open(jsonl, "a") if (jsonl is not None and enabled) else None  # noqa: SIM115
         self._last = time.perf_counter()
+        self.last: dict[str, Any] = {}
 
     def update(self, **values: float) -> None:
         for k, v in values.items():
@@ -86,6 +87,7 @@ class ProgressLogger:
                                "memory_bytes": memory_bytes(self.device)}
         rec.update({k: m.avg for k, m in self.meters.items()})
         rec.update(extra or {})
+        self.last = rec
         if self.enabled:
             remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
             eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0.0)))

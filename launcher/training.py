@@ -4,34 +4,43 @@ Split as torchvision's reference script is: :func:`build` (model, head, optimize
 :func:`train_one_step`, :func:`evaluate` (in ``launcher.evaluation``) and :func:`train`, which ties
 them together with checkpoints and progress.
 
-Exactness under data parallelism: the loss is the mean over the *global* batch, so the true gradient
-of a backbone parameter is the sum over ranks of each rank's local contribution. DDP averages instead
-of summing, so the embeddings' gradient is multiplied by the world size before it reaches the
-backbone: a W-rank step then equals a single-process step on the concatenated batch.
+Exactness under data parallelism: see ``launcher.engines`` (the embeddings' gradient is scaled so that
+the engines' gradient averaging yields the single-process gradient of the concatenated batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from discface import discrepancy_stats
 from launcher.checkpoint import CheckpointPaths, load_trainer_files, save_checkpoint, set_rng_state
 from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext
+from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
-from partialfc.backbones import get_backbone
+from partialfc.backbones import get_backbone, load_backbone_weights
+from partialfc.checkpoint import load_head, save_head
 
 log = logging.getLogger("pfc")
+
+
+def owned_discrepancy(head: PartialFC) -> dict[str, float]:
+    """Directional and radial discrepancy of this rank's owned samples of the last step (cheap)."""
+    if "owned_labels" not in head.last or len(head.last["owned_labels"]) == 0:
+        return {}
+    z_hat, w_hat, labels = head.last["owned_z_hat"], head.last["owned_w_hat"], head.last["owned_labels"]
+    return {f"discrepancy_{k}": v for k, v in discrepancy_stats(z_hat, w_hat, labels).items()}
 
 
 class NonFiniteError(RuntimeError):
@@ -40,15 +49,11 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class Components:
-    model: nn.Module  # the backbone, wrapped in DDP when distributed
-    backbone: nn.Module  # the bare backbone
+    engine: BackboneEngine  # the backbone under DDP or DeepSpeed; engine.module is the bare backbone
     head: PartialFC
-    opt: torch.optim.Optimizer
     head_opt: Any
-    scheds: list[Any]
-    scaler: torch.amp.GradScaler | None
+    head_sched: Any
     backbone_config: dict[str, Any]
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 def backbone_config(cfg: Config) -> dict[str, Any]:
@@ -57,151 +62,123 @@ def backbone_config(cfg: Config) -> dict[str, Any]:
             "width": m.width, "dropout": m.dropout}
 
 
-def lr_schedule(opt: Any, cfg: Config) -> Any:
-    """Linear warm-up then polynomial decay to zero, stepped once per optimizer step."""
-    o = cfg.optim
-    total = cfg.train.steps
-    decay = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(total - o.warmup_steps, 1),
-                                                  power=o.power)
-    if o.warmup_steps == 0:
-        return decay
-    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (o.warmup_steps + 1), end_factor=1.0,
-                                             total_iters=o.warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[o.warmup_steps])
-
-
 def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
     bcfg = backbone_config(cfg)
     backbone = get_backbone(bcfg["name"], embedding_size=bcfg["embedding_size"],
                             image_size=bcfg["image_size"], width=bcfg["width"], dropout=bcfg["dropout"])
+    if cfg.checkpoint.init_backbone:
+        load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
+        log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
     backbone.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
-    if cfg.checkpoint.init_backbone:
-        from partialfc.backbones import load_backbone
-
-        loaded = load_backbone(cfg.checkpoint.init_backbone)
-        backbone.load_state_dict(loaded.state_dict())
-        log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
-    model: nn.Module = backbone
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    h = cfg.head
+    engine = make_engine(backbone, cfg, ctx)
+    h, o = cfg.head, cfg.optim
     head = PartialFC(num_classes, cfg.model.embedding_size, sample_rate=h.sample_rate, margin=h.margin,
                      scale=h.scale, discface_lambda=h.discface_lambda, discface_cap=h.discface_cap,
                      seed=cfg.train.seed).to(ctx.device)
-    o = cfg.optim
-    if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(backbone.parameters(), lr=o.lr, momentum=o.momentum,
-                                                     weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.AdamW(backbone.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    scheds = [lr_schedule(opt, cfg), lr_schedule(head_opt, cfg)]
-    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and ctx.device.type == "cuda" else None
-    return Components(model, backbone, head, opt, head_opt, scheds, scaler, bcfg)
+    return Components(engine, head, head_opt, lr_schedule(head_opt, cfg), bcfg)
 
 
 def _autocast(cfg: Config, ctx: DistContext) -> Any:
     if cfg.train.amp == "none" or ctx.device.type != "cuda":
-        return torch.autocast(ctx.device.type, enabled=False)
+        return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _all_finite(t: torch.Tensor, ctx: DistContext) -> bool:
-    flag = torch.tensor([0.0 if bool(torch.isfinite(t).all()) else 1.0], device=ctx.device)
+def _nonfinite_flags(values: list[torch.Tensor], ctx: DistContext) -> list[bool]:
+    """Per value: non-finite on any rank. One small all-reduce, so every rank takes the same decision."""
+    flags = torch.tensor([0.0 if bool(torch.isfinite(v).all()) else 1.0 for v in values], device=ctx.device)
     if ctx.distributed:
-        dist.all_reduce(flag)
-    return bool(flag.item() == 0)
+        dist.all_reduce(flags)
+    return [bool(f > 0) for f in flags.tolist()]
 
 
 def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext) -> dict[str, float]:
-    """One optimizer step (``grad_accum`` micro-batches). Returns the step's scalars for logging."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars for logging."""
     accum = cfg.optim.grad_accum
-    c.opt.zero_grad(set_to_none=True)
+    c.engine.zero_grad()
     c.head_opt.zero_grad()
-    t_data = t_fwd = t_bwd = 0.0
-    totals: dict[str, float] = {}
+    timing = {"time_data_s": 0.0, "time_forward_s": 0.0, "time_backward_s": 0.0}
+    losses: dict[str, float] = {}
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = data.next_batch()
-        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
         if cfg.train.channels_last and ctx.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
-        sync_now = micro == accum - 1
-        no_sync = c.model.no_sync() if (ctx.distributed and not sync_now) else _null()
-        with no_sync:
+        last = micro == accum - 1
+        with c.engine.no_sync(last):
             with _autocast(cfg, ctx):
-                emb = c.model(images)
-            emb = emb.float()
-            if ctx.distributed and emb.requires_grad:
-                world = ctx.world_size
-                emb.register_hook(lambda g: g * world)  # DDP averages; the loss is a global-batch mean
+                emb = c.engine.forward(images)
+            emb = scale_embedding_grad(emb.float(), ctx.world_size)
             loss = c.head(emb, labels)
-            scaled = loss / accum
             t2 = time.perf_counter()
-            (c.scaler.scale(scaled) if c.scaler else scaled).backward()
-        t3 = time.perf_counter()
-        t_data += t1 - t0
-        t_fwd += t2 - t1
-        t_bwd += t3 - t2
-        for k, v in c.head.last_losses().items():
-            totals[k] = totals.get(k, 0.0) + float(v) / accum
+            c.engine.backward(loss / accum, last)  # accumulation averages the loss
+        timing["time_data_s"] += t1 - t0
+        timing["time_forward_s"] += t2 - t1
+        timing["time_backward_s"] += time.perf_counter() - t2
+        for k, v in loss_components(c.head, loss).items():
+            losses[k] = losses.get(k, 0.0) + v / accum
     t4 = time.perf_counter()
-    if c.scaler is not None:
-        c.scaler.unscale_(c.opt)
-    clip = cfg.optim.grad_clip or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(c.backbone.parameters(), clip)
-    loss_t = torch.tensor([totals.get("loss", float("nan"))], device=ctx.device)
-    ok = _all_finite(torch.cat([loss_t, grad_norm.reshape(1).to(ctx.device)]), ctx) and c.head.grads_finite()
+    grad_norm = c.engine.clip_and_norm()
+    bad_loss, bad_grad = _nonfinite_flags(
+        [torch.tensor(losses.get("loss", float("nan"))),
+         torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
+    ok = not (bad_loss or bad_grad)
     if ok:
-        if c.scaler is not None:
-            c.scaler.step(c.opt)
-            c.scaler.update()
-        else:
-            c.opt.step()
+        c.engine.step()
         c.head_opt.step()
-    for s in c.scheds:
-        s.step()
-    t5 = time.perf_counter()
-    out = dict(totals)
-    out.update(grad_norm=float(grad_norm), finite=float(ok), time_data_s=t_data, time_forward_s=t_fwd,
-               time_backward_s=t_bwd, time_optimizer_s=t5 - t4,
-               lr=c.opt.param_groups[0]["lr"], xi_norm=float(c.head.xi.norm()))
+    else:
+        c.engine.skip()
+    c.head_sched.step()
+    out = dict(losses)
+    out.update(timing, grad_norm=float(grad_norm), finite=float(ok), nonfinite_loss=float(bad_loss),
+               nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=c.engine.lr(),
+               xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
     return out
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def head_grad_sq_norm(head: PartialFC) -> torch.Tensor:
+    """Squared norm of this rank's head gradients (sampled rows and b); non-finite if any entry is."""
+    _, g = head.weight_grad()
+    total = torch.zeros((), dtype=torch.float64)
+    if g is not None:
+        total += g.double().pow(2).sum().cpu()
+    if head.b is not None and head.b.grad is not None:
+        total += head.b.grad.double().pow(2).sum().cpu()
+    return total
 
-    def __exit__(self, *a: Any) -> None:
-        return None
 
-
-def trainer_state(c: Components, step: int) -> dict[str, Any]:
-    return {
-        "step": step,
-        "opt": c.opt.state_dict(),
-        "scheds": [s.state_dict() for s in c.scheds],
-        "scaler": c.scaler.state_dict() if c.scaler is not None else {},
-    }
+def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, float]:
+    """Total loss and its softmax and DiscFace parts (``loss_softmax``, ``loss_disc``)."""
+    out = {"loss": float(loss.detach())}
+    for k in ("loss_softmax", "loss_disc"):
+        v = head.last.get(k)
+        if v is not None:
+            out[k] = float(v)
+    return out
 
 
 def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData) -> Path:
-    from partialfc.checkpoint import save_head
-
     t0 = time.perf_counter()
+    per_rank_engine = cfg.dist.engine == "deepspeed"  # ZeRO partitions optimizer state across ranks
     path = save_checkpoint(
-        Path(cfg.output) / "checkpoints", step, backbone=c.backbone, backbone_config=c.backbone_config,
-        trainer_state=trainer_state(c, step),
+        Path(cfg.output) / "checkpoints", step, backbone=c.engine.module, backbone_config=c.backbone_config,
+        trainer_state={"step": step, "head_sched": c.head_sched.state_dict(),
+                       # the head's tensors live in head/; its LR and hyper-parameters here
+                       "head_param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                             for g in c.head_opt.param_groups],
+                       "engine": {} if per_rank_engine else c.engine.state_dict()},
+        rank_state={"engine": c.engine.state_dict()} if per_rank_engine else None,
         save_head=lambda p: save_head(c.head, c.head_opt, p),
         meta={"world_size": ctx.world_size, "data_position": data.position(step),
-              "config": json.loads(json.dumps(cfg.model_dump(mode="json")))},
+              "config": cfg.model_dump(mode="json")},
         keep_last=cfg.checkpoint.keep_last)
     log.info(f"checkpoint {path} written in {time.perf_counter() - t0:.2f}s")
     return path
@@ -209,33 +186,37 @@ def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainDat
 
 def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
     """Load the latest complete checkpoint of the run folder, if any; return the step to start from."""
-    from partialfc.checkpoint import load_head
-
     if not cfg.checkpoint.resume:
         return 0
     latest = CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
     if latest is None:
         return 0
     files = load_trainer_files(latest, ctx.rank, ctx.world_size)
-    c.backbone.load_state_dict(files["backbone"])
+    c.engine.module.load_state_dict(files["backbone"])
     ts = files["trainer_state"]
-    c.opt.load_state_dict(ts["opt"])
-    for s, sd in zip(c.scheds, ts["scheds"], strict=True):
-        s.load_state_dict(sd)
-    if c.scaler is not None and ts["scaler"]:
-        c.scaler.load_state_dict(ts["scaler"])
-    load_head(c.head, c.head_opt, latest / "head")
-    if files["rng"] is not None:
-        set_rng_state(files["rng"])
-    step = int(ts["step"])
+    rs = files["rank_state"]
     saved_world = files["meta"].get("world_size")
+    if cfg.dist.engine == "deepspeed":
+        if rs is not None and "engine" in rs:
+            c.engine.load_state_dict(rs["engine"])
+        else:
+            log.warning("DeepSpeed optimizer state is partitioned per rank: on a new world size the "
+                        "backbone weights are restored and its optimizer state starts fresh")
+    else:
+        c.engine.load_state_dict(ts["engine"])
+    load_head(c.head, c.head_opt, latest / "head")
+    for group, saved in zip(c.head_opt.param_groups, ts["head_param_groups"], strict=True):
+        group.update(saved)
+    c.head_sched.load_state_dict(ts["head_sched"])
+    if rs is not None:
+        set_rng_state(rs["rng"])
+    step = int(ts["step"])
     log.info(f"resumed from {latest} at step {step} (saved on {saved_world} rank(s), now {ctx.world_size})")
     return step
 
 
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
-    from launcher.evaluation import evaluate_bins
 
     out = Path(cfg.output)
     if ctx.is_main:
@@ -249,8 +230,9 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
     bad_in_a_row, skipped, evals = 0, 0, {}
     t_start = time.perf_counter()
-    c.model.train()
-    while step < cfg.train.steps:
+    c.engine.train()
+    last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    while step < last_step:
         scalars = train_one_step(c, data, cfg, ctx)
         step += 1
         progress.tick()
@@ -265,23 +247,25 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                 raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row (last at step {step}); "
                                      "stopping: the last checkpoint predates them")
         if step % cfg.eval.discrepancy_every_steps == 0:
-            progress.update(**c.head.discrepancy_stats())
+            progress.update(**owned_discrepancy(c.head))
         if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
             progress.emit(step, {k: scalars[k] for k in ("lr", "grad_norm", "xi_norm", "time_data_s",
                                                          "time_forward_s", "time_backward_s",
                                                          "time_optimizer_s")})
         if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-            evals = evaluate_bins(c.backbone, cfg.data.val_bins, cfg, ctx)
-            c.model.train()
+            from launcher.evaluation import evaluate_bins
+
+            evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
+            c.engine.train()
             progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
                                  for m in ("accuracy",)})
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+        if step % cfg.checkpoint.every_steps == 0 or step == last_step:
             save(c, cfg, ctx, step, data)
     elapsed = time.perf_counter() - t_start
-    progress.close()
     summary = {"steps": step, "seconds": elapsed, "skipped_nonfinite": skipped,
-               "final": progress.emit(step) if ctx.is_main else {}, "eval": evals,
+               "skipped_records": data.skipped_records, "final": progress.last, "eval": evals,
                "world_size": ctx.world_size}
+    progress.close()
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     data.close()

@@ -1,0 +1,13 @@
+"""Partial FC: the class-weight matrix sharded across ranks, sampled margin softmax, DiscFace hook.
+
+Public names (DESIGN.md section 5): :class:`PartialFC`, :func:`class_range`, :data:`comm_stats`,
+:func:`save_head`, :func:`load_head`.
+"""
+
+from partialfc.checkpoint import load_head, save_head
+from partialfc.collectives import comm_stats
+from partialfc.head import PartialFC
+from partialfc.optimizer import PartialFCSGD
+from partialfc.partition import class_range
+
+__all__ = ["PartialFC", "PartialFCSGD", "class_range", "comm_stats", "load_head", "save_head"]

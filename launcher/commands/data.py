@@ -2,22 +2,95 @@
 
 from __future__ import annotations
 
-from launcher.commands.groups import data_app, not_yet
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from launcher.commands.groups import data_app
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 @data_app.command("pack")
-def pack_cmd() -> None:
+def pack_cmd(
+    src: Path = typer.Argument(..., help="Image folder (one subfolder per identity) or an im2rec .lst file."),
+    out_prefix: Path = typer.Argument(..., help="Output prefix: writes PREFIX.rec, PREFIX.idx and the "
+                                      "property file (<dir>/property when the name is 'train')."),
+    resize: bool = typer.Option(True, "--resize/--no-resize", help="Resize every image to 112x112."),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG quality."),
+    root: Path | None = typer.Option(None, "--root", help="Base folder of the paths in a .lst "
+                                     "(default: the .lst's folder)."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Encoding threads "
+                                       "(default: min(4, CPU count))."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+) -> None:
     """Pack an image folder or .lst into MS1M-layout RecordIO."""
-    not_yet("pfc data pack", 3)
+    from data_pipeline.pack import pack_dataset
+
+    try:
+        summary = pack_dataset(src, out_prefix, resize=resize, quality=quality, progress=progress, root=root,
+                               workers=workers)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"pfc data pack: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    ipi = summary["images_per_identity"]
+    typer.echo(f"packed {summary['images']} images of {summary['identities']} identities "
+               f"in {summary['seconds']:.1f} s -> {summary['rec']}")
+    typer.echo(f"  index {summary['idx']}, property {summary['property']} "
+               f"({summary['identities']},{summary['image_size'][0]},{summary['image_size'][1]})")
+    typer.echo(f"  images per identity: min {ipi['min']}, max {ipi['max']}, mean {ipi['mean']:.2f}; "
+               f"JPEG quality {summary['quality']}" + (", resized to 112x112" if summary["resized"] else ""))
+    if summary["mixed_sizes"]:
+        typer.echo("  warning: images have different sizes (use --resize for a fixed 112x112)", err=True)
+    if summary["skipped"]:
+        typer.echo(f"  skipped {len(summary['skipped'])} unreadable files:", err=True)
+        for s in summary["skipped"][:20]:
+            typer.echo(f"    {s['path']}: {s['error']}", err=True)
+    _write_json(json_path, summary)
 
 
 @data_app.command("inspect")
-def inspect_cmd() -> None:
-    """Check every record of a dataset and print statistics."""
-    not_yet("pfc data inspect", 3)
+def inspect_cmd(
+    prefix: Path = typer.Argument(..., help="Dataset prefix (PREFIX.rec, PREFIX.idx, property)."),
+    deep: bool = typer.Option(False, "--deep", help="Also decode every image."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Check every record of a dataset and print statistics (exit code 1 when anything is corrupt)."""
+    from data_pipeline.checks import format_report, inspect_dataset
+
+    report = inspect_dataset(prefix, deep=deep, progress=progress)
+    typer.echo(format_report(report))
+    _write_json(json_path, report)
+    if not report["ok"]:
+        raise typer.Exit(code=1)
 
 
 @data_app.command("pairs")
-def pairs_cmd() -> None:
+def pairs_cmd(
+    src: Path = typer.Argument(..., help="Image folder (one subfolder per identity) or a dataset prefix."),
+    out: Path = typer.Argument(..., help="Output verification .bin."),
+    pairs: int = typer.Option(600, "--pairs", min=2, help="Number of pairs (half genuine, half impostor)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+) -> None:
     """Build a verification .bin of genuine/impostor pairs."""
-    not_yet("pfc data pairs", 3)
+    from data_pipeline.verification import make_pairs
+
+    try:
+        summary = make_pairs(src, out, pairs=pairs, seed=seed)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"pfc data pairs: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {summary['pairs']} pairs ({summary['genuine']} genuine, "
+               f"{summary['impostor']} impostor) from {summary['identities_used']} of "
+               f"{summary['identities']} identities, "
+               f"{summary['distinct_images']} distinct images -> {summary['out']} (seed {seed})")
+    _write_json(json_path, summary)

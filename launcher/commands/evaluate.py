@@ -2,10 +2,57 @@
 
 from __future__ import annotations
 
-from launcher.commands.groups import app, not_yet
+import json
+from pathlib import Path
+
+import typer
+
+from launcher.commands.groups import app
 
 
 @app.command("eval")
-def eval_cmd() -> None:
-    """Verification accuracy and TAR@FAR of a model on .bin sets."""
-    not_yet("pfc eval", 6)
+def eval_cmd(
+    model: str = typer.Argument(..., help="run folder, checkpoint folder, or backbone .safetensors file"),
+    bins: list[str] = typer.Option(..., "--bin", help="verification .bin file (repeatable)"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the metrics as JSON here"),
+    roc_dir: Path | None = typer.Option(None, "--roc-dir", help="write one ROC PNG per .bin here"),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+) -> None:
+    """10-fold verification accuracy, TAR@FAR (1e-4, 1e-3, 1e-2) and discrepancies on .bin pair sets."""
+    import torch
+
+    from launcher.checkpoint import resolve_backbone_file
+    from launcher.config import Config
+    from launcher.distributed import DistContext
+    from launcher.evaluation import evaluate_bins
+    from partialfc.backbones import load_backbone
+
+    try:
+        weights = resolve_backbone_file(model)
+        net = load_backbone(weights)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"pfc eval: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    for b in bins:
+        if not Path(b).is_file():
+            typer.echo(f"pfc eval: verification file {b} does not exist", err=True)
+            raise typer.Exit(code=2)
+    size = net.backbone_config["image_size"]
+    size = size if isinstance(size, int) else int(size[0])
+    cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
+                                           "embedding_size": net.backbone_config["embedding_size"]},
+                                 "eval": {"batch_size": batch_size}})
+    ctx = DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None)
+    if roc_dir is not None:
+        roc_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluate_bins(net, bins, cfg, ctx, roc_dir=roc_dir)
+    typer.echo(f"model: {weights}")
+    typer.echo(f"{'set':24s} {'accuracy':>16s} {'TAR@1e-4':>9s} {'TAR@1e-3':>9s} {'TAR@1e-2':>9s}")
+    for name, r in results.items():
+        tar = r["tar_at_far"]
+        cells = ["  n/a" if tar[k] is None else f"{tar[k]:.4f}" for k in ("1e-4", "1e-3", "1e-2")]
+        typer.echo(f"{name:24s} {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} {cells[0]:>9s} {cells[1]:>9s} "
+                   f"{cells[2]:>9s}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"model": str(weights), **results}, indent=2, default=float))

@@ -2,16 +2,110 @@
 
 from __future__ import annotations
 
-from launcher.commands.groups import app, export_app, not_yet
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import typer
+
+from launcher.commands.groups import app, export_app
+
+if TYPE_CHECKING:
+    from torch import nn
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"pfc: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(model: Path) -> nn.Module:
+    # imported here so that `pfc --help` does not pay for torch
+    from launcher.export import load_backbone_for_inference
+
+    try:
+        return load_backbone_for_inference(model)
+    except ValueError as exc:  # ModelPathError, BackboneFileError: they name the file and the problem
+        _fail(str(exc))
 
 
 @export_app.command("onnx")
-def onnx_cmd() -> None:
-    """Export a backbone to ONNX with a dynamic batch axis."""
-    not_yet("pfc export onnx", 6)
+def onnx_cmd(
+    model: Path = typer.Argument(..., help="Backbone weight file (.safetensors written by save_backbone)."),
+    out: Path = typer.Argument(..., help="The .onnx file to write."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    tolerance: float = typer.Option(1e-4, "--tolerance",
+                                    help="Exit 1 when max |torch - onnxruntime| on random input is above."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Export a backbone to ONNX with a dynamic batch axis, checked against onnxruntime."""
+    from launcher.export import export_onnx, write_json
+
+    net = _load(model)
+    start = time.perf_counter()
+    result = export_onnx(net, out, opset=opset)
+    seconds = time.perf_counter() - start
+    h, w = result.image_size
+    diff = result.max_abs_diff if result.max_abs_diff is not None else float("nan")
+    ok = diff <= tolerance
+    typer.echo(f"exported {model} -> {out}  (opset {opset}, {result.exporter} exporter, {seconds:.1f} s)")
+    typer.echo(f"input 'input' (batch, 3, {h}, {w}) float32 in [-1, 1]; output 'embedding' "
+               f"(batch, {result.embedding_size}); batch axis dynamic")
+    typer.echo(f"onnxruntime vs torch on random input, batches {result.batch_sizes}: max abs diff {diff:.3e} "
+               f"(outputs up to {result.max_abs_output:.3g}); tolerance {tolerance:g}: "
+               f"{'OK' if ok else 'EXCEEDED'}")
+    if json_path is not None:
+        write_json(json_path, {**result.to_dict(), "model": str(model), "tolerance": tolerance, "ok": ok,
+                               "seconds": seconds})
+    if not ok:
+        raise typer.Exit(code=1)
+
+
+def _expand(images: list[Path]) -> list[Path]:
+    """Files as given; a directory contributes its image files (sorted, not recursive)."""
+    paths: list[Path] = []
+    for p in images:
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                _fail(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            _fail(f"{p}: no such image file or directory")
+    return paths
 
 
 @app.command("embed")
-def embed_cmd() -> None:
-    """Embed images with a trained backbone."""
-    not_yet("pfc embed", 6)
+def embed_cmd(
+    model: Path = typer.Argument(..., help="Backbone weight file (.safetensors written by save_backbone)."),
+    images: list[Path] = typer.Argument(..., help="Image files, or directories of image files."),
+    out: Path = typer.Option(..., "--out", help="The .npy file to write: (N, d) float32, unit rows."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    json_path: Path | None = typer.Option(None, "--json",
+                                          help="Also write a JSON summary (with the image order) here."),
+) -> None:
+    """Embed images with a trained backbone (flip-sum, L2-normalised) into a .npy file."""
+    import numpy as np
+
+    from launcher.export import embed_images, write_json
+
+    paths = _expand(images)
+    net = _load(model)
+    start = time.perf_counter()
+    try:
+        emb = embed_images(net, paths, batch_size=batch_size)
+    except ValueError as exc:  # an unreadable image: the message names it
+        _fail(str(exc))
+    seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:  # np.save(path) would append .npy to any other suffix
+        np.save(f, emb)
+    typer.echo(f"embedded {len(paths)} images with {model} -> {out}  shape {emb.shape}, "
+               f"{len(paths) / max(seconds, 1e-9):.1f} images/s")
+    if json_path is not None:
+        write_json(json_path, {"model": str(model), "out": str(out), "shape": list(emb.shape),
+                               "images": [str(p) for p in paths], "seconds": seconds})

@@ -21,7 +21,8 @@ from launcher.planner import (
 
 def _breakdown(plan: RankPlan) -> list[tuple[str, str]]:
     rows = [(name.replace("_", " "), human_bytes(v)) for name, v in plan.memory.items()]
-    rows.append(("TOTAL per rank", human_bytes(plan.total_bytes)))
+    rows.append((f"TOTAL per rank (peak in the {plan.peak_phase.replace('_', ' ')})",
+                 human_bytes(plan.total_bytes)))
     rows.append(("", ""))
     rows += [(f"sent: {name.replace('_', ' ')}", human_bytes(v)) for name, v in plan.comm.items()]
     rows.append(("sent per step per rank", human_bytes(plan.comm_bytes_per_step)))
@@ -32,24 +33,28 @@ def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
     out = []
     for p in plans:
         m = p.memory
+        rows_sd = p.total_bytes - p.shard_weights_plus_momentum_bytes - m.get("logits", 0) - m.get("embeddings", 0)
         out.append([
             f"{p.world_size}{' *' if p.world_size == chosen else ''}",
             f"{p.shard_rows:,}",
             f"{p.num_sample:,}",
             human_bytes(p.shard_weights_plus_momentum_bytes),
-            human_bytes(m["sampled_weights"] + m["sampled_weights_grad"] + m["sampled_weights_normalised"]),
-            human_bytes(m["logits"]),
-            human_bytes(m["gathered_embeddings"] + m["gathered_normalised"] + m["local_embeddings"]),
+            human_bytes(rows_sd),
+            human_bytes(m.get("logits", 0)),
+            human_bytes(m.get("embeddings", 0)),
             human_bytes(p.total_bytes),
+            p.peak_phase.replace("_", " "),
             human_bytes(p.comm_bytes_per_step),
         ])
     return out
 
 
-_HEADERS = ["W", "rows", "sampled", "W+mom", "sampled W", "logits", "embeds", "total", "sent/step"]
+_HEADERS = ["W", "rows", "sampled", "W+mom", "S x D bufs", "logits", "embeds", "total", "peak in", "sent/step"]
 _LEGEND = ("rows: classes in the largest shard; sampled: classes per step; W+mom: shard weights + momentum; "
-           "sampled W: sampled rows' copy, gradient and normalised copy; logits: N x sampled fp32 buffers; "
-           "embeds: gathered and local embeddings with gradients; sent/step: bytes this rank sends per step")
+           "S x D bufs: the step's copies of the sampled rows (weights, normalised, gradients, workspace) "
+           "at the peak; logits: the N x sampled fp32 buffer if alive at the peak; embeds: gathered and "
+           "local embeddings with gradients; peak in: the phase of the step that sets the peak; "
+           "sent/step: bytes this rank sends per step (ring algorithms)")
 
 
 def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
@@ -67,7 +72,7 @@ def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
             typer.echo("  ".join(row))
         typer.echo(_LEGEND)
         return
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 150))
     detail = Table(title=title, show_header=False)
     detail.add_column("part")
     detail.add_column("bytes", justify="right")

@@ -12,7 +12,7 @@ from launcher.commands.groups import app
 from launcher.config import ConfigError, load_config, resolve_config_path
 
 
-def _config_or_exit(config: str, overrides: list[str]):  # noqa: ANN202
+def _config_or_exit(config: str, overrides: list[str]):
     try:
         return load_config(resolve_config_path(config), overrides)
     except ConfigError as e:

@@ -1,0 +1,328 @@
+"""The torch path: a Dataset over an insightface-layout record file and a sharded, resumable sampler.
+
+Epoch plan (shared with the DALI path, see :func:`shard_plan`): the N image records are put in a
+global order (a permutation drawn from ``(seed, epoch)``, or file order without shuffling), that
+order is padded by wrapping around to a multiple of the world size W (or, with ``drop_last``,
+truncated to one), and rank k gets the k-th contiguous block of length L = T / W. So every rank has
+the same number of samples per epoch (which keeps the ranks' step counts equal), the blocks are
+disjoint apart from the at most W - 1 padding repeats, and together they cover the epoch.
+
+Randomness lives in the sampler, not the workers: the flip of each sample is drawn together with
+the order from ``(seed, epoch)`` and travels with the index as ``(index, flip)``, so results do not
+depend on the number of DataLoader workers or on which worker reads what.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data_pipeline.insightface import InsightFaceReader
+from data_pipeline.recordio import RecordIOError
+
+log = logging.getLogger(__name__)
+
+# Stream words so that order and flips are independent draws for the same (seed, epoch).
+_ORDER_STREAM = 0
+_FLIP_STREAM = 1
+
+Item = int | tuple[int, bool]
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The global order of the `num_items` images in `epoch`: int64 (num_items,), a permutation drawn
+    from (seed, epoch), or 0..num_items-1 without shuffling."""
+    if not shuffle:
+        return np.arange(num_items, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
+    return rng.permutation(num_items).astype(np.int64)
+
+
+def epoch_flips(total: int, seed: int, epoch: int, flip_prob: float) -> np.ndarray:
+    """Flip decision for each position of the (padded) epoch order: bool (total,)."""
+    if flip_prob <= 0.0:
+        return np.zeros(total, dtype=bool)
+    rng = np.random.default_rng([seed, epoch, _FLIP_STREAM])
+    return rng.random(total) < flip_prob
+
+
+def shard_plan(num_items: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
+               drop_last: bool = False) -> np.ndarray:
+    """Every rank's part of one epoch: int64 (world_size, L) of indices into the image list.
+
+    Row k is rank k's samples, in the order it reads them. L = ceil(N / W) with wrap-around padding,
+    or floor(N / W) with ``drop_last`` (the dropped items differ from epoch to epoch when shuffling).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if num_items < 1:
+        raise ValueError("the dataset has no images")
+    order = epoch_order(num_items, seed, epoch, shuffle)
+    if drop_last:
+        per_rank = num_items // world_size
+        if per_rank == 0:
+            raise ValueError(f"drop_last with {num_items} images and world size {world_size} leaves no "
+                             "image for some ranks")
+        order = order[: per_rank * world_size]
+    else:
+        per_rank = -(-num_items // world_size)
+        pad = per_rank * world_size - num_items
+        # np.resize repeats the order cyclically: pads with the first items of this epoch's order
+        order = np.resize(order, per_rank * world_size) if pad else order
+    return order.reshape(world_size, per_rank)
+
+
+class ShardedSampler(Sampler[Item]):
+    """Rank `rank`'s disjoint, equal-length part of each epoch; reproducible and resumable.
+
+    Yields ``(index, flip)`` pairs (indices into the dataset's image list). Call
+    ``set_epoch(epoch, start_index)`` before iterating: ``start_index`` is how many of this rank's
+    samples of that epoch were already consumed (e.g. ``step_in_epoch * batch_size``), and iteration
+    resumes exactly after them. Exact resume needs the same world size, seed and dataset; the
+    position is per rank and the same on every rank because all ranks have equal-length parts.
+    """
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, flip_prob: float = 0.5) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.num_items = num_items
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.flip_prob = flip_prob
+        self.epoch = 0
+        self.start_index = 0
+        self.per_rank = (num_items // world_size) if drop_last else -(-num_items // world_size)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Select the epoch and the position (in this rank's samples) to start from."""
+        if not 0 <= start_index <= self.per_rank:
+            raise ValueError(f"start_index {start_index} is outside this rank's epoch of {self.per_rank} "
+                             "samples")
+        self.epoch = epoch
+        self.start_index = start_index
+
+    def indices(self) -> np.ndarray:
+        """This rank's remaining indices for the current epoch (int64)."""
+        plan = shard_plan(self.num_items, self.world_size, self.seed, self.epoch, self.shuffle,
+                          self.drop_last)
+        return plan[self.rank, self.start_index:]
+
+    def flips(self) -> np.ndarray:
+        """Flip decisions aligned with :meth:`indices`."""
+        total = self.per_rank * self.world_size
+        flips = epoch_flips(total, self.seed, self.epoch, self.flip_prob).reshape(self.world_size, -1)
+        return flips[self.rank, self.start_index:]
+
+    def __iter__(self) -> Iterator[Item]:
+        idx, flips = self.indices(), self.flips()
+        return iter(zip(idx.tolist(), flips.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start_index
+
+
+@dataclass
+class CorruptRecord:
+    key: int
+    message: str
+
+
+class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Images and class ids of an insightface-layout dataset.
+
+    ``ds[i]`` or ``ds[(i, flip)]`` -> (image float32 (3, H, W) in [-1, 1], class id) for the i-th image
+    record (``reader.image_keys[i]``). H, W come from the property file; an image of another size is
+    an error. A record that cannot be read or decoded raises :class:`RecordIOError` naming file,
+    key and byte offset; with ``skip_corrupt=True`` it is logged and returns ``None`` instead (the
+    loader drops it from the batch and counts it).
+
+    The record file is opened lazily in each process (the reader reopens its descriptor after a
+    fork or unpickling), so one dataset object serves every DataLoader worker.
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str] | InsightFaceReader, skip_corrupt: bool = False) -> None:
+        self.reader = prefix if isinstance(prefix, InsightFaceReader) else InsightFaceReader(prefix)
+        self.keys = self.reader.image_keys
+        self.image_size = self.reader.image_size
+        self.num_classes = self.reader.num_classes
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def decode(self, i: int) -> tuple[np.ndarray, int]:
+        """Read and decode image i: ((H, W, 3) uint8 RGB, class id); errors name file, key, offset."""
+        key = self.keys[i]
+        cid, payload = self.reader.read_image(key)
+        try:
+            with Image.open(io.BytesIO(payload)) as im:
+                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise RecordIOError(f"payload of {len(payload)} bytes is not a decodable image ({exc})",
+                                path=self.reader.rec_path, key=key, offset=self.reader.offset(key)) from None
+        if arr.shape[:2] != self.image_size:
+            raise RecordIOError(f"image is {arr.shape[0]}x{arr.shape[1]}, the property file says "
+                                f"{self.image_size[0]}x{self.image_size[1]}", path=self.reader.rec_path,
+                                key=key, offset=self.reader.offset(key))
+        return arr, cid
+
+    def _decode_or_skip(self, i: int) -> tuple[np.ndarray, int] | CorruptRecord:
+        try:
+            return self.decode(i)
+        except RecordIOError as exc:
+            if not self.skip_corrupt:
+                raise
+            log.warning("skipping corrupt record: %s", exc)
+            return CorruptRecord(key=self.keys[i], message=str(exc))
+
+    @staticmethod
+    def _split(item: Item) -> tuple[int, bool]:
+        if isinstance(item, tuple):
+            return int(item[0]), bool(item[1])
+        return int(item), False
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
+        i, flip = self._split(item)
+        got = self._decode_or_skip(i)
+        if isinstance(got, CorruptRecord):
+            return None  # type: ignore[return-value]  # documented: skipped records read as None
+        arr, cid = got
+        # a copy: PIL's buffer is read-only, and the flip is a negative-stride view
+        arr = np.array(arr[:, ::-1] if flip else arr)
+        return _normalise(torch.from_numpy(arr)[None])[0], cid
+
+    def __getitems__(self, items: Sequence[Item]) -> Batch:
+        """Batched fetch (used by DataLoader): decode into one uint8 buffer, normalise once."""
+        h, w = self.image_size
+        buf = np.empty((len(items), h, w, 3), dtype=np.uint8)
+        labels: list[int] = []
+        skipped: list[CorruptRecord] = []
+        n = 0
+        for item in items:
+            i, flip = self._split(item)
+            got = self._decode_or_skip(i)
+            if isinstance(got, CorruptRecord):
+                skipped.append(got)
+                continue
+            arr, cid = got
+            buf[n] = arr[:, ::-1] if flip else arr
+            labels.append(cid)
+            n += 1
+        images = _normalise(torch.from_numpy(buf[:n]))
+        return Batch(images, torch.tensor(labels, dtype=torch.int64), skipped)
+
+
+def _normalise(u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1)."""
+    out = torch.empty((u8.shape[0], 3, u8.shape[1], u8.shape[2]), dtype=torch.float32)
+    out.copy_(u8.permute(0, 3, 1, 2))
+    return out.div_(127.5).sub_(1.0)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # (B, 3, H, W) float32 in [-1, 1]
+    labels: torch.Tensor        # (B,) int64
+    skipped: list[CorruptRecord]
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+
+
+def collate(data: Batch | list[Any]) -> Batch:
+    """Collate for FaceDataset: passes a batched fetch through; stacks a list of samples (None =
+    skipped record)."""
+    if isinstance(data, Batch):
+        return data
+    kept = [d for d in data if d is not None]
+    skipped = [CorruptRecord(key=-1, message="skipped") for d in data if d is None]
+    if not kept:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), skipped)
+    return Batch(torch.stack([d[0] for d in kept]), torch.tensor([d[1] for d in kept], dtype=torch.int64),
+                 skipped)
+
+
+class FaceLoader:
+    """A DataLoader over one rank's shard that yields ``(images, labels)``.
+
+    images (B, 3, H, W) float32 in [-1, 1], labels (B,) int64 global class ids, where B is the batch
+    size (smaller only for skipped corrupt records, or a last partial batch without ``drop_last``).
+    ``skipped`` counts the corrupt records skipped so far (``skip_corrupt=True``), ``skipped_records``
+    lists them.
+    """
+
+    def __init__(self, dataset: FaceDataset, sampler: ShardedSampler, loader: DataLoader[Any]) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.loader = loader
+        self.skipped_records: list[CorruptRecord] = []
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_records)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Select the epoch and resume position (samples of this rank already consumed)."""
+        self.sampler.set_epoch(epoch, start_index)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.loader:
+            if batch.skipped:
+                self.skipped_records.extend(batch.skipped)
+            yield batch.images, batch.labels
+
+
+def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
+                     world_size: int = 1, seed: int = 0, workers: int = 2, *, shuffle: bool = True,
+                     flip: bool = True, drop_last_batch: bool = True, pad_epoch: bool = True,
+                     skip_corrupt: bool = False, pin_memory: bool = False, prefetch_factor: int = 4,
+                     persistent_workers: bool = False) -> FaceLoader:
+    """The torch loader of rank `rank` of `world_size`.
+
+    ``pad_epoch`` True pads each epoch by wrapping around so all ranks get ceil(N/W) samples; False
+    drops the tail so they get floor(N/W). ``drop_last_batch`` drops a last partial batch (equal
+    step counts on every rank either way, since the parts have equal length). Call
+    ``loader.set_epoch(epoch, start_index)`` before each epoch (and with the consumed position to
+    resume mid-epoch).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = FaceDataset(prefix, skip_corrupt=skip_corrupt)
+    sampler = ShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, drop_last=not pad_epoch,
+                             flip_prob=0.5 if flip else 0.0)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate, drop_last=drop_last_batch, pin_memory=pin_memory, **kwargs)
+    return FaceLoader(dataset, sampler, loader)
+
+
+def default_prefix(path: str | os.PathLike[str]) -> Path:
+    """Accept ``DIR`` (meaning ``DIR/train``), ``PREFIX`` or ``PREFIX.rec``; return the prefix."""
+    p = Path(path)
+    if p.is_dir():
+        return p / "train"
+    if p.suffix in (".rec", ".idx"):
+        return Path(str(p)[: -len(p.suffix)])
+    return p

@@ -1,0 +1,212 @@
+"""Face-verification sets in insightface's ``.bin`` format, read without trusting the pickle.
+
+A ``.bin`` (lfw.bin, cfp_fp.bin, agedb_30.bin, ...) is a pickle of ``(images, issame)``: a list of
+``2 * P`` encoded images (pair ``i`` is ``images[2i]``, ``images[2i + 1]``) and a list of ``P``
+booleans. Files from the Python 2 era hold the images as ``str``, which Python 3 reads back as
+``bytes`` with ``encoding="bytes"``.
+
+``load_bin`` uses an unpickler that admits only the types such a file needs: containers and bytes
+are built by opcodes without any import, and the few imports allowed (numpy bool scalars, the
+``_codecs.encode`` that Python 3 uses for bytes at protocol 2) are wrapped so that they refuse
+anything but those uses. Every other import, e.g. ``os.system`` in a ``__reduce__``, raises
+:class:`UnsafePickleError` before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["UnsafePickleError", "load_bin", "make_pairs", "save_bin"]
+
+
+class UnsafePickleError(ValueError):
+    """A ``.bin`` pickle asked for something outside the verification-set types."""
+
+
+def _numpy_bool_scalar(dtype: Any, data: bytes | None = None) -> np.bool_:
+    # numpy pickles a scalar as scalar(dtype, raw bytes); only a 1-byte bool is admitted
+    if not isinstance(dtype, np.dtype) or dtype != np.dtype(np.bool_):
+        raise UnsafePickleError(f"numpy scalar of dtype {dtype!r} is not allowed in a verification .bin "
+                                "(only numpy bool)")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != 1:
+        raise UnsafePickleError("malformed numpy bool scalar in a verification .bin")
+    return np.bool_(data[0] != 0)
+
+
+def _numpy_bool_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    if name not in ("b1", b"b1", "?", b"?"):
+        raise UnsafePickleError(f"numpy dtype {name!r} is not allowed in a verification .bin (only bool)")
+    # a fresh instance (as numpy's own unpickling makes): BUILD then sets state on it, not on the
+    # process-wide bool dtype
+    return np.dtype("b1", align=False, copy=True)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    # Python 3 pickles bytes at protocol <= 2 as _codecs.encode(latin-1 text, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("only _codecs.encode(str, 'latin1') (bytes at pickle protocol 2) is allowed")
+    return text.encode("latin1")
+
+
+_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
+    ("numpy.core.multiarray", "scalar"): _numpy_bool_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_bool_scalar,
+    ("numpy", "dtype"): _numpy_bool_dtype,
+    ("_codecs", "encode"): _codecs_encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        fn = _ALLOWED.get((module, name))
+        if fn is None:
+            raise UnsafePickleError(f"{self._path}: refusing to load {module}.{name}: a verification .bin "
+                                    "may only hold a list of image bytes and a list of bools; this file asks "
+                                    "the unpickler to import and call other code (nothing was run)")
+        return fn
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self._path}: persistent ids are not allowed in a verification .bin")
+
+
+def load_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
+    """``(images, issame)``: ``2 * P`` encoded images and a bool array of ``P`` pair labels.
+
+    Raises :class:`UnsafePickleError` for a pickle that imports anything else, and ``ValueError``
+    naming the file for a pickle of the wrong shape.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            obj = _RestrictedUnpickler(f, path).load()  # type: ignore[arg-type]
+        except UnsafePickleError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable verification .bin pickle: "
+                             f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
+    images, issame = obj
+    if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
+        raise ValueError(f"{path}: the first element must be a list of encoded images (bytes)")
+    if not isinstance(issame, (list, tuple)) or not all(isinstance(b, (bool, np.bool_)) for b in issame):
+        # some .bin files store issame as 0/1 integers
+        if isinstance(issame, (list, tuple)) and all(type(b) is int and b in (0, 1) for b in issame):
+            pass
+        else:
+            raise ValueError(f"{path}: the second element must be a list of bools (issame)")
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs; expected exactly two "
+                         "per pair")
+    return [bytes(b) for b in images], np.array([bool(b) for b in issame], dtype=bool)
+
+
+def save_bin(path: str | os.PathLike[str], images: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write ``(images, issame)`` as insightface does (a pickle of two lists), atomically."""
+    images = [bytes(b) for b in images]
+    flags = [bool(b) for b in issame]
+    if len(images) != 2 * len(flags):
+        raise ValueError(f"{len(images)} images for {len(flags)} pairs; expected exactly two per pair")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((images, flags), f, protocol=4)
+    os.replace(tmp, path)
+
+
+def _payload(reader: Any, key: int) -> bytes:
+    return bytes(reader.read_image(key)[1])
+
+
+def _identities_from(src: Path) -> list[list[Callable[[], bytes]]]:
+    """Per identity, loaders of its encoded images (from an image folder or a dataset prefix)."""
+    if src.is_dir():
+        from data_pipeline.pack import list_folder
+
+        return [[functools.partial(Path.read_bytes, p) for p in files] for _, files in list_folder(src)]
+    from data_pipeline.insightface import InsightFaceReader
+
+    reader = InsightFaceReader(src)
+    groups: dict[int, list[Callable[[], bytes]]] = {}
+    for key, cid in zip(reader.image_keys, reader.labels.tolist(), strict=True):
+        groups.setdefault(int(cid), []).append(functools.partial(_payload, reader, key))
+    return [groups[c] for c in sorted(groups)]
+
+
+def make_pairs(src: str | os.PathLike[str], out: str | os.PathLike[str], *, pairs: int = 600,
+               seed: int = 0) -> dict[str, Any]:
+    """Build a balanced verification ``.bin`` from images: ``pairs // 2`` genuine pairs (two different
+    images of one identity) and ``pairs - pairs // 2`` impostor pairs (images of two identities),
+    without repeated pairs, shuffled; all reproducible from ``seed``.
+
+    ``src`` is an image folder (one subfolder per identity) or a dataset prefix (``PREFIX.rec``).
+    Images are stored as they are encoded in the source. Returns a summary dict.
+    """
+    if pairs < 2:
+        raise ValueError(f"need at least 2 pairs (one genuine, one impostor), got {pairs}")
+    src_path = Path(src)
+    ids = _identities_from(src_path)
+    n_genuine, n_impostor = pairs // 2, pairs - pairs // 2
+    multi = [i for i, imgs in enumerate(ids) if len(imgs) >= 2]
+    if len(ids) < 2:
+        raise ValueError(f"{src}: impostor pairs need at least 2 identities, found {len(ids)}")
+    max_genuine = sum(len(ids[i]) * (len(ids[i]) - 1) // 2 for i in multi)
+    if n_genuine > max_genuine:
+        raise ValueError(f"{src}: {n_genuine} genuine pairs requested but only {max_genuine} distinct ones "
+                         "exist (identities need at least two images)")
+    rng = np.random.default_rng(seed)
+    chosen: set[tuple[int, int, int, int]] = set()
+    genuine: list[tuple[int, int, int, int]] = []
+    # weight identities by their number of possible pairs, so that small ones are not exhausted first
+    weights = np.array([len(ids[i]) * (len(ids[i]) - 1) / 2 for i in multi], dtype=np.float64)
+    weights /= weights.sum() if len(weights) else 1.0
+    while len(genuine) < n_genuine:
+        i = multi[int(rng.choice(len(multi), p=weights))]
+        a, b = sorted(rng.choice(len(ids[i]), size=2, replace=False).tolist())
+        if (i, a, i, b) not in chosen:
+            chosen.add((i, a, i, b))
+            genuine.append((i, a, i, b))
+    total_images = sum(len(imgs) for imgs in ids)
+    max_impostor = (total_images * total_images - sum(len(g) ** 2 for g in ids)) // 2
+    if n_impostor > max_impostor:
+        raise ValueError(f"{src}: {n_impostor} impostor pairs requested but only {max_impostor} exist")
+    impostor: list[tuple[int, int, int, int]] = []
+    while len(impostor) < n_impostor:
+        i, j = sorted(rng.choice(len(ids), size=2, replace=False).tolist())
+        a, b = int(rng.integers(len(ids[i]))), int(rng.integers(len(ids[j])))
+        if (i, a, j, b) not in chosen:
+            chosen.add((i, a, j, b))
+            impostor.append((i, a, j, b))
+    labelled = [(p, True) for p in genuine] + [(p, False) for p in impostor]
+    order = rng.permutation(len(labelled))
+    cache: dict[tuple[int, int], bytes] = {}
+
+    def image(i: int, a: int) -> bytes:
+        if (i, a) not in cache:
+            cache[(i, a)] = ids[i][a]()
+        return cache[(i, a)]
+
+    images: list[bytes] = []
+    issame: list[bool] = []
+    for n in order.tolist():
+        (i, a, j, b), same = labelled[n]
+        images += [image(i, a), image(j, b)]
+        issame.append(same)
+    save_bin(out, images, issame)
+    return {"source": str(src), "out": str(out), "pairs": len(issame), "genuine": n_genuine,
+            "impostor": n_impostor, "identities": len(ids), "identities_used":
+            len({p[0] for p, _ in labelled} | {p[2] for p, _ in labelled}), "distinct_images": len(cache),
+            "seed": seed}

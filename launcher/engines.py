@@ -1,0 +1,204 @@
+"""The backbone's data-parallel engine: DDP, or DeepSpeed ZeRO. The Partial FC head stays outside both.
+
+Both engines average gradients across ranks. The loss is a mean over the *global* batch, so the true
+gradient of a replicated backbone parameter is the sum of the ranks' contributions; the trainer
+multiplies the embeddings' gradient by the world size (:func:`scale_embedding_grad`) so that either
+engine ends up with exactly the single-process gradient of the concatenated batch.
+
+DeepSpeed's ``initialize`` broadcasts parameters from rank 0, which would overwrite rank-local head
+shards: only the backbone is handed to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from launcher.config import Config
+from launcher.distributed import DistContext
+
+
+def scale_embedding_grad(emb: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1 and emb.requires_grad:
+        emb.register_hook(lambda g: g * world_size)
+    return emb
+
+
+class BackboneEngine(Protocol):
+    module: nn.Module  # the bare backbone (what checkpoints and evaluation use)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor: ...
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
+    def clip_and_norm(self) -> torch.Tensor: ...
+    def step(self) -> None: ...
+    def skip(self) -> None: ...
+    def zero_grad(self) -> None: ...
+    def lr(self) -> float: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+    def train(self, mode: bool = True) -> None: ...
+
+
+def _lr_schedule(opt: Any, cfg: Config) -> Any:
+    """Linear warm-up then polynomial decay to zero, stepped once per optimizer step."""
+    o = cfg.optim
+    decay = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(cfg.train.steps - o.warmup_steps, 1),
+                                                  power=o.power)
+    if o.warmup_steps == 0:
+        return decay
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (o.warmup_steps + 1), end_factor=1.0,
+                                             total_iters=o.warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[o.warmup_steps])
+
+
+lr_schedule = _lr_schedule
+
+
+def _optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class DDPEngine:
+    def __init__(self, backbone: nn.Module, cfg: Config, ctx: DistContext) -> None:
+        self.module = backbone
+        self.model: nn.Module = backbone
+        if ctx.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                backbone, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.opt = _optimizer(backbone.parameters(), cfg)
+        self.sched = _lr_schedule(self.opt, cfg)
+        self.clip = cfg.optim.grad_clip or float("inf")
+        self.scaler = (torch.amp.GradScaler("cuda")
+                       if cfg.train.amp == "fp16" and ctx.device.type == "cuda" else None)
+        self.distributed = ctx.distributed
+        self._sync_ctx: Any = contextlib.nullcontext()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def no_sync(self, last_micro: bool) -> Any:
+        """Skip DDP's all-reduce on all but the last micro-batch of an accumulated step."""
+        if self.distributed and not last_micro:
+            return self.model.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_and_norm(self) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+
+    def skip(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+        self.sched.step()
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.opt.load_state_dict(sd["opt"])
+        self.sched.load_state_dict(sd["sched"])
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage from the config) around the backbone only.
+
+    On CPUs the shared-memory communication op is disabled before DeepSpeed initialises, so nothing
+    is JIT-compiled at start (DESIGN.md section 8).
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: Config, ctx: DistContext) -> None:
+        import deepspeed
+
+        if ctx.device.type == "cpu":
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend=ctx.backend or "gloo", auto_mpi_discovery=False)
+        opt = _optimizer(backbone.parameters(), cfg)
+        sched = _lr_schedule(opt, cfg)
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+            "gradient_accumulation_steps": cfg.optim.grad_accum,
+            "zero_optimization": {"stage": cfg.dist.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+            "bf16": {"enabled": cfg.train.amp == "bf16"},
+            "fp16": {"enabled": cfg.train.amp == "fp16"},
+        }
+        if cfg.optim.grad_clip:
+            ds_config["gradient_clipping"] = cfg.optim.grad_clip
+        self.engine, self.opt, _, self.sched = deepspeed.initialize(
+            model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.module = self.engine.module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.engine(images)
+
+    def no_sync(self, last_micro: bool) -> Any:
+        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself; the trainer passes the undivided loss
+        # multiplied back, so the head (outside the engine) sees the same 1/accum scaling.
+        self.engine.backward(loss * self.engine.gradient_accumulation_steps())
+
+    def clip_and_norm(self) -> torch.Tensor:
+        return torch.tensor(float("nan"))  # clipped inside engine.step(); norm read after it
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def skip(self) -> None:
+        self.engine.zero_grad()
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "scaler": {}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.opt.load_state_dict(sd["opt"])
+        self.sched.load_state_dict(sd["sched"])
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+
+def make_engine(backbone: nn.Module, cfg: Config, ctx: DistContext) -> BackboneEngine:
+    if cfg.dist.engine == "deepspeed":
+        return DeepSpeedEngine(backbone, cfg, ctx)
+    return DDPEngine(backbone, cfg, ctx)

@@ -1,0 +1,298 @@
+"""Using a trained backbone outside training: load it, export it to ONNX, embed images.
+
+* :func:`resolve_weight_file` turns a MODEL argument into a backbone weight file (safetensors with the
+  backbone's config in its metadata, see :func:`partialfc.backbones.save_backbone`). Run folders and
+  checkpoint directories are resolved by the training side; this is the one place to teach that.
+* :func:`load_backbone_for_inference` builds the network from such a file (eval mode, float32).
+* :func:`export_onnx` writes an ONNX graph with a dynamic batch axis and checks it against
+  onnxruntime on random input.
+* :func:`embed_images` reads image files and returns L2-normalised, flip-summed embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partialfc.backbones import BackboneFileError, load_backbone
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+
+
+class ModelPathError(ValueError):
+    """A MODEL argument that does not lead to a backbone weight file."""
+
+
+def resolve_weight_file(model_path: str | Path) -> Path:
+    """The backbone weight file (safetensors) that ``model_path`` designates.
+
+    Today: ``model_path`` must be such a file. This is the hook where run folders (``<run>/checkpoints/
+    latest``) and checkpoint directories get resolved to the backbone weights they hold; anything it
+    does not understand raises :class:`ModelPathError` saying what is accepted.
+    """
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelPathError(f"{path}: no such file or directory (expected a backbone .safetensors file "
+                             f"written by save_backbone)")
+    if path.is_dir():
+        raise ModelPathError(f"{path}: is a directory; run folders and checkpoint directories are not "
+                             f"resolved here yet: pass the backbone's exported .safetensors weight file")
+    return path
+
+
+def load_backbone_for_inference(model_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a backbone for inference: float32, eval mode, on ``device``.
+
+    The returned module has ``image_size`` ((h, w)), ``embedding_size`` and ``backbone_config``.
+    Raises :class:`ModelPathError` or :class:`partialfc.backbones.BackboneFileError` (both ValueError)
+    naming the file and what was expected.
+    """
+    weight_file = resolve_weight_file(model_path)
+    model = load_backbone(weight_file)
+    return model.float().to(device).eval()
+
+
+def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if image_size is None:
+        size = getattr(_plain(model), "image_size", None)
+        if size is None:
+            raise ValueError("the model has no image_size attribute; pass image_size explicitly")
+        image_size = size
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """Unwrap DDP / DeepSpeed (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@dataclass
+class OnnxExportResult:
+    """What :func:`export_onnx` did: where, how, and how close onnxruntime is to torch."""
+
+    path: str
+    opset: int
+    exporter: str  # "torchscript" (the legacy tracer) or "dynamo"
+    image_size: tuple[int, int]
+    embedding_size: int
+    batch_sizes: list[int] = field(default_factory=list)
+    max_abs_diff: float | None = None  # max over all checked batches of |torch - onnxruntime|
+    max_abs_output: float | None = None  # scale of the outputs, to read the difference against
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _export_copy(model: nn.Module) -> nn.Module:
+    """A float32, CPU, eval-mode, contiguous-format copy, so the caller's model is left untouched."""
+    m = copy.deepcopy(_plain(model)).float().cpu().eval()
+    m = m.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if hasattr(m, "fp16"):
+        m.fp16 = False  # autocast regions do not export; ONNX runtimes pick their own precision
+    return m
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            model, (example,), str(out_path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, nothing to act on
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), external_data=False,
+        )
+    assert program is not None
+    program.save(str(out_path))
+
+
+def export_onnx(
+    model: nn.Module,
+    out_path: str | Path,
+    image_size: int | Sequence[int] | None = None,
+    opset: int = 17,
+    check: bool = True,
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+) -> OnnxExportResult:
+    """Export ``model`` to ONNX with a dynamic batch axis and check it against onnxruntime.
+
+    Args:
+        model: a backbone (wrappers are unwrapped; a float32 CPU eval copy is exported, the model
+            itself is not modified).
+        out_path: the ``.onnx`` file to write (input ``"input"`` (batch, 3, h, w) float32 in [-1, 1],
+            output ``"embedding"`` (batch, d), not normalised).
+        image_size: (h, w) or an int; defaults to the model's ``image_size``.
+        opset: ONNX opset version.
+        check: run onnxruntime on random inputs of each of ``batch_sizes`` and record the largest
+            absolute difference from torch in the result.
+        seed: seed of the random check inputs.
+
+    The legacy TorchScript-tracing exporter is tried first (lighter, no torch.export); the dynamo
+    exporter is the fallback.
+    """
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h, w = _image_size_of(model, image_size)
+    m = _export_copy(model)
+    example = torch.zeros(2, 3, h, w)
+    exporter = "torchscript"
+    try:
+        _export_torchscript(m, example, out, opset)
+    except Exception as legacy_error:  # the legacy exporter is deprecated and may be missing or fail
+        exporter = "dynamo"
+        try:
+            _export_dynamo(m, example, out, opset)
+        except Exception as dynamo_error:
+            raise RuntimeError(f"ONNX export failed with both exporters: torchscript: {legacy_error!r}; "
+                               f"dynamo: {dynamo_error!r}") from dynamo_error
+    with torch.no_grad():
+        embedding_size = int(m(example[:1]).shape[1])
+    result = OnnxExportResult(path=str(out), opset=opset, exporter=exporter, image_size=(h, w),
+                              embedding_size=embedding_size)
+    if check:
+        diff, scale = compare_onnx(m, out, (h, w), batch_sizes=batch_sizes, seed=seed)
+        result.batch_sizes = [int(b) for b in batch_sizes]
+        result.max_abs_diff = diff
+        result.max_abs_output = scale
+    return result
+
+
+def compare_onnx(
+    model: nn.Module,
+    onnx_path: str | Path,
+    image_size: int | Sequence[int] | None = None,
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Max |torch(x) - onnxruntime(x)| over random inputs x ~ U[-1, 1] of each batch size.
+
+    Returns ``(max_abs_diff, max_abs_output)``; the second is the torch outputs' largest magnitude,
+    the scale against which the difference reads. The torch side runs a float32 CPU eval copy.
+    """
+    import onnxruntime as ort
+
+    h, w = _image_size_of(model, image_size)
+    m = _export_copy(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    max_diff = 0.0
+    max_out = 0.0
+    for b in batch_sizes:
+        x = torch.rand(int(b), 3, h, w, generator=gen) * 2 - 1
+        with torch.no_grad():
+            expected = m(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise RuntimeError(f"{onnx_path}: onnxruntime returned shape {got.shape} for batch {b}, "
+                               f"torch {expected.shape}")
+        max_diff = max(max_diff, float(np.abs(got.astype(np.float64) - expected).max()))
+        max_out = max(max_out, float(np.abs(expected).max()))
+    return max_diff, max_out
+
+
+def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
+    """One image file -> (3, h, w) float32 RGB in [-1, 1], resized (bilinear) to ``image_size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    h, w = image_size
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+            if rgb.size != (w, h):
+                rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(rgb, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read as an image ({exc})") from exc
+    # same normalisation as training: (pixel / 255 - 0.5) / 0.5
+    return np.ascontiguousarray((arr.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32))
+
+
+def embed_images(
+    model: nn.Module,
+    image_paths: Sequence[str | Path],
+    batch_size: int = 64,
+    image_size: int | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Embeddings of image files: (N, d) float32, each row the L2-normalised sum of the embedding of
+    the image and of its horizontal flip (the usual face-verification test-time augmentation).
+
+    The model runs in eval mode on the device of its parameters (its training mode is restored
+    after). Images are read with PIL, converted to RGB, resized to the model's image size and scaled
+    to [-1, 1].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = list(image_paths)
+    if not paths:
+        raise ValueError("no images to embed")
+    size = _image_size_of(model, image_size)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    chunks: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(paths), batch_size):
+                batch = np.stack([load_image(p, size) for p in paths[start:start + batch_size]])
+                x = torch.from_numpy(batch).to(device)
+                feats = model(x).float() + model(torch.flip(x, dims=[3])).float()
+                chunks.append(F.normalize(feats, dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(chunks, axis=0)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the parent folder."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+__all__ = [
+    "BackboneFileError",
+    "ModelPathError",
+    "OnnxExportResult",
+    "compare_onnx",
+    "embed_images",
+    "export_onnx",
+    "load_backbone_for_inference",
+    "load_image",
+    "resolve_weight_file",
+]

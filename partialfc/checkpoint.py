@@ -1,0 +1,179 @@
+"""Checkpoint of the sharded head, loadable on any world size (resharding by class range).
+
+Layout inside ``path_dir`` (the trainer's per-save directory; files are written under temporary names in
+that same directory and renamed into place, so nothing refers to the directory's own name and the
+trainer may rename the directory atomically afterwards):
+
+* ``head_shard_<start>_<end>.safetensors`` -- one per rank with a non-empty shard, written by that rank:
+  tensors ``weight`` and ``momentum`` (``(end - start, d)``), metadata ``start``, ``end``,
+  ``num_classes``. The key is the class range, not the rank, so any world size can read any subset.
+* ``head_meta.json`` -- written by rank 0: num_classes, embedding_size, the saving world size, the
+  sampler state (``seed``, ``step``), sample rate, margin, scale, DiscFace lambda, format version.
+* ``head_discface.safetensors`` -- written by rank 0 when DiscFace is on: ``b`` and its momentum
+  (replicated: every rank holds the same values).
+
+Why not ``torch.distributed.checkpoint``: it reshards only DTensors, and the ceil partition leaves some
+ranks with an empty shard (C = 5 on 4 ranks); class-range keyed safetensors files need no device mesh,
+read only the byte ranges a rank needs (``safe_open(...).get_slice``), and hold no pickles.
+
+Functions for the trainer:
+
+* :func:`save_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it; returns
+  after every rank's files are complete (a barrier).
+* :func:`load_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it on a head
+  built for the NEW world size (same num_classes and embedding size); each rank reads the rows of its
+  own class range from whichever files hold them, and the momentum when ``optimizer`` is given.
+  Restores the sampler state (``head.seed``, ``head.step``). Needs no communication.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from partialfc.collectives import Group, barrier
+from partialfc.head import PartialFC
+from partialfc.optimizer import PartialFCSGD
+
+FORMAT = "partialfc-head/1"
+META = "head_meta.json"
+DISCFACE = "head_discface.safetensors"
+_SHARD_RE = re.compile(r"^head_shard_(\d+)_(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A head checkpoint that is missing, incomplete or does not fit the head it is loaded into."""
+
+
+def shard_filename(start: int, end: int) -> str:
+    return f"head_shard_{start:010d}_{end:010d}.safetensors"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | Path,
+              process_group: Group = None) -> None:
+    """Write this rank's shard (and, on rank 0, the metadata and b) into ``path_dir``; see module doc."""
+    group = process_group if process_group is not None else head.process_group
+    path = Path(path_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if head.end > head.start:
+        momentum = (optimizer.momentum_buffer if optimizer is not None
+                    else torch.zeros_like(head.weight))
+        tensors = {"weight": head.weight.detach().contiguous(), "momentum": momentum.detach().contiguous()}
+        meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
+                "num_classes": str(head.num_classes)}
+        _atomic_write(path / shard_filename(head.start, head.end),
+                      lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
+    if head.rank == 0:
+        info = {
+            "format": FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
+            "world_size": head.world_size, "seed": head.seed, "step": head.step,
+            "sample_rate": head.sample_rate, "margin": list(head.margin), "scale": head.scale,
+            "discface_lambda": head.discface_lambda, "dtype": str(head.weight.dtype),
+        }
+        _atomic_write(path / META, lambda p: p.write_text(json.dumps(info, indent=1) + "\n"))
+        if head.b is not None:
+            b = head.b.detach().cpu().contiguous()
+            state = optimizer.state.get(head.b, {}) if optimizer is not None else {}
+            b_mom = state.get("momentum_buffer", torch.zeros_like(head.b)).detach().cpu().contiguous()
+            _atomic_write(path / DISCFACE, lambda p: save_file({"b": b, "momentum": b_mom}, str(p),
+                                                               metadata={"format": FORMAT}))
+    barrier(group)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing (not a partialfc head checkpoint or an incomplete save)")
+    try:
+        info: dict[str, Any] = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from e
+    for key in ("format", "num_classes", "embedding_size", "seed", "step"):
+        if key not in info:
+            raise CheckpointError(f"{meta_path}: field {key!r} missing")
+    if info["format"] != FORMAT:
+        raise CheckpointError(f"{meta_path}: field 'format' is {info['format']!r}, expected {FORMAT!r}")
+    return info
+
+
+def list_shards(path_dir: str | Path, num_classes: int) -> list[tuple[int, int, Path]]:
+    """The shard files of a checkpoint as ``(start, end, path)`` sorted; checks they tile [0, C) exactly."""
+    path = Path(path_dir)
+    shards = []
+    for f in path.iterdir():
+        m = _SHARD_RE.match(f.name)
+        if m:
+            shards.append((int(m.group(1)), int(m.group(2)), f))
+    shards.sort()
+    pos = 0
+    for start, end, f in shards:
+        if start != pos or end <= start:
+            raise CheckpointError(f"{path}: shard files do not tile [0, {num_classes}): {f.name} starts at "
+                                  f"{start}, expected {pos} (missing or stale shard files?)")
+        pos = end
+    if pos != num_classes:
+        raise CheckpointError(f"{path}: shard files cover [0, {pos}), expected [0, {num_classes})")
+    return shards
+
+
+def load_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | Path,
+              process_group: Group = None) -> dict[str, Any]:
+    """Load the rows of this rank's class range (and their momentum) from ``path_dir``; see module doc.
+
+    Returns the checkpoint's metadata. ``process_group`` is accepted for symmetry; loading needs no
+    communication.
+    """
+    path = Path(path_dir)
+    info = _read_meta(path)
+    for field, mine in (("num_classes", head.num_classes), ("embedding_size", head.embedding_size)):
+        if int(info[field]) != mine:
+            raise CheckpointError(f"{path / META}: field {field!r} is {info[field]}, the head has {mine}")
+    mom = optimizer.momentum_buffer if optimizer is not None else None
+    with torch.no_grad():
+        filled = 0
+        for start, end, f in list_shards(path, head.num_classes):
+            lo, hi = max(start, head.start), min(end, head.end)
+            if lo >= hi:
+                continue
+            with safe_open(str(f), framework="pt") as fh:
+                for key, dst in (("weight", head.weight), ("momentum", mom)):
+                    if dst is None:
+                        continue
+                    if key not in set(fh.keys()):
+                        raise CheckpointError(f"{f}: tensor {key!r} missing")
+                    sl = fh.get_slice(key)
+                    shape = sl.get_shape()
+                    if list(shape) != [end - start, head.embedding_size]:
+                        raise CheckpointError(f"{f}: tensor {key!r} has shape {shape}, expected "
+                                              f"[{end - start}, {head.embedding_size}]")
+                    rows = sl[lo - start: hi - start]
+                    dst[lo - head.start: hi - head.start].copy_(rows)
+            filled += hi - lo
+        if filled != head.end - head.start:
+            raise CheckpointError(f"{path}: filled {filled} of {head.end - head.start} rows of "
+                                  f"[{head.start}, {head.end})")
+        if head.b is not None:
+            dpath = path / DISCFACE
+            if not dpath.is_file():
+                raise CheckpointError(f"{dpath}: missing, but the head has DiscFace on")
+            with safe_open(str(dpath), framework="pt") as fh:
+                head.b.copy_(fh.get_tensor("b"))
+                if optimizer is not None:
+                    state = optimizer.state[head.b]
+                    state["momentum_buffer"] = fh.get_tensor("momentum").to(head.b)
+    head.seed = int(info["seed"])
+    head.step = int(info["step"])
+    return info

@@ -1,0 +1,53 @@
+"""Class partition: which contiguous range of class ids each rank owns.
+
+One rule, used everywhere (the head, the sampler, the checkpoint, the planner): ``torch.chunk``'s split,
+which is also ``DTensor``'s ``Shard(0)`` placement. Every rank gets ``ceil(C / W)`` rows except the tail,
+so a shard can be described as a ``Shard(0)`` DTensor and resharded by ``torch.distributed.checkpoint``
+(insightface's "first ``C % W`` ranks get one more" rule gives offsets that DTensor does not agree
+with; see DESIGN.md section 6).
+
+The ceil rule can leave trailing ranks with FEWER rows than the others or with none at all:
+C = 10 on 4 ranks is 3, 3, 3, 1 and C = 5 on 4 ranks is 2, 2, 1, 0. Everything downstream must
+accept an empty shard.
+"""
+
+from __future__ import annotations
+
+
+def _check(num_classes: int, world_size: int, rank: int) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def shard_rows(num_classes: int, world_size: int) -> int:
+    """Rows of a full shard under the ceil rule: ``ceil(num_classes / world_size)``."""
+    _check(num_classes, world_size, 0)
+    return -(-num_classes // world_size)
+
+
+def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The half-open range ``[start, end)`` of global class ids that ``rank`` owns.
+
+    Ranks past the last non-empty chunk get ``(num_classes, num_classes)``: an empty shard.
+    """
+    _check(num_classes, world_size, rank)
+    rows = shard_rows(num_classes, world_size)
+    start = min(rank * rows, num_classes)
+    end = min(start + rows, num_classes)
+    return start, end
+
+
+def all_class_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
+    """``class_range`` for every rank, in rank order."""
+    return [class_range(num_classes, world_size, k) for k in range(world_size)]
+
+
+def owner_of(class_id: int, num_classes: int, world_size: int) -> int:
+    """The rank that owns ``class_id``."""
+    if not 0 <= class_id < num_classes:
+        raise ValueError(f"class id {class_id} outside [0, {num_classes})")
+    return class_id // shard_rows(num_classes, world_size)

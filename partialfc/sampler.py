@@ -1,0 +1,92 @@
+"""Per-rank class sampler of Partial FC.
+
+Rank ``k`` owns the classes ``[start, end)`` (see :mod:`partialfc.partition`). Each step it keeps
+
+* every *positive* class of its shard (a class that occurs among the labels of the global batch), and
+* uniformly drawn *negatives* without replacement, so that ``ceil(r * shard)`` classes are kept in all.
+
+When the positives alone reach or exceed the quota, all positives and no negatives are kept (the
+softmax must see every target class). ``r >= 1`` keeps the whole shard.
+
+The draw is a pure function of ``(seed, step, rank)`` and the labels: a fresh ``torch.Generator`` is
+seeded from those three numbers, so a run that restarts at step ``t`` draws the same sets, and no RNG
+state needs to be checkpointed beyond ``(seed, step)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+
+def num_sample(shard_size: int, sample_rate: float) -> int:
+    """``ceil(sample_rate * shard_size)`` capped at the shard; ``sample_rate >= 1`` means the shard."""
+    if not sample_rate > 0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if sample_rate >= 1.0:
+        return shard_size
+    # A tiny epsilon keeps r * shard that is an integer in exact arithmetic (0.1 * 30) from rounding up.
+    return min(shard_size, math.ceil(sample_rate * shard_size - 1e-9))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit generator seed derived from ``(seed, step, rank)``; stable across runs and platforms."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, step, rank), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Sample:
+    """The outcome of one draw on one rank.
+
+    index: (S,) int64, sorted, LOCAL row ids (0 .. shard_size-1) of the kept classes.
+    local_labels: (N,) int64, for each global-batch sample the position of its class in ``index``,
+        or -1 when another rank owns the class.
+    num_positive: how many of the kept classes are positives.
+    """
+
+    index: torch.Tensor
+    local_labels: torch.Tensor
+    num_positive: int
+
+
+def sample_classes(labels: torch.Tensor, start: int, end: int, sample_rate: float, *, seed: int,
+                   step: int, rank: int) -> Sample:
+    """Draw the classes rank ``rank`` keeps this step.
+
+    labels: (N,) int64 global class ids of the whole global batch (same on every rank).
+    [start, end): this rank's class range.
+    """
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {tuple(labels.shape)}")
+    device = labels.device
+    shard = end - start
+    labels = labels.long()
+    owned = (labels >= start) & (labels < end)
+    quota = num_sample(shard, sample_rate)
+    if quota >= shard:
+        index = torch.arange(shard, device=device)
+        positive = torch.unique(labels[owned] - start)
+    else:
+        positive = torch.unique(labels[owned] - start)  # sorted
+        n_neg = quota - positive.numel()
+        if n_neg <= 0:
+            index = positive
+        else:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(step_seed(seed, step, rank))
+            # A random permutation of the shard with the positives filtered out: its first n_neg
+            # entries are a uniform draw without replacement from the negatives.
+            perm = torch.randperm(shard, generator=gen).to(device)
+            is_pos = torch.zeros(shard, dtype=torch.bool, device=device)
+            is_pos[positive] = True
+            negatives = perm[~is_pos[perm]][:n_neg]
+            index, _ = torch.sort(torch.cat([positive, negatives]))
+    local = torch.full_like(labels, -1)
+    if index.numel():
+        local[owned] = torch.searchsorted(index, labels[owned] - start)
+    return Sample(index=index, local_labels=local, num_positive=int(positive.numel()))

@@ -1,0 +1,138 @@
+"""Margin softmax cross-entropy over a class dimension sharded across ranks.
+
+Modelled on Megatron-core's vocab-parallel cross-entropy: one autograd Function that holds this rank's
+``N x S_k`` logits once (``S_k`` = sampled classes of rank k), exponentiates them in place into the
+probabilities saved for backward, and never builds anything else of size ``S_k x d`` besides the
+weights' gradient itself.
+
+Per sample i (global batch of N, identical on every rank):
+
+    c_ij = z_i . w_hat_j,   l_ij = s * c_ij,   target l_iy = s * margin(c_iy)   (on the owner rank)
+    m_i  = max over ranks of max_j l_ij                 (all-reduce MAX, no gradient needed: it cancels)
+    Z_i  = sum over ranks of sum_j exp(l_ij - m_i)      (all-reduce SUM)
+    t_i  = the target logit, contributed by the rank owning y_i, 0 elsewhere  (same all-reduce SUM)
+    loss = (1/N) sum_i (log Z_i + m_i - t_i)
+
+The margin's derivative ``margin'(c)`` comes from autograd on the (n_k,) vector of target cosines (so
+ArcFace's gradient is the true derivative of its formula); it scales the target entries of the logits'
+gradient, and the two GEMMs carry it into ``z`` and ``w_hat``.
+
+The Function also returns the owned samples' rows ``z[rows]`` and ``w_hat[cols]`` (for DiscFace): their
+gradients are added into the GEMMs' outputs with ``index_add_`` instead of through a separate
+index-select node, which would allocate a zero ``S_k x d`` gradient and add it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from partialfc.collectives import Group, all_reduce_max_, all_reduce_sum_
+from partialfc.margins import Margin, target_cos_with_margin
+
+
+class ShardedMarginSoftmaxCE(torch.autograd.Function):
+    """loss = mean_i -log softmax_i(y_i) across ranks; see the module docstring.
+
+    Inputs on rank k:
+        z:      (N, d) normalised embeddings of the global batch (fp32 or fp64).
+        w_hat:  (S_k, d) normalised weights of this rank's sampled classes, same dtype as ``z``.
+        rows:   (n_k,) int64 positions in the global batch of the samples whose class this rank owns.
+        cols:   (n_k,) int64 their classes' positions among the sampled rows.
+        scale, margin: s and (m1, m2, m3).
+    Outputs: the loss (0-d, identical on every rank), ``z[rows]`` (n_k, d) and ``w_hat[cols]`` (n_k, d).
+    Gradients: w.r.t. z (this rank's contribution; the all-gather's backward sums it over ranks) and
+    w_hat.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
+                cols: torch.Tensor, scale: float, margin: Margin, group: Group
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = z.shape[0]
+        logits = torch.mm(z, w_hat.t())
+        cos_t = logits[rows, cols]
+        target = target_cos_with_margin(cos_t, margin) * scale
+        logits.mul_(scale)
+        logits[rows, cols] = target
+        # An empty shard (the ceil partition allows one) contributes -inf to the max, i.e. nothing.
+        row_max = logits.max(dim=1).values if logits.shape[1] > 0 else logits.new_full((n,), float("-inf"))
+        all_reduce_max_(row_max, group)
+        probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # the logits buffer, reused
+        # One all-reduce for both sums: the partition function and the target logit from its owner.
+        packed = torch.zeros(2, n, dtype=z.dtype, device=z.device)
+        torch.sum(probs, dim=1, out=packed[0])
+        packed[1].index_put_((rows,), target)
+        all_reduce_sum_(packed, group, "all_reduce_sum_softmax")
+        sum_exp, target_all = packed[0], packed[1]
+        loss = (torch.log(sum_exp) + row_max - target_all).mean()
+        probs.div_(sum_exp.unsqueeze(1))
+        ctx.save_for_backward(z, w_hat, rows, cols, probs, cos_t)
+        ctx.scale, ctx.margin = scale, margin
+        ctx.set_materialize_grads(False)
+        z_own, w_own = z.index_select(0, rows), w_hat.index_select(0, cols)
+        return loss, z_own, w_own
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,  # type: ignore[override]
+                 grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
+        z, w_hat, rows, cols, probs, cos_t = ctx.saved_tensors
+        n, scale = z.shape[0], ctx.scale
+        if grad is None:
+            grad = torch.zeros((), dtype=z.dtype, device=z.device)
+        g = grad / n
+        with torch.enable_grad():
+            c = cos_t.detach().requires_grad_()
+            (dmargin,) = torch.autograd.grad(target_cos_with_margin(c, ctx.margin).sum(), c)
+        # dL/dc_ij = g s p_ij off target; g s (p_iy - 1) margin'(c_iy) on target. Out of place (one more
+        # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
+        grad_logits = probs * (g * scale)
+        grad_logits[rows, cols] = (probs[rows, cols] - 1) * (g * scale) * dmargin
+        grad_z = torch.mm(grad_logits, w_hat)
+        grad_w = torch.mm(grad_logits.t(), z)
+        if grad_z_own is not None:
+            grad_z.index_add_(0, rows, grad_z_own)
+        if grad_w_own is not None:
+            grad_w.index_add_(0, cols, grad_w_own)
+        return grad_z, grad_w, None, None, None, None, None
+
+
+def sharded_margin_softmax_ce(z: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                              scale: float, margin: Margin, group: Group = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional form of :class:`ShardedMarginSoftmaxCE`: ``(loss, z[rows], w_hat[cols])``."""
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ShardedMarginSoftmaxCE.apply(
+        z, w_hat, rows, cols, scale, margin, group)
+    return out
+
+
+class RowNormalize(torch.autograd.Function):
+    """x / ||x|| by rows, (M, d) -> (M, d), with a lean backward: three passes over (M, d) instead of
+    the many of autograd's composite. ``inplace_grad=True`` lets backward overwrite its incoming gradient
+    (only when this is the sole consumer of that gradient, as for the sampled weights)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, inplace_grad: bool) -> torch.Tensor:  # type: ignore[override]
+        eps = 1e-12  # as F.normalize: a zero row stays zero instead of NaN
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=eps).reciprocal_()
+        out = x * inv
+        ctx.save_for_backward(out, inv)
+        ctx.inplace_grad = inplace_grad
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        out, inv = ctx.saved_tensors
+        # d(x/|x|) = (g - u (u . g)) / |x|
+        dot = torch.einsum("ij,ij->i", grad, out).unsqueeze(1)
+        if ctx.inplace_grad:
+            res = grad.addcmul_(out, dot, value=-1).mul_(inv)
+        else:
+            res = torch.addcmul(grad, out, dot, value=-1).mul_(inv)
+        return res, None
+
+
+def row_normalize(x: torch.Tensor, inplace_grad: bool = False) -> torch.Tensor:
+    out: torch.Tensor = RowNormalize.apply(x, inplace_grad)
+    return out

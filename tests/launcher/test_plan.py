@@ -1,0 +1,135 @@
+"""`pfc plan` and launcher/planner.py: the memory and traffic model on hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from launcher import planner
+from launcher.cli import app
+from launcher.planner import num_sample, parse_worlds, plan_rank, plan_table, shard_rows
+
+
+def test_partition_and_quota_by_hand() -> None:
+    assert shard_rows(10, 3) == 4          # torch.chunk: 4, 4, 2
+    assert shard_rows(10, 4) == 3          # 3, 3, 3, 1
+    assert shard_rows(12, 4) == 3
+    assert num_sample(30, 0.1) == 3        # 0.1 * 30 is 3.0000000000000004 in floating point
+    assert num_sample(31, 0.1) == 4
+    assert num_sample(500_000, 0.1) == 50_000
+    assert num_sample(7, 1.0) == 7
+    assert num_sample(1, 0.01) == 1
+    with pytest.raises(ValueError, match="sample_rate"):
+        num_sample(10, 0.0)
+    with pytest.raises(ValueError, match="num_classes and world_size"):
+        shard_rows(0, 2)
+
+
+def test_planner_rules_are_the_heads() -> None:
+    """The planner re-states the head's partition and quota rules (it must stay torch-free): same values."""
+    from partialfc.partition import class_range
+    from partialfc.sampler import num_sample as head_num_sample
+
+    for c in (1, 5, 10, 999, 1000, 12_345):
+        for w in (1, 2, 3, 4, 7, 8):
+            largest = max(e - s for s, e in (class_range(c, w, k) for k in range(w)))
+            assert shard_rows(c, w) == largest, (c, w)
+    for rows in (1, 3, 29, 30, 31, 100, 12_345, 500_000):
+        for r in (0.01, 0.1, 0.25, 1 / 3, 0.5, 0.7, 1.0):
+            assert num_sample(rows, r) == head_num_sample(rows, r), (rows, r)
+
+
+def test_memory_hand_computed_fp32() -> None:
+    # C=10, W=3 -> 4 rows; r=0.5 -> S=2; B=2 -> N=6; D=4; fp32 (4 bytes).
+    p = plan_rank(10, 3, 2, 4, 0.5, "fp32", discface=True)
+    assert (p.shard_rows, p.num_sample, p.global_batch) == (4, 2, 6)
+    sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
+    emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
+    assert planner.DEFAULT_LOGIT_BUFFERS == 1
+    assert planner.NORMALISE_BACKWARD_BUFFERS == 6 and planner.OPTIMIZER_BUFFERS == 3
+    assert p.phases == {"forward": 2 * sd + ns + emb, "softmax_backward": 3 * sd + ns + emb,
+                        "normalise_backward": 6 * sd + emb, "optimizer": 2 * sd + 3 * sd}
+    assert p.peak_phase == "normalise_backward"
+    assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
+    assert p.shard_weights_plus_momentum_bytes == 128
+    assert p.total_bytes == 128 + 6 * sd + emb == 672
+
+
+def test_memory_large_logits_and_half_precision() -> None:
+    # N x S dominates when N is large: the softmax backward is the peak.
+    p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
+    s, n = 500, 2048
+    assert p.peak_phase == "softmax_backward"
+    assert p.phases["softmax_backward"] == 3 * s * 8 * 4 + n * s * 4 + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
+    # fp16: the shard, its momentum and the optimizer's row copies halve; the head's S x D working
+    # copies are fp32 whatever the dtype.
+    h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
+    assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
+    assert h.phases["optimizer"] == 2 * (2 * 4 * 4) + 3 * (2 * 4 * 2)
+    assert h.phases["normalise_backward"] == plan_rank(10, 3, 2, 4, 0.5, "fp32").phases["normalise_backward"] \
+        - 2 * 2 * 4 * 2                                 # only the local embeddings are in the dtype
+
+
+def test_traffic_hand_computed() -> None:
+    # W=3, B=2, D=4, N=6, fp32; ring bytes: all-gather (W-1) n, all-reduce 2 (W-1)/W n, RS (W-1)/W n.
+    p = plan_rank(10, 3, 2, 4, 0.5, "fp32", discface=True)
+    expected = {
+        "allgather_sizes": 2 * 8,
+        "allgather_labels": 2 * 2 * 8,
+        "allgather_embeddings": 2 * 2 * 4 * 4,
+        "allreduce_max": 2 * 2 / 3 * 6 * 4,
+        "allreduce_sum_exp_and_target": 2 * 2 / 3 * 12 * 4,
+        "reduce_scatter_embedding_grad": 2 / 3 * 24 * 4,
+        "allreduce_discface_sum": 2 * 2 / 3 * 4,
+        "allreduce_b_grad": 2 * 2 / 3 * 4 * 4,
+    }
+    assert p.comm.keys() == expected.keys()
+    for k, v in expected.items():
+        assert math.isclose(p.comm[k], v), k
+    assert math.isclose(p.comm_bytes_per_step, 16 + 32 + 64 + 32 + 64 + 64 + 16 / 3 + 64 / 3)
+    off = plan_rank(10, 3, 2, 4, 0.5, "fp32", discface=False)
+    assert math.isclose(p.comm_bytes_per_step - off.comm_bytes_per_step, 16 / 3 + 64 / 3)
+    assert plan_rank(10, 1, 2, 4, 0.5).comm_bytes_per_step == 0
+
+
+def test_traffic_does_not_grow_with_classes() -> None:
+    small = plan_rank(10_000_000, 64, 128, 512, 0.1)
+    big = plan_rank(100_000_000, 64, 128, 512, 0.1)
+    assert small.comm == big.comm
+    assert big.shard_weights_plus_momentum_bytes == 10 * small.shard_weights_plus_momentum_bytes
+
+
+def test_table_across_worlds_and_bad_input() -> None:
+    rows = plan_table(100_000_000, [512, 8, 64, 8], 128, 512, 0.1)
+    assert [p.world_size for p in rows] == [8, 64, 512]
+    # The shard shrinks with W, so weights + momentum per rank do too.
+    wm = [p.shard_weights_plus_momentum_bytes for p in rows]
+    assert wm == sorted(wm, reverse=True) and wm[0] == 2 * 12_500_000 * 512 * 4
+    assert parse_worlds("8, 16,32") == [8, 16, 32]
+    for bad in ("8,x", "0,8", ""):
+        with pytest.raises(ValueError, match="--worlds"):
+            parse_worlds(bad)
+    with pytest.raises(ValueError, match="dtype"):
+        plan_rank(10, 2, 2, 4, 0.5, "int8")
+
+
+def test_cli_prints_table_and_writes_json(tmp_path) -> None:
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", "--classes", "10000000", "--world-size", "16", "--batch", "128",
+                                   "--dim", "512", "--sample-rate", "0.1", "--worlds", "8,32",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Across world sizes" in res.output and "TOTAL per rank" in res.output
+    doc = json.loads(out.read_text())
+    expect = plan_rank(10_000_000, 16, 128, 512, 0.1)
+    assert doc["plan"]["total_bytes"] == expect.total_bytes
+    assert doc["plan"]["memory"] == expect.memory
+    assert doc["plan"]["shard_rows"] == 625_000 and doc["plan"]["num_sample"] == 62_500
+    assert [row["world_size"] for row in doc["table"]] == [8, 16, 32]
+
+    bad = CliRunner().invoke(app, ["plan", "--classes", "10", "--world-size", "2", "--batch", "2",
+                                   "--dtype", "fp8"])
+    assert bad.exit_code != 0 and "dtype must be one of" in bad.output
