@@ -46,10 +46,10 @@ def _to_torch(tl: Any, device: torch.device) -> torch.Tensor:
     if any(s != shapes[0] for s in shapes):
         raise ValueError(f"DALI batch has samples of different shapes ({shapes[0]} and others): every image "
                          "must have the size in the property file")
-    out = torch.empty((len(shapes), *shapes[0]), dtype=to_torch_type[tl.dtype], device=device)
+    dense = tl.as_tensor()   # no copy when the batch is already contiguous
+    out = torch.empty((len(shapes), *shapes[0]), dtype=to_torch_type[dense.dtype], device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    # straight from the DALI buffers into the torch tensor: one copy
-    feed_ndarray(tl, out, cuda_stream=stream)
+    feed_ndarray(dense, out, cuda_stream=stream)
     return out
 
 

@@ -98,13 +98,36 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def pin_mmap_threshold() -> bool:
+    """Serve every allocation of 1 MiB or more with its own mmap (glibc), returned to the OS on free.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which buffers below
+    32 MiB come from the heap and stay resident when freed: the resident set then counts allocator
+    slack, not tensors. Pinning the threshold makes buffers of every size behave as the >32 MiB
+    buffers of full-size runs already do, so the resident-set peak measures the tensors alive.
+    Returns False where that is not possible (not glibc).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """Peak memory above a baseline, on CPU (resident set) or on one CUDA device (allocator)."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, pinned_mmap: bool = False) -> None:
         self.device = device
         self.method = ""
         self.baseline = 0
+        self.pinned_mmap = pinned_mmap
 
     def reset(self) -> None:
         """Take the baseline now and restart the peak from it."""
@@ -125,11 +148,24 @@ class PeakMemory:
                 raise OSError("no VmHWM/VmRSS in /proc/self/status")
             self.baseline = rss * 1024
             self.method = ("process resident-set peak (VmHWM, reset via /proc/self/clear_refs before the head "
-                           "was built) minus the resident set at that reset")
+                           "was built) minus the resident set at that reset"
+                           + ("; glibc mmap threshold pinned at 1 MiB so freed buffers leave the resident set"
+                              if self.pinned_mmap else ""))
         except OSError:
             self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.method = ("getrusage ru_maxrss delta from before the head was built (a lower bound if "
                            "the process peaked higher earlier)")
+
+    def restart(self) -> None:
+        """Restart the peak from the memory in use now, keeping the baseline."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method.startswith("process resident-set"):
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        # getrusage's peak cannot be restarted: each phase then reports the peak so far.
 
     def current(self) -> int:
         """Memory in use now above the baseline."""
@@ -258,11 +294,12 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         else:
             dist.barrier()
 
+    pinned = device.type == "cpu" and pin_mmap_threshold()
     # Warm the runtime up with a tiny head first (autograd engine, gloo/NCCL buffers, kernels, lazy
     # imports), so that the baseline below holds them and the measured peak is the head's own.
     _warm_up(cfg, device)
     gc.collect()
-    mem = PeakMemory(device)
+    mem = PeakMemory(device, pinned_mmap=pinned)
     barrier()
     mem.reset()
 
@@ -283,34 +320,47 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     upd: list[float] = []
     sent: list[int] = []
     sampled: list[int] = []
+    # The peak of each phase of a step (restarting the high-water mark between phases, outside the
+    # timed regions): the overall peak is their maximum, and they can be set beside the planner's.
+    phase_peak = {"forward": 0, "backward": 0, "optimizer": 0}
+
+    def end_phase(name: str) -> None:
+        phase_peak[name] = max(phase_peak[name], mem.peak())
+        mem.restart()
+
     for step in range(cfg.warmup + cfg.steps):
         labels = labels_all[step].to(device)
         barrier()
         comm_stats.reset()
+        mem.restart()
         t0 = time.perf_counter()
         loss = head(embeddings, labels)
         _sync(device)
         t1 = time.perf_counter()
+        end_phase("forward")
+        t2 = time.perf_counter()
         loss.backward()
         _sync(device)
-        t2 = time.perf_counter()
-        ids, _grads = head.weight_grad()
-        n_sampled = len(ids)
         t3 = time.perf_counter()
+        end_phase("backward")
+        # Only the count: holding the returned gradient would keep an S x D buffer alive into the next step.
+        n_sampled = int(head.weight_grad()[0].numel())
+        t4 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         embeddings.grad = None
         _sync(device)
-        t4 = time.perf_counter()
+        t5 = time.perf_counter()
+        end_phase("optimizer")
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"rank {rank}: loss is {float(loss.detach())} at step {step}")
         if step >= cfg.warmup:
             fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            upd.append(t4 - t3)
+            bwd.append(t3 - t2)
+            upd.append(t5 - t4)
             sent.append(int(comm_stats.bytes_sent))
             sampled.append(n_sampled)
-    peak = mem.peak()
+    peak = max(phase_peak.values())
     resident = mem.current()
     weight_bytes = head.weight.numel() * head.weight.element_size()
     opt_state_bytes = _tensor_bytes(opt.state_dict().get("state", {}))
@@ -333,6 +383,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "bytes_sent": sent,
         "build_s": build_s,
         "head_peak_bytes": peak,
+        "phase_peak_bytes": phase_peak,
         "resident_after_build_bytes": after_build,
         "resident_after_steps_bytes": resident,
         "weight_bytes": weight_bytes,
@@ -378,8 +429,9 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
             "optimizer_state": busiest["optimizer_state_bytes"],
             "resident_after_build": busiest["resident_after_build_bytes"],
             "resident_after_steps": busiest["resident_after_steps_bytes"],
-            "step_transient_peak": peak - busiest["resident_after_steps_bytes"],
+            "step_peak_above_weights_plus_momentum": peak - shard_wm,
         },
+        "phase_peak_bytes": busiest["phase_peak_bytes"],
         "memory_method": busiest["memory_method"],
         "num_sampled_per_rank": [max(r["num_sampled"]) for r in ranks],
         "shard_rows_per_rank": [r["shard_rows"] for r in ranks],
@@ -389,6 +441,9 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
             "num_sample": plan.num_sample,
             "comm_bytes_per_step": plan.comm_bytes_per_step,
             "memory": plan.memory,
+            "phase_bytes": {"forward": plan.phases["forward"] + plan.shard_weights_plus_momentum_bytes,
+                            "backward": plan.phases["softmax_backward"] + plan.shard_weights_plus_momentum_bytes,
+                            "optimizer": plan.phases["optimizer"] + plan.shard_weights_plus_momentum_bytes},
             "measured_over_planned_memory": peak / plan.total_bytes,
         },
         "per_rank": ranks,
@@ -494,8 +549,11 @@ def format_summary(res: dict[str, Any]) -> str:
         f"(= {res['peak_over_weights_plus_momentum']:.3f}x shard weights + momentum "
         f"{hb(res['shard_weights_plus_momentum_bytes'])})",
         f"  parts: weights {hb(mp_['shard_weights'])}, optimizer state {hb(mp_['optimizer_state'])}, "
-        f"resident after build {hb(mp_['resident_after_build'])}, after steps "
-        f"{hb(mp_['resident_after_steps'])}, step transient peak {hb(mp_['step_transient_peak'])}",
+        f"in use after build {hb(mp_['resident_after_build'])}, after the steps "
+        f"{hb(mp_['resident_after_steps'])}; the step's peak adds "
+        f"{hb(mp_['step_peak_above_weights_plus_momentum'])} to weights + momentum",
+        "  peak by phase, measured (planned): " + ", ".join(
+            f"{k} {hb(v)} ({hb(pl['phase_bytes'][k])})" for k, v in res["phase_peak_bytes"].items()),
         f"  measured as: {res['memory_method']}",
         f"planner (pfc plan) predicts {hb(pl['total_bytes'])} per rank: measured/planned = "
         f"{pl['measured_over_planned_memory']:.3f}",

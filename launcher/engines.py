@@ -33,6 +33,7 @@ class BackboneEngine(Protocol):
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
     def clip_and_norm(self) -> torch.Tensor: ...
+    def last_grad_norm(self) -> float | None: ...
     def step(self) -> None: ...
     def skip(self) -> None: ...
     def zero_grad(self) -> None: ...
@@ -96,6 +97,9 @@ class DDPEngine:
             self.scaler.unscale_(self.opt)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
 
+    def last_grad_norm(self) -> float | None:
+        return None
+
     def step(self) -> None:
         if self.scaler is not None:
             self.scaler.step(self.opt)
@@ -153,9 +157,9 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
             "bf16": {"enabled": cfg.train.amp == "bf16"},
             "fp16": {"enabled": cfg.train.amp == "fp16"},
+            # DeepSpeed clips to 1.0 unless told otherwise; 0 disables it, as grad_clip=None does for DDP.
+            "gradient_clipping": cfg.optim.grad_clip or 0.0,
         }
-        if cfg.optim.grad_clip:
-            ds_config["gradient_clipping"] = cfg.optim.grad_clip
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.module = self.engine.module
@@ -172,7 +176,13 @@ class DeepSpeedEngine:
         self.engine.backward(loss * self.engine.gradient_accumulation_steps())
 
     def clip_and_norm(self) -> torch.Tensor:
-        return torch.tensor(float("nan"))  # clipped inside engine.step(); norm read after it
+        # ZeRO-2 holds only this rank's partition of the gradients, so the norm is known only inside
+        # engine.step() (which clips); 0 here means "no veto", the real norm is read afterwards.
+        return torch.zeros(())
+
+    def last_grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     def step(self) -> None:
         self.engine.step()

@@ -1,8 +1,8 @@
 """Using a trained backbone outside training: load it, export it to ONNX, embed images.
 
-* :func:`resolve_weight_file` turns a MODEL argument into a backbone weight file (safetensors with the
-  backbone's config in its metadata, see :func:`partialfc.backbones.save_backbone`). Run folders and
-  checkpoint directories are resolved by the training side; this is the one place to teach that.
+* :func:`resolve_weight_file` turns a MODEL argument (weight file, checkpoint or run folder) into a
+  backbone weight file (safetensors with the backbone's config in its metadata, see
+  :func:`partialfc.backbones.save_backbone`).
 * :func:`load_backbone_for_inference` builds the network from such a file (eval mode, float32).
 * :func:`export_onnx` writes an ONNX graph with a dynamic batch axis and checks it against
   onnxruntime on random input.
@@ -37,18 +37,16 @@ class ModelPathError(ValueError):
 def resolve_weight_file(model_path: str | Path) -> Path:
     """The backbone weight file (safetensors) that ``model_path`` designates.
 
-    Today: ``model_path`` must be such a file. This is the hook where run folders (``<run>/checkpoints/
-    latest``) and checkpoint directories get resolved to the backbone weights they hold; anything it
-    does not understand raises :class:`ModelPathError` saying what is accepted.
+    Accepts what :func:`launcher.checkpoint.resolve_backbone_file` accepts: a backbone
+    ``.safetensors`` file, one checkpoint folder, a checkpoints folder or a run folder (their
+    ``latest``). Anything else raises :class:`ModelPathError` (a ValueError) saying what is accepted.
     """
-    path = Path(model_path)
-    if not path.exists():
-        raise ModelPathError(f"{path}: no such file or directory (expected a backbone .safetensors file "
-                             f"written by save_backbone)")
-    if path.is_dir():
-        raise ModelPathError(f"{path}: is a directory; run folders and checkpoint directories are not "
-                             f"resolved here yet: pass the backbone's exported .safetensors weight file")
-    return path
+    from launcher.checkpoint import resolve_backbone_file
+
+    try:
+        return resolve_backbone_file(model_path)
+    except FileNotFoundError as exc:
+        raise ModelPathError(str(exc)) from exc
 
 
 def load_backbone_for_inference(model_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -35,16 +35,20 @@ DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 FP32 = 4
 
 # Buffers the head keeps alive, counted in partialfc/head.py, softmax.py and optimizer.py and checked
-# by measuring the peak resident set of each phase of a step (torch 2.13, CPU):
-# * N x S fp32 logits: ONE buffer (softmax.py computes the logits in place, reuses the buffer for the
-#   probabilities and then for their gradient);
-DEFAULT_LOGIT_BUFFERS = 1
-# * S x D buffers at the peak of the backward through F.normalize on the sampled rows: the sampled copy,
-#   its gradient, the normalised rows' gradient (two, accumulated from the softmax GEMM and from the
-#   target logits' index_select) and F.normalize's backward temporaries;
-NORMALISE_BACKWARD_BUFFERS = 6
-# * S x D buffers the sparse SGD step gathers (rows, momentum rows, decayed gradient).
-OPTIMIZER_BUFFERS = 3
+# by measuring the peak resident set of each phase of a step (torch 2.13, CPU, 2026-11-27):
+# * N x S fp32 logits: one buffer in the forward (computed in place, reused for the probabilities,
+#   saved for backward), two in the softmax's backward (the probabilities and the logits' gradient);
+LOGIT_BUFFERS_FORWARD = 1
+LOGIT_BUFFERS_BACKWARD = 2
+# * S x D fp32 buffers (the sampled rows' copy, their normalised copy, the GEMM's gradient that the
+#   normalisation's backward then turns in place into the rows' gradient):
+SAMPLED_BUFFERS_FORWARD = 2
+SAMPLED_BUFFERS_BACKWARD = 3
+# * the sparse SGD step: the rows' copy and gradient, plus S x D buffers in the head's dtype: the
+#   gathered momentum rows (1), and for a head stored below fp32 the re-gathered rows and the cast
+#   gradient (3).
+OPTIMIZER_BUFFERS_FP32 = 1
+OPTIMIZER_BUFFERS_LOW = 3
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 
@@ -138,7 +142,6 @@ def plan_rank(
     sample_rate: float,
     dtype: str = "fp32",
     discface: bool = True,
-    logit_buffers: int = DEFAULT_LOGIT_BUFFERS,
 ) -> RankPlan:
     """Memory per rank (the largest shard's) and bytes it sends per training step.
 
@@ -151,7 +154,6 @@ def plan_rank(
         dtype: the head's dtype for weights, momentum and gathered embeddings ("fp32", "fp16",
             "bf16", "fp64"); logits and normalised copies are fp32 regardless (fp64 for "fp64").
         discface: count the DiscFace all-reduces (a scalar and b's gradient, D floats).
-        logit_buffers: N x S fp32 buffers alive at the peak.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -162,25 +164,17 @@ def plan_rank(
     rows = shard_rows(num_classes, world_size)
     s = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    sd_f, sd_e, ns_f = s * dim * f, s * dim * e, logit_buffers * n * s * f
+    sd_f, sd_e, ns_f = s * dim * f, s * dim * e, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest, alive through the backward.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
+    opt_bufs = OPTIMIZER_BUFFERS_FP32 if e == f else OPTIMIZER_BUFFERS_LOW
     phases: dict[str, dict[str, int]] = {
-        # logits l = s z w_hat^T are computed into one N x S buffer, reused for exp, probabilities and
-        # then the logits' gradient; the sampled rows are copied (and upcast) to a fresh fp32 leaf.
-        "forward": {"sampled_weights": sd_f, "sampled_weights_normalised": sd_f, "logits": ns_f,
-                    "embeddings": embeddings},
-        "softmax_backward": {"sampled_weights": sd_f, "sampled_weights_normalised": sd_f,
-                             "grad_normalised_weights": sd_f, "logits": ns_f, "embeddings": embeddings},
-        # F.normalize's backward on the S x D rows and the accumulation of w_hat's two gradients
-        # (softmax GEMM, target-logit index_select): NORMALISE_BACKWARD_BUFFERS S x D buffers at once.
-        "normalise_backward": {"sampled_weights": sd_f, "sampled_weights_grad": sd_f,
-                               "backward_workspace": (NORMALISE_BACKWARD_BUFFERS - 2) * sd_f,
-                               "embeddings": embeddings},
-        # the sparse SGD gathers the sampled rows, their momentum and the decayed gradient (S x D each)
-        "optimizer": {"sampled_weights": sd_f, "sampled_weights_grad": sd_f,
-                      "optimizer_workspace": OPTIMIZER_BUFFERS * sd_e},
+        "forward": {"sampled_weights": SAMPLED_BUFFERS_FORWARD * sd_f,
+                    "logits": LOGIT_BUFFERS_FORWARD * ns_f, "embeddings": embeddings},
+        "softmax_backward": {"sampled_weights": SAMPLED_BUFFERS_BACKWARD * sd_f,
+                             "logits": LOGIT_BUFFERS_BACKWARD * ns_f, "embeddings": embeddings},
+        "optimizer": {"sampled_weights": 2 * sd_f, "optimizer_workspace": opt_bufs * sd_e},
     }
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {"shard_weights": rows * dim * e, "momentum": rows * dim * e, **phases[peak_phase]}
@@ -214,10 +208,9 @@ def plan_table(
     sample_rate: float,
     dtype: str = "fp32",
     discface: bool = True,
-    logit_buffers: int = DEFAULT_LOGIT_BUFFERS,
 ) -> list[RankPlan]:
     """One :class:`RankPlan` per world size (sorted, duplicates dropped)."""
-    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface, logit_buffers)
+    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface)
             for w in sorted(set(worlds))]
 
 

@@ -82,22 +82,22 @@ class ProgressLogger:
         avg = self.step_time.avg
         return self.global_batch / avg if avg and avg > 0 else float("nan")
 
-    def emit(self, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def emit(self, step: int, extra: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": step, "time": time.time(), "images_per_s": self.images_per_s(),
                                "memory_bytes": memory_bytes(self.device)}
         rec.update({k: m.avg for k, m in self.meters.items()})
         rec.update(extra or {})
         self.last = rec
-        if self.enabled:
+        if self.enabled and not quiet:
             remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
             eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0.0)))
             losses = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("loss"))
             log.info(f"step {step}/{self.total_steps}  {rec['images_per_s']:.1f} img/s  eta {eta}  "
                      f"{losses}  lr {rec.get('lr', float('nan')):.5f}  "
                      f"mem {rec['memory_bytes'] / 2**20:.0f} MiB")
-            if self.jsonl is not None:
-                self.jsonl.write(json.dumps(rec) + "\n")
-                self.jsonl.flush()
+        if self.enabled and self.jsonl is not None:
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
         return rec
 
     def close(self) -> None:

@@ -137,6 +137,9 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     else:
         c.engine.skip()
     c.head_sched.step()
+    after = c.engine.last_grad_norm()
+    if after is not None:
+        grad_norm = torch.tensor(after)
     out = dict(losses)
     out.update(timing, grad_norm=float(grad_norm), finite=float(ok), nonfinite_loss=float(bad_loss),
                nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=c.engine.lr(),
@@ -258,7 +261,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
             c.engine.train()
             progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
-                                 for m in ("accuracy",)})
+                                 for m in ("accuracy", "accuracy_std")}, quiet=True)
         if step % cfg.checkpoint.every_steps == 0 or step == last_step:
             save(c, cfg, ctx, step, data)
     elapsed = time.perf_counter() - t_start

@@ -159,6 +159,18 @@ class PartialFC(nn.Module):
         return PartialFCSGD(self, lr=lr, momentum=momentum, weight_decay=weight_decay,
                             b_weight_decay=b_weight_decay)
 
+    def save_sharded(self, path_dir: Any, optimizer: Any = None) -> None:
+        """:func:`partialfc.checkpoint.save_head` on this head (every rank calls it)."""
+        from partialfc.checkpoint import save_head
+
+        save_head(self, optimizer, path_dir, self.process_group)
+
+    def load_sharded(self, path_dir: Any, optimizer: Any = None) -> dict[str, Any]:
+        """:func:`partialfc.checkpoint.load_head` into this head (any saving world size)."""
+        from partialfc.checkpoint import load_head
+
+        return load_head(self, optimizer, path_dir, self.process_group)
+
     # -- the step -----------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks)."""

@@ -33,7 +33,7 @@ def _load(model: Path) -> nn.Module:
 
 @export_app.command("onnx")
 def onnx_cmd(
-    model: Path = typer.Argument(..., help="Backbone weight file (.safetensors written by save_backbone)."),
+    model: Path = typer.Argument(..., help="Run folder, checkpoint folder or backbone .safetensors file."),
     out: Path = typer.Argument(..., help="The .onnx file to write."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     tolerance: float = typer.Option(1e-4, "--tolerance",
@@ -81,7 +81,7 @@ def _expand(images: list[Path]) -> list[Path]:
 
 @app.command("embed")
 def embed_cmd(
-    model: Path = typer.Argument(..., help="Backbone weight file (.safetensors written by save_backbone)."),
+    model: Path = typer.Argument(..., help="Run folder, checkpoint folder or backbone .safetensors file."),
     images: list[Path] = typer.Argument(..., help="Image files, or directories of image files."),
     out: Path = typer.Option(..., "--out", help="The .npy file to write: (N, d) float32, unit rows."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),

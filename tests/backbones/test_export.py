@@ -134,11 +134,18 @@ def test_embed_names_an_unreadable_image(tmp_path):
         embed_images(model, [bad])
 
 
-def test_model_path_resolution_errors(tmp_path):
+def test_model_path_resolution(tmp_path):
     with pytest.raises(ModelPathError, match="no such file or directory"):
         resolve_weight_file(tmp_path / "missing.safetensors")
-    with pytest.raises(ModelPathError, match=r"is a directory.*safetensors"):
+    with pytest.raises(ModelPathError, match=r"holds no checkpoint"):
         load_backbone_for_inference(tmp_path)
+    # a checkpoint folder resolves to the backbone file inside it
+    model = get_backbone("tiny", embedding_size=8, image_size=16)
+    save_backbone(model, tmp_path / "step_5" / "backbone.safetensors")
+    assert resolve_weight_file(tmp_path / "step_5") == tmp_path / "step_5" / "backbone.safetensors"
+    loaded = load_backbone_for_inference(tmp_path / "step_5")
+    assert not loaded.training
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
 
 
 def test_cli_export_and_embed_round_trip(tmp_path):
@@ -176,3 +183,6 @@ def test_cli_errors_name_the_file(tmp_path):
     res = runner.invoke(app, ["embed", str(bad), str(tmp_path / "none.png"), "--out", str(tmp_path / "e.npy")])
     assert res.exit_code == 2
     assert "none.png: no such image file" in res.output
+    res = runner.invoke(app, ["export", "onnx", str(tmp_path), str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2
+    assert "holds no checkpoint" in res.output

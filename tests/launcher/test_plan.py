@@ -48,29 +48,32 @@ def test_memory_hand_computed_fp32() -> None:
     assert (p.shard_rows, p.num_sample, p.global_batch) == (4, 2, 6)
     sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
-    assert planner.DEFAULT_LOGIT_BUFFERS == 1
-    assert planner.NORMALISE_BACKWARD_BUFFERS == 6 and planner.OPTIMIZER_BUFFERS == 3
-    assert p.phases == {"forward": 2 * sd + ns + emb, "softmax_backward": 3 * sd + ns + emb,
-                        "normalise_backward": 6 * sd + emb, "optimizer": 2 * sd + 3 * sd}
-    assert p.peak_phase == "normalise_backward"
+    # forward: rows' copy + normalised copy + one logits buffer; softmax backward: + the GEMM's
+    # gradient and a second N x S buffer; optimizer: copy, gradient, gathered momentum rows.
+    assert p.phases == {"forward": 2 * sd + ns + emb, "softmax_backward": 3 * sd + 2 * ns + emb,
+                        "optimizer": 3 * sd}
+    assert p.peak_phase == "softmax_backward"
     assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
     assert p.shard_weights_plus_momentum_bytes == 128
-    assert p.total_bytes == 128 + 6 * sd + emb == 672
+    assert p.total_bytes == 128 + 3 * sd + 2 * ns + emb == 672
+    assert p.step_bytes == 544
 
 
 def test_memory_large_logits_and_half_precision() -> None:
-    # N x S dominates when N is large: the softmax backward is the peak.
+    # N x S dominates when N is large.
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
-    assert p.peak_phase == "softmax_backward"
-    assert p.phases["softmax_backward"] == 3 * s * 8 * 4 + n * s * 4 + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
-    # fp16: the shard, its momentum and the optimizer's row copies halve; the head's S x D working
-    # copies are fp32 whatever the dtype.
+    assert p.total_bytes == 2 * 500 * 8 * 4 + 3 * s * 8 * 4 + 2 * n * s * 4 + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
+    # fp16: the shard and its momentum halve; the head's S x D working copies are fp32 whatever the
+    # dtype; the optimizer re-gathers the rows and casts the gradient (3 S x D fp16 buffers).
     h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
     assert h.phases["optimizer"] == 2 * (2 * 4 * 4) + 3 * (2 * 4 * 2)
-    assert h.phases["normalise_backward"] == plan_rank(10, 3, 2, 4, 0.5, "fp32").phases["normalise_backward"] \
-        - 2 * 2 * 4 * 2                                 # only the local embeddings are in the dtype
+    assert h.phases["softmax_backward"] == 3 * 32 + 2 * 48 + 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
+    # With N < D / 4 a half-precision head peaks in the optimizer step.
+    o = plan_rank(100, 1, 2, 64, 1.0, "fp16")
+    assert o.peak_phase == "optimizer"
+    assert o.total_bytes == 2 * 100 * 64 * 2 + 2 * 100 * 64 * 4 + 3 * 100 * 64 * 2
 
 
 def test_traffic_hand_computed() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.dataset import FaceDataset, build_dataloader, default_prefix
+from data_pipeline.dataset import FaceDataset, build_dataloader, default_prefix, to_unit
 from data_pipeline.insightface import InsightFaceReader
 from data_pipeline.recordio import RecordIOError
 from tests.loaders.conftest import IDENTITIES, PER_ID, SIZE
@@ -50,8 +50,8 @@ def test_flip_mirrors_width(small_dataset: Path) -> None:
     assert not torch.equal(flipped, plain)
     # the batched fetch used by DataLoader agrees with single items
     batch = ds.__getitems__([(5, True), 6, (7, False)])
-    assert torch.equal(batch.images[0], flipped)
-    assert torch.equal(batch.images[1], ds[6][0])
+    assert torch.equal(to_unit(batch.pixels)[0], flipped)
+    assert torch.equal(to_unit(batch.pixels)[1], ds[6][0])
     assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == [ds[5][1], ds[6][1], ds[7][1]]
 
 

@@ -209,6 +209,12 @@ def test_sparse_update_equals_dense_sgd_on_sampled_rows() -> None:
         assert torch.allclose(head.b.detach(), b0 - 0.3 * exp_bm, rtol=0, atol=1e-15)
     assert head.xi is not None and float(head.xi.norm()) <= 0.05 + 1e-12
     assert opt.param_groups[0]["name"] == "head_shard" and len(opt.state_dict()["param_groups"]) == 2
+    # state_dict round trip on the same world size.
+    opt2 = head.make_optimizer(lr=0.0)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] == 0.3
+    assert torch.equal(opt2.momentum_buffer, opt.momentum_buffer)
+    assert torch.equal(opt2.state[head.b]["momentum_buffer"], opt.state[head.b]["momentum_buffer"])
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
