@@ -17,7 +17,7 @@ import io
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,9 +38,11 @@ class DataBenchResult:
     images_per_s: float
     decode_ceiling_images_per_s: float
     ratio: float
+    round_ratios: list[float]
     image_size: tuple[int, int]
     device: str
     cpu_count: int
+    load_average: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,8 +73,9 @@ def _pil_worker(args: tuple[Sequence[bytes], float, Any, Any]) -> int:
     return done
 
 
-def pil_ceiling(jpegs: Sequence[bytes], threads: int, seconds: float) -> float:
-    """Images/s of PIL decoding `jpegs` in `threads` processes, each in a tight loop for `seconds`."""
+def pil_ceiling(jpegs: Sequence[bytes], threads: int, seconds: float) -> tuple[int, float]:
+    """PIL decoding `jpegs` in `threads` processes (0: this process), each in a tight loop for
+    `seconds`: returns (images decoded, wall seconds)."""
     if threads <= 0:
         t0 = time.perf_counter()
         done = 0
@@ -80,7 +83,7 @@ def pil_ceiling(jpegs: Sequence[bytes], threads: int, seconds: float) -> float:
             for p in jpegs:
                 pil_decode(p)
             done += len(jpegs)
-        return done / (time.perf_counter() - t0)
+        return done, time.perf_counter() - t0
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Manager() as manager:
         start = manager.Barrier(threads + 1)
@@ -91,106 +94,145 @@ def pil_ceiling(jpegs: Sequence[bytes], threads: int, seconds: float) -> float:
             t0 = time.perf_counter()
             counts = res.get()
             wall = time.perf_counter() - t0
-    return sum(counts) / wall
+    return sum(counts), wall
 
 
-def dali_ceiling(jpegs: Sequence[bytes], threads: int, batch_size: int, seconds: float,
-                 device_id: int | None = None) -> float:
-    """Images/s of DALI's image decoder (num_threads=`threads`) on `jpegs` fed from memory."""
-    from data_pipeline.dali_pipeline import build_decode_pipeline
+class DaliCeiling:
+    """DALI's image decoder (num_threads=`threads`) on `jpegs` fed from memory, built once."""
 
-    arrays = [np.frombuffer(p, dtype=np.uint8) for p in jpegs]
-    pos = 0
+    def __init__(self, jpegs: Sequence[bytes], threads: int, batch_size: int, device_id: int | None = None):
+        from data_pipeline.dali_pipeline import build_decode_pipeline
 
-    def source() -> list[np.ndarray]:
-        nonlocal pos
-        out = [arrays[(pos + i) % len(arrays)] for i in range(batch_size)]
-        pos = (pos + batch_size) % len(arrays)
-        return out
+        arrays = [np.frombuffer(p, dtype=np.uint8) for p in jpegs]
+        self.batch_size = batch_size
+        self.device_id = device_id
+        pos = 0
 
-    pipe = build_decode_pipeline(batch_size, threads, device_id, source)
-    for _ in range(3):   # warm-up: allocations, thread start
-        pipe.run()
+        def source() -> list[np.ndarray]:
+            nonlocal pos
+            out = [arrays[(pos + i) % len(arrays)] for i in range(batch_size)]
+            pos = (pos + batch_size) % len(arrays)
+            return out
+
+        self.pipe = build_decode_pipeline(batch_size, threads, device_id, source)
+        for _ in range(3):   # warm-up: allocations, thread start
+            self.pipe.run()
+
+    def __call__(self, seconds: float) -> tuple[int, float]:
+        """Decode for `seconds`: (images, wall seconds)."""
+        done = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            (out,) = self.pipe.run()
+            if self.device_id is not None:
+                out.as_cpu()    # wait for the GPU work as the loader's consumer would
+            done += self.batch_size
+        return done, time.perf_counter() - t0
+
+
+def endless(make_epoch: Callable[[int], Iterable[Any]]) -> Generator[Any, None, None]:
+    """Batches of epoch 0, 1, 2, ... without end."""
+    epoch = 0
+    while True:
+        got = False
+        for batch in make_epoch(epoch):
+            got = True
+            yield batch
+        if not got:
+            raise ValueError("the loader yields no batches: dataset smaller than one batch per rank?")
+        epoch += 1
+
+
+def timed_slice(batches: Iterator[Any], seconds: float, warmup_batches: int,
+                sync: Callable[[Any], None] | None = None) -> tuple[int, float]:
+    """Skip `warmup_batches` (what the loader prefetched while it was not being timed), then consume
+    batches (images, labels) for `seconds`: returns (images, wall seconds)."""
+    for _ in range(warmup_batches):
+        next(batches)
     done = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        (out,) = pipe.run()
-        if device_id is not None:
-            out.as_cpu()    # wait for the GPU work as the loader's consumer would
-        done += batch_size
-    wall = time.perf_counter() - t0
-    del pipe
-    return done / wall
-
-
-def timed_iteration(make_epoch: Callable[[int], Iterable[Any]], seconds: float, warmup_batches: int = 3,
-                    sync: Callable[[Any], None] | None = None) -> tuple[int, float]:
-    """Consume batches (images, labels) from successive epochs for `seconds` after `warmup_batches`.
-
-    Returns (images, wall seconds). `make_epoch(e)` returns the iterable of epoch e."""
-    epoch = 0
-    seen = 0
-    t0: float | None = None
-    done = 0
-    while True:
-        for images, _labels in make_epoch(epoch):
-            if sync is not None:
-                sync(images)
-            seen += 1
-            if seen == warmup_batches:
-                t0 = time.perf_counter()
-                continue
-            if t0 is not None:
-                done += int(images.shape[0])
-                if time.perf_counter() - t0 >= seconds:
-                    return done, time.perf_counter() - t0
-        epoch += 1
-        if seen == 0:
-            raise ValueError("the loader yields no batches: dataset smaller than one batch per rank?")
+        images, _labels = next(batches)
+        if sync is not None:
+            sync(images)
+        done += int(images.shape[0])
+    return done, time.perf_counter() - t0
 
 
 def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: int = 2, batch_size: int = 128,
-               seconds: float = 10.0, device_id: int | None = None, ceiling_images: int = 512) -> DataBenchResult:
-    """Measure loader images/s and the decode ceiling in the same run (see the module docstring)."""
+               seconds: float = 10.0, device_id: int | None = None, ceiling_images: int = 512,
+               rounds: int = 3, settle_s: float = 1.0) -> DataBenchResult:
+    """Measure loader images/s and the decode ceiling in the same run (see the module docstring).
+
+    The `seconds` of each are split into `rounds` alternating slices (loader, ceiling, loader, ...),
+    so that load from other processes on a shared machine hits both alike. Between slices the
+    loader's prefetch queue is left to fill (`settle_s`), and drained untimed before its next slice,
+    so it neither competes with the ceiling nor is credited with work done off the clock.
+    """
     reader = InsightFaceReader(prefix)
     jpegs = sample_jpegs(reader, ceiling_images)
+    sync: Callable[[Any], None] | None = None
+    ceiling: Callable[[float], tuple[int, float]]
     if loader == "torch":
         from data_pipeline.dataset import build_dataloader
 
-        tl = build_dataloader(reader, batch_size, 0, 1, seed=0, workers=threads, persistent_workers=threads > 0)
+        prefetch = 4
+        tl = build_dataloader(reader, batch_size, 0, 1, seed=0, workers=threads, persistent_workers=threads > 0,
+                              prefetch_factor=prefetch)
 
-        def torch_epoch(e: int) -> Iterable[Any]:
+        def make_epoch(e: int) -> Iterable[Any]:
             tl.set_epoch(e)
             return tl
 
-        images, wall = timed_iteration(torch_epoch, seconds)
-        del tl
-        ceiling = pil_ceiling(jpegs, threads, seconds)
+        warmup = prefetch * max(threads, 1) + 1
+
+        def ceiling(sec: float) -> tuple[int, float]:
+            return pil_ceiling(jpegs, threads, sec)
+
         device = "cpu"
     elif loader == "dali":
         from data_pipeline.dali_iterator import DaliLoader
 
         dl = DaliLoader(reader, batch_size, 0, 1, seed=0, threads=threads, device_id=device_id)
 
-        def dali_epoch(e: int) -> Iterable[Any]:
+        def make_epoch(e: int) -> Iterable[Any]:
             dl.set_epoch(e)
             return dl
 
-        sync = None
+        warmup = dl.prefetch_queue_depth + 1
         if device_id is not None:
             import torch
 
             def sync(_: Any) -> None:
                 torch.cuda.synchronize(device_id)
 
-        images, wall = timed_iteration(dali_epoch, seconds, sync=sync)
-        dl.close()
-        ceiling = dali_ceiling(jpegs, threads, batch_size, seconds, device_id)
+        ceiling = DaliCeiling(jpegs, threads, batch_size, device_id)
         device = "cpu" if device_id is None else f"cuda:{device_id}"
     else:
         raise ValueError(f"unknown loader {loader!r}: expected 'dali' or 'torch'")
-    rate = images / wall
+    batches = endless(make_epoch)
+    slice_s = seconds / rounds
+    n_load = n_ceil = 0
+    t_load = t_ceil = 0.0
+    per_round: list[float] = []
+    for _ in range(rounds):
+        n, t = timed_slice(batches, slice_s, warmup, sync)
+        time.sleep(settle_s)
+        m, u = ceiling(slice_s)
+        n_load, t_load, n_ceil, t_ceil = n_load + n, t_load + t, n_ceil + m, t_ceil + u
+        per_round.append((n / t) / (m / u))
+    batches.close()
+    rate, ceil_rate = n_load / t_load, n_ceil / t_ceil
     return DataBenchResult(loader=loader, prefix=str(prefix), threads=threads, batch_size=batch_size,
-                           seconds=wall, images=images, images_per_s=rate,
-                           decode_ceiling_images_per_s=ceiling, ratio=rate / ceiling if ceiling else 0.0,
-                           image_size=reader.image_size, device=device, cpu_count=os.cpu_count() or 1)
+                           seconds=t_load, images=n_load, images_per_s=rate,
+                           decode_ceiling_images_per_s=ceil_rate, ratio=rate / ceil_rate,
+                           round_ratios=per_round, image_size=reader.image_size, device=device,
+                           cpu_count=os.cpu_count() or 1, load_average=_load_average())
+
+
+def _load_average() -> float | None:
+    """1-minute load average (how busy the machine was), where the OS reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -65,6 +65,7 @@ class BenchConfig:
     threads: int | None = None   # torch threads per rank; None: CPU cores // W (at least 1)
     floor_reps: int = 5
     timeout_s: float = 1800.0
+    profile_dir: str | None = None  # write a torch.profiler table per rank of the timed steps here
 
     def validate(self) -> None:
         checks = [
@@ -273,6 +274,28 @@ def _warm_up(cfg: BenchConfig, device: Any) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def _start_profiler(device: Any) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts, record_shapes=True)
+    prof.start()
+    return prof
+
+
+def _write_profile(prof: Any, cfg: BenchConfig, rank: int, device: Any) -> None:
+    out = Path(cfg.profile_dir or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = [f"# pfc bench head, rank {rank}, {cfg.steps} timed steps (times are inflated by the profiler)"]
+    text.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    text.append("# by input shape")
+    text.append(prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=30, max_name_column_width=40, max_shapes_column_width=70))
+    (out / f"profile_rank{rank}.txt").write_text("\n".join(text) + "\n")
+    prof.export_chrome_trace(str(out / f"trace_rank{rank}.json"))
+
+
 def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark on this rank; the default process group must be initialised.
 
@@ -328,7 +351,10 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         phase_peak[name] = max(phase_peak[name], mem.peak())
         mem.restart()
 
+    profiler = None
     for step in range(cfg.warmup + cfg.steps):
+        if step == cfg.warmup and cfg.profile_dir:
+            profiler = _start_profiler(device)
         labels = labels_all[step].to(device)
         barrier()
         comm_stats.reset()
@@ -360,6 +386,9 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
             upd.append(t5 - t4)
             sent.append(int(comm_stats.bytes_sent))
             sampled.append(n_sampled)
+    if profiler is not None:
+        profiler.stop()
+        _write_profile(profiler, cfg, rank, device)
     peak = max(phase_peak.values())
     resident = mem.current()
     weight_bytes = head.weight.numel() * head.weight.element_size()
@@ -508,11 +537,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     # torch op (no thread pools to inherit): ranks start in milliseconds instead of re-importing torch.
     # CUDA does not survive a fork: spawn there.
     start_method = "spawn" if backend == "nccl" or "fork" not in mp.get_all_start_methods() else "fork"
-    import partialfc.collectives  # noqa: F401  (imported once here, inherited by forked ranks)
+    import partialfc.collectives  # imported once here, inherited by forked ranks
     import partialfc.head  # noqa: F401
     # The parent holds the store on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, cfg.world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=cfg.timeout_s))
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="pfc-bench-head-") as tmp:
         out_path = os.path.join(tmp, "ranks.json")
         mp.start_processes(_rank_main, args=(cfg, store.port, backend, out_path), nprocs=cfg.world_size,
@@ -521,7 +551,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     del store
     with contextlib.suppress(Exception):
         torch.cuda.empty_cache()
-    return summarise(cfg, ranks, describe_device(backend, threads))
+    result = summarise(cfg, ranks, describe_device(backend, threads))
+    # Other processes on the machine inflate both the step and the floor: say how busy it was.
+    result["load_average_1min"] = {"before": load_before,
+                                   "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return result
 
 
 def format_summary(res: dict[str, Any]) -> str:
@@ -537,7 +571,9 @@ def format_summary(res: dict[str, Any]) -> str:
         f"pfc bench head: C={cfg['num_classes']:,} D={cfg['dim']} B={cfg['batch']}/rank "
         f"W={cfg['world_size']} r={cfg['sample_rate']} discface_lambda={cfg['discface_lambda']} "
         f"steps={cfg['steps']} (+{cfg['warmup']} warm-up)",
-        f"device: {res['device']}",
+        f"device: {res['device']}" + (
+            f"; 1-min load average {la['before']:.1f} before, {la['after']:.1f} after"
+            if (la := res.get("load_average_1min")) and la.get("before") is not None else ""),
         f"sampled classes per rank: {res['num_sampled_per_rank']} of {res['shard_rows_per_rank']}",
         f"step time (median, slowest rank): {res['step_s'] * 1e3:.1f} ms  "
         f"[forward {split['forward'] * 1e3:.1f}, backward {split['backward'] * 1e3:.1f}, "

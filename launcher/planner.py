@@ -40,9 +40,11 @@ FP32 = 4
 #   saved for backward), two in the softmax's backward (the probabilities and the logits' gradient);
 LOGIT_BUFFERS_FORWARD = 1
 LOGIT_BUFFERS_BACKWARD = 2
-# * S x D fp32 buffers (the sampled rows' copy, their normalised copy, the GEMM's gradient that the
-#   normalisation's backward then turns in place into the rows' gradient):
-SAMPLED_BUFFERS_FORWARD = 2
+# * S x D fp32 buffers: in the forward the rows' copy and its normalised copy, plus the previous
+#   step's copy, which a training loop keeps alive until it binds the new loss (the old loss's graph
+#   holds it); in the softmax's backward the copy, the normalised copy and the GEMM's gradient (which
+#   the normalisation's backward then turns in place into the rows' gradient):
+SAMPLED_BUFFERS_FORWARD = 3
 SAMPLED_BUFFERS_BACKWARD = 3
 # * the sparse SGD step: the rows' copy and gradient, plus S x D buffers in the head's dtype: the
 #   gathered momentum rows (1), and for a head stored below fp32 the re-gathered rows and the cast

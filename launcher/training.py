@@ -141,6 +141,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     if after is not None:
         grad_norm = torch.tensor(after)
     out = dict(losses)
+    timing["time_comm_s"] = c.engine.comm.take()
     out.update(timing, grad_norm=float(grad_norm), finite=float(ok), nonfinite_loss=float(bad_loss),
                nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=c.engine.lr(),
                xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
@@ -254,7 +255,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
             progress.emit(step, {k: scalars[k] for k in ("lr", "grad_norm", "xi_norm", "time_data_s",
                                                          "time_forward_s", "time_backward_s",
-                                                         "time_optimizer_s")})
+                                                         "time_comm_s", "time_optimizer_s")})
         if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             from launcher.evaluation import evaluate_bins
 

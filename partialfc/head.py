@@ -7,7 +7,7 @@ call ``loss = head(local_embeddings, local_labels)``:
    batches allowed; the embedding gather's backward reduce-scatters the gradient back);
 2. samples this rank's classes (:mod:`partialfc.sampler`: all positives, ``ceil(r * shard)`` in all),
    copies those rows into a fresh leaf tensor (the only tensor of weights that gets a gradient, so the
-   shard never has a dense gradient), and normalises them;
+   shard never has a dense gradient);
 3. computes the sharded margin softmax cross-entropy (:mod:`partialfc.softmax`; the margin's derivative,
    e.g. ArcFace's, from autograd on the target cosines), which also hands back the owned samples'
    normalised embeddings and class weights;
@@ -207,12 +207,10 @@ class PartialFC(nn.Module):
         sub = self.weight.detach().index_select(0, sample.index).to(dtype)
         sub.requires_grad_(torch.is_grad_enabled())
         self._sub_weight, self._sampled = sub, sample.index
-        # The softmax is w_hat's only consumer, so its gradient may be normalised in place.
-        w_hat = row_normalize(sub, inplace_grad=True)
 
         rows = torch.nonzero(sample.local_labels >= 0).squeeze(1)
         cols = sample.local_labels.index_select(0, rows)
-        loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, w_hat, rows, cols, self.scale, self.margin,
+        loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, sub, rows, cols, self.scale, self.margin,
                                                                group)
         loss = loss_softmax
 

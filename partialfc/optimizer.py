@@ -79,7 +79,8 @@ class PartialFCSGD(torch.optim.Optimizer):
         rows = sub.detach() if sub.dtype == p.dtype else p.index_select(0, idx)
         grad = sub.grad if sub.grad.dtype == p.dtype else sub.grad.to(p.dtype)
         if mom:
-            upd = self.momentum_buffer.index_select(0, idx).mul_(mom).add_(grad)
+            upd = self.momentum_buffer.index_select(0, idx)
+            torch.add(grad, upd, alpha=mom, out=upd)  # mom * buf + grad in one pass
             if wd:
                 upd.add_(rows, alpha=wd)
             self.momentum_buffer.index_copy_(0, idx, upd)

@@ -2,8 +2,8 @@
 
 Modelled on Megatron-core's vocab-parallel cross-entropy: one autograd Function that holds this rank's
 ``N x S_k`` logits once (``S_k`` = sampled classes of rank k), exponentiates them in place into the
-probabilities saved for backward, and never builds anything else of size ``S_k x d`` besides the
-weights' gradient itself.
+probabilities saved for backward, and builds nothing else of size ``S_k x d`` besides the weights'
+gradient itself (the class weights' normalisation is folded into the GEMMs).
 
 Per sample i (global batch of N, identical on every rank):
 
@@ -20,6 +20,8 @@ gradient, and the two GEMMs carry it into ``z`` and ``w_hat``.
 The Function also returns the owned samples' rows ``z[rows]`` and ``w_hat[cols]`` (for DiscFace): their
 gradients are added into the GEMMs' outputs with ``index_add_`` instead of through a separate
 index-select node, which would allocate a zero ``S_k x d`` gradient and add it.
+
+:class:`RowNormalize` normalises the embeddings (B_k x d) with a lean backward.
 """
 
 from __future__ import annotations
@@ -37,24 +39,30 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
 
     Inputs on rank k:
         z:      (N, d) normalised embeddings of the global batch (fp32 or fp64).
-        w_hat:  (S_k, d) normalised weights of this rank's sampled classes, same dtype as ``z``.
+        weight: (S_k, d) this rank's sampled class weights, NOT normalised (same dtype as ``z``): the
+                normalisation is folded into the GEMMs (a column scale of the N x S_k logits instead of a
+                normalised S_k x d copy, which would cost a pass over the rows and its memory).
         rows:   (n_k,) int64 positions in the global batch of the samples whose class this rank owns.
         cols:   (n_k,) int64 their classes' positions among the sampled rows.
         scale, margin: s and (m1, m2, m3).
-    Outputs: the loss (0-d, identical on every rank), ``z[rows]`` (n_k, d) and ``w_hat[cols]`` (n_k, d).
+    Outputs: the loss (0-d, identical on every rank), ``z[rows]`` (n_k, d) and the normalised weights
+    ``w_hat[cols]`` (n_k, d) of the owned samples' classes.
     Gradients: w.r.t. z (this rank's contribution; the all-gather's backward sums it over ranks) and
-    w_hat.
+    weight (through the normalisation).
     """
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
                 cols: torch.Tensor, scale: float, margin: Margin, group: Group
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
-        logits = torch.mm(z, w_hat.t())
-        cos_t = logits[rows, cols]
+        # 1/||w_j||, clamped as F.normalize does so that a zero row gives 0, not NaN.
+        inv = torch.linalg.vector_norm(weight, dim=1).clamp_(min=1e-12).reciprocal_()
+        logits = torch.mm(z, weight.t())
+        inv_own = inv.index_select(0, cols)
+        cos_t = logits[rows, cols] * inv_own
         target = target_cos_with_margin(cos_t, margin) * scale
-        logits.mul_(scale)
+        logits.mul_((inv * scale).unsqueeze(0))
         logits[rows, cols] = target
         # An empty shard (the ceil partition allows one) contributes -inf to the max, i.e. nothing.
         row_max = logits.max(dim=1).values if logits.shape[1] > 0 else logits.new_full((n,), float("-inf"))
@@ -68,16 +76,17 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         sum_exp, target_all = packed[0], packed[1]
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
         probs.div_(sum_exp.unsqueeze(1))
-        ctx.save_for_backward(z, w_hat, rows, cols, probs, cos_t)
+        ctx.save_for_backward(z, weight, inv, rows, cols, probs, cos_t)
         ctx.scale, ctx.margin = scale, margin
         ctx.set_materialize_grads(False)
-        z_own, w_own = z.index_select(0, rows), w_hat.index_select(0, cols)
+        z_own = z.index_select(0, rows)
+        w_own = weight.index_select(0, cols) * inv_own.unsqueeze(1)
         return loss, z_own, w_own
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,  # type: ignore[override]
                  grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
-        z, w_hat, rows, cols, probs, cos_t = ctx.saved_tensors
+        z, weight, inv, rows, cols, probs, cos_t = ctx.saved_tensors
         n, scale = z.shape[0], ctx.scale
         if grad is None:
             grad = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -85,54 +94,55 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         with torch.enable_grad():
             c = cos_t.detach().requires_grad_()
             (dmargin,) = torch.autograd.grad(target_cos_with_margin(c, ctx.margin).sum(), c)
-        # dL/dc_ij = g s p_ij off target; g s (p_iy - 1) margin'(c_iy) on target. Out of place (one more
+        # G = dL/dcos: g s p_ij off target, g s (p_iy - 1) margin'(c_iy) on target. Out of place (one more
         # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
+        # Scaled by 1/||w_j|| per column, G' = G diag(inv):
+        #   dL/dz = G w_hat = G' W,   B = G'^T z = diag(inv) dL/dw_hat.
         grad_logits = probs * (g * scale)
         grad_logits[rows, cols] = (probs[rows, cols] - 1) * (g * scale) * dmargin
-        grad_z = torch.mm(grad_logits, w_hat)
-        grad_w = torch.mm(grad_logits.t(), z)
+        grad_logits.mul_(inv.unsqueeze(0))
+        grad_z = torch.mm(grad_logits, weight)
+        grad_b = torch.mm(grad_logits.t(), z)
+        del grad_logits
         if grad_z_own is not None:
             grad_z.index_add_(0, rows, grad_z_own)
         if grad_w_own is not None:
-            grad_w.index_add_(0, cols, grad_w_own)
+            grad_b.index_add_(0, cols, grad_w_own * inv.index_select(0, cols).unsqueeze(1))
+        # Through w_hat = w / ||w||: dL/dw = inv (A - (A . w_hat) w_hat) = B - ((B . w) inv^2) w.
+        coef = torch.einsum("ij,ij->i", grad_b, weight).mul_(inv).mul_(inv)
+        grad_w = grad_b.addcmul_(weight, coef.unsqueeze(1), value=-1)
         return grad_z, grad_w, None, None, None, None, None
 
 
-def sharded_margin_softmax_ce(z: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def sharded_margin_softmax_ce(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                               scale: float, margin: Margin, group: Group = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional form of :class:`ShardedMarginSoftmaxCE`: ``(loss, z[rows], w_hat[cols])``."""
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ShardedMarginSoftmaxCE.apply(
-        z, w_hat, rows, cols, scale, margin, group)
+        z, weight, rows, cols, scale, margin, group)
     return out
 
 
 class RowNormalize(torch.autograd.Function):
-    """x / ||x|| by rows, (M, d) -> (M, d), with a lean backward: three passes over (M, d) instead of
-    the many of autograd's composite. ``inplace_grad=True`` lets backward overwrite its incoming gradient
-    (only when this is the sole consumer of that gradient, as for the sampled weights)."""
+    """x / ||x|| by rows, (M, d) -> (M, d), with a lean backward (three passes over (M, d) instead of the
+    many of autograd's composite); a zero row stays zero, as with ``F.normalize``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, inplace_grad: bool) -> torch.Tensor:  # type: ignore[override]
-        eps = 1e-12  # as F.normalize: a zero row stays zero instead of NaN
-        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=eps).reciprocal_()
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=1e-12).reciprocal_()
         out = x * inv
         ctx.save_for_backward(out, inv)
-        ctx.inplace_grad = inplace_grad
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out, inv = ctx.saved_tensors
         # d(x/|x|) = (g - u (u . g)) / |x|
         dot = torch.einsum("ij,ij->i", grad, out).unsqueeze(1)
-        if ctx.inplace_grad:
-            res = grad.addcmul_(out, dot, value=-1).mul_(inv)
-        else:
-            res = torch.addcmul(grad, out, dot, value=-1).mul_(inv)
-        return res, None
+        return torch.addcmul(grad, out, dot, value=-1).mul_(inv)
 
 
-def row_normalize(x: torch.Tensor, inplace_grad: bool = False) -> torch.Tensor:
-    out: torch.Tensor = RowNormalize.apply(x, inplace_grad)
+def row_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit L2 norm (autograd-aware)."""
+    out: torch.Tensor = RowNormalize.apply(x)
     return out

@@ -28,6 +28,8 @@ def bench_data_cmd(
                                   "and the decode ceiling."),
     device_id: int | None = typer.Option(None, "--device-id", help="DALI on this GPU (mixed decode); "
                                          "default CPU."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Alternate loader and ceiling this many times "
+                               "(fair on a machine shared with other work)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Loader throughput against the raw JPEG decode ceiling."""
@@ -43,7 +45,7 @@ def bench_data_cmd(
             raise typer.Exit(code=2)
     try:
         res = bench_data(default_prefix(prefix), loader.value, threads=threads, batch_size=batch,
-                         seconds=seconds, device_id=device_id)
+                         seconds=seconds, device_id=device_id, rounds=rounds)
     except (ValueError, OSError) as exc:
         typer.echo(f"pfc bench data: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -52,7 +54,8 @@ def bench_data_cmd(
                f"on {res.device}:")
     typer.echo(f"  loader         {res.images_per_s:10.1f} images/s ({res.images} images in {res.seconds:.1f} s)")
     typer.echo(f"  decode ceiling {res.decode_ceiling_images_per_s:10.1f} images/s ({decoder}, same threads)")
-    typer.echo(f"  ratio          {res.ratio:10.3f}")
+    rounds_txt = ", ".join(f"{r:.2f}" for r in res.round_ratios)
+    typer.echo(f"  ratio          {res.ratio:10.3f} (rounds: {rounds_txt})")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")

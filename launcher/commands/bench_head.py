@@ -23,6 +23,9 @@ def bench_head_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1,
                                        help="Torch threads per rank (default: CPU cores // W)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the head, its sampler and the random inputs."),
+    profile_dir: Path | None = typer.Option(
+        None, "--profile", help="Write a torch.profiler table and trace per rank of the timed steps into this "
+                                "folder (the profiler inflates the step times it reports)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Partial FC head step time against its GEMM floor, memory and traffic per rank."""
@@ -30,13 +33,15 @@ def bench_head_cmd(
 
     cfg = BenchConfig(num_classes=classes, dim=dim, batch=batch, sample_rate=sample_rate,
                       world_size=world_size, steps=steps, warmup=warmup, discface_lambda=discface_lambda,
-                      seed=seed, threads=threads)
+                      seed=seed, threads=threads, profile_dir=str(profile_dir) if profile_dir else None)
     try:
         cfg.validate()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     result = run_bench(cfg)
     typer.echo(format_summary(result))
+    if profile_dir is not None:
+        typer.echo(f"profiles in {profile_dir}/profile_rank*.txt, traces in {profile_dir}/trace_rank*.json")
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_path}")

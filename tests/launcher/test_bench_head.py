@@ -53,9 +53,9 @@ def test_traffic_flat_in_classes_and_memory_matches_planner() -> None:
                         floor_reps=1)
     large = BenchConfig(num_classes=4000, dim=32, batch=16, sample_rate=0.1, world_size=2, steps=2, warmup=1,
                         floor_reps=1, discface_lambda=0.1)
-    # Big enough that the head's buffers dwarf allocator noise (~230 MiB per rank: a 51 MiB shard, its
-    # momentum, and 3 x 25 MiB of sampled rows + 2 x 25 MiB of logits), small enough for 2 cores.
-    moderate = BenchConfig(num_classes=400_000, dim=64, batch=64, sample_rate=0.5, world_size=2, steps=2,
+    # Big enough that the head's buffers dwarf allocator noise (~170 MB per rank: a 31 MB shard, its
+    # momentum, 3 x 15 MB of sampled rows and 2 x 31 MB of logits at the peak), small enough for 2 cores.
+    moderate = BenchConfig(num_classes=240_000, dim=64, batch=64, sample_rate=0.5, world_size=2, steps=1,
                            warmup=1, floor_reps=1)
     per_rank = run_ranks(_bench_several, 2, [small, large, moderate], timeout=120)
     docs = [summarise(cfg, [per_rank[r][i] for r in range(2)], "test") for i, cfg in enumerate([small, large,

@@ -63,28 +63,43 @@ def make_data(idx: int, C: int) -> dict[str, torch.Tensor]:
     return {"weight": weight, "labels": labels, "f": f, "b": b}
 
 
-def _equivalence(rank: int, ws: int) -> list[dict[str, Any]]:
-    out = []
+def _run_config(idx: int, rank: int, ws: int, group: Any = None) -> dict[str, Any]:
+    cfg = CONFIGS[idx]
     split = SPLITS[ws]
     off = sum(split[:rank])
-    for idx, cfg in enumerate(CONFIGS):
-        data = make_data(idx, cfg["C"])
-        dtype = cfg["dtype"]
-        head = PartialFC(cfg["C"], DIM, sample_rate=cfg["r"], margin=cfg["margin"], scale=SCALE,
-                         discface_lambda=cfg["lam"], seed=idx).to(dtype)
-        start, end = head.class_range
-        with torch.no_grad():
-            head.weight.copy_(data["weight"][start:end].to(dtype))
-            if head.b is not None:
-                head.b.copy_(data["b"].to(dtype))
-        f = data["f"][off: off + split[rank]].to(dtype).requires_grad_()
-        loss = head(f, data["labels"][off: off + split[rank]])
-        loss.backward()
-        ids, wgrad = head.weight_grad()
-        out.append({"loss": loss.detach(), "f_grad": f.grad, "ids": ids, "w_grad": wgrad,
-                    "b_grad": None if head.b is None else head.b.grad, "range": (start, end),
-                    "num_sampled": head.last["num_sampled"]})
-    return out
+    data = make_data(idx, cfg["C"])
+    dtype = cfg["dtype"]
+    head = PartialFC(cfg["C"], DIM, sample_rate=cfg["r"], margin=cfg["margin"], scale=SCALE,
+                     discface_lambda=cfg["lam"], seed=idx, process_group=group).to(dtype)
+    start, end = head.class_range
+    with torch.no_grad():
+        head.weight.copy_(data["weight"][start:end].to(dtype))
+        if head.b is not None:
+            head.b.copy_(data["b"].to(dtype))
+    f = data["f"][off: off + split[rank]].to(dtype).requires_grad_()
+    loss = head(f, data["labels"][off: off + split[rank]])
+    loss.backward()
+    ids, wgrad = head.weight_grad()
+    return {"loss": loss.detach(), "f_grad": f.grad, "ids": ids, "w_grad": wgrad,
+            "b_grad": None if head.b is None else head.b.grad, "range": (start, end),
+            "num_sampled": head.last["num_sampled"]}
+
+
+def _equivalence(rank: int, ws: int) -> list[dict[str, Any]]:
+    return [_run_config(idx, rank, ws) for idx in range(len(CONFIGS))]
+
+
+SUBGROUP_CONFIGS = (3, 9)  # r < 1 ArcFace; r < 1 CosFace with DiscFace
+
+
+def _subgroup(rank: int, ws: int) -> list[dict[str, Any]] | None:
+    """On 4 ranks: the head on the process group {1, 2, 3} (group ranks differ from global ranks)."""
+    import torch.distributed as dist
+
+    group = dist.new_group([1, 2, 3])  # every rank must call new_group
+    if rank == 0:
+        return None
+    return [_run_config(idx, rank - 1, 3, group) for idx in SUBGROUP_CONFIGS]
 
 
 # ---- reshard chain ------------------------------------------------------------------------------
@@ -158,6 +173,8 @@ def _comm_bytes(rank: int, ws: int) -> list[dict[str, Any]]:
 def _rank_main(rank: int, ws: int, load_from: str | None, save_to: str | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     res: dict[str, Any] = {"eq": _equivalence(rank, ws), "comm": _comm_bytes(rank, ws)}
+    if ws == 4:
+        res["subgroup"] = _subgroup(rank, ws)
     if load_from:
         res["loaded"] = _ck_load(rank, ws, load_from)
     if save_to:
@@ -270,3 +287,16 @@ def test_bytes_sent_do_not_grow_with_classes(runs: dict[Any, Any], ws: int) -> N
         assert set(by_op) == {"all_gather_sizes", "all_gather_rows", "all_gather_embeddings",
                               "reduce_scatter_embedding_grad", "all_reduce_max", "all_reduce_sum_softmax",
                               "all_reduce_sum_fwd", "all_reduce_sum_bwd"}
+
+
+@pytest.mark.multiprocess
+def test_head_on_a_subgroup_matches_three_ranks(runs: dict[Any, Any]) -> None:
+    """The head on group {1, 2, 3} of a 4-rank world equals the head on a 3-rank world."""
+    assert runs[4][0]["subgroup"] is None
+    for j, idx in enumerate(SUBGROUP_CONFIGS):
+        for k in range(3):
+            got, want = runs[4][k + 1]["subgroup"][j], runs[3][k]["eq"][idx]
+            assert torch.equal(got["ids"], want["ids"]) and got["range"] == want["range"]
+            for key in ("loss", "f_grad", "w_grad", "b_grad"):
+                if want[key] is not None:
+                    assert rel_err(got[key], want[key]) < 1e-12, (idx, k, key)
