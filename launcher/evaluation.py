@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from data_pipeline.verification import load_bin
 from PIL import Image
 
+from data_pipeline.verification import load_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
 from partialfc.metrics import flip_embed, verification_metrics
@@ -30,7 +30,7 @@ def decode_images(blobs: list[bytes], image_size: int) -> torch.Tensor:
     for i, b in enumerate(blobs):
         img = Image.open(io.BytesIO(b)).convert("RGB")
         if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BILINEAR)
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         out[i] = np.asarray(img)
     t = torch.from_numpy(out).permute(0, 3, 1, 2).float()
     return t.div_(127.5).sub_(1.0)
@@ -90,3 +90,28 @@ def evaluate_bins(model: torch.nn.Module, bins: list[str], cfg: Config, ctx: Dis
                  f"TAR@FAR=1e-3 {r['tar_at_far']['1e-3']}")
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def heldout_discrepancy_of(model: torch.nn.Module, prefix: str | Path, image_size: int, batch_size: int,
+                           device: torch.device, max_images: int | None = None) -> dict[str, float]:
+    """DiscFace's directional and radial discrepancy on a labelled held-out set (insightface layout).
+
+    Identities there are unseen, so each one's centre is its normalised mean feature
+    (``discface.heldout_discrepancy``); compare the numbers between models on the same set.
+    """
+    from data_pipeline.insightface import InsightFaceReader
+    from discface import heldout_discrepancy
+
+    was_training = model.training
+    model.eval()
+    with InsightFaceReader(prefix) as reader:
+        keys = reader.image_keys[:max_images] if max_images else reader.image_keys
+        embs, labels = [], []
+        for start in range(0, len(keys), batch_size):
+            items = [reader.read_image(k) for k in keys[start:start + batch_size]]
+            images = decode_images([b for _, b in items], image_size).to(device)
+            embs.append(flip_embed(model, images, batch_size=batch_size).float().cpu())
+            labels += [lab for lab, _ in items]
+    model.train(was_training)
+    return heldout_discrepancy(torch.cat(embs), torch.tensor(labels, dtype=torch.int64))

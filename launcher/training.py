@@ -40,7 +40,9 @@ def owned_discrepancy(head: PartialFC) -> dict[str, float]:
     if "owned_labels" not in head.last or len(head.last["owned_labels"]) == 0:
         return {}
     z_hat, w_hat, labels = head.last["owned_z_hat"], head.last["owned_w_hat"], head.last["owned_labels"]
-    return {f"discrepancy_{k}": v for k, v in discrepancy_stats(z_hat, w_hat, labels).items()}
+    xi = head.xi.detach() if head.xi is not None else None
+    stats = discrepancy_stats(z_hat, w_hat, labels, xi=xi.to(z_hat.dtype) if xi is not None else None)
+    return {f"discrepancy_{k}": v for k, v in stats.items() if not k.startswith("num_")}
 
 
 class NonFiniteError(RuntimeError):
@@ -72,7 +74,7 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
         log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
     backbone.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
+        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     engine = make_engine(backbone, cfg, ctx)
     h, o = cfg.head, cfg.optim
     head = PartialFC(num_classes, cfg.model.embedding_size, sample_rate=h.sample_rate, margin=h.margin,

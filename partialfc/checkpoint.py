@@ -19,7 +19,8 @@ read only the byte ranges a rank needs (``safe_open(...).get_slice``), and hold 
 Functions for the trainer:
 
 * :func:`save_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it; returns
-  after every rank's files are complete (a barrier).
+  after every rank's files are complete (a barrier). Shard files of an earlier save with another world
+  size in the same directory are removed first (by rank 0, before anyone writes).
 * :func:`load_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it on a head
   built for the NEW world size (same num_classes and embedding size); each rank reads the rows of its
   own class range from whichever files hold them, and the momentum when ``optimizer`` is given.
@@ -41,6 +42,7 @@ from safetensors.torch import save_file
 from partialfc.collectives import Group, barrier
 from partialfc.head import PartialFC
 from partialfc.optimizer import PartialFCSGD
+from partialfc.partition import class_range
 
 FORMAT = "partialfc-head/1"
 META = "head_meta.json"
@@ -68,6 +70,14 @@ def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
     group = process_group if process_group is not None else head.process_group
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
+    if head.rank == 0:
+        # Shard files of an earlier save with another world size would overlap this save's ranges.
+        mine = {shard_filename(*class_range(head.num_classes, head.world_size, k))
+                for k in range(head.world_size)}
+        for f in path.iterdir():
+            if _SHARD_RE.match(f.name) and f.name not in mine:
+                f.unlink()
+    barrier(group)  # no rank writes before the stale files are gone
     if head.end > head.start:
         momentum = (optimizer.momentum_buffer if optimizer is not None
                     else torch.zeros_like(head.weight))

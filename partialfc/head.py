@@ -145,6 +145,13 @@ class PartialFC(nn.Module):
         """(S_k,) global ids of the classes sampled by the last forward on this rank."""
         return None if self._sampled is None else self._sampled + self.start
 
+    def owned_samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last forward's samples whose class this rank owns, detached, for discrepancy diagnostics:
+        (n_k, d) normalised embeddings, (n_k, d) their normalised class weights, (n_k,) labels."""
+        if not self.last:
+            raise RuntimeError("owned_samples() needs a forward first")
+        return self.last["owned_z_hat"], self.last["owned_w_hat"], self.last["owned_labels"]
+
     def weight_grad(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After backward: (S_k,) global class ids sampled on this rank and their (S_k, d) gradients."""
         if self._sampled is None or self._sub_weight is None:

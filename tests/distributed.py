@@ -178,7 +178,7 @@ def run_ranks(
                     if dead:
                         if failures:
                             raise RankFailed(failures) from RankDied(dead)
-                        raise RankDied(dead)
+                        raise RankDied(dead) from None
                 continue
             if status == "ok":
                 outputs[rank] = pickle.loads(payload)

@@ -17,6 +17,8 @@ def eval_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="write the metrics as JSON here"),
     roc_dir: Path | None = typer.Option(None, "--roc-dir", help="write one ROC PNG per .bin here"),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
+    heldout: str | None = typer.Option(None, "--heldout", help="labelled held-out dataset PREFIX: adds DiscFace's "
+                                       "directional and radial discrepancy of unseen identities"),
 ) -> None:
     """10-fold verification accuracy, TAR@FAR (1e-4, 1e-3, 1e-2) and discrepancies on .bin pair sets."""
     import torch
@@ -53,6 +55,14 @@ def eval_cmd(
         cells = ["  n/a" if tar[k] is None else f"{tar[k]:.4f}" for k in ("1e-4", "1e-3", "1e-2")]
         typer.echo(f"{name:24s} {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} {cells[0]:>9s} {cells[1]:>9s} "
                    f"{cells[2]:>9s}")
+    payload: dict[str, object] = {"model": str(weights), **results}
+    if heldout is not None:
+        from launcher.evaluation import heldout_discrepancy_of
+
+        disc = heldout_discrepancy_of(net, heldout, size, batch_size, torch.device("cpu"))
+        payload["heldout_discrepancy"] = disc
+        typer.echo(f"held-out discrepancy ({heldout}): directional {disc['directional_deg']:.2f} deg, "
+                   f"radial cv {disc['radial_cv']:.4f} over {int(disc['num_classes'])} identities")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"model": str(weights), **results}, indent=2, default=float))
+        json_path.write_text(json.dumps(payload, indent=2, default=float))

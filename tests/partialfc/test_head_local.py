@@ -151,7 +151,9 @@ def test_bf16_embeddings_give_fp32_logits_and_errors() -> None:
     f = torch.randn(5, 8).bfloat16().requires_grad_()
     y = torch.tensor([0, 1, 2, 8, 8])
     loss = head(f, y)
-    assert loss.dtype == torch.float32 and head.last["owned_z_hat"].dtype == torch.float32
+    z_own, w_own, y_own = head.owned_samples()
+    assert loss.dtype == torch.float32 and z_own.dtype == torch.float32 and torch.equal(y_own, y)
+    assert torch.allclose(w_own.norm(dim=1), torch.ones(5)) and not z_own.requires_grad
     loss.backward()
     assert f.grad is not None and f.grad.dtype == torch.bfloat16
     ref = reference_loss(f.detach().float(), y, head.weight, head.sampled_class_ids(), (1.0, 0.5, 0.0), 64.0)
@@ -220,8 +222,13 @@ def test_sparse_update_equals_dense_sgd_on_sampled_rows() -> None:
 def test_checkpoint_errors(tmp_path: Path) -> None:
     head = PartialFC(10, 4)
     opt = head.make_optimizer(lr=0.1)
+    (tmp_path / shard_filename(0, 5)).write_bytes(b"stale shard of a 2-rank save")
     save_head(head, opt, tmp_path)
-    assert (tmp_path / shard_filename(0, 10)).is_file()
+    assert (tmp_path / shard_filename(0, 10)).is_file() and not (tmp_path / shard_filename(0, 5)).exists()
+    fresh = PartialFC(10, 4, seed=9)
+    assert not torch.equal(fresh.weight, head.weight)
+    fresh.load_sharded(tmp_path)
+    assert torch.equal(fresh.weight, head.weight)
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(CheckpointError, match="'num_classes' is 10, the head has 11"):
         load_head(PartialFC(11, 4), None, tmp_path)
