@@ -13,6 +13,7 @@ ratio = loader / ceiling says how much the loader loses to everything that is no
 
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing as mp
 import os
@@ -39,6 +40,11 @@ class DataBenchResult:
     decode_ceiling_images_per_s: float
     ratio: float
     round_ratios: list[float]
+    # CPU cost per image of each (all processes and threads): a contention-robust view on a shared
+    # machine; the loader's count includes the prefetched batches drained untimed between slices
+    loader_cpu_ms_per_image: float
+    ceiling_cpu_ms_per_image: float
+    cpu_ratio: float
     image_size: tuple[int, int]
     device: str
     cpu_count: int
@@ -212,22 +218,49 @@ def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: i
         raise ValueError(f"unknown loader {loader!r}: expected 'dali' or 'torch'")
     batches = endless(make_epoch)
     slice_s = seconds / rounds
-    n_load = n_ceil = 0
+    n_load = n_ceil = n_all = 0
     t_load = t_ceil = 0.0
+    cpu_main_load = cpu_ceil = 0.0
+    kids0 = _children_cpu()
     per_round: list[float] = []
     for _ in range(rounds):
+        c0 = time.process_time()
         n, t = timed_slice(batches, slice_s, warmup, sync)
         time.sleep(settle_s)
+        c1 = time.process_time()
+        k1 = _children_cpu()
         m, u = ceiling(slice_s)
+        cpu_ceil += (time.process_time() - c1) + (_children_cpu() - k1)
+        cpu_main_load += c1 - c0
         n_load, t_load, n_ceil, t_ceil = n_load + n, t_load + t, n_ceil + m, t_ceil + u
+        n_all += n + warmup * batch_size
         per_round.append((n / t) / (m / u))
     batches.close()
+    if loader == "torch":
+        del tl, make_epoch   # shuts the DataLoader workers down, so their CPU time is accounted
+        gc.collect()
+    # children: the DataLoader workers (torch) and the ceiling's process pools, counted in cpu_ceil
+    cpu_workers = _children_cpu() - kids0 - (cpu_ceil if loader == "torch" else 0.0)
+    cpu_load = cpu_main_load + (cpu_workers if loader == "torch" else 0.0)
     rate, ceil_rate = n_load / t_load, n_ceil / t_ceil
+    load_ms, ceil_ms = 1e3 * cpu_load / n_all, 1e3 * cpu_ceil / n_ceil
     return DataBenchResult(loader=loader, prefix=str(prefix), threads=threads, batch_size=batch_size,
                            seconds=t_load, images=n_load, images_per_s=rate,
                            decode_ceiling_images_per_s=ceil_rate, ratio=rate / ceil_rate,
-                           round_ratios=per_round, image_size=reader.image_size, device=device,
+                           round_ratios=per_round, loader_cpu_ms_per_image=load_ms,
+                           ceiling_cpu_ms_per_image=ceil_ms, cpu_ratio=ceil_ms / load_ms,
+                           image_size=reader.image_size, device=device,
                            cpu_count=os.cpu_count() or 1, load_average=_load_average())
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished (joined) child processes."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _load_average() -> float | None:

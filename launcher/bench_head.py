@@ -8,7 +8,9 @@ step; every step is bracketed by barriers so that a step's time is that of the s
 In the same run, on the same ranks and threads, it times the GEMM floor: the three matmuls a step
 cannot avoid over the sampled classes S of the rank, in the head's dtype with preallocated outputs:
 the logits (N x D @ D x S), the embedding gradient (N x S @ S x D) and the sampled weights'
-gradient (S x N @ N x D). ratio_to_floor = step time / floor time.
+gradient (S x N @ N x D). ratio_to_floor = step time / floor time. By default one floor rep runs
+after every timed step (``floor="interleaved"``), so that a machine shared with other work loads
+both alike; ``floor="after"`` times it once the head is freed, for shapes tight on memory.
 
 Memory (how it is measured is written into the result):
 
@@ -63,7 +65,8 @@ class BenchConfig:
     discface_lambda: float = 0.0
     seed: int = 0
     threads: int | None = None   # torch threads per rank; None: CPU cores // W (at least 1)
-    floor_reps: int = 5
+    floor_reps: int = 5            # with floor="after": reps after the head is freed
+    floor: str = "interleaved"     # "interleaved": one floor rep after every timed step; "after"
     timeout_s: float = 1800.0
     profile_dir: str | None = None  # write a torch.profiler table per rank of the timed steps here
 
@@ -78,6 +81,7 @@ class BenchConfig:
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
             (self.discface_lambda >= 0.0, f"--discface-lambda must be >= 0, got {self.discface_lambda}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
+            (self.floor in ("interleaved", "after"), f"--floor must be interleaved or after, got {self.floor!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -214,40 +218,51 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def gemm_floor(n: int, s: int, d: int, dtype: Any, device: Any, reps: int,
-               barrier: Callable[[], None]) -> dict[str, float]:
-    """Median seconds of the three matmuls of a step over ``s`` sampled classes, ``n`` samples.
+class GemmFloor:
+    """The three matmuls of a step over ``s`` sampled classes and ``n`` samples, timed rep by rep.
 
-    All ranks run it at the same time (``barrier`` lines them up), so they share the cores as the
-    real step does. Outputs are preallocated: the floor is the arithmetic, not the allocator.
+    Buffers are allocated once (the floor is the arithmetic, not the allocator): the embeddings
+    (n x d), the sampled rows (s x d), one n x s buffer that receives the logits and then serves as
+    their gradient, and the two gradients' outputs. All ranks run a rep at the same time
+    (``barrier`` lines them up), so they share the cores as the real step does.
     """
-    import torch
 
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    z = torch.randn(n, d, generator=gen, dtype=dtype).to(device)
-    w = torch.randn(s, d, generator=gen, dtype=dtype).to(device)
-    g = torch.randn(n, s, generator=gen, dtype=dtype).to(device)
-    logits = torch.empty(n, s, dtype=dtype, device=device)
-    grad_z = torch.empty(n, d, dtype=dtype, device=device)
-    grad_w = torch.empty(s, d, dtype=dtype, device=device)
-    ops = {
-        "logits": lambda: torch.mm(z, w.t(), out=logits),
-        "grad_embeddings": lambda: torch.mm(g, w, out=grad_z),
-        "grad_weights": lambda: torch.mm(g.t(), z, out=grad_w),
-    }
-    times: dict[str, list[float]] = {k: [] for k in ops}
-    for rep in range(reps + 1):  # the first rep warms caches and kernels up
+    OPS = ("logits", "grad_embeddings", "grad_weights")
+
+    def __init__(self, n: int, s: int, d: int, dtype: Any, device: Any) -> None:
+        import torch
+
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        self.device = device
+        self.z = torch.randn(n, d, generator=gen, dtype=dtype).to(device)
+        self.w = torch.randn(s, d, generator=gen, dtype=dtype).to(device)
+        self.g = torch.empty(n, s, dtype=dtype, device=device)
+        self.grad_z = torch.empty(n, d, dtype=dtype, device=device)
+        self.grad_w = torch.empty(s, d, dtype=dtype, device=device)
+        self.times: dict[str, list[float]] = {k: [] for k in self.OPS}
+
+    def rep(self, barrier: Callable[[], None], record: bool = True) -> None:
+        import torch
+
+        ops = {
+            "logits": lambda: torch.mm(self.z, self.w.t(), out=self.g),
+            "grad_embeddings": lambda: torch.mm(self.g, self.w, out=self.grad_z),
+            "grad_weights": lambda: torch.mm(self.g.t(), self.z, out=self.grad_w),
+        }
         barrier()
         for name, op in ops.items():
-            _sync(device)
+            _sync(self.device)
             t0 = time.perf_counter()
             op()
-            _sync(device)
-            if rep > 0:
-                times[name].append(time.perf_counter() - t0)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    out["total"] = sum(out.values())
-    return out
+            _sync(self.device)
+            if record:
+                self.times[name].append(time.perf_counter() - t0)
+
+    def result(self) -> dict[str, float]:
+        """Median seconds per matmul over the recorded reps, and their sum ("total")."""
+        out = {k: statistics.median(v) for k, v in self.times.items()}
+        out["total"] = sum(out.values())
+        return out
 
 
 def _build_head(cfg: BenchConfig, device: Any) -> Any:
@@ -321,6 +336,15 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     # Warm the runtime up with a tiny head first (autograd engine, gloo/NCCL buffers, kernels, lazy
     # imports), so that the baseline below holds them and the measured peak is the head's own.
     _warm_up(cfg, device)
+    floor: GemmFloor | None = None
+    if cfg.floor == "interleaved":
+        # Allocated before the baseline, so its buffers are not counted as the head's. Its reps run
+        # between the timed steps, so that the floor and the steps see the same load on the machine.
+        from partialfc.head import expected_num_sample
+
+        s_k = expected_num_sample(cfg.num_classes, cfg.world_size, rank, cfg.sample_rate)
+        floor = GemmFloor(cfg.world_size * cfg.batch, max(s_k, 1), cfg.dim, dtype, device)
+        floor.rep(barrier, record=False)
     gc.collect()
     mem = PeakMemory(device, pinned_mmap=pinned)
     barrier()
@@ -380,6 +404,8 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         end_phase("optimizer")
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"rank {rank}: loss is {float(loss.detach())} at step {step}")
+        if floor is not None and step >= cfg.warmup:
+            floor.rep(barrier)
         if step >= cfg.warmup:
             fwd.append(t1 - t0)
             bwd.append(t3 - t2)
@@ -397,8 +423,14 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     del head, opt, loss, embeddings
     barrier()
 
-    floor = gemm_floor(cfg.world_size * cfg.batch, max(sampled), cfg.dim, dtype, device,
-                       cfg.floor_reps, barrier)
+    if floor is None:
+        floor = GemmFloor(cfg.world_size * cfg.batch, max(sampled), cfg.dim, dtype, device)
+        floor.rep(barrier, record=False)  # warms caches and kernels up
+        for _ in range(cfg.floor_reps):
+            floor.rep(barrier)
+    floor_s = floor.result()
+    floor_shape = (int(floor.g.shape[0]), int(floor.g.shape[1]), cfg.dim)
+    del floor
     return {
         "rank": rank,
         "device": device.type,
@@ -417,7 +449,8 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "resident_after_steps_bytes": resident,
         "weight_bytes": weight_bytes,
         "optimizer_state_bytes": opt_state_bytes,
-        "gemm_floor": floor,
+        "gemm_floor": floor_s,
+        "gemm_floor_shape_nsd": floor_shape,
         "memory_method": mem.method,
     }
 
@@ -578,7 +611,7 @@ def format_summary(res: dict[str, Any]) -> str:
         f"step time (median, slowest rank): {res['step_s'] * 1e3:.1f} ms  "
         f"[forward {split['forward'] * 1e3:.1f}, backward {split['backward'] * 1e3:.1f}, "
         f"optimizer {split['optimizer'] * 1e3:.1f}]",
-        f"GEMM floor: {res['gemm_floor_s'] * 1e3:.1f} ms  [logits {fl['logits'] * 1e3:.1f}, "
+        f"GEMM floor ({cfg['floor']}): {res['gemm_floor_s'] * 1e3:.1f} ms  [logits {fl['logits'] * 1e3:.1f}, "
         f"grad embeddings {fl['grad_embeddings'] * 1e3:.1f}, grad weights {fl['grad_weights'] * 1e3:.1f}]",
         f"ratio to floor: {res['ratio_to_floor']:.2f}x",
         f"head peak memory per rank: {hb(res['head_peak_bytes_per_rank'])}  "

@@ -56,6 +56,9 @@ def bench_data_cmd(
     typer.echo(f"  decode ceiling {res.decode_ceiling_images_per_s:10.1f} images/s ({decoder}, same threads)")
     rounds_txt = ", ".join(f"{r:.2f}" for r in res.round_ratios)
     typer.echo(f"  ratio          {res.ratio:10.3f} (rounds: {rounds_txt})")
+    typer.echo(f"  CPU per image: loader {res.loader_cpu_ms_per_image:.3f} ms, decode "
+               f"{res.ceiling_cpu_ms_per_image:.3f} ms, ratio {res.cpu_ratio:.3f}"
+               + (f"  (load average {res.load_average:.1f} on {res.cpu_count} CPUs)" if res.load_average else ""))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")

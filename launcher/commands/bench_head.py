@@ -23,6 +23,10 @@ def bench_head_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1,
                                        help="Torch threads per rank (default: CPU cores // W)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the head, its sampler and the random inputs."),
+    floor: str = typer.Option("interleaved", "--floor",
+                              help="interleaved: one GEMM-floor rep after every timed step (both see the same "
+                                   "machine load; its buffers stay allocated during the run, outside the head's "
+                                   "memory); after: 5 reps once the head is freed (for runs tight on memory)."),
     profile_dir: Path | None = typer.Option(
         None, "--profile", help="Write a torch.profiler table and trace per rank of the timed steps into this "
                                 "folder (the profiler inflates the step times it reports)."),
@@ -33,7 +37,7 @@ def bench_head_cmd(
 
     cfg = BenchConfig(num_classes=classes, dim=dim, batch=batch, sample_rate=sample_rate,
                       world_size=world_size, steps=steps, warmup=warmup, discface_lambda=discface_lambda,
-                      seed=seed, threads=threads, profile_dir=str(profile_dir) if profile_dir else None)
+                      seed=seed, threads=threads, floor=floor, profile_dir=str(profile_dir) if profile_dir else None)
     try:
         cfg.validate()
     except ValueError as err:

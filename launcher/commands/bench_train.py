@@ -30,3 +30,28 @@ def bench_train_cmd(
         typer.echo(f"  {k[5:-2]:<10s} {v * 1e3:8.1f} ms  ({res['split_fraction'][k]:.0%})")
     if json_path is not None:
         json_path.write_text(json.dumps(res, indent=2))
+
+
+@bench_app.command("discface")
+def bench_discface_cmd(
+    output: Path = typer.Option(Path("runs/discface_study"), "--output", help="study folder"),
+    config: str = typer.Option("demo_cpu", "--config", help="config file or recipe name"),
+    lambdas: str = typer.Option("0,0.1", "--lambdas", help="comma-separated DiscFace lambdas (0 = off)"),
+    identities: int = typer.Option(1000, "--identities", min=10),
+    images_per_identity: int = typer.Option(10, "--images-per-identity", min=2),
+    heldout_identities: int = typer.Option(200, "--heldout-identities", min=2),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="override train.steps"),
+    nproc: int = typer.Option(2, "--nproc", min=1),
+    sets: list[str] | None = typer.Option(None, "--set", help="config override section.field=value"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the result here"),
+) -> None:
+    """DiscFace off vs on, same seeds: held-out verification and both discrepancies."""
+    from launcher.study import discface_study, format_study
+
+    lams = [float(x) for x in lambdas.split(",") if x.strip()]
+    res = discface_study(output.resolve(), config=config, lambdas=lams, identities=identities,
+                         images_per_identity=images_per_identity, heldout_identities=heldout_identities,
+                         steps=steps, nproc=nproc, sets=list(sets or []))
+    typer.echo(format_study(res))
+    if json_path is not None:
+        json_path.write_text(json.dumps(res, indent=2, default=float))
