@@ -27,6 +27,7 @@ from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
+from launcher.metrics import TrainingMetrics
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
 from partialfc.backbones import get_backbone, load_backbone_weights
@@ -232,6 +233,9 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     c = build(cfg, ctx, data.num_classes)
     step = maybe_resume(c, cfg, ctx)
     data.seek(step)
+    metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
+                              world_size=ctx.world_size)
+    metrics.start()
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
     bad_in_a_row, skipped, evals = 0, 0, {}
@@ -252,8 +256,13 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             if bad_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row (last at step {step}); "
                                      "stopping: the last checkpoint predates them")
+        metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
+                             sampled_classes=int(c.head.last.get("num_sampled", 0)),
+                             skipped_records=data.skipped_records)
         if step % cfg.eval.discrepancy_every_steps == 0:
-            progress.update(**owned_discrepancy(c.head))
+            disc = owned_discrepancy(c.head)
+            progress.update(**disc)
+            metrics.observe_discrepancy(disc)
         if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
             progress.emit(step, {k: scalars[k] for k in ("lr", "grad_norm", "xi_norm", "time_data_s",
                                                          "time_forward_s", "time_backward_s",
@@ -262,16 +271,20 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             from launcher.evaluation import evaluate_bins
 
             evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
+            metrics.observe_eval(evals)
             c.engine.train()
             progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
                                  for m in ("accuracy", "accuracy_std")}, quiet=True)
         if step % cfg.checkpoint.every_steps == 0 or step == last_step:
+            t_ckpt = time.perf_counter()
             save(c, cfg, ctx, step, data)
+            metrics.observe_checkpoint(time.perf_counter() - t_ckpt)
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "seconds": elapsed, "skipped_nonfinite": skipped,
                "skipped_records": data.skipped_records, "final": progress.last, "eval": evals,
                "world_size": ctx.world_size}
     progress.close()
+    metrics.close()
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     data.close()
