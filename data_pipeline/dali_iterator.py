@@ -113,7 +113,11 @@ class DaliLoader:
             chunk = max(1, plan.shape[1])
         # the file name carries the rank: ranks sharing a folder never race on one file
         path = self.index_dir / f"epoch{self.epoch}_rank{self.rank}.idx"
+        previous = self.last_index
         self.last_index = write_epoch_index(self.reader, plan, path, chunk, self.start_index)
+        if previous is not None and previous.idx_path != path:
+            # one index per epoch lists every image (~100 MB for MS1M): keep only the current one
+            previous.idx_path.unlink(missing_ok=True)
         return self.last_index
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -240,6 +240,7 @@ class GemmFloor:
         self.grad_z = torch.empty(n, d, dtype=dtype, device=device)
         self.grad_w = torch.empty(s, d, dtype=dtype, device=device)
         self.times: dict[str, list[float]] = {k: [] for k in self.OPS}
+        self.cpu_times: list[float] = []
 
     def rep(self, barrier: Callable[[], None], record: bool = True) -> None:
         import torch
@@ -250,18 +251,23 @@ class GemmFloor:
             "grad_weights": lambda: torch.mm(self.g.t(), self.z, out=self.grad_w),
         }
         barrier()
+        cpu = 0.0
         for name, op in ops.items():
             _sync(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             op()
             _sync(self.device)
+            cpu += time.process_time() - c0
             if record:
                 self.times[name].append(time.perf_counter() - t0)
+        if record:
+            self.cpu_times.append(cpu)
 
     def result(self) -> dict[str, float]:
         """Median seconds per matmul over the recorded reps, and their sum ("total")."""
         out = {k: statistics.median(v) for k, v in self.times.items()}
         out["total"] = sum(out.values())
+        out["cpu_total"] = statistics.median(self.cpu_times)
         return out
 
 
@@ -321,6 +327,9 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
 
     from partialfc.collectives import comm_stats
 
+    if world_size != cfg.world_size or dist.get_world_size() != world_size:
+        raise ValueError(f"bench_on_rank: the process group has {dist.get_world_size()} ranks, the config "
+                         f"says {cfg.world_size} and the caller {world_size}")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     dtype = torch.float32
@@ -337,7 +346,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     # imports), so that the baseline below holds them and the measured peak is the head's own.
     _warm_up(cfg, device)
     floor: GemmFloor | None = None
-    if cfg.floor == "interleaved":
+    if cfg.floor == "interleaved" and not cfg.profile_dir:  # a profile shows the head's ops only
         # Allocated before the baseline, so its buffers are not counted as the head's. Its reps run
         # between the timed steps, so that the floor and the steps see the same load on the machine.
         from partialfc.head import expected_num_sample
@@ -367,6 +376,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     upd: list[float] = []
     sent: list[int] = []
     sampled: list[int] = []
+    cpu: list[float] = []  # CPU seconds of this process per step: less sensitive than wall time to other load
     # The peak of each phase of a step (restarting the high-water mark between phases, outside the
     # timed regions): the overall peak is their maximum, and they can be set beside the planner's.
     phase_peak = {"forward": 0, "backward": 0, "optimizer": 0}
@@ -383,24 +393,24 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         barrier()
         comm_stats.reset()
         mem.restart()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = head(embeddings, labels)
         _sync(device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         end_phase("forward")
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         loss.backward()
         _sync(device)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         end_phase("backward")
         # Only the count: holding the returned gradient would keep an S x D buffer alive into the next step.
         n_sampled = int(head.weight_grad()[0].numel())
-        t4 = time.perf_counter()
+        c4, t4 = time.process_time(), time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         embeddings.grad = None
         _sync(device)
-        t5 = time.perf_counter()
+        t5, c5 = time.perf_counter(), time.process_time()
         end_phase("optimizer")
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"rank {rank}: loss is {float(loss.detach())} at step {step}")
@@ -410,6 +420,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
             fwd.append(t1 - t0)
             bwd.append(t3 - t2)
             upd.append(t5 - t4)
+            cpu.append((c1 - c0) + (c3 - c2) + (c5 - c4))
             sent.append(int(comm_stats.bytes_sent))
             sampled.append(n_sampled)
     if profiler is not None:
@@ -423,6 +434,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     del head, opt, loss, embeddings
     barrier()
 
+    floor_mode = "after" if floor is None else "interleaved"
     if floor is None:
         floor = GemmFloor(cfg.world_size * cfg.batch, max(sampled), cfg.dim, dtype, device)
         floor.rep(barrier, record=False)  # warms caches and kernels up
@@ -442,6 +454,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "optimizer_s": upd,
         "step_s": [a + b + c for a, b, c in zip(fwd, bwd, upd, strict=True)],
         "bytes_sent": sent,
+        "step_cpu_s": cpu,
         "build_s": build_s,
         "head_peak_bytes": peak,
         "phase_peak_bytes": phase_peak,
@@ -451,6 +464,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "optimizer_state_bytes": opt_state_bytes,
         "gemm_floor": floor_s,
         "gemm_floor_shape_nsd": floor_shape,
+        "gemm_floor_mode": floor_mode,
         "memory_method": mem.method,
     }
 
@@ -477,15 +491,21 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
         "step_s": step_s,
         "gemm_floor_s": floor_s,
         "ratio_to_floor": step_s / floor_s if floor_s > 0 else float("inf"),
+        # The same in CPU seconds of each rank's process (the median step's and floor's, busiest rank):
+        # a machine shared with other work stretches wall time far more than CPU time.
+        "step_cpu_s": statistics.median([max(r["step_cpu_s"][i] for r in ranks) for i in range(steps)]),
+        "gemm_floor_cpu_s": max(r["gemm_floor"]["cpu_total"] for r in ranks),
         "head_peak_bytes_per_rank": peak,
         "shard_weights_plus_momentum_bytes": shard_wm,
         "peak_over_weights_plus_momentum": peak / shard_wm if shard_wm else float("inf"),
+        "planned_peak_bytes_per_rank": plan.total_bytes,
         "bytes_sent_per_step_per_rank": max(sent_all),
         "bytes_sent_per_step_min": min(sent_all),
         "step_split_s": {"forward": med_max("forward_s"), "backward": med_max("backward_s"),
                          "optimizer": med_max("optimizer_s")},
         "step_s_all": per_step,
         "gemm_floor_parts_s": floor_parts,
+        "gemm_floor_mode": ranks[0]["gemm_floor_mode"],
         "memory_parts_bytes": {
             "shard_weights": busiest["weight_bytes"],
             "optimizer_state": busiest["optimizer_state_bytes"],
@@ -503,9 +523,7 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
             "num_sample": plan.num_sample,
             "comm_bytes_per_step": plan.comm_bytes_per_step,
             "memory": plan.memory,
-            "phase_bytes": {"forward": plan.phases["forward"] + plan.shard_weights_plus_momentum_bytes,
-                            "backward": plan.phases["softmax_backward"] + plan.shard_weights_plus_momentum_bytes,
-                            "optimizer": plan.phases["optimizer"] + plan.shard_weights_plus_momentum_bytes},
+            "phase_bytes": {k: v + plan.shard_weights_plus_momentum_bytes for k, v in plan.phases.items()},
             "measured_over_planned_memory": peak / plan.total_bytes,
         },
         "per_rank": ranks,
@@ -611,9 +629,10 @@ def format_summary(res: dict[str, Any]) -> str:
         f"step time (median, slowest rank): {res['step_s'] * 1e3:.1f} ms  "
         f"[forward {split['forward'] * 1e3:.1f}, backward {split['backward'] * 1e3:.1f}, "
         f"optimizer {split['optimizer'] * 1e3:.1f}]",
-        f"GEMM floor ({cfg['floor']}): {res['gemm_floor_s'] * 1e3:.1f} ms  [logits {fl['logits'] * 1e3:.1f}, "
+        f"GEMM floor ({res['gemm_floor_mode']}): {res['gemm_floor_s'] * 1e3:.1f} ms  [logits {fl['logits'] * 1e3:.1f}, "
         f"grad embeddings {fl['grad_embeddings'] * 1e3:.1f}, grad weights {fl['grad_weights'] * 1e3:.1f}]",
-        f"ratio to floor: {res['ratio_to_floor']:.2f}x",
+        f"ratio to floor: {res['ratio_to_floor']:.2f}x  (in CPU seconds: step {res['step_cpu_s'] * 1e3:.1f} ms, "
+        f"floor {res['gemm_floor_cpu_s'] * 1e3:.1f} ms, {res['step_cpu_s'] / max(res['gemm_floor_cpu_s'], 1e-9):.2f}x)",
         f"head peak memory per rank: {hb(res['head_peak_bytes_per_rank'])}  "
         f"(= {res['peak_over_weights_plus_momentum']:.3f}x shard weights + momentum "
         f"{hb(res['shard_weights_plus_momentum_bytes'])})",

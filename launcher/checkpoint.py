@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from launcher import faults
 from partialfc.backbones import save_backbone
 
 LATEST = "latest"
@@ -52,6 +53,19 @@ def _barrier(group: Any = None) -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class CheckpointWriteError(OSError):
+    """A save failed on some rank; the previous complete checkpoint is untouched."""
+
+
+def _any_rank(flag: bool, group: Any = None) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)
 
 
 def step_dir_name(step: int) -> str:
@@ -126,22 +140,37 @@ def save_checkpoint(
     final = paths.root / step_dir_name(step)
     partial = paths.root / f".{final.name}.partial"
     rank = _rank()
+    error: BaseException | None = None
     if rank == 0:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        partial.mkdir()
-        (partial / "rank").mkdir()
+        try:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir()
+            (partial / "rank").mkdir()
+        except OSError as e:
+            error = e
     _barrier(group)
-    try:
+    if error is None and partial.is_dir():
+        try:
+            # The head save is collective and fails on every rank alike; the rest is this rank's own.
+            save_head(partial / "head")
+            if rank == 0:
+                save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
+                torch.save(trainer_state, partial / "trainer_state.pt")
+            faults.maybe_fail_checkpoint(step, rank)
+            torch.save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
+        except OSError as e:  # a full disk, a lost mount: reported below, on every rank alike
+            error = e
+    elif error is None:
+        error = FileNotFoundError(f"{partial} was not created by rank 0")
+    failed = _any_rank(error is not None, group)
+    if failed:
         if rank == 0:
-            save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
-            torch.save(trainer_state, partial / "trainer_state.pt")
-        torch.save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
-        save_head(partial / "head")
-    except BaseException:
-        # Leave the partial folder for the next save to clean; `latest` still names the last good one.
-        raise
+            shutil.rmtree(partial, ignore_errors=True)
+        where = f"rank {rank}: {error}" if error is not None else "another rank failed to write its part"
+        raise CheckpointWriteError(f"checkpoint for step {step} was not written ({where}); "
+                                   f"the last complete checkpoint stays in {paths.root / LATEST}") from error
     _barrier(group)
     if rank == 0:
         meta = dict(meta, step=step, saved_at=time.time(), save_seconds=time.perf_counter() - t0)

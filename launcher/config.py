@@ -96,6 +96,7 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(3, ge=1)
     resume: bool = True
     init_backbone: str | None = Field(None, description="backbone-only weights to fine-tune from")
+    max_failures_in_a_row: int = Field(3, ge=1, description="failed saves (full disk...) before the run stops")
 
 
 class EvalConfig(_Section):

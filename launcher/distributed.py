@@ -85,8 +85,12 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     used: str | None = None
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend, rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s),
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout_s)))
+            # After a torchrun restart, keys of the failed attempt (its ranks' gloo addresses) can still
+            # be in the store: a per-attempt prefix keeps the new ranks from dialling dead peers.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"pfc/attempt_{attempt}", store), rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
     node = rank // max(local_world, 1)

@@ -38,6 +38,7 @@ class BackboneEngine(Protocol):
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
     def clip_and_norm(self) -> torch.Tensor: ...
     def last_grad_norm(self) -> float | None: ...
+    def loss_scale(self) -> float: ...
     def step(self) -> None: ...
     def skip(self) -> None: ...
     def zero_grad(self) -> None: ...
@@ -135,6 +136,10 @@ class DDPEngine:
     def last_grad_norm(self) -> float | None:
         return None
 
+    def loss_scale(self) -> float:
+        """The fp16 loss scale the last backward used (1 without a scaler)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
     def step(self) -> None:
         if self.scaler is not None:
             self.scaler.step(self.opt)
@@ -215,6 +220,10 @@ class DeepSpeedEngine:
         # ZeRO-2 holds only this rank's partition of the gradients, so the norm is known only inside
         # engine.step() (which clips); 0 here means "no veto", the real norm is read afterwards.
         return torch.zeros(())
+
+    def loss_scale(self) -> float:
+        opt = self.engine.optimizer
+        return float(getattr(opt, "cur_scale", 1.0)) if self.engine.fp16_enabled() else 1.0
 
     def last_grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

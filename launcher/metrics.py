@@ -1,31 +1,419 @@
-"""Prometheus exporter for training (placeholder until issue 7 lands: every call is a no-op)."""
+"""Prometheus exporter for training: every rank serves its own ``/metrics`` (port = base + local rank).
+
+Each rank owns a private :class:`prometheus_client.CollectorRegistry` (never the global one), so two
+trainers in one process, or a test, never see each other's series. Every series carries the labels
+``rank`` and ``node``; a straggler or a dead rank therefore shows up as one rank's series.
+
+What is exported (all names start with ``pfc_``, values are in base units: seconds, bytes, ratios,
+radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may query nothing else:
+
+* progress: ``pfc_steps_total``, ``pfc_samples_total`` (this rank's images), ``pfc_training_step``,
+  ``pfc_last_step_timestamp_seconds`` (hang detection), ``pfc_world_size``;
+* step time: ``pfc_step_duration_seconds`` (histogram of wall time between two steps, evaluation and
+  checkpoint time excluded), ``pfc_step_last_duration_seconds`` and
+  ``pfc_step_phase_seconds_total{phase=data|forward|backward|communication|optimizer}``
+  (communication is the backbone's gradient all-reduce, which overlaps backward);
+* optimisation: ``pfc_loss{component=total|softmax|discface}``, ``pfc_learning_rate``,
+  ``pfc_grad_norm``, ``pfc_step_finite``, ``pfc_nonfinite_steps_total{cause=loss|gradient}``,
+  ``pfc_data_skipped_records_total``, ``pfc_head_sampled_classes``, ``pfc_discface_xi_norm``;
+* DiscFace: ``pfc_discrepancy_directional_radians``, ``pfc_discrepancy_directional_circular_variance``,
+  ``pfc_discrepancy_radial_std``, ``pfc_discrepancy_radial_cv``, ``pfc_discrepancy_eps_norm_mean``,
+  ``pfc_discrepancy_xi_angle_radians`` (this rank's owned classes of the last step);
+* evaluation and checkpoints: ``pfc_verification_accuracy{dataset}``,
+  ``pfc_verification_accuracy_std{dataset}``, ``pfc_verification_tar{dataset,far}``,
+  ``pfc_last_eval_timestamp_seconds``, ``pfc_checkpoint_duration_seconds``, ``pfc_checkpoints_total``
+  (the verification results are all-gathered, so every rank exports the same values);
+* memory, read at scrape time: ``pfc_memory_rss_bytes``; on GPUs also ``pfc_cuda_memory_allocated_bytes``,
+  ``pfc_cuda_memory_reserved_bytes``, ``pfc_cuda_memory_max_allocated_bytes`` and, when
+  ``nvidia-ml-py`` is installed, ``pfc_gpu_utilization_ratio``, ``pfc_gpu_memory_used_bytes``,
+  ``pfc_gpu_memory_total_bytes``, ``pfc_gpu_temperature_celsius`` (label ``gpu`` = the device UUID).
+  On CPUs the GPU series are absent, not zero.
+
+Settings that ``MetricsConfig`` does not have (yet) come from the environment:
+
+``PFC_METRICS_PORT_POLICY``
+    ``fail`` (default): a taken port is an error naming ``host:port``. ``next-free``: try
+    ``port + k * LOCAL_WORLD_SIZE`` for k = 1..15 (never another local rank's first choice) and log
+    the port taken.
+``PFC_METRICS_PUSHGATEWAY``
+    Pushgateway address (``http://host:9091``): push this rank's registry every
+    ``PFC_METRICS_PUSH_INTERVAL_S`` seconds (default 15) and once more on :meth:`close`, under job
+    ``PFC_METRICS_JOB`` (default ``pfc``) grouped by ``node`` and ``rank``. For jobs too short to be
+    scraped. Push errors are logged, never raised.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from launcher.config import MetricsConfig
 
+log = logging.getLogger("pfc")
+
+# Wall time of one step spans milliseconds (tiny CPU runs) to minutes (huge heads, slow storage).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# trainer scalar -> step phase label
+_PHASES = {"time_data_s": "data", "time_forward_s": "forward", "time_backward_s": "backward",
+           "time_comm_s": "communication", "time_optimizer_s": "optimizer"}
+# trainer scalar -> loss component label
+_LOSSES = {"loss": "total", "loss_softmax": "softmax", "loss_disc": "discface"}
+# discrepancy key -> (metric name, help, factor to base units)
+_DISCREPANCY = {
+    "discrepancy_directional_deg": ("pfc_discrepancy_directional_radians",
+                                    "Mean angle between a sample's displacement and its class's mean "
+                                    "displacement (this rank's owned classes, last measured step)",
+                                    math.pi / 180.0),
+    "discrepancy_directional_circvar": ("pfc_discrepancy_directional_circular_variance",
+                                        "1 - mean resultant length of the unit displacements per class", 1.0),
+    "discrepancy_radial_std": ("pfc_discrepancy_radial_std",
+                               "Standard deviation of displacement norms within a class", 1.0),
+    "discrepancy_radial_cv": ("pfc_discrepancy_radial_cv",
+                              "Coefficient of variation of displacement norms within a class", 1.0),
+    "discrepancy_eps_norm_mean": ("pfc_discrepancy_eps_norm_mean", "Mean norm of the displacements", 1.0),
+    "discrepancy_xi_angle_deg": ("pfc_discrepancy_xi_angle_radians",
+                                 "Mean angle between displacements and the learnable basis xi", math.pi / 180.0),
+}
+
+_GPU_METRICS = ("pfc_cuda_memory_allocated_bytes", "pfc_cuda_memory_reserved_bytes",
+                "pfc_cuda_memory_max_allocated_bytes", "pfc_gpu_utilization_ratio", "pfc_gpu_memory_used_bytes",
+                "pfc_gpu_memory_total_bytes", "pfc_gpu_temperature_celsius")
+
+#: Every metric family the exporter can emit (GPU ones only on GPUs). Counters and histograms appear
+#: in the exposition with their suffixes (``_total``, ``_bucket``/``_sum``/``_count``, ``_created``).
+METRIC_NAMES: tuple[str, ...] = (
+    "pfc_world_size", "pfc_steps_total", "pfc_samples_total", "pfc_training_step",
+    "pfc_last_step_timestamp_seconds", "pfc_step_duration_seconds", "pfc_step_last_duration_seconds",
+    "pfc_step_phase_seconds_total", "pfc_loss", "pfc_learning_rate", "pfc_grad_norm", "pfc_step_finite",
+    "pfc_nonfinite_steps_total", "pfc_data_skipped_records_total", "pfc_head_sampled_classes",
+    "pfc_discface_xi_norm", *(v[0] for v in _DISCREPANCY.values()), "pfc_verification_accuracy",
+    "pfc_verification_accuracy_std", "pfc_verification_tar", "pfc_last_eval_timestamp_seconds",
+    "pfc_checkpoint_duration_seconds", "pfc_checkpoints_total", "pfc_memory_rss_bytes", *_GPU_METRICS,
+)
+
+
+class MetricsPortError(RuntimeError):
+    """The metrics endpoint could not be bound (port taken, address not local, ...)."""
+
+
+class DeviceReading(Protocol):
+    """Source of device gauges, read at scrape time: ``(metric name, help, extra labels, value)``."""
+
+    def read(self) -> Iterable[tuple[str, str, dict[str, str], float]]: ...
+
+
+def rss_bytes() -> int | None:
+    """Resident set size of this process now (Linux ``/proc``); ``None`` where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class CudaReading:
+    """This rank's CUDA allocator figures, plus NVML utilisation/memory/temperature when available.
+
+    NVML is looked up by the device's UUID, so ``CUDA_VISIBLE_DEVICES`` renumbering cannot make a
+    rank report a neighbour's GPU.
+    """
+
+    def __init__(self, device_index: int) -> None:
+        import torch
+
+        self.index = device_index
+        self._torch = torch
+        self._nvml: Any = None
+        self._handle: Any = None
+        self.uuid = ""
+        try:
+            self.uuid = "GPU-" + str(torch.cuda.get_device_properties(device_index).uuid)
+        except (AttributeError, RuntimeError):
+            pass
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(self.uuid) if self.uuid else None
+            self._nvml = pynvml
+        except ImportError:
+            log.info("nvidia-ml-py is not installed: GPU utilisation/temperature are not exported "
+                     "(pip install 'partialfc-discface[gpu]')")
+        except Exception as e:  # NVMLError subclasses; NVML missing in a container is not fatal
+            log.warning(f"NVML unavailable ({e}): GPU utilisation/temperature are not exported")
+            self._nvml = None
+
+    def read(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
+        cuda = self._torch.cuda
+        labels = {"gpu": self.uuid or str(self.index)}
+        yield ("pfc_cuda_memory_allocated_bytes", "Bytes held by tensors in PyTorch's CUDA allocator", labels,
+               float(cuda.memory_allocated(self.index)))
+        yield ("pfc_cuda_memory_reserved_bytes", "Bytes reserved by PyTorch's CUDA caching allocator", labels,
+               float(cuda.memory_reserved(self.index)))
+        yield ("pfc_cuda_memory_max_allocated_bytes", "Peak bytes held by tensors since the start", labels,
+               float(cuda.max_memory_allocated(self.index)))
+        if self._nvml is None or self._handle is None:
+            return
+        nv, h = self._nvml, self._handle
+        try:
+            util = nv.nvmlDeviceGetUtilizationRates(h)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            temp = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
+        except Exception as e:  # a GPU fallen off the bus must not break the scrape of the rest
+            log.warning(f"NVML read failed: {e}")
+            return
+        yield ("pfc_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran (NVML)", labels,
+               util.gpu / 100.0)
+        yield ("pfc_gpu_memory_used_bytes", "Device memory in use, all processes (NVML)", labels, float(mem.used))
+        yield ("pfc_gpu_memory_total_bytes", "Device memory size (NVML)", labels, float(mem.total))
+        yield ("pfc_gpu_temperature_celsius", "GPU core temperature (NVML)", labels, float(temp))
+
+
+class _ScrapeTimeCollector(Collector):
+    """Memory figures read when Prometheus scrapes, so they stay current while a step hangs."""
+
+    def __init__(self, labels: dict[str, str], device: DeviceReading | None) -> None:
+        self.labels = labels
+        self.device = device
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rss = rss_bytes()
+        if rss is not None:
+            g = GaugeMetricFamily("pfc_memory_rss_bytes", "Resident set size of this rank's process",
+                                  labels=list(self.labels))
+            g.add_metric(list(self.labels.values()), float(rss))
+            yield g
+        if self.device is None:
+            return
+        for name, help_text, extra, value in self.device.read():
+            g = GaugeMetricFamily(name, help_text, labels=[*self.labels, *extra])
+            g.add_metric([*self.labels.values(), *extra.values()], value)
+            yield g
+
+
+def _default_device_reading() -> DeviceReading | None:
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return CudaReading(torch.cuda.current_device())
+
 
 class TrainingMetrics:
-    def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, node: int, world_size: int) -> None:
+    """One rank's exporter. The trainer calls every method on every rank; all are cheap (no I/O).
+
+    With ``cfg.enabled`` false every method is a no-op. ``device`` replaces the GPU probe (tests);
+    by default it is the current CUDA device when CUDA is initialised, and nothing on CPUs.
+    """
+
+    def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, node: int, world_size: int,
+                 device: DeviceReading | None = None) -> None:
         self.cfg = cfg
+        self.rank, self.local_rank, self.node, self.world_size = rank, local_rank, node, world_size
+        self.enabled = bool(cfg.enabled)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.port: int | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._push_stop = threading.Event()
+        self._push_thread: threading.Thread | None = None
+        self._gateway: str | None = None
+        self._last_mark = time.perf_counter()
+        self._skipped_records = 0
+        if not self.enabled:
+            return
+        labels = {"rank": str(rank), "node": str(node)}
+        names = list(labels)
+        reg = self.registry
 
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, [*names, *extra], registry=reg)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, [*names, *extra], registry=reg)
+
+        self._labels = labels
+        gauge("pfc_world_size", "Number of ranks in the job").labels(**labels).set(world_size)
+        self.steps = counter("pfc_steps_total", "Optimizer steps processed, skipped ones included").labels(**labels)
+        self.samples = counter("pfc_samples_total", "Images processed by this rank").labels(**labels)
+        # Gauges get their series on first set, so nothing reads 0 before it was measured.
+        self.step_no = gauge("pfc_training_step", "Index of the last completed step")
+        self.last_ts = gauge("pfc_last_step_timestamp_seconds",
+                             "Unix time the last step completed (a stale value means a hang)")
+        self.step_hist = Histogram("pfc_step_duration_seconds",
+                                   "Wall time of one step, evaluation and checkpointing excluded", names,
+                                   buckets=STEP_BUCKETS, registry=reg).labels(**labels)
+        self.step_last = gauge("pfc_step_last_duration_seconds", "Wall time of the last step")
+        self.phase = counter("pfc_step_phase_seconds_total",
+                             "Seconds spent per step phase (communication overlaps backward)", ("phase",))
+        for phase in _PHASES.values():  # a counter born at 0 lets rate()/increase() see its first change
+            self.phase.labels(**labels, phase=phase)
+        self.loss = gauge("pfc_loss", "Loss of the last step (global batch: Partial FC's softmax spans all ranks)", ("component",))
+        self.lr = gauge("pfc_learning_rate", "Backbone learning rate")
+        self.grad_norm = gauge("pfc_grad_norm", "Backbone gradient L2 norm before clipping")
+        self.finite = gauge("pfc_step_finite", "1 when the last step's loss and gradients were finite on every rank")
+        self.nonfinite = counter("pfc_nonfinite_steps_total",
+                                 "Steps skipped because the loss or a gradient was non-finite on some rank",
+                                 ("cause",))
+        for cause in ("loss", "gradient"):
+            self.nonfinite.labels(**labels, cause=cause)
+        self.skipped_records = counter("pfc_data_skipped_records_total",
+                                       "Corrupt training records skipped by this rank's loader").labels(**labels)
+        self.sampled = gauge("pfc_head_sampled_classes",
+                             "Class centres this rank's Partial FC shard sampled in the last step")
+        self.xi_norm = gauge("pfc_discface_xi_norm", "L2 norm of DiscFace's learnable basis xi")
+        self.disc = {k: gauge(name, doc) for k, (name, doc, _) in _DISCREPANCY.items()}
+        self.acc = gauge("pfc_verification_accuracy", "Verification accuracy (10-fold mean)", ("dataset",))
+        self.acc_std = gauge("pfc_verification_accuracy_std", "Verification accuracy's std over folds",
+                             ("dataset",))
+        self.tar = gauge("pfc_verification_tar", "True accept rate at a false accept rate", ("dataset", "far"))
+        self.eval_ts = gauge("pfc_last_eval_timestamp_seconds", "Unix time of the last evaluation")
+        self.ckpt = gauge("pfc_checkpoint_duration_seconds", "Wall time of the last checkpoint save")
+        self.ckpts = counter("pfc_checkpoints_total", "Checkpoints saved").labels(**labels)
+        reg.register(_ScrapeTimeCollector(labels, device if device is not None else _default_device_reading()))
+
+    # -- serving -----------------------------------------------------------------------------------
     def start(self) -> None:
-        return None
+        """Serve ``/metrics`` on ``host:port_base + local_rank`` (and start pushing, if configured)."""
+        if not self.enabled or self._server is not None:
+            return
+        host, port = self.cfg.host, self.cfg.port_base + self.local_rank
+        policy = os.environ.get("PFC_METRICS_PORT_POLICY", "fail")
+        if policy not in ("fail", "next-free"):
+            raise ValueError(f"PFC_METRICS_PORT_POLICY={policy!r}: expected 'fail' or 'next-free'")
+        stride = int(os.environ.get("LOCAL_WORLD_SIZE") or self.world_size)
+        tries = [port] if policy == "fail" else [port + k * stride for k in range(16)]
+        last_err: OSError | None = None
+        for p in tries:
+            if p > 65535:
+                break
+            try:
+                self._server, self._thread = start_http_server(p, addr=host, registry=self.registry)
+            except OSError as e:
+                last_err = e
+                continue
+            self.port = p
+            break
+        if self._server is None:
+            hint = ("set metrics.port_base to a free range or PFC_METRICS_PORT_POLICY=next-free"
+                    if policy == "fail" else f"tried {len(tries)} ports with stride {stride}")
+            raise MetricsPortError(
+                f"rank {self.rank} (local rank {self.local_rank}): cannot serve metrics on {host}:{port}: "
+                f"{last_err}; {hint}") from last_err
+        if self.port != port:
+            log.warning(f"metrics: {host}:{port} is taken, rank {self.rank} serves on {host}:{self.port} instead")
+        log.info(f"metrics: rank {self.rank} serves http://{host}:{self.port}/metrics")
+        self._last_mark = time.perf_counter()
+        gateway = os.environ.get("PFC_METRICS_PUSHGATEWAY")
+        if gateway:
+            self._gateway = gateway
+            interval = float(os.environ.get("PFC_METRICS_PUSH_INTERVAL_S", "15"))
+            self._push_thread = threading.Thread(target=self._push_loop, args=(gateway, interval),
+                                                 name=f"pfc-metrics-push-{self.rank}", daemon=True)
+            self._push_thread.start()
 
+    def _push(self, gateway: str) -> None:
+        try:
+            push_to_gateway(gateway, job=os.environ.get("PFC_METRICS_JOB", "pfc"), registry=self.registry,
+                            grouping_key={"node": str(self.node), "rank": str(self.rank)}, timeout=5)
+        except Exception as e:  # monitoring must never stop training
+            log.warning(f"metrics: push to {gateway} failed: {e}")
+
+    def _push_loop(self, gateway: str, interval: float) -> None:
+        while not self._push_stop.wait(interval):
+            self._push(gateway)
+
+    # -- observations ------------------------------------------------------------------------------
     def observe_step(self, step: int, scalars: dict[str, float], *, images: int, sampled_classes: int,
                      skipped_records: int) -> None:
-        return None
+        """After each step: ``images`` this rank consumed, ``skipped_records`` cumulative on this rank."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        duration, self._last_mark = now - self._last_mark, now
+        lab = self._labels
+        self.steps.inc()
+        self.samples.inc(images)
+        self.step_no.labels(**lab).set(step)
+        self.step_hist.observe(duration)
+        self.step_last.labels(**lab).set(duration)
+        for key, phase in _PHASES.items():
+            if key in scalars:
+                self.phase.labels(**lab, phase=phase).inc(max(float(scalars[key]), 0.0))
+        for key, component in _LOSSES.items():
+            if key in scalars:
+                self.loss.labels(**lab, component=component).set(float(scalars[key]))
+        for key, g in (("lr", self.lr), ("grad_norm", self.grad_norm), ("xi_norm", self.xi_norm)):
+            # the trainer sends xi_norm 0.0 with DiscFace off: absent then, not zero
+            if key in scalars and (key != "xi_norm" or "loss_disc" in scalars):
+                g.labels(**lab).set(float(scalars[key]))
+        finite = bool(scalars.get("finite", 1.0))
+        self.finite.labels(**lab).set(1.0 if finite else 0.0)
+        if not finite:
+            cause = "loss" if scalars.get("nonfinite_loss", 0.0) else "gradient"
+            self.nonfinite.labels(**lab, cause=cause).inc()
+        if skipped_records > self._skipped_records:  # the trainer reports a running total
+            self.skipped_records.inc(skipped_records - self._skipped_records)
+            self._skipped_records = skipped_records
+        self.sampled.labels(**lab).set(sampled_classes)
+        self.last_ts.labels(**lab).set_to_current_time()
 
     def observe_discrepancy(self, stats: dict[str, float]) -> None:
-        return None
+        """DiscFace discrepancy statistics of this rank's owned classes (degrees converted to radians)."""
+        if not self.enabled:
+            return
+        for key, value in stats.items():
+            if key in self.disc:
+                self.disc[key].labels(**self._labels).set(float(value) * _DISCREPANCY[key][2])
+        self._last_mark = time.perf_counter()
 
     def observe_eval(self, results: dict[str, dict[str, Any]]) -> None:
-        return None
+        """Verification results per ``.bin`` file name; the label ``dataset`` is the file's stem."""
+        if not self.enabled:
+            return
+        lab = self._labels
+        for name, r in results.items():
+            dataset = name[:-4] if name.endswith(".bin") else name
+            self.acc.labels(**lab, dataset=dataset).set(float(r["accuracy"]))
+            if r.get("accuracy_std") is not None:
+                self.acc_std.labels(**lab, dataset=dataset).set(float(r["accuracy_std"]))
+            for far, tar in (r.get("tar_at_far") or {}).items():
+                if tar is not None:  # None: too few negative pairs to reach that FAR; absent, not zero
+                    self.tar.labels(**lab, dataset=dataset, far=str(far)).set(float(tar))
+        self.eval_ts.labels(**lab).set_to_current_time()
+        self._last_mark = time.perf_counter()  # evaluation time is not step time
 
     def observe_checkpoint(self, seconds: float) -> None:
-        return None
+        if not self.enabled:
+            return
+        self.ckpt.labels(**self._labels).set(seconds)
+        self.ckpts.inc()
+        self._last_mark = time.perf_counter()  # checkpoint time is not step time
 
     def close(self) -> None:
-        return None
+        """Stop serving (the port is free again) and push a last time when a Pushgateway is set."""
+        if not self.enabled:
+            return
+        if self._push_thread is not None:
+            self._push_stop.set()
+            self._push_thread.join(timeout=10)
+            self._push_thread = None
+            if self._gateway:
+                self._push(self._gateway)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server = self._thread = None

@@ -11,12 +11,12 @@ global batch N = W * B, embedding dim D, sample rate r, element size e of the he
   plan reports that bound too (``num_sample_worst``) but sizes the buffers with the quota, which is
   what every shape planned at scale has (N is thousands, the quota is tens of thousands or more).
 * Persistent state: the shard (rows x D) and its SGD momentum (rows x D), both in the head's dtype.
-* Per step the head works on S x D copies of the sampled rows (fp32 at least: the head upcasts them)
-  and one N x S fp32 logits buffer. Which of them are alive together depends on the phase of the
-  step (forward, the softmax's backward, the backward through the rows' normalisation, the sparse
-  optimizer step); the peak is the largest phase. The buffer counts are those of partialfc/ as
-  written (see the constants below), measured phase by phase; the gathered embeddings (N x D) and
-  the local ones (B x D) with their gradients are added to every phase.
+* Per step the head works on S x D copies of the sampled rows (fp32 at least) and N x S fp32
+  logits; most of these live in a workspace the head reuses from step to step. Which buffers are
+  alive together depends on the phase of the step (forward, backward, optimizer step); the peak is
+  the largest phase. The counts are those of partialfc/ as written (see the constants below),
+  checked phase by phase against ``pfc bench head``; the gathered embeddings (N x D) and the local
+  ones (B x D) with their gradients are added where they are alive.
 
 Traffic is the number of bytes this rank puts on the wire for ring algorithms (what NCCL uses at
 scale): an all-gather of n elements per rank sends (W - 1) n, an all-reduce of n elements sends
@@ -34,23 +34,21 @@ from typing import Any
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 FP32 = 4
 
-# Buffers the head keeps alive, counted in partialfc/head.py, softmax.py and optimizer.py and checked
-# by measuring the peak resident set of each phase of a step (torch 2.13, CPU, 2026-11-27):
-# * N x S fp32 logits: one buffer in the forward (computed in place, reused for the probabilities,
-#   saved for backward), two in the softmax's backward (the probabilities and the logits' gradient);
-LOGIT_BUFFERS_FORWARD = 1
-LOGIT_BUFFERS_BACKWARD = 2
-# * S x D fp32 buffers: in the forward the rows' copy and its normalised copy, plus the previous
-#   step's copy, which a training loop keeps alive until it binds the new loss (the old loss's graph
-#   holds it); in the softmax's backward the copy, the normalised copy and the GEMM's gradient (which
-#   the normalisation's backward then turns in place into the rows' gradient):
-SAMPLED_BUFFERS_FORWARD = 3
-SAMPLED_BUFFERS_BACKWARD = 3
-# * the sparse SGD step: the rows' copy and gradient, plus S x D buffers in the head's dtype: the
-#   gathered momentum rows (1), and for a head stored below fp32 the re-gathered rows and the cast
-#   gradient (3).
-OPTIMIZER_BUFFERS_FP32 = 1
-OPTIMIZER_BUFFERS_LOW = 3
+# What the head keeps alive, counted in partialfc/head.py, softmax.py and optimizer.py (as of
+# 2026-11-27 21:10) and checked by measuring the resident-set peak of each phase of a step:
+# * a workspace reused from step to step (partialfc.softmax.Workspace): the N x S fp32 logits (reused
+#   for the probabilities) and their gradient, the S x D fp32 gradient of the sampled rows, the S x D
+#   copy of the sampled rows when the head is fp32 (else a fresh fp32 copy each step, see below), and
+#   one chunk of momentum rows for the sparse SGD;
+LOGIT_BUFFERS = 2
+MOMENTUM_CHUNK_ROWS = 4096
+# * the sampler's scratch during the forward: a permutation of the shard (int64), two masks (bool) and
+#   the filtered permutation (int64): 18 bytes per class of the shard;
+SAMPLER_BYTES_PER_ROW = 18
+# * for a head stored below fp32: the sampled rows gathered in the head's dtype then upcast to a fresh
+#   fp32 copy each step; in the forward the previous step's copy is still alive (the caller's previous
+#   loss holds its graph until the new loss is bound); the optimizer re-gathers the rows and casts the
+#   gradient to the head's dtype (two S x D buffers in that dtype).
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 
@@ -168,16 +166,29 @@ def plan_rank(
     n = world_size * local_batch
     sd_f, sd_e, ns_f = s * dim * f, s * dim * e, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
-    # the local embeddings and their gradient: small beside the rest, alive through the backward.
+    # the local embeddings and their gradient: small beside the rest.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
-    opt_bufs = OPTIMIZER_BUFFERS_FP32 if e == f else OPTIMIZER_BUFFERS_LOW
-    phases: dict[str, dict[str, int]] = {
-        "forward": {"sampled_weights": SAMPLED_BUFFERS_FORWARD * sd_f,
-                    "logits": LOGIT_BUFFERS_FORWARD * ns_f, "embeddings": embeddings},
-        "softmax_backward": {"sampled_weights": SAMPLED_BUFFERS_BACKWARD * sd_f,
-                             "logits": LOGIT_BUFFERS_BACKWARD * ns_f, "embeddings": embeddings},
-        "optimizer": {"sampled_weights": 2 * sd_f, "optimizer_workspace": opt_bufs * sd_e},
+    workspace = {
+        "logits_and_grad": LOGIT_BUFFERS * ns_f,
+        "sampled_weights_grad": sd_f,
+        "momentum_chunk": min(s, MOMENTUM_CHUNK_ROWS) * dim * e,
     }
+    sampler = SAMPLER_BYTES_PER_ROW * rows
+    phases: dict[str, dict[str, int]]
+    if e == f:  # the sampled rows' copy lives in the workspace too
+        workspace["sampled_weights"] = sd_f
+        phases = {
+            "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
+            "backward": {**workspace, "embeddings": embeddings},
+            "optimizer": dict(workspace),
+        }
+    else:
+        phases = {
+            "forward": {**workspace, "sampled_weights": 2 * sd_f + sd_e, "sampler": sampler,
+                        "embeddings": embeddings},
+            "backward": {**workspace, "sampled_weights": sd_f, "embeddings": embeddings},
+            "optimizer": {**workspace, "sampled_weights": sd_f + 2 * sd_e},
+        }
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {"shard_weights": rows * dim * e, "momentum": rows * dim * e, **phases[peak_phase]}
     comm = {

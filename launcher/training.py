@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,14 @@ import torch
 import torch.distributed as dist
 
 from discface import discrepancy_stats
-from launcher.checkpoint import CheckpointPaths, load_trainer_files, save_checkpoint, set_rng_state
+from launcher import faults
+from launcher.checkpoint import (
+    CheckpointPaths,
+    CheckpointWriteError,
+    load_trainer_files,
+    save_checkpoint,
+    set_rng_state,
+)
 from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext
@@ -100,7 +108,7 @@ def _nonfinite_flags(values: list[torch.Tensor], ctx: DistContext) -> list[bool]
     return [bool(f > 0) for f in flags.tolist()]
 
 
-def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext) -> dict[str, float]:
+def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars for logging."""
     accum = cfg.optim.grad_accum
     c.engine.zero_grad()
@@ -121,6 +129,8 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
                 emb = c.engine.forward(images)
             emb = scale_embedding_grad(emb.float(), ctx.world_size)
             loss = c.head(emb, labels)
+            if faults.nan_loss(step, ctx.rank):
+                loss = loss * float("nan")
             t2 = time.perf_counter()
             c.engine.backward(loss / accum, last)  # accumulation averages the loss
         timing["time_data_s"] += t1 - t0
@@ -129,6 +139,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
         for k, v in loss_components(c.head, loss).items():
             losses[k] = losses.get(k, 0.0) + v / accum
     t4 = time.perf_counter()
+    unscale_head_grads(c.head, c.engine.loss_scale())  # before clip_and_norm's unscale changes the scale
     grad_norm = c.engine.clip_and_norm()
     bad_loss, bad_grad = _nonfinite_flags(
         [torch.tensor(losses.get("loss", float("nan"))),
@@ -149,6 +160,27 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
                nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=c.engine.lr(),
                xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
     return out
+
+
+def nonfinite_parts(scalars: dict[str, float]) -> str:
+    """Which components of a skipped step went non-finite, for the log line."""
+    what: list[str] = [k for k in ("loss_softmax", "loss_disc") if k in scalars and not math.isfinite(scalars[k])]
+    if not what and scalars.get("nonfinite_loss"):
+        what.append("loss")
+    if scalars.get("nonfinite_grad"):
+        what.append("gradients")
+    return " and ".join(what) or "values"
+
+
+def unscale_head_grads(head: PartialFC, scale: float) -> None:
+    """fp16 loss scaling reaches the head too, whose gradients live outside the engine's optimizer."""
+    if scale == 1.0:
+        return
+    _, g = head.weight_grad()
+    if g is not None:
+        g.div_(scale)
+    if head.b is not None and head.b.grad is not None:
+        head.b.grad.div_(scale)
 
 
 def head_grad_sq_norm(head: PartialFC) -> torch.Tensor:
@@ -238,12 +270,12 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     metrics.start()
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
-    bad_in_a_row, skipped, evals = 0, 0, {}
+    bad_in_a_row, skipped, ckpt_failures, evals = 0, 0, 0, {}
     t_start = time.perf_counter()
     c.engine.train()
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     while step < last_step:
-        scalars = train_one_step(c, data, cfg, ctx)
+        scalars = train_one_step(c, data, cfg, ctx, step + 1)
         step += 1
         progress.tick()
         if scalars["finite"]:
@@ -252,7 +284,8 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         else:
             bad_in_a_row += 1
             skipped += 1
-            log.warning(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_a_row} in a row)")
+            log.warning(f"step {step}: non-finite {nonfinite_parts(scalars)}; step skipped "
+                        f"({bad_in_a_row} in a row, {skipped} in all)")
             if bad_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row (last at step {step}); "
                                      "stopping: the last checkpoint predates them")
@@ -275,10 +308,20 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             c.engine.train()
             progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
                                  for m in ("accuracy", "accuracy_std")}, quiet=True)
-        if step % cfg.checkpoint.every_steps == 0 or step == last_step:
+        # No save while steps are being skipped: the last checkpoint predates the first bad step.
+        if bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
             t_ckpt = time.perf_counter()
-            save(c, cfg, ctx, step, data)
-            metrics.observe_checkpoint(time.perf_counter() - t_ckpt)
+            try:
+                save(c, cfg, ctx, step, data)
+                ckpt_failures = 0
+                metrics.observe_checkpoint(time.perf_counter() - t_ckpt)
+            except CheckpointWriteError as e:
+                # Training state is intact in memory: keep going and try again at the next interval.
+                ckpt_failures += 1
+                log.error(f"step {step}: {e} ({ckpt_failures} failed save(s) in a row)")
+                if ckpt_failures >= cfg.checkpoint.max_failures_in_a_row:
+                    raise
+        faults.maybe_kill(step, ctx.rank)
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "seconds": elapsed, "skipped_nonfinite": skipped,
                "skipped_records": data.skipped_records, "final": progress.last, "eval": evals,

@@ -29,6 +29,7 @@ Functions for the trainer:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from partialfc.collectives import Group, barrier
+from partialfc.collectives import Group, all_reduce_max_, barrier
 from partialfc.head import PartialFC
 from partialfc.optimizer import PartialFCSGD
 from partialfc.partition import class_range
@@ -78,6 +79,22 @@ def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
             if _SHARD_RE.match(f.name) and f.name not in mine:
                 f.unlink()
     barrier(group)  # no rank writes before the stale files are gone
+    error: OSError | None = None
+    try:
+        _write_head_files(head, optimizer, path)
+    except OSError as e:  # a full disk or a lost mount on this rank
+        error = e
+    # Every rank learns whether any rank failed, so all raise together instead of some waiting forever in
+    # a barrier that a failed rank never reaches.
+    flag = torch.tensor([0.0 if error is None else 1.0], device=head.weight.device)
+    all_reduce_max_(flag, group)
+    if flag.item() > 0:
+        where = f"rank {head.rank}: {error}" if error is not None else "another rank failed to write its shard"
+        code = error.errno if error is not None and error.errno else errno.EIO
+        raise OSError(code, f"head checkpoint in {path} not written ({where})")
+
+
+def _write_head_files(head: PartialFC, optimizer: PartialFCSGD | None, path: Path) -> None:
     if head.end > head.start:
         momentum = (optimizer.momentum_buffer if optimizer is not None
                     else torch.zeros_like(head.weight))
@@ -100,7 +117,6 @@ def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
             b_mom = state.get("momentum_buffer", torch.zeros_like(head.b)).detach().cpu().contiguous()
             _atomic_write(path / DISCFACE, lambda p: save_file({"b": b, "momentum": b_mom}, str(p),
                                                                metadata={"format": FORMAT}))
-    barrier(group)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

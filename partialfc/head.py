@@ -40,7 +40,7 @@ from partialfc.collectives import (
 from partialfc.margins import Margin, validate_margin
 from partialfc.partition import class_range
 from partialfc.sampler import num_sample, sample_classes, step_seed
-from partialfc.softmax import row_normalize, sharded_margin_softmax_ce
+from partialfc.softmax import Workspace, row_normalize, sharded_margin_softmax_ce
 
 # Initial weights are drawn in fixed blocks of classes, each from its own generator, so the initial
 # matrix is the same whatever the world size (a run on 2 ranks starts where a run on 8 would).
@@ -77,6 +77,11 @@ class PartialFC(nn.Module):
             step and the rank).
         device, dtype: of the shard (default float32 on CPU). Logits are at least float32.
         init_std: standard deviation of the initial weights.
+        reuse_buffers: keep the step's large temporaries (sampled rows, their gradient, the N x S_k
+            logits) from step to step instead of allocating them anew (on CPU, a fresh buffer costs page
+            faults comparable to the work itself). Then each forward must be followed by its backward
+            before the next forward (a violation raises autograd's in-place error); turn it off for
+            e.g. ``torch.autograd.gradcheck``, which runs several forwards per backward.
 
     Attributes:
         weight: (end - start, d) this rank's shard; a Parameter with ``requires_grad=False`` (it never
@@ -88,7 +93,7 @@ class PartialFC(nn.Module):
                  margin: Margin = (1.0, 0.0, 0.4), scale: float = 64.0, discface_lambda: float = 0.0,
                  process_group: Group = None, seed: int = 0, *, discface_cap: float = 0.05,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 init_std: float = 0.01) -> None:
+                 init_std: float = 0.01, reuse_buffers: bool = True) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
@@ -117,6 +122,8 @@ class PartialFC(nn.Module):
             self.discface = DisplacementBasis(self.embedding_size, cap=discface_cap, seed=self.seed,
                                               dtype=dtype or torch.float32, device=device)
         self.step = 0
+        # Reused S_k x d and N x S_k buffers (see partialfc.softmax.Workspace); part of the head's memory.
+        self.workspace = Workspace(enabled=reuse_buffers)
         self._sub_weight: torch.Tensor | None = None
         self._sampled: torch.Tensor | None = None
         self.last: dict[str, Any] = {}
@@ -153,7 +160,9 @@ class PartialFC(nn.Module):
         return self.last["owned_z_hat"], self.last["owned_w_hat"], self.last["owned_labels"]
 
     def weight_grad(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """After backward: (S_k,) global class ids sampled on this rank and their (S_k, d) gradients."""
+        """After backward: (S_k,) global class ids sampled on this rank and their (S_k, d) gradients.
+
+        The gradient lives in a reused buffer: it is valid until the next backward."""
         if self._sampled is None or self._sub_weight is None:
             raise RuntimeError("weight_grad() needs a forward (and backward) first")
         return self._sampled + self.start, self._sub_weight.grad
@@ -211,14 +220,19 @@ class PartialFC(nn.Module):
         z_local = row_normalize(embeddings.to(dtype))
         z = all_gather_rows(z_local, sizes, group)
 
-        sub = self.weight.detach().index_select(0, sample.index).to(dtype)
+        if self.weight.dtype == dtype:
+            shape = (sample.index.numel(), self.embedding_size)
+            sub = torch.index_select(self.weight.detach(), 0, sample.index,
+                                     out=self.workspace.get("sub_weight", shape, dtype, device))
+        else:
+            sub = self.weight.detach().index_select(0, sample.index).to(dtype)
         sub.requires_grad_(torch.is_grad_enabled())
         self._sub_weight, self._sampled = sub, sample.index
 
         rows = torch.nonzero(sample.local_labels >= 0).squeeze(1)
         cols = sample.local_labels.index_select(0, rows)
         loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, sub, rows, cols, self.scale, self.margin,
-                                                               group)
+                                                               group, self.workspace)
         loss = loss_softmax
 
         loss_disc = None

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from partialfc.head import PartialFC
 
 
+# Rows per chunk of the momentum update: 4096 x 512 fp32 = 8 MiB of scratch.
+_CHUNK_ROWS = 4096
+
+
 def _sgd_(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, mom: float, wd: float) -> None:
     """In place: buf = mom * buf + grad + wd * param; param -= lr * buf (torch's SGD, dampening 0)."""
     fused = getattr(torch, "_fused_sgd_", None)
@@ -88,16 +92,23 @@ class PartialFCSGD(torch.optim.Optimizer):
         if sub is None or idx is None or sub.grad is None or idx.numel() == 0:
             return
         # The rows are the forward's copy of the sampled weights (the shard must not change between
-        # forward and step: it is the head's own state); they and their gathered momentum rows are
-        # updated in place, then scattered back. One S_k x d temporary: the momentum rows.
+        # forward and step: it is the head's own state); they are updated in place and scattered back.
         rows = sub.detach() if sub.dtype == p.dtype else p.index_select(0, idx)
         grad = sub.grad if sub.grad.dtype == p.dtype else sub.grad.to(p.dtype)
-        if mom:
-            buf_rows = self.momentum_buffer.index_select(0, idx)
-            _sgd_(rows, grad, buf_rows, lr, mom, wd)
-            self.momentum_buffer.index_copy_(0, idx, buf_rows)
-        else:
+        if not mom:
             rows.add_(grad.add(rows, alpha=wd) if wd else grad, alpha=-lr)
+            p.index_copy_(0, idx, rows)
+            return
+        # Momentum rows are gathered, updated and scattered back in chunks, so that the only temporary
+        # is one small chunk (not another S_k x d buffer).
+        buf = self.momentum_buffer
+        for lo in range(0, idx.numel(), _CHUNK_ROWS):
+            ci = idx[lo: lo + _CHUNK_ROWS]
+            buf_rows = torch.index_select(buf, 0, ci, out=self.head.workspace.get(
+                "momentum_rows", (ci.numel(), buf.shape[1]), buf.dtype, buf.device))
+            r = rows[lo: lo + _CHUNK_ROWS]
+            _sgd_(r, grad[lo: lo + _CHUNK_ROWS], buf_rows, lr, mom, wd)
+            buf.index_copy_(0, ci, buf_rows)
         p.index_copy_(0, idx, rows)
 
     def _dense_step(self, p: torch.Tensor, lr: float, mom: float, wd: float) -> None:

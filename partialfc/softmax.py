@@ -34,6 +34,45 @@ from partialfc.collectives import Group, all_reduce_max_, all_reduce_sum_
 from partialfc.margins import Margin, target_cos_with_margin
 
 
+class Workspace:
+    """Scratch buffers reused from step to step, grown on demand.
+
+    On CPU every fresh multi-MB tensor is a new ``mmap`` whose pages fault in on first touch: for the
+    head's S_k x d and N x S_k tensors that costs as much as the memory-bound work itself. Reusing them
+    removes it (on GPU the caching allocator does this already; reuse is harmless there). A tensor
+    handed out is valid until the next request under the same name; autograd's version counter
+    (shared by views of one buffer) turns a misuse, e.g. a second forward before the first backward,
+    into an error instead of wrong gradients.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        if not self.enabled:
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            # Exact at first; 5% slack when it has to grow (the sampled count moves a little when the
+            # positives exceed the quota).
+            grow = 0 if buf is None else numel // 20
+            self._bufs.pop(name, None)  # free the old one before allocating
+            buf = torch.empty(numel + grow, dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:numel].view(tuple(shape))
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
 class ShardedMarginSoftmaxCE(torch.autograd.Function):
     """loss = mean_i -log softmax_i(y_i) across ranks; see the module docstring.
 
@@ -53,12 +92,16 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
-                cols: torch.Tensor, scale: float, margin: Margin, group: Group
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cols: torch.Tensor, scale: float, margin: Margin, group: Group,
+                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
         # 1/||w_j||, clamped as F.normalize does so that a zero row gives 0, not NaN.
         inv = torch.linalg.vector_norm(weight, dim=1).clamp_(min=1e-12).reciprocal_()
-        logits = torch.mm(z, weight.t())
+        shape = (n, weight.shape[0])
+        if workspace is None:
+            logits = torch.mm(z, weight.t())
+        else:
+            logits = torch.mm(z, weight.t(), out=workspace.get("logits", shape, z.dtype, z.device))
         inv_own = inv.index_select(0, cols)
         cos_t = logits[rows, cols] * inv_own
         target = target_cos_with_margin(cos_t, margin) * scale
@@ -77,7 +120,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
         probs.div_(sum_exp.unsqueeze(1))
         ctx.save_for_backward(z, weight, inv, rows, cols, probs, cos_t)
-        ctx.scale, ctx.margin = scale, margin
+        ctx.scale, ctx.margin, ctx.workspace = scale, margin, workspace
         ctx.set_materialize_grads(False)
         z_own = z.index_select(0, rows)
         w_own = weight.index_select(0, cols) * inv_own.unsqueeze(1)
@@ -98,11 +141,18 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
         # Scaled by 1/||w_j|| per column, G' = G diag(inv):
         #   dL/dz = G w_hat = G' W,   B = G'^T z = diag(inv) dL/dw_hat.
-        grad_logits = probs * (g * scale)
+        ws = ctx.workspace
+        if ws is None:
+            grad_logits = probs * (g * scale)
+        else:
+            grad_logits = torch.mul(probs, g * scale, out=ws.get("grad_logits", probs.shape, z.dtype, z.device))
         grad_logits[rows, cols] = (probs[rows, cols] - 1) * (g * scale) * dmargin
         grad_logits.mul_(inv.unsqueeze(0))
         grad_z = torch.mm(grad_logits, weight)
-        grad_b = torch.mm(grad_logits.t(), z)
+        if ws is None:
+            grad_b = torch.mm(grad_logits.t(), z)
+        else:
+            grad_b = torch.mm(grad_logits.t(), z, out=ws.get("grad_weight", weight.shape, z.dtype, z.device))
         del grad_logits
         if grad_z_own is not None:
             grad_z.index_add_(0, rows, grad_z_own)
@@ -111,15 +161,15 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         # Through w_hat = w / ||w||: dL/dw = inv (A - (A . w_hat) w_hat) = B - ((B . w) inv^2) w.
         coef = torch.einsum("ij,ij->i", grad_b, weight).mul_(inv).mul_(inv)
         grad_w = grad_b.addcmul_(weight, coef.unsqueeze(1), value=-1)
-        return grad_z, grad_w, None, None, None, None, None
+        return grad_z, grad_w, None, None, None, None, None, None
 
 
 def sharded_margin_softmax_ce(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                              scale: float, margin: Margin, group: Group = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              scale: float, margin: Margin, group: Group = None,
+                              workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Functional form of :class:`ShardedMarginSoftmaxCE`: ``(loss, z[rows], w_hat[cols])``."""
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ShardedMarginSoftmaxCE.apply(
-        z, weight, rows, cols, scale, margin, group)
+        z, weight, rows, cols, scale, margin, group, workspace)
     return out
 
 

@@ -29,7 +29,8 @@ def bench_head_cmd(
                                    "memory); after: 5 reps once the head is freed (for runs tight on memory)."),
     profile_dir: Path | None = typer.Option(
         None, "--profile", help="Write a torch.profiler table and trace per rank of the timed steps into this "
-                                "folder (the profiler inflates the step times it reports)."),
+                                "folder (the profiler inflates the step times it reports; the floor is then "
+                                "timed after the steps)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Partial FC head step time against its GEMM floor, memory and traffic per rank."""

@@ -33,14 +33,15 @@ def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
     out = []
     for p in plans:
         m = p.memory
-        rows_sd = p.total_bytes - p.shard_weights_plus_momentum_bytes - m.get("logits", 0) - m.get("embeddings", 0)
+        logits = m.get("logits_and_grad", 0)
+        rows_sd = p.total_bytes - p.shard_weights_plus_momentum_bytes - logits - m.get("embeddings", 0)
         out.append([
             f"{p.world_size}{' *' if p.world_size == chosen else ''}",
             f"{p.shard_rows:,}",
             f"{p.num_sample:,}",
             human_bytes(p.shard_weights_plus_momentum_bytes),
             human_bytes(rows_sd),
-            human_bytes(m.get("logits", 0)),
+            human_bytes(logits),
             human_bytes(m.get("embeddings", 0)),
             human_bytes(p.total_bytes),
             p.peak_phase.replace("_", " "),
@@ -51,8 +52,8 @@ def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
 
 _HEADERS = ["W", "rows", "sampled", "W+mom", "S x D bufs", "logits", "embeds", "total", "peak in", "sent/step"]
 _LEGEND = ("rows: classes in the largest shard; sampled: classes per step; W+mom: shard weights + momentum; "
-           "S x D bufs: the step's copies of the sampled rows (weights, normalised, gradients, workspace) "
-           "at the peak; logits: the N x sampled fp32 buffer if alive at the peak; embeds: gathered and "
+           "S x D bufs: the step's sampled rows and their gradient, the momentum chunk and the sampler's "
+           "scratch at the peak; logits: the N x sampled fp32 logits and their gradient; embeds: gathered and "
            "local embeddings with gradients; peak in: the phase of the step that sets the peak; "
            "sent/step: bytes this rank sends per step (ring algorithms)")
 

@@ -27,6 +27,10 @@ def test_cli_tiny_run_writes_sane_json(tmp_path) -> None:
         assert key in doc, key
         assert isinstance(doc[key], int | float) and math.isfinite(doc[key]) and doc[key] > 0, (key, doc[key])
     assert math.isclose(doc["ratio_to_floor"], doc["step_s"] / doc["gemm_floor_s"])
+    assert doc["step_cpu_s"] > 0 and doc["gemm_floor_cpu_s"] > 0
+    assert doc["gemm_floor_mode"] == "interleaved"
+    # The floor's shapes are the step's: N = 16 samples, S = 50 sampled classes, D = 16.
+    assert [r["gemm_floor_shape_nsd"] for r in doc["per_rank"]] == [[16, 50, 16], [16, 50, 16]]
     assert doc["step_s"] == sorted(doc["step_s_all"])[1]                   # median of the 3 timed steps
     assert len(doc["step_s_all"]) == 3
     # The shard is 500 x 16 fp32 per rank and its momentum as much.
@@ -35,7 +39,8 @@ def test_cli_tiny_run_writes_sane_json(tmp_path) -> None:
     # Ring-algorithm bytes: what the planner predicts, exactly (W = 2 makes every term an integer).
     assert doc["bytes_sent_per_step_per_rank"] == plan_rank(1000, 2, 8, 16, 0.1, discface=False).comm_bytes_per_step
     assert doc["bytes_sent_per_step_min"] == doc["bytes_sent_per_step_per_rank"]
-    assert doc["planner"]["total_bytes"] == plan_rank(1000, 2, 8, 16, 0.1, discface=False).total_bytes
+    assert doc["planner"]["total_bytes"] == doc["planned_peak_bytes_per_rank"] \
+        == plan_rank(1000, 2, 8, 16, 0.1, discface=False).total_bytes
     assert doc["device"].startswith("CPU") or "NCCL" in doc["device"]
     assert doc["memory_method"]
 

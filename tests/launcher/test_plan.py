@@ -47,33 +47,34 @@ def test_memory_hand_computed_fp32() -> None:
     assert (p.shard_rows, p.num_sample, p.global_batch) == (4, 2, 6)
     sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
-    # forward: rows' copy + normalised copy + the previous step's copy + one logits buffer; softmax
-    # backward: copy, normalised copy, the GEMM's gradient and two N x S buffers; optimizer: copy,
-    # gradient, gathered momentum rows.
-    assert p.phases == {"forward": 3 * sd + ns + emb, "softmax_backward": 3 * sd + 2 * ns + emb,
-                        "optimizer": 3 * sd}
-    assert p.peak_phase == "softmax_backward"
+    # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
+    # and a momentum chunk (min(S, 4096) rows = S x D here); the sampler's 18 bytes per shard row.
+    ws = 2 * ns + 2 * sd + sd
+    assert p.phases == {"forward": ws + 18 * 4 + emb, "backward": ws + emb, "optimizer": ws}
+    assert p.peak_phase == "forward"
     assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
     assert p.shard_weights_plus_momentum_bytes == 128
-    assert p.total_bytes == 128 + 3 * sd + 2 * ns + emb == 672
-    assert p.step_bytes == 544
+    assert p.total_bytes == 128 + 192 + 72 + 352 == 744
+    assert p.step_bytes == 616
 
 
 def test_memory_large_logits_and_half_precision() -> None:
-    # N x S dominates when N is large.
+    # N x S dominates when N is large; the momentum chunk is capped at 4096 rows.
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
-    assert p.total_bytes == 2 * 500 * 8 * 4 + 3 * s * 8 * 4 + 2 * n * s * 4 + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
-    # fp16: the shard and its momentum halve; the head's S x D working copies are fp32 whatever the
-    # dtype; the optimizer re-gathers the rows and casts the gradient (3 S x D fp16 buffers).
+    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 18 * 500 \
+        + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
+    assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["momentum_chunk"] == 4096 * 4 * 4
+    # fp16: the shard, its momentum and the chunk halve; the head works on fp32 copies of the sampled
+    # rows, fresh each step: the forward holds the previous and the new copy and the fp16 gather.
     h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
+    sd_f, sd_e, ns = 32, 16, 48
+    ws = 2 * ns + sd_f + 2 * 4 * 2
+    emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
-    assert h.phases["optimizer"] == 2 * (2 * 4 * 4) + 3 * (2 * 4 * 2)
-    assert h.phases["softmax_backward"] == 3 * 32 + 2 * 48 + 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
-    # With N < D / 4 a half-precision head peaks in the optimizer step.
-    o = plan_rank(100, 1, 2, 64, 1.0, "fp16")
-    assert o.peak_phase == "optimizer"
-    assert o.total_bytes == 2 * 100 * 64 * 2 + 2 * 100 * 64 * 4 + 3 * 100 * 64 * 2
+    assert h.phases == {"forward": ws + 2 * sd_f + sd_e + 72 + emb, "backward": ws + sd_f + emb,
+                        "optimizer": ws + sd_f + 2 * sd_e}
+    assert h.total_bytes == 64 + h.phases["forward"]
 
 
 def test_traffic_hand_computed() -> None:

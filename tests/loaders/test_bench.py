@@ -49,3 +49,14 @@ def test_pil_ceiling_counts_decodes(small_dataset: Path) -> None:
 def test_bench_rejects_unknown_loader(small_dataset: Path) -> None:
     res = CliRunner().invoke(app, ["bench", "data", str(small_dataset), "--loader", "mxnet"])
     assert res.exit_code != 0
+
+
+def test_modules_import_without_dali() -> None:
+    """The DALI modules import nvidia.dali only when a DALI loader or pipeline is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import data_pipeline.dali_iterator, data_pipeline.dali_pipeline, data_pipeline.bench, "
+            "data_pipeline.dataset, data_pipeline.synth; assert 'nvidia.dali' not in sys.modules, 'imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

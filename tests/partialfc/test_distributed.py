@@ -170,11 +170,40 @@ def _comm_bytes(rank: int, ws: int) -> list[dict[str, Any]]:
     return out
 
 
+DDP_CONFIG = 9  # r < 1 CosFace with DiscFace
+
+
+def _under_ddp(rank: int, ws: int) -> dict[str, Any]:
+    """A linear "backbone" under DDP feeding the head: DDP averages the backbone's gradient over ranks,
+    the head's b gradient is the plain sum (the head is not wrapped)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = CONFIGS[DDP_CONFIG]
+    data = make_data(DDP_CONFIG, cfg["C"])
+    lin = torch.nn.Linear(DIM, DIM, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(DIM, dtype=torch.float64) + 0.1 * data["weight"][:DIM, :DIM].T)
+    model = DistributedDataParallel(lin)
+    head = PartialFC(cfg["C"], DIM, sample_rate=cfg["r"], margin=cfg["margin"], scale=SCALE,
+                     discface_lambda=cfg["lam"], seed=DDP_CONFIG).double()
+    start, end = head.class_range
+    with torch.no_grad():
+        head.weight.copy_(data["weight"][start:end])
+        head.b.copy_(data["b"])  # type: ignore[union-attr]
+    off, n = sum(SPLITS[ws][:rank]), SPLITS[ws][rank]
+    loss = head(model(data["f"][off: off + n]), data["labels"][off: off + n])
+    loss.backward()
+    return {"lin_grad": lin.weight.grad, "lin_weight": lin.weight.detach().clone(), "ids": head.weight_grad()[0],
+            "b_grad": head.b.grad}  # type: ignore[union-attr]
+
+
 def _rank_main(rank: int, ws: int, load_from: str | None, save_to: str | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     res: dict[str, Any] = {"eq": _equivalence(rank, ws), "comm": _comm_bytes(rank, ws)}
     if ws == 4:
         res["subgroup"] = _subgroup(rank, ws)
+    if ws == 2:
+        res["ddp"] = _under_ddp(rank, ws)
     if load_from:
         res["loaded"] = _ck_load(rank, ws, load_from)
     if save_to:
@@ -300,3 +329,19 @@ def test_head_on_a_subgroup_matches_three_ranks(runs: dict[Any, Any]) -> None:
             for key in ("loss", "f_grad", "w_grad", "b_grad"):
                 if want[key] is not None:
                     assert rel_err(got[key], want[key]) < 1e-12, (idx, k, key)
+
+
+@pytest.mark.multiprocess
+def test_b_gradient_is_a_sum_while_ddp_averages_the_backbone(runs: dict[Any, Any]) -> None:
+    cfg = CONFIGS[DDP_CONFIG]
+    data = make_data(DDP_CONFIG, cfg["C"])
+    res = [r["ddp"] for r in runs[2]]
+    lin_w = res[0]["lin_weight"]
+    x = data["f"]
+    union = torch.cat([r["ids"] for r in res])
+    ref = reference_loss(x @ lin_w.T, data["labels"], data["weight"], union, cfg["margin"], SCALE,
+                         cfg["lam"], data["b"])
+    full_lin_grad = ref["f_grad"].T @ x  # d loss / d W of f = x W^T
+    for r in res:
+        assert rel_err(r["lin_grad"], full_lin_grad / 2) < 1e-10  # DDP: the average over 2 ranks
+        assert rel_err(r["b_grad"], ref["b_grad"]) < 1e-10  # the head: the sum, not averaged

@@ -45,6 +45,7 @@ def test_sampler_positives_count_and_remap() -> None:
     start, end = 15, 45  # shard of 30 classes
     s = sample_classes(labels, start, end, 0.3, seed=1, step=5, rank=2)
     assert s.index.numel() == num_sample(30, 0.3) == 9
+    assert num_sample(30, 0.1) == 3 and num_sample(31, 0.1) == 4 and num_sample(5, 1.0) == 5
     assert torch.equal(s.index, torch.sort(s.index).values) and s.index.unique().numel() == 9
     positives = {17 - start, 40 - start, 25 - start, 20 - start}
     assert positives <= set(s.index.tolist()) and s.num_positive == 4
@@ -121,7 +122,8 @@ def test_arcface_gradient_matches_finite_differences() -> None:
 def test_head_gradients_finite_differences_arcface() -> None:
     """The whole head (ArcFace, some samples past pi) against central differences, float64."""
     torch.manual_seed(0)
-    head = PartialFC(7, 5, margin=(1.0, 0.5, 0.0), scale=4.0).double()
+    # gradcheck runs several forwards per backward: no reused buffers.
+    head = PartialFC(7, 5, margin=(1.0, 0.5, 0.0), scale=4.0, reuse_buffers=False).double()
     y = torch.tensor([0, 3, 3, 6])
     f = torch.randn(4, 5, dtype=torch.float64)
     with torch.no_grad():
@@ -144,6 +146,27 @@ def test_head_gradients_finite_differences_arcface() -> None:
 
 
 # ---- the head in one process -----------------------------------------------------------------------
+
+
+def test_reused_buffers_refuse_a_second_forward_before_backward() -> None:
+    head = PartialFC(50, 8, sample_rate=0.5)
+    f = torch.randn(6, 8, requires_grad=True)
+    y = torch.randint(0, 50, (6,))
+    first = head(f, y)
+    head(f, y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+    # One backward per forward is fine, and gives the same gradient as without reuse.
+    ref = PartialFC(50, 8, sample_rate=0.5, reuse_buffers=False)
+    grads = []
+    for h in (head, ref):
+        h.step = 7
+        f.grad = None
+        h(f, y).backward()
+        wgrad = h.weight_grad()[1]
+        assert f.grad is not None and wgrad is not None
+        grads.append((f.grad.clone(), wgrad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_bf16_embeddings_give_fp32_logits_and_errors() -> None:
@@ -178,7 +201,10 @@ def _dense_reference_step(w: torch.Tensor, mom: torch.Tensor, rows: torch.Tensor
     return p.detach(), opt.state[p]["momentum_buffer"]
 
 
-def test_sparse_update_equals_dense_sgd_on_sampled_rows() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_sparse_update_equals_dense_sgd_on_sampled_rows(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not fused:  # the portable path, for torch builds without the fused kernel
+        monkeypatch.delattr(torch, "_fused_sgd_", raising=False)
     torch.manual_seed(1)
     head = PartialFC(200, 16, sample_rate=0.1, margin=(1.0, 0.0, 0.4), scale=16.0,
                      discface_lambda=0.5).double()

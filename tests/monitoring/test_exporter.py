@@ -1,0 +1,198 @@
+"""The exporter on its own: values, labels, units, absent-not-zero, ports, Pushgateway."""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from launcher import metrics as metrics_mod
+from launcher.config import MetricsConfig
+from launcher.metrics import MetricsPortError, TrainingMetrics
+from tests.monitoring.helpers import DISCREPANCY, STEP_SCALARS, FakeGpu, fake_run, free_port
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _get(samples, name: str, **labels: str) -> float:
+    hits = [v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab)]
+    assert len(hits) == 1, f"{name}{labels}: {len(hits)} samples"
+    return hits[0]
+
+
+def _exporter(port: int, **kw) -> TrainingMetrics:
+    return TrainingMetrics(MetricsConfig(enabled=True, port_base=port), rank=kw.pop("rank", 3),
+                           local_rank=kw.pop("local_rank", 1), node=kw.pop("node", 1), world_size=4, **kw)
+
+
+def test_served_values_labels_and_units():
+    base = free_port(2)
+    m = _exporter(base, device=FakeGpu())
+    m.start()
+    try:
+        assert m.port == base + 1  # port base + local rank
+        fake_run(m, steps=3)
+        s = _scrape(base + 1)
+    finally:
+        m.close()
+    for (name, labels), _ in s.items():
+        assert name.startswith("pfc_"), name
+        assert dict(labels)["rank"] == "3" and dict(labels)["node"] == "1", (name, labels)
+    assert _get(s, "pfc_world_size") == 4
+    assert _get(s, "pfc_steps_total") == 4 and _get(s, "pfc_samples_total") == 4 * 16
+    assert _get(s, "pfc_training_step") == 4
+    assert _get(s, "pfc_step_duration_seconds_count") == 4
+    for key, phase in (("time_data_s", "data"), ("time_forward_s", "forward"), ("time_backward_s", "backward"),
+                       ("time_comm_s", "communication"), ("time_optimizer_s", "optimizer")):
+        assert _get(s, "pfc_step_phase_seconds_total", phase=phase) == pytest.approx(4 * STEP_SCALARS[key],
+                                                                                      rel=1e-12)
+    assert math.isnan(_get(s, "pfc_loss", component="total"))  # the last step's loss was NaN
+    assert _get(s, "pfc_loss", component="softmax") == 12.0 and _get(s, "pfc_loss", component="discface") == 5.0
+    assert _get(s, "pfc_step_finite") == 0.0
+    assert _get(s, "pfc_nonfinite_steps_total", cause="loss") == 1
+    assert _get(s, "pfc_nonfinite_steps_total", cause="gradient") == 0
+    assert _get(s, "pfc_data_skipped_records_total") == 3  # running total 0,1,2,3 -> counter 3
+    assert _get(s, "pfc_learning_rate") == 0.1 and _get(s, "pfc_grad_norm") == 3.25
+    assert _get(s, "pfc_head_sampled_classes") == 7 and _get(s, "pfc_discface_xi_norm") == 0.5
+    assert _get(s, "pfc_discrepancy_directional_radians") == pytest.approx(
+        math.radians(DISCREPANCY["discrepancy_directional_deg"]), rel=1e-15)
+    assert _get(s, "pfc_discrepancy_xi_angle_radians") == pytest.approx(math.radians(120.0), rel=1e-15)
+    assert _get(s, "pfc_discrepancy_radial_cv") == 0.25
+    assert _get(s, "pfc_discrepancy_directional_circular_variance") == 0.4
+    assert _get(s, "pfc_verification_accuracy", dataset="lfw") == 0.9
+    assert _get(s, "pfc_verification_accuracy_std", dataset="lfw") == 0.02
+    assert _get(s, "pfc_verification_tar", dataset="lfw", far="1e-2") == 0.75
+    assert not [k for k in s if k[0] == "pfc_verification_tar" and ("far", "1e-4") in k[1]]  # None: absent
+    assert _get(s, "pfc_checkpoint_duration_seconds") == 0.75 and _get(s, "pfc_checkpoints_total") == 1
+    assert _get(s, "pfc_gpu_temperature_celsius", gpu="GPU-fake") == 61.0
+    assert _get(s, "pfc_gpu_utilization_ratio") == 0.87
+    assert _get(s, "pfc_memory_rss_bytes") > 10e6
+
+
+def test_absent_until_measured_and_no_gpu_series_on_cpu():
+    base = free_port()
+    m = _exporter(base, local_rank=0)
+    m.start()
+    try:
+        s = _scrape(base)
+        names = {n for n, _ in s}
+        assert _get(s, "pfc_steps_total") == 0  # counters start at 0 so rate() sees the first step
+        for absent in ("pfc_loss", "pfc_learning_rate", "pfc_discrepancy_directional_radians",
+                       "pfc_verification_accuracy", "pfc_checkpoint_duration_seconds",
+                       "pfc_last_step_timestamp_seconds"):
+            assert absent not in names, absent
+        assert not [n for n in names if n.startswith(("pfc_cuda_", "pfc_gpu_"))]
+        # DiscFace off: no loss_disc and xi_norm 0.0 from the trainer -> no xi series at all
+        off = {k: v for k, v in STEP_SCALARS.items() if k != "loss_disc"} | {"xi_norm": 0.0}
+        m.observe_step(1, off, images=8, sampled_classes=3, skipped_records=0)
+        s = _scrape(base)
+        assert ("pfc_discface_xi_norm" not in {n for n, _ in s})
+        assert not [k for k in s if k[0] == "pfc_loss" and ("component", "discface") in k[1]]
+    finally:
+        m.close()
+
+
+def test_step_time_excludes_evaluation_and_checkpoint(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: clock[0])
+    m = TrainingMetrics(MetricsConfig(enabled=True), rank=0, local_rank=0, node=0, world_size=1)
+    clock[0] += 2.0
+    m.observe_step(1, STEP_SCALARS, images=1, sampled_classes=1, skipped_records=0)
+    clock[0] += 30.0  # evaluation
+    m.observe_eval({"lfw.bin": {"accuracy": 0.5, "accuracy_std": 0.1, "tar_at_far": {}}})
+    clock[0] += 0.25
+    m.observe_step(2, STEP_SCALARS, images=1, sampled_classes=1, skipped_records=0)
+    clock[0] += 10.0  # checkpoint
+    m.observe_checkpoint(10.0)
+    clock[0] += 0.5
+    m.observe_step(3, STEP_SCALARS, images=1, sampled_classes=1, skipped_records=0)
+    samples = {(s.name, s.labels.get("le")): s.value for f in m.registry.collect() for s in f.samples}
+    assert samples[("pfc_step_duration_seconds_sum", None)] == pytest.approx(2.75, rel=1e-12)
+    assert samples[("pfc_step_last_duration_seconds", None)] == pytest.approx(0.5, rel=1e-12)
+    assert samples[("pfc_step_duration_seconds_bucket", "1.0")] == 2
+
+
+def test_disabled_binds_nothing_and_exports_nothing():
+    base = free_port()
+    m = TrainingMetrics(MetricsConfig(enabled=False, port_base=base), rank=0, local_rank=0, node=0, world_size=1)
+    m.start()
+    fake_run(m)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base))  # still free
+    assert list(m.registry.collect()) == []
+    m.close()
+
+
+def test_taken_port_is_a_clear_error_and_next_free_is_explicit(monkeypatch, caplog):
+    base = free_port(3)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", base))
+        blocker.listen()
+        m = _exporter(base, local_rank=0)
+        with pytest.raises(MetricsPortError, match=rf"127\.0\.0\.1:{base}\b.*PFC_METRICS_PORT_POLICY"):
+            m.start()
+        monkeypatch.setenv("PFC_METRICS_PORT_POLICY", "next-free")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        m = _exporter(base, local_rank=0)
+        with caplog.at_level(logging.WARNING, logger="pfc"):
+            m.start()
+        try:
+            assert m.port == base + 2  # stride of the local world: never a neighbour's first choice
+            assert f"127.0.0.1:{base} is taken" in caplog.text
+            assert _get(_scrape(base + 2), "pfc_world_size") == 4
+        finally:
+            m.close()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the scrape's TIME_WAIT is not a listener
+        s.bind(("127.0.0.1", base + 2))  # close() released the port
+    monkeypatch.setenv("PFC_METRICS_PORT_POLICY", "random")
+    with pytest.raises(ValueError, match="PFC_METRICS_PORT_POLICY"):
+        _exporter(base).start()
+
+
+def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog):
+    received: list[tuple[str, str, bytes]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            received.append(("PUT", self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PFC_METRICS_PUSHGATEWAY", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("PFC_METRICS_PUSH_INTERVAL_S", "3600")  # only the final push on close()
+        m = _exporter(free_port(2))
+        m.start()
+        m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
+        m.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(received) == 1
+    method, path, body = received[0]
+    assert path == "/metrics/job/pfc/node/1/rank/3"
+    assert b'pfc_samples_total{node="1",rank="3"} 16.0' in body
+    # a gateway that is down: logged, not raised
+    monkeypatch.setenv("PFC_METRICS_PUSHGATEWAY", f"http://127.0.0.1:{free_port()}")
+    m = _exporter(free_port(2))
+    m.start()
+    with caplog.at_level(logging.WARNING, logger="pfc"):
+        m.close()
+    assert "push to http://127.0.0.1" in caplog.text

@@ -1,0 +1,36 @@
+"""A head save that fails on one rank (a full disk) fails on every rank, promptly, without a hang."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _save_with_full_disk_on_rank_one(rank: int, world_size: int, root: str) -> str:
+    import partialfc.checkpoint as ckpt
+    from partialfc import PartialFC
+
+    head = PartialFC(10, 4, sample_rate=1.0)
+    opt = head.make_optimizer(lr=0.1)
+    if rank == 1:
+        def full_disk(*_args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        ckpt._write_head_files = full_disk  # type: ignore[assignment]
+    try:
+        ckpt.save_head(head, opt, Path(root) / "head")
+    except OSError as e:
+        return f"{e.errno}:{e}"
+    return "saved"
+
+
+def test_failure_on_one_rank_raises_on_all(tmp_path):
+    out = run_ranks(_save_with_full_disk_on_rank_one, 2, str(tmp_path), timeout=60)
+    assert out[0].startswith(f"{errno.EIO}:") and "another rank failed" in out[0]
+    assert out[1].startswith(f"{errno.ENOSPC}:") and "rank 1: [Errno 28] No space left" in out[1]
