@@ -216,8 +216,9 @@ class InsightFaceReader:
     def write_image_idx(self, path: str | os.PathLike[str], order: Sequence[int] | None = None) -> Path:
         """Write an ``.idx`` listing image records only (for DALI's ``fn.readers.mxnet``).
 
-        ``order``: image keys in the order to list them (a permutation gives a global shuffle
-        without rewriting the ``.rec``); default the ``.idx`` order. Returns the path written.
+        ``order``: image keys in the order to list them; default the ``.idx`` order. Returns the path
+        written. Note: DALI 2.4's reader sorts index entries by offset, so a permuted ``.idx`` does *not*
+        shuffle its reads; ``data_pipeline.dali_pipeline`` gets a global shuffle another way.
         """
         path = Path(path)
         if order is None:

@@ -15,6 +15,7 @@ from launcher.commands import (  # noqa: F401  (each module registers its comman
     evaluate,
     export,
     plan,
+    report,
     train,
 )
 from launcher.commands.groups import app

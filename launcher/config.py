@@ -113,6 +113,11 @@ class MetricsConfig(_Section):
     enabled: bool = False
     host: str = Field("127.0.0.1", description="bind address; loopback by default outside containers")
     port_base: int = Field(9400, ge=1, le=65535)
+    port_policy: Literal["fail", "next-free"] = Field(
+        "fail", description="a taken port: stop with an error, or step by the local world size (logged)")
+    pushgateway: str | None = Field(None, description="Pushgateway URL for short jobs (host:port)")
+    push_interval_s: float = Field(15.0, gt=0.0, le=3600.0)
+    job: str = Field("pfc", min_length=1, description="Pushgateway job name")
 
 
 class DistConfig(_Section):

@@ -29,21 +29,17 @@ radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may q
   ``pfc_gpu_memory_total_bytes``, ``pfc_gpu_temperature_celsius`` (label ``gpu`` = the device UUID).
   On CPUs the GPU series are absent, not zero.
 
-Settings that ``MetricsConfig`` does not have (yet) come from the environment:
-
-``PFC_METRICS_PORT_POLICY``
-    ``fail`` (default): a taken port is an error naming ``host:port``. ``next-free``: try
-    ``port + k * LOCAL_WORLD_SIZE`` for k = 1..15 (never another local rank's first choice) and log
-    the port taken.
-``PFC_METRICS_PUSHGATEWAY``
-    Pushgateway address (``http://host:9091``): push this rank's registry every
-    ``PFC_METRICS_PUSH_INTERVAL_S`` seconds (default 15) and once more on :meth:`close`, under job
-    ``PFC_METRICS_JOB`` (default ``pfc``) grouped by ``node`` and ``rank``. For jobs too short to be
-    scraped. Push errors are logged, never raised.
+Settings (``metrics`` section of the config): ``host`` and ``port_base`` (rank k serves
+``port_base + local_rank``); ``port_policy`` ``fail`` (default: a taken port is an error naming
+``host:port``) or ``next-free`` (try ``port + k * LOCAL_WORLD_SIZE`` for k = 1..15, never another local
+rank's first choice, and log the port taken); ``pushgateway`` (``http://host:9091``: push this rank's
+registry every ``push_interval_s`` seconds and once more on :meth:`close`, under job ``job``, grouped by
+``node`` and ``rank``, for jobs too short to be scraped; push errors are logged, never raised).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -137,10 +133,8 @@ class CudaReading:
         self._nvml: Any = None
         self._handle: Any = None
         self.uuid = ""
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):  # torch builds without the uuid property
             self.uuid = "GPU-" + str(torch.cuda.get_device_properties(device_index).uuid)
-        except (AttributeError, RuntimeError):
-            pass
         try:
             import pynvml  # nvidia-ml-py
 
@@ -259,7 +253,8 @@ class TrainingMetrics:
                              "Seconds spent per step phase (communication overlaps backward)", ("phase",))
         for phase in _PHASES.values():  # a counter born at 0 lets rate()/increase() see its first change
             self.phase.labels(**labels, phase=phase)
-        self.loss = gauge("pfc_loss", "Loss of the last step (global batch: Partial FC's softmax spans all ranks)", ("component",))
+        self.loss = gauge("pfc_loss", "Loss of the last step (global batch: Partial FC's softmax spans all ranks)",
+                          ("component",))
         self.lr = gauge("pfc_learning_rate", "Backbone learning rate")
         self.grad_norm = gauge("pfc_grad_norm", "Backbone gradient L2 norm before clipping")
         self.finite = gauge("pfc_step_finite", "1 when the last step's loss and gradients were finite on every rank")
@@ -289,9 +284,7 @@ class TrainingMetrics:
         if not self.enabled or self._server is not None:
             return
         host, port = self.cfg.host, self.cfg.port_base + self.local_rank
-        policy = os.environ.get("PFC_METRICS_PORT_POLICY", "fail")
-        if policy not in ("fail", "next-free"):
-            raise ValueError(f"PFC_METRICS_PORT_POLICY={policy!r}: expected 'fail' or 'next-free'")
+        policy = self.cfg.port_policy
         stride = int(os.environ.get("LOCAL_WORLD_SIZE") or self.world_size)
         tries = [port] if policy == "fail" else [port + k * stride for k in range(16)]
         last_err: OSError | None = None
@@ -306,7 +299,7 @@ class TrainingMetrics:
             self.port = p
             break
         if self._server is None:
-            hint = ("set metrics.port_base to a free range or PFC_METRICS_PORT_POLICY=next-free"
+            hint = ("set metrics.port_base to a free range or metrics.port_policy=next-free"
                     if policy == "fail" else f"tried {len(tries)} ports with stride {stride}")
             raise MetricsPortError(
                 f"rank {self.rank} (local rank {self.local_rank}): cannot serve metrics on {host}:{port}: "
@@ -315,17 +308,17 @@ class TrainingMetrics:
             log.warning(f"metrics: {host}:{port} is taken, rank {self.rank} serves on {host}:{self.port} instead")
         log.info(f"metrics: rank {self.rank} serves http://{host}:{self.port}/metrics")
         self._last_mark = time.perf_counter()
-        gateway = os.environ.get("PFC_METRICS_PUSHGATEWAY")
+        gateway = self.cfg.pushgateway
         if gateway:
             self._gateway = gateway
-            interval = float(os.environ.get("PFC_METRICS_PUSH_INTERVAL_S", "15"))
+            interval = self.cfg.push_interval_s
             self._push_thread = threading.Thread(target=self._push_loop, args=(gateway, interval),
                                                  name=f"pfc-metrics-push-{self.rank}", daemon=True)
             self._push_thread.start()
 
     def _push(self, gateway: str) -> None:
         try:
-            push_to_gateway(gateway, job=os.environ.get("PFC_METRICS_JOB", "pfc"), registry=self.registry,
+            push_to_gateway(gateway, job=self.cfg.job, registry=self.registry,
                             grouping_key={"node": str(self.node), "rank": str(self.rank)}, timeout=5)
         except Exception as e:  # monitoring must never stop training
             log.warning(f"metrics: push to {gateway} failed: {e}")

@@ -48,7 +48,8 @@ SAMPLER_BYTES_PER_ROW = 18
 # * for a head stored below fp32: the sampled rows gathered in the head's dtype then upcast to a fresh
 #   fp32 copy each step; in the forward the previous step's copy is still alive (the caller's previous
 #   loss holds its graph until the new loss is bound); the optimizer re-gathers the rows and casts the
-#   gradient to the head's dtype (two S x D buffers in that dtype).
+#   gradient to the head's dtype (two S x D buffers in that dtype). These fp16/bf16 counts are read
+#   from the code, not measured: `pfc bench head` runs fp32 heads.
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 

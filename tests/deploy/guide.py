@@ -35,7 +35,8 @@ def guide_block(name: str) -> list[str]:
     """The commands of the block marked ``name`` (continuation lines joined, comments dropped)."""
     bodies = [body for n, body in guide_blocks() if n == name]
     if len(bodies) != 1:
-        raise LookupError(f"{GUIDE}: expected one ```bash block marked <!-- test: {name} -->, found {len(bodies)}")
+        raise LookupError(f"{GUIDE}: expected one ```bash block marked <!-- test: {name} -->, "
+                          f"found {len(bodies)}")
     commands: list[str] = []
     pending = ""
     for line in bodies[0].splitlines():
@@ -84,7 +85,8 @@ def shell_env(tmp: Path, **extra: str) -> dict[str, str]:
     compose = compose_binary()
     docker = shim / "docker"
     docker.write_text("#!/bin/sh\n"
-                      f'if [ "$1" = compose ] && [ -n "{compose or ""}" ]; then shift; exec "{compose}" "$@"; fi\n'
+                      f'if [ "$1" = compose ] && [ -n "{compose or ""}" ]; then\n'
+                      f'  shift; exec "{compose}" "$@"\nfi\n'
                       'echo "docker: only `docker compose` is available in the tests (no daemon)" >&2\n'
                       "exit 127\n")
     docker.chmod(docker.stat().st_mode | stat.S_IXUSR)

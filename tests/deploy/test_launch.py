@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -65,7 +67,8 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
     assert shards, f"no head shards in {ckpt}"
     out["head.weight"] = torch.cat([s["weight"] for s in shards])
     out["head.momentum"] = torch.cat([s["momentum"] for s in shards])
-    out.update({f"discface.{k}": v for k, v in load_file(str(ckpt / "head" / "head_discface.safetensors")).items()})
+    disc = load_file(str(ckpt / "head" / "head_discface.safetensors"))
+    out.update({f"discface.{k}": v for k, v in disc.items()})
     return out
 
 
@@ -110,7 +113,7 @@ def test_two_nodes_over_loopback_match_one_node(work, one_node):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    assert codes == [0, 0], "\n".join(f"--- node {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
+    assert codes == [0, 0], "\n".join(f"--- node {i}\n{lg.read_text()[-3000:]}" for i, lg in enumerate(logs))
     _assert_same_training(work / "runs" / "two-nodes", one_node)
 
 
@@ -151,7 +154,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def slurm_cluster() -> Iterator[dict[str, str]]:
-    """munged + slurmctld + slurmd on localhost with private ports, sockets, state and logs; torn down after."""
+    """munged + slurmctld + slurmd on localhost with private ports, sockets, state and logs; torn down
+    afterwards."""
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
@@ -230,14 +234,41 @@ def test_slurm_allocation_of_two_tasks_trains_and_recovers(work, one_node, slurm
     """sbatch of the guide's command; rank 1 is killed after step 4: torchrun restarts the group inside the
     allocation, it resumes from the step-3 checkpoint, and ends with the one-machine run's weights."""
     (cmd,) = guide_block("slurm")
+    targets_dir = work / "prometheus-targets"
     env = shell_env(work, PFC_WORK=str(work), SLURM_CONF=slurm_cluster["SLURM_CONF"],
-                    PFC_RDZV_PORT=str(free_port()), PFC_FAULT="kill:4:1")
+                    PFC_RDZV_PORT=str(free_port()), PFC_FAULT="kill:4:1", PFC_PROM_TARGETS_DIR=str(targets_dir))
     assert "--set checkpoint.every_steps=3" in cmd
-    res = subprocess.run(bash(cmd), cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(bash(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = re.search(r"Submitted batch job (\d+)", res.stdout)
+    assert job, res.stdout
+    # Poll the controller ourselves: `sbatch --wait` backs off to half-minute polls.
+    state, targets_seen = "", []
+
+    def done() -> bool:
+        nonlocal state
+        for f in targets_dir.glob("pfc-*.json"):  # present while the job runs
+            with contextlib.suppress(OSError, ValueError):
+                targets_seen.append((f.name, json.loads(f.read_text())))
+        r = subprocess.run(["scontrol", "show", "job", "-o", job.group(1)], env=env, capture_output=True,
+                           text=True)
+        m = re.search(r"JobState=(\w+)", r.stdout)
+        state = m.group(1) if m else f"unknown ({r.stderr.strip()})"
+        return state not in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}
+
+    _wait_for(done, 240, f"SLURM job {job.group(1)}")
     logs = sorted(work.glob("slurm-*.out"))
     text = "\n".join(p.read_text() for p in logs)
-    assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{text[-4000:]}"
+    assert state == "COMPLETED", f"job {job.group(1)} ended {state}:\n{text[-4000:]}"
     assert "1 node(s) x 2 rank(s)" in text, text[-2000:]
     assert "resumed from" in text, f"the restarted group did not resume from a checkpoint:\n{text[-3000:]}"
     _assert_same_training(work / "runs" / "slurm", one_node, resumed=True)
+    # Prometheus file-based discovery listed both ranks' endpoints while the job ran, and not after.
+    assert targets_seen, "the job wrote no Prometheus targets file"
+    name, groups = targets_seen[-1]
+    assert name == f"pfc-{job.group(1)}.json"
+    from launcher.config import MetricsConfig
+
+    base = MetricsConfig().port_base
+    assert groups[0]["targets"] == [f"localhost:{base}", f"localhost:{base + 1}"]
+    assert not list(targets_dir.glob("pfc-*.json")), "the targets file outlived the job"

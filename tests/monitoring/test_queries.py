@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -103,6 +104,11 @@ def test_promtool_check_config_and_rules():
         k8s = yaml.safe_load((PROM_DIR / "prometheus-kubernetes.yml").read_text())
         job = k8s["scrape_configs"][0]
         assert job["job_name"].startswith("pfc") and job["kubernetes_sd_configs"] == [{"role": "pod"}]
+        # the relabelling keeps exactly the per-rank port names of deploy/k8s/pytorchjob.yaml
+        keep = next(r for r in job["relabel_configs"]
+                    if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"])
+        assert all(re.fullmatch(keep["regex"], n) for n in ("metrics", "metrics-1", "metrics-7"))
+        assert not any(re.fullmatch(keep["regex"], n) for n in ("rdzv", "metrics-x", "http"))
     else:
         assert r.returncode == 0, r.stdout + r.stderr
 

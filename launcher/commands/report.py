@@ -1,0 +1,38 @@
+"""`pfc report RUN_DIR`: PNG curves of a run for people without Grafana."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from launcher.commands.groups import app
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder (holds metrics.jsonl, written by `pfc train`)"),
+    out: Path | None = typer.Option(None, "--out", help="folder for the PNG files [default: RUN_DIR/report]"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the summary (files, last values) here"),
+) -> None:
+    """Loss by component, throughput, LR, step-time split, discrepancies and verification accuracy as PNG."""
+    from launcher.report import ReportError, write_report
+
+    try:
+        res = write_report(run_dir, out)
+    except ReportError as e:
+        typer.echo(f"pfc report: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"{run_dir}: {res['steps']} steps logged; figures in {res['out_dir']}")
+    for name, path in res["files"].items():
+        typer.echo(f"  {name:24s} {path}")
+    if res["skipped"]:
+        typer.echo(f"  (no data for: {', '.join(res['skipped'])})")
+    last = res["last"]
+    shown = [k for k in ("loss", "loss_softmax", "loss_disc", "images_per_s", "lr") if k in last]
+    shown += sorted(k for k in last if k.startswith("val_") and k.endswith("_accuracy"))
+    if shown:
+        typer.echo("last: " + "  ".join(f"{k} {last[k]:.4g}" for k in shown))
+    if json_path is not None:
+        json_path.write_text(json.dumps(res, indent=2, default=float))
