@@ -182,20 +182,10 @@ def inspect_dataset(prefix: str | os.PathLike[str], deep: bool = False, progress
     return report
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="rec", desc="checking", dynamic_ncols=True)
+    return tqdm(total=total, unit="rec", desc="checking", dynamic_ncols=True, disable=not enabled)
 
 
 def format_report(report: dict[str, Any]) -> str:

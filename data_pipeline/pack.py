@@ -196,18 +196,8 @@ def _encoded_in_order(identities: list[tuple[str, list[Path]]], size: tuple[int,
                 cur_id += 1
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="packing", dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc="packing", dynamic_ncols=True, disable=not enabled)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from partialfc.backbones import BackboneFileError, load_backbone
+from partialfc.backbones import BackboneFileError, load_backbone, unwrap
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -63,7 +63,7 @@ def load_backbone_for_inference(model_path: str | Path, device: str | torch.devi
 
 def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
     if image_size is None:
-        size = getattr(_plain(model), "image_size", None)
+        size = getattr(unwrap(model), "image_size", None)
         if size is None:
             raise ValueError("the model has no image_size attribute; pass image_size explicitly")
         image_size = size
@@ -73,15 +73,6 @@ def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> 
     return (int(h), int(w))
 
 
-def _plain(model: nn.Module) -> nn.Module:
-    """Unwrap DDP / DeepSpeed (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 @dataclass
@@ -103,7 +94,7 @@ class OnnxExportResult:
 
 def _export_copy(model: nn.Module) -> nn.Module:
     """A float32, CPU, eval-mode, contiguous-format copy, so the caller's model is left untouched."""
-    m = copy.deepcopy(_plain(model)).float().cpu().eval()
+    m = copy.deepcopy(unwrap(model)).float().cpu().eval()
     m = m.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     if hasattr(m, "fp16"):
         m.fp16 = False  # autocast regions do not export; ONNX runtimes pick their own precision

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,17 +17,6 @@ from partialfc.metrics import (
     split_pairs,
     verification_metrics,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # tiny tensors on a shared 2-core machine: extra intra-op threads only spin
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pairs_with_scores(scores: np.ndarray, d: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -109,7 +109,7 @@ class BackboneFileError(ValueError):
         super().__init__(f"{self.path}: {message}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP / DeepSpeed (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None)
@@ -154,7 +154,7 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     from safetensors.torch import save_file
 
     path = Path(path)
-    model = _unwrap(model)
+    model = unwrap(model)
     if config is None:
         config = getattr(model, "backbone_config", None)
         if config is None:
@@ -205,7 +205,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     path = Path(path)
-    target = _unwrap(model)
+    target = unwrap(model)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises several types for corrupt files

@@ -236,7 +236,8 @@ def test_slurm_allocation_of_two_tasks_trains_and_recovers(work, one_node, slurm
     (cmd,) = guide_block("slurm")
     targets_dir = work / "prometheus-targets"
     env = shell_env(work, PFC_WORK=str(work), SLURM_CONF=slurm_cluster["SLURM_CONF"],
-                    PFC_RDZV_PORT=str(free_port()), PFC_FAULT="kill:4:1", PFC_PROM_TARGETS_DIR=str(targets_dir))
+                    PFC_RDZV_PORT=str(free_port()), PFC_FAULT="kill:4:1",
+                    PFC_PROM_TARGETS_DIR=str(targets_dir))
     assert "--set checkpoint.every_steps=3" in cmd
     res = subprocess.run(bash(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
