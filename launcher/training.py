@@ -254,9 +254,64 @@ def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
     return step
 
 
+@dataclass
+class RunState:
+    """What the loop carries between steps besides the model: counters of skipped work, last evaluation."""
+
+    bad_in_a_row: int = 0
+    skipped: int = 0
+    ckpt_failures: int = 0
+    evals: dict[str, Any] | None = None
+
+
+def account_nonfinite(state: RunState, scalars: dict[str, float], step: int, cfg: Config) -> None:
+    if scalars["finite"]:
+        state.bad_in_a_row = 0
+        return
+    state.bad_in_a_row += 1
+    state.skipped += 1
+    log.warning(f"step {step}: non-finite {nonfinite_parts(scalars)}; step skipped "
+                f"({state.bad_in_a_row} in a row, {state.skipped} in all)")
+    if state.bad_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+        raise NonFiniteError(f"{state.bad_in_a_row} non-finite steps in a row (last at step {step}); "
+                             "stopping: the last checkpoint predates them")
+
+
+def checkpoint_now(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData, state: RunState,
+                   metrics: TrainingMetrics) -> None:
+    """Save; a failed save (a full disk) is logged and retried at the next interval, up to a limit."""
+    t0 = time.perf_counter()
+    try:
+        save(c, cfg, ctx, step, data)
+    except CheckpointWriteError as e:
+        # Training state is intact in memory: keep going and try again at the next interval.
+        state.ckpt_failures += 1
+        log.error(f"step {step}: {e} ({state.ckpt_failures} failed save(s) in a row)")
+        if state.ckpt_failures >= cfg.checkpoint.max_failures_in_a_row:
+            raise
+        return
+    state.ckpt_failures = 0
+    metrics.observe_checkpoint(time.perf_counter() - t0)
+
+
+def evaluate_now(c: Components, cfg: Config, ctx: DistContext, step: int, progress: ProgressLogger,
+                 metrics: TrainingMetrics) -> dict[str, Any]:
+    from launcher.evaluation import evaluate_bins
+
+    evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
+    metrics.observe_eval(evals)
+    c.engine.train()
+    progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
+                         for m in ("accuracy", "accuracy_std")}, quiet=True)
+    return evals
+
+
+_LOGGED = ("lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s", "time_backward_s", "time_comm_s",
+           "time_optimizer_s")
+
+
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
-
     out = Path(cfg.output)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -267,68 +322,43 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     data.seek(step)
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                               world_size=ctx.world_size)
-    metrics.start()
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
-    bad_in_a_row, skipped, ckpt_failures, evals = 0, 0, 0, {}
-    t_start = time.perf_counter()
-    c.engine.train()
+    state = RunState()
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
-    while step < last_step:
-        scalars = train_one_step(c, data, cfg, ctx, step + 1)
-        step += 1
-        progress.tick()
-        if scalars["finite"]:
-            bad_in_a_row = 0
-            progress.update(**{k: v for k, v in scalars.items() if k.startswith("loss")})
-        else:
-            bad_in_a_row += 1
-            skipped += 1
-            log.warning(f"step {step}: non-finite {nonfinite_parts(scalars)}; step skipped "
-                        f"({bad_in_a_row} in a row, {skipped} in all)")
-            if bad_in_a_row >= cfg.train.max_nonfinite_in_a_row:
-                raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row (last at step {step}); "
-                                     "stopping: the last checkpoint predates them")
-        metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
-                             sampled_classes=int(c.head.last.get("num_sampled", 0)),
-                             skipped_records=data.skipped_records)
-        if step % cfg.eval.discrepancy_every_steps == 0:
-            disc = owned_discrepancy(c.head)
-            progress.update(**disc)
-            metrics.observe_discrepancy(disc)
-        if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-            progress.emit(step, {k: scalars[k] for k in ("lr", "grad_norm", "xi_norm", "time_data_s",
-                                                         "time_forward_s", "time_backward_s",
-                                                         "time_comm_s", "time_optimizer_s")})
-        if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-            from launcher.evaluation import evaluate_bins
-
-            evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
-            metrics.observe_eval(evals)
-            c.engine.train()
-            progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
-                                 for m in ("accuracy", "accuracy_std")}, quiet=True)
-        # No save while steps are being skipped: the last checkpoint predates the first bad step.
-        if bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
-            t_ckpt = time.perf_counter()
-            try:
-                save(c, cfg, ctx, step, data)
-                ckpt_failures = 0
-                metrics.observe_checkpoint(time.perf_counter() - t_ckpt)
-            except CheckpointWriteError as e:
-                # Training state is intact in memory: keep going and try again at the next interval.
-                ckpt_failures += 1
-                log.error(f"step {step}: {e} ({ckpt_failures} failed save(s) in a row)")
-                if ckpt_failures >= cfg.checkpoint.max_failures_in_a_row:
-                    raise
-        faults.maybe_kill(step, ctx.rank)
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "seconds": elapsed, "skipped_nonfinite": skipped,
-               "skipped_records": data.skipped_records, "final": progress.last, "eval": evals,
+    t_start = time.perf_counter()
+    try:
+        metrics.start()
+        c.engine.train()
+        while step < last_step:
+            scalars = train_one_step(c, data, cfg, ctx, step + 1)
+            step += 1
+            progress.tick()
+            account_nonfinite(state, scalars, step, cfg)
+            if scalars["finite"]:
+                progress.update(**{k: v for k, v in scalars.items() if k.startswith("loss")})
+            metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
+                                 sampled_classes=int(c.head.last.get("num_sampled", 0)),
+                                 skipped_records=data.skipped_records)
+            if step % cfg.eval.discrepancy_every_steps == 0:
+                disc = owned_discrepancy(c.head)
+                progress.update(**disc)
+                metrics.observe_discrepancy(disc)
+            if step % cfg.log.every_steps == 0 or step == last_step:
+                progress.emit(step, {k: scalars[k] for k in _LOGGED})
+            if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
+                state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics)
+            # No save while steps are being skipped: the last checkpoint predates the first bad step.
+            if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
+                checkpoint_now(c, cfg, ctx, step, data, state, metrics)
+            faults.maybe_kill(step, ctx.rank)
+    finally:
+        progress.close()
+        metrics.close()
+        data.close()
+    summary = {"steps": step, "seconds": time.perf_counter() - t_start, "skipped_nonfinite": state.skipped,
+               "skipped_records": data.skipped_records, "final": progress.last, "eval": state.evals or {},
                "world_size": ctx.world_size}
-    progress.close()
-    metrics.close()
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    data.close()
     return summary

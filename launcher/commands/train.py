@@ -46,6 +46,8 @@ def train_cmd(
     node_rank: int | None = typer.Option(None, "--node-rank", min=0),
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of c10d rendezvous"),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts after a failure"),
+    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="rendezvous id shared by all nodes of one job "
+                                       "(e.g. the SLURM job id)"),
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
     from launcher.distributed import init_distributed, shutdown, torchrun, under_launcher
@@ -56,7 +58,7 @@ def train_cmd(
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                        rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+                        rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, run_id=rdzv_id)
         raise typer.Exit(code=code)
     from launcher.training import train
 
