@@ -23,6 +23,14 @@ from launcher.distributed import DistContext, torchrun
 _HELDOUT_SEED_OFFSET = 7919
 
 
+def hard_jitter() -> Any:
+    """Stronger nuisance than the synthetic default, so that a short CPU run stays short of 100%."""
+    from data_pipeline.synth import Jitter
+
+    return Jitter(max_rotation_deg=20.0, scale_range=(0.8, 1.2), max_shift=0.12, gain_range=(0.5, 1.5),
+                  colour_cast=0.15, gamma_range=(0.6, 1.6), max_gradient=0.6, noise_sigma_range=(4.0, 20.0))
+
+
 def _last_train_discrepancy(metrics: Path) -> dict[str, float]:
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     keep = [r for r in rows if "discrepancy_directional_deg" in r]
@@ -33,7 +41,8 @@ def _last_train_discrepancy(metrics: Path) -> dict[str, float]:
 
 
 def discface_study(out: Path, *, config: str, lambdas: list[float], identities: int, images_per_identity: int,
-                   heldout_identities: int, steps: int | None, nproc: int, sets: list[str]) -> dict[str, Any]:
+                   heldout_identities: int, steps: int | None, nproc: int, sets: list[str],
+                   hard: bool = False) -> dict[str, Any]:
     from data_pipeline.synth import default_val_bin, generate
     from launcher.evaluation import evaluate_bins, heldout_discrepancy_of
     from partialfc.backbones import load_backbone
@@ -43,13 +52,14 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
     size, seed = base.model.image_size, base.train.seed
     prefix, heldout = out / "data" / "train", out / "data" / "heldout"
     val_bin = default_val_bin(prefix)
+    jitter: dict[str, Any] = {"jitter": hard_jitter()} if hard else {}
     if not (prefix.with_suffix(".rec").is_file() and val_bin.is_file()):
         generate(prefix, identities, images_per_identity, image_size=size,
-                 val_identities=max(100, identities // 3), val_pairs=6000, seed=seed)
+                 val_identities=max(100, identities // 3), val_pairs=6000, seed=seed, **jitter)
     if not heldout.with_suffix(".rec").is_file():
         generate(heldout, heldout_identities, images_per_identity, image_size=size, val_identities=0,
-                 seed=seed + _HELDOUT_SEED_OFFSET)
-    results: dict[str, Any] = {"config": str(recipe), "identities": identities,
+                 seed=seed + _HELDOUT_SEED_OFFSET, **jitter)
+    results: dict[str, Any] = {"config": str(recipe), "identities": identities, "hard_jitter": hard,
                                "images_per_identity": images_per_identity, "world_size": nproc, "runs": {}}
     ctx = DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None)
     for lam in lambdas:

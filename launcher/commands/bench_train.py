@@ -42,6 +42,7 @@ def bench_discface_cmd(
     heldout_identities: int = typer.Option(200, "--heldout-identities", min=2),
     steps: int | None = typer.Option(None, "--steps", min=1, help="override train.steps"),
     nproc: int = typer.Option(2, "--nproc", min=1),
+    hard: bool = typer.Option(False, "--hard", help="stronger synthetic nuisance (pose, light, noise)"),
     sets: list[str] | None = typer.Option(None, "--set", help="config override section.field=value"),
     json_path: Path | None = typer.Option(None, "--json", help="also write the result here"),
 ) -> None:
@@ -51,7 +52,7 @@ def bench_discface_cmd(
     lams = [float(x) for x in lambdas.split(",") if x.strip()]
     res = discface_study(output.resolve(), config=config, lambdas=lams, identities=identities,
                          images_per_identity=images_per_identity, heldout_identities=heldout_identities,
-                         steps=steps, nproc=nproc, sets=list(sets or []))
+                         steps=steps, nproc=nproc, sets=list(sets or []), hard=hard)
     typer.echo(format_study(res))
     if json_path is not None:
         json_path.write_text(json.dumps(res, indent=2, default=float))

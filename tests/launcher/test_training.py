@@ -155,3 +155,32 @@ def test_resume_on_another_world_size_keeps_the_head(dataset, tmp_path, first, s
     assert summaries[0]["steps"] == 6 and summaries[0]["world_size"] == second
     meta = json.loads((_latest(out) / "meta.json").read_text())
     assert meta["world_size"] == second and meta["step"] == 6
+
+
+def test_keep_last_and_fine_tune_from_a_backbone_file(dataset, tmp_path):
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    run_ranks(_train, 1, _overrides(prefix, out, **{"train.steps": 6, "checkpoint.every_steps": 2,
+                                                    "checkpoint.keep_last": 2}), timeout=300)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    weights = _latest(out) / "backbone.safetensors"
+    # A new run (new folder, new head, even another class count) starting from those backbone weights.
+    tuned = tmp_path / "tuned"
+    loaded = run_ranks(_load_only, 1, _overrides(prefix, tuned, **{"checkpoint.init_backbone": str(weights),
+                                                                  "head.num_classes": 60}), timeout=300)
+    assert loaded[0]["step"] == 0 and loaded[0]["weight"].shape[0] == 60
+    start = run_ranks(_backbone_state, 1, _overrides(prefix, tuned, **{"checkpoint.init_backbone": str(weights)}),
+                      timeout=300)[0]
+    saved = load_file(str(weights))
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+
+
+def _backbone_state(rank: int, world_size: int, overrides: list[str]) -> dict:
+    from launcher.config import load_config
+    from launcher.distributed import init_distributed
+    from launcher.training import build
+
+    cfg = load_config(None, overrides)
+    ctx = init_distributed("gloo")
+    c = build(cfg, ctx, 48)
+    return {k: v.detach().clone() for k, v in c.engine.module.state_dict().items()}
