@@ -97,18 +97,23 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    status, payload = "ok", b""
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
                               timeout=timedelta(seconds=pg_timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout_s))
-        try:
-            out = fn(rank, world_size, *args, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, "ok", pickle.dumps(out)))
+        payload = pickle.dumps(fn(rank, world_size, *args, **kwargs))
     except BaseException:
-        results.put((rank, "err", traceback.format_exc()))
+        status, payload = "err", traceback.format_exc()
+    try:
+        results.put((rank, status, payload))
+        # Flush before leaving the group: peers that notice us go must not report before we do.
+        results.close()
+        results.join_thread()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(

@@ -25,7 +25,10 @@ def test_cli_tiny_run_writes_sane_json(tmp_path) -> None:
     doc = json.loads(out.read_text())
     for key in RESULT_KEYS:
         assert key in doc, key
-        assert isinstance(doc[key], int | float) and math.isfinite(doc[key]) and doc[key] > 0, (key, doc[key])
+        assert isinstance(doc[key], int | float) and math.isfinite(doc[key]), (key, doc[key])
+        # A 64 KB shard can fit in pages the process already holds, so its resident-set growth may be 0;
+        # the memory measurement itself is checked at a size that shows (the test below).
+        assert doc[key] >= 0 if key == "head_peak_bytes_per_rank" else doc[key] > 0, (key, doc[key])
     assert math.isclose(doc["ratio_to_floor"], doc["step_s"] / doc["gemm_floor_s"])
     assert doc["step_cpu_s"] > 0 and doc["gemm_floor_cpu_s"] > 0
     assert doc["gemm_floor_mode"] == "interleaved"
