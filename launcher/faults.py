@@ -5,7 +5,8 @@
 * ``kill``      -- this rank sends itself SIGKILL right after finishing that step (a lost node);
 * ``ckpt_crash``-- the process dies (``os._exit``) half-way through writing that step's checkpoint;
 * ``ckpt_enospc``-- writing that step's checkpoint fails with ENOSPC (a full disk);
-* ``nan``       -- the loss of that step is made non-finite on every rank (``nan:5+`` from step 5 on).
+* ``nan``       -- the loss of that step is made non-finite on every rank (``nan:5+`` from step 5 on);
+* ``stop``      -- this rank sends itself SIGSTOP right after finishing that step (a hung node: alive, silent).
 
 A fault fires only on the first attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` 0), so a
 restarted job runs clean. Nothing here is active unless the variable is set.
@@ -34,13 +35,16 @@ class Fault:
         return step >= self.step if self.onward else step == self.step
 
 
+_KINDS = ("kill", "ckpt_crash", "ckpt_enospc", "nan", "stop")
+
+
 def active_fault() -> Fault | None:
     spec = os.environ.get("PFC_FAULT", "").strip()
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in ("kill", "ckpt_crash", "ckpt_enospc", "nan"):
-        raise ValueError(f"PFC_FAULT={spec!r}: expected kind:step[:rank] with kind kill|ckpt_crash|ckpt_enospc|nan")
+    if len(parts) not in (2, 3) or parts[0] not in _KINDS:
+        raise ValueError(f"PFC_FAULT={spec!r}: expected kind:step[:rank] with kind " + "|".join(_KINDS))
     onward = parts[1].endswith("+")
     return Fault(parts[0], int(parts[1].rstrip("+")), int(parts[2]) if len(parts) == 3 else None, onward)
 
@@ -51,6 +55,8 @@ _FAULT = active_fault()
 def maybe_kill(step: int, rank: int) -> None:
     if _FAULT is not None and _FAULT.hits("kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _FAULT is not None and _FAULT.hits("stop", step, rank):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def maybe_fail_checkpoint(step: int, rank: int) -> None:

@@ -33,7 +33,7 @@ from launcher.checkpoint import (
 )
 from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
-from launcher.distributed import DistContext
+from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
 from launcher.metrics import TrainingMetrics
 from launcher.progress import ProgressLogger
@@ -51,7 +51,8 @@ def owned_discrepancy(head: PartialFC) -> dict[str, float]:
     z_hat, w_hat, labels = head.last["owned_z_hat"], head.last["owned_w_hat"], head.last["owned_labels"]
     xi = head.xi.detach() if head.xi is not None else None
     stats = discrepancy_stats(z_hat, w_hat, labels, xi=xi.to(z_hat.dtype) if xi is not None else None)
-    return {f"discrepancy_{k}": v for k, v in stats.items() if not k.startswith("num_")}
+    # A step whose owned samples hold no class twice has no discrepancy (NaN): leave it out of the averages.
+    return {f"discrepancy_{k}": v for k, v in stats.items() if not k.startswith("num_") and math.isfinite(v)}
 
 
 class NonFiniteError(RuntimeError):
@@ -327,6 +328,9 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     state = RunState()
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     t_start = time.perf_counter()
+    # A rank that stops (SIGSTOP, a hung node) would leave the others blocked in a collective: the
+    # watchdog notices no step progress for dist.timeout_s and names the silent rank.
+    watchdog = HangWatchdog(ctx, cfg.dist.timeout_s).start() if ctx.distributed else None
     try:
         metrics.start()
         c.engine.train()
@@ -351,8 +355,17 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)
+            if watchdog is not None:
+                watchdog.progress(step)
             faults.maybe_kill(step, ctx.rank)
+    except RuntimeError as e:
+        # gloo's own timeout can fire before the watchdog: name the silent rank all the same
+        if watchdog is not None and watchdog.idle_s() >= 0.9 * cfg.dist.timeout_s:
+            raise RuntimeError(f"{watchdog.diagnose()} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         progress.close()
         metrics.close()
         data.close()

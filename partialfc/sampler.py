@@ -39,6 +39,36 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _draw_negatives(positive: torch.Tensor, shard: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` distinct classes drawn uniformly from the shard's negatives (on CPU), in time and memory
+    proportional to ``count`` rather than to the shard (a permutation of a 500k-row shard per step costs
+    as much as a large share of the head's elementwise work).
+
+    positive: (P,) sorted local ids of the positives; ``count <= shard - P``.
+
+    Draws are i.i.d. uniform over the ``M = shard - P`` negatives' ranks until ``count`` distinct ones
+    are seen; then ``count`` of the distinct ones are kept by a random permutation. Uniform without
+    replacement: the set of distinct values among i.i.d. uniform draws, given its size, is a uniform
+    subset of that size (every relabelling of the M values is equally likely), the stopping rule looks
+    at the size only, and a uniform subset of a uniform subset is uniform.
+    """
+    m = shard - positive.numel()
+    seen = torch.empty(0, dtype=torch.int64)
+    while seen.numel() < count:
+        # Expected distinct values from k draws out of m: m (1 - exp(-k/m)); ask for a few more than
+        # needed so that one round almost always suffices (at r = 0.1, ~5% extra draws).
+        need = count - seen.numel()
+        k = need + need * count // max(1, m - count) + 16
+        seen = torch.unique(torch.cat([seen, torch.randint(m, (k,), generator=gen)]))
+    if seen.numel() > count:
+        keep = torch.randperm(seen.numel(), generator=gen)[:count]
+        seen = seen.index_select(0, keep)
+    # Rank -> class id: the j-th negative is j plus the number of positives p_i with p_i - i <= j
+    # (p_i - i counts the negatives below p_i).
+    shifted = positive - torch.arange(positive.numel())
+    return seen + torch.searchsorted(shifted, seen, right=True)
+
+
 @dataclass
 class Sample:
     """The outcome of one draw on one rank.
@@ -79,12 +109,7 @@ def sample_classes(labels: torch.Tensor, start: int, end: int, sample_rate: floa
         else:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(step_seed(seed, step, rank))
-            # A random permutation of the shard with the positives filtered out: its first n_neg
-            # entries are a uniform draw without replacement from the negatives.
-            perm = torch.randperm(shard, generator=gen).to(device)
-            is_pos = torch.zeros(shard, dtype=torch.bool, device=device)
-            is_pos[positive] = True
-            negatives = perm[~is_pos[perm]][:n_neg]
+            negatives = _draw_negatives(positive.cpu(), shard, n_neg, gen).to(device)
             index, _ = torch.sort(torch.cat([positive, negatives]))
     local = torch.full_like(labels, -1)
     if index.numel():

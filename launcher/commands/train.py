@@ -48,17 +48,23 @@ def train_cmd(
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts after a failure"),
     rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="rendezvous id shared by all nodes of one job "
                                        "(e.g. the SLURM job id)"),
+    rdzv_timeout: float | None = typer.Option(None, "--rdzv-timeout", min=1,
+                                              help="seconds to wait for all nodes to join (default 600)"),
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
-    from launcher.distributed import init_distributed, shutdown, torchrun, under_launcher
+    from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
     from launcher.progress import setup_logging
 
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = _config_or_exit(config, overrides)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
-        code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                        rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, run_id=rdzv_id)
+        try:
+            code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                            max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout)
+        except RendezvousTimeout as e:
+            typer.echo(f"pfc: {e}", err=True)
+            raise typer.Exit(code=3) from None
         raise typer.Exit(code=code)
     from launcher.training import train
 
