@@ -168,7 +168,8 @@ class HangWatchdog:
     beating at a step that does not move. Peers' heartbeats are only read once this rank has been
     idle for half the timeout (no all-to-all store traffic while training runs normally). Once idle
     for ``timeout_s`` the rank logs which peers went silent (or, if all beat, which lag behind) and
-    exits the process: its main thread may be blocked inside a collective that cannot be interrupted.
+    exits the process: its main thread may be blocked inside a collective that cannot be interrupted
+    (NCCL may wait forever). It fires just before ``timeout_s``, the process group's own timeout.
     """
 
     EXIT_CODE = 75
@@ -178,6 +179,9 @@ class HangWatchdog:
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.timeout_s = timeout_s
         self.interval_s = interval_s if interval_s is not None else min(1.0, timeout_s / 10)
+        # Fire a little before the backend's own collective timeout (the same dist.timeout_s), so the
+        # user gets this message rather than gloo's, which does not say which rank is missing.
+        self.deadline_s = max(timeout_s - 2 * self.interval_s, self.interval_s)
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.step = 0
         self._progress_at = time.monotonic()
@@ -245,11 +249,11 @@ class HangWatchdog:
         while not self._stop.wait(self.interval_s):
             try:
                 self._publish()
-                if self.idle_s() >= self.timeout_s / 2:
+                if self.idle_s() >= self.deadline_s / 2:
                     self._read_peers()
             except Exception:  # the store is going away: the job is ending, nothing to watch
                 continue
-            if self.idle_s() >= self.timeout_s and not self._stop.is_set():
+            if self.idle_s() >= self.deadline_s and not self._stop.is_set():
                 msg = self.diagnose()
                 log.error(msg)
                 for h in logging.getLogger().handlers + log.handlers:

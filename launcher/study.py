@@ -23,14 +23,6 @@ from launcher.distributed import DistContext, torchrun
 _HELDOUT_SEED_OFFSET = 7919
 
 
-def hard_jitter() -> Any:
-    """Stronger nuisance than the synthetic default, so that a short CPU run stays short of 100%."""
-    from data_pipeline.synth import Jitter
-
-    return Jitter(max_rotation_deg=20.0, scale_range=(0.8, 1.2), max_shift=0.12, gain_range=(0.5, 1.5),
-                  colour_cast=0.15, gamma_range=(0.6, 1.6), max_gradient=0.6, noise_sigma_range=(4.0, 20.0))
-
-
 def _last_train_discrepancy(metrics: Path) -> dict[str, float]:
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     keep = [r for r in rows if "discrepancy_directional_deg" in r]
@@ -52,7 +44,9 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
     size, seed = base.model.image_size, base.train.seed
     prefix, heldout = out / "data" / "train", out / "data" / "heldout"
     val_bin = default_val_bin(prefix)
-    jitter: dict[str, Any] = {"jitter": hard_jitter()} if hard else {}
+    from data_pipeline.synth import HARD_JITTER
+
+    jitter: dict[str, Any] = {"jitter": HARD_JITTER} if hard else {}
     if not (prefix.with_suffix(".rec").is_file() and val_bin.is_file()):
         generate(prefix, identities, images_per_identity, image_size=size,
                  val_identities=max(100, identities // 3), val_pairs=6000, seed=seed, **jitter)

@@ -360,7 +360,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             faults.maybe_kill(step, ctx.rank)
     except RuntimeError as e:
         # gloo's own timeout can fire before the watchdog: name the silent rank all the same
-        if watchdog is not None and watchdog.idle_s() >= 0.9 * cfg.dist.timeout_s:
+        if watchdog is not None and watchdog.idle_s() >= watchdog.deadline_s:
             raise RuntimeError(f"{watchdog.diagnose()} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         raise
     finally:

@@ -105,21 +105,31 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         inv_own = inv.index_select(0, cols)
         cos_t = logits[rows, cols] * inv_own
         target = target_cos_with_margin(cos_t, margin) * scale
-        logits.mul_((inv * scale).unsqueeze(0))
-        logits[rows, cols] = target
+        col_scale = (inv * scale).unsqueeze(0)
+        # The elementwise work on the N x S_k logits runs over blocks of rows small enough to stay in
+        # cache, so that each group of operations below costs one pass over memory instead of one per
+        # operation. ``rows`` is sorted (it comes from nonzero), so each block's targets are a slice.
+        blocks = _row_blocks(n, shape[1] * logits.element_size(), rows)
         # An empty shard (the ceil partition allows one) contributes -inf to the max, i.e. nothing.
-        row_max = logits.max(dim=1).values if logits.shape[1] > 0 else logits.new_full((n,), float("-inf"))
+        row_max = logits.new_full((n,), float("-inf"))
+        for lo, hi, t_lo, t_hi in blocks:
+            blk = logits[lo:hi].mul_(col_scale)
+            blk[rows[t_lo:t_hi] - lo, cols[t_lo:t_hi]] = target[t_lo:t_hi]
+            if shape[1]:
+                torch.amax(blk, dim=1, out=row_max[lo:hi])
         all_reduce_max_(row_max, group)
-        probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # the logits buffer, reused
         # One all-reduce for both sums: the partition function and the target logit from its owner.
         packed = torch.zeros(2, n, dtype=z.dtype, device=z.device)
-        torch.sum(probs, dim=1, out=packed[0])
+        for lo, hi, _, _ in blocks:
+            # exp(l - m) in place: the logits buffer becomes the unnormalised probabilities; the 1/Z of
+            # the softmax is applied in backward, folded into its scaling of the rows.
+            blk = logits[lo:hi].sub_(row_max[lo:hi].unsqueeze(1)).exp_()
+            torch.sum(blk, dim=1, out=packed[0, lo:hi])
         packed[1].index_put_((rows,), target)
         all_reduce_sum_(packed, group, "all_reduce_sum_softmax")
         sum_exp, target_all = packed[0], packed[1]
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
-        probs.div_(sum_exp.unsqueeze(1))
-        ctx.save_for_backward(z, weight, inv, rows, cols, probs, cos_t)
+        ctx.save_for_backward(z, weight, inv, rows, cols, logits, sum_exp, cos_t)
         ctx.scale, ctx.margin, ctx.workspace = scale, margin, workspace
         ctx.set_materialize_grads(False)
         z_own = z.index_select(0, rows)
@@ -129,7 +139,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,  # type: ignore[override]
                  grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
-        z, weight, inv, rows, cols, probs, cos_t = ctx.saved_tensors
+        z, weight, inv, rows, cols, exps, sum_exp, cos_t = ctx.saved_tensors
         n, scale = z.shape[0], ctx.scale
         if grad is None:
             grad = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -137,17 +147,21 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         with torch.enable_grad():
             c = cos_t.detach().requires_grad_()
             (dmargin,) = torch.autograd.grad(target_cos_with_margin(c, ctx.margin).sum(), c)
-        # G = dL/dcos: g s p_ij off target, g s (p_iy - 1) margin'(c_iy) on target. Out of place (one more
-        # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
+        # G = dL/dcos: g s p_ij off target, g s (p_iy - 1) margin'(c_iy) on target, p_ij = e_ij / Z_i.
         # Scaled by 1/||w_j|| per column, G' = G diag(inv):
         #   dL/dz = G w_hat = G' W,   B = G'^T z = diag(inv) dL/dw_hat.
+        # G' = diag(g s / Z) E diag(inv) off target, built block by block in cache, out of place (one more
+        # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
         ws = ctx.workspace
-        if ws is None:
-            grad_logits = probs * (g * scale)
-        else:
-            grad_logits = torch.mul(probs, g * scale, out=ws.get("grad_logits", probs.shape, z.dtype, z.device))
-        grad_logits[rows, cols] = (probs[rows, cols] - 1) * (g * scale) * dmargin
-        grad_logits.mul_(inv.unsqueeze(0))
+        grad_logits = (torch.empty_like(exps) if ws is None
+                       else ws.get("grad_logits", exps.shape, z.dtype, z.device))
+        row_scale = (g * scale) / sum_exp
+        col_scale = inv.unsqueeze(0)
+        for lo, hi, _, _ in _row_blocks(n, exps.shape[1] * exps.element_size(), None):
+            torch.mul(exps[lo:hi], row_scale[lo:hi].unsqueeze(1), out=grad_logits[lo:hi]).mul_(col_scale)
+        p_target = exps[rows, cols] / sum_exp.index_select(0, rows)
+        inv_own = inv.index_select(0, cols)
+        grad_logits[rows, cols] = (p_target - 1) * (g * scale) * dmargin * inv_own
         grad_z = torch.mm(grad_logits, weight)
         if ws is None:
             grad_b = torch.mm(grad_logits.t(), z)
@@ -157,11 +171,42 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         if grad_z_own is not None:
             grad_z.index_add_(0, rows, grad_z_own)
         if grad_w_own is not None:
-            grad_b.index_add_(0, cols, grad_w_own * inv.index_select(0, cols).unsqueeze(1))
-        # Through w_hat = w / ||w||: dL/dw = inv (A - (A . w_hat) w_hat) = B - ((B . w) inv^2) w.
-        coef = torch.einsum("ij,ij->i", grad_b, weight).mul_(inv).mul_(inv)
-        grad_w = grad_b.addcmul_(weight, coef.unsqueeze(1), value=-1)
+            grad_b.index_add_(0, cols, grad_w_own * inv_own.unsqueeze(1))
+        # Through w_hat = w / ||w||: dL/dw = inv (A - (A . w_hat) w_hat) = B - ((B . w) inv^2) w, by blocks
+        # of rows: the row dot products and the update share one pass over B and W.
+        grad_w = grad_b
+        inv2 = inv * inv
+        d = weight.shape[1]
+        step = max(1, _DOT_BLOCK_BYTES // max(1, d * weight.element_size()))
+        blk_shape = (min(step, weight.shape[0]), d)
+        scratch = (torch.empty(blk_shape, dtype=weight.dtype, device=weight.device) if ws is None
+                   else ws.get("dot_block", blk_shape, weight.dtype, weight.device))
+        coef = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        for lo in range(0, weight.shape[0], step):
+            b_blk, w_blk = grad_w[lo:lo + step], weight[lo:lo + step]
+            prod = torch.mul(b_blk, w_blk, out=scratch[:b_blk.shape[0]])
+            c_blk = torch.sum(prod, dim=1, out=coef[lo:lo + step]).mul_(inv2[lo:lo + step])
+            b_blk.addcmul_(w_blk, c_blk.unsqueeze(1), value=-1)
         return grad_z, grad_w, None, None, None, None, None, None
+
+
+# Bytes of N x S_k logits handled per block (a few rows: well inside the last-level cache, so the
+# block's several elementwise operations read memory once) and of S_k x d rows per block in the
+# backward's row dot products.
+_LOGIT_BLOCK_BYTES = 2 << 20
+_DOT_BLOCK_BYTES = 1 << 20
+
+
+def _row_blocks(n: int, row_bytes: int, rows: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
+    """Blocks ``(lo, hi, t_lo, t_hi)`` of the N logit rows, about ``_LOGIT_BLOCK_BYTES`` each; with the
+    sorted target rows ``rows`` given, ``rows[t_lo:t_hi]`` are the targets that fall in ``[lo, hi)``."""
+    step = max(1, _LOGIT_BLOCK_BYTES // max(1, row_bytes))
+    bounds = [*range(0, n, step), n]
+    if rows is None:
+        cut = [0] * len(bounds)
+    else:
+        cut = torch.searchsorted(rows, torch.tensor(bounds, dtype=rows.dtype, device=rows.device)).tolist()
+    return [(bounds[i], bounds[i + 1], cut[i], cut[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def sharded_margin_softmax_ce(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
