@@ -11,9 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.insightface import InsightFaceReader, read_property
+from data_pipeline.recordio import RecordIOError
 from launcher.config import Config
 from launcher.distributed import DistContext
 
@@ -82,11 +84,54 @@ class TrainData:
             close()
 
 
+def _index_mismatch(prefix: Path, err: RecordIOError) -> ValueError:
+    return ValueError(f"the index {prefix}.idx does not match {prefix}.rec (or the .rec is damaged): {err}; "
+                      "use the .idx written together with this .rec, or rebuild it")
+
+
+def open_checked(prefix: Path, samples: int = 8, seed: int = 0) -> InsightFaceReader:
+    """Open the dataset and refuse a ``.idx`` that does not belong to its ``.rec``, before anything trains.
+
+    Cheap: reads a few whole records through the index -- the first and the last by offset, and
+    ``samples`` more at random. Each must start with the RecordIO magic at its offset and end within
+    the file, so an index of another file, or one with offsets past the end, fails here, not mid-run.
+    """
+    has_idx = Path(f"{prefix}.idx").is_file()
+    try:
+        reader = InsightFaceReader(prefix)  # reads the header record (key 0) through the index
+    except RecordIOError as e:
+        raise (_index_mismatch(prefix, e) if has_idx else e) from None
+    if not has_idx:
+        return reader  # keys and offsets came from scanning the .rec itself
+    records = reader.reader
+    keys, offsets = records.key_array, records.offset_array
+    if len(keys):
+        order = np.argsort(offsets, kind="stable")
+        picks = {int(keys[order[0]]), int(keys[order[-1]])}
+        rng = np.random.default_rng(seed)
+        picks.update(int(k) for k in rng.choice(keys, size=min(samples, len(keys)), replace=False))
+        for key in sorted(picks):
+            try:
+                records.read(key)
+            except RecordIOError as e:
+                reader.close()
+                raise _index_mismatch(prefix, e) from None
+    return reader
+
+
+def check_val_bins(cfg: Config) -> None:
+    """Missing verification sets are reported before training, not at the first evaluation."""
+    missing = [b for b in cfg.data.val_bins if not Path(b).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.val_bins: no such file: {', '.join(missing)}")
+
+
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     if not cfg.data.prefix:
         raise ValueError("no training data: set data.prefix (or pass --data PREFIX); "
                          "`pfc data synth` makes a synthetic set")
     prefix = Path(cfg.data.prefix)
+    check_val_bins(cfg)
     num_classes, h, w = read_property(prefix)
     if cfg.head.num_classes is not None:
         if cfg.head.num_classes < num_classes:
@@ -97,7 +142,7 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
         raise ValueError(f"model.image_size={cfg.model.image_size} but {prefix} holds {h}x{w} images "
                          "(its property file); set model.image_size to match")
     kind = choose_loader(cfg.data.loader, ctx.device)
-    reader = InsightFaceReader(prefix)
+    reader = open_checked(prefix, seed=cfg.train.seed)
     if kind == "dali":
         from data_pipeline.dali_iterator import DaliLoader
 

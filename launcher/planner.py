@@ -41,7 +41,7 @@ FP32 = 4
 #   copy of the sampled rows when the head is fp32 (else a fresh fp32 copy each step, see below), and
 #   one chunk of momentum rows for the sparse SGD;
 LOGIT_BUFFERS = 2
-MOMENTUM_CHUNK_ROWS = 4096
+MOMENTUM_CHUNK_ROWS = 512  # partialfc.optimizer._CHUNK_ROWS
 # * the sampler's scratch during the forward: a permutation of the shard (int64), two masks (bool) and
 #   the filtered permutation (int64): 18 bytes per class of the shard;
 SAMPLER_BYTES_PER_ROW = 18

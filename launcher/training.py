@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,17 @@ def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainDat
     return path
 
 
+def _refused_file(ckpt: Path, rank: int) -> Path | str:
+    """Which of a checkpoint's pickle files ``torch.load(weights_only=True)`` refuses (error path only)."""
+    for f in (ckpt / "trainer_state.pt", ckpt / "rank" / f"rank_{rank:05d}.pt"):
+        try:
+            if f.is_file():
+                torch.load(f, weights_only=True)  # safe: the restricted unpickler runs no code
+        except pickle.UnpicklingError:
+            return f
+    return f"a file of {ckpt}"
+
+
 def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
     """Load the latest complete checkpoint of the run folder, if any; return the step to start from."""
     if not cfg.checkpoint.resume:
@@ -231,7 +243,11 @@ def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
     latest = CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
     if latest is None:
         return 0
-    files = load_trainer_files(latest, ctx.rank, ctx.world_size)
+    try:
+        files = load_trainer_files(latest, ctx.rank, ctx.world_size)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"refusing to resume: {_refused_file(latest, ctx.rank)} holds more than tensors and "
+                           f"plain data (pickled code?) and was not loaded: {str(e).splitlines()[0]}") from None
     c.engine.module.load_state_dict(files["backbone"])
     ts = files["trainer_state"]
     rs = files["rank_state"]

@@ -53,7 +53,10 @@ def _draw_negatives(positive: torch.Tensor, shard: int, count: int, gen: torch.G
     at the size only, and a uniform subset of a uniform subset is uniform.
     """
     m = shard - positive.numel()
-    seen = torch.empty(0, dtype=torch.int64)
+    # For a large share of the shard a permutation costs O(m) = O(count), while collecting distinct
+    # i.i.d. draws would need ~m log(m / (m - count)) of them (37 s at r = 0.999 on 300k rows).
+    seen = (torch.randperm(m, generator=gen)[:count] if 4 * count >= m
+            else torch.empty(0, dtype=torch.int64))
     while seen.numel() < count:
         # Expected distinct values from k draws out of m: m (1 - exp(-k/m)); ask for a few more than
         # needed so that one round almost always suffices (at r = 0.1, ~5% extra draws).

@@ -2,7 +2,8 @@
 
 Modelled on Megatron-core's vocab-parallel cross-entropy: one autograd Function that holds this rank's
 ``N x S_k`` logits once (``S_k`` = sampled classes of rank k), exponentiates them in place into the
-probabilities saved for backward, and builds nothing else of size ``S_k x d`` besides the weights'
+unnormalised probabilities saved for backward (their 1/Z is folded into the backward's row scaling), and
+builds nothing else of size ``S_k x d`` besides the weights'
 gradient itself (the class weights' normalisation is folded into the GEMMs).
 
 Per sample i (global batch of N, identical on every rank):

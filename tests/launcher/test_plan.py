@@ -48,7 +48,7 @@ def test_memory_hand_computed_fp32() -> None:
     sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
     # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
-    # and a momentum chunk (min(S, 4096) rows = S x D here); the sampler's 18 bytes per shard row.
+    # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 18 bytes per shard row.
     ws = 2 * ns + 2 * sd + sd
     assert p.phases == {"forward": ws + 18 * 4 + emb, "backward": ws + emb, "optimizer": ws}
     assert p.peak_phase == "forward"
@@ -59,12 +59,12 @@ def test_memory_hand_computed_fp32() -> None:
 
 
 def test_memory_large_logits_and_half_precision() -> None:
-    # N x S dominates when N is large; the momentum chunk is capped at 4096 rows.
+    # N x S dominates when N is large; the momentum chunk is capped at 512 rows.
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
     assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 18 * 500 \
         + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
-    assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["momentum_chunk"] == 4096 * 4 * 4
+    assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["momentum_chunk"] == 512 * 4 * 4
     # fp16: the shard, its momentum and the chunk halve; the head works on fp32 copies of the sampled
     # rows, fresh each step: the forward holds the previous and the new copy and the fp16 gather.
     h = plan_rank(10, 3, 2, 4, 0.5, "fp16")

@@ -263,3 +263,36 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         load_head(PartialFC(10, 4), None, tmp_path)
     with pytest.raises(CheckpointError, match=r"head_meta\.json: missing"):
         load_head(head, None, tmp_path / "nowhere")
+
+
+def test_sampler_large_shard_draws_distinct_in_range_negatives() -> None:
+    """The sampler's cost grows with the sample count, not the shard: check it where that matters."""
+    from partialfc.sampler import num_sample, sample_classes
+
+    start, end = 1_000_000, 1_300_000
+    for r, step in ((0.01, 0), (0.1, 1), (0.5, 2), (0.999, 3)):
+        labels = torch.tensor([start + 5, start + 5, start + 299_999, 7, end + 3], dtype=torch.int64)
+        s = sample_classes(labels, start, end, r, seed=11, step=step, rank=2)
+        idx = s.index
+        assert idx.numel() == num_sample(end - start, r)
+        assert torch.equal(idx, torch.unique(idx)), "indices must be sorted and distinct"
+        assert int(idx.min()) >= 0 and int(idx.max()) < end - start
+        assert {5, 299_999} <= set(idx.tolist()) and s.num_positive == 2
+        assert s.local_labels.tolist()[2] == int(torch.searchsorted(idx, torch.tensor(299_999)))
+        again = sample_classes(labels, start, end, r, seed=11, step=step, rank=2)
+        assert torch.equal(again.index, idx)
+
+
+def test_sampler_negatives_uniform_when_few_are_drawn() -> None:
+    """The same chi-square where the negatives are few beside the shard (the distinct-draws branch)."""
+    labels = torch.tensor([3, 150])
+    shard, draws = 200, 3000
+    counts = torch.zeros(shard)
+    for step in range(draws):
+        s = sample_classes(labels, 0, shard, 0.05, seed=5, step=step, rank=1)
+        assert s.index.numel() == 10
+        counts[s.index] += 1
+    assert counts[3] == counts[150] == draws
+    neg = torch.cat([counts[:3], counts[4:150], counts[151:]]).double()
+    assert float(neg.sum()) == draws * 8
+    assert stats.chisquare(neg.numpy()).pvalue > 1e-3
