@@ -139,7 +139,9 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     cmd += ["-m", "launcher.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    # stderr is passed through line by line and its tail kept, to recognise a rendezvous timeout.
+    if not rdzv_endpoint:
+        return subprocess.call(cmd, env=env)
+    # Multi-node: stderr is passed through line by line and its tail kept, to recognise a rendezvous timeout.
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
     tail: collections.deque[str] = collections.deque(maxlen=400)
     assert proc.stderr is not None
@@ -151,7 +153,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
         code = proc.wait()
     except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
         code = proc.wait()
-    if code and rdzv_endpoint and any("RendezvousTimeoutError" in line for line in tail):
+    if code and any("RendezvousTimeoutError" in line for line in tail):
         waited = f"{int(rdzv_timeout)} s" if rdzv_timeout is not None else "600 s (torchrun's default)"
         raise RendezvousTimeout(f"rendezvous at {rdzv_endpoint} timed out after {waited}: not all {nnodes} "
                                 "nodes joined (is every node started, with the same --rdzv-endpoint and "

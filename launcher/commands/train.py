@@ -49,7 +49,8 @@ def train_cmd(
     rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="rendezvous id shared by all nodes of one job "
                                        "(e.g. the SLURM job id)"),
     rdzv_timeout: float | None = typer.Option(None, "--rdzv-timeout", min=1,
-                                              help="seconds to wait for all nodes to join (default 600)"),
+                                              help="with --rdzv-endpoint: seconds to wait for all nodes to join "
+                                              "(default 600)"),
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
     from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher

@@ -40,6 +40,22 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc). torchrun starts each rank in a session of its own, so
+    killing the launcher's process group does not reach the ranks."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    below: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, pp in parent.items() if pp in frontier} - below
+        below |= frontier
+    return below
+
+
 def _no_traceback(r: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
@@ -81,10 +97,19 @@ def test_hung_rank_is_detected_within_the_timeout_and_named(dataset, tmp_path): 
                 break
     finally:
         # The SIGSTOPped rank must not outlive the test (torchrun itself would SIGKILL it 30 s after
-        # rank 0 exits); its whole session goes.
+        # rank 0 exits): SIGKILL every process below the launcher, then the launcher's group.
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    stopped = []
+    for pid in _descendants(1):
+        with contextlib.suppress(OSError):
+            if str(tmp_path) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                stopped.append(pid)
+    assert not stopped, f"ranks of this test still alive: {stopped}"
     out = "".join(lines)
     assert found, out[-4000:]
     waited = int(found.group(2))
