@@ -74,15 +74,22 @@ def test_sampler_quota_exceeded_and_full() -> None:
     assert empty.index.numel() == 0 and torch.all(empty.local_labels == -1)
 
 
+def _draw_counts(labels: torch.Tensor, shard: int, rate: float, draws: int, seed: int, rank: int,
+                 expected: int) -> torch.Tensor:
+    """How often each class of a [0, shard) range was kept over ``draws`` steps (each of ``expected``)."""
+    counts = torch.zeros(shard)
+    for step in range(draws):
+        s = sample_classes(labels, 0, shard, rate, seed=seed, step=step, rank=rank)
+        assert s.index.numel() == expected
+        counts[s.index] += 1
+    return counts
+
+
 def test_sampler_negatives_uniform() -> None:
     """Chi-square over 3000 draws (fixed seeds): each negative is drawn equally often."""
     labels = torch.tensor([3, 7, 103])  # 103 is another rank's class
-    shard, draws = 20, 3000
-    counts = torch.zeros(shard)
-    for step in range(draws):
-        s = sample_classes(labels, 0, shard, 0.4, seed=11, step=step, rank=0)
-        assert s.index.numel() == 8
-        counts[s.index] += 1
+    draws = 3000
+    counts = _draw_counts(labels, 20, 0.4, draws, seed=11, rank=0, expected=8)
     assert counts[3] == counts[7] == draws
     neg = torch.cat([counts[:3], counts[4:7], counts[8:]]).double()
     assert float(neg.sum()) == draws * 6
@@ -285,13 +292,8 @@ def test_sampler_large_shard_draws_distinct_in_range_negatives() -> None:
 
 def test_sampler_negatives_uniform_when_few_are_drawn() -> None:
     """The same chi-square where the negatives are few beside the shard (the distinct-draws branch)."""
-    labels = torch.tensor([3, 150])
-    shard, draws = 200, 3000
-    counts = torch.zeros(shard)
-    for step in range(draws):
-        s = sample_classes(labels, 0, shard, 0.05, seed=5, step=step, rank=1)
-        assert s.index.numel() == 10
-        counts[s.index] += 1
+    draws = 3000
+    counts = _draw_counts(torch.tensor([3, 150]), 200, 0.05, draws, seed=5, rank=1, expected=10)
     assert counts[3] == counts[150] == draws
     neg = torch.cat([counts[:3], counts[4:150], counts[151:]]).double()
     assert float(neg.sum()) == draws * 8
