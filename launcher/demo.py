@@ -22,10 +22,6 @@ from launcher.distributed import DistContext, torchrun
 log = logging.getLogger("pfc")
 
 
-def _single_process_ctx() -> DistContext:
-    return DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None)
-
-
 def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
     """Loss by component against step, from the run's metrics.jsonl."""
     import matplotlib
@@ -86,7 +82,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
     torch.manual_seed(cfg.train.seed)
     untrained = get_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                              image_size=cfg.model.image_size, width=cfg.model.width)
-    before = evaluate_bins(untrained, [str(val_bin)], cfg, _single_process_ctx())
+    before = evaluate_bins(untrained, [str(val_bin)], cfg, DistContext.single_process())
 
     log.info(f"training on {nproc} CPU rank(s): pfc train demo_cpu " + " ".join(f"--set {s}" for s in sets))
     code = torchrun(["train", "demo_cpu", *[a for s in sets for a in ("--set", s)]], nproc)
@@ -102,7 +98,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
         log.error(f"training ended without a checkpoint in {out / 'checkpoints'}")
         return 1
     model = load_backbone(latest / "backbone.safetensors")
-    after = evaluate_bins(model, [str(val_bin)], cfg, _single_process_ctx(), roc_dir=out)
+    after = evaluate_bins(model, [str(val_bin)], cfg, DistContext.single_process(), roc_dir=out)
     loss_png = plot_losses(out / "metrics.jsonl", out / "loss.png")
     report: dict[str, Any] = {"checkpoint": str(latest), "untrained": before, "trained": after,
                               "loss_curve": str(loss_png) if loss_png else None}

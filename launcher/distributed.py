@@ -31,6 +31,11 @@ class DistContext:
     device: torch.device
     backend: str | None  # None: single process, no process group
 
+    @classmethod
+    def single_process(cls, device: torch.device | None = None) -> DistContext:
+        """No process group: one rank on ``device`` (CPU by default), as `pfc eval` and the demo use."""
+        return cls(0, 1, 0, 1, 0, device or torch.device("cpu"), None)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -57,7 +62,7 @@ def rank_environment() -> tuple[int, int, int, int]:
     Under ``srun`` without torchrun, SLURM's variables are mapped onto torch's names so that
     ``init_process_group(init_method="env://")`` works (MASTER_ADDR/MASTER_PORT must still be set).
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_launcher():
         rank = _env_int("RANK")
         world = _env_int("WORLD_SIZE")
         local = _env_int("LOCAL_RANK", default=0)

@@ -48,7 +48,7 @@ class BackboneEngine(Protocol):
     def train(self, mode: bool = True) -> None: ...
 
 
-def _lr_schedule(opt: Any, cfg: Config) -> Any:
+def lr_schedule(opt: Any, cfg: Config) -> Any:
     """Linear warm-up then polynomial decay to zero, stepped once per optimizer step."""
     o = cfg.optim
     decay = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(cfg.train.steps - o.warmup_steps, 1),
@@ -59,8 +59,6 @@ def _lr_schedule(opt: Any, cfg: Config) -> Any:
                                              total_iters=o.warmup_steps)
     return torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[o.warmup_steps])
 
-
-lr_schedule = _lr_schedule
 
 
 def _optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
@@ -109,7 +107,7 @@ class DDPEngine:
             ddp.register_comm_hook(self.comm, _timed_allreduce_hook)
             self.model = ddp
         self.opt = _optimizer(backbone.parameters(), cfg)
-        self.sched = _lr_schedule(self.opt, cfg)
+        self.sched = lr_schedule(self.opt, cfg)
         self.clip = cfg.optim.grad_clip or float("inf")
         self.scaler = (torch.amp.GradScaler("cuda")
                        if cfg.train.amp == "fp16" and ctx.device.type == "cuda" else None)
@@ -187,7 +185,7 @@ class DeepSpeedEngine:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=ctx.backend or "gloo", auto_mpi_discovery=False)
         opt = _optimizer(backbone.parameters(), cfg)
-        sched = _lr_schedule(opt, cfg)
+        sched = lr_schedule(opt, cfg)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": cfg.train.batch_size,
             "gradient_accumulation_steps": cfg.optim.grad_accum,

@@ -55,7 +55,7 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
                  seed=seed + _HELDOUT_SEED_OFFSET, **jitter)
     results: dict[str, Any] = {"config": str(recipe), "identities": identities, "hard_jitter": hard,
                                "images_per_identity": images_per_identity, "world_size": nproc, "runs": {}}
-    ctx = DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None)
+    ctx = DistContext.single_process()
     for lam in lambdas:
         run = out / f"lambda_{lam:g}"
         run_sets = [*sets, f"data.prefix={json.dumps(str(prefix))}", f"data.val_bins={json.dumps([str(val_bin)])}",

@@ -44,7 +44,7 @@ def eval_cmd(
     cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
                                            "embedding_size": net.backbone_config["embedding_size"]},
                                  "eval": {"batch_size": batch_size}})
-    ctx = DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None)
+    ctx = DistContext.single_process()
     if roc_dir is not None:
         roc_dir.mkdir(parents=True, exist_ok=True)
     results = evaluate_bins(net, bins, cfg, ctx, roc_dir=roc_dir)

@@ -91,7 +91,7 @@ def test_two_ranks_learn_checkpoint_and_eval_reads_it(dataset, tmp_path):
     cfg = load_config(None, sets)
     torch.manual_seed(5)
     untrained = get_backbone("tiny", embedding_size=64, image_size=IMAGE)
-    base = evaluate_bins(untrained, [str(val_bin)], cfg, DistContext(0, 1, 0, 1, 0, torch.device("cpu"), None))
+    base = evaluate_bins(untrained, [str(val_bin)], cfg, DistContext.single_process())
     assert trained["accuracy"] > base[val_bin.name]["accuracy"] + 0.03, (trained, base)
     # The evaluation during training, sharded over 2 ranks, saw the same model as `pfc eval`.
     # (rounding differs with the batch split and thread count, which can flip a pair at the threshold)
