@@ -206,14 +206,15 @@ def resolve_backbone_file(model: str | Path) -> Path:
     """MODEL as users give it -> the backbone weight file.
 
     Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
-    (``step_*``), or a backbone ``.safetensors`` file itself.
+    (``step_*``), or a weight file itself: a backbone ``.safetensors`` or an insightface arcface_torch
+    ``.pth``/``.pt`` state_dict (whether the file fits a backbone is checked when it is loaded).
     """
     p = Path(model)
     if p.is_file():
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
-                                "folder or a backbone .safetensors file)")
+                                "folder, a backbone .safetensors file or an insightface .pth file)")
     if (p / "backbone.safetensors").is_file():
         return p / "backbone.safetensors"
     for root in (p / "checkpoints", p):

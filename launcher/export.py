@@ -2,8 +2,10 @@
 
 * :func:`resolve_weight_file` turns a MODEL argument (weight file, checkpoint or run folder) into a
   backbone weight file (safetensors with the backbone's config in its metadata, see
-  :func:`partialfc.backbones.save_backbone`).
+  :func:`partialfc.backbones.save_backbone`, or an insightface arcface_torch ``.pth`` state_dict).
 * :func:`load_backbone_for_inference` builds the network from such a file (eval mode, float32).
+* :func:`export_torch` writes a plain ``torch.save`` state_dict with insightface's parameter names,
+  which arcface_torch's ``get_model(...).load_state_dict(torch.load(path))`` accepts.
 * :func:`export_onnx` writes an ONNX graph with a dynamic batch axis and checks it against
   onnxruntime on random input.
 * :func:`embed_images` reads image files and returns L2-normalised, flip-summed embeddings.
@@ -59,6 +61,53 @@ def load_backbone_for_inference(model_path: str | Path, device: str | torch.devi
     weight_file = resolve_weight_file(model_path)
     model = load_backbone(weight_file)
     return model.float().to(device).eval()
+
+
+#: backbones whose parameter names and shapes are insightface arcface_torch's
+INSIGHTFACE_NAMES = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet"}
+
+
+def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
+    """Write ``model``'s state_dict as a ``torch.save`` file in insightface arcface_torch's format.
+
+    The keys and shapes are those of arcface_torch's iresnet / MobileFaceNet (the same modules here), so
+    ``backbone.load_state_dict(torch.load(out_path))`` works on their side. Written to a temporary name
+    and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes`` (what their code needs
+    to build the matching network: e.g. ``get_model("r50", num_features=512)``).
+    Raises ValueError for a backbone insightface does not have (``tiny``).
+    """
+    net = unwrap(model)
+    config = dict(getattr(net, "backbone_config", {}))
+    name = config.get("name")
+    if name not in INSIGHTFACE_NAMES:
+        raise ValueError(f"backbone {name!r} has no insightface arcface_torch counterpart; export torch "
+                         f"takes {', '.join(sorted(INSIGHTFACE_NAMES))} (use `pfc export onnx` for any backbone)")
+    notes: list[str] = []
+    size = config.get("image_size")
+    if size not in (112, [112, 112], (112, 112)):
+        notes.append(f"image size {size}: insightface's code builds its FC / GDC for 112 x 112 only")
+    if float(config.get("width", 1.0)) != 1.0:
+        notes.append(f"width {config.get('width')}: insightface's constructors have no width multiplier")
+    if name == "mobilefacenet":
+        arch = {"scale": config.get("scale", 1), "blocks": config.get("blocks", [1, 4, 6, 2])}
+        if arch["scale"] == 2 and list(arch["blocks"]) == [1, 4, 6, 2]:
+            notes.append("insightface: get_model('mbf', num_features=...)")
+        elif arch["scale"] == 4 and list(arch["blocks"]) == [2, 8, 12, 4]:
+            notes.append("insightface: get_model('mbf_large', num_features=...)")
+        else:
+            notes.append(f"insightface: MobileFaceNet(num_features=..., blocks={list(arch['blocks'])}, "
+                         f"scale={arch['scale']})")
+    else:
+        notes.append(f"insightface: get_model('r{str(name)[len('iresnet'):]}', "
+                     f"num_features={config.get('embedding_size')})")
+    state = {k: v.detach().to("cpu").float().contiguous() if v.is_floating_point() else v.detach().cpu()
+             for k, v in net.state_dict().items()}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return {"path": str(out), "name": name, "tensors": len(state), "notes": notes}
 
 
 def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> tuple[int, int]:
@@ -281,6 +330,7 @@ __all__ = [
     "compare_onnx",
     "embed_images",
     "export_onnx",
+    "export_torch",
     "load_backbone_for_inference",
     "load_image",
     "resolve_weight_file",

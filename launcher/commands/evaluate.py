@@ -12,7 +12,8 @@ from launcher.commands.groups import app
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="run folder, checkpoint folder, or backbone .safetensors file"),
+    model: str = typer.Argument(..., help="run folder, checkpoint folder, backbone .safetensors or "
+                                "insightface .pth file"),
     bins: list[str] = typer.Option(..., "--bin", help="verification .bin file (repeatable)"),
     json_path: Path | None = typer.Option(None, "--json", help="write the metrics as JSON here"),
     roc_dir: Path | None = typer.Option(None, "--roc-dir", help="write one ROC PNG per .bin here"),

@@ -13,6 +13,7 @@ from launcher.commands.groups import app, export_app
 if TYPE_CHECKING:
     from torch import nn
 
+MODEL_HELP = "Run folder, checkpoint folder, backbone .safetensors or insightface .pth file."
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -33,7 +34,7 @@ def _load(model: Path) -> nn.Module:
 
 @export_app.command("onnx")
 def onnx_cmd(
-    model: Path = typer.Argument(..., help="Run folder, checkpoint folder or backbone .safetensors file."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Argument(..., help="The .onnx file to write."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     tolerance: float = typer.Option(1e-4, "--tolerance",
@@ -63,14 +64,22 @@ def onnx_cmd(
         raise typer.Exit(code=1)
 
 
+def order_file(out: Path) -> Path:
+    """Where `pfc embed --out OUT` lists its images, one per line in row order: ``e.npy`` -> ``e.order.txt``."""
+    return out.with_name(out.stem + ".order.txt")
+
+
 def _expand(images: list[Path]) -> list[Path]:
-    """Files as given; a directory contributes its image files (sorted, not recursive)."""
+    """Files as given; a directory contributes its image files and those of its subfolders (one per
+    identity, as `pfc data pack` reads them), sorted by path relative to it."""
     paths: list[Path] = []
     for p in images:
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted((q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES),
+                           key=lambda q: q.relative_to(p).parts)
             if not found:
-                _fail(f"{p}: directory holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                _fail(f"{p}: directory holds no image files, nor do its subfolders "
+                      f"({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths += found
         elif p.is_file():
             paths.append(p)
@@ -79,11 +88,32 @@ def _expand(images: list[Path]) -> list[Path]:
     return paths
 
 
+@export_app.command("torch")
+def torch_cmd(
+    model: Path = typer.Argument(..., help="Run folder, checkpoint folder, backbone .safetensors or .pth file."),
+    out: Path = typer.Argument(..., help="The .pth file to write (a state_dict with insightface's names)."),
+) -> None:
+    """Export a backbone as an insightface arcface_torch state_dict (.pth, torch.save)."""
+    from launcher.export import export_torch
+
+    net = _load(model)
+    try:
+        result = export_torch(net, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"exported {model} -> {out}  ({result['name']}, {result['tensors']} tensors, "
+               "insightface arcface_torch parameter names)")
+    for note in result["notes"]:
+        typer.echo(f"  {note}")
+
+
 @app.command("embed")
 def embed_cmd(
-    model: Path = typer.Argument(..., help="Run folder, checkpoint folder or backbone .safetensors file."),
-    images: list[Path] = typer.Argument(..., help="Image files, or directories of image files."),
-    out: Path = typer.Option(..., "--out", help="The .npy file to write: (N, d) float32, unit rows."),
+    model: Path = typer.Argument(..., help=MODEL_HELP),
+    images: list[Path] = typer.Argument(..., help="Image files, or directories of image files (identity "
+                                        "subfolders included)."),
+    out: Path = typer.Option(..., "--out", help="The .npy file to write: (N, d) float32, unit rows; row i's "
+                             "image is line i of OUT's .order.txt beside it."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     json_path: Path | None = typer.Option(None, "--json",
                                           help="Also write a JSON summary (with the image order) here."),
@@ -104,8 +134,10 @@ def embed_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # np.save(path) would append .npy to any other suffix
         np.save(f, emb)
+    order = order_file(out)
+    order.write_text("".join(f"{p}\n" for p in paths))
     typer.echo(f"embedded {len(paths)} images with {model} -> {out}  shape {emb.shape}, "
-               f"{len(paths) / max(seconds, 1e-9):.1f} images/s")
+               f"{len(paths) / max(seconds, 1e-9):.1f} images/s; row order in {order}")
     if json_path is not None:
         write_json(json_path, {"model": str(model), "out": str(out), "shape": list(emb.shape),
                                "images": [str(p) for p in paths], "seconds": seconds})

@@ -15,7 +15,7 @@ data_app = typer.Typer(help="Datasets: pack, inspect, synthesise and pair MXNet 
                        no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (JSON output with --json): head, data loader, training step.",
                         no_args_is_help=True)
-export_app = typer.Typer(help="Export trained backbones (ONNX).", no_args_is_help=True)
+export_app = typer.Typer(help="Export trained backbones (ONNX, insightface .pth).", no_args_is_help=True)
 config_app = typer.Typer(help="Training configuration: show the resolved config.", no_args_is_help=True)
 
 app.add_typer(data_app, name="data")

@@ -11,7 +11,9 @@ work in channels-last memory format (``model.to(memory_format=torch.channels_las
 
 Weight files: :func:`save_backbone` writes the state dict as safetensors with the model's config
 (name, embedding_size, image_size, width) as JSON in the file's metadata, so :func:`load_backbone`
-rebuilds the right network from the file alone.
+rebuilds the right network from the file alone. :func:`load_backbone` also takes insightface
+arcface_torch ``backbone.pth`` files (iresnet18-200, MobileFaceNet): the parameter names are the same,
+and the architecture is inferred from the keys and shapes (``partialfc.backbones.insightface``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from partialfc.backbones._common import Backbone
+from partialfc.backbones.insightface import StateFileError, describe, first_mismatch, infer_config, read_state_file
 from partialfc.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from partialfc.backbones.mobilefacenet import MobileFaceNet
 from partialfc.backbones.tiny import TinyNet
@@ -38,6 +41,7 @@ __all__ = [
     "MobileFaceNet",
     "TinyNet",
     "get_backbone",
+    "infer_config",
     "load_backbone",
     "load_backbone_weights",
     "parameter_count",
@@ -73,6 +77,8 @@ def get_backbone(
     width: float = 1.0,
     dropout: float = 0.0,
     fp16: bool = False,
+    scale: int = 1,
+    blocks: tuple[int, int, int, int] | list[int] | None = None,
 ) -> Backbone:
     """Build a backbone by name (one of ``BACKBONES``) on the current default device.
 
@@ -83,6 +89,8 @@ def get_backbone(
         width: multiplier on every channel count (> 0).
         dropout: dropout probability before the FC, in [0, 1).
         fp16: run the trunk under float16 autocast; features are float32 either way.
+        scale, blocks: MobileFaceNet only (insightface's ``mbf`` is scale 2, see
+            :class:`MobileFaceNet`); other backbones refuse values other than the defaults.
 
     The returned module carries ``backbone_config`` (a dict with name, embedding_size, image_size,
     width): pass it to :func:`save_backbone`.
@@ -95,8 +103,13 @@ def get_backbone(
         raise ValueError(f"backbone {name!r}: width must be a positive finite number, got {width!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"backbone {name!r}: dropout must be in [0, 1), got {dropout!r}")
+    options: dict[str, Any] = {}
+    if name == "mobilefacenet":
+        options = {"scale": scale} if blocks is None else {"scale": scale, "blocks": tuple(blocks)}
+    elif scale != 1 or blocks is not None:
+        raise ValueError(f"backbone {name!r}: scale and blocks apply to mobilefacenet only")
     model = BACKBONES[name](embedding_size=embedding_size, image_size=image_size, width=float(width),
-                            dropout=dropout, fp16=fp16)
+                            dropout=dropout, fp16=fp16, **options)
     assert isinstance(model, Backbone)
     return model
 
@@ -121,6 +134,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 _CONFIG_KEYS = ("name", "embedding_size", "image_size", "width")
+#: optional architecture keys of a config (MobileFaceNet's insightface variants)
+_ARCH_KEYS = ("scale", "blocks")
 
 
 def _validate_config(path: str | Path, config: Any) -> dict[str, Any]:
@@ -170,74 +185,90 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     return path
 
 
-def read_backbone_config(path: str | Path) -> dict[str, Any]:
-    """The config stored in a backbone weight file (image_size as an int or an (h, w) tuple).
-
-    Raises :class:`BackboneFileError` for a missing file, a file that is not safetensors, or one
-    without a valid backbone config in its metadata.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not path.is_file():
-        raise BackboneFileError(path, "no such file (expected a backbone .safetensors weight file)")
+        raise BackboneFileError(path, "no such file (expected a backbone .safetensors file or an insightface "
+                                      ".pth state_dict)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BackboneFileError(path, f"not a readable safetensors file ({exc})") from exc
-    if METADATA_KEY not in metadata:
-        raise BackboneFileError(path, f"safetensors metadata has no {METADATA_KEY!r} entry: not a backbone "
-                                      f"file written by save_backbone (metadata keys: {sorted(metadata)})")
+        return read_state_file(path)
+    except StateFileError as exc:
+        raise BackboneFileError(path, str(exc)) from exc
+
+
+def _config_of(path: Path, state: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, Any]:
+    if METADATA_KEY in metadata:
+        try:
+            config = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise BackboneFileError(path, f"metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
+        return _validate_config(path, config)
+    try:  # a file without our metadata: insightface's names, the architecture read off the shapes
+        return _validate_config(path, infer_config(state))
+    except StateFileError as exc:
+        raise BackboneFileError(path, str(exc)) from exc
+
+
+def read_backbone_config(path: str | Path) -> dict[str, Any]:
+    """The config of a backbone weight file (image_size as an int or an (h, w) tuple).
+
+    From the safetensors metadata :func:`save_backbone` writes, or -- for an insightface ``.pth`` or
+    a safetensors file without that metadata -- inferred from the parameter names and shapes.
+    Raises :class:`BackboneFileError` for a missing, unreadable or unrecognised file.
+    """
+    path = Path(path)
+    state, metadata = _read(path)
+    return _config_of(path, state, metadata)
+
+
+def _build(path: Path, config: Mapping[str, Any]) -> Backbone:
     try:
-        config = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise BackboneFileError(path, f"metadata {METADATA_KEY!r} is not valid JSON ({exc})") from exc
-    return _validate_config(path, config)
+        return get_backbone(config["name"], embedding_size=config["embedding_size"],
+                            image_size=config["image_size"], width=config["width"],
+                            **{k: config[k] for k in _ARCH_KEYS if k in config})
+    except (ValueError, TypeError) as exc:
+        raise BackboneFileError(path, f"invalid backbone config {dict(config)}: {exc}") from exc
+
+
+def _load_state(model: nn.Module, path: Path, state: Mapping[str, Any], what: str) -> None:
+    own = model.state_dict()
+    problem = first_mismatch(state, own)
+    if problem is not None:
+        raise BackboneFileError(path, f"weights do not fit {what}: {problem}")
+    # counters a converter dropped keep the model's value
+    full = {k: state.get(k, v) for k, v in own.items()}
+    model.load_state_dict(full, strict=True)
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy the weights of a backbone file into ``model`` (same architecture), strictly.
+    """Copy the weights of a backbone file (ours or an insightface ``.pth``) into ``model``, strictly.
 
-    Used to fine-tune from a backbone-only file. Raises :class:`BackboneFileError` naming the
-    missing/unexpected keys or the first shape mismatch.
+    Used to fine-tune from a backbone-only file. Raises :class:`BackboneFileError` naming the first
+    missing, unexpected or differently shaped key.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     target = unwrap(model)
-    try:
-        state = load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise BackboneFileError(path, f"cannot read tensors ({exc})") from exc
-    own = target.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise BackboneFileError(path, f"weights do not fit the model: missing {missing[:5]}"
-                                      f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                                      f"{'...' if len(unexpected) > 5 else ''}")
-    for key, expected in own.items():  # in the model's order, so the first layer that differs is named
-        if tuple(state[key].shape) != tuple(expected.shape):
-            raise BackboneFileError(path, f"tensor {key!r} has shape {tuple(state[key].shape)}, the model "
-                                          f"expects {tuple(expected.shape)}")
-    target.load_state_dict(state, strict=True)
+    state, _ = _read(path)
+    config = getattr(target, "backbone_config", None)
+    what = f"the model {describe(config)}" if isinstance(config, Mapping) and "name" in config else "the model"
+    _load_state(target, path, state, what)
     return model
 
 
 def load_backbone(path: str | Path) -> Backbone:
-    """Rebuild the backbone described by a file written by :func:`save_backbone`, with its weights.
+    """Rebuild the backbone a weight file describes, with its weights.
 
+    Takes a file written by :func:`save_backbone` or an insightface arcface_torch state_dict
+    (``.pth``/``.pt``, read with ``weights_only=True``; the architecture is inferred from its keys).
     Returns the module on CPU, in training mode like any freshly built module (call ``.eval()`` for
-    inference), with ``backbone_config`` set to the stored config.
+    inference), with ``backbone_config`` set to the stored or inferred config. A file that fits no
+    backbone raises :class:`BackboneFileError` naming the first mismatched key and its shape.
     """
-    config = read_backbone_config(path)
-    try:
-        model = get_backbone(config["name"], embedding_size=config["embedding_size"],
-                             image_size=config["image_size"], width=config["width"])
-    except (ValueError, TypeError) as exc:
-        raise BackboneFileError(path, f"invalid backbone config {config}: {exc}") from exc
-    load_backbone_weights(model, path)
+    path = Path(path)
+    state, metadata = _read(path)
+    config = _config_of(path, state, metadata)
+    model = _build(path, config)
+    _load_state(model, path, state, describe(config) if METADATA_KEY in metadata
+                else f"any backbone; closest {describe(config)}")
     model.backbone_config = {**config, **model.backbone_config}
     return model
 

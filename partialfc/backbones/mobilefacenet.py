@@ -22,6 +22,13 @@ Each bottleneck is conv1x1 (expand) -> BN -> PReLU -> depthwise conv3x3 (stride)
 conv1x1 (project) -> BN, with a residual sum when stride is 1 and the channel count is unchanged.
 The global depthwise convolution (GDC) has a kernel the size of the final feature map, which is why
 the image size is fixed at construction. A width multiplier scales every channel count.
+
+Parameter names and module structure are those of insightface's arcface_torch ``mobilefacenet.py``
+(``layers.N`` = stem ConvBlock, depthwise ConvBlock, then DepthWise / Residual stages; ``conv_sep``;
+``features`` = the GDC with the FC at ``features.layers.2`` and the BN1d at ``features.layers.3``), so
+its released weights load as they are. Its ``mbf`` is this network with ``scale=2`` (trunk channels
+doubled, expansion widths not), ``mbf_large`` ``scale=4, blocks=(2, 8, 12, 4)``; scale 1 is the table
+above.
 """
 
 from __future__ import annotations
@@ -38,63 +45,136 @@ from partialfc.backbones._common import (
     widen,
 )
 
-# (expansion t, output channels c, repeats n, first stride s)
-BOTTLENECKS: tuple[tuple[int, int, int, int], ...] = (
-    (2, 64, 5, 2),
-    (4, 128, 1, 2),
-    (2, 128, 6, 1),
-    (4, 128, 1, 2),
-    (2, 128, 2, 1),
-)
+#: insightface's released ``mbf`` (scale 2) uses these block counts: the repeats of the residual
+#: stages after the stem, the 64-, 128- and the two 128-channel stages (the paper's n minus the first,
+#: strided block of each stage, which is a separate ``DepthWise``); blocks[0] == 1 means a plain
+#: depthwise conv after the stem, as in the paper.
+DEFAULT_BLOCKS: tuple[int, int, int, int] = (1, 4, 6, 2)
 BN_EPS = 1e-5
 
 
-def conv_bn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1, groups: int = 1,
-            act: bool = True, same: bool = True) -> nn.Sequential:
-    """conv (no bias; 'same' padding for odd kernels unless ``same`` is False) -> BN [-> PReLU]."""
-    k = (kernel, kernel) if isinstance(kernel, int) else kernel
-    padding = (k[0] // 2, k[1] // 2) if same else (0, 0)
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups, bias=False),
-        nn.BatchNorm2d(cout, eps=BN_EPS),
-    ]
-    if act:
-        layers.append(nn.PReLU(cout))
-    return nn.Sequential(*layers)
+def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
+    return (k, k) if isinstance(k, int) else k
 
 
-class Bottleneck(nn.Module):
-    """Inverted residual: expand (1x1) -> depthwise 3x3 (stride) -> linear project (1x1).
+class ConvBlock(nn.Module):
+    """conv (no bias, 'same' padding for odd kernels) -> BN -> PReLU, as ``layers`` (insightface's names)."""
 
-    Input (B, cin, h, w); output (B, cout, h/stride, w/stride).
-    """
-
-    def __init__(self, cin: int, cout: int, expansion: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int] = 1, stride: int = 1,
+                 groups: int = 1) -> None:
         super().__init__()
-        hidden = cin * expansion
-        self.residual = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            conv_bn(cin, hidden, 1),
-            conv_bn(hidden, hidden, 3, stride=stride, groups=hidden),
-            conv_bn(hidden, cout, 1, act=False),  # linear bottleneck: no activation on the projection
+        k = _pair(kernel)
+        self.layers = nn.Sequential(
+            nn.Conv2d(cin, cout, k, stride=stride, padding=(k[0] // 2, k[1] // 2), groups=groups, bias=False),
+            nn.BatchNorm2d(cout, eps=BN_EPS),
+            nn.PReLU(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
+        return self.layers(x)
+
+
+class LinearBlock(nn.Module):
+    """conv (no bias) -> BN, no activation; ``same`` False means no padding (the GDC)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int] = 1, stride: int = 1,
+                 groups: int = 1, same: bool = True) -> None:
+        super().__init__()
+        k = _pair(kernel)
+        padding = (k[0] // 2, k[1] // 2) if same else (0, 0)
+        self.layers = nn.Sequential(
+            nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups, bias=False),
+            nn.BatchNorm2d(cout, eps=BN_EPS),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class DepthWise(nn.Module):
+    """Inverted residual: expand (1x1, cin -> hidden) -> depthwise 3x3 (stride) -> linear project (1x1).
+
+    Input (B, cin, h, w); output (B, cout, h/stride, w/stride); the input is added back when
+    ``residual`` (stride 1, cin == cout).
+    """
+
+    def __init__(self, cin: int, cout: int, hidden: int, stride: int, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.layers = nn.Sequential(
+            ConvBlock(cin, hidden, 1),
+            ConvBlock(hidden, hidden, 3, stride=stride, groups=hidden),
+            LinearBlock(hidden, cout, 1),  # linear bottleneck: no activation on the projection
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
         return x + out if self.residual else out
 
 
+class Residual(nn.Module):
+    """``n`` residual ``DepthWise`` blocks at constant width c (stride 1)."""
+
+    def __init__(self, c: int, n: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(DepthWise(c, c, hidden, 1, residual=True) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class _DropoutFlatten(nn.Module):
+    """Dropout, then flatten (B, C, 1, 1) -> (B, C); holds no parameters (index 1 of the GDC, where
+    insightface has its Flatten, so the FC and BN1d keep their indices 2 and 3)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(p=p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.dropout(x), 1)
+
+
+class GDC(nn.Module):
+    """Global depthwise conv (one (h/16 x w/16) filter per channel) -> dropout/flatten -> FC -> BN1d.
+
+    The GDC weighs each spatial position (the face's centre matters more than its corners, which global
+    average pooling ignores). ``layers`` = [LinearBlock, flatten, Linear (no bias), BatchNorm1d].
+    """
+
+    def __init__(self, channels: int, kernel: tuple[int, int], embedding_size: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            LinearBlock(channels, channels, kernel, groups=channels, same=False),
+            _DropoutFlatten(dropout),
+            nn.Linear(channels, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size, eps=BN_EPS),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers[0](x)
+        # FC + BN1d in float32 even under a caller's autocast, as the other backbones
+        with float32_region(x):
+            return self.layers[3](self.layers[2](self.layers[1](widen(x))))
+
+
 class MobileFaceNet(Backbone):
-    """MobileFaceNet trunk + GDC + FC + BN1d.
+    """MobileFaceNet trunk + conv_sep + GDC + FC + BN1d, with insightface arcface_torch's parameter names.
 
     Args:
         embedding_size: output dimension d (512 by default, as the other backbones here).
         image_size: input size (int or (h, w)), each divisible by 16; sets the GDC kernel.
-        width: multiplier on all channel counts.
+        width: multiplier on every channel count (also the expansion widths and the 512 of conv_sep).
         dropout: dropout probability before the FC.
         fp16: run the trunk under float16 autocast; the features are float32 either way.
+        scale: integer multiplier on the trunk's 64/128 channels only, expansion widths unchanged:
+            insightface's ``mbf`` is scale 2, ``mbf_large`` scale 4; scale 1 is the paper's network.
+        blocks: residual repeats per stage (see :data:`DEFAULT_BLOCKS`); ``mbf_large`` is (2, 8, 12, 4).
 
     Input (B, 3, H, W) in [-1, 1]; output (B, embedding_size) float32, not normalised.
+    Channel counts at width w: trunk ``a = 64w*scale``, ``b = 128w*scale``; expansion widths
+    ``2*64w``, ``4*64w``, ``2*128w``, ``4*128w``; conv_sep ``512w``; the stem's second conv has ``64w``
+    groups (depthwise at scale 1).
     """
 
     reduction = 16
@@ -106,28 +186,40 @@ class MobileFaceNet(Backbone):
         width: float = 1.0,
         dropout: float = 0.0,
         fp16: bool = False,
+        scale: int = 1,
+        blocks: tuple[int, int, int, int] | list[int] = DEFAULT_BLOCKS,
     ) -> None:
         super().__init__("mobilefacenet", embedding_size, image_size, width)
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"backbone 'mobilefacenet': scale must be a positive int, got {scale!r}")
+        if len(blocks) != 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in blocks):
+            raise ValueError(f"backbone 'mobilefacenet': blocks must be four positive ints, got {blocks!r}")
+        blocks = (blocks[0], blocks[1], blocks[2], blocks[3])
         self.fp16 = fp16
+        self.scale = scale
+        self.blocks = blocks
+        if scale != 1 or blocks != DEFAULT_BLOCKS:
+            self.backbone_config.update(scale=scale, blocks=list(blocks))
 
-        c0 = scaled(64, width)
-        layers: list[nn.Module] = [conv_bn(3, c0, 3, stride=2), conv_bn(c0, c0, 3, groups=c0)]
-        cin = c0
-        for t, c, n, s in BOTTLENECKS:
-            cout = scaled(c, width)
-            for i in range(n):
-                layers.append(Bottleneck(cin, cout, t, s if i == 0 else 1))
-                cin = cout
+        c64, c128 = scaled(64, width), scaled(128, width)
+        a, b = c64 * scale, c128 * scale
+        self.layers = nn.ModuleList([ConvBlock(3, a, 3, stride=2)])
+        if blocks[0] == 1:
+            self.layers.append(ConvBlock(a, a, 3, groups=c64))
+        else:
+            self.layers.append(Residual(a, blocks[0], 2 * c64))
+        self.layers.extend([
+            DepthWise(a, a, 2 * c64, stride=2, residual=False),
+            Residual(a, blocks[1], 2 * c64),
+            DepthWise(a, b, 4 * c64, stride=2, residual=False),
+            Residual(b, blocks[2], 2 * c128),
+            DepthWise(b, b, 4 * c128, stride=2, residual=False),
+            Residual(b, blocks[3], 2 * c128),
+        ])
         c_sep = scaled(512, width)
-        layers.append(conv_bn(cin, c_sep, 1))
-        self.trunk = nn.Sequential(*layers)
+        self.conv_sep = ConvBlock(b, c_sep, 1)
         h, w = self.image_size
-        # global depthwise conv: one (h/16 x w/16) filter per channel, weighting each spatial position
-        # (the face's centre matters more than its corners, which global average pooling ignores)
-        self.gdc = conv_bn(c_sep, c_sep, (h // 16, w // 16), groups=c_sep, act=False, same=False)
-        self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(c_sep, embedding_size, bias=False)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        self.features = GDC(c_sep, (h // 16, w // 16), embedding_size, dropout)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and not m.weight.is_meta:  # meta: nothing to initialise
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -135,10 +227,20 @@ class MobileFaceNet(Backbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def fc(self) -> nn.Linear:
+        """The embedding FC (``features.layers.2``)."""
+        fc = self.features.layers[2]
+        assert isinstance(fc, nn.Linear)
+        return fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self.name, x, self.image_size)
         with trunk_autocast(x, self.fp16):
-            x = self.gdc(self.trunk(x))
+            for layer in self.layers:
+                x = layer(x)
+            x = self.conv_sep(x)
+            x = self.features.layers[0](x)  # the GDC conv: still part of the trunk's precision
         with float32_region(x):
-            x = torch.flatten(self.dropout(widen(x)), 1)
-            return self.features(self.fc(x))
+            gdc = self.features.layers
+            return gdc[3](gdc[2](gdc[1](widen(x))))

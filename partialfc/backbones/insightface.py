@@ -1,0 +1,183 @@
+"""Backbone weight files without our metadata: insightface arcface_torch state_dicts.
+
+insightface saves ``backbone.pth`` as a plain ``torch.save(state_dict)`` (a zip-format pickle of
+parameter name -> tensor). Our iresnet and MobileFaceNet use the very same parameter names and
+shapes, so such a file loads into our modules unchanged; what the file does not say -- which network,
+how wide, which embedding and image size -- is read off the keys and shapes here:
+
+* iresnet: blocks per stage from the ``layerS.I.`` keys (iresnet18/34/50/100/200), width from
+  ``conv1.weight`` (64 channels at width 1), the embedding size from ``fc.weight``'s rows and the image
+  size from its columns: ``512 * width * (H/16) * (W/16)``, a square (insightface: 112, 7 x 7 cells).
+* MobileFaceNet: the trunk's ``scale`` and ``width`` from the stem (``layers.0``) and the groups of
+  ``layers.1``, the residual repeats from the ``layers.{1,3,5,7}.layers.I.`` keys, the embedding size
+  from ``features.layers.2.weight`` and the image size from the GDC kernel (7 x 7 at 112 px).
+
+Files are read with ``torch.load(weights_only=True)`` (a file that holds anything but tensors and
+plain containers is refused unread) or safetensors. The preprocessing both projects use is RGB,
+``(pixel / 255 - 0.5) / 0.5``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partialfc.backbones.iresnet import IRESNET_LAYERS
+
+#: the first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a bare pickle
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+class StateFileError(ValueError):
+    """A weight file that cannot be read or fits no backbone; the message is one line (without the path)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def is_torch_file(path: Path) -> bool:
+    """True when the file starts like ``torch.save``'s output (zip or pickle), whatever its suffix."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == _ZIP_MAGIC or (len(head) > 0 and head[0] == _PICKLE_PROTO)
+
+
+def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, safetensors metadata)`` of a weight file; metadata is empty for torch files.
+
+    Accepts a torch ``.pth``/``.pt`` (read with ``weights_only=True``; a dict of tensors, or a dict
+    holding one under ``"state_dict"``) or a safetensors file. DDP's ``module.`` prefix is dropped.
+    Raises :class:`StateFileError` with a one-line reason (truncated, not a weight file, pickled code).
+    """
+    if is_torch_file(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise StateFileError("holds more than tensors and plain containers (pickled code?), refused by "
+                                 f"torch.load(weights_only=True): {_first_line(exc)}") from exc
+        except Exception as exc:  # truncated zip, bad pickle stream: torch raises several types
+            raise StateFileError(f"cannot read as a torch state_dict (truncated or damaged?): "
+                                 f"{_first_line(exc)}") from exc
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not obj or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            raise StateFileError(f"holds a {type(obj).__name__} that is not a state_dict; expected a dict of "
+                                 "parameter name -> tensor (insightface's backbone.pth)")
+        state, metadata = dict(obj), {}
+    else:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise StateFileError(f"neither a torch state_dict (.pth) nor a readable safetensors file "
+                                 f"({_first_line(exc)})") from exc
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, metadata
+
+
+def _count(state: Mapping[str, Any], prefix: str) -> int:
+    """Number of distinct N in keys ``{prefix}N.``."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pat.match(k))})
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise StateFileError(f"has no key {key!r}")
+    return tuple(state[key].shape)
+
+
+def _square_side(cells: float, what: str) -> int:
+    side = math.isqrt(int(cells)) if cells >= 1 and cells == int(cells) else 0
+    if side < 1 or side * side != cells:
+        raise StateFileError(f"{what} gives {cells:g} cells of the final feature map, not a square: the image "
+                             "size cannot be inferred (insightface's convention is 112 x 112, 7 x 7 cells)")
+    return side
+
+
+def _width(channels: int, base: int) -> float:
+    return channels / base
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The backbone config (name, embedding_size, image_size, width[, scale, blocks]) a state_dict fits.
+
+    Only the structure is read here; :func:`partialfc.backbones.load_backbone` then checks every key
+    and shape against the network built from it. Raises :class:`StateFileError` when the keys belong
+    to no backbone family.
+    """
+    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        layers = tuple(_count(state, f"layer{s}.") for s in (1, 2, 3, 4))
+        names = [n for n, blocks in IRESNET_LAYERS.items() if blocks == layers]
+        if not names:
+            known = ", ".join(f"{n} {b}" for n, b in IRESNET_LAYERS.items())
+            raise StateFileError(f"iresnet keys with {layers} blocks per stage fit no backbone: known {known}")
+        width = _width(_shape(state, "conv1.weight")[0], 64)
+        embedding, fc_in = _shape(state, "fc.weight")
+        channels = _shape(state, "bn2.weight")[0]
+        side = _square_side(fc_in / channels, f"fc.weight {(embedding, fc_in)} over bn2's {channels} channels")
+        return {"name": names[0], "embedding_size": embedding, "image_size": 16 * side, "width": width}
+    if "conv_sep.layers.0.weight" in state and "layers.0.layers.0.weight" in state:
+        a = _shape(state, "layers.0.layers.0.weight")[0]
+        if "layers.1.layers.0.weight" in state:  # blocks[0] == 1: a grouped conv after the stem
+            n0 = 1
+            c64 = a // _shape(state, "layers.1.layers.0.weight")[1]  # groups = channels / in-per-group
+        else:  # a Residual stage: its expansion width is 2 * 64w
+            n0 = _count(state, "layers.1.layers.")
+            c64 = _shape(state, "layers.1.layers.0.layers.0.layers.0.weight")[0] // 2
+        blocks = [n0] + [_count(state, f"layers.{i}.layers.") for i in (3, 5, 7)]
+        scale = max(1, a // max(c64, 1))
+        embedding = _shape(state, "features.layers.2.weight")[0]
+        kh, kw = _shape(state, "features.layers.0.layers.0.weight")[2:]
+        config: dict[str, Any] = {"name": "mobilefacenet", "embedding_size": embedding,
+                                  "image_size": 16 * kh if kh == kw else [16 * kh, 16 * kw],
+                                  "width": _width(c64, 64)}
+        if scale != 1 or blocks != [1, 4, 6, 2]:
+            config.update(scale=scale, blocks=blocks)
+        return config
+    first = next(iter(state), None)
+    shown = f"{first!r} {tuple(state[first].shape)}" if first is not None else "none (empty)"
+    raise StateFileError(f"fits no backbone: first key {shown}; expected insightface arcface_torch names "
+                         "(iresnet: conv1.weight, layer1.0.conv1.weight, ...; MobileFaceNet: "
+                         "layers.0.layers.0.weight, ..., conv_sep.layers.0.weight)")
+
+
+def first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """The first difference between a file's state_dict and a model's, in the model's order, or None.
+
+    BatchNorm's ``num_batches_tracked`` counters may be missing from the file (some converters drop
+    them); they carry no weights.
+    """
+    for key, ref in expected.items():
+        if key not in state:
+            if key.endswith("num_batches_tracked"):
+                continue
+            return f"key {key!r} (shape {tuple(ref.shape)}) is missing"
+        if tuple(state[key].shape) != tuple(ref.shape):
+            return f"key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+    extra = [k for k in state if k not in expected]
+    if extra:
+        return f"key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}) is not in the model"
+    return None
+
+
+def describe(config: Mapping[str, Any]) -> str:
+    """``iresnet50 (width 1, 512-d, 112 px)`` for messages."""
+    size = config["image_size"]
+    px = f"{size} px" if isinstance(size, int) else f"{size[0]}x{size[1]} px"
+    extra = f", scale {config['scale']}, blocks {list(config['blocks'])}" if "scale" in config else ""
+    return f"{config['name']} (width {config['width']:g}, {config['embedding_size']}-d, {px}{extra})"
