@@ -20,7 +20,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout)")
+    prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout), "
+                               "a .rec/.idx path, a folder holding train.rec, or an image folder (one "
+                               "subfolder per identity; packed once into OUTPUT/data_cache)")
     val_bins: list[str] = Field(default_factory=list, description="Verification .bin files")
     loader: Literal["auto", "dali", "torch"] = "auto"
     workers: int = Field(2, ge=0, le=64)
@@ -34,6 +36,23 @@ class ModelConfig(_Section):
     image_size: int = Field(112, ge=16, le=448)
     width: float = Field(1.0, gt=0.0, le=8.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    scale: int = Field(1, ge=1, le=8, description="mobilefacenet only: trunk channel multiplier "
+                       "(insightface's mbf: 2, mbf_large: 4)")
+    blocks: tuple[int, int, int, int] | None = Field(None, description="mobilefacenet only: residual repeats "
+                                                     "per stage (default 1,4,6,2; mbf_large 2,8,12,4)")
+
+    @field_validator("blocks")
+    @classmethod
+    def _positive_blocks(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"blocks {list(v)} must be four positive repeat counts")
+        return v
+
+    @model_validator(mode="after")
+    def _mobilefacenet_only(self) -> ModelConfig:
+        if self.backbone != "mobilefacenet" and (self.scale != 1 or self.blocks is not None):
+            raise ValueError(f"model.scale and model.blocks apply to mobilefacenet only, not {self.backbone}")
+        return self
 
     @field_validator("backbone")
     @classmethod
@@ -89,6 +108,8 @@ class TrainConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     max_nonfinite_in_a_row: int = Field(10, ge=1)
+    freeze_backbone_steps: int = Field(0, ge=0, description="fine-tuning: the first N steps train the head "
+                                       "only (backbone weights, BN statistics and optimizer state untouched)")
 
 
 class CheckpointConfig(_Section):
@@ -97,6 +118,24 @@ class CheckpointConfig(_Section):
     resume: bool = True
     init_backbone: str | None = Field(None, description="backbone-only weights to fine-tune from")
     max_failures_in_a_row: int = Field(3, ge=1, description="failed saves (full disk...) before the run stops")
+    keep_best: str | None = Field(None, description="'<bin>:<metric>' or '<metric>' (the first of data.val_bins); "
+                                  "metric: accuracy, tar@1e-4, tar@1e-3, tar@1e-2: after each evaluation, keep "
+                                  "the best backbone in OUTPUT/best")
+
+    @field_validator("keep_best")
+    @classmethod
+    def _keep_best_form(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        bin_name, sep, metric = v.rpartition(":")
+        if (sep and not bin_name) or metric not in KEEP_BEST_METRICS:
+            raise ValueError(f"keep_best {v!r} must look like '<bin>:<metric>' or '<metric>' with metric one of "
+                             f"{', '.join(KEEP_BEST_METRICS)} (e.g. 'lfw:accuracy')")
+        return v
+
+
+#: what ``checkpoint.keep_best`` can rank by (all: higher is better)
+KEEP_BEST_METRICS = ("accuracy", "tar@1e-4", "tar@1e-3", "tar@1e-2")
 
 
 class EvalConfig(_Section):
@@ -146,6 +185,16 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.dist.engine == "ddp" and self.dist.zero_stage:
             raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
+        if self.train.freeze_backbone_steps and self.dist.engine == "deepspeed":
+            raise ValueError("train.freeze_backbone_steps needs dist.engine=ddp: DeepSpeed's step on zero "
+                             "gradients still applies weight decay and moves optimizer state, so the backbone "
+                             "would not stay frozen")
+        if self.checkpoint.keep_best is not None:
+            wanted = self.checkpoint.keep_best.rpartition(":")[0]
+            names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}
+            if not self.data.val_bins or (wanted and wanted not in names):
+                raise ValueError(f"checkpoint.keep_best ranks by {wanted or 'the first'!r} of data.val_bins, "
+                                 f"which {'has none: add --val-bin' if not names else 'are ' + ', '.join(sorted(names))}")
         return self
 
 

@@ -36,6 +36,13 @@ from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
+from launcher.finetune import (
+    BestKeeper,
+    adopt_init_backbone,
+    backbone_frozen,
+    set_backbone_mode,
+    skip_backbone_step,
+)
 from launcher.metrics import TrainingMetrics
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
@@ -71,15 +78,19 @@ class Components:
 
 def backbone_config(cfg: Config) -> dict[str, Any]:
     m = cfg.model
-    return {"name": m.backbone, "embedding_size": m.embedding_size, "image_size": m.image_size,
-            "width": m.width, "dropout": m.dropout}
+    out: dict[str, Any] = {"name": m.backbone, "embedding_size": m.embedding_size, "image_size": m.image_size,
+                           "width": m.width, "dropout": m.dropout}
+    if m.scale != 1 or m.blocks is not None:  # MobileFaceNet's insightface variants (mbf: scale 2)
+        out.update(scale=m.scale, blocks=list(m.blocks or (1, 4, 6, 2)))
+    return out
 
 
 def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
     bcfg = backbone_config(cfg)
     backbone = get_backbone(bcfg["name"], embedding_size=bcfg["embedding_size"],
-                            image_size=bcfg["image_size"], width=bcfg["width"], dropout=bcfg["dropout"])
+                            image_size=bcfg["image_size"], width=bcfg["width"], dropout=bcfg["dropout"],
+                            **{k: bcfg[k] for k in ("scale", "blocks") if k in bcfg})
     if cfg.checkpoint.init_backbone:
         load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
         log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
@@ -148,7 +159,10 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
          torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
     ok = not (bad_loss or bad_grad)
     if ok:
-        c.engine.step()
+        if backbone_frozen(cfg, step):  # fine-tuning warm-up: the head learns, the backbone stays as loaded
+            skip_backbone_step(c.engine)
+        else:
+            c.engine.step()
         c.head_opt.step()
     else:
         c.engine.skip()
@@ -329,6 +343,7 @@ _LOGGED = ("lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s", "time_
 
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
+    cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     out = Path(cfg.output)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +357,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
     state = RunState()
+    best = BestKeeper(cfg, ctx.is_main)
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     t_start = time.perf_counter()
     # A rank that stops (SIGSTOP, a hung node) would leave the others blocked in a collective: the
@@ -351,6 +367,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         metrics.start()
         c.engine.train()
         while step < last_step:
+            set_backbone_mode(c.engine, cfg, step + 1)
             scalars = train_one_step(c, data, cfg, ctx, step + 1)
             step += 1
             progress.tick()
@@ -368,6 +385,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                 progress.emit(step, {k: scalars[k] for k in _LOGGED})
             if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
                 state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics)
+                best.observe(step, state.evals, c.engine.module, c.backbone_config)
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)

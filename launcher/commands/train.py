@@ -33,10 +33,27 @@ def build_overrides(data: str | None, val_bin: list[str] | None, output: str | N
     return out + list(sets or [])
 
 
+def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Before any rank starts: the init_backbone file read, the data found (an image folder packed
+    once, so ranks that torchrun starts find it packed); a bad path or file is one line, exit 2."""
+    from launcher.data import resolve_prefix
+    from launcher.finetune import adopt_init_backbone
+
+    try:
+        cfg = adopt_init_backbone(cfg)
+        if cfg.data.prefix:
+            resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
+    except ValueError as e:
+        typer.echo(f"pfc: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
 @app.command("train", context_settings={"allow_extra_args": False})
 def train_cmd(
     config: str = typer.Argument(..., help="YAML file, or a built-in recipe name such as demo_cpu"),
-    data: str | None = typer.Option(None, "--data", help="training data PREFIX (PREFIX.rec/.idx)"),
+    data: str | None = typer.Option(None, "--data", help="training data: PREFIX (PREFIX.rec/.idx), a .rec/.idx "
+                                    "file, a folder holding train.rec, or an image folder (one subfolder per "
+                                    "identity; packed once into OUTPUT/data_cache)"),
     val_bin: list[str] | None = typer.Option(None, "--val-bin", help="verification .bin (repeatable)"),
     output: str | None = typer.Option(None, "--output", help="run folder"),
     sets: list[str] | None = typer.Option(None, "--set", help="override: section.field=value (repeatable)"),
@@ -58,6 +75,7 @@ def train_cmd(
 
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = _config_or_exit(config, overrides)
+    _prepare_or_exit(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         try:
