@@ -193,8 +193,9 @@ class Config(_Section):
             wanted = self.checkpoint.keep_best.rpartition(":")[0]
             names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}
             if not self.data.val_bins or (wanted and wanted not in names):
+                which = "are " + ", ".join(sorted(names)) if names else "has none: add --val-bin"
                 raise ValueError(f"checkpoint.keep_best ranks by {wanted or 'the first'!r} of data.val_bins, "
-                                 f"which {'has none: add --val-bin' if not names else 'are ' + ', '.join(sorted(names))}")
+                                 f"which {which}")
         return self
 
 

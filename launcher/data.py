@@ -173,7 +173,8 @@ def resolve_prefix(value: str, output: str | Path, image_size: int) -> Path:
                          "an image folder with one subfolder per identity")
     if Path(f"{p}.rec").is_file():
         return p
-    raise ValueError(f"data.prefix {p}: no such dataset ({p}.rec does not exist); expected a dataset PREFIX "
+    rec = f"{os.fspath(p)[:-4]}.rec" if p.suffix in (".rec", ".idx") else f"{p}.rec"
+    raise ValueError(f"data.prefix {p}: no such dataset ({rec} does not exist); expected a dataset PREFIX "
                      "(PREFIX.rec, PREFIX.idx, property), a .rec/.idx file, a folder holding train.rec, or an "
                      "image folder with one subfolder per identity")
 
@@ -239,7 +240,8 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
     try:
         from data_pipeline.pack import pack_dataset
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        for left in cache.parent.glob(f".{cache.name}.partial-*"):  # from a packer that died; we hold the lock
+            shutil.rmtree(left, ignore_errors=True)
         log.info(f"data: packing image folder {src} ({want['files']} images) into {cache} at "
                  f"{image_size}x{image_size} (once; `pfc data pack` semantics)")
         summary = pack_dataset(src, tmp / "train", resize=True, image_size=(image_size, image_size),
@@ -247,7 +249,7 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
         if summary["skipped"]:
             log.warning(f"data: {len(summary['skipped'])} unreadable images skipped while packing {src}, "
                         f"first: {summary['skipped'][0]['path']}: {summary['skipped'][0]['error']}")
-        (tmp / "pack.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "pack.json").write_text(json.dumps({**summary, "packed_by_pid": os.getpid()}, indent=2) + "\n")
         (tmp / "source.json").write_text(json.dumps(want) + "\n")  # last: marks the pack complete
         if cache.exists():  # a leftover without source.json (see the loop above): incomplete, replace it
             shutil.rmtree(cache)
