@@ -163,6 +163,8 @@ def resolve_prefix(value: str, output: str | Path, image_size: int) -> Path:
     p = Path(value)
     if p.suffix in (".rec", ".idx") and Path(f"{os.fspath(p)[:-4]}.rec").is_file():
         return Path(os.fspath(p)[:-4])
+    if Path(f"{p}.rec").is_file():  # a PREFIX first: `faces.rec` packed beside the folder `faces/` wins
+        return p
     if p.is_dir():
         if (p / "train.rec").is_file():
             return p / "train"
@@ -171,8 +173,6 @@ def resolve_prefix(value: str, output: str | Path, image_size: int) -> Path:
         raise ValueError(f"data.prefix {p}: a folder without train.rec and without identity subfolders holding "
                          "images; expected a dataset PREFIX, a .rec/.idx file, a folder holding train.rec, or "
                          "an image folder with one subfolder per identity")
-    if Path(f"{p}.rec").is_file():
-        return p
     rec = f"{os.fspath(p)[:-4]}.rec" if p.suffix in (".rec", ".idx") else f"{p}.rec"
     raise ValueError(f"data.prefix {p}: no such dataset ({rec} does not exist); expected a dataset PREFIX "
                      "(PREFIX.rec, PREFIX.idx, property), a .rec/.idx file, a folder holding train.rec, or an "

@@ -44,6 +44,11 @@ def test_prefix_rec_idx_and_a_folder_holding_train_rec(packed, tmp_path):
     for given in (packed, f"{packed}.rec", f"{packed}.idx", packed.parent):
         assert resolve_prefix(str(given), out, 32) == packed, given
     assert not (out / DATA_CACHE).exists()  # nothing packed for a dataset
+    # a prefix beside an image folder of the same name (`pfc data pack faces/ faces`): the packed set wins
+    src = _folder(tmp_path / "faces")
+    pack_dataset(src, tmp_path / "faces", image_size=(32, 32), progress=False)
+    assert resolve_prefix(str(tmp_path / "faces"), out, 32) == tmp_path / "faces"
+    assert not (out / DATA_CACHE).exists()
 
 
 @pytest.mark.parametrize("kind", ["missing", "missing_rec", "empty_folder"])

@@ -193,3 +193,30 @@ def test_readme_two_command_fine_tune_of_an_insightface_pth(tmp_path):
     first, last = (load_file(str(out / "checkpoints" / f"step_{s:08d}" / "backbone.safetensors")) for s in (2, 4))
     assert all(torch.equal(first[k], original[k]) for k in original)
     assert not torch.equal(last["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+
+
+def test_an_insightface_mbf_file_builds_the_training_network(tmp_path):
+    """model.scale / model.blocks (insightface's mbf_large) reach the trainer's backbone and its saves."""
+    from launcher.distributed import DistContext
+    from launcher.training import backbone_config, build
+    from tests.backbones.insightface_reference import RefMobileFaceNet
+
+    torch.manual_seed(0)
+    ref = randomise(RefMobileFaceNet(8, (2, 8, 12, 4), scale=4, image_size=32))
+    torch.save(ref.state_dict(), tmp_path / "mbf_large.pth")
+    cfg = adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={tmp_path / 'mbf_large.pth'}",
+                                                 "head.num_classes=10"]))
+    assert (cfg.model.backbone, cfg.model.scale, cfg.model.blocks) == ("mobilefacenet", 4, (2, 8, 12, 4))
+    assert backbone_config(cfg) == {"name": "mobilefacenet", "embedding_size": 8, "image_size": 32, "width": 1.0,
+                                    "dropout": 0.0, "scale": 4, "blocks": [2, 8, 12, 4]}
+    c = build(cfg, DistContext.single_process(), 10)
+    own = c.engine.module.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in ref.state_dict().items())
+    # a checkpoint's backbone file rebuilds the same network
+    save_backbone(c.engine.module, tmp_path / "b.safetensors", config=c.backbone_config)
+    from partialfc.backbones import load_backbone
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(tmp_path / "b.safetensors").eval()(x), ref(x), rtol=1e-5,
+                                   atol=1e-5)
