@@ -96,7 +96,7 @@ def test_insightface_pth_loads_and_gives_identical_outputs(tmp_path, make, size)
         assert torch.equal(ours.state_dict()[k], v), k
 
 
-def test_ddp_prefix_nested_state_dict_and_init_into_a_built_model(tmp_path):
+def test_ddp_prefix_nested_safetensors_and_init_into_a_built_model(tmp_path):
     torch.manual_seed(0)
     ref = randomise(RefIResNet([2, 2, 2, 2], 8, base=4, image_size=32))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -104,6 +104,13 @@ def test_ddp_prefix_nested_state_dict_and_init_into_a_built_model(tmp_path):
         ours = load_backbone(_pth(tmp_path, ref, f"{flavour}.pth", **{flavour: True})).eval()
         with torch.no_grad():
             torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    # a safetensors conversion of their state_dict (no metadata of ours): the same network
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    ours = load_backbone(tmp_path / "r18.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
     # fine-tuning path: weights into a network built from the config
     target = get_backbone("iresnet18", embedding_size=8, image_size=32, width=4 / 64)
     load_backbone_weights(target, _pth(tmp_path, ref))
