@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from launcher.config import Config
 
 log = logging.getLogger("pfc")
@@ -134,16 +136,23 @@ class BestKeeper:
         value = _metric_value(evals, self.spec)
         self.history.append({"step": step, "value": value})
         better = value == value and (self.best is None or value > self.best)  # NaN never wins
-        if better:
-            self.best = value
-        if self.is_main:
+        if not self.is_main:
+            if better:
+                self.best = value
+            return better
+        try:
             if better:
                 from partialfc.backbones import save_backbone
 
                 save_backbone(backbone, self.folder / "backbone.safetensors",
                               config={**backbone_config, "step": step, "keep_best": self.spec, "value": value})
+                self.best = value
                 log.info(f"step {step}: {self.spec} = {value:.4f}, the best so far -> {self.folder}")
             self._write_record(step if better else None)
+        except (OSError, SafetensorError) as exc:  # a full disk (safetensors raises its own type for it):
+            # training goes on; the previous best file stays as it was
+            log.error(f"step {step}: could not keep the best backbone in {self.folder}: {exc}")
+            return False
         return better
 
     def _write_record(self, step: int | None) -> None:

@@ -220,3 +220,43 @@ def test_an_insightface_mbf_file_builds_the_training_network(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_backbone(tmp_path / "b.safetensors").eval()(x), ref(x), rtol=1e-5,
                                    atol=1e-5)
+
+
+_FULL_DISK = r"""
+import json, resource, signal, sys
+import torch
+from launcher.config import load_config
+from launcher.finetune import BestKeeper
+from partialfc.backbones import get_backbone
+
+out = sys.argv[1]
+cfg = load_config(None, [f"output={out}", "data.val_bins=[x/lfw.bin]", "checkpoint.keep_best=accuracy"])
+keeper = BestKeeper(cfg, is_main=True)
+ev = lambda acc: {"lfw.bin": {"accuracy": acc, "tar_at_far": {}}}
+torch.manual_seed(1)
+net = get_backbone("tiny", embedding_size=8, image_size=16)
+first = keeper.observe(1, ev(0.5), net, net.backbone_config)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+torch.manual_seed(2)
+net2 = get_backbone("tiny", embedding_size=8, image_size=16)
+second = keeper.observe(2, ev(0.7), net2, net2.backbone_config)
+print(json.dumps({"first": first, "second": second, "best": keeper.best}))
+"""
+
+
+def test_keep_best_survives_a_write_that_fails_on_a_file_size_limit(tmp_path):
+    """The real failure: RLIMIT_FSIZE below the backbone file's size. Training would go on; the file kept
+    is the previous best, intact, and the next better value is tried again."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == {"first": True, "second": False, "best": 0.5}
+    assert "could not keep the best backbone" in r.stderr
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 1
+    torch.manual_seed(1)
+    kept = load_file(str(tmp_path / "best" / "backbone.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in get_backbone("tiny", embedding_size=8, image_size=16)
+               .state_dict().items())
