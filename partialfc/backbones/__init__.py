@@ -29,7 +29,7 @@ from torch import nn
 from partialfc.backbones._common import Backbone
 from partialfc.backbones.insightface import StateFileError, describe, first_mismatch, infer_config, read_state_file
 from partialfc.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
-from partialfc.backbones.mobilefacenet import MobileFaceNet
+from partialfc.backbones.mobilefacenet import MobileFaceNet, upgrade_legacy_state
 from partialfc.backbones.tiny import TinyNet
 
 __all__ = [
@@ -230,6 +230,8 @@ def _build(path: Path, config: Mapping[str, Any]) -> Backbone:
 
 
 def _load_state(model: nn.Module, path: Path, state: Mapping[str, Any], what: str) -> None:
+    if isinstance(model, MobileFaceNet):  # files written before its names became insightface's
+        state = upgrade_legacy_state(state)
     own = model.state_dict()
     problem = first_mismatch(state, own)
     if problem is not None:

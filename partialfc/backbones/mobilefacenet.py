@@ -33,6 +33,10 @@ above.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -55,6 +59,53 @@ BN_EPS = 1e-5
 
 def _pair(k: int | tuple[int, int]) -> tuple[int, int]:
     return (k, k) if isinstance(k, int) else k
+
+
+# Parameter names of this project's MobileFaceNet before it took insightface's (``trunk.I[.block.J].K``,
+# ``gdc.K``, ``fc``, ``features``): trunk index -> the module holding that block now. The network is
+# the same (scale 1, blocks (1, 4, 6, 2)), so only the names move.
+_LEGACY_TRUNK: dict[int, str] = {
+    0: "layers.0", 1: "layers.1", 2: "layers.2", **{3 + i: f"layers.3.layers.{i}" for i in range(4)},
+    7: "layers.4", **{8 + i: f"layers.5.layers.{i}" for i in range(6)}, 14: "layers.6",
+    15: "layers.7.layers.0", 16: "layers.7.layers.1", 17: "conv_sep",
+}
+_LEGACY_TRUNK_KEY = re.compile(r"trunk\.(\d+)\.(?:block\.(\d+)\.)?(\d+)\.(\w+)$")
+_LEGACY_GDC_KEY = re.compile(r"gdc\.(\d+)\.(\w+)$")
+_LEGACY_BN1D_KEY = re.compile(r"features\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+
+def legacy_key(key: str) -> str:
+    """A parameter name of the earlier MobileFaceNet layout -> today's (insightface's); others unchanged."""
+    if m := _LEGACY_TRUNK_KEY.match(key):
+        i, j, k, leaf = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        base = _LEGACY_TRUNK.get(i)
+        if base is None:
+            return key
+        return f"{base}.layers.{k}.{leaf}" if j is None else f"{base}.layers.{j}.layers.{k}.{leaf}"
+    if m := _LEGACY_GDC_KEY.match(key):
+        return f"features.layers.0.layers.{m.group(1)}.{m.group(2)}"
+    if key == "fc.weight":
+        return "features.layers.2.weight"
+    if m := _LEGACY_BN1D_KEY.match(key):
+        return f"features.layers.3.{m.group(1)}"
+    return key
+
+
+def upgrade_legacy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with earlier-layout MobileFaceNet names renamed (recognised by ``trunk.`` keys)."""
+    if not any(k.startswith("trunk.") for k in state):
+        return dict(state)
+    return {legacy_key(k): v for k, v in state.items()}
+
+
+def _legacy_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    # load_state_dict of a checkpoint written before the rename (a resumed run, say): rename in place
+    if not any(k.startswith(prefix + "trunk.") for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + legacy_key(key[len(prefix):])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 class ConvBlock(nn.Module):
@@ -226,6 +277,7 @@ class MobileFaceNet(Backbone):
             elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.register_load_state_dict_pre_hook(_legacy_pre_hook)
 
     @property
     def fc(self) -> nn.Linear:

@@ -137,3 +137,25 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
 def test_save_needs_a_config():
     with pytest.raises(ValueError, match="no config given"):
         save_backbone(nn.Linear(2, 2), "unused.safetensors")
+
+
+def test_mobilefacenet_files_of_the_earlier_layout_still_load(tmp_path):
+    """Its parameter names became insightface's; weight files and checkpoints written before load."""
+    from tests.backbones.insightface_reference import randomise
+    from tests.backbones.legacy_mobilefacenet import LegacyMobileFaceNet
+
+    torch.manual_seed(0)
+    old = randomise(LegacyMobileFaceNet(embedding_size=12, image_size=32, width=0.3))  # odd width: rounding
+    config = {"name": "mobilefacenet", "embedding_size": 12, "image_size": 32, "width": 0.3}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(path),
+              metadata={METADATA_KEY: json.dumps(config), "format": "pt"})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    loaded = load_backbone(path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+    # a resumed run's plain load_state_dict (strict) takes the old names too
+    fresh = get_backbone("mobilefacenet", embedding_size=12, image_size=32, width=0.3)
+    fresh.load_state_dict(old.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), old(x), rtol=0, atol=0)
