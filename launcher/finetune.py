@@ -8,7 +8,8 @@
   N steps only the head learns: the backbone optimizer does not step (weights and its state stay as
   loaded) and the backbone runs in eval mode (BatchNorm statistics stay those of the loaded weights).
   Its gradients are still computed (DDP requires every parameter's gradient once it is built); the
-  cost is one backward pass per frozen step.
+  cost is one backward pass per frozen step. The LR schedules keep counting through the frozen steps
+  (they span ``train.steps``), so the backbone starts at the schedule's value for step N + 1.
 * :class:`BestKeeper`: ``checkpoint.keep_best: <bin>:<metric>`` -- after each evaluation, when the
   metric beats the best seen (strictly), the backbone is written to ``OUTPUT/best/backbone.safetensors``
   with ``best.json`` (step, metric, value, history); checkpoint pruning never touches it, so
