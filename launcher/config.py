@@ -7,12 +7,13 @@ into every checkpoint.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from partialfc.margins import validate_margin
 
 
 class _Section(BaseModel):
@@ -62,10 +63,8 @@ class HeadConfig(_Section):
     @field_validator("margin")
     @classmethod
     def _margin(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        m1, m2, m3 = v
-        if not (m1 > 0 and 0 <= m2 < math.pi and 0 <= m3 < 2):
-            raise ValueError(f"margin {v} out of range: need m1 > 0, 0 <= m2 < pi, 0 <= m3 < 2")
-        return v
+        # The head's own validator: a margin the config accepts is one the head accepts.
+        return validate_margin(v)
 
 
 class OptimConfig(_Section):
