@@ -59,6 +59,9 @@ class HeadConfig(_Section):
     scale: float = Field(64.0, gt=0.0, le=1024.0)
     discface_lambda: float = Field(0.0, ge=0.0, le=100.0)
     discface_cap: float = Field(0.05, gt=0.0, le=2.0)
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="storage of the class weights and SGD momentum: bf16/fp16 halve them (twice the "
+        "classes per rank); logits, gradients and the update run in fp32, rounded once per step")
 
     @field_validator("margin")
     @classmethod
@@ -68,7 +71,9 @@ class HeadConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd", description="backbone AND head: sgd, or adamw (the head's is a lazy AdamW: only sampled rows "
+        "and their moments move; betas (0.9, 0.999), eps 1e-8)")
     lr: float = Field(0.1, gt=0.0, le=10.0)
     head_lr: float | None = Field(None, gt=0.0, le=10.0, description="None: same as lr")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -145,6 +150,9 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.dist.engine == "ddp" and self.dist.zero_stage:
             raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
+        if self.optim.name == "adamw" and self.optim.momentum != 0.9:
+            raise ValueError(f"optim.momentum={self.optim.momentum} has no effect with optim.name=adamw (AdamW "
+                             "uses betas (0.9, 0.999) for backbone and head); remove it or use optim.name=sgd")
         return self
 
 
