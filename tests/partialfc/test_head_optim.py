@@ -63,10 +63,10 @@ def test_every_head_dtype_matches_the_float64_sgd_reference(dtype: torch.dtype) 
 
 
 def _dense_adamw_rows(history: list[tuple[torch.Tensor, torch.Tensor]], w_init: torch.Tensor, lr: float,
-                      wd: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      wd: float, **adam: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One torch.optim.AdamW per row, stepped only on the steps that sampled the row (the lazy rule)."""
     rows = [torch.nn.Parameter(w_init[j].clone()) for j in range(w_init.shape[0])]
-    opts = [torch.optim.AdamW([p], lr=lr, weight_decay=wd) for p in rows]
+    opts = [torch.optim.AdamW([p], lr=lr, weight_decay=wd, **adam) for p in rows]
     for ids, grad in history:
         for k, j in enumerate(ids.tolist()):
             rows[j].grad = grad[k].clone()
@@ -79,14 +79,16 @@ def _dense_adamw_rows(history: list[tuple[torch.Tensor, torch.Tensor]], w_init: 
     return w, m, v
 
 
-def test_lazy_adamw_equals_dense_adamw_restricted_to_sampled_rows() -> None:
+@pytest.mark.parametrize("adam, b_wd", [({}, 0.0), ({"betas": (0.8, 0.99), "eps": 1e-6}, 0.03)],
+                         ids=["defaults", "betas-eps-b_wd"])
+def test_lazy_adamw_equals_dense_adamw_restricted_to_sampled_rows(adam: dict[str, Any], b_wd: float) -> None:
     c, d, lr, wd = 40, 8, 0.05, 0.1
     head = PartialFC(c, d, sample_rate=0.25, margin=MARGIN, scale=SCALE, discface_lambda=0.5, seed=2).double()
-    opt = head.make_optimizer(lr=lr, weight_decay=wd, name="adamw")
+    opt = head.make_optimizer(lr=lr, weight_decay=wd, name="adamw", b_weight_decay=b_wd, **adam)
     assert isinstance(opt, PartialFCAdamW)
     w_init = head.weight.detach().clone()
     b_ref = torch.nn.Parameter(head.b.detach().clone())  # type: ignore[union-attr]
-    b_opt = torch.optim.AdamW([b_ref], lr=lr, weight_decay=0.0)  # b: its own weight decay, 0 by default
+    b_opt = torch.optim.AdamW([b_ref], lr=lr, weight_decay=b_wd, **adam)  # b: its own weight decay
     g = torch.Generator().manual_seed(3)
     history = []
     counts = torch.zeros(c, dtype=torch.int64)
@@ -102,7 +104,7 @@ def test_lazy_adamw_equals_dense_adamw_restricted_to_sampled_rows() -> None:
         opt.step()
         b_opt.step()
     assert (counts == 0).any() and (counts > 1).any()  # rows never sampled and rows sampled repeatedly
-    want_w, want_m, want_v = _dense_adamw_rows(history, w_init, lr, wd)
+    want_w, want_m, want_v = _dense_adamw_rows(history, w_init, lr, wd, **adam)
     st = opt.state[head.weight]
     assert torch.allclose(head.weight.detach(), want_w, rtol=1e-12, atol=1e-15)
     assert torch.allclose(st["exp_avg"], want_m, rtol=1e-12, atol=1e-18)
@@ -110,6 +112,14 @@ def test_lazy_adamw_equals_dense_adamw_restricted_to_sampled_rows() -> None:
     assert torch.equal(st["row_step"], counts)
     assert torch.equal(head.weight.detach()[counts == 0], w_init[counts == 0])  # never sampled: untouched
     assert torch.allclose(head.b.detach(), b_ref.detach(), rtol=1e-12, atol=1e-15)  # type: ignore[union-attr]
+
+
+def test_optimizer_arguments_are_checked() -> None:
+    head = PartialFC(10, 4)
+    with pytest.raises(ValueError, match="betas must be two numbers in"):
+        head.make_optimizer(lr=0.1, name="adamw", betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="head optimizer must be one of sgd, adamw"):
+        head.make_optimizer(lr=0.1, name="adam")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
