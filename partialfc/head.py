@@ -18,7 +18,8 @@ call ``loss = head(local_embeddings, local_labels)``:
 
 The loss is the same on every rank and every rank must call ``forward`` and ``backward`` (both contain
 collectives). The head never assumes DDP: it is not meant to be wrapped by DDP or DeepSpeed (its shard
-is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD (or lazy AdamW) that updates only sampled rows.
+is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD (or lazy AdamW) that updates only
+sampled rows.
 For gradient accumulation, :meth:`PartialFC.begin_step` opens a step whose sampled set and weight gradient
 span several micro-batches.
 """
@@ -135,6 +136,7 @@ class PartialFC(nn.Module):
         self._open_step = False
         self._micro = 0
         self._open_positives = 0
+        self._step_labels = torch.empty(0, dtype=torch.int64)
         self.last: dict[str, Any] = {}
 
     # -- what other parts read ------------------------------------------------------------------
@@ -219,8 +221,8 @@ class PartialFC(nn.Module):
         return sub
 
     def _positions(self, all_labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(N,) position in ``index`` of each label this rank owns, -1 for the others; a label owned here
-        but absent from ``index`` (not announced to begin_step) is an error."""
+        """(N,) position in ``index`` of each label this rank owns, -1 for the others (every owned label must
+        be in ``index``: forward checks the labels against the step's first)."""
         owned = (all_labels >= self.start) & (all_labels < self.end)
         local = torch.full_like(all_labels, -1)
         if bool(owned.any()):
@@ -271,6 +273,7 @@ class PartialFC(nn.Module):
         with torch.enable_grad():
             self._take_rows(sample.index, dtype)
         self._open_step, self._micro, self._open_positives = True, 0, sample.num_positive
+        self._step_labels = torch.unique(all_labels)
 
     def end_step(self) -> None:
         """Close the step opened by :meth:`begin_step` (the optimizer's ``step()`` calls it); the next
@@ -302,8 +305,14 @@ class PartialFC(nn.Module):
             raise ValueError("PartialFC: the global batch is empty on every rank")
         all_labels = all_gather_rows_no_grad(labels.to(device=device, dtype=torch.int64), sizes, group)
         if self._open_step:
-            # A step opened by begin_step(): its sampled rows, its accumulating gradient.
+            # A step opened by begin_step(): its sampled rows, its accumulating gradient. all_labels and the
+            # step's labels are the same on every rank, so every rank takes this decision alike (no rank
+            # is left waiting in a collective).
             assert self._sampled is not None and self._sub_weight is not None
+            unknown = ~torch.isin(all_labels, self._step_labels)
+            if bool(unknown.any()):
+                raise ValueError(f"PartialFC: label {int(all_labels[unknown][0])} is in this micro-batch but was "
+                                 "not among the labels given to begin_step() for this optimizer step")
             index, local_labels = self._sampled, self._positions(all_labels, self._sampled)
             num_positive = self._open_positives
             sub = self._sub_weight

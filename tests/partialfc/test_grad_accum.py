@@ -156,9 +156,26 @@ def test_a_label_not_announced_to_begin_step_is_refused() -> None:
     head = PartialFC(20, 4, sample_rate=0.2)
     head.begin_step([torch.tensor([1, 2]), torch.tensor([3])])
     head(torch.randn(2, 4), torch.tensor([1, 3])).backward()
-    with pytest.raises(ValueError, match=r"label 7 .* not among the labels given to begin_step"):
+    with pytest.raises(ValueError, match=r"label 7 is in this micro-batch but was not among the labels given to"):
         head(torch.randn(2, 4), torch.tensor([7, 3]))
     head.end_step()
     head(torch.randn(2, 4), torch.tensor([7, 3])).backward()  # a plain step samples on its own again
     with pytest.raises(ValueError, match=r"label 20 outside \[0, 20\)"):
         head.begin_step(torch.tensor([20]))
+
+
+def _unannounced(rank: int, ws: int) -> None:
+    head = PartialFC(20, 4, sample_rate=0.2)
+    head.begin_step(torch.tensor([1, 2]) if rank == 0 else torch.tensor([15]))
+    # rank 0 brings class 17 (owned by rank 1), which nobody announced: every rank must refuse together.
+    head(torch.randn(1, 4), torch.tensor([17 if rank == 0 else 15]))
+
+
+@pytest.mark.multiprocess
+def test_an_unannounced_label_is_refused_on_every_rank_without_a_hang() -> None:
+    from tests.distributed import RankFailed
+
+    with pytest.raises(RankFailed) as err:
+        run_ranks(_unannounced, 2, timeout=60)
+    assert set(err.value.failures) == {0, 1}
+    assert all("label 17 is in this micro-batch" in tb for tb in err.value.failures.values())
