@@ -63,6 +63,7 @@ from discface.loss import (
     displacement_sum,
     margin_softmax_loss,
 )
+from discface.margins import target_cos_with_margin, validate_margin
 
 __all__ = [
     "DISCREPANCY_KEYS",
@@ -75,4 +76,6 @@ __all__ = [
     "displacement_sum",
     "heldout_discrepancy",
     "margin_softmax_loss",
+    "target_cos_with_margin",
+    "validate_margin",
 ]

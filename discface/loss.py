@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discface.basis import DisplacementBasis
+from discface.margins import target_cos_with_margin, validate_margin
 
 __all__ = ["DiscFaceLoss", "DiscFaceTerms", "MarginSoftmaxDiscFaceLoss", "displacement_sum",
            "margin_softmax_loss"]
@@ -106,22 +106,16 @@ def margin_softmax_loss(embeddings: Tensor, labels: Tensor, weight: Tensor,
                         margin: tuple[float, float, float] = (1.0, 0.0, 0.4), scale: float = 64.0) -> Tensor:
     """Single-process combined-margin softmax cross-entropy (mean over the batch).
 
-    Target logit s*(cos(m1*theta + m2) - m3), others s*cos. CosFace = (1, 0, m3), ArcFace = (1, m2, 0).
-    For m1 != 1 or m2 != 0 the target goes through acos, so autograd gives the true derivative of
-    cos(m1*theta + m2); where m1*theta + m2 > pi (cos would stop decreasing in theta) the usual
-    fallback cos(theta) - m2*sin(m2) - m3 keeps the target monotone.
+    embeddings (N, d), labels (N,), weight (C, d) -> 0-d loss. Target logit
+    ``s * target_cos_with_margin(cos_y, margin)``, others ``s * cos``: the same margin code as the
+    sharded ``partialfc.PartialFC`` (:mod:`discface.margins`: true ArcFace derivative, continuous
+    monotone extension past pi), so both give the same loss on the same batch.
     """
     _check_batch(embeddings, labels, weight)
-    m1, m2, m3 = margin
+    margin = validate_margin(margin)
     cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).t()
     cos_y = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-    if m1 == 1.0 and m2 == 0.0:
-        target = cos_y - m3
-    else:
-        # clamp away from +-1: d(acos)/dx is infinite there
-        c = cos_y.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-        angle = m1 * torch.acos(c) + m2
-        target = torch.where(angle <= math.pi, torch.cos(angle), c - m2 * math.sin(m2)) - m3
+    target = target_cos_with_margin(cos_y, margin)
     logits = cos.scatter(1, labels.view(-1, 1), target.view(-1, 1)) * scale
     return F.cross_entropy(logits, labels)
 
@@ -150,7 +144,7 @@ class MarginSoftmaxDiscFaceLoss(nn.Module):
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size), generator=g))
         self.disc = DiscFaceLoss(embedding_size, cap=cap, seed=seed)
         self.discface_lambda = float(discface_lambda)
-        self.margin = margin
+        self.margin = validate_margin(margin)
         self.scale = float(scale)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> DiscFaceTerms:

@@ -7,12 +7,13 @@ into every checkpoint.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from partialfc.margins import validate_margin
 
 
 class _Section(BaseModel):
@@ -77,18 +78,21 @@ class HeadConfig(_Section):
     scale: float = Field(64.0, gt=0.0, le=1024.0)
     discface_lambda: float = Field(0.0, ge=0.0, le=100.0)
     discface_cap: float = Field(0.05, gt=0.0, le=2.0)
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="storage of the class weights and SGD momentum: bf16/fp16 halve them (twice the "
+        "classes per rank); logits, gradients and the update run in fp32, rounded once per step")
 
     @field_validator("margin")
     @classmethod
     def _margin(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        m1, m2, m3 = v
-        if not (m1 > 0 and 0 <= m2 < math.pi and 0 <= m3 < 2):
-            raise ValueError(f"margin {v} out of range: need m1 > 0, 0 <= m2 < pi, 0 <= m3 < 2")
-        return v
+        # The head's own validator: a margin the config accepts is one the head accepts.
+        return validate_margin(v)
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd", description="backbone AND head: sgd, or adamw (the head's is a lazy AdamW: only sampled rows "
+        "and their moments move; betas (0.9, 0.999), eps 1e-8)")
     lr: float = Field(0.1, gt=0.0, le=10.0)
     head_lr: float | None = Field(None, gt=0.0, le=10.0, description="None: same as lr")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -196,6 +200,9 @@ class Config(_Section):
                 which = "are " + ", ".join(sorted(names)) if names else "has none: add --val-bin"
                 raise ValueError(f"checkpoint.keep_best ranks by {wanted or 'the first'!r} of data.val_bins, "
                                  f"which {which}")
+        if self.optim.name == "adamw" and self.optim.momentum != 0.9:
+            raise ValueError(f"optim.momentum={self.optim.momentum} has no effect with optim.name=adamw (AdamW "
+                             "uses betas (0.9, 0.999) for backbone and head); remove it or use optim.name=sgd")
         return self
 
 

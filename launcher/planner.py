@@ -35,21 +35,28 @@ DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 FP32 = 4
 
 # What the head keeps alive, counted in partialfc/head.py, softmax.py and optimizer.py (as of
-# 2026-11-27 21:10) and checked by measuring the resident-set peak of each phase of a step:
+# 2026-12-01, issue 12) and checked by measuring the resident-set peak of each phase of a step (fp32):
 # * a workspace reused from step to step (partialfc.softmax.Workspace): the N x S fp32 logits (reused
-#   for the probabilities) and their gradient, the S x D fp32 gradient of the sampled rows, the S x D
-#   copy of the sampled rows when the head is fp32 (else a fresh fp32 copy each step, see below), and
-#   one chunk of momentum rows for the sparse SGD;
+#   for the probabilities) and their gradient, the S x D fp32 gradient of the sampled rows (a second one
+#   with gradient accumulation, for the later micro-batches), the S x D fp32 copy of the sampled rows
+#   (for a bf16/fp16 head too: upcast into the same reused buffer), and chunks of the optimizer's update;
 LOGIT_BUFFERS = 2
 MOMENTUM_CHUNK_ROWS = 512  # partialfc.optimizer._CHUNK_ROWS
 # * the sampler's scratch during the forward: a permutation of the shard (int64), two masks (bool) and
 #   the filtered permutation (int64): 18 bytes per class of the shard;
 SAMPLER_BYTES_PER_ROW = 18
-# * for a head stored below fp32: the sampled rows gathered in the head's dtype then upcast to a fresh
-#   fp32 copy each step; in the forward the previous step's copy is still alive (the caller's previous
-#   loss holds its graph until the new loss is bound); the optimizer re-gathers the rows and casts the
-#   gradient to the head's dtype (two S x D buffers in that dtype). These fp16/bf16 counts are read
-#   from the code, not measured: `pfc bench head` runs fp32 heads.
+# * the optimizer's chunks (min(S, 512) rows each): SGD gathers its momentum into an fp32 chunk; a head
+#   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
+#   gather/scatter staging); AdamW's moments are fp32 (chunks m, v and the denominator) and only the
+#   weights need staging;
+# * for a head stored below fp32, in the forward: the sampled rows gathered in the head's dtype before
+#   the upcast (a transient S x D in that dtype).
+# * persistent optimizer state: SGD momentum in the head's dtype; AdamW: exp_avg and exp_avg_sq in fp32
+#   (fp64 for a float64 head) and an int64 per-row step count.
+# The fp16/bf16 and AdamW counts are read from the code, not measured: `pfc bench head` runs fp32 SGD.
+OPTIMIZERS = ("sgd", "adamw")
+ROW_STEP_BYTES = 8
+OPTIMIZER_STATE_KEYS = ("momentum", "adamw_moments", "adamw_row_steps")
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 
@@ -109,9 +116,13 @@ class RankPlan:
     phases: dict[str, int] = field(default_factory=dict)   # step memory above the shard + momentum
     peak_phase: str = ""
 
+    optimizer: str = "sgd"
+
     @property
     def shard_weights_plus_momentum_bytes(self) -> int:
-        return self.memory["shard_weights"] + self.memory["momentum"]
+        """The shard's weights and its persistent optimizer state (SGD momentum, or AdamW's moments and
+        per-row step counts)."""
+        return self.memory["shard_weights"] + sum(self.memory.get(k, 0) for k in OPTIMIZER_STATE_KEYS)
 
     @property
     def total_bytes(self) -> int:
@@ -143,6 +154,8 @@ def plan_rank(
     sample_rate: float,
     dtype: str = "fp32",
     discface: bool = True,
+    optimizer: str = "sgd",
+    grad_accum: int = 1,
 ) -> RankPlan:
     """Memory per rank (the largest shard's) and bytes it sends per training step.
 
@@ -155,9 +168,16 @@ def plan_rank(
         dtype: the head's dtype for weights, momentum and gathered embeddings ("fp32", "fp16",
             "bf16", "fp64"); logits and normalised copies are fp32 regardless (fp64 for "fp64").
         discface: count the DiscFace all-reduces (a scalar and b's gradient, D floats).
+        optimizer: the head's, "sgd" (momentum in the head's dtype) or "adamw" (fp32 moments).
+        grad_accum: micro-batches per step (> 1 keeps a second S x D gradient buffer; traffic is per
+            micro-batch, plus one all-gather of the step's labels).
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if local_batch < 1 or dim < 1:
         raise ValueError(f"local_batch and dim must be >= 1, got {local_batch} and {dim}")
     e = DTYPE_BYTES[dtype]
@@ -169,29 +189,29 @@ def plan_rank(
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
+    chunk = min(s, MOMENTUM_CHUNK_ROWS) * dim
+    staging = 0 if e == f else 1  # chunks in the head's dtype around the fp32 update
+    if optimizer == "sgd":
+        opt_chunks = chunk * f + 2 * staging * chunk * e
+        state = {"momentum": rows * dim * e}
+    else:
+        opt_chunks = 3 * chunk * f + staging * chunk * e
+        state = {"adamw_moments": 2 * rows * dim * f, "adamw_row_steps": rows * ROW_STEP_BYTES}
     workspace = {
         "logits_and_grad": LOGIT_BUFFERS * ns_f,
-        "sampled_weights_grad": sd_f,
-        "momentum_chunk": min(s, MOMENTUM_CHUNK_ROWS) * dim * e,
+        "sampled_weights_grad": sd_f * (2 if grad_accum > 1 else 1),
+        "sampled_weights": sd_f,
+        "optimizer_chunks": opt_chunks,
     }
     sampler = SAMPLER_BYTES_PER_ROW * rows
-    phases: dict[str, dict[str, int]]
-    if e == f:  # the sampled rows' copy lives in the workspace too
-        workspace["sampled_weights"] = sd_f
-        phases = {
-            "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
-            "backward": {**workspace, "embeddings": embeddings},
-            "optimizer": dict(workspace),
-        }
-    else:
-        phases = {
-            "forward": {**workspace, "sampled_weights": 2 * sd_f + sd_e, "sampler": sampler,
-                        "embeddings": embeddings},
-            "backward": {**workspace, "sampled_weights": sd_f, "embeddings": embeddings},
-            "optimizer": {**workspace, "sampled_weights": sd_f + 2 * sd_e},
-        }
+    phases: dict[str, dict[str, int]] = {
+        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings,
+                    **({"sampled_weights_gather": sd_e} if e != f else {})},
+        "backward": {**workspace, "embeddings": embeddings},
+        "optimizer": dict(workspace),
+    }
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
-    memory = {"shard_weights": rows * dim * e, "momentum": rows * dim * e, **phases[peak_phase]}
+    memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
     comm = {
         "allgather_sizes": allgather_sent(1, world_size, 8),
         "allgather_labels": allgather_sent(local_batch, world_size, 8),
@@ -204,13 +224,18 @@ def plan_rank(
     if discface:
         comm["allreduce_discface_sum"] = allreduce_sent(1, world_size, f)
         comm["allreduce_b_grad"] = allreduce_sent(dim, world_size, f)
+    if grad_accum > 1:
+        comm = {k: v * grad_accum for k, v in comm.items()}
+        # head.begin_step: the sizes and the labels of the whole step, once
+        comm["allgather_step_labels"] = allgather_sent(1, world_size, 8) + allgather_sent(
+            grad_accum * local_batch, world_size, 8)
     if world_size == 1:
         comm = dict.fromkeys(comm, 0.0)
     return RankPlan(
         num_classes=num_classes, world_size=world_size, local_batch=local_batch, dim=dim,
         sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
         num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
-        phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase,
+        phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
     )
 
 
@@ -222,9 +247,11 @@ def plan_table(
     sample_rate: float,
     dtype: str = "fp32",
     discface: bool = True,
+    optimizer: str = "sgd",
+    grad_accum: int = 1,
 ) -> list[RankPlan]:
     """One :class:`RankPlan` per world size (sorted, duplicates dropped)."""
-    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface)
+    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface, optimizer, grad_accum)
             for w in sorted(set(worlds))]
 
 

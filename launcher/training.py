@@ -51,6 +51,8 @@ from partialfc.checkpoint import load_head, save_head
 
 log = logging.getLogger("pfc")
 
+HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def owned_discrepancy(head: PartialFC) -> dict[str, float]:
     """Directional and radial discrepancy of this rank's owned samples of the last step (cheap)."""
@@ -101,8 +103,10 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     h, o = cfg.head, cfg.optim
     head = PartialFC(num_classes, cfg.model.embedding_size, sample_rate=h.sample_rate, margin=h.margin,
                      scale=h.scale, discface_lambda=h.discface_lambda, discface_cap=h.discface_cap,
-                     seed=cfg.train.seed).to(ctx.device)
-    head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+                     seed=cfg.train.seed, dtype=HEAD_DTYPES[h.dtype]).to(ctx.device)
+    # The optimizer the user chose (issue 12): SGD, or a lazy AdamW with the backbone's betas and eps.
+    head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                   name=o.name)
     return Components(engine, head, head_opt, lr_schedule(head_opt, cfg), bcfg)
 
 
@@ -128,9 +132,18 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     c.head_opt.zero_grad()
     timing = {"time_data_s": 0.0, "time_forward_s": 0.0, "time_backward_s": 0.0}
     losses: dict[str, float] = {}
+    # Accumulation is exact (issue 12): the head needs every micro-batch's labels before the first forward
+    # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
+    # micro-batches are read up front (accum x one batch of images held at once).
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    t_read = time.perf_counter()
+    if accum > 1:
+        batches = [data.next_batch() for _ in range(accum)]
+        c.head.begin_step([lab.to(ctx.device) for _, lab in batches])
+    timing["time_data_s"] += time.perf_counter() - t_read
     for micro in range(accum):
         t0 = time.perf_counter()
-        images, labels = data.next_batch()
+        images, labels = batches[micro] if batches else data.next_batch()
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
         if cfg.train.channels_last and ctx.device.type == "cuda":
@@ -140,7 +153,8 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
         with c.engine.no_sync(last):
             with _autocast(cfg, ctx):
                 emb = c.engine.forward(images)
-            emb = scale_embedding_grad(emb.float(), ctx.world_size)
+            # float32 at least (a float64 backbone stays float64: exactness tests run the loop in float64)
+            emb = scale_embedding_grad(emb.to(torch.promote_types(emb.dtype, torch.float32)), ctx.world_size)
             loss = c.head(emb, labels)
             if faults.nan_loss(step, ctx.rank):
                 loss = loss * float("nan")

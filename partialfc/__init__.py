@@ -7,7 +7,7 @@ Public names (DESIGN.md section 5): :class:`PartialFC`, :func:`class_range`, :da
 from partialfc.checkpoint import load_head, save_head
 from partialfc.collectives import comm_stats
 from partialfc.head import PartialFC
-from partialfc.optimizer import PartialFCSGD
+from partialfc.optimizer import PartialFCAdamW, PartialFCSGD
 from partialfc.partition import class_range
 
-__all__ = ["PartialFC", "PartialFCSGD", "class_range", "comm_stats", "load_head", "save_head"]
+__all__ = ["PartialFC", "PartialFCAdamW", "PartialFCSGD", "class_range", "comm_stats", "load_head", "save_head"]

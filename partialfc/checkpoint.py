@@ -5,12 +5,15 @@ that same directory and renamed into place, so nothing refers to the directory's
 trainer may rename the directory atomically afterwards):
 
 * ``head_shard_<start>_<end>.safetensors`` -- one per rank with a non-empty shard, written by that rank:
-  tensors ``weight`` and ``momentum`` (``(end - start, d)``), metadata ``start``, ``end``,
-  ``num_classes``. The key is the class range, not the rank, so any world size can read any subset.
+  tensor ``weight`` (``(end - start, d)``) and the optimizer's per-row state, each with ``end - start``
+  rows: ``momentum`` for SGD; ``exp_avg``, ``exp_avg_sq`` (``(end - start, d)``) and ``row_step``
+  (``(end - start,)``, the per-row update counts) for the lazy AdamW. Metadata ``start``, ``end``,
+  ``num_classes``, ``optimizer``. The key is the class range, not the rank, so any world size can read
+  any subset. (A save without an optimizer writes zero SGD momentum, as before.)
 * ``head_meta.json`` -- written by rank 0: num_classes, embedding_size, the saving world size, the
   sampler state (``seed``, ``step``), sample rate, margin, scale, DiscFace lambda, format version.
-* ``head_discface.safetensors`` -- written by rank 0 when DiscFace is on: ``b`` and its momentum
-  (replicated: every rank holds the same values).
+* ``head_discface.safetensors`` -- written by rank 0 when DiscFace is on: ``b`` and its optimizer state
+  (``momentum``; or ``exp_avg``, ``exp_avg_sq``, ``step``), replicated: every rank holds the same values.
 
 Why not ``torch.distributed.checkpoint``: it reshards only DTensors, and the ceil partition leaves some
 ranks with an empty shard (C = 5 on 4 ranks); class-range keyed safetensors files need no device mesh,
@@ -23,7 +26,8 @@ Functions for the trainer:
   size in the same directory are removed first (by rank 0, before anyone writes).
 * :func:`load_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it on a head
   built for the NEW world size (same num_classes and embedding size); each rank reads the rows of its
-  own class range from whichever files hold them, and the momentum when ``optimizer`` is given.
+  own class range from whichever files hold them, and the optimizer's per-row state when ``optimizer`` is
+  given (which must be of the kind that was saved: SGD state does not become AdamW state).
   Restores the sampler state (``head.seed``, ``head.step``). Needs no communication.
 """
 
@@ -42,7 +46,7 @@ from safetensors.torch import save_file
 
 from partialfc.collectives import Group, all_reduce_max_, barrier
 from partialfc.head import PartialFC
-from partialfc.optimizer import PartialFCSGD
+from partialfc.optimizer import SparseHeadOptimizer
 from partialfc.partition import class_range
 
 FORMAT = "partialfc-head/1"
@@ -65,7 +69,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | Path,
+def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: str | Path,
               process_group: Group = None) -> None:
     """Write this rank's shard (and, on rank 0, the metadata and b) into ``path_dir``; see module doc."""
     group = process_group if process_group is not None else head.process_group
@@ -94,13 +98,15 @@ def save_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
         raise OSError(code, f"head checkpoint in {path} not written ({where})")
 
 
-def _write_head_files(head: PartialFC, optimizer: PartialFCSGD | None, path: Path) -> None:
+def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path) -> None:
+    kind = optimizer.kind if optimizer is not None else "sgd"
     if head.end > head.start:
-        momentum = (optimizer.momentum_buffer if optimizer is not None
-                    else torch.zeros_like(head.weight))
-        tensors = {"weight": head.weight.detach().contiguous(), "momentum": momentum.detach().contiguous()}
+        state = (optimizer.row_state() if optimizer is not None
+                 else {"momentum": torch.zeros_like(head.weight)})
+        tensors = {"weight": head.weight.detach().contiguous(),
+                   **{k: v.detach().contiguous() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
-                "num_classes": str(head.num_classes)}
+                "num_classes": str(head.num_classes), "optimizer": kind}
         _atomic_write(path / shard_filename(head.start, head.end),
                       lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
     if head.rank == 0:
@@ -108,15 +114,16 @@ def _write_head_files(head: PartialFC, optimizer: PartialFCSGD | None, path: Pat
             "format": FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
             "world_size": head.world_size, "seed": head.seed, "step": head.step,
             "sample_rate": head.sample_rate, "margin": list(head.margin), "scale": head.scale,
-            "discface_lambda": head.discface_lambda, "dtype": str(head.weight.dtype),
+            "discface_lambda": head.discface_lambda, "dtype": str(head.weight.dtype), "optimizer": kind,
         }
         _atomic_write(path / META, lambda p: p.write_text(json.dumps(info, indent=1) + "\n"))
         if head.b is not None:
             b = head.b.detach().cpu().contiguous()
-            state = optimizer.state.get(head.b, {}) if optimizer is not None else {}
-            b_mom = state.get("momentum_buffer", torch.zeros_like(head.b)).detach().cpu().contiguous()
-            _atomic_write(path / DISCFACE, lambda p: save_file({"b": b, "momentum": b_mom}, str(p),
-                                                               metadata={"format": FORMAT}))
+            b_state = (optimizer.b_state() if optimizer is not None
+                       else {"momentum": torch.zeros_like(head.b)})
+            b_tensors = {"b": b, **{k: v.detach().cpu().contiguous() for k, v in b_state.items()}}
+            _atomic_write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
+                                                               metadata={"format": FORMAT, "optimizer": kind}))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -155,7 +162,7 @@ def list_shards(path_dir: str | Path, num_classes: int) -> list[tuple[int, int, 
     return shards
 
 
-def load_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | Path,
+def load_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: str | Path,
               process_group: Group = None) -> dict[str, Any]:
     """Load the rows of this rank's class range (and their momentum) from ``path_dir``; see module doc.
 
@@ -167,7 +174,14 @@ def load_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
     for field, mine in (("num_classes", head.num_classes), ("embedding_size", head.embedding_size)):
         if int(info[field]) != mine:
             raise CheckpointError(f"{path / META}: field {field!r} is {info[field]}, the head has {mine}")
-    mom = optimizer.momentum_buffer if optimizer is not None else None
+    saved_kind = str(info.get("optimizer", "sgd"))
+    if optimizer is not None and optimizer.kind != saved_kind:
+        raise CheckpointError(f"{path / META}: field 'optimizer' is {saved_kind!r}, but the head's optimizer is "
+                              f"{optimizer.kind!r} (optimizer state does not convert; set optim.name to "
+                              f"{saved_kind!r} or start the head's optimizer afresh)")
+    targets: dict[str, torch.Tensor] = {"weight": head.weight}
+    if optimizer is not None:
+        targets.update(optimizer.row_state())
     with torch.no_grad():
         filled = 0
         for start, end, f in list_shards(path, head.num_classes):
@@ -175,16 +189,15 @@ def load_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
             if lo >= hi:
                 continue
             with safe_open(str(f), framework="pt") as fh:
-                for key, dst in (("weight", head.weight), ("momentum", mom)):
-                    if dst is None:
-                        continue
-                    if key not in set(fh.keys()):
+                keys = set(fh.keys())
+                for key, dst in targets.items():
+                    if key not in keys:
                         raise CheckpointError(f"{f}: tensor {key!r} missing")
                     sl = fh.get_slice(key)
                     shape = sl.get_shape()
-                    if list(shape) != [end - start, head.embedding_size]:
-                        raise CheckpointError(f"{f}: tensor {key!r} has shape {shape}, expected "
-                                              f"[{end - start}, {head.embedding_size}]")
+                    want = [end - start, *dst.shape[1:]]
+                    if list(shape) != want:
+                        raise CheckpointError(f"{f}: tensor {key!r} has shape {shape}, expected {want}")
                     rows = sl[lo - start: hi - start]
                     dst[lo - head.start: hi - head.start].copy_(rows)
             filled += hi - lo
@@ -198,8 +211,11 @@ def load_head(head: PartialFC, optimizer: PartialFCSGD | None, path_dir: str | P
             with safe_open(str(dpath), framework="pt") as fh:
                 head.b.copy_(fh.get_tensor("b"))
                 if optimizer is not None:
-                    state = optimizer.state[head.b]
-                    state["momentum_buffer"] = fh.get_tensor("momentum").to(head.b)
+                    names = optimizer.b_state().keys()
+                    missing = [k for k in names if k not in set(fh.keys())]
+                    if missing:
+                        raise CheckpointError(f"{dpath}: tensor(s) {missing} missing")
+                    optimizer.load_b_state({k: fh.get_tensor(k) for k in names})
     head.seed = int(info["seed"])
     head.step = int(info["step"])
     return info

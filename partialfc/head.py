@@ -18,11 +18,15 @@ call ``loss = head(local_embeddings, local_labels)``:
 
 The loss is the same on every rank and every rank must call ``forward`` and ``backward`` (both contain
 collectives). The head never assumes DDP: it is not meant to be wrapped by DDP or DeepSpeed (its shard
-is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD that updates only sampled rows.
+is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD (or lazy AdamW) that updates only
+sampled rows.
+For gradient accumulation, :meth:`PartialFC.begin_step` opens a step whose sampled set and weight gradient
+span several micro-batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -118,14 +122,21 @@ class PartialFC(nn.Module):
         if self.discface_lambda > 0:
             from discface import DisplacementBasis
 
-            # Same seed on every rank: b is replicated without a broadcast.
+            # Same seed on every rank: b is replicated without a broadcast. d numbers: kept in float32 at
+            # least even for a bf16/fp16 shard.
             self.discface = DisplacementBasis(self.embedding_size, cap=discface_cap, seed=self.seed,
-                                              dtype=dtype or torch.float32, device=device)
+                                              dtype=torch.promote_types(dtype or torch.float32, torch.float32),
+                                              device=device)
         self.step = 0
         # Reused S_k x d and N x S_k buffers (see partialfc.softmax.Workspace); part of the head's memory.
         self.workspace = Workspace(enabled=reuse_buffers)
         self._sub_weight: torch.Tensor | None = None
         self._sampled: torch.Tensor | None = None
+        # begin_step() state: a step whose sampled set and gradient span several micro-batches.
+        self._open_step = False
+        self._micro = 0
+        self._open_positives = 0
+        self._step_labels = torch.empty(0, dtype=torch.int64)
         self.last: dict[str, Any] = {}
 
     # -- what other parts read ------------------------------------------------------------------
@@ -168,12 +179,17 @@ class PartialFC(nn.Module):
         return self._sampled + self.start, self._sub_weight.grad
 
     def make_optimizer(self, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                       b_weight_decay: float = 0.0) -> torch.optim.Optimizer:
-        """Sparse SGD for the shard (sampled rows only) and dense SGD for b; see :mod:`partialfc.optimizer`."""
-        from partialfc.optimizer import PartialFCSGD
+                       b_weight_decay: float = 0.0, *, name: str = "sgd",
+                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        """The head's sparse optimizer (only sampled rows move) with a dense one for b.
 
-        return PartialFCSGD(self, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                            b_weight_decay=b_weight_decay)
+        name "sgd": :class:`~partialfc.optimizer.PartialFCSGD` (lr, momentum, weight_decay);
+        "adamw": :class:`~partialfc.optimizer.PartialFCAdamW`, a lazy AdamW (lr, betas, eps,
+        weight_decay; ``momentum`` unused). See :mod:`partialfc.optimizer`."""
+        from partialfc.optimizer import make_head_optimizer
+
+        return make_head_optimizer(self, name, lr, momentum=momentum, weight_decay=weight_decay,
+                                   b_weight_decay=b_weight_decay, betas=betas, eps=eps)
 
     def save_sharded(self, path_dir: Any, optimizer: Any = None) -> None:
         """:func:`partialfc.checkpoint.save_head` on this head (every rank calls it)."""
@@ -188,6 +204,83 @@ class PartialFC(nn.Module):
         return load_head(self, optimizer, path_dir, self.process_group)
 
     # -- the step -----------------------------------------------------------------------------
+    def _take_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(S, d) copy of the rows ``index`` in ``dtype``: a fresh leaf, the only weights with a gradient."""
+        device = self.weight.device
+        shape = (index.numel(), self.embedding_size)
+        if self.weight.dtype == dtype:
+            sub = torch.index_select(self.weight.detach(), 0, index,
+                                     out=self.workspace.get("sub_weight", shape, dtype, device))
+        else:
+            # Gathered in the head's dtype, then upcast into the reused buffer (no S x d temporary kept).
+            sub = self.workspace.get("sub_weight", shape, dtype, device)
+            sub.copy_(self.weight.detach().index_select(0, index))
+        sub.requires_grad_(torch.is_grad_enabled())
+        sub.grad = None
+        self._sub_weight, self._sampled = sub, index
+        return sub
+
+    def _positions(self, all_labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(N,) position in ``index`` of each label this rank owns, -1 for the others (every owned label must
+        be in ``index``: forward checks the labels against the step's first)."""
+        owned = (all_labels >= self.start) & (all_labels < self.end)
+        local = torch.full_like(all_labels, -1)
+        if bool(owned.any()):
+            rel = all_labels[owned] - self.start
+            pos = torch.searchsorted(index, rel).clamp_(max=max(index.numel() - 1, 0))
+            if index.numel() == 0 or not bool(torch.equal(index.index_select(0, pos), rel)):
+                missing = rel[(index.numel() == 0) | (index.index_select(0, pos) != rel)][0] + self.start
+                raise ValueError(f"PartialFC: label {int(missing)} is in this micro-batch but was not among the "
+                                 "labels given to begin_step() for this optimizer step")
+            local[owned] = pos
+        return local
+
+    def begin_step(self, labels: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Open an optimizer step of several micro-batches (gradient accumulation). Collective.
+
+        labels: this rank's labels of EVERY micro-batch of the coming step, a (B,) tensor or a list of
+        (B_m,) tensors (their concatenation is what counts; order does not matter).
+
+        The step draws ONE sampled set from the labels of all its micro-batches on all ranks: every
+        positive of every micro-batch, plus negatives up to ``ceil(r * shard)`` classes in all (more
+        when the positives exceed that quota), with the sampler's ``(seed, step, rank)``. That is exactly
+        the set a single forward on the concatenated batch would draw, so a step of k micro-batches is
+        one step on their concatenation (exact for r = 1 and for r < 1 alike). Until the optimizer's
+        ``step()`` (or :meth:`end_step`, or the next ``begin_step``) every forward uses that set and the
+        same (S_k, d) leaf of sampled rows, whose ``.grad`` accumulates over the micro-batches' backwards
+        (each forward must still be followed by its backward before the next forward). The sampler's
+        step counter advances once per ``begin_step`` (in training mode), not per micro-batch.
+        """
+        parts = [labels] if isinstance(labels, torch.Tensor) else list(labels)
+        for t in parts:
+            if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"PartialFC.begin_step: labels must be 1-D integer tensors, got {t.dtype} "
+                                 f"of shape {tuple(t.shape)}")
+        device = self.weight.device
+        local = (torch.cat([t.to(device=device, dtype=torch.int64) for t in parts]) if parts
+                 else torch.empty(0, dtype=torch.int64, device=device))
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.num_classes):
+            bad = local[(local < 0) | (local >= self.num_classes)][0]
+            raise ValueError(f"PartialFC.begin_step: label {int(bad)} outside [0, {self.num_classes}) "
+                             f"on rank {self.rank}")
+        sizes = gather_sizes(local.numel(), device, self.process_group)
+        all_labels = all_gather_rows_no_grad(local, sizes, self.process_group)
+        sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
+                                step=self.step, rank=self.rank)
+        if self.training:
+            self.step += 1
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.enable_grad():
+            self._take_rows(sample.index, dtype)
+        self._open_step, self._micro, self._open_positives = True, 0, sample.num_positive
+        self._step_labels = torch.unique(all_labels)
+
+    def end_step(self) -> None:
+        """Close the step opened by :meth:`begin_step` (the optimizer's ``step()`` calls it); the next
+        forward samples on its own again."""
+        self._open_step = False
+        self._micro = 0
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -211,28 +304,41 @@ class PartialFC(nn.Module):
         if n == 0:
             raise ValueError("PartialFC: the global batch is empty on every rank")
         all_labels = all_gather_rows_no_grad(labels.to(device=device, dtype=torch.int64), sizes, group)
-        sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
-                                step=self.step, rank=self.rank)
-        if self.training:
-            self.step += 1
+        if self._open_step:
+            # A step opened by begin_step(): its sampled rows, its accumulating gradient. all_labels and the
+            # step's labels are the same on every rank, so every rank takes this decision alike (no rank
+            # is left waiting in a collective).
+            assert self._sampled is not None and self._sub_weight is not None
+            unknown = ~torch.isin(all_labels, self._step_labels)
+            if bool(unknown.any()):
+                raise ValueError(f"PartialFC: label {int(all_labels[unknown][0])} is in this micro-batch but was "
+                                 "not among the labels given to begin_step() for this optimizer step")
+            index, local_labels = self._sampled, self._positions(all_labels, self._sampled)
+            num_positive = self._open_positives
+            sub = self._sub_weight
+            # The first micro-batch's weight gradient may become sub.grad itself (autograd keeps the
+            # buffer); later ones must be written elsewhere and added into it.
+            grad_name = "grad_weight" if self._micro == 0 else "grad_weight_acc"
+            self._micro += 1
+            w_in = sub if sub.dtype == dtype else sub.to(dtype)
+        else:
+            sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
+                                    step=self.step, rank=self.rank)
+            if self.training:
+                self.step += 1
+            index, local_labels, num_positive = sample.index, sample.local_labels, sample.num_positive
+            sub = self._take_rows(index, dtype)
+            grad_name = "grad_weight"
+            w_in = sub
 
         # Normalise before the gather: B_k rows per rank instead of N.
         z_local = row_normalize(embeddings.to(dtype))
         z = all_gather_rows(z_local, sizes, group)
 
-        if self.weight.dtype == dtype:
-            shape = (sample.index.numel(), self.embedding_size)
-            sub = torch.index_select(self.weight.detach(), 0, sample.index,
-                                     out=self.workspace.get("sub_weight", shape, dtype, device))
-        else:
-            sub = self.weight.detach().index_select(0, sample.index).to(dtype)
-        sub.requires_grad_(torch.is_grad_enabled())
-        self._sub_weight, self._sampled = sub, sample.index
-
-        rows = torch.nonzero(sample.local_labels >= 0).squeeze(1)
-        cols = sample.local_labels.index_select(0, rows)
-        loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, sub, rows, cols, self.scale, self.margin,
-                                                               group, self.workspace)
+        rows = torch.nonzero(local_labels >= 0).squeeze(1)
+        cols = local_labels.index_select(0, rows)
+        loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, w_in, rows, cols, self.scale, self.margin,
+                                                               group, self.workspace, grad_name)
         loss = loss_softmax
 
         loss_disc = None
@@ -249,8 +355,8 @@ class PartialFC(nn.Module):
         self.last = {
             "loss_softmax": loss_softmax.detach(),
             "loss_disc": None if loss_disc is None else loss_disc.detach(),
-            "num_sampled": int(sample.index.numel()),
-            "num_positive": sample.num_positive,
+            "num_sampled": int(index.numel()),
+            "num_positive": num_positive,
             # DiscFace diagnostics: the owned samples of this step on this rank (detached).
             "owned_z_hat": z_own.detach(),
             "owned_w_hat": w_own.detach(),

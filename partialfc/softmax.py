@@ -94,7 +94,8 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
                 cols: torch.Tensor, scale: float, margin: Margin, group: Group,
-                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                workspace: Workspace | None = None,
+                grad_name: str = "grad_weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = z.shape[0]
         # 1/||w_j||, clamped as F.normalize does so that a zero row gives 0, not NaN.
         inv = torch.linalg.vector_norm(weight, dim=1).clamp_(min=1e-12).reciprocal_()
@@ -131,7 +132,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         sum_exp, target_all = packed[0], packed[1]
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
         ctx.save_for_backward(z, weight, inv, rows, cols, logits, sum_exp, cos_t)
-        ctx.scale, ctx.margin, ctx.workspace = scale, margin, workspace
+        ctx.scale, ctx.margin, ctx.workspace, ctx.grad_name = scale, margin, workspace, grad_name
         ctx.set_materialize_grads(False)
         z_own = z.index_select(0, rows)
         w_own = weight.index_select(0, cols) * inv_own.unsqueeze(1)
@@ -167,7 +168,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         if ws is None:
             grad_b = torch.mm(grad_logits.t(), z)
         else:
-            grad_b = torch.mm(grad_logits.t(), z, out=ws.get("grad_weight", weight.shape, z.dtype, z.device))
+            grad_b = torch.mm(grad_logits.t(), z, out=ws.get(ctx.grad_name, weight.shape, z.dtype, z.device))
         del grad_logits
         if grad_z_own is not None:
             grad_z.index_add_(0, rows, grad_z_own)
@@ -188,7 +189,7 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
             prod = torch.mul(b_blk, w_blk, out=scratch[:b_blk.shape[0]])
             c_blk = torch.sum(prod, dim=1, out=coef[lo:lo + step]).mul_(inv2[lo:lo + step])
             b_blk.addcmul_(w_blk, c_blk.unsqueeze(1), value=-1)
-        return grad_z, grad_w, None, None, None, None, None, None
+        return grad_z, grad_w, None, None, None, None, None, None, None
 
 
 # Bytes of N x S_k logits handled per block (a few rows: well inside the last-level cache, so the
@@ -212,10 +213,14 @@ def _row_blocks(n: int, row_bytes: int, rows: torch.Tensor | None) -> list[tuple
 
 def sharded_margin_softmax_ce(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                               scale: float, margin: Margin, group: Group = None,
-                              workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional form of :class:`ShardedMarginSoftmaxCE`: ``(loss, z[rows], w_hat[cols])``."""
+                              workspace: Workspace | None = None,
+                              grad_name: str = "grad_weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional form of :class:`ShardedMarginSoftmaxCE`: ``(loss, z[rows], w_hat[cols])``.
+
+    ``grad_name``: the workspace buffer the weight gradient is written to (a different one for the later
+    micro-batches of an accumulated step, whose gradient autograd adds into the first one's)."""
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = ShardedMarginSoftmaxCE.apply(
-        z, weight, rows, cols, scale, margin, group, workspace)
+        z, weight, rows, cols, scale, margin, group, workspace, grad_name)
     return out
 
 

@@ -60,7 +60,7 @@ _LEGEND = ("rows: classes in the largest shard; sampled: classes per step; W+mom
 
 def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
     title = (f"C={plan.num_classes:,}  W={plan.world_size}  B={plan.local_batch}/rank (N={plan.global_batch})  "
-             f"D={plan.dim}  r={plan.sample_rate}  dtype={plan.dtype}")
+             f"D={plan.dim}  r={plan.sample_rate}  dtype={plan.dtype}  optimizer={plan.optimizer}")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -105,13 +105,16 @@ def plan_cmd(
                                help="World sizes for the table, comma-separated."),
     discface: bool = typer.Option(True, "--discface/--no-discface",
                                   help="Count DiscFace's all-reduces (a scalar and b's gradient)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="Head optimizer (optim.name): sgd|adamw."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per step (optim.grad_accum)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON here."),
 ) -> None:
     """Memory and communication per rank for a run, across world sizes."""
     try:
         world_list = parse_worlds(worlds)
-        plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface)
-        table = plan_table(classes, [*world_list, world_size], batch, dim, sample_rate, dtype, discface)
+        plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface, optimizer, grad_accum)
+        table = plan_table(classes, [*world_list, world_size], batch, dim, sample_rate, dtype, discface,
+                           optimizer, grad_accum)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     _print_human(plan, table)

@@ -179,8 +179,9 @@ def ref_margin_ce(f: np.ndarray, labels: np.ndarray, W: np.ndarray, margin, s: f
             c = float(z @ (W[j] / np.linalg.norm(W[j])))
             if j == labels[i]:
                 theta = math.acos(c)
+                # past pi: the continuous extension cos - (1 + cos(theta_s)), m1 theta_s + m2 = pi
                 c = (math.cos(m1 * theta + m2) if m1 * theta + m2 <= math.pi
-                     else c - m2 * math.sin(m2)) - m3
+                     else c - 1 - math.cos((math.pi - m2) / m1)) - m3
             logits.append(s * c)
         mx = max(logits)
         lse = mx + math.log(sum(math.exp(v - mx) for v in logits))
@@ -188,7 +189,8 @@ def ref_margin_ce(f: np.ndarray, labels: np.ndarray, W: np.ndarray, margin, s: f
     return total / f.shape[0]
 
 
-@pytest.mark.parametrize("margin", [(1.0, 0.0, 0.4), (1.0, 0.5, 0.0), (1.0, 2.9, 0.0)])
+@pytest.mark.parametrize("margin", [(1.0, 0.0, 0.4), (1.0, 0.5, 0.0), (1.0, 2.9, 0.0), (1.35, 0.0, 0.0),
+                                    (0.8, 0.3, 0.1)])
 def test_margin_softmax_matches_reference_and_gradcheck(margin) -> None:
     from discface import margin_softmax_loss
 

@@ -64,17 +64,36 @@ def test_memory_large_logits_and_half_precision() -> None:
     s, n = 500, 2048
     assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 18 * 500 \
         + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
-    assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["momentum_chunk"] == 512 * 4 * 4
-    # fp16: the shard, its momentum and the chunk halve; the head works on fp32 copies of the sampled
-    # rows, fresh each step: the forward holds the previous and the new copy and the fp16 gather.
+    assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
+    # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
+    # (gathered in fp16 first, in the forward) and updates in fp32 chunks staged through two fp16 chunks
+    # (momentum and weights).
     h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
     sd_f, sd_e, ns = 32, 16, 48
-    ws = 2 * ns + sd_f + 2 * 4 * 2
+    ws = 2 * ns + sd_f + sd_f + (2 * 4 * 4 + 2 * 2 * 4 * 2)
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
-    assert h.phases == {"forward": ws + 2 * sd_f + sd_e + 72 + emb, "backward": ws + sd_f + emb,
-                        "optimizer": ws + sd_f + 2 * sd_e}
+    assert h.phases == {"forward": ws + sd_e + 72 + emb, "backward": ws + emb, "optimizer": ws}
     assert h.total_bytes == 64 + h.phases["forward"]
+
+
+def test_memory_adamw_and_grad_accum() -> None:
+    # AdamW: fp32 moments (2 x rows x D x 4) and int64 per-row steps, even for a bf16 head; its chunks are
+    # m, v and the denominator in fp32 plus one bf16 staging chunk for the weights.
+    a = plan_rank(10, 3, 2, 4, 0.5, "bf16", optimizer="adamw")
+    assert a.memory["adamw_moments"] == 2 * 4 * 4 * 4 and a.memory["adamw_row_steps"] == 4 * 8
+    assert "momentum" not in a.memory
+    assert a.shard_weights_plus_momentum_bytes == 4 * 4 * 2 + 2 * 4 * 4 * 4 + 4 * 8
+    assert a.memory["optimizer_chunks"] == 3 * 2 * 4 * 4 + 2 * 4 * 2
+    # SGD in bf16 is half the fp32 shard + momentum: twice the classes fit.
+    assert plan_rank(10, 1, 2, 4, 1.0, "bf16").shard_weights_plus_momentum_bytes * 2 == \
+        plan_rank(10, 1, 2, 4, 1.0, "fp32").shard_weights_plus_momentum_bytes
+    # grad_accum = 3: a second S x D gradient buffer; traffic per micro-batch plus the step's labels once.
+    one, three = plan_rank(10, 2, 2, 4, 0.5), plan_rank(10, 2, 2, 4, 0.5, grad_accum=3)
+    assert three.memory["sampled_weights_grad"] == 2 * one.memory["sampled_weights_grad"]
+    assert three.comm_bytes_per_step == 3 * one.comm_bytes_per_step + 8 + 3 * 2 * 8
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
+        plan_rank(10, 2, 2, 4, 0.5, optimizer="adam")
 
 
 def test_traffic_hand_computed() -> None:
@@ -137,3 +156,19 @@ def test_cli_prints_table_and_writes_json(tmp_path) -> None:
     bad = CliRunner().invoke(app, ["plan", "--classes", "10", "--world-size", "2", "--batch", "2",
                                    "--dtype", "fp8"])
     assert bad.exit_code != 0 and "dtype must be one of" in bad.output
+
+
+def test_cli_counts_the_head_optimizer_dtype_and_grad_accum(tmp_path) -> None:
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", "--classes", "1000000", "--world-size", "2", "--batch", "64",
+                                   "--dtype", "bf16", "--optimizer", "adamw", "--grad-accum", "2",
+                                   "--worlds", "4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "optimizer=adamw" in res.output
+    doc = json.loads(out.read_text())
+    expect = plan_rank(1_000_000, 2, 64, 512, 1.0, "bf16", True, "adamw", 2)
+    assert doc["plan"]["memory"] == expect.memory and doc["plan"]["optimizer"] == "adamw"
+    assert doc["plan"]["shard_weights_plus_momentum_bytes"] == 500_000 * 512 * (2 + 8) + 500_000 * 8
+    bad = CliRunner().invoke(app, ["plan", "--classes", "10", "--world-size", "2", "--batch", "2",
+                                   "--optimizer", "lamb"])
+    assert bad.exit_code != 0 and "optimizer must be one of" in bad.output

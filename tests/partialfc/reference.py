@@ -33,9 +33,8 @@ def reference_loss(f: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, 
     ct = cos[torch.arange(n), cols]
     theta = torch.acos(ct)
     tgt = torch.cos(m1 * theta + m2) - m3
-    if m1 == 1.0 and m2 > 0:
-        # Past pi: insightface's fallback cos - m2 sin(m2).
-        tgt = torch.where(theta + m2 > math.pi, ct - m2 * math.sin(m2) - m3, tgt)
+    # Past pi (m1 theta + m2 > pi): the continuous extension cos - (1 + cos(theta_s)), theta_s = (pi - m2) / m1.
+    tgt = torch.where(m1 * theta + m2 > math.pi, ct - 1 - math.cos((math.pi - m2) / m1) - m3, tgt)
     onehot = torch.zeros_like(cos, dtype=torch.bool)
     onehot[torch.arange(n), cols] = True
     logits = scale * torch.where(onehot, tgt.unsqueeze(1).expand_as(cos), cos)
@@ -50,7 +49,7 @@ def reference_loss(f: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, 
         loss = loss + lam * torch.sqrt(((eps - xi) ** 2).sum(1)).mean()
     loss.backward()
     out = {"loss": loss.detach(), "f_grad": f.grad, "w_grad": w.grad[subset],
-           "past_pi": (theta + m2 > math.pi).sum()}
+           "past_pi": (m1 * theta + m2 > math.pi).sum()}
     if bb is not None:
         out["b_grad"] = bb.grad
     return out
