@@ -234,7 +234,10 @@ class DeepSpeedEngine:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
-            "bf16": {"enabled": cfg.train.amp == "bf16"},
+            # train.amp=bf16 is the trainer's autocast, as under DDP: fp32 weights, bf16 compute. DeepSpeed's
+            # own bf16 mode casts the weights (not the inputs, nor BatchNorm's statistics, nor the fp32
+            # embedding layers the backbones keep) and crashed at the first step.
+            "bf16": {"enabled": False},
             "fp16": {"enabled": cfg.train.amp == "fp16"},
             # DeepSpeed clips to 1.0 unless told otherwise; 0 disables it, as grad_clip=None does for DDP.
             "gradient_clipping": cfg.optim.grad_clip or 0.0,
@@ -243,13 +246,8 @@ class DeepSpeedEngine:
             model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.module = self.engine.module
         self.comm = CommTimer()  # DeepSpeed's reductions run inside its engine and are not timed here
-        # bf16: DeepSpeed casts the weights to bf16 but not the inputs (a dtype mismatch in the first conv).
-        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
-                            else torch.float16 if self.engine.fp16_enabled() else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.input_dtype is not None:
-            images = images.to(self.input_dtype)
         return self.engine(images)
 
     def no_sync(self, last_micro: bool) -> Any:

@@ -280,7 +280,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Settings the saved state is tied to (weight shapes, optimizer state layout): another value cannot take
 # effect on resume, so it is refused rather than silently overridden by the checkpoint.
 _TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine")
-_TIED_DEEPSPEED = ("dist.zero_stage", "train.amp")  # ZeRO's partitioned state differs with stage and precision
+_TIED_DEEPSPEED = ("dist.zero_stage",)  # the layout of ZeRO's partitioned optimizer state
 
 
 def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> list[str]:
