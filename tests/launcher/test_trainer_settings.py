@@ -91,7 +91,7 @@ def test_ddp_lr_eval_and_extension(dataset, tmp_path):  # noqa: F811
 
 
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])  # ZeRO-2: engine tests too
 def test_deepspeed_accum_eval_extension_on_another_rank_count(dataset, tmp_path, stage):  # noqa: F811
     """DeepSpeed: items 8 (grad_accum 2 steps every step), 12, 9, then 7 and 10 (resumed on 1 rank,
     extended, another LR: the schedule is restored from the step reached)."""
