@@ -43,22 +43,56 @@ class BackboneEngine(Protocol):
     def skip(self) -> None: ...
     def zero_grad(self) -> None: ...
     def lr(self) -> float: ...
+    def resume_at(self, done: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
     def train(self, mode: bool = True) -> None: ...
 
 
-def lr_schedule(opt: Any, cfg: Config) -> Any:
-    """Linear warm-up then polynomial decay to zero, stepped once per optimizer step."""
-    o = cfg.optim
-    decay = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(cfg.train.steps - o.warmup_steps, 1),
-                                                  power=o.power)
-    if o.warmup_steps == 0:
-        return decay
-    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (o.warmup_steps + 1), end_factor=1.0,
-                                             total_iters=o.warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[o.warmup_steps])
+def lr_factor(done: int, cfg: Config) -> float:
+    """LR multiplier of the optimizer step that follows ``done`` completed steps (step 1 runs at ``done=0``).
 
+    Linear warm-up from 1/(warmup+1) to 1 over ``optim.warmup_steps``, then polynomial decay (power
+    ``optim.power``) to zero at ``train.steps``. A closed form of the step count, so the schedule of a
+    resumed or extended run is rebuilt from the config and the step reached (never read back from a
+    checkpoint whose settings may differ).
+    """
+    o = cfg.optim
+    w = o.warmup_steps
+    if done < w:
+        start = 1.0 / (w + 1)
+        return start + (1.0 - start) * done / w
+    decay_steps = max(cfg.train.steps - w, 1)
+    t = min(done - w, decay_steps)
+    return float((1.0 - t / decay_steps) ** o.power)
+
+
+def lr_schedule(opt: Any, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of :func:`lr_factor` on ``opt`` (base LR: each group's LR now), stepped once per step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: lr_factor(done, cfg))
+
+
+def schedule_at(sched: torch.optim.lr_scheduler.LambdaLR, done: int) -> None:
+    """Put a schedule built by :func:`lr_schedule` at ``done`` completed steps (its base LRs unchanged)."""
+    import warnings
+
+    sched.last_epoch = done - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
+
+
+def hyperparameters(opt: Any) -> list[dict[str, Any]]:
+    """Each param group's settings (not its tensors): what the config set, to re-apply after a load."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def reapply(opt: Any, groups: list[dict[str, Any]]) -> None:
+    """Overwrite the settings a loaded optimizer state carried with the config's (``hyperparameters``)."""
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"optimizer has {len(opt.param_groups)} param groups, expected {len(groups)}")
+    for g, fresh in zip(opt.param_groups, groups, strict=True):
+        g.update(fresh)
 
 
 def _optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
@@ -108,6 +142,7 @@ class DDPEngine:
             self.model = ddp
         self.opt = _optimizer(backbone.parameters(), cfg)
         self.sched = lr_schedule(self.opt, cfg)
+        self.config_groups = hyperparameters(self.opt)  # what the config set: re-applied after a resume
         self.clip = cfg.optim.grad_clip or float("inf")
         self.scaler = (torch.amp.GradScaler("cuda")
                        if cfg.train.amp == "fp16" and ctx.device.type == "cuda" else None)
@@ -162,10 +197,15 @@ class DDPEngine:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """The optimizer's tensors (momentum) and the scaler; the schedule comes from :meth:`resume_at`."""
         self.opt.load_state_dict(sd["opt"])
-        self.sched.load_state_dict(sd["sched"])
         if self.scaler is not None and sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
+
+    def resume_at(self, done: int) -> None:
+        """After ``done`` steps: the config's optimizer settings, and its LR schedule at that step."""
+        reapply(self.opt, self.config_groups)
+        schedule_at(self.sched, done)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -186,6 +226,7 @@ class DeepSpeedEngine:
         deepspeed.init_distributed(dist_backend=ctx.backend or "gloo", auto_mpi_discovery=False)
         opt = _optimizer(backbone.parameters(), cfg)
         sched = lr_schedule(opt, cfg)
+        self.config_groups = hyperparameters(opt)  # what the config set: re-applied after a resume
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": cfg.train.batch_size,
             "gradient_accumulation_steps": cfg.optim.grad_accum,
@@ -193,7 +234,10 @@ class DeepSpeedEngine:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
-            "bf16": {"enabled": cfg.train.amp == "bf16"},
+            # train.amp=bf16 is the trainer's autocast, as under DDP: fp32 weights, bf16 compute. DeepSpeed's
+            # own bf16 mode casts the weights (not the inputs, nor BatchNorm's statistics, nor the fp32
+            # embedding layers the backbones keep) and crashed at the first step.
+            "bf16": {"enabled": False},
             "fp16": {"enabled": cfg.train.amp == "fp16"},
             # DeepSpeed clips to 1.0 unless told otherwise; 0 disables it, as grad_clip=None does for DDP.
             "gradient_clipping": cfg.optim.grad_clip or 0.0,
@@ -213,6 +257,10 @@ class DeepSpeedEngine:
         # DeepSpeed divides by gradient_accumulation_steps itself; the trainer passes the undivided loss
         # multiplied back, so the head (outside the engine) sees the same 1/accum scaling.
         self.engine.backward(loss * self.engine.gradient_accumulation_steps())
+        if not last_micro:
+            # DeepSpeed counts micro-steps in engine.step(): one per micro-batch, the optimizer runs at the
+            # accumulation boundary. The boundary's step() is :meth:`step`, after the trainer's veto.
+            self.engine.step()
 
     def clip_and_norm(self) -> torch.Tensor:
         # ZeRO-2 holds only this rank's partition of the gradients, so the norm is known only inside
@@ -244,8 +292,16 @@ class DeepSpeedEngine:
         return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "scaler": {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """This rank's ZeRO partition of the optimizer state; the schedule comes from :meth:`resume_at`."""
         self.opt.load_state_dict(sd["opt"])
-        self.sched.load_state_dict(sd["sched"])
+
+    def resume_at(self, done: int) -> None:
+        """After ``done`` steps: the config's optimizer settings, and its LR schedule at that step.
+
+        The schedule is a function of the step, so it is restored on any world size (the partitioned
+        optimizer state is not)."""
+        reapply(self.opt, self.config_groups)
+        schedule_at(self.sched, done)
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

@@ -2,6 +2,8 @@
 
 Each rank decodes and embeds a contiguous slice of a set's images (each image and its flip, summed and
 L2-normalised); the slices are all-gathered, and every rank computes the same metrics from the full set.
+Every rank first takes rank 0's buffers (BatchNorm running statistics differ per rank: each saw its own
+batches), so the model measured is the one a checkpoint holds (rank 0 saves it).
 """
 
 from __future__ import annotations
@@ -72,9 +74,25 @@ def _embedding_dim(model: torch.nn.Module, image_size: int, device: torch.device
     return int(model(probe).shape[1])
 
 
+def take_rank0_state(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Collective: copy rank 0's buffers into every rank's ``model``, in place.
+
+    Under DDP and ZeRO-1/2 the parameters are already equal; the BatchNorm running statistics are not
+    (DeepSpeed never syncs them, DDP broadcasts them at the *next* forward). They do not affect training
+    (batch statistics are used in train mode), so overwriting them changes nothing but what is measured."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for t in model.buffers():
+            dist.broadcast(t, src=0)
+
+
 def evaluate_bins(model: torch.nn.Module, bins: list[str], cfg: Config, ctx: DistContext,
                   roc_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Metrics per ``.bin`` file name (see ``partialfc.metrics.verification_metrics``)."""
+    """Metrics per ``.bin`` file name (see ``partialfc.metrics.verification_metrics``); collective.
+
+    Measures rank 0's weights and buffers, the ones a checkpoint saves (:func:`take_rank0_state`)."""
+    take_rank0_state(model, ctx)
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, Any]] = {}

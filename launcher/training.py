@@ -35,7 +35,15 @@ from launcher.checkpoint import (
 from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext, HangWatchdog
-from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
+from launcher.engines import (
+    BackboneEngine,
+    hyperparameters,
+    lr_schedule,
+    make_engine,
+    reapply,
+    scale_embedding_grad,
+    schedule_at,
+)
 from launcher.finetune import (
     BestKeeper,
     adopt_init_backbone,
@@ -94,8 +102,15 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
                             image_size=bcfg["image_size"], width=bcfg["width"], dropout=bcfg["dropout"],
                             **{k: bcfg[k] for k in ("scale", "blocks") if k in bcfg})
     if cfg.checkpoint.init_backbone:
-        load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
-        log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
+        # The run's own checkpoint is newer than the weights it started from: resuming wins.
+        resuming = resume_point(cfg)
+        if resuming is not None:
+            log.info(f"checkpoint.init_backbone={cfg.checkpoint.init_backbone} is not loaded: the run resumes "
+                     f"from its own checkpoint {resuming} (set checkpoint.resume=false and a new output to "
+                     "fine-tune)")
+        else:
+            load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
+            log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
     backbone.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -110,11 +125,19 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     return Components(engine, head, head_opt, lr_schedule(head_opt, cfg), bcfg)
 
 
+def check_amp(cfg: Config, device: torch.device) -> None:
+    """fp16 needs CUDA (autocast and DeepSpeed refuse it on CPU); bf16 runs on both."""
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.amp=fp16 needs a CUDA device (this rank runs on {device.type}): fp16 "
+                         "autocast and loss scaling are GPU features; use train.amp=bf16 or none on CPUs")
+
+
 def _autocast(cfg: Config, ctx: DistContext) -> Any:
-    if cfg.train.amp == "none" or ctx.device.type != "cuda":
+    """bf16/fp16 autocast of the backbone's forward, on GPUs and CPUs (CPU: bf16 only, see :func:`check_amp`)."""
+    if cfg.train.amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(ctx.device.type, dtype=dtype)
 
 
 def _nonfinite_flags(values: list[torch.Tensor], ctx: DistContext) -> list[bool]:
@@ -172,6 +195,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
         [torch.tensor(losses.get("loss", float("nan"))),
          torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
     ok = not (bad_loss or bad_grad)
+    lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:
         if backbone_frozen(cfg, step):  # fine-tuning warm-up: the head learns, the backbone stays as loaded
             skip_backbone_step(c.engine)
@@ -187,7 +211,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     out = dict(losses)
     timing["time_comm_s"] = c.engine.comm.take()
     out.update(timing, grad_norm=float(grad_norm), finite=float(ok), nonfinite_loss=float(bad_loss),
-               nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=c.engine.lr(),
+               nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=lr,
                xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
     return out
 
@@ -264,11 +288,57 @@ def _refused_file(ckpt: Path, rank: int) -> Path | str:
     return f"a file of {ckpt}"
 
 
-def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
-    """Load the latest complete checkpoint of the run folder, if any; return the step to start from."""
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start)."""
     if not cfg.checkpoint.resume:
-        return 0
-    latest = CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
+        return None
+    return CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Settings the saved state is tied to (weight shapes, optimizer state layout): another value cannot take
+# effect on resume, so it is refused rather than silently overridden by the checkpoint.
+_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine")
+_TIED_DEEPSPEED = ("dist.zero_stage",)  # the layout of ZeRO's partitioned optimizer state
+
+
+def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> list[str]:
+    """Refuse a resume whose config differs from the checkpoint's in a setting the state is tied to.
+
+    Every other setting takes effect as configured: the LR schedule is rebuilt for the new
+    ``train.steps``/``optim.*`` from the step reached, and the optimizers get the config's settings.
+    Returns the changed settings (``name old -> new``) for the log."""
+    before, now = _flat(saved_config), _flat(cfg.model_dump(mode="json"))
+    tied = _TIED + (_TIED_DEEPSPEED if cfg.dist.engine == "deepspeed" else ())
+    bad = [f"{k} is {before[k]!r} in the checkpoint, {now[k]!r} now" for k in tied
+           if k in before and before[k] != now[k]]
+    lam_before = float(before.get("head.discface_lambda", now["head.discface_lambda"]))
+    if (lam_before > 0) != (cfg.head.discface_lambda > 0):
+        bad.append(f"head.discface_lambda is {lam_before} in the checkpoint, {cfg.head.discface_lambda} now: "
+                   "DiscFace's learned basis b exists only with lambda > 0, so turning DiscFace on or off is a "
+                   "new run (fine-tune from the checkpoint's backbone with checkpoint.init_backbone)")
+    if bad:
+        raise ValueError(f"refusing to resume from {latest}: " + "; ".join(bad)
+                         + ". Restore the checkpoint's values, or start a new run (another output folder)")
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(now) if k in before and before[k] != now[k]]
+
+
+def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
+    """Load the latest complete checkpoint of the run folder, if any; return the step to start from.
+
+    Weights, optimizer state (momentum), RNG states and the data position come from the checkpoint; the
+    LR schedule and the optimizers' settings come from the config, at the step reached (a run extended
+    to more steps, or given another LR, trains as configured)."""
+    latest = resume_point(cfg)
     if latest is None:
         return 0
     try:
@@ -276,6 +346,7 @@ def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
     except pickle.UnpicklingError as e:
         raise RuntimeError(f"refusing to resume: {_refused_file(latest, ctx.rank)} holds more than tensors and "
                            f"plain data (pickled code?) and was not loaded: {str(e).splitlines()[0]}") from None
+    changed = check_resumable(files["meta"].get("config", {}), cfg, latest)
     c.engine.module.load_state_dict(files["backbone"])
     ts = files["trainer_state"]
     rs = files["rank_state"]
@@ -285,17 +356,20 @@ def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
             c.engine.load_state_dict(rs["engine"])
         else:
             log.warning("DeepSpeed optimizer state is partitioned per rank: on a new world size the "
-                        "backbone weights are restored and its optimizer state starts fresh")
+                        "backbone weights and the LR schedule are restored and its optimizer state starts fresh")
     else:
         c.engine.load_state_dict(ts["engine"])
+    head_settings = hyperparameters(c.head_opt)
     load_head(c.head, c.head_opt, latest / "head")
-    for group, saved in zip(c.head_opt.param_groups, ts["head_param_groups"], strict=True):
-        group.update(saved)
-    c.head_sched.load_state_dict(ts["head_sched"])
+    reapply(c.head_opt, head_settings)  # the config's head LR and settings, not the checkpoint's
+    step = int(ts["step"])
+    c.engine.resume_at(step)
+    schedule_at(c.head_sched, step)
     if rs is not None:
         set_rng_state(rs["rng"])
-    step = int(ts["step"])
     log.info(f"resumed from {latest} at step {step} (saved on {saved_world} rank(s), now {ctx.world_size})")
+    if changed:
+        log.info(f"settings changed since the checkpoint, in effect from step {step + 1}: {', '.join(changed)}")
     return step
 
 
@@ -351,7 +425,9 @@ def evaluate_now(c: Components, cfg: Config, ctx: DistContext, step: int, progre
     return evals
 
 
-_LOGGED = ("lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s", "time_backward_s", "time_comm_s",
+# The step's own values (lr: the one the step ran at); loss_avg is the smoothed loss.
+_LOGGED = ("loss", "loss_softmax", "loss_disc", "lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s",
+           "time_backward_s", "time_comm_s",
            "time_optimizer_s")
 
 
@@ -359,12 +435,14 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     out = Path(cfg.output)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    check_amp(cfg, ctx.device)
     data = load_data(cfg, ctx)
     c = build(cfg, ctx, data.num_classes)
     step = maybe_resume(c, cfg, ctx)
+    # Written once the resume has accepted it: every value in config.yaml is the one in effect.
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
     data.seek(step)
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                               world_size=ctx.world_size)
@@ -387,7 +465,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             progress.tick()
             account_nonfinite(state, scalars, step, cfg)
             if scalars["finite"]:
-                progress.update(**{k: v for k, v in scalars.items() if k.startswith("loss")})
+                progress.update(loss_avg=scalars["loss"])  # smoothed over the last steps of this process
             metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
                                  sampled_classes=int(c.head.last.get("num_sampled", 0)),
                                  skipped_records=data.skipped_records)
@@ -396,7 +474,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                 progress.update(**disc)
                 metrics.observe_discrepancy(disc)
             if step % cfg.log.every_steps == 0 or step == last_step:
-                progress.emit(step, {k: scalars[k] for k in _LOGGED})
+                progress.emit(step, {k: scalars[k] for k in _LOGGED if k in scalars})
             if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
                 state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics)
                 best.observe(step, state.evals, c.engine.module, c.backbone_config)

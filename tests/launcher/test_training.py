@@ -119,6 +119,12 @@ def test_resume_continues_from_checkpoint_exactly(dataset, tmp_path):
     da = load_file(str(a / "head" / "head_discface.safetensors"))
     db = load_file(str(b / "head" / "head_discface.safetensors"))
     assert all(torch.equal(da[k], db[k]) for k in da)
+    # The logged loss and lr are the step's own, not a running mean that restarts with the process.
+    rows_a, rows_b = ({r["step"]: r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
+                       if "lr" in r} for o in (straight, resumed))
+    for s in (8, 10, 12):
+        for k in ("loss", "loss_softmax", "loss_disc", "lr"):
+            assert rows_b[s][k] == rows_a[s][k], (s, k, rows_a[s][k], rows_b[s][k])
 
 
 def _load_only(rank: int, world_size: int, overrides: list[str]) -> dict:
