@@ -64,7 +64,8 @@ def load_backbone_for_inference(model_path: str | Path, device: str | torch.devi
 
 
 #: backbones whose parameter names and shapes are insightface arcface_torch's
-INSIGHTFACE_NAMES = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet"}
+INSIGHTFACE_NAMES = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet",
+                     "vit_t", "vit_s", "vit_b"}
 
 
 def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
@@ -97,6 +98,11 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
         else:
             notes.append(f"insightface: MobileFaceNet(num_features=..., blocks={list(arch['blocks'])}, "
                          f"scale={arch['scale']})")
+    elif str(name).startswith("vit_"):
+        if name == "vit_b" and float(config.get("width", 1.0)) == 1.5:
+            notes.append("insightface: get_model('vit_l_dp005_mask_005', num_features=...) (D 768, depth 24)")
+        notes.append(f"insightface: get_model('{name}', num_features={config.get('embedding_size')}) (or its "
+                     "_dp005 variants: the same weights, other training regularisers)")
     else:
         notes.append(f"insightface: get_model('r{str(name)[len('iresnet'):]}', "
                      f"num_features={config.get('embedding_size')})")
