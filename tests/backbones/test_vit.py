@@ -264,3 +264,56 @@ def test_onnx_export_matches_a_float64_reference(tmp_path):
         with torch.no_grad():
             want = ref(x.double()).numpy()
         assert got.shape == (batch, 16) and np.abs(got - want).max() < 1e-4
+
+
+# --- config and trainer -------------------------------------------------------------------------------
+
+
+def test_config_takes_the_vits_and_refuses_misplaced_options():
+    from launcher.config import ConfigError, builtin_config, load_config
+
+    cfg = load_config(None, ["model.backbone=vit_s", "model.image_size=36", "model.drop_path=0.2",
+                             "model.mask_ratio=0.3"])
+    assert (cfg.model.backbone, cfg.model.image_size, cfg.model.drop_path, cfg.model.mask_ratio) == \
+        ("vit_s", 36, 0.2, 0.3)
+    with pytest.raises(ConfigError, match=r"model\.image_size = 36: .*multiple of 16"):
+        load_config(None, ["model.backbone=iresnet18", "model.image_size=36"])
+    with pytest.raises(ConfigError, match=r"model\.drop_path and model\.mask_ratio apply to vit_t, vit_s, vit_b "
+                                          r"only, not iresnet50"):
+        load_config(None, ["model.mask_ratio=0.1"])
+    with pytest.raises(ConfigError, match=r"model\.dropout must be 0 for vit_t"):
+        load_config(None, ["model.backbone=vit_t", "model.dropout=0.1"])
+    with pytest.raises(ConfigError, match=r"model\.mask_ratio"):
+        load_config(None, ["model.backbone=vit_t", "model.mask_ratio=1.0"])
+    recipe = load_config(builtin_config("webface42m_vit_t_pfc03"))
+    assert (recipe.model.backbone, recipe.model.drop_path, recipe.model.mask_ratio) == ("vit_t", 0.05, 0.0)
+    assert (recipe.optim.name, recipe.optim.lr, recipe.optim.weight_decay) == ("adamw", 0.001, 0.1)
+    assert (recipe.head.sample_rate, recipe.head.margin) == (0.3, (1.0, 0.0, 0.4))
+
+
+def test_regularisers_reach_the_trainer_and_an_insightface_vit_sets_the_model(tmp_path):
+    from launcher.config import load_config
+    from launcher.distributed import DistContext
+    from launcher.finetune import adopt_init_backbone
+    from launcher.training import backbone_config, build
+
+    cfg = load_config(None, ["model.backbone=vit_b", "model.image_size=18", "model.width=0.0625",
+                             "model.embedding_size=8", "model.drop_path=0.3", "model.mask_ratio=0.0"])
+    assert backbone_config(cfg) == {"name": "vit_b", "embedding_size": 8, "image_size": 18, "width": 0.0625,
+                                    "dropout": 0.0, "drop_path": 0.3, "mask_ratio": 0.0}
+    net = build(cfg, DistContext.single_process(), 10).engine.module
+    assert net.blocks[-1].drop_path_rate == pytest.approx(0.3) and net.mask_ratio == 0.0
+    assert not net.mask_token.requires_grad
+    # unset: arcface_torch's vit_b defaults
+    net = build(load_config(None, ["model.backbone=vit_b", "model.image_size=18", "model.width=0.0625"]),
+                DistContext.single_process(), 10).engine.module
+    assert net.blocks[-1].drop_path_rate == pytest.approx(0.1) and net.mask_ratio == 0.1
+    # checkpoint.init_backbone with an arcface_torch ViT file: the model is read off its keys
+    torch.manual_seed(0)
+    ref = randomise(RefViT(16, 32, 12, img_size=36))
+    torch.save(ref.state_dict(), tmp_path / "vit_t.pth")
+    cfg = adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={tmp_path / 'vit_t.pth'}"]))
+    assert (cfg.model.backbone, cfg.model.embedding_size, cfg.model.image_size, cfg.model.width) == \
+        ("vit_t", 16, 36, 0.125)
+    own = build(cfg, DistContext.single_process(), 10).engine.module.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in ref.state_dict().items())
