@@ -29,6 +29,7 @@ from partialfc.backbones import (
 from partialfc.backbones.vit import drop_path
 from tests.backbones.helpers import calibrated, float64_copy
 from tests.backbones.insightface_reference import RefViT, randomise
+from tests.launcher.test_training import dataset  # noqa: F401  (the synthetic dataset fixture)
 
 #: arcface_torch's get_model: name -> (embed_dim, depth); 8 heads, patch 9, 112 px, for all
 PUBLISHED = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24)}
@@ -317,3 +318,39 @@ def test_regularisers_reach_the_trainer_and_an_insightface_vit_sets_the_model(tm
         ("vit_t", 16, 36, 0.125)
     own = build(cfg, DistContext.single_process(), 10).engine.module.state_dict()
     assert all(torch.equal(own[k], v) for k, v in ref.state_dict().items())
+
+
+def _vit_train_sets(prefix, out):
+    from tests.launcher.test_training import _overrides
+
+    return _overrides(prefix, out, **{
+        "model.backbone": "vit_t", "model.width": 0.125, "model.embedding_size": 16,
+        "model.drop_path": 0.05, "model.mask_ratio": 0.0,  # the WebFace42M recipe's regularisers
+        "optim.name": "adamw", "optim.lr": 0.001, "optim.weight_decay": 0.1, "optim.warmup_steps": 0,
+        "train.steps": 2, "train.batch_size": 8, "checkpoint.every_steps": 2, "log.every_steps": 1,
+        "eval.every_steps": 100})
+
+
+@pytest.mark.multiprocess
+def test_two_rank_cpu_train_smoke(dataset, tmp_path):  # noqa: F811
+    """2 gloo ranks, 2 steps of a 32 px vit_t at 1/8 width with AdamW: DDP (the unused mask token
+    kept out of its reduction), the loss, a checkpoint whose backbone rebuilds as a ViT."""
+    import json
+
+    from tests.distributed import run_ranks
+    from tests.launcher.test_training import _train
+
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    summaries = run_ranks(_train, 2, _vit_train_sets(prefix, out), timeout=300)
+    assert [s["steps"] for s in summaries] == [2, 2]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    trained = load_backbone(ckpt / "backbone.safetensors")
+    assert trained.backbone_config["name"] == "vit_t" and trained.dim == 32 and trained.image_size == (32, 32)
+    # the run folder exports back to insightface's format
+    res = CliRunner().invoke(app, ["export", "torch", str(out), str(tmp_path / "vit.pth")])
+    assert res.exit_code == 0, res.output
+    ref = RefViT(16, 32, 12, img_size=32)
+    ref.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
