@@ -187,7 +187,7 @@ def _infer_vit(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if grid * grid != tokens:
         raise StateFileError(f"key 'pos_embed' has shape {pos}: {tokens} tokens are not a square grid, so the image "
                              "size cannot be inferred (insightface's convention: 112 x 112, 12 x 12 tokens)")
-    image_size = 112 if 112 // PATCH_SIZE == grid else PATCH_SIZE * grid
+    image_size = 112 if grid == 112 // PATCH_SIZE else PATCH_SIZE * grid
     embedding = _shape(state, "feature.3.weight")[0]
     return {"name": name, "embedding_size": embedding, "image_size": image_size,
             "width": _width(dim, VIT_ARCH[name][0])}
