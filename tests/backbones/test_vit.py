@@ -354,3 +354,27 @@ def test_two_rank_cpu_train_smoke(dataset, tmp_path):  # noqa: F811
     assert res.exit_code == 0, res.output
     ref = RefViT(16, 32, 12, img_size=32)
     ref.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
+
+
+def test_cli_embed_takes_an_insightface_vit_pth_and_export_names_vit_l(tmp_path):
+    from tests.backbones.test_insightface import _faces, _insightface_embedding
+
+    torch.manual_seed(0)
+    ref = randomise(RefViT(16, 32, 12, img_size=112))
+    torch.save(ref.state_dict(), tmp_path / "vit_t.pth")
+    paths = _faces(tmp_path / "faces", 2, 2)
+    out = tmp_path / "e.npy"
+    res = CliRunner().invoke(app, ["embed", str(tmp_path / "vit_t.pth"), str(tmp_path / "faces"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(np.load(out), _insightface_embedding(ref, sorted(paths)), atol=2e-5)
+    # vit_b at 1.5 x width is arcface_torch's vit_l: export says so, without a width warning
+    from launcher.export import export_torch
+
+    with torch.device("meta"):
+        wide = get_backbone("vit_b", width=1.5)
+    assert wide.dim == 768 and wide.depth == 24
+    stub = torch.nn.Module()  # the notes depend on the config only; spare writing 114M parameters
+    stub.backbone_config = dict(wide.backbone_config)
+    notes = export_torch(stub, tmp_path / "l.pth")["notes"]
+    assert notes == ["insightface: get_model('vit_l_dp005_mask_005', num_features=512) (or a _dp005 variant of "
+                     "it: the same weights, other training regularisers)"]
