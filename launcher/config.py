@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from partialfc.margins import validate_margin
 
@@ -41,6 +49,10 @@ class ModelConfig(_Section):
                        "(insightface's mbf: 2, mbf_large: 4)")
     blocks: tuple[int, int, int, int] | None = Field(None, description="mobilefacenet only: residual repeats "
                                                      "per stage (default 1,4,6,2; mbf_large 2,8,12,4)")
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0, description="vit_* only: stochastic-depth rate of the "
+                                    "last block (None: arcface_torch's 0.1; its WebFace42M vit_t: 0.05)")
+    mask_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="vit_* only: fraction of patch tokens "
+                                     "masked per image in training (None: arcface_torch's 0.1; WebFace42M vit_t: 0)")
 
     @field_validator("blocks")
     @classmethod
@@ -55,20 +67,38 @@ class ModelConfig(_Section):
             raise ValueError(f"model.scale and model.blocks apply to mobilefacenet only, not {self.backbone}")
         return self
 
+    @model_validator(mode="after")
+    def _vit_only(self) -> ModelConfig:
+        vit = self.backbone in VIT_BACKBONES
+        if not vit and (self.drop_path is not None or self.mask_ratio is not None):
+            raise ValueError(f"model.drop_path and model.mask_ratio apply to {', '.join(VIT_BACKBONES)} only, "
+                             f"not {self.backbone}")
+        if vit and self.dropout != 0.0:
+            raise ValueError(f"model.dropout must be 0 for {self.backbone} (the ViT has no dropout before its FC, "
+                             "as in arcface_torch); regularise with model.drop_path / model.mask_ratio")
+        return self
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible(cls, v: int, info: ValidationInfo) -> int:
+        # the convolutional backbones halve the resolution 4 times; a ViT cuts 9 x 9 patches (floored)
+        if info.data.get("backbone") not in VIT_BACKBONES and v % 16:
+            raise ValueError(f"image_size {v} must be a multiple of 16 (the convolutional backbones downsample "
+                             "by 16; the vit_* backbones take any size)")
+        return v
+
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        known = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny")
+        known = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny",
+                 *VIT_BACKBONES)
         if v not in known:
             raise ValueError(f"unknown backbone {v!r}; expected one of {', '.join(known)}")
         return v
 
-    @field_validator("image_size")
-    @classmethod
-    def _divisible(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"image_size {v} must be a multiple of 16 (the backbones downsample by 16)")
-        return v
+
+#: arcface_torch's Vision Transformers (partialfc.backbones.vit): patch 9, 12 x 12 tokens at 112 px
+VIT_BACKBONES = ("vit_t", "vit_s", "vit_b")
 
 
 class HeadConfig(_Section):

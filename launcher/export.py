@@ -64,13 +64,14 @@ def load_backbone_for_inference(model_path: str | Path, device: str | torch.devi
 
 
 #: backbones whose parameter names and shapes are insightface arcface_torch's
-INSIGHTFACE_NAMES = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet"}
+INSIGHTFACE_NAMES = {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet",
+                     "vit_t", "vit_s", "vit_b"}
 
 
 def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     """Write ``model``'s state_dict as a ``torch.save`` file in insightface arcface_torch's format.
 
-    The keys and shapes are those of arcface_torch's iresnet / MobileFaceNet (the same modules here), so
+    The keys and shapes are those of arcface_torch's iresnet / MobileFaceNet / ViT (the same modules here), so
     ``backbone.load_state_dict(torch.load(out_path))`` works on their side. Written to a temporary name
     and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes`` (what their code needs
     to build the matching network: e.g. ``get_model("r50", num_features=512)``).
@@ -86,7 +87,8 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     size = config.get("image_size")
     if size not in (112, [112, 112], (112, 112)):
         notes.append(f"image size {size}: insightface's code builds its FC / GDC for 112 x 112 only")
-    if float(config.get("width", 1.0)) != 1.0:
+    vit_l = name == "vit_b" and float(config.get("width", 1.0)) == 1.5  # arcface_torch's vit_l: D 768, depth 24
+    if float(config.get("width", 1.0)) != 1.0 and not vit_l:
         notes.append(f"width {config.get('width')}: insightface's constructors have no width multiplier")
     if name == "mobilefacenet":
         arch = {"scale": config.get("scale", 1), "blocks": config.get("blocks", [1, 4, 6, 2])}
@@ -97,6 +99,10 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
         else:
             notes.append(f"insightface: MobileFaceNet(num_features=..., blocks={list(arch['blocks'])}, "
                          f"scale={arch['scale']})")
+    elif str(name).startswith("vit_"):
+        their = "vit_l_dp005_mask_005" if vit_l else name
+        notes.append(f"insightface: get_model('{their}', num_features={config.get('embedding_size')}) (or a "
+                     "_dp005 variant of it: the same weights, other training regularisers)")
     else:
         notes.append(f"insightface: get_model('r{str(name)[len('iresnet'):]}', "
                      f"num_features={config.get('embedding_size')})")

@@ -92,6 +92,8 @@ def backbone_config(cfg: Config) -> dict[str, Any]:
                            "width": m.width, "dropout": m.dropout}
     if m.scale != 1 or m.blocks is not None:  # MobileFaceNet's insightface variants (mbf: scale 2)
         out.update(scale=m.scale, blocks=list(m.blocks or (1, 4, 6, 2)))
+    # the ViTs' training regularisers (no weights; None keeps arcface_torch's defaults)
+    out.update({k: v for k, v in (("drop_path", m.drop_path), ("mask_ratio", m.mask_ratio)) if v is not None})
     return out
 
 
@@ -100,7 +102,7 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     bcfg = backbone_config(cfg)
     backbone = get_backbone(bcfg["name"], embedding_size=bcfg["embedding_size"],
                             image_size=bcfg["image_size"], width=bcfg["width"], dropout=bcfg["dropout"],
-                            **{k: bcfg[k] for k in ("scale", "blocks") if k in bcfg})
+                            **{k: bcfg[k] for k in ("scale", "blocks", "drop_path", "mask_ratio") if k in bcfg})
     if cfg.checkpoint.init_backbone:
         # The run's own checkpoint is newer than the weights it started from: resuming wins.
         resuming = resume_point(cfg)

@@ -12,7 +12,7 @@ work in channels-last memory format (``model.to(memory_format=torch.channels_las
 Weight files: :func:`save_backbone` writes the state dict as safetensors with the model's config
 (name, embedding_size, image_size, width) as JSON in the file's metadata, so :func:`load_backbone`
 rebuilds the right network from the file alone. :func:`load_backbone` also takes insightface
-arcface_torch ``backbone.pth`` files (iresnet18-200, MobileFaceNet): the parameter names are the same,
+arcface_torch ``backbone.pth`` files (iresnet18-200, MobileFaceNet, ViT-T/S/B): the parameter names are the same,
 and the architecture is inferred from the keys and shapes (``partialfc.backbones.insightface``).
 """
 
@@ -31,6 +31,7 @@ from partialfc.backbones.insightface import StateFileError, describe, first_mism
 from partialfc.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from partialfc.backbones.mobilefacenet import MobileFaceNet, upgrade_legacy_state
 from partialfc.backbones.tiny import TinyNet
+from partialfc.backbones.vit import VIT_ARCH, VisionTransformer
 
 __all__ = [
     "BACKBONES",
@@ -40,6 +41,7 @@ __all__ = [
     "IResNet",
     "MobileFaceNet",
     "TinyNet",
+    "VisionTransformer",
     "get_backbone",
     "infer_config",
     "load_backbone",
@@ -59,11 +61,22 @@ def _iresnet_builder(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _vit_builder(name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs: Any) -> nn.Module:
+        return VisionTransformer(name, **kwargs)
+
+    dim, depth = VIT_ARCH[name]
+    build.__name__ = name
+    build.__doc__ = f"{name}: ViT, {depth} blocks {dim} wide, 8 heads, patch 9 (arcface_torch's {name})."
+    return build
+
+
 #: name -> constructor taking (embedding_size, image_size, width, dropout, fp16) as keywords
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{name: _iresnet_builder(name) for name in IRESNET_LAYERS},
     "mobilefacenet": MobileFaceNet,
     "tiny": TinyNet,
+    **{name: _vit_builder(name) for name in VIT_ARCH},
 }
 
 #: the safetensors metadata key holding the JSON config
@@ -79,18 +92,24 @@ def get_backbone(
     fp16: bool = False,
     scale: int = 1,
     blocks: tuple[int, int, int, int] | list[int] | None = None,
+    drop_path: float | None = None,
+    mask_ratio: float | None = None,
 ) -> Backbone:
     """Build a backbone by name (one of ``BACKBONES``) on the current default device.
 
     Args:
-        name: "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny".
+        name: "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny",
+            "vit_t", "vit_s", "vit_b".
         embedding_size: d, the feature dimension.
-        image_size: input size, an int (square) or (h, w); divisible by 16 (8 for "tiny").
+        image_size: input size, an int (square) or (h, w); divisible by 16 (8 for "tiny"; the ViTs take
+            any size of at least 9, their patch).
         width: multiplier on every channel count (> 0).
         dropout: dropout probability before the FC, in [0, 1).
         fp16: run the trunk under float16 autocast; features are float32 either way.
         scale, blocks: MobileFaceNet only (insightface's ``mbf`` is scale 2, see
             :class:`MobileFaceNet`); other backbones refuse values other than the defaults.
+        drop_path, mask_ratio: ViTs only: stochastic-depth rate and token-mask ratio in training
+            (None: arcface_torch's 0.1 and 0.1); other backbones refuse a value.
 
     The returned module carries ``backbone_config`` (a dict with name, embedding_size, image_size,
     width): pass it to :func:`save_backbone`.
@@ -108,6 +127,11 @@ def get_backbone(
         options = {"scale": scale} if blocks is None else {"scale": scale, "blocks": tuple(blocks)}
     elif scale != 1 or blocks is not None:
         raise ValueError(f"backbone {name!r}: scale and blocks apply to mobilefacenet only")
+    if name in VIT_ARCH:
+        options.update({k: v for k, v in (("drop_path", drop_path), ("mask_ratio", mask_ratio)) if v is not None})
+    elif drop_path is not None or mask_ratio is not None:
+        raise ValueError(f"backbone {name!r}: drop_path and mask_ratio apply to the ViTs only "
+                         f"({', '.join(VIT_ARCH)})")
     model = BACKBONES[name](embedding_size=embedding_size, image_size=image_size, width=float(width),
                             dropout=dropout, fp16=fp16, **options)
     assert isinstance(model, Backbone)

@@ -11,6 +11,11 @@ how wide, which embedding and image size -- is read off the keys and shapes here
 * MobileFaceNet: the trunk's ``scale`` and ``width`` from the stem (``layers.0``) and the groups of
   ``layers.1``, the residual repeats from the ``layers.{1,3,5,7}.layers.I.`` keys, the embedding size
   from ``features.layers.2.weight`` and the image size from the GDC kernel (7 x 7 at 112 px).
+* ViT (vit_t/s/b): the depth from the ``blocks.I.`` keys, the width D from ``pos_embed`` (1, N, D), the
+  embedding size from ``feature.3.weight``; the patch must be 9 (``patch_embed.proj.weight``) and the
+  N tokens a square grid g x g; the image size is 112 when ``112 // 9 == g`` (insightface's
+  convention: 12 x 12 tokens at 112 px), else ``9 g``. The head count (8 in every arcface_torch ViT)
+  has no weights of its own and is not in the file.
 
 Files are read with ``torch.load(weights_only=True)`` (a file that holds anything but tensors and
 plain containers is refused unread) or safetensors. The preprocessing both projects use is RGB,
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 from partialfc.backbones.iresnet import IRESNET_LAYERS
+from partialfc.backbones.vit import PATCH_SIZE, VIT_ARCH
 
 #: the first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a bare pickle
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -149,11 +155,42 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         if scale != 1 or blocks != [1, 4, 6, 2]:
             config.update(scale=scale, blocks=blocks)
         return config
+    if "patch_embed.proj.weight" in state and "pos_embed" in state:
+        return _infer_vit(state)
     first = next(iter(state), None)
     shown = f"{first!r} {tuple(state[first].shape)}" if first is not None else "none (empty)"
     raise StateFileError(f"fits no backbone: first key {shown}; expected insightface arcface_torch names "
                          "(iresnet: conv1.weight, layer1.0.conv1.weight, ...; MobileFaceNet: "
-                         "layers.0.layers.0.weight, ..., conv_sep.layers.0.weight)")
+                         "layers.0.layers.0.weight, ..., conv_sep.layers.0.weight; ViT: patch_embed.proj.weight, "
+                         "pos_embed, blocks.0.attn.qkv.weight, ...)")
+
+
+def _infer_vit(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ViT config of an arcface_torch ViT state_dict (see the module docstring)."""
+    kernel = _shape(state, "patch_embed.proj.weight")
+    if len(kernel) != 4 or kernel[2:] != (PATCH_SIZE, PATCH_SIZE):
+        raise StateFileError(f"key 'patch_embed.proj.weight' has shape {kernel}: a ViT with patches of "
+                             f"{kernel[2:]} pixels; the ViTs here use {PATCH_SIZE} x {PATCH_SIZE} (arcface_torch's "
+                             "vit_t/s/b)")
+    pos = _shape(state, "pos_embed")
+    if len(pos) != 3 or pos[0] != 1:
+        raise StateFileError(f"key 'pos_embed' has shape {pos}, expected (1, tokens, width)")
+    _, tokens, dim = pos
+    depth = _count(state, "blocks.")
+    names = [n for n, (_, d) in VIT_ARCH.items() if d == depth]
+    if not names:
+        known = ", ".join(f"{n} {d}" for n, (_, d) in VIT_ARCH.items())
+        raise StateFileError(f"ViT keys with {depth} blocks fit no backbone: known {known}")
+    # the same depth: vit_t and vit_s differ only in width; name the one the width is native to
+    name = next((n for n in names if VIT_ARCH[n][0] == dim), names[0])
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise StateFileError(f"key 'pos_embed' has shape {pos}: {tokens} tokens are not a square grid, so the image "
+                             "size cannot be inferred (insightface's convention: 112 x 112, 12 x 12 tokens)")
+    image_size = 112 if grid == 112 // PATCH_SIZE else PATCH_SIZE * grid
+    embedding = _shape(state, "feature.3.weight")[0]
+    return {"name": name, "embedding_size": embedding, "image_size": image_size,
+            "width": _width(dim, VIT_ARCH[name][0])}
 
 
 def first_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:

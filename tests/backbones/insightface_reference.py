@@ -1,7 +1,7 @@
-"""Test-only stand-ins for insightface arcface_torch's iresnet and MobileFaceNet.
+"""Test-only stand-ins for insightface arcface_torch's iresnet, MobileFaceNet and ViT.
 
 Written here from the published architecture (module attribute names and layer order of
-``recognition/arcface_torch/backbones/{iresnet,mobilefacenet}.py``), independently of
+``recognition/arcface_torch/backbones/{iresnet,mobilefacenet,vit}.py``), independently of
 ``partialfc.backbones``, so a state_dict they produce has insightface's exact key names and shapes
 and their forward pass is the reference our loaded modules must reproduce. Two knobs the originals
 lack keep tests fast: ``base`` (the 64 of the first stage; insightface: 64) and ``image_size``
@@ -169,3 +169,100 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
                 t.copy_(torch.rand(t.shape, generator=gen) * 0.5 + 0.75 if name.endswith("weight")
                         else torch.randn(t.shape, generator=gen) * 0.1)
     return model.eval()
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class RefAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, d)))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn = RefAttention(dim, heads)
+        self.drop_path = nn.Identity()
+        self.mlp = RefMlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class RefPatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RefViT(nn.Module):
+    """arcface_torch's VisionTransformer (norm_layer "ln", no drop path), ``img_size`` and ``embed_dim``
+    free so tests stay small; ``mask_ratio`` masks as theirs does: argsort of uniform noise, keep the
+    first ``int(N (1 - ratio))``, run the blocks on those, then append mask tokens after the norm and
+    unshuffle with the inverse permutation. ``noise`` (B, N) can be given to reproduce a draw."""
+
+    def __init__(self, num_features: int = 512, embed_dim: int = 256, depth: int = 12, heads: int = 8,
+                 img_size: int = 112, patch_size: int = 9, mask_ratio: float = 0.0) -> None:
+        super().__init__()
+        self.patch_embed = RefPatchEmbed(patch_size, embed_dim)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.embed_dim = embed_dim
+        self.mask_ratio = mask_ratio
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(0.0)
+        self.blocks = nn.ModuleList([RefBlock(embed_dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.feature = nn.Sequential(
+            nn.Linear(embed_dim * self.num_patches, embed_dim, bias=False),
+            nn.BatchNorm1d(embed_dim, eps=2e-5),
+            nn.Linear(embed_dim, num_features, bias=False),
+            nn.BatchNorm1d(num_features, eps=2e-5))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        masking = self.training and self.mask_ratio > 0
+        if masking:
+            n, d = x.shape[1], x.shape[2]
+            keep = int(n * (1 - self.mask_ratio))
+            noise = torch.rand(b, n) if noise is None else noise
+            ids_shuffle = torch.argsort(noise, dim=1)
+            ids_restore = torch.argsort(ids_shuffle, dim=1)
+            x = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        if masking:
+            tokens = self.mask_token.repeat(b, ids_restore.shape[1] - x.shape[1], 1)
+            x = torch.gather(torch.cat([x, tokens], dim=1), 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        return self.feature(torch.reshape(x, (b, self.num_patches * self.embed_dim)))

@@ -10,7 +10,8 @@ from partialfc.backbones import BACKBONES, get_backbone, parameter_count
 from partialfc.backbones.iresnet import IRESNET_LAYERS
 from tests.backbones.helpers import calibrated, float64_copy
 
-ALL_NAMES = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny"]
+ALL_NAMES = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny",
+             "vit_t", "vit_s", "vit_b"]
 
 # small but faithful settings: every stage and block is built, only channels and pixels shrink
 SMALL = {
@@ -21,6 +22,9 @@ SMALL = {
     "iresnet200": dict(image_size=16, width=0.125),
     "mobilefacenet": dict(image_size=32, width=0.25),
     "tiny": dict(image_size=32, width=1.0),
+    "vit_t": dict(image_size=32, width=0.125),
+    "vit_s": dict(image_size=32, width=0.0625),
+    "vit_b": dict(image_size=32, width=0.0625),
 }
 
 
