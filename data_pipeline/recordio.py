@@ -167,46 +167,217 @@ def encode_record(record: bytes | bytearray | memoryview) -> bytes:
     return b"".join(out)
 
 
-def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and offsets of an ``.idx`` file, in file order (int64 arrays)."""
+# Index parsing works on blocks of this many bytes, so a 1 GB ``.idx`` (42M records) never sits in memory
+# as one bytes object next to its parsed arrays.
+_IDX_BLOCK_BYTES = 16 << 20
+# Indexes with at least this many records get a binary cache next to them (see :func:`load_index`).
+CACHE_MIN_RECORDS = 1 << 20
+_CACHE_MAGIC = 0x5046434944583031  # "PFCIDX01"
+_WS = np.zeros(256, dtype=bool)
+_WS[[9, 10, 11, 12, 13, 32]] = True
+
+
+def _slow_idx_error(idx_path: Path, data: bytes, first_line: int) -> RecordIOError:
+    """The precise error for a block that failed the vectorised parse (names the offending line)."""
+    for lineno, raw in enumerate(data.split(b"\n"), start=first_line):
+        if not raw.strip():
+            continue
+        parts = raw.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            key, offset = int(parts[0]), int(parts[1])
+            if not (-(1 << 63) <= key < (1 << 63) and offset < (1 << 63)):
+                raise ValueError
+        except ValueError:
+            return RecordIOError(f"line {lineno} is {raw[:80]!r}, expected 'key<TAB>offset' with two "
+                                 "integers", path=idx_path)
+        if offset < 0:
+            return RecordIOError(f"line {lineno}: negative offset {offset}", path=idx_path, key=key,
+                                 offset=offset)
+    return RecordIOError("unparsable index file", path=idx_path)
+
+
+def _parse_idx_block(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
+    """``(n, 2)`` int64 [key, offset] of a block of whole lines, vectorised (no Python object per
+    line). Every non-blank line must hold exactly two integers; otherwise the slow path names it."""
+    if not data.strip():
+        return np.empty((0, 2), dtype=np.int64)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ws = _WS[raw]
+    # a token starts where a non-space byte follows a space (or the block start)
+    starts = ~ws
+    starts[1:] &= ws[:-1]
+    nl = raw == 10
+    line_of = np.cumsum(nl, dtype=np.int32)
+    per_line = np.bincount(line_of[starts], minlength=int(line_of[-1]) + 1)
+    del ws, nl, line_of
     try:
-        data = idx_path.read_bytes()
+        if np.any((per_line != 0) & (per_line != 2)):
+            raise ValueError
+        values = np.fromstring(data, dtype=np.int64, sep=" ")  # whitespace-separated integers, in C
+        if len(values) != int(starts.sum()):
+            raise ValueError
+    except ValueError:
+        raise _slow_idx_error(idx_path, data, first_line) from None
+    table = values.reshape(-1, 2)
+    neg = table[:, 1] < 0
+    if neg.any():
+        raise _slow_idx_error(idx_path, data, first_line)
+    return table
+
+
+def _idx_signature(idx_path: Path) -> tuple[int, int]:
+    st = idx_path.stat()
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def cache_path(idx_path: str | os.PathLike[str]) -> Path:
+    """Where the binary cache of an ``.idx`` lives: ``PREFIX.idx.npy`` beside it."""
+    return Path(f"{os.fspath(idx_path)}.npy")
+
+
+def _load_cache(idx_path: Path) -> np.ndarray | None:
+    """The cached ``(n, 2)`` [key, offset] table, memory-mapped (pages shared by every process that
+    maps it), or None when missing or stale (the ``.idx`` changed size or mtime since)."""
+    path = cache_path(idx_path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        size, mtime = _idx_signature(idx_path)
+    except (OSError, ValueError):
+        return None
+    if (arr.ndim != 2 or arr.shape[1] != 2 or arr.dtype != np.int64 or arr.shape[0] < 2
+            or int(arr[0, 0]) != _CACHE_MAGIC or int(arr[0, 1]) != arr.shape[0] - 2
+            or (int(arr[1, 0]), int(arr[1, 1])) != (size, mtime)):
+        return None
+    return arr[2:]
+
+
+def _write_cache(idx_path: Path, table: np.ndarray, signature: tuple[int, int]) -> None:
+    """Write the cache atomically (temporary name, then rename; ranks racing on it write the same
+    bytes). A read-only dataset folder simply gets no cache."""
+    path = cache_path(idx_path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            head = np.array([[_CACHE_MAGIC, len(table)], list(signature)], dtype=np.int64)
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<i8", "fortran_order": False, "shape": (len(table) + 2, 2)})
+            f.write(head.tobytes())
+            f.write(np.ascontiguousarray(table, dtype="<i8").tobytes())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def load_index(idx_path: str | os.PathLike[str], *, cache: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and offsets of an ``.idx`` file, in file order: two int64 arrays of shape (n,).
+
+    Parsed block by block with numpy (about 0.1 s per million lines, no Python object per line).
+    ``cache`` None: indexes of at least ``CACHE_MIN_RECORDS`` records are cached in
+    ``PREFIX.idx.npy`` (a plain ``.npy``, loaded with ``allow_pickle=False`` and memory-mapped, so
+    every rank and DataLoader worker shares its pages); the cache is ignored once the ``.idx``
+    changes size or mtime. True/False force it on/off.
+    """
+    idx_path = Path(idx_path)
+    if cache is not False:
+        cached = _load_cache(idx_path)
+        if cached is not None:
+            return cached[:, 0], cached[:, 1]
+    try:
+        signature = _idx_signature(idx_path)
+        f = open(idx_path, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         raise RecordIOError("index file not found", path=idx_path) from None
-    tokens = data.split()
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
-    try:
-        if len(tokens) != 2 * len(lines):
-            raise ValueError
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
-    except (ValueError, OverflowError):
-        # slow path only to name the offending line
-        for lineno, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            parts = raw.split()
-            ok = len(parts) == 2
-            if ok:
-                try:
-                    int(parts[0]), int(parts[1])
-                except ValueError:
-                    ok = False
-            if not ok:
-                raise RecordIOError(f"line {lineno} is {raw[:80]!r}, expected 'key<TAB>offset' with two "
-                                    "integers", path=idx_path) from None
-        raise RecordIOError("unparsable index file", path=idx_path) from None
-    keys, offsets = values[0::2].copy(), values[1::2].copy()
-    if len(offsets) and offsets.min() < 0:
-        bad = int(np.argmax(offsets < 0))
-        raise RecordIOError(f"line {bad + 1}: negative offset {int(offsets[bad])}", path=idx_path,
-                            key=int(keys[bad]), offset=int(offsets[bad]))
-    uniq, counts = np.unique(keys, return_counts=True)
-    if len(uniq) != len(keys):
-        dup = int(uniq[np.argmax(counts > 1)])
-        lines_of = (np.nonzero(keys == dup)[0] + 1).tolist()
-        raise RecordIOError(f"key {dup} appears on lines {lines_of}: keys must be unique", path=idx_path,
-                            key=dup)
-    return keys, offsets
+    parts: list[np.ndarray] = []
+    first_line = 1
+    with f:
+        rest = b""
+        while True:
+            block = f.read(_IDX_BLOCK_BYTES)
+            if not block:
+                data, rest = rest, b""
+            else:
+                data = rest + block
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+            if data:
+                parts.append(_parse_idx_block(idx_path, data, first_line))
+                first_line += data.count(b"\n")
+            if not block:
+                break
+    table = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
+    del parts
+    keys = table[:, 0]
+    if len(keys) and not _strictly_increasing(keys):
+        uniq, counts = np.unique(keys, return_counts=True)
+        if len(uniq) != len(keys):
+            dup = int(uniq[np.argmax(counts > 1)])
+            lines_of = (np.nonzero(keys == dup)[0] + 1).tolist()
+            raise RecordIOError(f"key {dup} appears on lines {lines_of}: keys must be unique", path=idx_path,
+                                key=dup)
+    if cache or (cache is None and len(table) >= CACHE_MIN_RECORDS):
+        _write_cache(idx_path, table, signature)
+    return table[:, 0], table[:, 1]
+
+
+def _strictly_increasing(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """``a[i] < a[i + 1]`` for all i, in blocks (no full-size temporary)."""
+    for s in range(0, max(len(a) - 1, 0), block):
+        e = min(s + block, len(a) - 1)
+        if not np.all(a[s + 1:e + 1] > a[s:e]):
+            return False
+    return True
+
+
+def _is_arange(a: np.ndarray, block: int = 1 << 22) -> bool:
+    """``a == 0, 1, ..., n - 1``, in blocks."""
+    for s in range(0, len(a), block):
+        e = min(s + block, len(a))
+        if not np.array_equal(a[s:e], np.arange(s, e, dtype=np.int64)):
+            return False
+    return True
+
+
+def format_index(keys: np.ndarray, offsets: np.ndarray) -> bytes:
+    """``key<TAB>offset\\n`` lines of non-negative int64 arrays as bytes, vectorised (MXNet's format).
+
+    About 20x faster than Python string formatting; used for big indexes (DALI's per-epoch index,
+    synthetic files, the writer's buffered lines)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(keys)
+    if n == 0:
+        return b""
+    if keys.min() < 0 or offsets.min() < 0:
+        raise ValueError("format_index: keys and offsets must be non-negative")
+
+    def digits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        width = max(1, len(str(int(x.max()))))
+        pows = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+        d = (x[:, None] // pows[None, :]) % 10
+        nd = np.ones(len(x), dtype=np.int64)
+        for w in range(1, width):
+            nd[x >= 10 ** w] = w + 1
+        keep = np.arange(width)[None, :] >= (width - nd)[:, None]
+        return (d + 48).astype(np.uint8), keep
+
+    kd, kk = digits(keys)
+    od, ok = digits(offsets)
+    tab = np.full((n, 1), 9, dtype=np.uint8)
+    nl = np.full((n, 1), 10, dtype=np.uint8)
+    mat = np.concatenate([kd, tab, od, nl], axis=1)
+    keep = np.concatenate([kk, np.ones((n, 1), bool), ok, np.ones((n, 1), bool)], axis=1)
+    return mat[keep].tobytes()
+
+
+def write_index(path: str | os.PathLike[str], keys: np.ndarray, offsets: np.ndarray, *,
+                block: int = 1 << 20, append: bool = False) -> None:
+    """Write (or append) ``.idx`` lines for the arrays, streamed in blocks of ``block`` records."""
+    with open(path, "ab" if append else "wb") as f:
+        for s in range(0, len(keys), block):
+            f.write(format_index(keys[s:s + block], offsets[s:s + block]))
 
 
 class RecordReader:
@@ -231,27 +402,41 @@ class RecordReader:
         self._pid: int | None = None
         self.file_size = self.rec_path.stat().st_size
         if self.idx_path is not None:
-            keys, offsets = _parse_idx(self.idx_path)
+            keys, offsets = load_index(self.idx_path)
         else:
             keys, offsets = self._scan()
+        self._set_arrays(keys, offsets)
+
+    def _set_arrays(self, keys: np.ndarray, offsets: np.ndarray) -> None:
+        """Lookup structures for int64 keys/offsets (n,), without per-record Python objects. The usual
+        files (keys 0..n-1 or increasing, offsets increasing) need no extra array at all; only an
+        unsorted index gets an argsort (8 B/record) and a span table (8 B/record)."""
         self._keys = keys
         self._offsets = offsets
         n = len(keys)
         # Bytes to the next record start (or end of file): the size of the first read of a record.
-        spans = np.empty(n, dtype=np.int64)
-        if n:
+        self._spans: np.ndarray | None = None
+        if n and not _strictly_increasing(offsets):
+            spans = np.empty(n, dtype=np.int64)
             order = np.argsort(offsets, kind="stable")
             ordered = offsets[order]
             nxt = np.append(ordered[1:], max(self.file_size, int(ordered[-1])))
             spans[order] = nxt - ordered
-        self._spans = spans
-        if n and np.array_equal(keys, np.arange(n, dtype=np.int64)):
-            self._sorter: np.ndarray | None = None  # key == position: no lookup table needed
+            self._spans = spans
+        self._dense = bool(n) and int(keys[0]) == 0 and int(keys[-1]) == n - 1 and _is_arange(keys)
+        if self._dense or _strictly_increasing(keys):
+            self._sorter: np.ndarray | None = None  # position = key, or a binary search of the keys
             self._sorted_keys = keys
         else:
             self._sorter = np.argsort(keys, kind="stable")
             self._sorted_keys = keys[self._sorter]
         self._keys_list: list[int] | None = None
+
+    def _span(self, pos: int) -> int:
+        if self._spans is not None:
+            return int(self._spans[pos])
+        end = int(self._offsets[pos + 1]) if pos + 1 < len(self._offsets) else self.file_size
+        return max(end - int(self._offsets[pos]), 0)
 
     # -- keys -------------------------------------------------------------------------------------
     @property
@@ -282,13 +467,13 @@ class RecordReader:
         return True
 
     def _position(self, key: int) -> int:
-        if self._sorter is None:
+        if self._dense:
             if 0 <= key < len(self._keys):
                 return key
         else:
             i = int(np.searchsorted(self._sorted_keys, key))
             if i < len(self._sorted_keys) and self._sorted_keys[i] == key:
-                return int(self._sorter[i])
+                return i if self._sorter is None else int(self._sorter[i])
         source = self.idx_path if self.idx_path is not None else f"{self.rec_path} (scanned)"
         raise KeyError(f"record key {key} is not in {source}")
 
@@ -332,14 +517,29 @@ class RecordReader:
         state["_fd"] = None  # a descriptor number means nothing in another process
         state["_pid"] = None
         state["_keys_list"] = None
+        if self.idx_path is not None and isinstance(self._keys, np.memmap) and self._spans is None \
+                and self._sorter is None:
+            # memory-mapped from the index cache: a spawned worker maps the same file instead of
+            # receiving a pickled copy of every key and offset
+            for name in ("_keys", "_offsets", "_sorted_keys"):
+                state.pop(name)
+            state["_mapped"] = True
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        mapped = state.pop("_mapped", False)
+        self.__dict__.update(state)
+        if mapped:
+            assert self.idx_path is not None
+            keys, offsets = load_index(self.idx_path, cache=True)
+            self._keys, self._offsets, self._sorted_keys = keys, offsets, keys
 
     # -- reading ----------------------------------------------------------------------------------
     def read(self, key: int) -> bytes:
         """The whole record ``key`` (IRHeader and payload), split records joined. Raises KeyError for
         an unknown key and :class:`RecordIOError` (file, key, byte offset) for a malformed record."""
         pos = self._position(int(key))
-        return self._read_at(int(self._offsets[pos]), int(key), int(self._spans[pos]))
+        return self._read_at(int(self._offsets[pos]), int(key), self._span(pos))
 
     def read_header(self, key: int) -> IRHeader:
         """Only the IRHeader of record ``key`` (one small read for unsplit records)."""
@@ -357,13 +557,13 @@ class RecordReader:
     def positions(self, keys: np.ndarray | list[int]) -> np.ndarray:
         """Index into ``key_array`` of each key (vectorised); KeyError names the first unknown key."""
         arr = np.asarray(keys, dtype=np.int64)
-        if self._sorter is None:
+        if self._dense:
             ok = (arr >= 0) & (arr < len(self._keys))
             pos = arr
         else:
             i = np.searchsorted(self._sorted_keys, arr).clip(0, max(len(self._sorted_keys) - 1, 0))
             ok = self._sorted_keys[i] == arr if len(self._sorted_keys) else np.zeros(len(arr), dtype=bool)
-            pos = self._sorter[i] if len(self._sorted_keys) else arr
+            pos = (i if self._sorter is None else self._sorter[i]) if len(self._sorted_keys) else arr
         if not np.all(ok):
             self._position(int(arr[np.argmin(ok)]))  # raises the KeyError with its message
         return np.asarray(pos, dtype=np.int64)
@@ -522,39 +722,78 @@ class RecordWriter:
     def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
         self.rec_path = Path(rec_path)
         self.idx_path = None if idx_path is None else Path(idx_path)
-        self._rec = open(self.rec_path, "wb")  # noqa: SIM115 (closed in close())
+        self._rec = open(self.rec_path, "w+b")  # noqa: SIM115 (closed in close())
         self._idx = None if self.idx_path is None else open(self.idx_path, "w", newline="\n")  # noqa: SIM115
         self._pos = 0
-        self._keys: set[int] = set()
-        self._sizes: dict[int, int] = {}
+        # Uniqueness without a per-record set (which costs ~100 B/record): keys written in increasing
+        # order (the usual case) only need the running maximum and a sorted int64 log (8 B/record)
+        # for a binary search; only keys written out of order go into a small set.
+        self._max_key: int | None = None
+        self._log = np.empty(1024, dtype=np.int64)
+        self._logged = 0
+        self._out_of_order: set[int] = set()
 
     @property
     def tell(self) -> int:
         """Byte offset where the next record goes."""
         return self._pos
 
+    def _seen(self, key: int) -> bool:
+        if self._max_key is None or key > self._max_key:
+            return False
+        if key in self._out_of_order:
+            return True
+        i = int(np.searchsorted(self._log[:self._logged], key))
+        return i < self._logged and int(self._log[i]) == key
+
+    def _remember(self, key: int) -> None:
+        if self._max_key is not None and key < self._max_key:
+            self._out_of_order.add(key)
+            return
+        if self._logged == len(self._log):
+            self._log = np.resize(self._log, 2 * len(self._log))
+        self._log[self._logged] = key
+        self._logged += 1
+        self._max_key = key
+
     def write(self, key: int, record: bytes | bytearray | memoryview) -> int:
         """Append one record (IRHeader and payload, e.g. from :func:`pack`) under ``key``."""
         if self._rec.closed:
             raise ValueError(f"{self.rec_path}: writer is closed")
         key = int(key)
-        if key in self._keys:
+        if self._seen(key):
             raise ValueError(f"{self.rec_path}: key {key} was already written; keys must be unique")
         data = encode_record(record)
         offset = self._pos
         self._rec.write(data)
         if self._idx is not None:
             self._idx.write(f"{key}\t{offset}\n")
-        self._keys.add(key)
-        self._sizes[offset] = len(data)
+        self._remember(key)
         self._pos += len(data)
         return offset
+
+    def _encoded_size(self, offset: int) -> int | None:
+        """Size on disk of the record written at ``offset`` (walks its chunk headers in the file)."""
+        if not 0 <= offset < self._pos:
+            return None
+        self._rec.flush()
+        fd = self._rec.fileno()
+        p = offset
+        while p + 8 <= self._pos:
+            magic, lrec = struct.unpack("<II", os.pread(fd, 8, p))
+            if magic != MAGIC:
+                return None
+            cflag, length = lrec >> 29, lrec & _LEN_MASK
+            p += 8 + ((length + 3) & ~3)
+            if cflag in (0, 3):
+                return p - offset
+        return None
 
     def patch(self, offset: int, record: bytes | bytearray | memoryview) -> None:
         """Replace the record written at ``offset`` by one of the same encoded size (used to fill in
         a header record whose content is only known at the end)."""
         data = encode_record(record)
-        old = self._sizes.get(offset)
+        old = self._encoded_size(offset)
         if old is None:
             raise ValueError(f"{self.rec_path}: no record was written at byte offset {offset}")
         if old != len(data):
