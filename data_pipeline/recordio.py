@@ -183,8 +183,45 @@ _WS = np.zeros(256, dtype=bool)
 _WS[[9, 10, 11, 12, 13, 32]] = True
 
 
-def _slow_idx_error(idx_path: Path, data: bytes, first_line: int) -> RecordIOError:
-    """The precise error for a block that failed the vectorised parse (names the offending line)."""
+def _parse_idx_block(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
+    """``(n, 2)`` int64 [key, offset] of a block of whole lines, vectorised (no Python object per
+    line). The fast path takes MXNet's own format, ``key<TAB>offset<NEWLINE>`` per line (blank lines
+    allowed): the byte after the first token of each line is a tab or space, after the second a
+    newline. Anything else goes through the per-line path, which parses what it can and names the
+    first bad line."""
+    if not data.strip():
+        return np.empty((0, 2), dtype=np.int64)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ws = _WS[raw]
+    ends = np.flatnonzero(~ws[:-1] & ws[1:])  # last byte of each token
+    follower = raw[ends + 1]
+    del ws
+    if not ws_last_ok(raw) or len(ends) % 2 or not (
+            np.all((follower[0::2] == 9) | (follower[0::2] == 32))
+            and np.all((follower[1::2] == 10) | (follower[1::2] == 13))):
+        return _parse_idx_slow(idx_path, data, first_line)
+    try:
+        values = np.fromstring(data, dtype=np.int64, sep=" ")  # whitespace-separated integers, in C
+    except ValueError:
+        values = np.empty(0, dtype=np.int64)
+    if len(values) != len(ends):
+        return _parse_idx_slow(idx_path, data, first_line)
+    table = values.reshape(-1, 2)
+    if np.any(table[:, 1] < 0):
+        return _parse_idx_slow(idx_path, data, first_line)
+    return table
+
+
+def ws_last_ok(raw: np.ndarray) -> bool:
+    """A block ends in whitespace (the reader cuts blocks after a newline; the file's last line may
+    lack one, which the per-line path handles)."""
+    return bool(_WS[raw[-1]])
+
+
+def _parse_idx_slow(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
+    """Per-line parse of an unusual block (trailing spaces, no final newline, ...): the rows, or a
+    :class:`RecordIOError` naming the first line that is not two integers."""
+    rows: list[tuple[int, int]] = []
     for lineno, raw in enumerate(data.split(b"\n"), start=first_line):
         if not raw.strip():
             continue
@@ -196,41 +233,13 @@ def _slow_idx_error(idx_path: Path, data: bytes, first_line: int) -> RecordIOErr
             if not (-(1 << 63) <= key < (1 << 63) and offset < (1 << 63)):
                 raise ValueError
         except ValueError:
-            return RecordIOError(f"line {lineno} is {raw[:80]!r}, expected 'key<TAB>offset' with two "
-                                 "integers", path=idx_path)
+            raise RecordIOError(f"line {lineno} is {raw[:80]!r}, expected 'key<TAB>offset' with two "
+                                "integers", path=idx_path) from None
         if offset < 0:
-            return RecordIOError(f"line {lineno}: negative offset {offset}", path=idx_path, key=key,
-                                 offset=offset)
-    return RecordIOError("unparsable index file", path=idx_path)
-
-
-def _parse_idx_block(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
-    """``(n, 2)`` int64 [key, offset] of a block of whole lines, vectorised (no Python object per
-    line). Every non-blank line must hold exactly two integers; otherwise the slow path names it."""
-    if not data.strip():
-        return np.empty((0, 2), dtype=np.int64)
-    raw = np.frombuffer(data, dtype=np.uint8)
-    ws = _WS[raw]
-    # a token starts where a non-space byte follows a space (or the block start)
-    starts = ~ws
-    starts[1:] &= ws[:-1]
-    nl = raw == 10
-    line_of = np.cumsum(nl, dtype=np.int32)
-    per_line = np.bincount(line_of[starts], minlength=int(line_of[-1]) + 1)
-    del ws, nl, line_of
-    try:
-        if np.any((per_line != 0) & (per_line != 2)):
-            raise ValueError
-        values = np.fromstring(data, dtype=np.int64, sep=" ")  # whitespace-separated integers, in C
-        if len(values) != int(starts.sum()):
-            raise ValueError
-    except ValueError:
-        raise _slow_idx_error(idx_path, data, first_line) from None
-    table = values.reshape(-1, 2)
-    neg = table[:, 1] < 0
-    if neg.any():
-        raise _slow_idx_error(idx_path, data, first_line)
-    return table
+            raise RecordIOError(f"line {lineno}: negative offset {offset}", path=idx_path, key=key,
+                                offset=offset)
+        rows.append((key, offset))
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 def _idx_signature(idx_path: Path) -> tuple[int, int]:
