@@ -131,6 +131,52 @@ def exact_range(l0: np.ndarray, l1: np.ndarray, rid: np.ndarray, rid2: np.ndarra
     return first, end, ids_exact | floats_exact
 
 
+def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None) -> tuple[int, int]:
+    """Exact ``(id_start, id_end)`` of the header record ``head`` of ``reader``'s file.
+
+    Exact id/id2 (or floats below 2**24) are taken as they are, and past 2**24 checked against the
+    ``.idx`` (every identity key listed). A legacy float32 range past 2**24 is a hint: the one range
+    within float32 rounding whose keys the ``.idx`` lists (and that has ``num_classes`` records, and
+    ends at the last key, when that decides) is taken. Raises :class:`RecordIOError` naming the file
+    and record 0 when the header and the index disagree.
+    """
+    lab = np.asarray(head.label, dtype=np.float32).ravel()
+    first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
+    keys = reader._sorted_keys
+    off0 = reader.offset(0)
+
+    def present(s: int, e: int) -> bool:
+        if e <= s:
+            return False
+        lo, hi = np.searchsorted(keys, [s, e])
+        return int(hi - lo) == e - s
+
+    s, e = int(first[0]), int(end[0])
+    if exact[0]:
+        if e >= FLOAT32_EXACT_LIMIT and not present(s, e):
+            raise RecordIOError(f"header record gives identity records [{s}, {e}) but {reader.idx_path} does not "
+                                "list all of those keys: the header and the index disagree", path=reader.rec_path,
+                                key=0, offset=off0)
+        return s, e
+    cs, ce = float32_preimage(float(lab[0])), float32_preimage(float(lab[1]))
+    pairs = [(a, b) for a in cs.tolist() for b in ce.tolist() if present(a, b)]
+    if len(pairs) > 1 and num_classes is not None:
+        pairs = [p for p in pairs if p[1] - p[0] == num_classes] or pairs
+    if len(pairs) > 1:  # identity records are the last keys of the index
+        top = int(keys[-1]) + 1 if len(keys) else 0
+        pairs = [p for p in pairs if p[1] == top] or pairs
+    if len(pairs) != 1:
+        classes = "" if num_classes is None else f" and the {num_classes} classes of the property"
+        raise RecordIOError(
+            f"header record gives identity records [{float(lab[0]):.0f}, {float(lab[1]):.0f}) as float32 labels, "
+            f"and {'no' if not pairs else 'more than one'} exact range within float32 rounding of those values "
+            f"matches the keys of {reader.idx_path}{classes}: the header and the index disagree",
+            path=reader.rec_path, key=0, offset=off0)
+    log.warning("%s: header record past 2**24 without exact id/id2; identity records [%d, %d) taken from the "
+                "index", reader.rec_path, *pairs[0])
+    return pairs[0]
+
+
 def _class_id(label: float, *, num_classes: int, path: Path, key: int, offset: int) -> int:
     """Validate a float32 label as a class id in [0, num_classes)."""
     value = float(label)
@@ -183,47 +229,13 @@ class InsightFaceReader:
         if self._image_range is not None:
             self._image_keys = keys[self._image_range[0]:self._image_range[1]]
         else:
-            self._image_keys = keys[(keys >= 1) & (keys < self.header[0])]
+            id_start = self.header[0] if self.header is not None else 0
+            self._image_keys = keys[(keys >= 1) & (keys < id_start)]
         self._image_keys_list: list[int] | None = None
         self._labels: np.ndarray | None = None
 
     def _resolve_header(self, head: IRHeader) -> tuple[int, int]:
-        """Exact ``(id_start, id_end)`` of the header record (see the module docstring)."""
-        lab = np.asarray(head.label, dtype=np.float32).ravel()
-        first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
-        keys = self._reader._sorted_keys
-        n_c = self.num_classes
-
-        def present(s: int, e: int) -> bool:
-            if e <= s:
-                return False
-            lo, hi = np.searchsorted(keys, [s, e])
-            return int(hi - lo) == e - s
-
-        s, e = int(first[0]), int(end[0])
-        if exact[0]:
-            if e >= FLOAT32_EXACT_LIMIT and not present(s, e):
-                raise RecordIOError(f"header record gives identity records [{s}, {e}) but {self.idx_path} does "
-                                    "not list all of those keys: the header and the index disagree",
-                                    path=self.rec_path, key=0, offset=self._reader.offset(0))
-            return s, e
-        # a legacy header past 2**24: the floats are hints, the .idx and the property decide
-        cs, ce = float32_preimage(float(lab[0])), float32_preimage(float(lab[1]))
-        pairs = [(a, b) for a in cs.tolist() for b in ce.tolist() if present(a, b)]
-        if len(pairs) > 1:
-            pairs = [p for p in pairs if p[1] - p[0] == n_c] or pairs
-        if len(pairs) > 1:  # identity records are the last keys of the index
-            top = int(keys[-1]) + 1 if len(keys) else 0
-            pairs = [p for p in pairs if p[1] == top] or pairs
-        if len(pairs) != 1:
-            raise RecordIOError(
-                f"header record gives identity records [{float(lab[0]):.0f}, {float(lab[1]):.0f}) as float32 "
-                f"labels, and {'no' if not pairs else 'more than one'} exact range within float32 rounding "
-                f"of those values matches the keys of {self.idx_path} and the {n_c} classes of the property: "
-                "the header and the index disagree", path=self.rec_path, key=0, offset=self._reader.offset(0))
-        log.warning("%s: header record past 2**24 without exact id/id2; identity records [%d, %d) taken from "
-                    "the index", self.rec_path, *pairs[0])
-        return pairs[0]
+        return resolve_header(self._reader, head, self.num_classes)
 
     @property
     def image_keys(self) -> list[int]:
