@@ -394,7 +394,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"records     {report['records']}"
                  + (f" (header: identity records [{report['header'][0]}, {report['header'][1]}))"
                     if report["header"] else ""))
-    lines.append(f"images      {report['images']}")
+    lines.append(f"images      {report['images']}"
+                 + (f" (from the index; {report['checked']} sampled records checked)"
+                    if report.get("sampled") is not None else ""))
     lines.append(f"identities  {report['identities']}")
     ipi = report["images_per_identity"]
     if ipi:

@@ -6,7 +6,9 @@ device_id is None, else on ``cuda:device_id``. ``set_epoch(epoch, start_index)``
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
-milliseconds) because DALI's reader takes its index only at build time.
+milliseconds) because DALI's reader takes its index only at build time. Each rank writes the index
+of its own block only (O(N/W)), and while an epoch runs, the next epoch's index is written by a
+background thread, so the epoch boundary costs only the pipeline build.
 
 ``import nvidia.dali`` happens only when a loader is created.
 """
@@ -18,14 +20,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_epoch_index
-from data_pipeline.dataset import shard_plan
+from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
+from data_pipeline.dataset import rank_block
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -61,7 +64,7 @@ class DaliLoader:
                  shuffle: bool = True, flip: bool = True, drop_last_batch: bool = True,
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
-                 index_dir: str | os.PathLike[str] | None = None) -> None:
+                 index_dir: str | os.PathLike[str] | None = None, prefetch_index: bool = True) -> None:
         if not dali_available():
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install 'partialfc-discface[dali]' "
                               "(nvidia-dali-cuda130); CPU pipelines work without a GPU")
@@ -87,6 +90,9 @@ class DaliLoader:
         self.epoch = 0
         self.start_index = 0
         self.last_index: EpochIndex | None = None
+        self.prefetch_index = prefetch_index
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: tuple[tuple[int, int], Future[EpochIndex]] | None = None
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch and the number of this rank's samples already consumed in it."""
@@ -102,23 +108,46 @@ class DaliLoader:
         rem = self._remaining()
         return rem // self.batch_size if self.drop_last_batch else -(-rem // self.batch_size)
 
-    def epoch_index(self) -> EpochIndex:
-        """Write (and return) the index for the current epoch and start position."""
-        if self.shuffle:
-            plan = shard_plan(len(self.reader), self.world_size, self.seed, self.epoch, True, not self.pad_epoch)
-            chunk = self.chunk
-        else:
-            # without shuffling one chunk per rank: each rank reads its block in file order
-            plan = shard_plan(len(self.reader), self.world_size, self.seed, self.epoch, False, not self.pad_epoch)
-            chunk = max(1, plan.shape[1])
+    def _write_index(self, epoch: int, start: int) -> EpochIndex:
+        """This rank's index for (epoch, start): its block only, streamed to disk."""
+        n = len(self.reader)
+        block = rank_block(n, self.world_size, self.rank, self.seed, epoch, self.shuffle, not self.pad_epoch)
+        # without shuffling one chunk: the rank reads its block in file order
+        chunk = self.chunk if self.shuffle else max(1, len(block))
         # the file name carries the rank: ranks sharing a folder never race on one file
-        path = self.index_dir / f"epoch{self.epoch}_rank{self.rank}.idx"
+        path = self.index_dir / (f"epoch{epoch}_rank{self.rank}.idx" if start == 0
+                                 else f"epoch{epoch}_rank{self.rank}_from{start}.idx")
+        return write_rank_index(self.reader, block, path, chunk, start, rank=self.rank, epoch=epoch)
+
+    def epoch_index(self) -> EpochIndex:
+        """Write (and return) the index for the current epoch and start position (taken from the
+        background writer when it prepared exactly this one)."""
+        index: EpochIndex | None = None
+        if self._next is not None:
+            key, fut = self._next
+            self._next = None
+            if key == (self.epoch, self.start_index):
+                index = fut.result()
+            else:
+                with contextlib.suppress(Exception):
+                    fut.result().idx_path.unlink(missing_ok=True)
+        if index is None:
+            index = self._write_index(self.epoch, self.start_index)
         previous = self.last_index
-        self.last_index = write_epoch_index(self.reader, plan, path, chunk, self.start_index)
-        if previous is not None and previous.idx_path != path:
-            # one index per epoch lists every image (~100 MB for MS1M): keep only the current one
+        self.last_index = index
+        if previous is not None and previous.idx_path != index.idx_path:
+            # keep only the current index (and the next one being prepared)
             previous.idx_path.unlink(missing_ok=True)
-        return self.last_index
+        return index
+
+    def prepare_next(self) -> None:
+        """Start writing the next epoch's index (from its start) in the background."""
+        if not self.prefetch_index or self._next is not None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfc-dali-index")
+        nxt = self.epoch + 1
+        self._next = ((nxt, 0), self._pool.submit(self._write_index, nxt, 0))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         steps = len(self)
@@ -128,11 +157,13 @@ class DaliLoader:
         # the pipeline seed drives the flips: one stream per (seed, epoch, rank, start)
         pipe_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, self.start_index])
                         .generate_state(1)[0] & 0x7FFFFFFF)
-        pipe = build_pipeline(index.rec_paths, index.idx_path, shard_id=self.rank, num_shards=self.world_size,
+        # the index holds this rank's block only: DALI reads it as its single shard
+        pipe = build_pipeline(index.rec_paths, index.idx_path, shard_id=0, num_shards=1,
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
                               seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
                               prefetch_queue_depth=self.prefetch_queue_depth)
+        self.prepare_next()
         try:
             rem = self._remaining()
             for step in range(steps):
@@ -147,7 +178,15 @@ class DaliLoader:
             del pipe
 
     def close(self) -> None:
-        """Remove the index files this loader wrote (when it made its own folder)."""
+        """Stop the background index writer; remove the index files this loader wrote (when it made
+        its own folder)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                self._next[1].result().idx_path.unlink(missing_ok=True)
+            self._next = None
         if self._own_dir:
             shutil.rmtree(self.index_dir, ignore_errors=True)
 
