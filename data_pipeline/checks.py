@@ -172,6 +172,11 @@ class _Inspection:
             except RecordIOError as exc:
                 self.flag_corrupt(0, reader.offset(0), str(exc.with_context(path=self.rec_path, key=0,
                                                                              offset=reader.offset(0))))
+                # without a header no record can be told to be an image or an identity record:
+                # checking them as images would bury the one real error under thousands
+                report["warnings"].append("the header record is unusable: image and identity records were "
+                                          "not checked")
+                return
         report["header"] = list(header) if header is not None else None
         if header is not None and self.num_classes is not None and header[1] - header[0] != self.num_classes:
             report["warnings"].append(f"header record lists {header[1] - header[0]} identity records "
@@ -213,9 +218,10 @@ class _Inspection:
                                   f"{int(h['flag'][i])})")
             ok &= shape_ok & finite
             # a legacy range past 2**24 may be off by float32 rounding: compare within it
-            lo = np.where(exact, a, a - np.spacing(np.float32(a)).astype(np.int64))
-            hi = np.where(exact, b, b + np.spacing(np.float32(b)).astype(np.int64))
-            inside = (lo >= 1) & (lo <= hi) & (hi <= s) & (a <= b)
+            # (some exact range within the rounding fits: 1 <= first <= end <= id_start)
+            sa = np.where(exact, 0, np.spacing(a.astype(np.float32)).astype(np.int64))
+            sb = np.where(exact, 0, np.spacing(b.astype(np.float32)).astype(np.int64))
+            inside = (a + sa >= 1) & (a - sa <= b + sb) & (b - sb <= s)
             for i in np.flatnonzero(ok & ~inside).tolist():
                 self.flag_corrupt(int(k[i]), int(offs[i]), f"{self.where(int(k[i]), int(offs[i]))}: identity "
                                   f"record range [{int(a[i])}, {int(b[i])}) is not inside the image keys [1, {s})")
