@@ -355,11 +355,30 @@ def _is_arange(a: np.ndarray, block: int = 1 << 22) -> bool:
     return True
 
 
+_DIGITS4 = np.array([list(f"{i:04d}".encode()) for i in range(10000)], dtype=np.uint8)  # (10000, 4)
+_POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _decimal(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ASCII digits of non-negative int64s, right-aligned in a (n, 4G) uint8 matrix, and the mask of
+    the significant ones (no leading zeros). Four digits per division, through a lookup table."""
+    groups = max(1, -(-len(str(int(x.max()))) // 4))
+    parts = np.empty((len(x), groups), dtype=np.int64)
+    rest = x.copy()
+    for g in range(groups - 1, -1, -1):
+        parts[:, g] = rest % 10000
+        rest //= 10000
+    chars = _DIGITS4[parts].reshape(len(x), 4 * groups)
+    ndigits = np.searchsorted(_POW10, x, side="right") + 1
+    keep = np.arange(4 * groups)[None, :] >= (4 * groups - ndigits)[:, None]
+    return chars, keep
+
+
 def format_index(keys: np.ndarray, offsets: np.ndarray) -> bytes:
     """``key<TAB>offset\\n`` lines of non-negative int64 arrays as bytes, vectorised (MXNet's format).
 
-    About 20x faster than Python string formatting; used for big indexes (DALI's per-epoch index,
-    synthetic files, the writer's buffered lines)."""
+    Many times faster than Python string formatting; used for big indexes (DALI's per-epoch index,
+    synthetic files, image-only indexes)."""
     keys = np.asarray(keys, dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     n = len(keys)
@@ -367,23 +386,11 @@ def format_index(keys: np.ndarray, offsets: np.ndarray) -> bytes:
         return b""
     if keys.min() < 0 or offsets.min() < 0:
         raise ValueError("format_index: keys and offsets must be non-negative")
-
-    def digits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        width = max(1, len(str(int(x.max()))))
-        pows = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-        d = (x[:, None] // pows[None, :]) % 10
-        nd = np.ones(len(x), dtype=np.int64)
-        for w in range(1, width):
-            nd[x >= 10 ** w] = w + 1
-        keep = np.arange(width)[None, :] >= (width - nd)[:, None]
-        return (d + 48).astype(np.uint8), keep
-
-    kd, kk = digits(keys)
-    od, ok = digits(offsets)
-    tab = np.full((n, 1), 9, dtype=np.uint8)
-    nl = np.full((n, 1), 10, dtype=np.uint8)
-    mat = np.concatenate([kd, tab, od, nl], axis=1)
-    keep = np.concatenate([kk, np.ones((n, 1), bool), ok, np.ones((n, 1), bool)], axis=1)
+    kd, kk = _decimal(keys)
+    od, ok = _decimal(offsets)
+    sep = np.ones((n, 1), dtype=bool)
+    mat = np.concatenate([kd, np.full((n, 1), 9, np.uint8), od, np.full((n, 1), 10, np.uint8)], axis=1)
+    keep = np.concatenate([kk, sep, ok, sep], axis=1)
     return mat[keep].tobytes()
 
 
