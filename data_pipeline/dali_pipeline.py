@@ -61,36 +61,45 @@ class EpochIndex:
     start: int = 0
 
 
-def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int = 0) -> list[np.ndarray]:
+def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int = 0,
+                  stop: int | None = None) -> list[np.ndarray]:
     """Split one rank's plan block into chunks of `chunk` items (boundaries at multiples of `chunk`
-    of the full block), each sorted by byte offset as DALI will read it, and drop the first `start`
-    items of that reading order. Returns the chunks (non-empty)."""
+    of the full block), each sorted by byte offset as DALI will read it, and keep items
+    ``start:stop`` of that reading order. Returns the (non-empty) pieces of the chunks kept."""
+    stop = len(block) if stop is None else min(stop, len(block))
     out: list[np.ndarray] = []
-    skip = start
+    ordered = _offsets_increasing(offsets)
     for a in range(0, len(block), chunk):
-        part = block[a:a + chunk]
-        if skip >= len(part):
-            skip -= len(part)
+        b = min(a + chunk, len(block))
+        if b <= start or a >= stop:
             continue
-        out.append(part[np.argsort(offsets[part], kind="stable")][skip:])
-        skip = 0
+        part = block[a:b]
+        # offsets increasing with the image index (the usual file): sorting the indices is enough
+        part = np.sort(part) if ordered else part[np.argsort(offsets[part], kind="stable")]
+        out.append(part[max(start - a, 0):min(stop, b) - a])
     return out
 
 
+def _offsets_increasing(offsets: np.ndarray) -> bool:
+    from data_pipeline.recordio import _strictly_increasing
+
+    return _strictly_increasing(offsets)
+
+
 def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | os.PathLike[str], chunk: int,
-                     start: int = 0, *, rank: int = 0, epoch: int = 0) -> EpochIndex:
-    """Write the virtual-offset index of one rank's block (see the module docstring), streamed.
+                     start: int = 0, stop: int | None = None, *, rank: int = 0, epoch: int = 0) -> EpochIndex:
+    """Write the virtual-offset index of (part of) one rank's block (see the module docstring), streamed.
 
     block: this rank's image indices for the epoch (``rank_block``), cut into chunks of `chunk`
-    items; the first `start` items of the reading order (already consumed) are left out. The index
-    has len(block) - start entries and is read as a single shard.
+    items; items ``start:stop`` of the reading order are listed (a segment of the epoch, or the
+    rest of it after `start` items already consumed). Read as a single shard.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     offsets = image_offsets(reader)
     keys = reader.image_key_array
     fsize = int(reader.reader.file_size)
-    chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
+    chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start, stop)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb"):
