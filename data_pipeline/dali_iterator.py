@@ -100,7 +100,7 @@ class DaliLoader:
         self.last_index: EpochIndex | None = None
         self.prefetch_index = prefetch_index
         self._pool: ThreadPoolExecutor | None = None
-        self._next: tuple[tuple[int, int], Future[EpochIndex]] | None = None
+        self._next: tuple[tuple[int, int, int], Future[EpochIndex]] | None = None
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch and the number of this rank's samples already consumed in it."""
