@@ -279,7 +279,7 @@ def _write_cache(idx_path: Path, table: np.ndarray, signature: tuple[int, int]) 
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "<i8", "fortran_order": False, "shape": (len(table) + 2, 2)})
             f.write(head.tobytes())
-            f.write(np.ascontiguousarray(table, dtype="<i8").tobytes())
+            np.ascontiguousarray(table, dtype="<i8").tofile(f)  # no bytes copy of the table
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -305,9 +305,21 @@ def load_index(idx_path: str | os.PathLike[str], *, cache: bool | None = None) -
         f = open(idx_path, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         raise RecordIOError("index file not found", path=idx_path) from None
-    parts: list[np.ndarray] = []
-    first_line = 1
+    # Lines are counted first (a cheap pass), so the parsed rows go straight into one preallocated
+    # table: no list of blocks concatenated at the end (that doubled the peak: 2 x 16 B per record).
     with f:
+        lines = 0
+        while block := f.read(_IDX_BLOCK_BYTES):
+            lines += block.count(b"\n")
+            last = block[-1:]
+        if lines and last not in (b"\n", b""):
+            lines += 1
+        elif not lines and signature[0]:
+            lines = 1
+        table = np.empty((lines, 2), dtype=np.int64)
+        f.seek(0)
+        n = 0
+        first_line = 1
         rest = b""
         while True:
             block = f.read(_IDX_BLOCK_BYTES)
@@ -318,12 +330,15 @@ def load_index(idx_path: str | os.PathLike[str], *, cache: bool | None = None) -
                 cut = data.rfind(b"\n") + 1
                 data, rest = data[:cut], data[cut:]
             if data:
-                parts.append(_parse_idx_block(idx_path, data, first_line))
+                rows = _parse_idx_block(idx_path, data, first_line)
+                if n + len(rows) > len(table):  # the file grew while being read
+                    table = np.concatenate([table[:n], np.empty((n + len(rows) - len(table), 2), np.int64)])
+                table[n:n + len(rows)] = rows
+                n += len(rows)
                 first_line += data.count(b"\n")
             if not block:
                 break
-    table = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.int64)
-    del parts
+    table = table[:n]  # blank lines: fewer rows than lines
     keys = table[:, 0]
     if len(keys) and not _strictly_increasing(keys):
         uniq, counts = np.unique(keys, return_counts=True)

@@ -351,3 +351,60 @@ def test_inspect_and_read_16_8m_records(tmp_path: Path) -> None:
     for key in (B - 1, B, B + 1, B + 2, 16_800_000):
         assert r.read_image(key)[0] == (key - 1) // 100
     assert written < 600
+
+
+def test_bench_data_scale_reports_json(tmp_path: Path) -> None:
+    """`pfc bench data --scale N` builds the file, measures each step in its own process, reports JSON
+    with exact counts, and deletes the file."""
+    from typer.testing import CliRunner
+
+    import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
+    from launcher.commands.groups import app
+
+    out = tmp_path / "scale.json"
+    res = CliRunner().invoke(app, ["bench", "data", "--scale", "5000", "--identities", "250", "--world-size", "2",
+                                   "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    import json
+
+    rep = json.loads(out.read_text())
+    for step in ("inspect_cold", "inspect_cached"):
+        assert rep[step]["ok"] and (rep[step]["images"], rep[step]["identities"]) == (5000, 250)
+    assert [r["rank_samples"] for r in rep["open"]] == [2500, 2500]
+    assert all(r["images"] == 5000 and r["worker_reads"] > 0 for r in rep["open"])
+    assert rep["world_size"] == 2 and rep["cpu_count"] >= 1
+    assert not list((tmp_path / "w").glob("train*"))  # deleted unless --keep
+    assert "inspect (cold)" in res.output and "open rank 1" in res.output
+
+
+def test_bench_scale_keep_and_cli_inspect_quick(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import launcher.commands.data  # noqa: F401  (registers `pfc data inspect`)
+    from data_pipeline.bench import bench_scale
+    from launcher.commands.groups import app
+
+    rep = bench_scale(3000, 100, tmp_path / "k", world_size=1, keep=True, dali=False)
+    assert rep["inspect_cold"]["ok"] and "dali" not in rep and len(rep["open"]) == 1
+    prefix = tmp_path / "k" / "train"
+    assert Path(f"{prefix}.rec").is_file()  # kept
+    res = CliRunner().invoke(app, ["data", "inspect", str(prefix), "--quick", "--sample", "7", "--seed", "1",
+                                   "--json", str(tmp_path / "q.json")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert (q["sampled"], q["checked"], q["images"], q["identities"]) == (7, 7, 3000, 100)
+    assert "7 sampled records checked" in res.output
+
+
+def test_scale_writer_payload_and_refusals(tmp_path: Path) -> None:
+    write_scale_dataset(tmp_path / "p", np.array([2, 1]), payload=b"abcdefgh")
+    r = InsightFaceReader(tmp_path / "p")
+    assert [r.read_image(k) for k in (1, 2, 3)] == [(0, b"abcdefgh"), (0, b"abcdefgh"), (1, b"abcdefgh")]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        write_scale_dataset(tmp_path / "q", np.array([1]), payload=b"abc")
+    with pytest.raises(ValueError, match="first_key"):
+        write_scale_dataset(tmp_path / "q", np.array([1]), first_key=0)
+    with pytest.raises(ValueError, match="at least one image per identity"):
+        identity_sizes(3, 4)

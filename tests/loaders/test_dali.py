@@ -194,3 +194,4 @@ def test_each_rank_writes_only_its_block_in_segments_prefetched(small_dataset: P
     seg.close()
     with pytest.raises(ValueError, match="multiple of batch_size"):
         DaliLoader(small_dataset, 4, 0, 1, segment=6)
+    assert DaliLoader(small_dataset, 4, 0, 1, segment_samples=10).segment == 8  # rounded to whole batches
