@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, _range_header, _with_suffix
-from data_pipeline.recordio import MAGIC, pack, write_index
+from data_pipeline.recordio import MAGIC, IRHeader, pack, write_index
 
 __all__ = ["identity_sizes", "write_scale_dataset"]
 
@@ -74,8 +74,6 @@ def write_scale_dataset(prefix: str | os.PathLike[str], sizes: np.ndarray, *, fi
     id_dtype = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
                          ("id2", "<u8"), ("l0", "<f4"), ("l1", "<f4")])
     starts = first_key + np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    from data_pipeline.recordio import IRHeader
-
     hid, hid2 = range_head(id_start, id_end, 0)
     head = _chunk(pack(IRHeader(0, [float(id_start), float(id_end)], hid, hid2), b""))
     with open(rec_path, "wb") as rec, open(idx_path, "wb"):
