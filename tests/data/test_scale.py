@@ -408,3 +408,33 @@ def test_scale_writer_payload_and_refusals(tmp_path: Path) -> None:
         write_scale_dataset(tmp_path / "q", np.array([1]), first_key=0)
     with pytest.raises(ValueError, match="at least one image per identity"):
         identity_sizes(3, 4)
+
+
+def test_concurrent_openers_parse_a_big_index_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks opening the same big .idx at once: one parses and writes the cache (under a file lock),
+    the others map it."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(recordio, "CACHE_MIN_RECORDS", 1000)
+    write_scale_dataset(tmp_path / "c", identity_sizes(200_000, 100))
+    marks = tmp_path / "parses"
+    real = recordio._parse_index
+
+    def counting(idx_path: Path, cache: bool | None) -> tuple[np.ndarray, np.ndarray]:
+        with open(marks, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # hold the lock long enough for the others to queue
+        return real(idx_path, cache)
+
+    monkeypatch.setattr(recordio, "_parse_index", counting)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(3) as pool:
+        results = pool.map(_open_keys_sum, [str(tmp_path / "c.idx")] * 3)
+    assert len(marks.read_text().split()) == 1
+    assert {r[0] for r in results} == {True}  # every process ends up on the memory-mapped cache
+    assert len({r[1] for r in results}) == 1
+
+
+def _open_keys_sum(idx: str) -> tuple[bool, int]:
+    keys, offsets = load_index(idx)
+    return isinstance(keys, np.memmap), int(keys.sum() + offsets.sum())
