@@ -6,7 +6,12 @@ device_id is None, else on ``cuda:device_id``. ``set_epoch(epoch, start_index)``
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
-milliseconds) because DALI's reader takes its index only at build time.
+milliseconds for small files) because DALI's reader takes its index only at build time. Each rank
+writes the index of its own block only (O(N/W)), in *segments* of at most ``segment`` samples (a
+multiple of the batch size; default about 2M): one pipeline per segment, so DALI's build, which
+parses its index while holding the GIL (about 1 s per million entries on the 2-core CPU box), never
+pauses training for a whole epoch's index at once. While a segment runs, the next segment's index
+(or the next epoch's first) is written by a background thread.
 
 ``import nvidia.dali`` happens only when a loader is created.
 """
@@ -18,14 +23,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_epoch_index
-from data_pipeline.dataset import shard_plan
+from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
+from data_pipeline.dataset import rank_block
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -61,7 +67,8 @@ class DaliLoader:
                  shuffle: bool = True, flip: bool = True, drop_last_batch: bool = True,
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
-                 index_dir: str | os.PathLike[str] | None = None) -> None:
+                 index_dir: str | os.PathLike[str] | None = None, prefetch_index: bool = True,
+                 segment: int | None = None, segment_samples: int = 1 << 21) -> None:
         if not dali_available():
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install 'partialfc-discface[dali]' "
                               "(nvidia-dali-cuda130); CPU pipelines work without a GPU")
@@ -80,6 +87,10 @@ class DaliLoader:
         # chunks of a few hundred per rank: batches span the whole file (see dali_pipeline)
         self.chunk = chunk if chunk is not None else max(batch_size, -(-self.per_rank // chunks_per_rank))
         self.random_shuffle, self.initial_fill = random_shuffle, initial_fill
+        if segment is not None and (segment < batch_size or segment % batch_size):
+            raise ValueError(f"segment={segment} must be a positive multiple of batch_size={batch_size} (every "
+                             "segment but the last ends on a whole batch)")
+        self.segment = segment if segment is not None else max(batch_size, segment_samples // batch_size * batch_size)
         self.prefetch_queue_depth = prefetch_queue_depth
         self._own_dir = index_dir is None
         self.index_dir = Path(tempfile.mkdtemp(prefix="pfc-dali-")) if index_dir is None else Path(index_dir)
@@ -87,6 +98,9 @@ class DaliLoader:
         self.epoch = 0
         self.start_index = 0
         self.last_index: EpochIndex | None = None
+        self.prefetch_index = prefetch_index
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: tuple[tuple[int, int, int], Future[EpochIndex]] | None = None
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch and the number of this rank's samples already consumed in it."""
@@ -102,52 +116,108 @@ class DaliLoader:
         rem = self._remaining()
         return rem // self.batch_size if self.drop_last_batch else -(-rem // self.batch_size)
 
-    def epoch_index(self) -> EpochIndex:
-        """Write (and return) the index for the current epoch and start position."""
-        if self.shuffle:
-            plan = shard_plan(len(self.reader), self.world_size, self.seed, self.epoch, True, not self.pad_epoch)
-            chunk = self.chunk
-        else:
-            # without shuffling one chunk per rank: each rank reads its block in file order
-            plan = shard_plan(len(self.reader), self.world_size, self.seed, self.epoch, False, not self.pad_epoch)
-            chunk = max(1, plan.shape[1])
+    def _segments(self) -> list[tuple[int, int]]:
+        """This epoch's remaining reading order cut into segments [a, b), from ``start_index``."""
+        return [(a, min(a + self.segment, self.per_rank)) for a in range(self.start_index, self.per_rank, self.segment)]
+
+    def _write_index(self, epoch: int, start: int, stop: int) -> EpochIndex:
+        """This rank's index for items start:stop of its reading order in `epoch`, streamed to disk."""
+        n = len(self.reader)
+        block = rank_block(n, self.world_size, self.rank, self.seed, epoch, self.shuffle, not self.pad_epoch)
+        # without shuffling one chunk: the rank reads its block in file order
+        chunk = self.chunk if self.shuffle else max(1, len(block))
         # the file name carries the rank: ranks sharing a folder never race on one file
-        path = self.index_dir / f"epoch{self.epoch}_rank{self.rank}.idx"
+        path = self.index_dir / f"epoch{epoch}_rank{self.rank}_{start}-{stop}.idx"
+        return write_rank_index(self.reader, block, path, chunk, start, stop, rank=self.rank, epoch=epoch)
+
+    def segment_index(self, start: int, stop: int) -> EpochIndex:
+        """The index of segment [start, stop) of the current epoch (from the background writer when it
+        prepared exactly this one)."""
+        index: EpochIndex | None = None
+        if self._next is not None:
+            key, fut = self._next
+            self._next = None
+            if key == (self.epoch, start, stop):
+                index = fut.result()
+            else:
+                with contextlib.suppress(Exception):
+                    fut.result().idx_path.unlink(missing_ok=True)
+        if index is None:
+            index = self._write_index(self.epoch, start, stop)
         previous = self.last_index
-        self.last_index = write_epoch_index(self.reader, plan, path, chunk, self.start_index)
-        if previous is not None and previous.idx_path != path:
-            # one index per epoch lists every image (~100 MB for MS1M): keep only the current one
+        self.last_index = index
+        if previous is not None and previous.idx_path != index.idx_path:
+            # keep only the current index (and the next one being prepared)
             previous.idx_path.unlink(missing_ok=True)
-        return self.last_index
+        return index
+
+    def epoch_index(self) -> EpochIndex:
+        """The index of the current epoch's first remaining segment (all of it for files below
+        ``segment`` samples per rank)."""
+        segments = self._segments()
+        a, b = segments[0] if segments else (self.start_index, self.start_index)
+        return self.segment_index(a, b)
+
+    def prepare(self, epoch: int, start: int, stop: int) -> None:
+        """Start writing the index of segment [start, stop) of `epoch` in the background."""
+        if not self.prefetch_index or self._next is not None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pfc-dali-index")
+        self._next = ((epoch, start, stop), self._pool.submit(self._write_index, epoch, start, stop))
+
+    def _build(self, index: EpochIndex, start: int) -> Any:
+        # the pipeline seed drives the flips: one stream per (seed, epoch, rank, segment start)
+        pipe_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, start])
+                        .generate_state(1)[0] & 0x7FFFFFFF)
+        # the index holds this rank's block only: DALI reads it as its single shard
+        return build_pipeline(index.rec_paths, index.idx_path, shard_id=0, num_shards=1,
+                              batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
+                              seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
+                              random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
+                              prefetch_queue_depth=self.prefetch_queue_depth)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         steps = len(self)
         if steps == 0:
             return
-        index = self.epoch_index()
-        # the pipeline seed drives the flips: one stream per (seed, epoch, rank, start)
-        pipe_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, self.start_index])
-                        .generate_state(1)[0] & 0x7FFFFFFF)
-        pipe = build_pipeline(index.rec_paths, index.idx_path, shard_id=self.rank, num_shards=self.world_size,
-                              batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
-                              seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
-                              random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
-                              prefetch_queue_depth=self.prefetch_queue_depth)
-        try:
-            rem = self._remaining()
-            for step in range(steps):
-                images, labels = pipe.run()
-                x = _to_torch(images, self.device)
-                y = _to_torch(labels, self.device).reshape(-1)
-                take = min(self.batch_size, rem - step * self.batch_size)
-                if take < self.batch_size:   # last partial batch: DALI wrapped around, cut it
-                    x, y = x[:take], y[:take]
-                yield x, y
-        finally:
-            del pipe
+        segments = self._segments()
+        done = 0
+        for j, (a, b) in enumerate(segments):
+            if done >= steps:
+                break
+            index = self.segment_index(a, b)
+            pipe = self._build(index, a)
+            if j + 1 < len(segments):
+                self.prepare(self.epoch, *segments[j + 1])
+            else:  # the next epoch's first segment
+                self.prepare(self.epoch + 1, 0, min(self.segment, self.per_rank))
+            last = j + 1 == len(segments)
+            n_items = b - a
+            seg_steps = steps - done if last else n_items // self.batch_size
+            try:
+                for k in range(seg_steps):
+                    images, labels = pipe.run()
+                    x = _to_torch(images, self.device)
+                    y = _to_torch(labels, self.device).reshape(-1)
+                    take = min(self.batch_size, n_items - k * self.batch_size)
+                    if take < self.batch_size:   # last partial batch: DALI wrapped around, cut it
+                        x, y = x[:take], y[:take]
+                    yield x, y
+            finally:
+                del pipe
+            done += seg_steps
 
     def close(self) -> None:
-        """Remove the index files this loader wrote (when it made its own folder)."""
+        """Stop the background index writer; remove the index files this loader wrote (when it made
+        its own folder)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                self._next[1].result().idx_path.unlink(missing_ok=True)
+            self._next = None
         if self._own_dir:
             shutil.rmtree(self.index_dir, ignore_errors=True)
 

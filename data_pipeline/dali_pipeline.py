@@ -12,10 +12,11 @@ how it is fed:
 * with several ``path`` entries, the index offsets address the concatenation of those files.
 
 So for a global shuffle we list the same ``.rec`` several times and write one index whose offsets
-are ``real_offset + copy * file_size``: copy j holds one chunk of the epoch plan, and sorting by
-the virtual offset keeps the chunks in plan order (each chunk's records come in file order). Rank
-k's contiguous shard of that index is exactly its block of :func:`data_pipeline.dataset.shard_plan`
-(the same samples per rank as the torch path, only each chunk read in file order). With chunks of
+are ``real_offset + copy * file_size``: copy j holds one chunk of the rank's block, and sorting by
+the virtual offset keeps the chunks in plan order (each chunk's records come in file order). Each
+rank writes only its own block (:func:`data_pipeline.dataset.rank_block`, computed alone in O(N/W))
+and reads it as DALI's only shard: the same samples per rank as the torch path, only each chunk
+read in file order. The index is streamed to disk chunk by chunk (never one text of the whole). With chunks of
 a few hundred batches, consecutive samples are spread over the whole file, so a batch is a near
 uniform sample of identities; ``random_shuffle`` with a buffer mixes further inside each rank.
 DALI memory-maps each listed copy lazily as it reaches it (one at a time), so the copies cost no
@@ -33,83 +34,108 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.insightface import InsightFaceReader
+from data_pipeline.recordio import write_index
 
 READER_NAME = "Reader"
 
 
 def image_offsets(reader: InsightFaceReader) -> np.ndarray:
-    """Byte offset of each image record, aligned with ``reader.image_keys`` (int64)."""
+    """Byte offset of each image record, aligned with ``reader.image_key_array`` (int64; a view of
+    the index when the images are one slice of it)."""
     rr = reader.reader
-    keys, offsets = rr.key_array, rr.offset_array
-    order = np.argsort(keys, kind="stable")
-    img = np.asarray(reader.image_keys, dtype=np.int64)
-    pos = np.searchsorted(keys[order], img)
-    return offsets[order[pos]].astype(np.int64)
+    if reader._image_range is not None:
+        lo, hi = reader._image_range
+        return rr.offset_array[lo:hi]
+    return rr.offset_array[rr.positions(reader.image_key_array)]
 
 
 @dataclass
 class EpochIndex:
-    """What one epoch's DALI reader is given, and the order it will deliver."""
+    """What one rank's DALI reader is given for an epoch, and the order it will deliver."""
 
     idx_path: Path
-    rec_paths: list[str]      # the .rec repeated once per chunk
-    order: np.ndarray         # (world_size, L') image indices in the order each rank's shard delivers them
+    rec_paths: list[str]          # the .rec repeated once per chunk
+    order: dict[int, np.ndarray]  # {rank: image indices in the order this rank's reader delivers them}
+    rank: int = 0
+    epoch: int = 0
+    start: int = 0
 
 
-def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int = 0) -> list[np.ndarray]:
+def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int = 0,
+                  stop: int | None = None) -> list[np.ndarray]:
     """Split one rank's plan block into chunks of `chunk` items (boundaries at multiples of `chunk`
-    of the full block), each sorted by byte offset as DALI will read it, and drop the first `start`
-    items of that reading order. Returns the chunks (non-empty)."""
-    chunks = []
-    for a in range(0, len(block), chunk):
-        part = block[a:a + chunk]
-        chunks.append(part[np.argsort(offsets[part], kind="stable")])
+    of the full block), each sorted by byte offset as DALI will read it, and keep items
+    ``start:stop`` of that reading order. Returns the (non-empty) pieces of the chunks kept."""
+    stop = len(block) if stop is None else min(stop, len(block))
     out: list[np.ndarray] = []
-    skip = start
-    for c in chunks:
-        if skip >= len(c):
-            skip -= len(c)
+    ordered = _offsets_increasing(offsets)
+    for a in range(0, len(block), chunk):
+        b = min(a + chunk, len(block))
+        if b <= start or a >= stop:
             continue
-        out.append(c[skip:])
-        skip = 0
+        part = block[a:b]
+        # offsets increasing with the image index (the usual file): sorting the indices is enough
+        part = np.sort(part) if ordered else part[np.argsort(offsets[part], kind="stable")]
+        out.append(part[max(start - a, 0):min(stop, b) - a])
     return out
 
 
-def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | os.PathLike[str],
-                      chunk: int, start: int = 0) -> EpochIndex:
-    """Write the virtual-offset index for an epoch plan (see the module docstring).
+def _offsets_increasing(offsets: np.ndarray) -> bool:
+    from data_pipeline.recordio import _strictly_increasing
 
-    plan: (world_size, L) image indices (from ``shard_plan``); every rank's block is cut into chunks
-    of `chunk` items; `start` items already consumed by every rank are left out (exact resume).
-    The written index has world_size * (L - start) entries, so DALI's shard k (of world_size) is
-    exactly rank k's remaining block.
+    return _strictly_increasing(offsets)
+
+
+def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | os.PathLike[str], chunk: int,
+                     start: int = 0, stop: int | None = None, *, rank: int = 0, epoch: int = 0) -> EpochIndex:
+    """Write the virtual-offset index of (part of) one rank's block (see the module docstring), streamed.
+
+    block: this rank's image indices for the epoch (``rank_block``), cut into chunks of `chunk`
+    items; items ``start:stop`` of the reading order are listed (a segment of the epoch, or the
+    rest of it after `start` items already consumed). Read as a single shard.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     offsets = image_offsets(reader)
-    keys = np.asarray(reader.image_keys, dtype=np.int64)
+    keys = reader.image_key_array
     fsize = int(reader.reader.file_size)
-    rows: list[np.ndarray] = []
-    key_parts: list[np.ndarray] = []
-    off_parts: list[np.ndarray] = []
-    copy = 0
-    for block in plan:
-        chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
-        rows.append(np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64))
-        for c in chunks:
-            key_parts.append(keys[c])
-            off_parts.append(offsets[c] + copy * fsize)
-            copy += 1
+    chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start, stop)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    if key_parts:
-        table = np.stack([np.concatenate(key_parts), np.concatenate(off_parts)], axis=1)
-        text = "\n".join(f"{k}\t{o}" for k, o in table.tolist()) + "\n"
-    else:
-        text = ""
-    tmp.write_text(text)
+    with open(tmp, "wb"):
+        pass
+    for copy, c in enumerate(chunks):
+        write_index(tmp, keys[c], offsets[c] + copy * fsize, append=True)
     os.replace(tmp, path)
-    return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(copy, 1), order=np.stack(rows))
+    order = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+    return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(len(chunks), 1), order={rank: order},
+                      rank=rank, epoch=epoch, start=start)
+
+
+def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | os.PathLike[str],
+                      chunk: int, start: int = 0) -> EpochIndex:
+    """All ranks' blocks in one index (``plan``: (world_size, L) from ``shard_plan``), read with
+    shard_id/num_shards = rank/world_size: for tests and tools; the loader writes
+    :func:`write_rank_index` for its own block only."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    offsets = image_offsets(reader)
+    keys = reader.image_key_array
+    fsize = int(reader.reader.file_size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb"):
+        pass
+    rows: dict[int, np.ndarray] = {}
+    copy = 0
+    for rank, block in enumerate(plan):
+        chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
+        rows[rank] = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+        for c in chunks:
+            write_index(tmp, keys[c], offsets[c] + copy * fsize, append=True)
+            copy += 1
+    os.replace(tmp, path)
+    return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(copy, 1), order=rows, start=start)
 
 
 def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, shard_id: int, num_shards: int,

@@ -8,24 +8,48 @@
   ``[first_image_key, end_image_key)``, empty payload.
 
 plus a ``property`` file ``num_classes,height,width``. A file without the header record (im2rec
-style) is read too: then every record is an image. Labels are float32 on disk, so class ids (and,
-in identity records, image keys) are exact only below 2**24; both directions check that.
+style) is read too: then every record is an image.
+
+Labels are float32 on disk: class ids are exact below 2**24 (checked both ways; WebFace42M has 2M
+classes). The *key ranges* in the header and identity records are float32 too, and WebFace42M has
+42.5M images, so past 2**24 they are rounded. The ``.idx`` is the source of truth for keys:
+
+* the writer also stores the exact range in the records' uint64 ``id``/``id2`` fields whenever a
+  value reaches 2**24 (below that it writes what MXNet's tools write, byte for byte); the reader
+  takes ``id``/``id2`` when they round to the float labels, the floats when those are exact;
+* otherwise (a legacy file past 2**24) the floats are hints: the header's range is the one within
+  float32 rounding that the ``.idx`` and the property agree with, and the labels come from the
+  image records' own headers. A float range that no exact range within rounding explains is an
+  error naming the file and record.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
-from data_pipeline.recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack, unpack
+from data_pipeline.recordio import (
+    MAGIC,
+    IRHeader,
+    RecordIOError,
+    RecordReader,
+    RecordWriter,
+    pack,
+    unpack,
+    write_index,
+)
 
-__all__ = ["FLOAT32_EXACT_LIMIT", "InsightFaceReader", "InsightFaceWriter", "property_path", "read_property"]
+__all__ = ["FLOAT32_EXACT_LIMIT", "InsightFaceReader", "InsightFaceWriter", "exact_range", "float32_preimage",
+           "property_path", "read_property"]
+
+log = logging.getLogger(__name__)
 
 # float32 represents every integer below 2**24 exactly, and not all integers above it.
 FLOAT32_EXACT_LIMIT = 1 << 24
@@ -70,6 +94,89 @@ def read_property(prefix: str | os.PathLike[str]) -> tuple[int, int, int]:
     return num_classes, h, w
 
 
+def float32_preimage(value: float) -> np.ndarray:
+    """Every non-negative integer that float32 rounds to ``value`` (int64, ascending; empty when
+    ``value`` is not such a rounding). One integer below 2**24, up to 2**(e-23) + 1 above."""
+    v = np.float32(value)
+    if not np.isfinite(v) or v < 0 or v != np.floor(v):
+        return np.empty(0, dtype=np.int64)
+    step = int(np.spacing(v)) if v >= 1 else 1
+    cand = np.arange(int(v) - step, int(v) + step + 1, dtype=np.int64)
+    cand = cand[cand >= 0]
+    return cand[cand.astype(np.float32) == v]
+
+
+def exact_range(l0: np.ndarray, l1: np.ndarray, rid: np.ndarray, rid2: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ``[first, end)`` of header/identity records from their float32 labels and uint64 id/id2.
+
+    Vectorised over records: ``(first, end, exact)`` int64, int64, bool. ``exact`` is True where
+    id/id2 carry the range (they round to the float labels: what :class:`InsightFaceWriter` writes
+    past 2**24) or where both floats are integers below 2**24; elsewhere first/end are the rounded
+    floats, only hints.
+    """
+    l0 = np.asarray(l0, dtype=np.float32)
+    l1 = np.asarray(l1, dtype=np.float32)
+    rid = np.asarray(rid, dtype=np.uint64)
+    rid2 = np.asarray(rid2, dtype=np.uint64)
+    with np.errstate(invalid="ignore"):
+        ids_exact = (rid2 > 0) & (rid <= rid2) & (rid.astype(np.float32) == l0) & (rid2.astype(np.float32) == l1)
+        finite = np.isfinite(l0) & np.isfinite(l1)
+        floats_exact = (finite & (l0 >= 0) & (l1 >= 0) & (l0 < FLOAT32_EXACT_LIMIT) & (l1 < FLOAT32_EXACT_LIMIT)
+                        & (l0 == np.floor(l0)) & (l1 == np.floor(l1)))
+    safe0 = np.where(finite, l0, 0).astype(np.float64)
+    safe1 = np.where(finite, l1, 0).astype(np.float64)
+    first = np.where(ids_exact, rid.astype(np.int64), safe0.astype(np.int64))
+    end = np.where(ids_exact, rid2.astype(np.int64), safe1.astype(np.int64))
+    return first, end, ids_exact | floats_exact
+
+
+def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None) -> tuple[int, int]:
+    """Exact ``(id_start, id_end)`` of the header record ``head`` of ``reader``'s file.
+
+    Exact id/id2 (or floats below 2**24) are taken as they are, and past 2**24 checked against the
+    ``.idx`` (every identity key listed). A legacy float32 range past 2**24 is a hint: the one range
+    within float32 rounding whose keys the ``.idx`` lists (and that has ``num_classes`` records, and
+    ends at the last key, when that decides) is taken. Raises :class:`RecordIOError` naming the file
+    and record 0 when the header and the index disagree.
+    """
+    lab = np.asarray(head.label, dtype=np.float32).ravel()
+    first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
+    keys = reader._sorted_keys
+    off0 = reader.offset(0)
+
+    def present(s: int, e: int) -> bool:
+        if e <= s:
+            return False
+        lo, hi = np.searchsorted(keys, [s, e])
+        return int(hi - lo) == e - s
+
+    s, e = int(first[0]), int(end[0])
+    if exact[0]:
+        if e >= FLOAT32_EXACT_LIMIT and not present(s, e):
+            raise RecordIOError(f"header record gives identity records [{s}, {e}) but {reader.idx_path} does not "
+                                "list all of those keys: the header and the index disagree", path=reader.rec_path,
+                                key=0, offset=off0)
+        return s, e
+    cs, ce = float32_preimage(float(lab[0])), float32_preimage(float(lab[1]))
+    pairs = [(a, b) for a in cs.tolist() for b in ce.tolist() if present(a, b)]
+    if len(pairs) > 1 and num_classes is not None:
+        pairs = [p for p in pairs if p[1] - p[0] == num_classes] or pairs
+    if len(pairs) > 1:  # identity records are the last keys of the index
+        top = int(keys[-1]) + 1 if len(keys) else 0
+        pairs = [p for p in pairs if p[1] == top] or pairs
+    if len(pairs) != 1:
+        classes = "" if num_classes is None else f" and the {num_classes} classes of the property"
+        raise RecordIOError(
+            f"header record gives identity records [{float(lab[0]):.0f}, {float(lab[1]):.0f}) as float32 labels, "
+            f"and {'no' if not pairs else 'more than one'} exact range within float32 rounding of those values "
+            f"matches the keys of {reader.idx_path}{classes}: the header and the index disagree",
+            path=reader.rec_path, key=0, offset=off0)
+    log.warning("%s: header record past 2**24 without exact id/id2; identity records [%d, %d) taken from the "
+                "index", reader.rec_path, *pairs[0])
+    return pairs[0]
+
+
 def _class_id(label: float, *, num_classes: int, path: Path, key: int, offset: int) -> int:
     """Validate a float32 label as a class id in [0, num_classes)."""
     value = float(label)
@@ -110,15 +217,52 @@ class InsightFaceReader:
                     raise RecordIOError(f"header record has flag {head.flag} but needs the label "
                                         "[id_start, id_end]", path=self.rec_path, key=0,
                                         offset=self._reader.offset(0))
-                self.header = (int(label[0]), int(label[1]))
-        if self.header is not None:
-            id_start = self.header[0]
-            mask = (keys >= 1) & (keys < id_start)
+                self.header = self._resolve_header(head)
+        # image keys as a view of the reader's int64 keys where possible (no copy, nothing per record)
+        self._image_keys: np.ndarray
+        self._image_range: tuple[int, int] | None = None  # the images are keys[lo:hi] of the index
+        if self.header is None:
+            self._image_range = (0, len(keys))
+        elif self._reader._sorter is None:  # keys increasing in .idx order: the images are one slice
+            lo, hi = np.searchsorted(keys, [1, self.header[0]])
+            self._image_range = (int(lo), int(hi))
+        if self._image_range is not None:
+            self._image_keys = keys[self._image_range[0]:self._image_range[1]]
         else:
-            mask = np.ones(len(keys), dtype=bool)
-        self._image_keys = keys[mask]
-        self.image_keys: list[int] = self._image_keys.tolist()
+            id_start = self.header[0] if self.header is not None else 0
+            self._image_keys = keys[(keys >= 1) & (keys < id_start)]
+        self._image_keys_list: list[int] | None = None
         self._labels: np.ndarray | None = None
+
+    def _resolve_header(self, head: IRHeader) -> tuple[int, int]:
+        return resolve_header(self._reader, head, self.num_classes)
+
+    @property
+    def image_keys(self) -> list[int]:
+        """Image record keys in ``.idx`` order as a Python list (a convenience for small files: use
+        :attr:`image_key_array` for millions of records)."""
+        if self._image_keys_list is None:
+            self._image_keys_list = self._image_keys.tolist()
+        return self._image_keys_list
+
+    @property
+    def image_key_array(self) -> np.ndarray:
+        """Image record keys in ``.idx`` order, int64 (N,): a view of the index, shared by forked workers."""
+        return self._image_keys
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_image_keys_list"] = None
+        if self._image_range is not None:
+            # a slice of the reader's keys: rebuilt from them, so pickling sends nothing per record twice
+            state["_image_keys"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if self._image_keys is None:
+            assert self._image_range is not None
+            self._image_keys = self._reader.key_array[self._image_range[0]:self._image_range[1]]
 
     # -- labels -----------------------------------------------------------------------------------
     @property
@@ -135,21 +279,43 @@ class InsightFaceReader:
             self._labels = labels
         return self._labels
 
-    def _labels_from_identities(self) -> np.ndarray | None:
+    def identity_ranges(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact ``(first, end)`` image-key range of each identity record (int64 (C,) each, class c =
+        key - id_start), read vectorised; None when there are no usable identity records, or when
+        their float32 ranges are past 2**24 without exact id/id2 (then they are only hints)."""
         if self.header is None:
             return None
         id_start, id_end = self.header
         n_ids = id_end - id_start
         if n_ids <= 0 or n_ids > self.num_classes:
             return None
-        id_keys = np.arange(id_start, id_end, dtype=np.int64)
         try:
-            ranges = self._reader.leading_labels(id_keys, count=2)
-        except (KeyError, RecordIOError):
+            positions = self._reader.positions(np.arange(id_start, id_end, dtype=np.int64))
+        except KeyError:
             return None  # no usable identity records: fall back to the image headers
-        if not np.all(np.isfinite(ranges)):
+        firsts = np.empty(n_ids, dtype=np.int64)
+        ends = np.empty(n_ids, dtype=np.int64)
+        done = 0
+        for _, h in self._reader.iter_heads(positions):
+            length = h["lrec"] & ((1 << 29) - 1)
+            ok = (h["magic"] == MAGIC) & ((h["lrec"] >> 29) <= 1) & (h["flag"] >= 2) & (length >= 32)
+            a, b, exact = exact_range(h["l0"], h["l1"], h["id"], h["id2"])
+            if not np.all(ok):
+                return None
+            if not np.all(exact):
+                c = done + int(np.argmin(exact))
+                log.warning("%s: identity record %d has a float32 range past 2**24 without exact id/id2; "
+                            "labels come from the image headers", self.rec_path, id_start + c)
+                return None
+            firsts[done:done + len(h)], ends[done:done + len(h)] = a, b
+            done += len(h)
+        return firsts, ends
+
+    def _labels_from_identities(self) -> np.ndarray | None:
+        ranges = self.identity_ranges()
+        if ranges is None:
             return None
-        starts, ends = ranges[:, 0].astype(np.int64), ranges[:, 1].astype(np.int64)
+        starts, ends = ranges
         order = np.argsort(starts, kind="stable")
         s, e = starts[order], ends[order]
         if np.any(e < s) or np.any(s[1:] < e[:-1]):
@@ -162,17 +328,37 @@ class InsightFaceReader:
             return None
         return order[pos].astype(np.int64)
 
+    def _image_heads(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``iter_heads`` over the image records, in ``image_keys`` order."""
+        if self._image_range is not None:
+            return self._reader.iter_heads(start=self._image_range[0], stop=self._image_range[1])
+        return self._reader.iter_heads(self._reader.positions(self._image_keys))
+
     def _labels_from_headers(self) -> np.ndarray:
-        values = self._reader.leading_labels(self._image_keys, count=1)[:, 0]
-        with np.errstate(invalid="ignore"):
-            ok = (np.isfinite(values) & (values == np.floor(values)) & (values >= 0)
-                  & (values < min(self.num_classes, FLOAT32_EXACT_LIMIT)))
-        if not np.all(ok):
-            i = int(np.argmin(ok))
-            key = int(self._image_keys[i])
-            _class_id(values[i], num_classes=self.num_classes, path=self.rec_path, key=key,
-                      offset=self._reader.offset(key))  # raises with the precise reason
-        return values.astype(np.int64)
+        """Class id of every image from its own header: vectorised reads of each record's first 40
+        bytes; a record whose head is odd (split, damaged) goes through the exact per-record path."""
+        out = np.empty(len(self._image_keys), dtype=np.int64)
+        limit = min(self.num_classes, FLOAT32_EXACT_LIMIT)
+        done = 0
+        for pos, h in self._image_heads():
+            flag = h["flag"]
+            length = h["lrec"] & ((1 << 29) - 1)
+            values = np.where(flag == 0, h["label"], h["l0"]).astype(np.float64)
+            sound = ((h["magic"] == MAGIC) & ((h["lrec"] >> 29) <= 1)
+                     & (length >= 24 + 4 * np.minimum(flag, 1).astype(np.int64)))
+            for i in np.flatnonzero(~sound).tolist():
+                key = int(self._reader.key_array[pos[i]])
+                values[i] = self._scalar_label(self._reader.read_header(key))  # raises the precise error
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
+            if not np.all(ok):
+                i = int(np.argmin(ok))
+                key = int(self._reader.key_array[pos[i]])
+                _class_id(values[i], num_classes=self.num_classes, path=self.rec_path, key=key,
+                          offset=self._reader.offset(key))  # raises with the precise reason
+            out[done:done + len(values)] = values.astype(np.int64)
+            done += len(values)
+        return out
 
     @staticmethod
     def _scalar_label(head: IRHeader) -> float:
@@ -184,7 +370,7 @@ class InsightFaceReader:
 
     # -- records ----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.image_keys)
+        return len(self._image_keys)
 
     @property
     def reader(self) -> RecordReader:
@@ -224,7 +410,7 @@ class InsightFaceReader:
         if order is None:
             keys = self._image_keys
         else:
-            keys = np.asarray(list(order), dtype=np.int64)
+            keys = np.asarray(order, dtype=np.int64)
             known = np.isin(keys, self._image_keys)
             if not np.all(known):
                 bad = int(keys[np.argmin(known)])
@@ -233,11 +419,12 @@ class InsightFaceReader:
             if len(uniq) != len(keys):
                 raise ValueError(f"key {int(uniq[np.argmax(counts > 1)])} appears more than once in `order`; "
                                  "an .idx lists each record once")
-        offsets = self._reader.offset_array[self._reader.positions(keys)]
-        lines = [f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist(), strict=True)]
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="\n") as f:
-            f.writelines(lines)
+        with open(tmp, "wb"):
+            pass
+        for s in range(0, len(keys), 1 << 20):  # streamed: no text of the whole index in memory
+            part = np.asarray(keys[s:s + (1 << 20)], dtype=np.int64)
+            write_index(tmp, part, self._reader.offset_array[self._reader.positions(part)], append=True)
         os.replace(tmp, path)
         return path
 
@@ -250,6 +437,16 @@ class InsightFaceReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _range_header(first: int, end: int, key: int) -> IRHeader:
+    """IRHeader of a header/identity record for the key range ``[first, end)``.
+
+    Below 2**24 exactly what MXNet's tools write (id = key, id2 = 0: byte-identical files); from
+    2**24 on, where float32 rounds, the exact range also goes into the uint64 ``id``/``id2``."""
+    if end < FLOAT32_EXACT_LIMIT:
+        return IRHeader(0, [float(first), float(end)], key, 0)
+    return IRHeader(0, [float(first), float(end)], first, end)
 
 
 class InsightFaceWriter:
@@ -273,12 +470,14 @@ class InsightFaceWriter:
         # header placeholder: same encoded size as the final one, patched in close()
         self._header_offset = self._writer.write(0, pack(IRHeader(0, [0.0, 0.0], 0, 0), b""))
         self._next_key = 1
-        self._ranges: list[tuple[int, int]] = []
+        # identity ranges as a growing int64 array (16 B per class, no Python tuple per class)
+        self._ranges = np.empty((1024, 2), dtype=np.int64)
+        self._num_classes = 0
         self._closed = False
 
     @property
     def num_classes(self) -> int:
-        return len(self._ranges)
+        return self._num_classes
 
     @property
     def num_images(self) -> int:
@@ -289,19 +488,19 @@ class InsightFaceWriter:
         if self._closed:
             raise ValueError(f"{self.rec_path}: writer is closed")
         if len(images) == 0:
-            raise ValueError(f"{self.rec_path}: identity {len(self._ranges)} has no images")
-        cid = len(self._ranges)
-        if cid + 1 >= FLOAT32_EXACT_LIMIT:
+            raise ValueError(f"{self.rec_path}: identity {self._num_classes} has no images")
+        cid = self._num_classes
+        if cid + 1 > FLOAT32_EXACT_LIMIT:
             raise ValueError(f"{self.rec_path}: class id {cid} reaches 2**24; float32 labels cannot hold it")
         first = self._next_key
-        # identity records store image keys as float32 too, so they must stay below 2**24
-        if first + len(images) + cid + 2 >= FLOAT32_EXACT_LIMIT:
-            raise ValueError(f"{self.rec_path}: more than 2**24 records; the insightface layout stores keys "
-                             "as float32 labels, exact only below 2**24")
+        # keys past 2**24 are fine: identity and header records get their exact range in id/id2
         for img in images:
             self._writer.write(self._next_key, pack(IRHeader(0, float(cid), self._next_key, 0), img))
             self._next_key += 1
-        self._ranges.append((first, self._next_key))
+        if cid == len(self._ranges):
+            self._ranges = np.resize(self._ranges, (2 * len(self._ranges), 2))
+        self._ranges[cid] = (first, self._next_key)
+        self._num_classes += 1
         return cid
 
     def close(self) -> None:
@@ -311,16 +510,15 @@ class InsightFaceWriter:
         self._closed = True
         try:
             id_start = self._next_key
-            for c, (a, b) in enumerate(self._ranges):
+            for c, (a, b) in enumerate(self._ranges[:self._num_classes].tolist()):
                 key = id_start + c
-                self._writer.write(key, pack(IRHeader(0, [float(a), float(b)], key, 0), b""))
-            id_end = id_start + len(self._ranges)
-            self._writer.patch(self._header_offset,
-                               pack(IRHeader(0, [float(id_start), float(id_end)], 0, 0), b""))
+                self._writer.write(key, pack(_range_header(a, b, key), b""))
+            id_end = id_start + self._num_classes
+            self._writer.patch(self._header_offset, pack(_range_header(id_start, id_end, 0), b""))
         finally:
             self._writer.close()
         h, w = self.image_size
-        self.property_path.write_text(f"{len(self._ranges)},{h},{w}\n")
+        self.property_path.write_text(f"{self._num_classes},{h},{w}\n")
 
     def abort(self) -> None:
         """Stop without finishing: the files are closed, and no property file is written, so the

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline.insightface import InsightFaceWriter
+from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
 
 __all__ = ["IMAGE_EXTENSIONS", "encode_image", "list_sources", "pack_dataset"]
 
@@ -71,6 +71,17 @@ def list_sources(src: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     raise ValueError(f"{path}: expected a folder with one subfolder per identity or an im2rec .lst file")
 
 
+def check_pack_size(src: str | os.PathLike[str], identities: int) -> None:
+    """Refuse a source the insightface layout cannot hold, before anything is encoded.
+
+    Class ids are float32 labels, exact only below 2**24, so at most 2**24 identities. The number
+    of images is not limited: past 2**24 records the key ranges also go into the records' uint64
+    id/id2 fields (see :mod:`data_pipeline.insightface`)."""
+    if identities > FLOAT32_EXACT_LIMIT:
+        raise ValueError(f"{src}: {identities} identities; the insightface layout stores class ids as float32 "
+                         f"labels, exact only up to 2**24 = {FLOAT32_EXACT_LIMIT} classes")
+
+
 def encode_image(path: Path, *, size: tuple[int, int] | None, quality: int) -> tuple[bytes, tuple[int, int]]:
     """JPEG bytes of one image (RGB, optionally resized to ``size`` = (h, w)) and its final (h, w)."""
     with Image.open(path) as im:
@@ -100,6 +111,7 @@ def pack_dataset(src: str | os.PathLike[str], out_prefix: str | os.PathLike[str]
     identities = list_sources(src, root)
     if not identities:
         raise ValueError(f"{src}: no images found (expected one subfolder of images per identity, or a .lst)")
+    check_pack_size(src, len(identities))
     total = sum(len(files) for _, files in identities)
     target = (int(image_size[0]), int(image_size[1])) if resize else None
     skipped: list[dict[str, str]] = []

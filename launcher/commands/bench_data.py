@@ -18,8 +18,8 @@ class LoaderKind(str, Enum):
 
 @bench_app.command("data")
 def bench_data_cmd(
-    prefix: Path = typer.Argument(..., help="Dataset prefix (PREFIX.rec, PREFIX.idx, property), a folder "
-                                  "holding train.rec, or PREFIX.rec."),
+    prefix: Path | None = typer.Argument(None, help="Dataset prefix (PREFIX.rec, PREFIX.idx, property), a "
+                                         "folder holding train.rec, or PREFIX.rec (not with --scale)."),
     loader: LoaderKind = typer.Option(LoaderKind.torch, "--loader", help="Which loader to measure."),
     threads: int = typer.Option(2, "--threads", min=0, help="DataLoader workers (torch) or DALI threads; "
                                 "the decode ceiling uses the same number."),
@@ -31,10 +31,27 @@ def bench_data_cmd(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Alternate loader and ceiling this many times "
                                "(fair on a machine shared with other work)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    scale: int | None = typer.Option(None, "--scale", min=1, help="Instead: build a synthetic N-image file "
+                                     "(tiny payloads) and measure inspect, opening per rank, a forked "
+                                     "worker's memory and the DALI epoch boundary (issue 17)."),
+    identities: int | None = typer.Option(None, "--identities", min=1, help="With --scale: identities "
+                                          "(default N/21, WebFace42M's ratio)."),
+    world_size: int = typer.Option(2, "--world-size", min=1, help="With --scale: ranks opening the file at once."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="With --scale: where the file goes (default a "
+                                        "temporary folder); it is deleted afterwards unless --keep."),
+    keep: bool = typer.Option(False, "--keep", help="With --scale: keep the file."),
 ) -> None:
-    """Loader throughput against the raw JPEG decode ceiling."""
+    """Loader throughput against the raw JPEG decode ceiling (or, with --scale N, the data room's
+    figures at N images)."""
     from data_pipeline.bench import bench_data
     from data_pipeline.dataset import default_prefix
+
+    if scale is not None:
+        _scale(scale, identities, world_size, workdir, keep, loader is LoaderKind.dali, json_path)
+        return
+    if prefix is None:
+        typer.echo("pfc bench data: give a dataset PREFIX (or --scale N)", err=True)
+        raise typer.Exit(code=2)
 
     if loader is LoaderKind.dali:
         from data_pipeline.dali_iterator import dali_available
@@ -62,3 +79,33 @@ def bench_data_cmd(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+
+
+def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool, dali: bool,
+           json_path: Path | None) -> None:
+    from data_pipeline.bench import bench_scale
+    from data_pipeline.dali_iterator import dali_available
+
+    if identities is not None and identities > images:
+        typer.echo(f"pfc bench data: --identities {identities} is more than --scale {images} images", err=True)
+        raise typer.Exit(code=2)
+    res = bench_scale(images, identities, workdir, world_size, keep, dali=dali_available())
+    b, ic, ih = res["build"], res["inspect_cold"], res["inspect_cached"]
+    typer.echo(f"{images} images, {res['identities']} identities on {res['cpu_count']} CPUs ({res['cpu']}), "
+               f"load average {res['load_average_start']}")
+    typer.echo(f"  build           {b['seconds']:8.1f} s  ({b['rec_bytes'] / 2**30:.2f} GiB .rec)")
+    for name, r in (("inspect (cold)", ic), ("inspect (cache)", ih)):
+        typer.echo(f"  {name:15s} {r['seconds']:8.1f} s  peak {r['peak_rss_mib']:7.0f} MiB  "
+                   f"{'OK' if r['ok'] else 'FAILED'}: {r['images']} images, {r['identities']} identities")
+    for rank, r in enumerate(res["open"]):
+        typer.echo(f"  open rank {rank}     {r['open_seconds']:8.1f} s  +{r['rss_added_mib']:.0f} MiB RSS "
+                   f"(anon {r['anon_added_mib']:.0f}, file {r['file_added_mib']:.0f}); worker dirtied "
+                   f"{r['worker_private_dirty_mib']:.1f} MiB over {r['worker_reads']} reads")
+    if "dali" in res:
+        d = res["dali"]
+        typer.echo(f"  DALI            boundary {d['epoch_boundary_seconds']:.2f} s per rank; per segment of "
+                   f"{d['segment_samples']}: index {d['segment_index_seconds']:.2f} s, build "
+                   f"{d['segment_build_seconds']:.2f} s ({d['segments']} segments per epoch)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2) + "\n")

@@ -59,14 +59,19 @@ def pack_cmd(
 @data_app.command("inspect")
 def inspect_cmd(
     prefix: Path = typer.Argument(..., help="Dataset prefix (PREFIX.rec, PREFIX.idx, property)."),
-    deep: bool = typer.Option(False, "--deep", help="Also decode every image."),
+    deep: bool = typer.Option(False, "--deep", help="Also read every image record whole and decode it "
+                              "(default: record heads only: structure, labels, key ranges)."),
+    quick: bool = typer.Option(False, "--quick", help="Check the header and identity records and a random "
+                               "sample of image records (--sample); counts come from the index."),
+    sample: int = typer.Option(10000, "--sample", min=1, help="Image records checked with --quick."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --quick sample."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """Check every record of a dataset and print statistics (exit code 1 when anything is corrupt)."""
     from data_pipeline.checks import format_report, inspect_dataset
 
-    report = inspect_dataset(prefix, deep=deep, progress=progress)
+    report = inspect_dataset(prefix, deep=deep, progress=progress, sample=sample if quick else None, seed=seed)
     typer.echo(format_report(report))
     _write_json(json_path, report)
     if not report["ok"]:

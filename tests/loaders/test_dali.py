@@ -158,3 +158,40 @@ def test_dali_reads_in_offset_order_whatever_the_idx_order(small_dataset: Path, 
     rev = ds.reader.write_image_idx(tmp_path / "rev.idx", order=list(reversed(ds.reader.image_keys)))
     got = _run_plain(small_dataset, rev, 0, 1, table, 60)
     assert got == list(range(60))
+
+
+def test_each_rank_writes_only_its_block_in_segments_prefetched(small_dataset: Path) -> None:
+    """Issue 17: a rank's index lists its own block only (not every rank's), segments of the epoch read
+    exactly what one whole-epoch pipeline reads, and the next segment's/epoch's index is written in the
+    background before it is needed."""
+    ds = FaceDataset(small_dataset)
+    table = _index_of(ds)
+    whole = DaliLoader(small_dataset, 4, 1, 2, seed=5, threads=1, flip=False, chunk=8, prefetch_index=False)
+    whole.set_epoch(2)
+    ref, _ = _delivered(whole, table)
+    assert whole.last_index is not None
+    lines = whole.last_index.idx_path.read_text().splitlines()
+    assert len(lines) == 30  # 60 images, 2 ranks: this rank's 30 entries only
+    order = whole.last_index.order[1]
+    assert sorted(order.tolist()) == sorted(shard_plan(len(ds), 2, 5, 2)[1].tolist())
+    assert ref == order[:28].tolist()  # 7 whole batches of 4 (drop_last_batch)
+    whole.close()
+    seg = DaliLoader(small_dataset, 4, 1, 2, seed=5, threads=1, flip=False, chunk=8, segment=8)
+    seg.set_epoch(2)
+    got, labels = _delivered(seg, table)
+    assert got == ref  # the same 7 batches, across 4 segments
+    assert labels == ds.reader.labels[got].tolist()
+    assert seg._next is not None and seg._next[0] == (3, 0, 8)  # next epoch's first segment, prepared
+    prepared = seg._next[1].result()
+    assert prepared.idx_path.is_file() and len(prepared.idx_path.read_text().splitlines()) == 8
+    seg.set_epoch(3)
+    first = next(iter(seg))
+    assert seg.last_index is prepared  # taken from the background writer, not rewritten
+    assert first[0].shape[0] == 4
+    seg.set_epoch(2, start_index=12)  # resume inside the second segment
+    tail, _ = _delivered(seg, table)
+    assert tail == ref[12:28]
+    seg.close()
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        DaliLoader(small_dataset, 4, 0, 1, segment=6)
+    assert DaliLoader(small_dataset, 4, 0, 1, segment_samples=10).segment == 8  # rounded to whole batches
