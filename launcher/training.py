@@ -307,9 +307,11 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Settings the saved state is tied to (weight shapes, optimizer state layout): another value cannot take
-# effect on resume, so it is refused rather than silently overridden by the checkpoint.
-_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine")
+# Settings the saved state is tied to (weight shapes, optimizer state layout, the head sampler's seed,
+# which the head checkpoint carries): another value cannot take effect on resume, so it is refused
+# rather than silently overridden by the checkpoint.
+_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine",
+         "train.seed")
 _TIED_DEEPSPEED = ("dist.zero_stage",)  # the layout of ZeRO's partitioned optimizer state
 
 

@@ -175,9 +175,10 @@ def test_resume_refusals_and_init_backbone(dataset, tmp_path):  # noqa: F811
     res = run_ranks(_train_logged, 1, _overrides(prefix, out, **{"train.steps": 4, "head.discface_lambda": 0.0}),
                     timeout=300)[0]
     assert "head.discface_lambda is 0.1 in the checkpoint, 0.0 now" in res["error"], res["error"]
-    res = run_ranks(_train_logged, 1, _overrides(prefix, out, **{"train.steps": 4, "optim.name": "adamw"}),
-                    timeout=300)[0]
+    res = run_ranks(_train_logged, 1, _overrides(prefix, out, **{"train.steps": 4, "optim.name": "adamw",
+                                                               "train.seed": 6}), timeout=300)[0]
     assert "optim.name is 'sgd' in the checkpoint, 'adamw' now" in res["error"], res["error"]
+    assert "train.seed is 5 in the checkpoint, 6 now" in res["error"], res["error"]
     assert (out / "config.yaml").read_text() == config_before  # nothing recorded that did not take effect
     # Fine-tuning weights named on a run folder that holds a checkpoint: the checkpoint wins, and says so.
     other = tmp_path / "other"
