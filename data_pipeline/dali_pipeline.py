@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write
 from data_pipeline.insightface import InsightFaceReader
 
 READER_NAME = "Reader"
@@ -101,14 +102,12 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
             off_parts.append(offsets[c] + copy * fsize)
             copy += 1
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     if key_parts:
         table = np.stack([np.concatenate(key_parts), np.concatenate(off_parts)], axis=1)
         text = "\n".join(f"{k}\t{o}" for k, o in table.tolist()) + "\n"
     else:
         text = ""
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(copy, 1), order=np.stack(rows))
 
 

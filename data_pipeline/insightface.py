@@ -23,6 +23,7 @@ from types import TracebackType
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write
 from data_pipeline.recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack, unpack
 
 __all__ = ["FLOAT32_EXACT_LIMIT", "InsightFaceReader", "InsightFaceWriter", "property_path", "read_property"]
@@ -235,10 +236,7 @@ class InsightFaceReader:
                                  "an .idx lists each record once")
         offsets = self._reader.offset_array[self._reader.positions(keys)]
         lines = [f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist(), strict=True)]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        atomic_write(path, "".join(lines))
         return path
 
     def close(self) -> None:
@@ -320,14 +318,15 @@ class InsightFaceWriter:
         finally:
             self._writer.close()
         h, w = self.image_size
-        self.property_path.write_text(f"{len(self._ranges)},{h},{w}\n")
+        atomic_write(self.property_path, f"{len(self._ranges)},{h},{w}\n")
 
     def abort(self) -> None:
-        """Stop without finishing: the files are closed, and no property file is written, so the
-        incomplete dataset cannot be mistaken for a complete one."""
+        """Stop without finishing: nothing appears under the dataset's names (the ``.rec`` and ``.idx``
+        were being written under temporary names, which are removed) and no property file is written, so
+        the incomplete dataset cannot be mistaken for a complete one."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            self._writer.abort()
 
     def __enter__(self) -> InsightFaceWriter:
         return self
