@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("pfc")
+_SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,32 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
     return default
 
 
+def parse_slurm_tasks_per_node(value: str) -> list[int]:
+    """SLURM's compressed task counts per node, expanded: ``"4(x2),3"`` -> ``[4, 4, 3]``.
+
+    SLURM writes ``SLURM_TASKS_PER_NODE`` as comma-separated ``COUNT`` or ``COUNT(xREPEAT)`` items, one
+    per run of nodes with the same count. Anything else is a ``RuntimeError`` naming the variable.
+    """
+    counts: list[int] = []
+    for item in value.split(","):
+        m = _SLURM_ITEM.fullmatch(item.strip())
+        if m is None:
+            raise RuntimeError(f"environment variable SLURM_TASKS_PER_NODE={value!r} is not SLURM's format "
+                               "(comma-separated COUNT or COUNT(xREPEAT), e.g. '4(x2),3')")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def slurm_tasks_on_node(value: str, node_id: int, default: int) -> int:
+    """Tasks SLURM started on node ``node_id`` (``SLURM_NODEID``), from ``SLURM_TASKS_PER_NODE``."""
+    if not value.strip():
+        return default
+    counts = parse_slurm_tasks_per_node(value)
+    if not 0 <= node_id < len(counts):
+        raise RuntimeError(f"SLURM_NODEID={node_id} but SLURM_TASKS_PER_NODE={value!r} lists {len(counts)} node(s)")
+    return counts[node_id]
+
+
 def rank_environment() -> tuple[int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size) from torchrun, else SLURM, else single process.
 
@@ -71,7 +99,11 @@ def rank_environment() -> tuple[int, int, int, int]:
         rank = _env_int("SLURM_PROCID")
         world = _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID", default=0)
-        local_world = _env_int("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=world)
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", default=None)
+        if local_world is None:
+            node_id = _env_int("SLURM_NODEID", default=0)
+            assert node_id is not None
+            local_world = slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""), node_id, world)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("running under SLURM without torchrun: set MASTER_ADDR and MASTER_PORT "
