@@ -111,7 +111,14 @@ class InsightFaceReader:
                     raise RecordIOError(f"header record has flag {head.flag} but needs the label "
                                         "[id_start, id_end]", path=self.rec_path, key=0,
                                         offset=self._reader.offset(0))
-                self.header = (int(label[0]), int(label[1]))
+                start, end = float(label[0]), float(label[1])
+                if not (np.isfinite(start) and np.isfinite(end) and start == int(start) and end == int(end)
+                        and 1 <= start < end):
+                    raise RecordIOError(f"header record label [{label[0]!r}, {label[1]!r}] is not [id_start, "
+                                        "id_end]: the keys of the first identity record and one past the last, "
+                                        "integers with 1 <= id_start < id_end", path=self.rec_path, key=0,
+                                        offset=self._reader.offset(0))
+                self.header = (int(start), int(end))
         if self.header is not None:
             id_start = self.header[0]
             mask = (keys >= 1) & (keys < id_start)

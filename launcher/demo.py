@@ -75,6 +75,8 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
             f"output={json.dumps(str(out))}"]
     if steps is not None:
         sets.append(f"train.steps={steps}")
+        # a short demo may be shorter than the recipe's warm-up (refused by the config otherwise)
+        sets.append(f"optim.warmup_steps={min(base.optim.warmup_steps, steps)}")
     sets += extra_sets
     cfg = load_config(recipe, sets)
 

@@ -11,15 +11,21 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from launcher import errors
+
 log = logging.getLogger("pfc")
+# torchrun's agent logs a failed worker (or its SIGTERM to the others) before its own traceback
+_TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|closing signal)|ChildFailedError")
 _SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
@@ -103,7 +109,7 @@ def rank_environment() -> tuple[int, int, int, int]:
         if local_world is None:
             node_id = _env_int("SLURM_NODEID", default=0)
             assert node_id is not None
-            local_world = slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""), node_id, world)
+            local_world = slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""), node_id, world or 1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("running under SLURM without torchrun: set MASTER_ADDR and MASTER_PORT "
@@ -176,21 +182,37 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     cmd += ["-m", "launcher.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    if not rdzv_endpoint:
-        return subprocess.call(cmd, env=env)
-    # Multi-node: stderr is passed through line by line and its tail kept, to recognise a rendezvous timeout.
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-    tail: collections.deque[str] = collections.deque(maxlen=400)
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            tail.append(line)
-        code = proc.wait()
-    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-        code = proc.wait()
-    if code and any("RendezvousTimeoutError" in line for line in tail):
+    # Ranks that stop on a user error write their one line here (launcher.errors); the first is printed in
+    # place of torchrun's own failure report (a traceback of the agent and a table per rank).
+    with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:
+        env[errors.ERROR_DIR_ENV] = error_dir
+        # stderr is passed through line by line; from torchrun's first report of a failed worker on, lines
+        # are held back until it exits, then dropped if a rank reported a user error, else printed.
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+        tail: collections.deque[str] = collections.deque(maxlen=400)
+        held: list[str] = []
+        assert proc.stderr is not None
+        try:
+            for line in proc.stderr:
+                tail.append(line)
+                if held or (_TORCHRUN_FAILURE.search(line) and not errors.debug()):
+                    held.append(line)
+                    continue
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            code = proc.wait()
+        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
+            code = proc.wait()
+        reported = errors.first_reported(Path(error_dir)) if code else None
+    if reported is not None:
+        rank, message = reported
+        sys.stderr.write(f"pfc: {'rank ' + str(rank) + ': ' if nproc_per_node > 1 or nnodes != '1' else ''}"
+                         f"{message}\n")
+        sys.stderr.flush()
+        return errors.EXIT_USER_ERROR
+    sys.stderr.writelines(held)
+    sys.stderr.flush()
+    if code and rdzv_endpoint and any("RendezvousTimeoutError" in line for line in tail):
         waited = f"{int(rdzv_timeout)} s" if rdzv_timeout is not None else "600 s (torchrun's default)"
         raise RendezvousTimeout(f"rendezvous at {rdzv_endpoint} timed out after {waited}: not all {nnodes} "
                                 "nodes joined (is every node started, with the same --rdzv-endpoint and "

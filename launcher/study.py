@@ -62,6 +62,8 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
                     f"output={json.dumps(str(run))}", f"head.discface_lambda={lam}"]
         if steps is not None:
             run_sets.append(f"train.steps={steps}")
+            if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
+                run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
         code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
         if code:
             raise RuntimeError(f"training with discface_lambda={lam} failed (exit code {code}); see {run}")

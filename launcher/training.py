@@ -36,9 +36,11 @@ from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
+from launcher.errors import RunFolderError
 from launcher.metrics import TrainingMetrics
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
+from partialfc.atomic import atomic_write
 from partialfc.backbones import get_backbone, load_backbone_weights
 from partialfc.checkpoint import load_head, save_head
 
@@ -327,12 +329,29 @@ _LOGGED = ("lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s", "time_
            "time_optimizer_s")
 
 
+def check_run_folder(cfg: Config) -> None:
+    """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
+    ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
+    Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
+    if cfg.checkpoint.resume:
+        return
+    out = Path(cfg.output)
+    ckpts = out / "checkpoints"
+    held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
+    held += sorted(p.name for p in ckpts.glob("step_*"))[-1:]
+    if held:
+        raise RunFolderError(f"output folder {out} holds a run ({', '.join(held)}) and checkpoint.resume=false "
+                             "would overwrite it: set checkpoint.resume=true to continue that run, or choose "
+                             "another output (or delete the folder) to start a new one")
+
+
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
     out = Path(cfg.output)
+    check_run_folder(cfg)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        atomic_write(out / "config.yaml", dump_config(cfg))
     data = load_data(cfg, ctx)
     c = build(cfg, ctx, data.num_classes)
     step = maybe_resume(c, cfg, ctx)
@@ -389,5 +408,5 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                "skipped_records": data.skipped_records, "final": progress.last, "eval": state.evals or {},
                "world_size": ctx.world_size}
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

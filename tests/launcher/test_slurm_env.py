@@ -68,6 +68,6 @@ def test_two_ranks_started_like_srun_join_one_group():
         procs.append(subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert sorted(o.strip() for o, _ in outs) == ["rank 0 of 2 local_world 2 sum 3", "rank 1 of 2 local_world 2 sum 3"]
