@@ -91,7 +91,7 @@ def test_header_record_with_nan_or_zeros_names_the_file(dataset, tmp_path, label
     prefix, _ = dataset
     bad = _copy(prefix, tmp_path / "bad")
     _patch_header_label(bad, *label)
-    r = _pfc(_train_args(bad, tmp_path / "run", **{"train.steps": 1}), timeout=240)
+    r = _pfc(_train_args(bad, tmp_path / "run", **{"train.steps": 2}), timeout=240)
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     line = _one_line(r.stderr)
     assert f"{bad}.rec" in line and "record key 0" in line and "is not [id_start, id_end]" in line, line
@@ -102,7 +102,7 @@ def test_dataset_with_one_identity_names_the_property_file(dataset, tmp_path):  
 
     prefix = tmp_path / "one" / "train"
     generate(prefix, 1, 40, image_size=32, val_identities=2, val_pairs=4, seed=1, workers=1)
-    r = _pfc(_train_args(prefix, tmp_path / "run", **{"train.steps": 1}), timeout=240)
+    r = _pfc(_train_args(prefix, tmp_path / "run", **{"train.steps": 2}), timeout=240)
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     line = _one_line(r.stderr)
     assert str(prefix.parent / "property") in line and "1 identity" in line, line
