@@ -120,8 +120,12 @@ def rank_environment() -> tuple[int, int, int, int]:
     return rank, world, local, local_world
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Create the default process group when there is more than one rank; pick device and backend."""
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_rank_group: bool = False) -> DistContext:
+    """Create the default process group when there is more than one rank; pick device and backend.
+
+    ``single_rank_group``: with one process (no torchrun), still create a 1-rank group on loopback, for
+    engines that need a process group even alone (DeepSpeed), as DDP runs without one.
+    """
     rank, world, local, local_world = rank_environment()
     cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -140,6 +144,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(backend, store=dist.PrefixStore(f"pfc/attempt_{attempt}", store), rank=rank,
                                     world_size=world, timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if backend == "nccl" else None)
+        used = backend
+    elif single_rank_group:
+        if not dist.is_initialized():
+            # The OS picks a free loopback port; DeepSpeed reads torch's variables, so they are set too.
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=timeout_s))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
     node = rank // max(local_world, 1)

@@ -4,6 +4,7 @@ line on stderr and a non-zero exit, from the real `pfc` command, single-process 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import struct
@@ -107,3 +108,17 @@ def test_dataset_with_one_identity_names_the_property_file(dataset, tmp_path):  
     line = _one_line(r.stderr)
     assert str(prefix.parent / "property") in line and "1 identity" in line, line
     json.dumps(line)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_without_nproc_per_node_runs_single_process(dataset, tmp_path):  # noqa: F811
+    """Issue 13, item 6: `pfc train ... --set dist.engine=deepspeed` alone runs on one process, as DDP does."""
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    r = _pfc(_train_args(prefix, out, **{"train.steps": 2, "checkpoint.every_steps": 2, "dist.engine": "deepspeed",
+                                         "dist.zero_stage": 1, "optim.grad_clip": None}), timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
