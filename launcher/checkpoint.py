@@ -182,6 +182,15 @@ def save_checkpoint(
     Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
     ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
     """
+    with faults.checkpoint_file_size_limit(step, _rank()):
+        return _save_checkpoint(root, step, backbone=backbone, backbone_config=backbone_config,
+                                trainer_state=trainer_state, save_head=save_head, meta=meta,
+                                rank_state=rank_state, keep_last=keep_last, group=group)
+
+
+def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, backbone_config: dict[str, Any],
+                     trainer_state: dict[str, Any], save_head: Any, meta: dict[str, Any],
+                     rank_state: dict[str, Any] | None, keep_last: int, group: Any) -> Path:
     t0 = time.perf_counter()
     paths = CheckpointPaths(Path(root))
     final = paths.root / step_dir_name(step)

@@ -126,3 +126,27 @@ def test_real_file_size_limit_on_one_rank_fails_every_rank_and_keeps_latest(tmp_
         assert f"rank {who}: " in mine and out[who]["raised"][i] in mine, (part, mine)
         assert "another rank failed" in other, (part, other)
     assert out[0]["same_as_step1"] and out[1]["same_as_step1"], "latest does not hold the step-1 weights"
+
+
+def test_pfc_train_two_ranks_real_failing_write_goes_on_and_saves_next_time(tmp_path):
+    """Through `pfc train` on 2 ranks: rank 1's writes really fail at step 4 (its file-size limit, set by
+    ``PFC_FAULT=ckpt_fsize:4:1`` around that save only); every rank reports it, training goes on, the
+    step-6 save succeeds, no partial folder remains and latest loads."""
+    from data_pipeline.synth import generate
+    from launcher.checkpoint import CheckpointPaths, load_trainer_files
+    from tests.launcher.test_reliability import _pfc, _train_args
+
+    prefix = tmp_path / "data" / "train"
+    generate(prefix, 48, 8, image_size=32, val_identities=4, val_pairs=8, seed=3, workers=1)
+    out = tmp_path / "run"
+    r = _pfc([*_train_args(prefix, out, **{"train.steps": 6, "checkpoint.every_steps": 2}), "--nproc-per-node", "2"],
+             fault="ckpt_fsize:4:1")
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "checkpoint for step 4 was not written (rank 1: " in log, log[-3000:]
+    assert "File too large" in log and "Traceback" not in log, log[-3000:]
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000006"]
+    assert not list(ckpts.glob(".*")) or [p.name for p in ckpts.glob(".*")] == [], list(ckpts.glob(".*"))
+    latest = CheckpointPaths(ckpts).latest()
+    assert latest is not None and load_trainer_files(latest, 0, 2)["trainer_state"]["step"] == 6
