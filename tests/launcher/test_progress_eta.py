@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from launcher.progress import ProgressLogger, format_eta
+from launcher.progress import ProgressLogger
 
 
 @pytest.mark.parametrize("seconds, text", [
@@ -15,6 +15,8 @@ from launcher.progress import ProgressLogger, format_eta
     (90000, "1d 01:00:00"), (3 * 86400 + 61, "3d 00:01:01"), (-5, "00:00:00"), (float("nan"), "?"),
 ])
 def test_format_eta(seconds, text):
+    from launcher.progress import format_eta
+
     assert format_eta(seconds) == text
 
 

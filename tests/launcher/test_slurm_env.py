@@ -9,18 +9,22 @@ import sys
 
 import pytest
 
-from launcher.distributed import parse_slurm_tasks_per_node, rank_environment
+from launcher.distributed import rank_environment
 
 
 @pytest.mark.parametrize("value, counts", [
     ("4", [4]), ("4(x2)", [4, 4]), ("2(x3),1", [2, 2, 2, 1]), ("1,3(x2),2", [1, 3, 3, 2]),
 ])
 def test_parse_slurm_tasks_per_node(value, counts):
+    from launcher.distributed import parse_slurm_tasks_per_node
+
     assert parse_slurm_tasks_per_node(value) == counts
 
 
 @pytest.mark.parametrize("value", ["4(2)", "x2", "4(x)", "four"])
 def test_malformed_tasks_per_node_names_the_variable(value):
+    from launcher.distributed import parse_slurm_tasks_per_node
+
     with pytest.raises(RuntimeError, match="SLURM_TASKS_PER_NODE"):
         parse_slurm_tasks_per_node(value)
 
