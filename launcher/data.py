@@ -30,7 +30,7 @@ def choose_loader(requested: str, device: torch.device) -> str:
     if requested == "dali":
         if not dali_available():
             raise DataError("data.loader=dali but NVIDIA DALI is not installed: "
-                               "pip install 'partialfc-discface[dali]', or set data.loader=torch")
+                            "pip install 'partialfc-discface[dali]', or set data.loader=torch")
         return "dali"
     if requested == "auto":
         return "dali" if (device.type == "cuda" and dali_available()) else "torch"
@@ -48,7 +48,7 @@ class TrainData:
         self.batches_per_epoch = per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise DataError(f"each rank has {per_rank} images per epoch, fewer than one batch of {batch_size}: "
-                             "lower train.batch_size or use more data")
+                            "lower train.batch_size or use more data")
         self.epoch = 0
         self._it: Any = None
 
@@ -87,7 +87,7 @@ class TrainData:
 
 def _index_mismatch(prefix: Path, err: RecordIOError) -> DataError:
     return DataError(f"the index {prefix}.idx does not match {prefix}.rec (or the .rec is damaged): {err}; "
-                      "use the .idx written together with this .rec, or rebuild it")
+                     "use the .idx written together with this .rec, or rebuild it")
 
 
 def open_checked(prefix: Path, samples: int = 8, seed: int = 0) -> InsightFaceReader:
@@ -130,7 +130,7 @@ def check_val_bins(cfg: Config) -> None:
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     if not cfg.data.prefix:
         raise DataError("no training data: set data.prefix (or pass --data PREFIX); "
-                         "`pfc data synth` makes a synthetic set")
+                        "`pfc data synth` makes a synthetic set")
     prefix = Path(cfg.data.prefix)
     check_val_bins(cfg)
     num_classes, h, w = read_property(prefix)
@@ -140,11 +140,11 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     if cfg.head.num_classes is not None:
         if cfg.head.num_classes < num_classes:
             raise DataError(f"head.num_classes={cfg.head.num_classes} but the dataset {prefix} has "
-                             f"{num_classes} classes (its property file): labels would fall outside the head")
+                            f"{num_classes} classes (its property file): labels would fall outside the head")
         num_classes = cfg.head.num_classes
     if (h, w) != (cfg.model.image_size, cfg.model.image_size):
         raise DataError(f"model.image_size={cfg.model.image_size} but {prefix} holds {h}x{w} images "
-                         "(its property file); set model.image_size to match")
+                        "(its property file); set model.image_size to match")
     kind = choose_loader(cfg.data.loader, ctx.device)
     reader = open_checked(prefix, seed=cfg.train.seed)
     if kind == "dali":

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -333,8 +334,8 @@ def check_run_folder(cfg: Config) -> None:
     """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
     ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
     Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
-    if cfg.checkpoint.resume:
-        return
+    if cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # (a torchrun restart of this same job starts over in its own folder)
     out = Path(cfg.output)
     ckpts = out / "checkpoints"
     held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
