@@ -174,10 +174,10 @@ def test_soak_two_ranks_memory_and_fds_stay_flat(dataset, tmp_path):  # noqa: F8
         assert len(early) >= 2 and len(late) >= 2, f"rank {rank}: too few samples per cycle ({len(early)}, {len(late)})"
         rss_early, rss_late = max(s[1] for s in early), max(s[1] for s in late)
         fds_early, fds_late = max(s[2] for s in early), max(s[2] for s in late)
-        figures[f"rank{rank}"] = {"rss_mib_peak_cycle3": round(rss_early / MiB, 1),
+        figures[f"rank{rank}"] = {"rss_mib_peak_early_cycle": round(rss_early / MiB, 1),
                                   "rss_mib_peak_last_cycle": round(rss_late / MiB, 1),
                                   "rss_mib_max": round(max(s[1] for s in ss) / MiB, 1),
-                                  "fds_max_cycle3": fds_early, "fds_max_last_cycle": fds_late,
+                                  "fds_max_early_cycle": fds_early, "fds_max_last_cycle": fds_late,
                                   # after the first evaluation (warm-up, first allocations) to the end
                                   "rss_slope_mib_per_hour": round(rss_slope_mib_per_hour(ss, eval_times[0]), 1)}
         assert rss_late <= rss_early * 1.05 + 16 * MiB, f"rank {rank}: RSS grew: {figures}"
