@@ -165,7 +165,8 @@ def test_soak_two_ranks_memory_and_fds_stay_flat(dataset, tmp_path):  # noqa: F8
     figures = {"seconds": round(elapsed), "steps": steps, "evaluations": evals, "checkpoints": saves,
                "samples_per_rank": min(len(v) for v in samples.values())}
     # Compare whole evaluation-to-evaluation cycles (each holds the same work: steps, one evaluation,
-    # one save): the third cycle, after warm-up, against the last one. A leak shows as a higher peak.
+    # one save): the second cycle (after warm-up; the first with fewer than 4 evaluations) against the
+    # last one. A leak shows as a higher peak, and as the slope.
     eval_times = sorted(row["time"] for row in rows if any(k.startswith("val_") for k in row))
     (early_lo, early_hi), (late_lo, _) = cycle_windows(eval_times)
     for rank, ss in sorted(samples.items()):
