@@ -18,6 +18,7 @@ import torch
 from launcher.checkpoint import CheckpointPaths
 from launcher.config import load_config, resolve_config_path
 from launcher.distributed import DistContext, torchrun
+from partialfc.atomic import atomic_write
 
 # A fixed offset for the held-out identities' seed, so they share no template with training or val.
 _HELDOUT_SEED_OFFSET = 7919
@@ -79,7 +80,7 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
             "train_discrepancy": _last_train_discrepancy(run / "metrics.jsonl"),
             "final_loss": json.loads((run / "summary.json").read_text())["final"].get("loss"),
         }
-    (out / "discface_study.json").write_text(json.dumps(results, indent=2, default=float))
+    atomic_write(out / "discface_study.json", json.dumps(results, indent=2, default=float))
     return results
 
 

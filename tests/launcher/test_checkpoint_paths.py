@@ -144,3 +144,22 @@ def test_latest_that_is_a_symlink_to_another_run_is_refused(tmp_path):
     os.symlink(other / "step_00000001", root / "step_00000002")
     with pytest.raises(CheckpointPointerError, match="link"):
         CheckpointPaths(root).latest()
+
+
+def test_run_folder_files_are_fsynced(tmp_path, monkeypatch):
+    """`config.yaml`, `summary.json` and the checkpoints of a (single-process) training run."""
+    from data_pipeline.synth import generate
+    from launcher.config import load_config
+    from launcher.distributed import DistContext
+    from launcher.training import train
+    from tests.launcher.test_training import _overrides
+
+    prefix = tmp_path / "data" / "train"
+    generate(prefix, 8, 4, image_size=32, val_identities=2, val_pairs=4, seed=1, workers=1)
+    out = tmp_path / "run"
+    log = _FsyncLog(monkeypatch)
+    cfg = load_config(None, _overrides(prefix, out, **{"train.steps": 2, "checkpoint.every_steps": 2,
+                                                       "train.batch_size": 8}))
+    train(cfg, DistContext.single_process())
+    for name in ("config.yaml", "summary.json", "checkpoints/latest"):
+        assert (out / name).is_file() and log.synced(out / name), f"{name} not fsync-ed"
