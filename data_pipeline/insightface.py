@@ -35,6 +35,7 @@ from types import TracebackType
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write
 from data_pipeline.recordio import (
     MAGIC,
     IRHeader,
@@ -141,6 +142,13 @@ def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None
     and record 0 when the header and the index disagree.
     """
     lab = np.asarray(head.label, dtype=np.float32).ravel()
+    start_f, end_f = (float(lab[0]), float(lab[1])) if lab.size >= 2 else (float("nan"), float("nan"))
+    if not (np.isfinite(start_f) and np.isfinite(end_f) and start_f == int(start_f) and end_f == int(end_f)
+            and 1 <= start_f < end_f):
+        shown = ", ".join(repr(float(v)) for v in lab[:2])
+        raise RecordIOError(f"header record label [{shown}] is not [id_start, id_end]: the keys of the first "
+                            "identity record and one past the last, integers with 1 <= id_start < id_end",
+                            path=reader.rec_path, key=0, offset=reader.offset(0))
     first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
     keys = reader._sorted_keys
     off0 = reader.offset(0)
@@ -419,13 +427,15 @@ class InsightFaceReader:
             if len(uniq) != len(keys):
                 raise ValueError(f"key {int(uniq[np.argmax(counts > 1)])} appears more than once in `order`; "
                                  "an .idx lists each record once")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb"):
-            pass
-        for s in range(0, len(keys), 1 << 20):  # streamed: no text of the whole index in memory
-            part = np.asarray(keys[s:s + (1 << 20)], dtype=np.int64)
-            write_index(tmp, part, self._reader.offset_array[self._reader.positions(part)], append=True)
-        os.replace(tmp, path)
+
+        def _write(tmp: Path) -> None:
+            with open(tmp, "wb"):
+                pass
+            for s in range(0, len(keys), 1 << 20):  # streamed: no text of the whole index in memory
+                part = np.asarray(keys[s:s + (1 << 20)], dtype=np.int64)
+                write_index(tmp, part, self._reader.offset_array[self._reader.positions(part)], append=True)
+
+        atomic_write(path, _write)
         return path
 
     def close(self) -> None:
@@ -518,14 +528,15 @@ class InsightFaceWriter:
         finally:
             self._writer.close()
         h, w = self.image_size
-        self.property_path.write_text(f"{self._num_classes},{h},{w}\n")
+        atomic_write(self.property_path, f"{self._num_classes},{h},{w}\n")
 
     def abort(self) -> None:
-        """Stop without finishing: the files are closed, and no property file is written, so the
-        incomplete dataset cannot be mistaken for a complete one."""
+        """Stop without finishing: nothing appears under the dataset's names (the ``.rec`` and ``.idx``
+        were being written under temporary names, which are removed) and no property file is written, so
+        the incomplete dataset cannot be mistaken for a complete one."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            self._writer.abort()
 
     def __enter__(self) -> InsightFaceWriter:
         return self

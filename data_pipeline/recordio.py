@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from data_pipeline.atomic import AtomicFile
+
 __all__ = [
     "IR_SIZE",
     "MAGIC",
@@ -838,13 +840,19 @@ class RecordWriter:
 
     ``with RecordWriter(rec, idx) as w: w.write(key, record)``; ``idx_path=None`` writes no index
     (like ``MXRecordIO``). ``write`` returns the record's byte offset.
+
+    Both files are written under temporary names (``data_pipeline.atomic``) and appear under their own
+    names, fsync-ed, only when :meth:`close` ends a complete write (the ``.rec`` first, then the ``.idx``
+    that points into it); :meth:`abort` (or an exception leaving the ``with`` block) removes them.
     """
 
     def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
         self.rec_path = Path(rec_path)
         self.idx_path = None if idx_path is None else Path(idx_path)
-        self._rec = open(self.rec_path, "w+b")  # noqa: SIM115 (closed in close())
-        self._idx = None if self.idx_path is None else open(self.idx_path, "w", newline="\n")  # noqa: SIM115
+        self._rec_file = AtomicFile(self.rec_path, "w+b")  # read back by the writer's own checks
+        self._idx_file = None if self.idx_path is None else AtomicFile(self.idx_path, "w", newline="\n")
+        self._rec = self._rec_file.file
+        self._idx = None if self._idx_file is None else self._idx_file.file
         self._pos = 0
         # Uniqueness without a per-record set (which costs ~100 B/record): keys written in increasing
         # order (the usual case) only need the running maximum and a sorted int64 log (8 B/record)
@@ -926,14 +934,27 @@ class RecordWriter:
         self._rec.seek(self._pos)
 
     def close(self) -> None:
-        if not self._rec.closed:
-            self._rec.close()
-        if self._idx is not None and not self._idx.closed:
-            self._idx.close()
+        """Finish: both files are synced and renamed into place (``.rec`` before ``.idx``)."""
+        try:
+            self._rec_file.commit()
+            if self._idx_file is not None:
+                self._idx_file.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop without finishing: the temporary files are removed, nothing appears under the final names."""
+        self._rec_file.discard()
+        if self._idx_file is not None:
+            self._idx_file.discard()
 
     def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

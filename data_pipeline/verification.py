@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write
+
 __all__ = ["UnsafePickleError", "load_bin", "make_pairs", "save_bin"]
 
 
@@ -121,10 +123,7 @@ def save_bin(path: str | os.PathLike[str], images: Sequence[bytes], issame: Sequ
         raise ValueError(f"{len(images)} images for {len(flags)} pairs; expected exactly two per pair")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((images, flags), f, protocol=4)
-    os.replace(tmp, path)
+    atomic_write(path, pickle.dumps((images, flags), protocol=4))
 
 
 def _payload(reader: Any, key: int) -> bytes:

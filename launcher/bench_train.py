@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -49,7 +50,10 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     total = warmup + steps
     run_sets = [*sets, f"data.prefix={json.dumps(data)}", f"output={json.dumps(str(out))}", "data.val_bins=[]",
                 f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
-                "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}"]
+                "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}",
+                # a short benchmark may be shorter than the recipe's warm-up (refused by the config otherwise)
+                f"optim.warmup_steps={min(cfg.optim.warmup_steps, total)}"]
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: resume=false refuses a used one
     code = torchrun(["train", config, *[a for s in run_sets for a in ("--set", s)]], nproc)
     if code:
         raise RuntimeError(f"the benchmark's training run failed with exit code {code} (output in {out})")

@@ -14,13 +14,23 @@ Layout of one save (all paths inside ``<run>/checkpoints``)::
 
 A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
 mid-write leaves the previous ``latest`` untouched; stale partial folders are removed at the next save.
+Every file goes through ``partialfc.atomic`` (temporary name, fsync, rename, fsync of the folder).
+A failure of any kind while writing any part (a full disk raises ``OSError`` from Python's writes,
+``SafetensorError`` from safetensors, ``RuntimeError`` from ``torch.save``) on any rank is agreed by
+every rank (one all-reduce per phase) and raised everywhere as :class:`CheckpointWriteError`.
+
+``latest`` holds one folder name (``step_NNNNNNNN``) of its own checkpoints folder; anything else
+(a path, ``..``) is refused when read. Pruning (``keep_last``) never deletes the save just written nor
+what ``latest`` names, and only considers saves numbered below the one just written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,17 +43,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from launcher import faults
+from partialfc.atomic import atomic_write, describe_error, fsync_dir
 from partialfc.backbones import save_backbone
 
 LATEST = "latest"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+log = logging.getLogger("pfc")
 
 
 def _barrier(group: Any = None) -> None:
@@ -72,16 +76,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def rng_state() -> dict[str, Any]:
     np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     return {
@@ -101,24 +95,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
+_STEP_DIR = re.compile(r"^step_\d{8,}$")
+
+
+def step_of(path: Path) -> int:
+    """The step number of a ``step_NNNNNNNN`` folder."""
+    return int(path.name.split("_", 1)[1])
+
+
+class CheckpointPointerError(FileNotFoundError):
+    """``latest`` does not name a complete checkpoint inside its own checkpoints folder."""
+
+
 @dataclass
 class CheckpointPaths:
     root: Path
 
     def latest(self) -> Path | None:
-        """The newest complete save, or None. A ``latest`` naming a missing folder is an error."""
+        """The newest complete save, or None when there is no ``latest``.
+
+        ``latest`` must hold the bare name of a ``step_*`` folder of this checkpoints folder; a path
+        (``../../other_run/step_N``, ``/abs/path``), or a name whose folder is missing or incomplete, is an
+        error naming the pointer: resume and ``pfc eval/embed/export`` never follow it elsewhere.
+        """
         pointer = self.root / LATEST
         if not pointer.exists():
             return None
         name = pointer.read_text().strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointPointerError(
+                f"{pointer} holds {name[:200]!r}; expected the name of a step_NNNNNNNN folder inside "
+                f"{self.root} (a path elsewhere is not followed); point it at one of: "
+                f"{', '.join(p.name for p in self.complete_saves()[-3:]) or 'no complete save here'}")
         path = self.root / name
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {name!r}, but {path}/meta.json does not exist: "
-                                    "the checkpoint folder was modified outside the trainer")
+        if path.is_symlink() or not (path / "meta.json").is_file():
+            raise CheckpointPointerError(
+                f"{pointer} names {name!r}, but {path}/meta.json does not exist (or {path} is a link): "
+                "the checkpoint folder was modified outside the trainer")
         return path
 
     def complete_saves(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+        """Complete saves (a ``meta.json`` is written last), in step order."""
+        return sorted((p for p in self.root.glob("step_*")
+                       if _STEP_DIR.match(p.name) and not p.is_symlink() and (p / "meta.json").is_file()),
+                      key=step_of)
+
+
+def prunable(saves: list[Path], just_written: Path, latest: Path | None, keep_last: int) -> list[Path]:
+    """The saves to delete after ``just_written``: the oldest of those numbered below it, so that it and
+    ``keep_last - 1`` earlier ones stay. Never ``just_written``, never what ``latest`` names; saves numbered
+    above it (another run's, in a folder reused with ``checkpoint.resume``) are left alone."""
+    step = step_of(just_written)
+    older = [p for p in saves if step_of(p) < step and p != latest]
+    keep = max(keep_last - 1, 0)
+    return older[:len(older) - keep] if keep else older
+
+
+def _agree(error: BaseException | None, group: Any, step: int, root: Path, rank: int) -> None:
+    """Collective: raise :class:`CheckpointWriteError` on every rank when any rank's ``error`` is set."""
+    if _any_rank(error is not None, group):
+        where = f"rank {rank}: {describe_error(error)}" if error is not None else \
+            "another rank failed to write its part"
+        raise CheckpointWriteError(f"checkpoint for step {step} was not written ({where}); "
+                                   f"the last complete checkpoint stays in {root / LATEST}") from error
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(
@@ -134,13 +177,27 @@ def save_checkpoint(
     keep_last: int,
     group: Any = None,
 ) -> Path:
-    """Collective: every rank calls it. ``save_head(path)`` writes this rank's head shard into ``path``."""
+    """Collective: every rank calls it. ``save_head(path)`` writes this rank's head shard into ``path``.
+
+    Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
+    ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
+    """
+    with faults.checkpoint_file_size_limit(step, _rank()):
+        return _save_checkpoint(root, step, backbone=backbone, backbone_config=backbone_config,
+                                trainer_state=trainer_state, save_head=save_head, meta=meta,
+                                rank_state=rank_state, keep_last=keep_last, group=group)
+
+
+def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, backbone_config: dict[str, Any],
+                     trainer_state: dict[str, Any], save_head: Any, meta: dict[str, Any],
+                     rank_state: dict[str, Any] | None, keep_last: int, group: Any) -> Path:
     t0 = time.perf_counter()
     paths = CheckpointPaths(Path(root))
     final = paths.root / step_dir_name(step)
     partial = paths.root / f".{final.name}.partial"
     rank = _rank()
-    error: BaseException | None = None
+    error: Exception | None = None
+    # Phase 1 (rank 0): a fresh partial folder.
     if rank == 0:
         try:
             paths.root.mkdir(parents=True, exist_ok=True)
@@ -148,46 +205,70 @@ def save_checkpoint(
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir()
             (partial / "rank").mkdir()
-        except OSError as e:
+        except Exception as e:
             error = e
     _barrier(group)
+    # Phase 2 (every rank): its parts.
     if error is None and partial.is_dir():
         try:
             # The head save is collective and fails on every rank alike; the rest is this rank's own.
             save_head(partial / "head")
             if rank == 0:
                 save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
-                torch.save(trainer_state, partial / "trainer_state.pt")
+                _torch_save(trainer_state, partial / "trainer_state.pt")
             faults.maybe_fail_checkpoint(step, rank)
-            torch.save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
-        except OSError as e:  # a full disk, a lost mount: reported below, on every rank alike
+            _torch_save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
+        except Exception as e:  # whatever the writer raises for a full disk: reported below, on every rank
             error = e
     elif error is None:
         error = FileNotFoundError(f"{partial} was not created by rank 0")
-    failed = _any_rank(error is not None, group)
-    if failed:
+    try:
+        _agree(error, group, step, paths.root, rank)
+    except CheckpointWriteError:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        where = f"rank {rank}: {error}" if error is not None else "another rank failed to write its part"
-        raise CheckpointWriteError(f"checkpoint for step {step} was not written ({where}); "
-                                   f"the last complete checkpoint stays in {paths.root / LATEST}") from error
-    _barrier(group)
+        raise
+    # Phase 3 (rank 0): meta.json, the rename into place, latest; then pruning.
     if rank == 0:
-        meta = dict(meta, step=step, saved_at=time.time(), save_seconds=time.perf_counter() - t0)
-        _atomic_write_text(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
-        replaced = None
-        if final.exists():  # the same step saved again after a resume
-            replaced = final.with_name(f".{final.name}.replaced")
-            os.rename(final, replaced)
-        os.rename(partial, final)
-        _fsync_dir(paths.root)
-        _atomic_write_text(paths.root / LATEST, final.name)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        for old in paths.complete_saves()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        error = _publish(paths, partial, final, dict(meta, step=step, saved_at=time.time(),
+                                                     save_seconds=time.perf_counter() - t0))
+    _agree(error, group, step, paths.root, rank)
+    if rank == 0:
+        try:
+            for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
+                shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:  # the save itself is complete and named by latest: only log
+            log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
     _barrier(group)
     return final
+
+
+def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str, Any]) -> Exception | None:
+    """Rank 0: finish a save whose parts are all written. Returns the error, after undoing what it can."""
+    replaced = final.with_name(f".{final.name}.replaced")
+    moved = False
+    try:
+        atomic_write(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(partial, final)
+        moved = True
+        fsync_dir(paths.root)
+        atomic_write(paths.root / LATEST, final.name)
+    except Exception as e:
+        # latest (written atomically, last) still names the previous save; put back what was moved.
+        if moved and replaced.exists():
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(replaced, final)
+        elif moved:
+            shutil.rmtree(final, ignore_errors=True)
+        elif replaced.exists() and not final.exists():
+            os.rename(replaced, final)
+        shutil.rmtree(partial, ignore_errors=True)
+        return e
+    shutil.rmtree(replaced, ignore_errors=True)
+    return None
 
 
 def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@ into every checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,8 +24,47 @@ from pydantic import (
 from partialfc.margins import validate_margin
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type admits ``True``/``False`` (``bool``, ``bool | None``, a Literal of bools)."""
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+def _is_bool(annotation: Any) -> bool:
+    """Whether a field is a flag: ``bool`` or ``bool | None``."""
+    return annotation is bool or (bool in get_args(annotation) and all(a in (bool, type(None))
+                                                                       for a in get_args(annotation)))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bools(cls, v: Any, info: ValidationInfo) -> Any:
+        """No silent conversion between flags and numbers: pydantic's lax mode turns ``True`` into ``1``
+        (an int field) or ``1.0``, and YAML reads ``on``/``yes``/``true`` as ``True``, so
+        ``--set train.batch_size=on`` would become a batch of 1. Refused here, naming the field."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return v
+        if isinstance(v, bool) and not _accepts_bool(field.annotation):
+            raise ValueError(f"expected {_kind(field.annotation)}, got the boolean {v} (YAML reads "
+                             "on/off/yes/no/true/false as booleans)")
+        if _is_bool(field.annotation) and v is not None and not isinstance(v, bool):
+            raise ValueError(f"expected true or false, got {v!r}")
+        return v
+
+
+def _kind(annotation: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string"}
+    args = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) or str(annotation)
 
 
 class DataConfig(_Section):
@@ -201,6 +240,15 @@ class DistConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=2)
     timeout_s: float = Field(600.0, gt=0.0)
 
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _zero_stage(cls, v: Any) -> Any:
+        # before the bound (le=2), so ZeRO-3 gets its reason rather than "less than or equal to 2"
+        if v == 3 and not isinstance(v, bool):
+            raise ValueError("ZeRO-3 is not supported: it partitions the backbone's parameters themselves, and "
+                             "checkpoints here save whole, replicated backbone weights; use 0, 1 or 2")
+        return v
+
 
 class Config(_Section):
     output: str = Field("runs/default", description="run folder")
@@ -233,6 +281,10 @@ class Config(_Section):
         if self.optim.name == "adamw" and self.optim.momentum != 0.9:
             raise ValueError(f"optim.momentum={self.optim.momentum} has no effect with optim.name=adamw (AdamW "
                              "uses betas (0.9, 0.999) for backbone and head); remove it or use optim.name=sgd")
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps="
+                             f"{self.train.steps}: the learning rate would still be warming up when the run "
+                             "ends; set optim.warmup_steps <= train.steps")
         return self
 
 

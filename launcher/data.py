@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.insightface import InsightFaceReader, read_property
+from data_pipeline.insightface import InsightFaceReader, property_path, read_property
 from data_pipeline.recordio import RecordIOError
 from launcher.config import Config
 from launcher.distributed import DistContext
+from launcher.errors import DataError
 
 log = logging.getLogger("pfc")
 
@@ -39,8 +40,8 @@ def choose_loader(requested: str, device: torch.device) -> str:
 
     if requested == "dali":
         if not dali_available():
-            raise RuntimeError("data.loader=dali but NVIDIA DALI is not installed: "
-                               "pip install 'partialfc-discface[dali]', or set data.loader=torch")
+            raise DataError("data.loader=dali but NVIDIA DALI is not installed: "
+                            "pip install 'partialfc-discface[dali]', or set data.loader=torch")
         return "dali"
     if requested == "auto":
         return "dali" if (device.type == "cuda" and dali_available()) else "torch"
@@ -57,8 +58,8 @@ class TrainData:
         per_rank = loader.per_rank if hasattr(loader, "per_rank") else loader.sampler.per_rank
         self.batches_per_epoch = per_rank // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(f"each rank has {per_rank} images per epoch, fewer than one batch of {batch_size}: "
-                             "lower train.batch_size or use more data")
+            raise DataError(f"each rank has {per_rank} images per epoch, fewer than one batch of {batch_size}: "
+                            "lower train.batch_size or use more data")
         self.epoch = 0
         self._it: Any = None
 
@@ -95,9 +96,9 @@ class TrainData:
             close()
 
 
-def _index_mismatch(prefix: Path, err: RecordIOError) -> ValueError:
-    return ValueError(f"the index {prefix}.idx does not match {prefix}.rec (or the .rec is damaged): {err}; "
-                      "use the .idx written together with this .rec, or rebuild it")
+def _index_mismatch(prefix: Path, err: RecordIOError) -> DataError:
+    return DataError(f"the index {prefix}.idx does not match {prefix}.rec (or the .rec is damaged): {err}; "
+                     "use the .idx written together with this .rec, or rebuild it")
 
 
 def open_checked(prefix: Path, samples: int = 8, seed: int = 0) -> InsightFaceReader:
@@ -266,19 +267,22 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
 
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     if not cfg.data.prefix:
-        raise ValueError("no training data: set data.prefix (or pass --data PREFIX); "
-                         "`pfc data synth` makes a synthetic set")
+        raise DataError("no training data: set data.prefix (or pass --data PREFIX); "
+                        "`pfc data synth` makes a synthetic set")
     prefix = resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
     check_val_bins(cfg)
     num_classes, h, w = read_property(prefix)
+    if num_classes < 2:
+        raise DataError(f"{property_path(prefix)}: the dataset {prefix} has {num_classes} identity; a classifier "
+                        "head needs at least 2 classes (add identities, or check the property file)")
     if cfg.head.num_classes is not None:
         if cfg.head.num_classes < num_classes:
-            raise ValueError(f"head.num_classes={cfg.head.num_classes} but the dataset {prefix} has "
-                             f"{num_classes} classes (its property file): labels would fall outside the head")
+            raise DataError(f"head.num_classes={cfg.head.num_classes} but the dataset {prefix} has "
+                            f"{num_classes} classes (its property file): labels would fall outside the head")
         num_classes = cfg.head.num_classes
     if (h, w) != (cfg.model.image_size, cfg.model.image_size):
-        raise ValueError(f"model.image_size={cfg.model.image_size} but {prefix} holds {h}x{w} images "
-                         "(its property file); set model.image_size to match")
+        raise DataError(f"model.image_size={cfg.model.image_size} but {prefix} holds {h}x{w} images "
+                        "(its property file); set model.image_size to match")
     kind = choose_loader(cfg.data.loader, ctx.device)
     reader = open_checked(prefix, seed=cfg.train.seed)
     if kind == "dali":

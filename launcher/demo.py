@@ -18,6 +18,7 @@ import torch
 
 from launcher.config import builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
+from partialfc.atomic import atomic_write
 
 log = logging.getLogger("pfc")
 
@@ -75,6 +76,8 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
             f"output={json.dumps(str(out))}"]
     if steps is not None:
         sets.append(f"train.steps={steps}")
+        # a short demo may be shorter than the recipe's warm-up (refused by the config otherwise)
+        sets.append(f"optim.warmup_steps={min(base.optim.warmup_steps, steps)}")
     sets += extra_sets
     cfg = load_config(recipe, sets)
 
@@ -102,7 +105,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
     loss_png = plot_losses(out / "metrics.jsonl", out / "loss.png")
     report: dict[str, Any] = {"checkpoint": str(latest), "untrained": before, "trained": after,
                               "loss_curve": str(loss_png) if loss_png else None}
-    (out / "eval.json").write_text(json.dumps(report, indent=2, default=float))
+    atomic_write(out / "eval.json", json.dumps(report, indent=2, default=float))
     name = val_bin.name
     print(f"\nverification on {cfg.data.val_bins[0]} (identities never seen in training):")
     print(f"{'':12s} {'accuracy':>10s} {'TAR@FAR=1e-3':>14s} {'TAR@FAR=1e-2':>14s}")

@@ -8,17 +8,25 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from launcher import errors
+
 log = logging.getLogger("pfc")
+# torchrun's agent logs a failed worker (or its SIGTERM to the others) before its own traceback
+_TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|closing signal)|ChildFailedError")
+_SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,32 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
     return default
 
 
+def parse_slurm_tasks_per_node(value: str) -> list[int]:
+    """SLURM's compressed task counts per node, expanded: ``"4(x2),3"`` -> ``[4, 4, 3]``.
+
+    SLURM writes ``SLURM_TASKS_PER_NODE`` as comma-separated ``COUNT`` or ``COUNT(xREPEAT)`` items, one
+    per run of nodes with the same count. Anything else is a ``RuntimeError`` naming the variable.
+    """
+    counts: list[int] = []
+    for item in value.split(","):
+        m = _SLURM_ITEM.fullmatch(item.strip())
+        if m is None:
+            raise RuntimeError(f"environment variable SLURM_TASKS_PER_NODE={value!r} is not SLURM's format "
+                               "(comma-separated COUNT or COUNT(xREPEAT), e.g. '4(x2),3')")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def slurm_tasks_on_node(value: str, node_id: int, default: int) -> int:
+    """Tasks SLURM started on node ``node_id`` (``SLURM_NODEID``), from ``SLURM_TASKS_PER_NODE``."""
+    if not value.strip():
+        return default
+    counts = parse_slurm_tasks_per_node(value)
+    if not 0 <= node_id < len(counts):
+        raise RuntimeError(f"SLURM_NODEID={node_id} but SLURM_TASKS_PER_NODE={value!r} lists {len(counts)} node(s)")
+    return counts[node_id]
+
+
 def rank_environment() -> tuple[int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size) from torchrun, else SLURM, else single process.
 
@@ -71,7 +105,11 @@ def rank_environment() -> tuple[int, int, int, int]:
         rank = _env_int("SLURM_PROCID")
         world = _env_int("SLURM_NTASKS")
         local = _env_int("SLURM_LOCALID", default=0)
-        local_world = _env_int("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=world)
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", default=None)
+        if local_world is None:
+            node_id = _env_int("SLURM_NODEID", default=0)
+            assert node_id is not None
+            local_world = slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""), node_id, world or 1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("running under SLURM without torchrun: set MASTER_ADDR and MASTER_PORT "
@@ -82,8 +120,12 @@ def rank_environment() -> tuple[int, int, int, int]:
     return rank, world, local, local_world
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Create the default process group when there is more than one rank; pick device and backend."""
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_rank_group: bool = False) -> DistContext:
+    """Create the default process group when there is more than one rank; pick device and backend.
+
+    ``single_rank_group``: with one process (no torchrun), still create a 1-rank group on loopback, for
+    engines that need a process group even alone (DeepSpeed), as DDP runs without one.
+    """
     rank, world, local, local_world = rank_environment()
     cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -102,6 +144,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(backend, store=dist.PrefixStore(f"pfc/attempt_{attempt}", store), rank=rank,
                                     world_size=world, timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if backend == "nccl" else None)
+        used = backend
+    elif single_rank_group:
+        if not dist.is_initialized():
+            # The OS picks a free loopback port; DeepSpeed reads torch's variables, so they are set too.
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=timeout_s))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
     node = rank // max(local_world, 1)
@@ -144,21 +195,37 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     cmd += ["-m", "launcher.cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    if not rdzv_endpoint:
-        return subprocess.call(cmd, env=env)
-    # Multi-node: stderr is passed through line by line and its tail kept, to recognise a rendezvous timeout.
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-    tail: collections.deque[str] = collections.deque(maxlen=400)
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            tail.append(line)
-        code = proc.wait()
-    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-        code = proc.wait()
-    if code and any("RendezvousTimeoutError" in line for line in tail):
+    # Ranks that stop on a user error write their one line here (launcher.errors); the first is printed in
+    # place of torchrun's own failure report (a traceback of the agent and a table per rank).
+    with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:
+        env[errors.ERROR_DIR_ENV] = error_dir
+        # stderr is passed through line by line; from torchrun's first report of a failed worker on, lines
+        # are held back until it exits, then dropped if a rank reported a user error, else printed.
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+        tail: collections.deque[str] = collections.deque(maxlen=400)
+        held: list[str] = []
+        assert proc.stderr is not None
+        try:
+            for line in proc.stderr:
+                tail.append(line)
+                if held or (_TORCHRUN_FAILURE.search(line) and not errors.debug()):
+                    held.append(line)
+                    continue
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            code = proc.wait()
+        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
+            code = proc.wait()
+        reported = errors.first_reported(Path(error_dir)) if code else None
+    if reported is not None:
+        rank, message = reported
+        sys.stderr.write(f"pfc: {'rank ' + str(rank) + ': ' if nproc_per_node > 1 or nnodes != '1' else ''}"
+                         f"{message}\n")
+        sys.stderr.flush()
+        return errors.EXIT_USER_ERROR
+    sys.stderr.writelines(held)
+    sys.stderr.flush()
+    if code and rdzv_endpoint and any("RendezvousTimeoutError" in line for line in tail):
         waited = f"{int(rdzv_timeout)} s" if rdzv_timeout is not None else "600 s (torchrun's default)"
         raise RendezvousTimeout(f"rendezvous at {rdzv_endpoint} timed out after {waited}: not all {nnodes} "
                                 "nodes joined (is every node started, with the same --rdzv-endpoint and "

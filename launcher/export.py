@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partialfc.atomic import atomic_write
 from partialfc.backbones import BackboneFileError, load_backbone, unwrap
 
 INPUT_NAME = "input"
@@ -326,7 +327,7 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, creating the parent folder."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(p, json.dumps(payload, indent=2) + "\n")
 
 
 __all__ = [

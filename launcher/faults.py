@@ -5,6 +5,9 @@
 * ``kill``      -- this rank sends itself SIGKILL right after finishing that step (a lost node);
 * ``ckpt_crash``-- the process dies (``os._exit``) half-way through writing that step's checkpoint;
 * ``ckpt_enospc``-- writing that step's checkpoint fails with ENOSPC (a full disk);
+* ``ckpt_fsize`` -- a REAL failing write: while it saves that step's checkpoint, this rank's file-size limit
+  (``RLIMIT_FSIZE``) is 4 KiB with SIGXFSZ ignored, so its writers fail as on a full disk (safetensors'
+  ``SafetensorError``, ``torch.save``'s ``RuntimeError``, ``OSError`` EFBIG); the limit is restored after;
 * ``nan``       -- the loss of that step is made non-finite on every rank (``nan:5+`` from step 5 on);
 * ``stop``      -- this rank sends itself SIGSTOP right after finishing that step (a hung node: alive, silent).
 
@@ -14,9 +17,11 @@ restarted job runs clean. Nothing here is active unless the variable is set.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -35,7 +40,8 @@ class Fault:
         return step >= self.step if self.onward else step == self.step
 
 
-_KINDS = ("kill", "ckpt_crash", "ckpt_enospc", "nan", "stop")
+_KINDS = ("kill", "ckpt_crash", "ckpt_enospc", "ckpt_fsize", "nan", "stop")
+FSIZE_LIMIT = 4096
 
 
 def active_fault() -> Fault | None:
@@ -67,6 +73,24 @@ def maybe_fail_checkpoint(step: int, rank: int) -> None:
         os._exit(17)
     if _FAULT.hits("ckpt_enospc", step, rank):
         raise OSError(errno.ENOSPC, "No space left on device (injected by PFC_FAULT)")
+
+
+@contextlib.contextmanager
+def checkpoint_file_size_limit(step: int, rank: int) -> Iterator[None]:
+    """Around a save: with ``ckpt_fsize`` for this step and rank, files over 4 KiB cannot be written."""
+    if _FAULT is None or not _FAULT.hits("ckpt_fsize", step, rank):
+        yield
+        return
+    import resource
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of a kill
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def nan_loss(step: int, rank: int) -> bool:

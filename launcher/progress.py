@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -32,6 +33,19 @@ def memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def format_eta(seconds: float) -> str:
+    """Remaining time as ``H:MM:SS``, with days when longer (``3d 01:00:00``): ``strftime`` of ``gmtime``
+    would wrap at 24 hours and show a 25-hour run as ``01:00:00``. Unknown (NaN) shows as ``?``."""
+    if not math.isfinite(seconds):
+        return "?"
+    total = round(max(seconds, 0.0))
+    days, rest = divmod(total, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    clock = f"{h:02d}:{m:02d}:{sec:02d}"
+    return f"{days}d {clock}" if days else clock
 
 
 class SmoothedValue:
@@ -90,7 +104,7 @@ class ProgressLogger:
         self.last = rec
         if self.enabled and not quiet:
             remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
-            eta = time.strftime("%H:%M:%S", time.gmtime(max(remaining, 0.0)))
+            eta = format_eta(remaining)
             losses = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("loss"))
             log.info(f"step {step}/{self.total_steps}  {rec['images_per_s']:.1f} img/s  eta {eta}  "
                      f"{losses}  lr {rec.get('lr', float('nan')):.5f}  "

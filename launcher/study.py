@@ -18,6 +18,7 @@ import torch
 from launcher.checkpoint import CheckpointPaths
 from launcher.config import load_config, resolve_config_path
 from launcher.distributed import DistContext, torchrun
+from partialfc.atomic import atomic_write
 
 # A fixed offset for the held-out identities' seed, so they share no template with training or val.
 _HELDOUT_SEED_OFFSET = 7919
@@ -62,6 +63,8 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
                     f"output={json.dumps(str(run))}", f"head.discface_lambda={lam}"]
         if steps is not None:
             run_sets.append(f"train.steps={steps}")
+            if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
+                run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
         code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
         if code:
             raise RuntimeError(f"training with discface_lambda={lam} failed (exit code {code}); see {run}")
@@ -77,7 +80,7 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
             "train_discrepancy": _last_train_discrepancy(run / "metrics.jsonl"),
             "final_loss": json.loads((run / "summary.json").read_text())["final"].get("loss"),
         }
-    (out / "discface_study.json").write_text(json.dumps(results, indent=2, default=float))
+    atomic_write(out / "discface_study.json", json.dumps(results, indent=2, default=float))
     return results
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from launcher.engines import (
     scale_embedding_grad,
     schedule_at,
 )
+from launcher.errors import RunFolderError
 from launcher.finetune import (
     BestKeeper,
     adopt_init_backbone,
@@ -54,6 +56,7 @@ from launcher.finetune import (
 from launcher.metrics import TrainingMetrics
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
+from partialfc.atomic import atomic_write
 from partialfc.backbones import get_backbone, load_backbone_weights
 from partialfc.checkpoint import load_head, save_head
 
@@ -435,10 +438,27 @@ _LOGGED = ("loss", "loss_softmax", "loss_disc", "lr", "grad_norm", "xi_norm", "t
            "time_optimizer_s")
 
 
+def check_run_folder(cfg: Config) -> None:
+    """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
+    ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
+    Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
+    if cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # (a torchrun restart of this same job starts over in its own folder)
+    out = Path(cfg.output)
+    ckpts = out / "checkpoints"
+    held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
+    held += sorted(p.name for p in ckpts.glob("step_*"))[-1:]
+    if held:
+        raise RunFolderError(f"output folder {out} holds a run ({', '.join(held)}) and checkpoint.resume=false "
+                             "would overwrite it: set checkpoint.resume=true to continue that run, or choose "
+                             "another output (or delete the folder) to start a new one")
+
+
 def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     """Run the configured training on this rank; returns the run summary (same on every rank)."""
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     out = Path(cfg.output)
+    check_run_folder(cfg)
     check_amp(cfg, ctx.device)
     data = load_data(cfg, ctx)
     c = build(cfg, ctx, data.num_classes)
@@ -446,7 +466,7 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Written once the resume has accepted it: every value in config.yaml is the one in effect.
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        atomic_write(out / "config.yaml", dump_config(cfg))
     data.seek(step)
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                               world_size=ctx.world_size)
@@ -503,5 +523,5 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                "skipped_records": data.skipped_records, "final": progress.last, "eval": state.evals or {},
                "world_size": ctx.world_size}
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

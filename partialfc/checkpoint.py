@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from partialfc.atomic import atomic_write, describe_error
 from partialfc.collectives import Group, all_reduce_max_, barrier
 from partialfc.head import PartialFC
 from partialfc.optimizer import SparseHeadOptimizer
@@ -63,39 +63,41 @@ def shard_filename(start: int, end: int) -> str:
     return f"head_shard_{start:010d}_{end:010d}.safetensors"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: str | Path,
               process_group: Group = None) -> None:
     """Write this rank's shard (and, on rank 0, the metadata and b) into ``path_dir``; see module doc."""
     group = process_group if process_group is not None else head.process_group
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
+    error: Exception | None = None
     if head.rank == 0:
-        # Shard files of an earlier save with another world size would overlap this save's ranges.
-        mine = {shard_filename(*class_range(head.num_classes, head.world_size, k))
-                for k in range(head.world_size)}
-        for f in path.iterdir():
-            if _SHARD_RE.match(f.name) and f.name not in mine:
-                f.unlink()
+        try:
+            # Shard files of an earlier save with another world size would overlap this save's ranges.
+            mine = {shard_filename(*class_range(head.num_classes, head.world_size, k))
+                    for k in range(head.world_size)}
+            for f in path.iterdir():
+                if _SHARD_RE.match(f.name) and f.name not in mine:
+                    f.unlink()
+        except OSError as e:
+            error = e
     barrier(group)  # no rank writes before the stale files are gone
-    error: OSError | None = None
-    try:
-        _write_head_files(head, optimizer, path)
-    except OSError as e:  # a full disk or a lost mount on this rank
-        error = e
+    if error is None:
+        try:
+            _write_head_files(head, optimizer, path)
+        except Exception as e:
+            # Whatever the writer raises: a full disk is OSError from Python's own writes, SafetensorError
+            # from safetensors (and RuntimeError from torch.save). A rank that left here without the
+            # all-reduce below would leave its peers waiting in it.
+            error = e
     # Every rank learns whether any rank failed, so all raise together instead of some waiting forever in
     # a barrier that a failed rank never reaches.
     flag = torch.tensor([0.0 if error is None else 1.0], device=head.weight.device)
     all_reduce_max_(flag, group)
     if flag.item() > 0:
-        where = f"rank {head.rank}: {error}" if error is not None else "another rank failed to write its shard"
-        code = error.errno if error is not None and error.errno else errno.EIO
-        raise OSError(code, f"head checkpoint in {path} not written ({where})")
+        where = f"rank {head.rank}: {describe_error(error)}" if error is not None else \
+            "another rank failed to write its shard"
+        code = getattr(error, "errno", None) or errno.EIO
+        raise OSError(code, f"head checkpoint in {path} not written ({where})") from error
 
 
 def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path) -> None:
@@ -107,7 +109,7 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
                    **{k: v.detach().contiguous() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
                 "num_classes": str(head.num_classes), "optimizer": kind}
-        _atomic_write(path / shard_filename(head.start, head.end),
+        atomic_write(path / shard_filename(head.start, head.end),
                       lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
     if head.rank == 0:
         info = {
@@ -116,13 +118,13 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
             "sample_rate": head.sample_rate, "margin": list(head.margin), "scale": head.scale,
             "discface_lambda": head.discface_lambda, "dtype": str(head.weight.dtype), "optimizer": kind,
         }
-        _atomic_write(path / META, lambda p: p.write_text(json.dumps(info, indent=1) + "\n"))
+        atomic_write(path / META, json.dumps(info, indent=1) + "\n")
         if head.b is not None:
             b = head.b.detach().cpu().contiguous()
             b_state = (optimizer.b_state() if optimizer is not None
                        else {"momentum": torch.zeros_like(head.b)})
             b_tensors = {"b": b, **{k: v.detach().cpu().contiguous() for k, v in b_state.items()}}
-            _atomic_write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
+            atomic_write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
                                                                metadata={"format": FORMAT, "optimizer": kind}))
 
 

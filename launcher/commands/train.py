@@ -87,7 +87,8 @@ def train_cmd(
         raise typer.Exit(code=code)
     from launcher.training import train
 
-    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    # DeepSpeed needs a process group even alone: one process gets a 1-rank group, as DDP runs without one
+    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=cfg.dist.engine == "deepspeed")
     setup_logging(ctx.rank)
     try:
         summary = train(cfg, ctx)

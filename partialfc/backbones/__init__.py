@@ -192,6 +192,8 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     """
     from safetensors.torch import save_file
 
+    from partialfc.atomic import atomic_write
+
     path = Path(path)
     model = unwrap(model)
     if config is None:
@@ -203,9 +205,9 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     # channels-last parameters are not contiguous, and safetensors stores only contiguous tensors
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(dict(config)), "format": "pt"})
-    tmp.replace(path)
+    # temporary name, fsync, rename, fsync of the folder (partialfc.atomic)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                             metadata={METADATA_KEY: json.dumps(dict(config)), "format": "pt"}))
     return path
 
 

@@ -98,6 +98,8 @@ def test_random_in_range_numbers_accepted_out_of_range_refused(data):
         overrides.append("dist.engine=deepspeed")
     if field == "model.scale" and good != 1:
         overrides.append("model.backbone=mobilefacenet")  # the scale of the other backbones is refused
+    if field == "optim.warmup_steps":  # warm-up must fit in the run (refused otherwise)
+        overrides.append(f"train.steps={max(good, 1)}")
     cfg = load_config(None, overrides)
     section, name = field.rsplit(".", 1) if "." in field else ("", field)
     node = cfg
@@ -142,3 +144,37 @@ def test_builtin_recipes_validate():
     assert resolve_config_path("demo_cpu").name == "demo_cpu.yaml"
     with pytest.raises(ConfigError, match="built-in recipes"):
         resolve_config_path("nope")
+
+
+# -- issue 13, item 7: values of the wrong type, warm-up longer than the run, ZeRO-3 -------------------
+
+@pytest.mark.parametrize("item, field, expected", [
+    ("train.batch_size=on", "train.batch_size", "expected an integer, got the boolean True"),
+    ("checkpoint.keep_last=yes", "checkpoint.keep_last", "expected an integer, got the boolean True"),
+    ("optim.grad_accum=true", "optim.grad_accum", "expected an integer, got the boolean True"),
+    ("optim.lr=off", "optim.lr", "expected a number, got the boolean False"),
+    ("head.num_classes=yes", "head.num_classes", "got the boolean True"),
+    ("data.flip=1", "data.flip", "expected true or false, got 1"),
+    ("train.channels_last=maybe", "train.channels_last", "expected true or false, got 'maybe'"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_the_field(item, field, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [item])
+    line = next(x for x in str(e.value).splitlines() if x.strip().startswith(field + " ="))
+    assert expected in line, str(e.value)
+
+
+def test_flags_still_take_booleans_in_yaml_spellings():
+    cfg = load_config(None, ["data.flip=off", "train.channels_last=yes", "checkpoint.resume=false"])
+    assert cfg.data.flip is False and cfg.train.channels_last is True and cfg.checkpoint.resume is False
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps=20 is more than train\.steps=10"):
+        load_config(None, ["train.steps=10", "optim.warmup_steps=20"])
+    assert load_config(None, ["train.steps=10", "optim.warmup_steps=10"]).optim.warmup_steps == 10
+
+
+def test_zero3_is_refused_with_its_reason():
+    with pytest.raises(ConfigError, match=r"dist\.zero_stage = 3: .*ZeRO-3 is not supported: it partitions"):
+        load_config(None, ["dist.engine=deepspeed", "dist.zero_stage=3"])

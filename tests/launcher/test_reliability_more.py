@@ -280,7 +280,7 @@ def test_dataset_with_more_classes_than_the_head_is_refused(dataset, tmp_path): 
     log = r.stdout + r.stderr
     assert f"head.num_classes=40 but the dataset {prefix} has 48 classes" in log, log[-2000:]
     # more head rows than the dataset's classes is fine (room for classes added later)
-    r = _pfc(_train_args(prefix, tmp_path / "ok", **{"head.num_classes": 50, "train.steps": 1}))
+    r = _pfc(_train_args(prefix, tmp_path / "ok", **{"head.num_classes": 50, "train.steps": 2}))
     assert r.returncode == 0, r.stderr[-2000:]
 
 

@@ -1,0 +1,153 @@
+"""Atomic, durable file writes: the one helper every file of a run folder or a dataset goes through.
+
+A file is written under a temporary name in its own directory, flushed, ``fsync``-ed, renamed over the
+final name (``os.replace``, atomic on POSIX) and the directory is ``fsync``-ed, so that after a crash or a
+power loss the final name holds either the old complete file or the new complete one, never a torn one,
+and a rename that a pointer (``latest``) relies on is itself on disk.
+
+Why two copies: imports run ``launcher -> partialfc -> discface`` and ``launcher -> data_pipeline``, and
+``data_pipeline`` imports none of the others, so this module is ``partialfc.atomic`` (used by ``partialfc``
+and ``launcher``) and ``data_pipeline.atomic`` (used by the dataset writers); the two files are identical
+and a test (``tests/test_atomic.py``) keeps them so.
+
+* :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
+  the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).
+* :class:`AtomicFile` -- a file object for streaming writers (``commit()`` renames into place,
+  ``discard()`` removes the temporary file).
+* :func:`fsync_dir` -- make a rename or an unlink inside ``path`` durable.
+
+A failure at any point (a full disk, a file-size limit) removes the temporary file and re-raises the
+original exception unchanged; the final name is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["AtomicFile", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory, so that renames and unlinks inside it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a file written (and closed) by someone else's writer."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_error(error: BaseException) -> str:
+    """A write error in one line: an ``OSError`` as Python prints it (``[Errno 28] No space left on
+    device``), anything else (safetensors' ``SafetensorError``, ``torch.save``'s ``RuntimeError``) with
+    its type, since their text alone may not say what failed."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
+
+
+def temp_name(path: str | os.PathLike[str]) -> Path:
+    """The temporary name ``path`` is written under: hidden, in the same directory (so the rename stays on
+    one filesystem), and per process (two ranks writing the same name never share a temporary file)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.tmp-{os.getpid()}")
+
+
+def _remove(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[Path], Any]) -> Path:
+    """Write ``content`` to ``path`` atomically and durably; returns ``path``.
+
+    ``content`` is the file's bytes, its text (UTF-8, written as is: no newline translation), or a callable
+    ``write(tmp_path)`` that creates the file at ``tmp_path`` (and closes it). Any exception from writing,
+    flushing or syncing propagates unchanged after the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        if callable(content):
+            content(tmp)
+            fsync_file(tmp)
+        else:
+            data = content.encode() if isinstance(content, str) else bytes(content)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _commit(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+class AtomicFile:
+    """A file opened under :func:`temp_name` (``mode`` ``"wb"`` or ``"w"``) that only appears under
+    ``path`` on :meth:`commit`; :meth:`discard` (or leaving a ``with`` block by an exception) drops it.
+
+    ``AtomicFile(path, "wb").file`` is the open file object; ``with AtomicFile(p) as f: f.write(...)``
+    commits when the block ends normally.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> None:
+        if mode not in ("wb", "w"):
+            raise ValueError(f"AtomicFile: mode {mode!r}; expected 'wb' or 'w'")
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        self.file: IO[Any] = open(self.tmp, mode, **open_kwargs)  # noqa: SIM115 (closed by commit/discard)
+        self.done = False
+
+    def commit(self) -> Path:
+        """Flush, fsync, close, rename into place, fsync the directory. On failure the temporary file
+        is removed and the exception propagates."""
+        if self.done:
+            return self.path
+        self.done = True
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            _commit(self.tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            _remove(self.tmp)
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        """Close and remove the temporary file; ``path`` is untouched."""
+        if self.done:
+            return
+        self.done = True
+        with contextlib.suppress(OSError):
+            self.file.close()
+        _remove(self.tmp)
+
+    def __enter__(self) -> IO[Any]:
+        return self.file
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
