@@ -341,19 +341,21 @@ class Check:
         s2 = json.loads((run / "summary.json").read_text())
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        rec = {"first_run": {"steps": s1["steps"], "wall_s": round(first_s, 1), "train_seconds": s1["seconds"],
-                             "eval": s1.get("eval"), "checkpoint": latest, "final": s1.get("final")},
-               "resumed_run": {"steps": s2["steps"], "wall_s": round(second_s, 1), "train_seconds": s2["seconds"],
-                               "resumed": "resumed from" in log2, "final": s2.get("final")},
-               "loss_first_last": [losses[0], losses[-1]] if losses else None}
+        resumed = "resumed from" in log2
+        rec: dict[str, Any] = {
+            "first_run": {"steps": s1["steps"], "wall_s": round(first_s, 1), "train_seconds": s1["seconds"],
+                          "eval": s1.get("eval"), "checkpoint": latest, "final": s1.get("final")},
+            "resumed_run": {"steps": s2["steps"], "wall_s": round(second_s, 1), "train_seconds": s2["seconds"],
+                            "resumed": resumed, "final": s2.get("final")},
+            "loss_first_last": [losses[0], losses[-1]] if losses else None}
         problems = []
         if s1["steps"] != first:
             problems.append(f"first run stopped at step {s1['steps']}, expected {first}")
         if not s1.get("eval"):
             problems.append("no evaluation result")
-        if s2["steps"] != total or not rec["resumed_run"]["resumed"]:
+        if s2["steps"] != total or not resumed:
             problems.append(f"resume: ended at step {s2['steps']} (expected {total}), "
-                            f"'resumed from' in its log: {rec['resumed_run']['resumed']}")
+                            f"'resumed from' in its log: {resumed}")
         if problems:
             rec.update(status="failed", error="; ".join(problems))
         return rec
@@ -408,7 +410,9 @@ class Check:
                                      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"))
             if name == "train_e2e" and "first_run" in rec:
                 fr, rr = rec["first_run"], rec["resumed_run"]
-                acc = next(iter((fr.get("eval") or {}).values()), {}).get("accuracy")
+                evals: dict[str, Any] = fr.get("eval") or {}
+                first_eval: dict[str, Any] = next(iter(evals.values()), {})
+                acc = first_eval.get("accuracy")
                 rows.append(("  e2e", st, "", f"{fr['steps']} steps {fr['wall_s']} s, eval acc {f(acc, '.3f')}; "
                              f"resumed to {rr['steps']} in {rr['wall_s']} s"))
         return rows
