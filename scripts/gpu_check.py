@@ -190,7 +190,7 @@ class Check:
     def s_pytest(self) -> dict[str, Any]:
         junit = self.work / "junit_gpu.xml"
         out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={junit}", "-o", "timeout=240"], check=False)
+                       f"--junitxml={junit}", "-o", "timeout=60"], check=False)
         if not junit.is_file():
             raise StepError("pytest wrote no report: " + " | ".join(out.strip().splitlines()[-3:]))
         root = ET.parse(junit).getroot()
