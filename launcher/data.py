@@ -214,12 +214,12 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
         loader: Any = DaliLoader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
                                  threads=max(cfg.data.workers, 1),
                                  device_id=ctx.device.index if ctx.device.type == "cuda" else None,
-                                 flip=cfg.data.flip)
+                                 flip=cfg.data.flip, uint8=True)
     else:
         from data_pipeline.dataset import build_dataloader
 
         loader = build_dataloader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
                                   cfg.data.workers, flip=cfg.data.flip, skip_corrupt=cfg.data.skip_corrupt,
-                                  pin_memory=ctx.device.type == "cuda")
+                                  pin_memory=ctx.device.type == "cuda", uint8=True)
     log.info(f"data: {prefix} ({len(reader)} images, {num_classes} classes, {h}x{w}) via the {kind} loader")
     return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind)
