@@ -166,13 +166,17 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def decode(self, i: int) -> tuple[np.ndarray, int]:
-        """Read and decode image i: ((H, W, 3) uint8 RGB, class id); errors name file, key, offset."""
+    def decode(self, i: int, flip: bool = False) -> tuple[np.ndarray, int]:
+        """Read and decode image i: ((H, W, 3) uint8 RGB, mirrored left-right if ``flip``, class id);
+        errors name file, key, offset."""
         key = self.keys[i]
         cid, payload = self.reader.read_image(key)
         try:
             with Image.open(io.BytesIO(payload)) as im:
-                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                rgb = im if im.mode == "RGB" else im.convert("RGB")
+                # PIL's mirror costs ~0.01 ms at 112x112; numpy's arr[:, ::-1] copy, whose innermost
+                # run is one 3-byte pixel, ~0.07 ms: a third of the decode (2-core CPU box).
+                arr = np.asarray(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else rgb)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise RecordIOError(f"payload of {len(payload)} bytes is not a decodable image ({exc})",
                                 path=self.reader.rec_path, key=key, offset=self.reader.offset(key)) from None
@@ -182,9 +186,9 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
                                 key=key, offset=self.reader.offset(key))
         return arr, cid
 
-    def _decode_or_skip(self, i: int) -> tuple[np.ndarray, int] | CorruptRecord:
+    def _decode_or_skip(self, i: int, flip: bool = False) -> tuple[np.ndarray, int] | CorruptRecord:
         try:
-            return self.decode(i)
+            return self.decode(i, flip)
         except RecordIOError as exc:
             if not self.skip_corrupt:
                 raise
@@ -199,11 +203,11 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
         i, flip = self._split(item)
-        got = self._decode_or_skip(i)
+        got = self._decode_or_skip(i, flip)
         if isinstance(got, CorruptRecord):
             return None  # type: ignore[return-value]  # documented: skipped records read as None
         arr, cid = got
-        return to_unit(torch.from_numpy(np.array(arr[:, ::-1] if flip else arr))[None])[0], cid
+        return to_unit(torch.from_numpy(np.array(arr))[None])[0], cid
 
     def __getitems__(self, items: Sequence[Item]) -> Batch:
         """Batched fetch (used by DataLoader): decoded, flipped uint8 pixels of the whole batch.
@@ -222,12 +226,12 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         n = 0
         for item in items:
             i, flip = self._split(item)
-            got = self._decode_or_skip(i)
+            got = self._decode_or_skip(i, flip)
             if isinstance(got, CorruptRecord):
                 skipped.append(got)
                 continue
             arr, cid = got
-            buf[n] = arr[:, ::-1] if flip else arr
+            buf[n] = arr
             labels.append(cid)
             n += 1
         return Batch(pixels[:n], torch.tensor(labels, dtype=torch.int64), skipped)
