@@ -154,13 +154,13 @@ def endless(make_epoch: Callable[[int], Iterable[Any]]) -> Generator[Any, None, 
 def timed_slice(batches: Iterator[Any], seconds: float, warmup_batches: int,
                 sync: Callable[[Any], None] | None = None) -> tuple[int, float]:
     """Skip `warmup_batches` (what the loader prefetched while it was not being timed), then consume
-    batches (images, labels) for `seconds`: returns (images, wall seconds)."""
+    batches (images first) for `seconds`: returns (images, wall seconds)."""
     for _ in range(warmup_batches):
         next(batches)
     done = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        images, _labels = next(batches)
+        images = next(batches)[0]  # (images, labels) or, DALI uint8, (pixels, labels, flips)
         if sync is not None:
             sync(images)
         done += int(images.shape[0])

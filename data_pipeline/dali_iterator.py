@@ -1,9 +1,11 @@
 """The DALI loader as a torch iterator with the same interface as the torch path's ``FaceLoader``.
 
 ``DaliLoader(prefix, batch_size, rank, world_size, seed, threads, device_id=None)`` yields
-``(images, labels)``: images (B, 3, H, W) float32 in [-1, 1] (with ``uint8=True``: (B, H, W, 3)
-uint8, flips applied), labels (B,) int64, on the CPU when device_id is None, else on
-``cuda:device_id``. ``set_epoch(epoch, start_index)`` picks the epoch and
+``(images, labels)``: images (B, 3, H, W) float32 in [-1, 1], labels (B,) int64, on the CPU when
+device_id is None, else on ``cuda:device_id``. With ``uint8=True`` it yields ``(pixels, labels,
+flips)``: pixels (B, H, W, 3) uint8 as decoded, flips (B,) bool (None with ``flip=False``), the
+images the consumer mirrors when it normalises them on its device
+(``launcher.data.to_model_input``). ``set_epoch(epoch, start_index)`` picks the epoch and
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
@@ -82,7 +84,7 @@ class DaliLoader:
         self.chunk = chunk if chunk is not None else max(batch_size, -(-self.per_rank // chunks_per_rank))
         self.random_shuffle, self.initial_fill = random_shuffle, initial_fill
         self.prefetch_queue_depth = prefetch_queue_depth
-        self.uint8 = uint8  # hand over (B, H, W, 3) uint8 pixels; the consumer normalises on its device
+        self.uint8 = uint8  # yield (pixels uint8, labels, flips): the consumer normalises and mirrors
         self._own_dir = index_dir is None
         self.index_dir = Path(tempfile.mkdtemp(prefix="pfc-dali-")) if index_dir is None else Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ class DaliLoader:
             previous.idx_path.unlink(missing_ok=True)
         return self.last_index
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         steps = len(self)
         if steps == 0:
             return
@@ -138,13 +140,18 @@ class DaliLoader:
         try:
             rem = self._remaining()
             for step in range(steps):
-                images, labels = pipe.run()
-                x = _to_torch(images, self.device)
-                y = _to_torch(labels, self.device).reshape(-1)
+                outs = pipe.run()
+                x = _to_torch(outs[0], self.device)
+                y = _to_torch(outs[1], self.device).reshape(-1)
+                f = _to_torch(outs[2], self.device).reshape(-1).bool() if len(outs) > 2 else None
                 take = min(self.batch_size, rem - step * self.batch_size)
                 if take < self.batch_size:   # last partial batch: DALI wrapped around, cut it
                     x, y = x[:take], y[:take]
-                yield x, y
+                    f = None if f is None else f[:take]
+                if self.uint8:
+                    yield x, y, f
+                else:
+                    yield x, y
         finally:
             del pipe
 

@@ -8,6 +8,7 @@ rank consumed), because every rank reads an equal-length, reproducible part of e
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from launcher.distributed import DistContext
 log = logging.getLogger("pfc")
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool = False,
+@dataclass
+class Pixels:
+    """uint8 pixels (B, H, W, 3) and the flips (B,) bool still to apply, for loaders that leave the
+    mirroring to the training step (DALI: its CPU ``fn.flip`` costs a quarter of a decode)."""
+
+    pixels: torch.Tensor
+    flips: torch.Tensor | None
+
+
+def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels_last: bool = False,
                    flips: torch.Tensor | None = None) -> torch.Tensor:
     """A loader's batch -> the backbone's input: float32 (B, 3, H, W) in [-1, 1] on ``device``.
 
@@ -32,8 +42,12 @@ def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bo
     x / 127.5 - 1, the formula of the former loader-side conversion (``data_pipeline.dataset.to_unit``),
     so that a CPU run's inputs are bit-identical to it. ``flips`` (B,) bool mirrors the marked images
     left-right on the device, for loaders that leave the flip to the step. With ``channels_last`` the
-    result has channels-last strides (an (B, H, W, 3) batch already has them: no copy).
+    result has channels-last strides (an (B, H, W, 3) batch already has them: no copy). A
+    :class:`Pixels` carries its own flips.
     """
+    if isinstance(images, Pixels):
+        flips = images.flips
+        images = images.pixels
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         if images.dim() != 4 or 3 not in (images.shape[1], images.shape[3]):
@@ -120,16 +134,21 @@ class TrainData:
         self.loader.set_epoch(self.epoch, pos["batch_in_epoch"] * self.batch_size)
         self._it = iter(self.loader)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor | Pixels, torch.Tensor]:
+        """(images, labels); images as the loader gave them, or :class:`Pixels` when it left flips to
+        the step (a loader yielding (pixels, labels, flips)): :func:`to_model_input` takes either."""
         if self._it is None:
             self.seek(0)
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:
             self.epoch += 1
             self.loader.set_epoch(self.epoch, 0)
             self._it = iter(self.loader)
-            return next(self._it)
+            batch = next(self._it)
+        if len(batch) == 3:
+            return Pixels(batch[0], batch[2]), batch[1]
+        return batch[0], batch[1]
 
     @property
     def skipped_records(self) -> int:

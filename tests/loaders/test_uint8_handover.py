@@ -20,7 +20,7 @@ import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
 from data_pipeline.dali_iterator import dali_available
 from data_pipeline.dataset import build_dataloader
 from launcher.commands.groups import app
-from launcher.data import DeviceSyntheticLoader, TrainData, to_model_input
+from launcher.data import DeviceSyntheticLoader, Pixels, TrainData, to_model_input
 
 CPU = torch.device("cpu")
 
@@ -48,15 +48,18 @@ def test_dali_uint8_matches_its_float_output(small_dataset: Path) -> None:
 
     old = DaliLoader(small_dataset, 8, seed=4, threads=1)
     new = DaliLoader(small_dataset, 8, seed=4, threads=1, uint8=True)
-    worst, n = 0.0, 0
-    for (x, y), (u, v) in zip(old, new, strict=True):
+    worst, n, flipped = 0.0, 0, 0
+    for (x, y), (u, v, f) in zip(old, new, strict=True):
         assert u.dtype == torch.uint8 and u.shape == (8, 32, 32, 3)
+        assert f is not None and f.dtype == torch.bool and f.shape == (8,)
         assert torch.equal(y, v)
-        worst = max(worst, float((to_model_input(u, CPU) - x).abs().max()))
-        n += 1
-    # same pixels, same flips: only the float rounding of the two formulas differs (a mirrored
-    # image would differ by up to 2)
-    assert n == 60 // 8 and worst <= 2 ** -23
+        worst = max(worst, float((to_model_input(Pixels(u, f), CPU) - x).abs().max()))
+        n, flipped = n + 1, flipped + int(f.sum())
+    # same pixels, same flips as the float path's mirror: only the float rounding of the two
+    # formulas differs (a wrongly mirrored image would differ by up to 2)
+    assert n == 60 // 8 and 0 < flipped < 56 and worst <= 2 ** -23
+    plain = DaliLoader(small_dataset, 8, seed=4, threads=1, uint8=True, flip=False)
+    assert all(f is None for _, _, f in plain)
 
 
 def test_training_losses_unchanged_by_the_uint8_handover(small_dataset: Path, tmp_path: Path) -> None:
@@ -128,8 +131,9 @@ def test_synthetic_loader_needs_num_classes(tmp_path: Path) -> None:
     cfg = load_config(None, ['data.loader="synthetic"', "head.num_classes=7", "train.batch_size=2",
                              "model.image_size=16"])
     data = load_data(cfg, DistContext.single_process())
-    x, y = data.next_batch()
-    assert x.shape == (2, 16, 16, 3) and data.num_classes == 7 and data.kind == "synthetic"
+    x, labels = data.next_batch()
+    assert isinstance(x, torch.Tensor) and x.shape == (2, 16, 16, 3) and labels.shape == (2,)
+    assert data.num_classes == 7 and data.kind == "synthetic"
 
 
 def test_bench_data_float_handover_option(small_dataset: Path, tmp_path: Path) -> None:
