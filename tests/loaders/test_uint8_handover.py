@@ -145,3 +145,29 @@ def test_bench_data_float_handover_option(small_dataset: Path, tmp_path: Path) -
         assert res.exit_code == 0, res.output
         assert f"handed over as {handover}" in res.output
         assert json.loads(out.read_text())["handover"] == handover
+
+
+@pytest.mark.dali
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali cannot be imported (install the 'dali' extra)")
+def test_training_with_dali_uint8_matches_its_float_path(small_dataset: Path, tmp_path: Path) -> None:
+    """The trainer's DALI path (uint8 + flips mirrored in the step) against DALI's former float output,
+    3 fixed-seed steps: the inputs differ by at most one float32 rounding, so the losses agree to ~1e-6."""
+    from data_pipeline.dali_iterator import DaliLoader
+    from launcher.config import load_config
+    from launcher.distributed import DistContext
+    from launcher.training import build, train_one_step
+
+    sets = {"output": str(tmp_path), "model.backbone": "tiny", "model.image_size": 32,
+            "model.embedding_size": 32, "train.batch_size": 8, "train.seed": 2, "head.sample_rate": 0.5,
+            "head.discface_lambda": 0.1, "data.loader": "dali", "optim.warmup_steps": 0}
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    ctx = DistContext.single_process()
+    losses = []
+    for uint8 in (False, True):
+        data = TrainData(DaliLoader(small_dataset, 8, seed=2, threads=1, uint8=uint8), 8, 1, 12, "dali")
+        if uint8:
+            assert isinstance(data.next_batch()[0], Pixels)
+            data.seek(0)
+        c = build(cfg, ctx, 12)
+        losses.append([train_one_step(c, data, cfg, ctx, s)["loss"] for s in (1, 2, 3)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=0)
