@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,3 +172,33 @@ def test_training_with_dali_uint8_matches_its_float_path(small_dataset: Path, tm
         c = build(cfg, ctx, 12)
         losses.append([train_one_step(c, data, cfg, ctx, s)["loss"] for s in (1, 2, 3)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=0)
+
+
+def _send_back(q: Any, done: Any) -> None:
+    from data_pipeline.dataset import shared_uint8
+
+    t = shared_uint8((2, 3, 4, 3))
+    t.copy_(torch.arange(72, dtype=torch.uint8).view(2, 3, 4, 3))
+    q.put(t)
+    done.wait(120)  # the sender must outlive the hand-over of the segment's descriptor
+
+
+def test_shared_uint8_pins_the_private_storage_call() -> None:
+    """``shared_uint8`` uses ``torch.UntypedStorage._new_shared`` (private): it must give a tensor
+    of the shape asked, in shared memory, that crosses to another process intact."""
+    import torch.multiprocessing as tmp
+
+    from data_pipeline.dataset import shared_uint8
+
+    assert hasattr(torch.UntypedStorage, "_new_shared")
+    t = shared_uint8((5, 7, 6, 3))
+    assert t.shape == (5, 7, 6, 3) and t.dtype == torch.uint8 and t.is_shared() and t.is_contiguous()
+    assert t.untyped_storage().nbytes() == 5 * 7 * 6 * 3
+    ctx = tmp.get_context("spawn")
+    q, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_send_back, args=(q, done))
+    proc.start()
+    got = q.get(timeout=120).clone()
+    done.set()
+    proc.join(timeout=60)
+    assert torch.equal(got, torch.arange(72, dtype=torch.uint8).view(2, 3, 4, 3))
