@@ -69,7 +69,9 @@ def _init_rows(start: int, end: int, dim: int, seed: int, std: float, device: to
         out[lo - start: hi - start].copy_(block[lo - blk * _INIT_BLOCK: hi - blk * _INIT_BLOCK])
 
     blocks = range(first, last + 1)
-    workers = min(threads or os.cpu_count() or 1, len(blocks))
+    # The CPUs this process may run on (a container may see more cores than it gets), at most 32.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(threads or min(usable, 32), len(blocks))
     if workers <= 1:
         for blk in blocks:
             fill(blk)
