@@ -171,7 +171,7 @@ class Check:
 
         env = self.result.get("env", {})
         mem = env.get("memory_free_bytes") or env.get("memory_total_bytes_assumed") or (16 << 20)
-        budget = int(0.88 * mem)  # the CUDA context, the allocator's rounding, the benchmark's own buffers
+        budget = int(0.85 * mem)  # the CUDA context, the allocator's rounding, the benchmark's own buffers
 
         def fits(c: int) -> bool:
             return plan_rank(c, 1, batch, dim, rate, "fp32", discface=False).total_bytes <= budget
