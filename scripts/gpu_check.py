@@ -141,15 +141,22 @@ class Check:
                 "d = {'python': sys.version.split()[0], 'torch': torch.__version__, 'numpy': numpy.__version__,\n"
                 "     'cuda_available': torch.cuda.is_available(), 'cuda': torch.version.cuda,\n"
                 "     'cpu_count': os.cpu_count()}\n"
+                "def opt(key, f):\n"
+                "    try:\n"
+                "        d[key] = f()\n"
+                "    except Exception as e:\n"
+                "        d[key + '_error'] = f'{type(e).__name__}: {e}'\n"
                 "if torch.cuda.is_available():\n"
-                "    free, total = torch.cuda.mem_get_info(0)\n"
-                "    d.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),\n"
-                "             memory_free_bytes=free, memory_total_bytes=total,\n"
-                "             capability=list(torch.cuda.get_device_capability(0)),\n"
-                "             nccl=list(torch.cuda.nccl.version()), cudnn=torch.backends.cudnn.version())\n"
-                "import pydantic, launcher.cli\n"
-                "d['pydantic'] = pydantic.VERSION\n"
-                "print('ENV ' + json.dumps(d))\n")
+                "    opt('memory_free_bytes', lambda: torch.cuda.mem_get_info(0)[0])\n"
+                "    opt('memory_total_bytes', lambda: torch.cuda.mem_get_info(0)[1])\n"
+                "    opt('device', lambda: torch.cuda.get_device_name(0))\n"
+                "    opt('device_count', torch.cuda.device_count)\n"
+                "    opt('capability', lambda: list(torch.cuda.get_device_capability(0)))\n"
+                "    opt('nccl', lambda: str(torch.cuda.nccl.version()))\n"
+                "    opt('cudnn', torch.backends.cudnn.version)\n"
+                "opt('pydantic', lambda: __import__('pydantic').VERSION)\n"
+                "opt('launcher_imports', lambda: bool(__import__('launcher.cli')))\n"
+                "print('ENV ' + json.dumps(d, default=str))\n")
         out = self.sh([sys.executable, "-c", code])
         info: dict[str, Any] = json.loads(next(x for x in out.splitlines() if x.startswith("ENV "))[4:])
         info["machine"] = platform.machine()
@@ -164,6 +171,9 @@ class Check:
         if self.dry:
             info["memory_total_bytes_assumed"] = 16 << 20  # the dry run's pretend device for `largest C`
         self.result["env"] = info
+        if "launcher_imports_error" in info:  # every later step runs `python -m launcher`
+            return {**info, "status": "failed", "error": "import launcher failed (wheels in .whl/? make "
+                    f"gpu-wheels): {info['launcher_imports_error']}"}
         return info
 
     def _largest_c(self, batch: int, dim: int, rate: float) -> tuple[int, int]:
