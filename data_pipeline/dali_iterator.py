@@ -2,7 +2,10 @@
 
 ``DaliLoader(prefix, batch_size, rank, world_size, seed, threads, device_id=None)`` yields
 ``(images, labels)``: images (B, 3, H, W) float32 in [-1, 1], labels (B,) int64, on the CPU when
-device_id is None, else on ``cuda:device_id``. ``set_epoch(epoch, start_index)`` picks the epoch and
+device_id is None, else on ``cuda:device_id``. With ``uint8=True`` it yields ``(pixels, labels,
+flips)``: pixels (B, H, W, 3) uint8 as decoded, flips (B,) bool (None with ``flip=False``), the
+images the consumer mirrors when it normalises them on its device
+(``launcher.data.to_model_input``). ``set_epoch(epoch, start_index)`` picks the epoch and
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
@@ -68,7 +71,7 @@ class DaliLoader:
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
                  index_dir: str | os.PathLike[str] | None = None, prefetch_index: bool = True,
-                 segment: int | None = None, segment_samples: int = 1 << 21) -> None:
+                 segment: int | None = None, segment_samples: int = 1 << 21, uint8: bool = False) -> None:
         if not dali_available():
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install 'partialfc-discface[dali]' "
                               "(nvidia-dali-cuda130); CPU pipelines work without a GPU")
@@ -92,6 +95,7 @@ class DaliLoader:
                              "segment but the last ends on a whole batch)")
         self.segment = segment if segment is not None else max(batch_size, segment_samples // batch_size * batch_size)
         self.prefetch_queue_depth = prefetch_queue_depth
+        self.uint8 = uint8  # yield (pixels uint8, labels, flips): the consumer normalises and mirrors
         self._own_dir = index_dir is None
         self.index_dir = Path(tempfile.mkdtemp(prefix="pfc-dali-")) if index_dir is None else Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -175,9 +179,9 @@ class DaliLoader:
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
                               seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
-                              prefetch_queue_depth=self.prefetch_queue_depth)
+                              prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         steps = len(self)
         if steps == 0:
             return
@@ -197,13 +201,18 @@ class DaliLoader:
             seg_steps = steps - done if last else n_items // self.batch_size
             try:
                 for k in range(seg_steps):
-                    images, labels = pipe.run()
-                    x = _to_torch(images, self.device)
-                    y = _to_torch(labels, self.device).reshape(-1)
+                    outs = pipe.run()
+                    x = _to_torch(outs[0], self.device)
+                    y = _to_torch(outs[1], self.device).reshape(-1)
+                    f = _to_torch(outs[2], self.device).reshape(-1).bool() if len(outs) > 2 else None
                     take = min(self.batch_size, n_items - k * self.batch_size)
                     if take < self.batch_size:   # last partial batch: DALI wrapped around, cut it
                         x, y = x[:take], y[:take]
-                    yield x, y
+                        f = None if f is None else f[:take]
+                    if self.uint8:
+                        yield x, y, f
+                    else:
+                        yield x, y
             finally:
                 del pipe
             done += seg_steps

@@ -34,7 +34,7 @@ from launcher.checkpoint import (
     set_rng_state,
 )
 from launcher.config import Config, dump_config
-from launcher.data import TrainData, load_data
+from launcher.data import Pixels, TrainData, load_data, to_model_input
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import (
     BackboneEngine,
@@ -163,7 +163,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     # Accumulation is exact (issue 12): the head needs every micro-batch's labels before the first forward
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batches: list[tuple[torch.Tensor | Pixels, torch.Tensor]] = []
     t_read = time.perf_counter()
     if accum > 1:
         batches = [data.next_batch() for _ in range(accum)]
@@ -172,10 +172,8 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = batches[micro] if batches else data.next_batch()
-        images = images.to(ctx.device, non_blocking=True)
+        images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
         labels = labels.to(ctx.device, non_blocking=True)
-        if cfg.train.channels_last and ctx.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         last = micro == accum - 1
         with c.engine.no_sync(last):

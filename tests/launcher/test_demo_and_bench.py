@@ -40,3 +40,16 @@ def test_bench_train_summary_uses_medians_after_warmup():
     assert res["steps_timed"] == 7
     with pytest.raises(ValueError, match="at least 2 logged steps"):
         summarise(rows[:4], warmup=3, global_batch=64)
+
+
+def test_backbone_floor_times_forward_backward_on_device_made_batches():
+    """`pfc bench train --floor`'s reference: the backbone alone on uint8 batches made on the device."""
+    from launcher.bench_train import backbone_floor
+
+    sets = ["model.backbone=tiny", "model.image_size=16", "model.embedding_size=16", "train.batch_size=4",
+            'train.amp="bf16"', "train.channels_last=true"]
+    r = backbone_floor("demo_cpu", sets, steps=2, warmup=1)
+    assert r["images_per_s"] > 0 and r["step_s"] > 0 and r["steps_timed"] == 2
+    assert r["batch"] == 4 and r["image_size"] == 16 and r["amp"] == "bf16" and r["backbone"] == "tiny"
+    # on the CPU: no CUDA allocator to read, channels_last and autocast stay off as in the trainer
+    assert r["device"] == "cpu" and r["peak_memory_bytes"] is None and r["channels_last"] is False
