@@ -101,7 +101,7 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[
 
 
 class AtomicFile:
-    """A file opened under :func:`temp_name` (``mode`` ``"wb"`` or ``"w"``) that only appears under
+    """A file opened under :func:`temp_name` (``mode`` ``"wb"``, ``"w+b"`` or ``"w"``) that only appears under
     ``path`` on :meth:`commit`; :meth:`discard` (or leaving a ``with`` block by an exception) drops it.
 
     ``AtomicFile(path, "wb").file`` is the open file object; ``with AtomicFile(p) as f: f.write(...)``
@@ -109,8 +109,8 @@ class AtomicFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> None:
-        if mode not in ("wb", "w"):
-            raise ValueError(f"AtomicFile: mode {mode!r}; expected 'wb' or 'w'")
+        if mode not in ("wb", "w+b", "w"):  # "w+b": a writer that reads back what it wrote (RecordWriter.patch)
+            raise ValueError(f"AtomicFile: mode {mode!r}; expected 'wb', 'w+b' or 'w'")
         self.path = Path(path)
         self.tmp = temp_name(self.path)
         self.file: IO[Any] = open(self.tmp, mode, **open_kwargs)  # noqa: SIM115 (closed by commit/discard)
