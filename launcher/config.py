@@ -8,6 +8,7 @@ into every checkpoint.
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,29 @@ class TrainConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     max_nonfinite_in_a_row: int = Field(10, ge=1)
+    stop_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
+        description="signals on which every rank saves a checkpoint at the next step boundary and exits "
+                    "76 (launcher/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
+    stop_grace_s: float = Field(300.0, ge=1.0, le=86400.0,
+                                description="seconds torchrun waits for the ranks' stop checkpoint before "
+                                "SIGKILL; keep the cluster's grace period (Kubernetes "
+                                "terminationGracePeriodSeconds, compose stop_grace_period) above it")
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _signals(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in v:
+            text = str(name).strip().upper()
+            text = text if text.startswith("SIG") else "SIG" + text
+            if text not in signal.Signals.__members__:
+                raise ValueError(f"{name!r} is not a signal name (expected e.g. SIGTERM, SIGINT, SIGUSR1)")
+            if text in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"{text} cannot be caught, so it cannot trigger a save")
+            if text not in out:
+                out.append(text)
+        return out
 
 
 class CheckpointConfig(_Section):

@@ -37,6 +37,7 @@ from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
 from launcher.metrics import TrainingMetrics
+from launcher.preemption import StopRequest
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
 from partialfc.backbones import get_backbone, load_backbone_weights
@@ -279,6 +280,8 @@ class RunState:
     skipped: int = 0
     ckpt_failures: int = 0
     evals: dict[str, Any] | None = None
+    saved_step: int = -1  # step of the last successful save of this run
+    stopped: dict[str, Any] | None = None  # set when a stop signal ended the run (see save_on_stop)
 
 
 def account_nonfinite(state: RunState, scalars: dict[str, float], step: int, cfg: Config) -> None:
@@ -308,7 +311,26 @@ def checkpoint_now(c: Components, cfg: Config, ctx: DistContext, step: int, data
             raise
         return
     state.ckpt_failures = 0
+    state.saved_step = step
     metrics.observe_checkpoint(time.perf_counter() - t0)
+
+
+def save_on_stop(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData, state: RunState,
+                 signum: int) -> dict[str, Any]:
+    """Every rank agreed to stop after ``step``: save there (unless just saved, or steps are being skipped as
+    non-finite, when the last checkpoint must stay the newest). A failed save raises: no silent loss."""
+    import signal
+
+    path: Path | None = None
+    if state.saved_step == step:
+        path = CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
+    elif state.bad_in_a_row == 0:
+        path = save(c, cfg, ctx, step, data)
+        state.saved_step = step
+    name = signal.Signals(signum).name
+    log.warning(f"{name}: stopped after step {step}; "
+                + (f"checkpoint {path}" if path else "no checkpoint (non-finite steps being skipped)"))
+    return {"signal": name, "step": step, "checkpoint": str(path) if path else None}
 
 
 def evaluate_now(c: Components, cfg: Config, ctx: DistContext, step: int, progress: ProgressLogger,
@@ -327,8 +349,14 @@ _LOGGED = ("lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s", "time_
            "time_optimizer_s")
 
 
-def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    """Run the configured training on this rank; returns the run summary (same on every rank)."""
+def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run the configured training on this rank; returns the run summary (same on every rank).
+
+    ``stop``: the stop-signal handlers (installed here from ``train.stop_signals`` when not given); a
+    stop signal ends the run after a checkpoint, with ``summary["stopped"]`` set.
+    """
+    own_stop = stop is None
+    stop = StopRequest(cfg.train.stop_signals).install() if stop is None else stop
     out = Path(cfg.output)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +399,10 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)
+            signum = stop.agreed(ctx)  # one all-reduce of the stop flag: every rank stops after the same step
+            if signum:
+                state.stopped = save_on_stop(c, cfg, ctx, step, data, state, signum)
+                break
             if watchdog is not None:
                 watchdog.progress(step)
             faults.maybe_kill(step, ctx.rank)
@@ -385,9 +417,11 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         progress.close()
         metrics.close()
         data.close()
+        if own_stop:
+            stop.restore()
     summary = {"steps": step, "seconds": time.perf_counter() - t_start, "skipped_nonfinite": state.skipped,
                "skipped_records": data.skipped_records, "final": progress.last, "eval": state.evals or {},
-               "world_size": ctx.world_size}
+               "world_size": ctx.world_size, "stopped": state.stopped}
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
