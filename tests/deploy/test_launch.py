@@ -292,6 +292,7 @@ def _job_state(job: str, env: dict[str, str]) -> tuple[str, int]:
     return (m.group(1) if m else f"unknown ({r.stderr.strip()})"), int(restarts.group(1)) if restarts else 0
 
 
+@pytest.mark.slow  # ~3 min on 2 loaded cores: SLURM starts the requeued attempt only after ~2 min
 def test_slurm_usr1_saves_at_the_step_reached_then_requeues_and_resumes_exactly(work, slurm_cluster):
     """`scancel --signal=USR1 --batch` (what `--signal=B:USR1@120` sends near the time limit): the batch
     script passes it to the step, every rank saves at the step reached, the step exits 76, and only then
@@ -348,7 +349,11 @@ def test_slurm_usr1_saves_at_the_step_reached_then_requeues_and_resumes_exactly(
     stopped_at = int(stop.group(1))
     assert at_signal <= stopped_at < steps
     assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
-    # the second attempt resumes from the stop checkpoint and completes
+    # the second attempt resumes from the stop checkpoint and completes. SLURM holds a requeued batch job
+    # back for a while (its begin time); let it start now.
+    t_requeue = time.monotonic()
+    _wait_for(lambda: _job_state(job, env)[0] == "PENDING", 60, "the job to be pending again")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True, timeout=30)
     state = ""
 
     def finished() -> bool:
@@ -369,3 +374,5 @@ def test_slurm_usr1_saves_at_the_step_reached_then_requeues_and_resumes_exactly(
     from tests.launcher.test_reliability import _assert_same_run
 
     _assert_same_run(clean, out)
+    print(f"USR1 after logged step {at_signal}: saved at step {stopped_at}; requeued attempt finished "
+          f"{time.monotonic() - t_requeue:.0f}s after the requeue")
