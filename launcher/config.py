@@ -142,6 +142,11 @@ class MetricsConfig(_Section):
     pushgateway: str | None = Field(None, description="Pushgateway URL for short jobs (host:port)")
     push_interval_s: float = Field(15.0, gt=0.0, le=3600.0)
     job: str = Field("pfc", min_length=1, description="Pushgateway job name")
+    run_id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="label `run` on every series; None: SLURM job id, else PFC_RUN_ID (the Kubernetes "
+                    "job name in deploy/k8s), else torchrun's rendezvous id, else generated; written "
+                    "to <output>/run_id")
 
 
 class DistConfig(_Section):

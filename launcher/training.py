@@ -36,7 +36,7 @@ from launcher.config import Config, dump_config
 from launcher.data import TrainData, load_data
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
-from launcher.metrics import TrainingMetrics
+from launcher.metrics import TrainingMetrics, resolve_run_id
 from launcher.preemption import StopRequest
 from launcher.progress import ProgressLogger
 from partialfc import PartialFC
@@ -366,7 +366,7 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
     step = maybe_resume(c, cfg, ctx)
     data.seek(step)
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
-                              world_size=ctx.world_size)
+                              world_size=ctx.world_size, run=resolve_run_id(cfg.metrics, out, write=ctx.is_main))
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
     state = RunState()
