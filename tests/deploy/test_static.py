@@ -129,7 +129,9 @@ def _common_runtime_checks(ins: list[tuple[str, str]], port: int) -> None:
     final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
     users = [v for k, v in final if k == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0, users
-    assert ("ENTRYPOINT", '["pfc"]') in final
+    # an init as PID 1 passes SIGTERM on (a Python PID 1 would ignore it until the SIGKILL)
+    assert ("ENTRYPOINT", '["tini", "--", "pfc"]') in final
+    assert any(k == "RUN" and re.search(r"apt-get install[^&]*\btini\b", v) for k, v in final)
     assert any(k == "EXPOSE" and str(port) in v.split() for k, v in final), "the metrics port must be exposed"
     health = [v for k, v in final if k == "HEALTHCHECK"]
     assert len(health) == 1 and "urllib" in health[0] and "/metrics" in health[0]
@@ -260,6 +262,17 @@ def test_compose_is_a_two_node_cluster_with_shared_volumes_and_monitoring():
     scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
     targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
     assert {"trainer-0:9400", "trainer-1:9400"} <= set(targets)
+    # docker stop waits for the ranks' stop checkpoint (train.stop_grace_s) before SIGKILL
+    from launcher.config import TrainConfig
+
+    for t in trainers:
+        grace = t["stop_grace_period"]
+        # compose-go writes Go durations ("5m30s")
+        parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", grace)
+        assert parts and grace, grace
+        h, m, sec = (int(x or 0) for x in parts.groups())
+        grace_s = 3600 * h + 60 * m + sec
+        assert grace_s > TrainConfig().stop_grace_s, grace
 
     res = _compose("-f", str(COMPOSE), "--profile", "demo", "config", "--format", "json")
     demo = json.loads(res.stdout)["services"]["demo"]
@@ -313,9 +326,17 @@ def test_k8s_job_wiring_ports_volumes_and_services():
     assert rank_ports <= {p["targetPort"] for p in svc["spec"]["ports"]}
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == port
-    # torchrun --module launcher.cli <pfc args>
-    assert c["command"] == ["torchrun"] and c["args"][:2] == ["--module", "launcher.cli"]
-    p = _pfc_train_args_parse(c["args"][2:])
+    # tini torchrun --shutdown-timeout=S --module launcher.cli <pfc args>: on pod deletion torchrun passes
+    # SIGTERM to the ranks and waits S s for their checkpoint; Kubernetes waits longer before SIGKILL
+    assert c["command"] == ["tini", "--", "torchrun"] and c["args"][1:3] == ["--module", "launcher.cli"]
+    timeout = int(c["args"][0].removeprefix("--shutdown-timeout="))
+    assert pod["spec"]["terminationGracePeriodSeconds"] > timeout >= 60
+    # no probe on /metrics: it would hold the pod out of the headless Service the rendezvous resolves
+    assert "readinessProbe" not in c
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PFC_RUN_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['training.kubeflow.org/job-name']")
+    p = _pfc_train_args_parse(c["args"][3:])
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
@@ -352,6 +373,8 @@ def test_slurm_script_is_valid_bash_and_requeues():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     directives = [ln.split(None, 1)[1] for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]
     assert "--requeue" in directives
+    # the early warning goes to the batch shell (B:), which passes it on and requeues after the save
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives), directives
 
 
 @pytest.mark.deepspeed
