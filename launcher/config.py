@@ -131,6 +131,20 @@ class EvalConfig(_Section):
 
 class LogConfig(_Section):
     every_steps: int = Field(10, ge=1)
+    backends: list[str] = Field(default_factory=lambda: ["jsonl"],
+                                description="where rank 0 logs: jsonl (<output>/metrics.jsonl), tensorboard "
+                                "(<output>/tensorboard/, needs the tensorboard extra); launcher/tracking.py")
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        for b in v:
+            if b == "wandb":
+                raise ValueError("wandb is not supported yet: its offline mode is not part of the tested "
+                                 "environment; use tensorboard (or jsonl)")
+            if b not in ("jsonl", "tensorboard"):
+                raise ValueError(f"unknown logging backend {b!r}; expected jsonl or tensorboard")
+        return list(dict.fromkeys(v))
 
 
 class MetricsConfig(_Section):

@@ -39,6 +39,7 @@ from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_emb
 from launcher.metrics import TrainingMetrics, resolve_run_id
 from launcher.preemption import StopRequest
 from launcher.progress import ProgressLogger
+from launcher.tracking import Trackers
 from partialfc import PartialFC
 from partialfc.backbones import get_backbone, load_backbone_weights
 from partialfc.checkpoint import load_head, save_head
@@ -334,11 +335,14 @@ def save_on_stop(c: Components, cfg: Config, ctx: DistContext, step: int, data: 
 
 
 def evaluate_now(c: Components, cfg: Config, ctx: DistContext, step: int, progress: ProgressLogger,
-                 metrics: TrainingMetrics) -> dict[str, Any]:
+                 metrics: TrainingMetrics, trackers: Trackers | None = None) -> dict[str, Any]:
     from launcher.evaluation import evaluate_bins
 
-    evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
+    roc_dir = Path(cfg.output) / "roc" if trackers is not None and trackers.wants_roc else None
+    evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx, roc_dir=roc_dir)
     metrics.observe_eval(evals)
+    if trackers is not None:
+        trackers.evaluation(step, evals)
     c.engine.train()
     progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
                          for m in ("accuracy", "accuracy_std")}, quiet=True)
@@ -368,7 +372,9 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                               world_size=ctx.world_size, run=resolve_run_id(cfg.metrics, out, write=ctx.is_main))
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
-                              ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
+                              ctx.device, out / "metrics.jsonl" if "jsonl" in cfg.log.backends else None,
+                              enabled=ctx.is_main)
+    trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main)
     state = RunState()
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     t_start = time.perf_counter()
@@ -393,9 +399,9 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
                 progress.update(**disc)
                 metrics.observe_discrepancy(disc)
             if step % cfg.log.every_steps == 0 or step == last_step:
-                progress.emit(step, {k: scalars[k] for k in _LOGGED})
+                trackers.scalars(step, progress.emit(step, {k: scalars[k] for k in _LOGGED}))
             if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-                state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics)
+                state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics, trackers)
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)
@@ -416,6 +422,7 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
             watchdog.stop()
         progress.close()
         metrics.close()
+        trackers.close()
         data.close()
         if own_stop:
             stop.restore()
