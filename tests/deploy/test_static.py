@@ -24,6 +24,7 @@ from tests.deploy.guide import (
     free_port,
     guide_block,
     shell_env,
+    strict_schema,
     tool,
 )
 
@@ -291,15 +292,29 @@ def test_k8s_manifests_validate(tmp_path):
     if not PYTORCHJOB_SCHEMA.is_file():
         pytest.skip(f"the PyTorchJob schema is not at {PYTORCHJOB_SCHEMA} "
                     "(../shared/schemas beside the repository)")
-    _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(PYTORCHJOB_SCHEMA))
+    # validated against a strict copy of the operator's schema (unknown keys refused)
+    strict = tmp_path / "pytorchjob.strict.schema.json"
+    strict.write_text(json.dumps(strict_schema(json.loads(PYTORCHJOB_SCHEMA.read_text()))))
+    _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(strict))
+
+    def refused(job: dict, schema: Path) -> bool:
+        bad = tmp_path / "bad-job.yaml"
+        bad.write_text(yaml.safe_dump(job))
+        res = subprocess.run([check, "--schemafile", str(schema), str(bad)], capture_output=True, text=True)
+        return res.returncode != 0
+
     # The schema really constrains the job: a wrong type for the restart policy is refused.
     job = _docs(K8S / "pytorchjob.yaml")[0]
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = 3
-    bad = tmp_path / "bad-job.yaml"
-    bad.write_text(yaml.safe_dump(job))
-    res = subprocess.run([check, "--schemafile", str(PYTORCHJOB_SCHEMA), str(bad)], capture_output=True,
-                         text=True)
-    assert res.returncode != 0, res.stdout
+    assert refused(job, PYTORCHJOB_SCHEMA)
+    # a misspelled key passes the operator's own schema but not the strict copy, at the top and deep down
+    job = _docs(K8S / "pytorchjob.yaml")[0]
+    job["spec"]["nprocPerNod"] = job["spec"].pop("nprocPerNode")
+    assert not refused(job, PYTORCHJOB_SCHEMA) and refused(job, strict)
+    job = _docs(K8S / "pytorchjob.yaml")[0]
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    pod["terminationGracePeriodSecond"] = pod.pop("terminationGracePeriodSeconds")
+    assert refused(job, strict)
 
 
 def test_k8s_job_wiring_ports_volumes_and_services():
@@ -337,6 +352,16 @@ def test_k8s_job_wiring_ports_volumes_and_services():
     assert env["PFC_RUN_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.labels['training.kubeflow.org/job-name']")
     p = _pfc_train_args_parse(c["args"][3:])
+    # multi-node NCCL: the bootstrap interface and async error handling are set
+    assert env["NCCL_SOCKET_IFNAME"]["value"] == env["GLOO_SOCKET_IFNAME"]["value"] == "eth0"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
+    # the PodMonitor scrapes every local rank's named port of these pods, and no other port
+    (pm,) = _docs(K8S / "podmonitor.yaml")
+    assert pm["kind"] == "PodMonitor"
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    scraped = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    assert scraped == {n for n in ports if n.startswith("metrics")}
+    assert {ports[n] for n in scraped} >= rank_ports
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
