@@ -2,7 +2,8 @@
 
 Each rank owns a private :class:`prometheus_client.CollectorRegistry` (never the global one), so two
 trainers in one process, or a test, never see each other's series. Every series carries the labels
-``rank`` and ``node``; a straggler or a dead rank therefore shows up as one rank's series.
+``rank``, ``node`` and ``run``; a straggler or a dead rank therefore shows up as one rank's series of
+one run.
 
 What is exported (all names start with ``pfc_``, values are in base units: seconds, bytes, ratios,
 radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may query nothing else:

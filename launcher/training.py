@@ -405,7 +405,8 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)
-            signum = stop.agreed(ctx)  # one all-reduce of the stop flag: every rank stops after the same step
+            # one all-reduce of the stop flag: every rank stops after the same step (the last step just ends)
+            signum = stop.agreed(ctx) if step < last_step else 0
             if signum:
                 state.stopped = save_on_stop(c, cfg, ctx, step, data, state, signum)
                 break
