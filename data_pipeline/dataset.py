@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +406,15 @@ class FaceLoader:
                 yield to_unit(batch.pixels, self.device), labels
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGTERM/SIGINT/SIGUSR1/SIGUSR2. A scheduler's stop signal often
+    reaches every process of a job (torchrun signals process groups, SLURM a whole step); the main
+    process then saves a checkpoint and shuts its workers down itself, which a worker dead of the signal
+    would turn into a "DataLoader worker killed" error."""
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
                      world_size: int = 1, seed: int = 0, workers: int = 2, *, shuffle: bool = True,
                      flip: bool = True, drop_last_batch: bool = True, pad_epoch: bool = True,
@@ -428,7 +438,8 @@ def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_s
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate, drop_last=drop_last_batch, pin_memory=pin_memory, **kwargs)
+                        collate_fn=collate, drop_last=drop_last_batch, pin_memory=pin_memory,
+                        worker_init_fn=ignore_stop_signals, **kwargs)
     return FaceLoader(dataset, sampler, loader, device, uint8=uint8)
 
 

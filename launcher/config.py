@@ -7,6 +7,7 @@ into every checkpoint.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -184,6 +185,29 @@ class TrainConfig(_Section):
     max_nonfinite_in_a_row: int = Field(10, ge=1)
     freeze_backbone_steps: int = Field(0, ge=0, description="fine-tuning: the first N steps train the head "
                                        "only (backbone weights, BN statistics and optimizer state untouched)")
+    stop_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
+        description="signals on which every rank saves a checkpoint at the next step boundary and exits "
+                    "76 (launcher/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
+    stop_grace_s: float = Field(300.0, ge=1.0, le=86400.0,
+                                description="seconds torchrun waits for the ranks' stop checkpoint before "
+                                "SIGKILL; keep the cluster's grace period (Kubernetes "
+                                "terminationGracePeriodSeconds, compose stop_grace_period) above it")
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _signals(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in v:
+            text = str(name).strip().upper()
+            text = text if text.startswith("SIG") else "SIG" + text
+            if text not in signal.Signals.__members__:
+                raise ValueError(f"{name!r} is not a signal name (expected e.g. SIGTERM, SIGINT, SIGUSR1)")
+            if text in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"{text} cannot be caught, so it cannot trigger a save")
+            if text not in out:
+                out.append(text)
+        return out
 
 
 class CheckpointConfig(_Section):
@@ -220,6 +244,20 @@ class EvalConfig(_Section):
 
 class LogConfig(_Section):
     every_steps: int = Field(10, ge=1)
+    backends: list[str] = Field(default_factory=lambda: ["jsonl"],
+                                description="where rank 0 logs: jsonl (<output>/metrics.jsonl), tensorboard "
+                                "(<output>/tensorboard/, needs the tensorboard extra); launcher/tracking.py")
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        for b in v:
+            if b == "wandb":
+                raise ValueError("wandb is not supported yet: its offline mode is not part of the tested "
+                                 "environment; use tensorboard (or jsonl)")
+            if b not in ("jsonl", "tensorboard"):
+                raise ValueError(f"unknown logging backend {b!r}; expected jsonl or tensorboard")
+        return list(dict.fromkeys(v))
 
 
 class MetricsConfig(_Section):
@@ -231,6 +269,11 @@ class MetricsConfig(_Section):
     pushgateway: str | None = Field(None, description="Pushgateway URL for short jobs (host:port)")
     push_interval_s: float = Field(15.0, gt=0.0, le=3600.0)
     job: str = Field("pfc", min_length=1, description="Pushgateway job name")
+    run_id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="label `run` on every series; None: SLURM job id, else PFC_RUN_ID (the Kubernetes "
+                    "job name in deploy/k8s), else torchrun's rendezvous id, else generated; written "
+                    "to <output>/run_id")
 
 
 class DistConfig(_Section):

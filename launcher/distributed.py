@@ -174,12 +174,15 @@ class RendezvousTimeout(RuntimeError):
 
 def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
              rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None,
-             rdzv_timeout: float | None = None) -> int:
+             rdzv_timeout: float | None = None, stop_signals: list[str] | None = None,
+             stop_grace_s: float | None = None) -> int:
     """Start ``python -m torch.distributed.run ... -m launcher.cli <argv>`` and wait for it.
 
     ``argv`` is the ``pfc`` command line to run on every rank (it sees torchrun's environment).
     ``rdzv_timeout`` (seconds) bounds the wait for the other nodes (torchrun's ``join_timeout``,
     default 600 s); when it runs out :class:`RendezvousTimeout` names the endpoint and the timeout.
+    ``stop_signals`` (names) go to the ranks, not to torchrun (see ``launcher/preemption.py``): torchrun
+    ignores them, we pass them to every rank and give the ranks ``stop_grace_s`` to save and exit.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
            f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
@@ -192,8 +195,12 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
             cmd.append(f"--rdzv-conf=join_timeout={int(rdzv_timeout)}")
     else:
         cmd.append("--standalone")
+    from launcher.preemption import SignalForwarder, torchrun_stop_setup
+
+    stop = torchrun_stop_setup(stop_signals or [])
+    cmd += stop.torchrun_args
     cmd += ["-m", "launcher.cli", *argv]
-    env = dict(os.environ)
+    env = dict(os.environ, **stop.env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     # Ranks that stop on a user error write their one line here (launcher.errors); the first is printed in
     # place of torchrun's own failure report (a traceback of the agent and a table per rank).
@@ -201,21 +208,23 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
         env[errors.ERROR_DIR_ENV] = error_dir
         # stderr is passed through line by line; from torchrun's first report of a failed worker on, lines
         # are held back until it exits, then dropped if a rank reported a user error, else printed.
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                                preexec_fn=stop.preexec)
         tail: collections.deque[str] = collections.deque(maxlen=400)
         held: list[str] = []
         assert proc.stderr is not None
-        try:
-            for line in proc.stderr:
-                tail.append(line)
-                if held or (_TORCHRUN_FAILURE.search(line) and not errors.debug()):
-                    held.append(line)
-                    continue
-                sys.stderr.write(line)
-                sys.stderr.flush()
-            code = proc.wait()
-        except KeyboardInterrupt:  # torchrun got the same SIGINT and stops its workers
-            code = proc.wait()
+        with SignalForwarder(proc, stop_signals or [], stop_grace_s) as fwd:
+            try:
+                for line in proc.stderr:
+                    tail.append(line)
+                    if held or (_TORCHRUN_FAILURE.search(line) and not errors.debug()):
+                        held.append(line)
+                        continue
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                code = fwd.wait()
+            except KeyboardInterrupt:  # no stop signals set up: torchrun got the same SIGINT and stops its workers
+                code = proc.wait()
         reported = errors.first_reported(Path(error_dir)) if code else None
     if reported is not None:
         rank, message = reported

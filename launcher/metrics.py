@@ -2,7 +2,8 @@
 
 Each rank owns a private :class:`prometheus_client.CollectorRegistry` (never the global one), so two
 trainers in one process, or a test, never see each other's series. Every series carries the labels
-``rank`` and ``node``; a straggler or a dead rank therefore shows up as one rank's series.
+``rank``, ``node`` and ``run``; a straggler or a dead rank therefore shows up as one rank's series of
+one run.
 
 What is exported (all names start with ``pfc_``, values are in base units: seconds, bytes, ratios,
 radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may query nothing else:
@@ -29,12 +30,16 @@ radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may q
   ``pfc_gpu_memory_total_bytes``, ``pfc_gpu_temperature_celsius`` (label ``gpu`` = the device UUID).
   On CPUs the GPU series are absent, not zero.
 
+Every series also carries ``run``, the run identity (:func:`resolve_run_id`), so that alerts and panels
+aggregate per run: two jobs behind one scrape job, or a new run after an old one, never mix.
+
 Settings (``metrics`` section of the config): ``host`` and ``port_base`` (rank k serves
 ``port_base + local_rank``); ``port_policy`` ``fail`` (default: a taken port is an error naming
 ``host:port``) or ``next-free`` (try ``port + k * LOCAL_WORLD_SIZE`` for k = 1..15, never another local
 rank's first choice, and log the port taken); ``pushgateway`` (``http://host:9091``: push this rank's
-registry every ``push_interval_s`` seconds and once more on :meth:`close`, under job ``job``, grouped by
-``node`` and ``rank``, for jobs too short to be scraped; push errors are logged, never raised).
+registry every ``push_interval_s`` seconds under job ``job``, grouped by ``run``, ``node`` and ``rank``,
+for jobs too short to be scraped; on :meth:`close` the group is deleted, so a finished run's last values
+do not linger in the gateway and fire ``PfcStepHung``; push errors are logged, never raised).
 """
 
 from __future__ import annotations
@@ -48,7 +53,15 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    delete_from_gateway,
+    push_to_gateway,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -96,6 +109,37 @@ METRIC_NAMES: tuple[str, ...] = (
     "pfc_verification_accuracy_std", "pfc_verification_tar", "pfc_last_eval_timestamp_seconds",
     "pfc_checkpoint_duration_seconds", "pfc_checkpoints_total", "pfc_memory_rss_bytes", *_GPU_METRICS,
 )
+
+
+def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
+                   write: bool = False) -> str:
+    """The run identity, the same on every rank of one launch: ``metrics.run_id``, else ``slurm-<job id>``,
+    else ``PFC_RUN_ID`` (deploy/k8s sets it to the PyTorchJob's name), else torchrun's rendezvous id
+    (``TORCHELASTIC_RUN_ID``; under ``--standalone`` a fresh id per launch), else an id derived from the
+    rendezvous address (``MASTER_ADDR:MASTER_PORT``) and ``run_dir``, else a random one. With ``write``
+    (rank 0) it is written to ``<run_dir>/run_id``."""
+    import hashlib
+    import uuid
+
+    env = os.environ
+    run = cfg.run_id
+    if not run and env.get("SLURM_JOB_ID"):
+        run = f"slurm-{env['SLURM_JOB_ID']}"
+    if not run and env.get("PFC_RUN_ID"):
+        run = env["PFC_RUN_ID"]
+    if not run and env.get("TORCHELASTIC_RUN_ID") not in (None, "", "none"):
+        run = env["TORCHELASTIC_RUN_ID"]
+    if not run and env.get("MASTER_PORT"):
+        key = f"{env.get('MASTER_ADDR')}:{env['MASTER_PORT']}:{run_dir}"
+        run = hashlib.sha1(key.encode()).hexdigest()[:12]
+    if not run:
+        run = uuid.uuid4().hex[:12]
+    if write and run_dir is not None:
+        from pathlib import Path
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "run_id").write_text(run + "\n")
+    return run
 
 
 class MetricsPortError(RuntimeError):
@@ -212,7 +256,7 @@ class TrainingMetrics:
     """
 
     def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, node: int, world_size: int,
-                 device: DeviceReading | None = None) -> None:
+                 device: DeviceReading | None = None, run: str | None = None) -> None:
         self.cfg = cfg
         self.rank, self.local_rank, self.node, self.world_size = rank, local_rank, node, world_size
         self.enabled = bool(cfg.enabled)
@@ -225,9 +269,11 @@ class TrainingMetrics:
         self._gateway: str | None = None
         self._last_mark = time.perf_counter()
         self._skipped_records = 0
+        self.run = ""
         if not self.enabled:
             return
-        labels = {"rank": str(rank), "node": str(node)}
+        self.run = run if run is not None else resolve_run_id(cfg)
+        labels = {"rank": str(rank), "node": str(node), "run": self.run}
         names = list(labels)
         reg = self.registry
 
@@ -318,10 +364,19 @@ class TrainingMetrics:
 
     def _push(self, gateway: str) -> None:
         try:
-            push_to_gateway(gateway, job=self.cfg.job, registry=self.registry,
-                            grouping_key={"node": str(self.node), "rank": str(self.rank)}, timeout=5)
+            push_to_gateway(gateway, job=self.cfg.job, registry=self.registry, grouping_key=self._grouping(),
+                            timeout=5)
         except Exception as e:  # monitoring must never stop training
             log.warning(f"metrics: push to {gateway} failed: {e}")
+
+    def _grouping(self) -> dict[str, str]:
+        return {"run": self.run, "node": str(self.node), "rank": str(self.rank)}
+
+    def _delete_group(self, gateway: str) -> None:
+        try:
+            delete_from_gateway(gateway, job=self.cfg.job, grouping_key=self._grouping(), timeout=5)
+        except Exception as e:  # monitoring must never stop training
+            log.warning(f"metrics: deleting this rank's group from {gateway} failed: {e}")
 
     def _push_loop(self, gateway: str, interval: float) -> None:
         while not self._push_stop.wait(interval):
@@ -395,7 +450,8 @@ class TrainingMetrics:
         self._last_mark = time.perf_counter()  # checkpoint time is not step time
 
     def close(self) -> None:
-        """Stop serving (the port is free again) and push a last time when a Pushgateway is set."""
+        """Stop serving (the port is free again); with a Pushgateway, delete this rank's group: the run is
+        over, and values left there would read as a rank that hangs (``PfcStepHung``)."""
         if not self.enabled:
             return
         if self._push_thread is not None:
@@ -403,7 +459,7 @@ class TrainingMetrics:
             self._push_thread.join(timeout=10)
             self._push_thread = None
             if self._gateway:
-                self._push(self._gateway)
+                self._delete_group(self._gateway)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

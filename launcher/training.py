@@ -53,8 +53,10 @@ from launcher.finetune import (
     set_backbone_mode,
     skip_backbone_step,
 )
-from launcher.metrics import TrainingMetrics
+from launcher.metrics import TrainingMetrics, resolve_run_id
+from launcher.preemption import StopRequest
 from launcher.progress import ProgressLogger
+from launcher.tracking import Trackers
 from partialfc import PartialFC
 from partialfc.atomic import atomic_write
 from partialfc.backbones import get_backbone, load_backbone_weights
@@ -386,6 +388,8 @@ class RunState:
     skipped: int = 0
     ckpt_failures: int = 0
     evals: dict[str, Any] | None = None
+    saved_step: int = -1  # step of the last successful save of this run
+    stopped: dict[str, Any] | None = None  # set when a stop signal ended the run (see save_on_stop)
 
 
 def account_nonfinite(state: RunState, scalars: dict[str, float], step: int, cfg: Config) -> None:
@@ -415,15 +419,37 @@ def checkpoint_now(c: Components, cfg: Config, ctx: DistContext, step: int, data
             raise
         return
     state.ckpt_failures = 0
+    state.saved_step = step
     metrics.observe_checkpoint(time.perf_counter() - t0)
 
 
+def save_on_stop(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData, state: RunState,
+                 signum: int) -> dict[str, Any]:
+    """Every rank agreed to stop after ``step``: save there (unless just saved, or steps are being skipped as
+    non-finite, when the last checkpoint must stay the newest). A failed save raises: no silent loss."""
+    import signal
+
+    path: Path | None = None
+    if state.saved_step == step:
+        path = CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
+    elif state.bad_in_a_row == 0:
+        path = save(c, cfg, ctx, step, data)
+        state.saved_step = step
+    name = signal.Signals(signum).name
+    log.warning(f"{name}: stopped after step {step}; "
+                + (f"checkpoint {path}" if path else "no checkpoint (non-finite steps being skipped)"))
+    return {"signal": name, "step": step, "checkpoint": str(path) if path else None}
+
+
 def evaluate_now(c: Components, cfg: Config, ctx: DistContext, step: int, progress: ProgressLogger,
-                 metrics: TrainingMetrics) -> dict[str, Any]:
+                 metrics: TrainingMetrics, trackers: Trackers | None = None) -> dict[str, Any]:
     from launcher.evaluation import evaluate_bins
 
-    evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx)
+    roc_dir = Path(cfg.output) / "roc" if trackers is not None and trackers.wants_roc else None
+    evals = evaluate_bins(c.engine.module, cfg.data.val_bins, cfg, ctx, roc_dir=roc_dir)
     metrics.observe_eval(evals)
+    if trackers is not None:
+        trackers.evaluation(step, evals)
     c.engine.train()
     progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
                          for m in ("accuracy", "accuracy_std")}, quiet=True)
@@ -452,8 +478,14 @@ def check_run_folder(cfg: Config) -> None:
                              "another output (or delete the folder) to start a new one")
 
 
-def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    """Run the configured training on this rank; returns the run summary (same on every rank)."""
+def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run the configured training on this rank; returns the run summary (same on every rank).
+
+    ``stop``: the stop-signal handlers (installed here from ``train.stop_signals`` when not given); a
+    stop signal ends the run after a checkpoint, with ``summary["stopped"]`` set.
+    """
+    own_stop = stop is None
+    stop = StopRequest(cfg.train.stop_signals).install() if stop is None else stop
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     out = Path(cfg.output)
     check_run_folder(cfg)
@@ -467,9 +499,11 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         atomic_write(out / "config.yaml", dump_config(cfg))
     data.seek(step)
     metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
-                              world_size=ctx.world_size)
+                              world_size=ctx.world_size, run=resolve_run_id(cfg.metrics, out, write=ctx.is_main))
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
-                              ctx.device, out / "metrics.jsonl", enabled=ctx.is_main)
+                              ctx.device, out / "metrics.jsonl" if "jsonl" in cfg.log.backends else None,
+                              enabled=ctx.is_main)
+    trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main)
     state = RunState()
     best = BestKeeper(cfg, ctx.is_main)
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
@@ -496,13 +530,18 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
                 progress.update(**disc)
                 metrics.observe_discrepancy(disc)
             if step % cfg.log.every_steps == 0 or step == last_step:
-                progress.emit(step, {k: scalars[k] for k in _LOGGED if k in scalars})
+                trackers.scalars(step, progress.emit(step, {k: scalars[k] for k in _LOGGED if k in scalars}))
             if cfg.data.val_bins and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-                state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics)
+                state.evals = evaluate_now(c, cfg, ctx, step, progress, metrics, trackers)
                 best.observe(step, state.evals, c.engine.module, c.backbone_config)
             # No save while steps are being skipped: the last checkpoint predates the first bad step.
             if state.bad_in_a_row == 0 and (step % cfg.checkpoint.every_steps == 0 or step == last_step):
                 checkpoint_now(c, cfg, ctx, step, data, state, metrics)
+            # one all-reduce of the stop flag: every rank stops after the same step (the last step just ends)
+            signum = stop.agreed(ctx) if step < last_step else 0
+            if signum:
+                state.stopped = save_on_stop(c, cfg, ctx, step, data, state, signum)
+                break
             if watchdog is not None:
                 watchdog.progress(step)
             faults.maybe_kill(step, ctx.rank)
@@ -516,10 +555,13 @@ def train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             watchdog.stop()
         progress.close()
         metrics.close()
+        trackers.close()
         data.close()
+        if own_stop:
+            stop.restore()
     summary = {"steps": step, "seconds": time.perf_counter() - t_start, "skipped_nonfinite": state.skipped,
                "skipped_records": data.skipped_records, "final": progress.last, "eval": state.evals or {},
-               "world_size": ctx.world_size}
+               "world_size": ctx.world_size, "stopped": state.stopped}
     if ctx.is_main:
         atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -71,6 +72,7 @@ def train_cmd(
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
     from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
+    from launcher.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
     from launcher.progress import setup_logging
 
     overrides = build_overrides(data, val_bin, output, sets)
@@ -78,24 +80,47 @@ def train_cmd(
     _prepare_or_exit(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
+        started = time.time()
         try:
             code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                            max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout)
+                            max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout,
+                            stop_signals=cfg.train.stop_signals, stop_grace_s=cfg.train.stop_grace_s)
         except RendezvousTimeout as e:
             typer.echo(f"pfc: {e}", err=True)
             raise typer.Exit(code=3) from None
+        if stopped_since(Path(cfg.output), started):
+            code = STOPPED_EXIT_CODE  # the ranks exited 0 so that torchrun would not restart them
         raise typer.Exit(code=code)
     from launcher.training import train
 
+    # Handlers first: a stop signal that arrives during the rendezvous or data loading is kept and acted on
+    # at the first step boundary instead of killing the rank.
+    stop = StopRequest(cfg.train.stop_signals).install()
     # DeepSpeed needs a process group even alone: one process gets a 1-rank group, as DDP runs without one
     ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=cfg.dist.engine == "deepspeed")
     setup_logging(ctx.rank)
     try:
-        summary = train(cfg, ctx)
+        summary = train(cfg, ctx, stop=stop)
     finally:
         shutdown(ctx)
+        stop.restore()
+    if summary.get("stopped"):
+        st = summary["stopped"]
+        if ctx.is_main:
+            typer.echo(f"run stopped by {st['signal']} after step {st['step']}; checkpoint: {st['checkpoint']}; "
+                       f"exit code {STOPPED_EXIT_CODE} (resume with the same command)")
+        raise typer.Exit(code=rank_stopped_exit_code())
     if ctx.is_main:
         typer.echo(f"run finished: {summary['steps']} steps in {summary['seconds']:.1f}s -> {cfg.output}")
+
+
+def stopped_since(output: Path, started: float) -> bool:
+    """Did this launch's ranks stop on a signal? (rank 0's ``summary.json``, written after ``started``)."""
+    f = output / "summary.json"
+    try:
+        return f.stat().st_mtime >= started - 1 and bool(json.loads(f.read_text()).get("stopped"))
+    except (OSError, ValueError):
+        return False
 
 
 @app.command("demo")

@@ -14,6 +14,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "deploy.md"
@@ -50,6 +51,21 @@ def guide_block(name: str) -> list[str]:
     if pending:
         commands.append(pending.strip())
     return commands
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of a CRD's OpenAPI schema in which every object that lists its ``properties`` refuses others
+    (``additionalProperties: false``), unless it says otherwise or preserves unknown fields. The training
+    operator's schema has no such constraint, so a misspelled key (``nprocPerNod``) would pass."""
+    if isinstance(schema, list):
+        return [strict_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
 
 
 def tool(name: str) -> str | None:

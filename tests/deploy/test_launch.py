@@ -273,3 +273,107 @@ def test_slurm_allocation_of_two_tasks_trains_and_recovers(work, one_node, slurm
     base = MetricsConfig().port_base
     assert groups[0]["targets"] == [f"localhost:{base}", f"localhost:{base + 1}"]
     assert not list(targets_dir.glob("pfc-*.json")), "the targets file outlived the job"
+
+
+def _scrape_ok(target: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as r:
+            return r.status == 200 and b"pfc_training_step" in r.read()
+    except OSError:
+        return False
+
+
+def _job_state(job: str, env: dict[str, str]) -> tuple[str, int]:
+    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True)
+    m = re.search(r"JobState=(\w+)", r.stdout)
+    restarts = re.search(r"Restarts=(\d+)", r.stdout)
+    return (m.group(1) if m else f"unknown ({r.stderr.strip()})"), int(restarts.group(1)) if restarts else 0
+
+
+@pytest.mark.slow  # ~3-4 min on 2 loaded cores: SLURM starts the requeued attempt only after ~2 min
+def test_slurm_usr1_saves_at_the_step_reached_then_requeues_and_resumes_exactly(work, slurm_cluster):
+    """`scancel --signal=USR1 --batch` (what `--signal=B:USR1@120` sends near the time limit): the batch
+    script passes it to the step, every rank saves at the step reached, the step exits 76, and only then
+    is the job requeued; the second attempt resumes from that checkpoint and ends bit-identical to an
+    uninterrupted run. While it runs, every metrics target the script wrote answers."""
+    steps = 60
+    port = free_port()
+    sets = (f"--set train.steps={steps} --set data.workers=1 --set checkpoint.every_steps=1000 "
+            f"--set metrics.enabled=true --set metrics.port_base={port} --set log.every_steps=2")
+    targets_dir = work / "prometheus-targets-stop"
+    env = shell_env(work, PFC_WORK=str(work), SLURM_CONF=slurm_cluster["SLURM_CONF"],
+                    PFC_RDZV_PORT=str(free_port()), PFC_PROM_TARGETS_DIR=str(targets_dir),
+                    PFC_METRICS_PORT_BASE=str(port))
+    out = work / "runs" / "slurm-stop"
+    cmd = (f'sbatch --nodes 1 --ntasks 2 --output "$PFC_WORK/slurm-stop-%j.out" deploy/slurm/train.sbatch demo_cpu '
+           f'--data "$PFC_WORK/data/train" --output "{out}" {sets}')
+    res = subprocess.run(bash(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    m = re.search(r"Submitted batch job (\d+)", res.stdout)
+    assert m, res.stdout
+    job = m.group(1)
+
+    def log_text() -> str:
+        return "\n".join(p.read_text() for p in sorted(work.glob(f"slurm-stop-{job}.out")))
+
+    def logged_step() -> int:
+        try:
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        except (OSError, ValueError):
+            return 0
+        return max((r.get("step", 0) for r in rows), default=0)
+
+    try:
+        _wait_for(lambda: logged_step() >= 4 or _job_state(job, env)[0] not in {"PENDING", "CONFIGURING",
+                                                                                 "RUNNING"}, 180,
+                  "the job's first steps")
+    except TimeoutError:
+        raise AssertionError(log_text()[-4000:]) from None
+    targets = json.loads((targets_dir / f"pfc-{job}.json").read_text())[0]["targets"]
+    assert targets == [f"localhost:{port}", f"localhost:{port + 1}"]
+    answering = [t for t in targets if _scrape_ok(t)]
+    at_signal = logged_step()
+    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert answering == targets, f"metrics targets not answering: {set(targets) - set(answering)}"
+    assert at_signal < steps, "the job finished before it could be signalled"
+
+    _wait_for(lambda: "requeueing job" in log_text() or _job_state(job, env)[0] in {"FAILED", "CANCELLED",
+                                                                                   "COMPLETED"}, 120,
+              "the stop and the requeue")
+    text = log_text()
+    stop = re.search(r"stopped by SIGUSR1 after step (\d+)", text)
+    assert stop and "requeueing job" in text, text[-4000:]
+    stopped_at = int(stop.group(1))
+    assert at_signal <= stopped_at < steps
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+    # the second attempt resumes from the stop checkpoint and completes. SLURM starts a requeued batch job
+    # only after a delay (forcing it earlier gets it killed: "Job credential revoked"), hence `slow`.
+    t_requeue = time.monotonic()
+    state = ""
+
+    def finished() -> bool:
+        nonlocal state
+        state, restarts = _job_state(job, env)
+        return restarts >= 1 and state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+
+    _wait_for(finished, 300, f"the requeued job {job}")
+    text = log_text()
+    info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in (Path(slurm_cluster["root"]) / "log").iterdir()
+                     if p.name.startswith("slurm"))
+    assert state == "COMPLETED", f"{info}\n{text[-3000:]}\n{logs}"
+    assert f"resumed from {out}/checkpoints/step_{stopped_at:08d}" in text, text[-4000:]
+    # the same training without a stop
+    clean = work / "runs" / "slurm-stop-clean"
+    res = subprocess.run(bash(f'pfc train demo_cpu --data "$PFC_WORK/data/train" --output "{clean}" '
+                              f"--nproc-per-node 2 {sets.replace(str(port), str(free_port()))}"),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from tests.launcher.test_reliability import _assert_same_run
+
+    _assert_same_run(clean, out)
+    print(f"USR1 after logged step {at_signal}: saved at step {stopped_at}; requeued attempt finished "
+          f"{time.monotonic() - t_requeue:.0f}s after the requeue")

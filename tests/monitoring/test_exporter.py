@@ -6,6 +6,7 @@ import logging
 import math
 import socket
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -159,7 +160,7 @@ def test_taken_port_is_a_clear_error_and_next_free_is_explicit(monkeypatch, capl
         _exporter(base, {"port_policy": "random"}).start()
 
 
-def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog):
+def test_pushgateway_push_then_group_deleted_at_the_end_and_failures_do_not_stop_training(monkeypatch, caplog):
     received: list[tuple[str, str, bytes]] = []
 
     class Gateway(BaseHTTPRequestHandler):
@@ -168,31 +169,41 @@ def test_pushgateway_push_and_failures_do_not_stop_training(monkeypatch, caplog)
             self.send_response(200)
             self.end_headers()
 
+        def do_DELETE(self) -> None:
+            received.append(("DELETE", self.path, b""))
+            self.send_response(202)
+            self.end_headers()
+
         def log_message(self, *args: object) -> None:
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Gateway)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        gateway = {"pushgateway": f"http://127.0.0.1:{server.server_address[1]}",
-                   "push_interval_s": 3600}  # only the final push on close()
+        gateway = {"pushgateway": f"http://127.0.0.1:{server.server_address[1]}", "push_interval_s": 0.2,
+                   "run_id": "exp-7"}
         m = _exporter(free_port(2), gateway)
         m.start()
         m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
         m.close()
     finally:
         server.shutdown()
         server.server_close()
-    assert len(received) == 1
+    assert received and received[0][0] == "PUT"
     _, path, body = received[0]
-    assert path == "/metrics/job/pfc/node/1/rank/3"
-    assert b'pfc_samples_total{node="1",rank="3"} 16.0' in body
+    assert path == "/metrics/job/pfc/node/1/rank/3/run/exp-7"
+    assert b'pfc_samples_total{node="1",rank="3",run="exp-7"} 16.0' in body
+    # the run is over: its group is deleted (a pushed run's last values would read as a hung rank)
+    assert received[-1] == ("DELETE", path, b"")
     # a gateway that is down: logged, not raised
     m = _exporter(free_port(2), {"pushgateway": f"http://127.0.0.1:{free_port()}"})
     m.start()
     with caplog.at_level(logging.WARNING, logger="pfc"):
         m.close()
-    assert "push to http://127.0.0.1" in caplog.text
+    assert "group from http://127.0.0.1" in caplog.text and "failed" in caplog.text
 
 
 def test_cuda_reading_uses_the_devices_uuid_and_base_units(monkeypatch):
@@ -237,3 +248,38 @@ def test_cuda_reading_uses_the_devices_uuid_and_base_units(monkeypatch):
     names = {x.name for f in m.registry.collect() for x in f.samples}
     assert "pfc_cuda_memory_allocated_bytes" in names and "pfc_gpu_utilization_ratio" not in names
     assert "pfc_steps_total" in names
+
+
+def test_run_identity_labels_every_series_and_is_written_to_the_run_folder(monkeypatch, tmp_path):
+    from launcher.metrics import resolve_run_id
+
+    for k in ("SLURM_JOB_ID", "PFC_RUN_ID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = MetricsConfig(enabled=True)
+    generated = resolve_run_id(cfg, tmp_path / "a", write=True)
+    assert (tmp_path / "a" / "run_id").read_text().strip() == generated != resolve_run_id(cfg)
+    # every rank of one launch derives the same id from the rendezvous address and the run folder
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert resolve_run_id(cfg, tmp_path) == resolve_run_id(cfg, tmp_path) != resolve_run_id(cfg, tmp_path / "b")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's placeholder is not an identity
+    assert resolve_run_id(cfg, tmp_path) == resolve_run_id(cfg, tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv-3")
+    assert resolve_run_id(cfg) == "rdzv-3"
+    monkeypatch.setenv("PFC_RUN_ID", "pytorchjob-x")
+    assert resolve_run_id(cfg) == "pytorchjob-x"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert resolve_run_id(cfg) == "slurm-4242"
+    assert resolve_run_id(MetricsConfig(run_id="exp-1")) == "exp-1"  # the config wins
+    with pytest.raises(ValueError, match="run_id"):
+        MetricsConfig(run_id="two words")
+
+    base = free_port(2)
+    m = _exporter(base, {"run_id": "exp-1"})
+    m.start()
+    try:
+        fake_run(m, steps=2)
+        s = _scrape(base + 1)
+    finally:
+        m.close()
+    assert s and all(dict(labels).get("run") == "exp-1" for (_, labels) in s), sorted(s)[:3]

@@ -161,10 +161,17 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         rule = next(r for r in alert_rules() if r["alert"] == "PfcRankDown")
         for_s = float(rule["for"].removesuffix("m")) * 60
         assert _query(prom_port, rule["expr"]) == []
+        # every series carries the run identity the trainer wrote into its run folder
+        run_id = (tmp_path / "run" / "run_id").read_text().strip()
+        series = _query(prom_port, '{__name__=~"pfc_.+"}')
+        assert series and {r["metric"].get("run") for r in series} == {run_id}, run_id
+        missing_rule = next(r for r in alert_rules() if r["alert"] == "PfcRanksMissing")
+        assert _query(prom_port, missing_rule["expr"]) == []
         os.kill(int((pid_dir / "rank1").read_text()), signal.SIGKILL)
         t_kill = time.monotonic()
-        down, pending = [], []
-        while time.monotonic() - t_kill < for_s and not (down and pending):
+        down, pending, short = [], [], []
+        while time.monotonic() - t_kill < for_s and not (down and pending and short):
+            short = [r["metric"].get("run") for r in _query(prom_port, missing_rule["expr"])]
             down = [r["metric"]["instance"] for r in _query(prom_port, rule["expr"])]
             pending = [a for a in _api(prom_port, "alerts")["alerts"]
                        if a["labels"]["alertname"] == "PfcRankDown"
@@ -174,6 +181,7 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         assert f"127.0.0.1:{base + 1}" in down, f"rank 1 not seen down {took:.0f}s after the kill"
         assert pending and pending[0]["state"] in ("pending", "firing"), pending
         assert took < for_s / 2, f"rank down seen only after {took:.0f}s"
+        assert short == [run_id], f"PfcRanksMissing's expression did not name run {run_id}: {short}"
         trainer.join(timeout=30)
         assert isinstance(outcome.get("error"), DistributedTestError), outcome
 

@@ -17,6 +17,7 @@ from tests.monitoring.helpers import (
     PROMETHEUS_BUILTIN,
     FakeGpu,
     alert_rules,
+    annotation_queries,
     dashboard,
     dashboard_queries,
     exposed_names,
@@ -59,7 +60,7 @@ def test_every_query_names_an_emitted_metric():
     assert all(any(e.startswith(f) for e in emitted) for f in families)
 
     known = emitted | PROMETHEUS_BUILTIN | DCGM_SERIES
-    queries = [*dashboard_queries(), *template_queries(),
+    queries = [*dashboard_queries(), *template_queries(), *annotation_queries(),
                *((f"alert {r['alert']}", r["expr"]) for r in alert_rules())]
     assert len(queries) > 40
     assert not _unknown(queries, known), f"queries name metrics the exporter does not emit: {_unknown(queries, known)}"
@@ -71,6 +72,42 @@ def test_every_query_names_an_emitted_metric():
     unused = {f for f in METRIC_NAMES
               if not any(u == f or u.startswith(f + "_") for u in used)} - {"pfc_last_eval_timestamp_seconds"}
     assert not unused, f"metrics on no dashboard panel or alert: {sorted(unused)}"
+
+
+_COUNTER = re.compile(r"\b(pfc_\w+_total)\b")
+
+
+def test_dashboard_is_per_run_reads_counters_through_rate_and_describes_every_panel():
+    d = dashboard()
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert {"run", "instance", "rank"} <= set(variables)
+    assert "run" in variables["run"]["query"]["query"] and variables["run"]["includeAll"]
+    panels = [p for p in d["panels"] if p["type"] != "row"]
+    assert all(p.get("description") for p in d["panels"]), [p["title"] for p in d["panels"]
+                                                            if not p.get("description")]
+    for title, expr in dashboard_queries():
+        if "DCGM_" in expr:  # GPU series of the hosts the selected run's ranks are on
+            assert 'Hostname=~"$host"' in expr, (title, expr)
+            continue
+        names = metric_names(expr)
+        assert all(f'{n}{{job=~"$job", run=~"$run", instance=~"$instance"' in expr for n in names), (title, expr)
+        # every aggregation keeps runs apart
+        for agg in re.findall(r"\b(?:sum|avg|max|min|count)\b(?: by \(([^)]*)\))?\s*\(", expr):
+            assert "run" in agg.split(", "), (title, expr)
+        # counters only through rate()/increase(): a torchrun restart resets them
+        for counter in _COUNTER.findall(expr):
+            assert re.search(rf"\b(?:rate|increase)\({counter}\{{", expr), (title, expr)
+    # one unit per panel: no count on a seconds axis, no norm beside degrees
+    for p in panels:
+        unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        exprs = [t["expr"] for t in p.get("targets", [])]
+        if unit == "degree":
+            assert all(e.startswith("deg(") for e in exprs), p["title"]
+        if unit == "s":
+            assert not any("_total" in e and "phase_seconds" not in e and "/" not in e for e in exprs), p["title"]
+    # annotations mark checkpoints and restarts
+    names = {a["name"]: a["expr"] for a in d["annotations"]["list"]}
+    assert "pfc_checkpoints_total" in names["Checkpoints"] and "resets(pfc_steps_total" in names["Restarts"]
 
 
 def test_dashboard_shape_and_provisioning():
@@ -129,7 +166,7 @@ def test_promtool_rule_unit_tests_cover_every_alert_firing_and_not():
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses each dashboard query (as a recording rule), Grafana variables substituted."""
     rules = [{"record": f"pfc_dashboard:query{i}", "expr": substitute(q)}
-             for i, (_, q) in enumerate([*dashboard_queries(), *template_queries()])]
+             for i, (_, q) in enumerate([*dashboard_queries(), *template_queries(), *annotation_queries()])]
     f = tmp_path / "dashboard_rules.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = _promtool("check", "rules", str(f), cwd=tmp_path)
