@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,dali,deepspeed
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench oracle clean
+.PHONY: venv demo test test-fast lint bench oracle clean gpu-wheels gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -45,3 +45,35 @@ oracle: .venv-mxnet/.installed
 
 clean:
 	rm -rf $(VENV) .venv-mxnet
+
+# ---- the GPU machine (issue 16): no network there, torch preinstalled, pydantic not. -------------
+# `make gpu-wheels` (here, with network) downloads the wheels `import launcher` needs beyond what the
+# GPU machine has into .whl/ (git-ignored; send it along with the working tree). Versions pinned to
+# the ones this project is tested with; typing-extensions because pydantic needs a newer one than
+# torch may bring.
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/site
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0
+
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+
+# On the GPU machine: install the carried wheels into $(GPU_SITE) (no index, no build), then run the
+# check with the repository on PYTHONPATH (the project itself is not installed there). Figures and
+# log go to $$OUT (or runs/gpu-check). GPU_CHECK_ARGS: e.g. --only bench_head, --budget-s 300.
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target $(GPU_SITE) .whl/*.whl || \
+	  { echo "gpu-check: pip install failed; unpacking the wheels into $(GPU_SITE) instead"; \
+	    for w in .whl/*.whl; do $(GPU_PYTHON) -m zipfile -e "$$w" $(GPU_SITE) || exit 1; done; }; \
+	else echo "gpu-check: no wheels in .whl/ (make gpu-wheels): using what $(GPU_PYTHON) has"; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
+
+# The same steps on the CPU at tiny sizes, in this project's venv (tests/launcher/test_gpu_check.py
+# runs it too). `make gpu-check DRY_RUN=1` does the same with $(GPU_PYTHON).
+gpu-check-dry:
+	PYTHONPATH=$(CURDIR) $(BIN)/python scripts/gpu_check.py --dry-run --out runs/gpu-check-dry $(GPU_CHECK_ARGS)

@@ -1,7 +1,8 @@
 """Loader throughput against the raw decode ceiling (``pfc bench data``).
 
-In one run: (1) images/s through the whole loader (record reads, decode, flip, normalisation,
-batching, hand-over to the consumer as torch tensors), and (2) the decode ceiling: the same JPEG
+In one run: (1) images/s through the whole loader (record reads, decode, flip, batching, hand-over
+to the consumer as torch tensors: uint8 pixels as the trainer takes them, or with ``uint8=False``
+float32 normalised on the loader's CPU as before), and (2) the decode ceiling: the same JPEG
 bytes, already in memory, decoded in a tight loop by the same decoder with the same parallelism:
 
 * ``torch``: PIL in T worker processes (the loader's T DataLoader workers), each decoding to an RGB
@@ -46,6 +47,7 @@ class DataBenchResult:
     ceiling_cpu_ms_per_image: float
     cpu_ratio: float
     image_size: tuple[int, int]
+    handover: str  # "uint8" (B, H, W, 3) pixels, or "float32" (B, 3, H, W) in [-1, 1]
     device: str
     cpu_count: int
     load_average: float | None
@@ -167,8 +169,12 @@ def timed_slice(batches: Iterator[Any], seconds: float, warmup_batches: int,
 
 def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: int = 2, batch_size: int = 128,
                seconds: float = 10.0, device_id: int | None = None, ceiling_images: int = 512,
-               rounds: int = 3, settle_s: float = 1.0) -> DataBenchResult:
+               rounds: int = 3, settle_s: float = 1.0, uint8: bool = True) -> DataBenchResult:
     """Measure loader images/s and the decode ceiling in the same run (see the module docstring).
+
+    ``uint8`` (default): the loader hands batches over as the trainer takes them, uint8 pixels that
+    the training step normalises on its device; False: the former float32 [-1, 1] hand-over, whose
+    conversion ran on the loader's CPU.
 
     The `seconds` of each are split into `rounds` alternating slices (loader, ceiling, loader, ...),
     so that load from other processes on a shared machine hits both alike. Between slices the
@@ -184,7 +190,7 @@ def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: i
 
         prefetch = 4
         tl = build_dataloader(reader, batch_size, 0, 1, seed=0, workers=threads, persistent_workers=threads > 0,
-                              prefetch_factor=prefetch)
+                              prefetch_factor=prefetch, uint8=uint8)
 
         def make_epoch(e: int) -> Iterable[Any]:
             tl.set_epoch(e)
@@ -199,7 +205,7 @@ def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: i
     elif loader == "dali":
         from data_pipeline.dali_iterator import DaliLoader
 
-        dl = DaliLoader(reader, batch_size, 0, 1, seed=0, threads=threads, device_id=device_id)
+        dl = DaliLoader(reader, batch_size, 0, 1, seed=0, threads=threads, device_id=device_id, uint8=uint8)
 
         def make_epoch(e: int) -> Iterable[Any]:
             dl.set_epoch(e)
@@ -249,7 +255,7 @@ def bench_data(prefix: str | os.PathLike[str], loader: str = "torch", threads: i
                            decode_ceiling_images_per_s=ceil_rate, ratio=rate / ceil_rate,
                            round_ratios=per_round, loader_cpu_ms_per_image=load_ms,
                            ceiling_cpu_ms_per_image=ceil_ms, cpu_ratio=ceil_ms / load_ms,
-                           image_size=reader.image_size, device=device,
+                           image_size=reader.image_size, handover="uint8" if uint8 else "float32", device=device,
                            cpu_count=os.cpu_count() or 1, load_average=_load_average())
 
 

@@ -1,8 +1,9 @@
 """The DALI loader as a torch iterator with the same interface as the torch path's ``FaceLoader``.
 
 ``DaliLoader(prefix, batch_size, rank, world_size, seed, threads, device_id=None)`` yields
-``(images, labels)``: images (B, 3, H, W) float32 in [-1, 1], labels (B,) int64, on the CPU when
-device_id is None, else on ``cuda:device_id``. ``set_epoch(epoch, start_index)`` picks the epoch and
+``(images, labels)``: images (B, 3, H, W) float32 in [-1, 1] (with ``uint8=True``: (B, H, W, 3)
+uint8, flips applied), labels (B,) int64, on the CPU when device_id is None, else on
+``cuda:device_id``. ``set_epoch(epoch, start_index)`` picks the epoch and
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
@@ -61,7 +62,7 @@ class DaliLoader:
                  shuffle: bool = True, flip: bool = True, drop_last_batch: bool = True,
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
-                 index_dir: str | os.PathLike[str] | None = None) -> None:
+                 index_dir: str | os.PathLike[str] | None = None, uint8: bool = False) -> None:
         if not dali_available():
             raise ImportError("the DALI loader needs NVIDIA DALI: pip install 'partialfc-discface[dali]' "
                               "(nvidia-dali-cuda130); CPU pipelines work without a GPU")
@@ -81,6 +82,7 @@ class DaliLoader:
         self.chunk = chunk if chunk is not None else max(batch_size, -(-self.per_rank // chunks_per_rank))
         self.random_shuffle, self.initial_fill = random_shuffle, initial_fill
         self.prefetch_queue_depth = prefetch_queue_depth
+        self.uint8 = uint8  # hand over (B, H, W, 3) uint8 pixels; the consumer normalises on its device
         self._own_dir = index_dir is None
         self.index_dir = Path(tempfile.mkdtemp(prefix="pfc-dali-")) if index_dir is None else Path(index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,7 @@ class DaliLoader:
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
                               seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
-                              prefetch_queue_depth=self.prefetch_queue_depth)
+                              prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8)
         try:
             rem = self._remaining()
             for step in range(steps):

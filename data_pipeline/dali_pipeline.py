@@ -115,11 +115,13 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
 def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, shard_id: int, num_shards: int,
                    batch_size: int, num_threads: int, device_id: int | None, seed: int,
                    flip_prob: float = 0.5, random_shuffle: bool = False, initial_fill: int = 1024,
-                   prefetch_queue_depth: int = 2) -> Any:
+                   prefetch_queue_depth: int = 2, uint8: bool = False) -> Any:
     """The built DALI pipeline of one rank.
 
     Outputs per sample: image float32 (3, H, W) in [-1, 1] ((x - 127.5) / 127.5), mirrored with
-    probability `flip_prob`; label int64 (1,). device_id None: CPU decode, outputs on the CPU;
+    probability `flip_prob`; with ``uint8`` the decoded pixels (H, W, 3) uint8, mirrored the same
+    way, left for the consumer to normalise on its device (half the pipeline's work on the CPU
+    is otherwise the float conversion); label int64 (1,). device_id None: CPU decode, outputs on the CPU;
     else ``mixed`` decode and both outputs on GPU `device_id`. shard_id is the global rank and
     num_shards the world size.
     """
@@ -139,8 +141,11 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
             pad_last_batch=False, name=READER_NAME)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.DALIImageType.RGB)
         mirror = fn.random.coin_flip(probability=flip_prob) if flip_prob > 0 else 0
-        images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.FLOAT, output_layout="CHW",
-                                          mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+        if uint8:
+            images = fn.flip(images, horizontal=mirror) if flip_prob > 0 else images
+        else:
+            images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.FLOAT, output_layout="CHW",
+                                              mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
         # labels come out as float32: exact for class ids < 2**24 (checked when the file is written)
         labels = fn.cast(labels, dtype=types.DALIDataType.INT64)
         if device_id is not None:

@@ -195,9 +195,12 @@ def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]
     meta = json.loads((path / "meta.json").read_text())
     out: dict[str, Any] = {"meta": meta}
     out["backbone"] = load_file(str(path / "backbone.safetensors"))
-    out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True)
+    # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
+    # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
+    # parameters' device, whatever it is.
+    out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     rank_file = path / "rank" / f"rank_{rank:05d}.pt"
-    out["rank_state"] = (torch.load(rank_file, weights_only=True)
+    out["rank_state"] = (torch.load(rank_file, weights_only=True, map_location="cpu")
                          if meta.get("world_size") == world_size and rank_file.is_file() else None)
     return out
 

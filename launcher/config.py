@@ -24,7 +24,8 @@ class DataConfig(_Section):
                                "a .rec/.idx path, a folder holding train.rec, or an image folder (one "
                                "subfolder per identity; packed once into OUTPUT/data_cache)")
     val_bins: list[str] = Field(default_factory=list, description="Verification .bin files")
-    loader: Literal["auto", "dali", "torch"] = "auto"
+    loader: Literal["auto", "dali", "torch", "synthetic"] = Field(
+        "auto", description="synthetic: random uint8 batches made on the device (benchmarks; needs head.num_classes)")
     workers: int = Field(2, ge=0, le=64)
     flip: bool = True
     skip_corrupt: bool = Field(False, description="Skip and count corrupt records instead of stopping")

@@ -33,6 +33,64 @@ from launcher.distributed import DistContext
 log = logging.getLogger("pfc")
 
 
+def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool = False,
+                   flips: torch.Tensor | None = None) -> torch.Tensor:
+    """A loader's batch -> the backbone's input: float32 (B, 3, H, W) in [-1, 1] on ``device``.
+
+    ``images`` is uint8, (B, H, W, 3) as the loaders hand it over or (B, 3, H, W), or already float
+    (B, 3, H, W) in [-1, 1] (then it is only moved). The uint8 batch crosses to the device first (a
+    quarter of the bytes of float32; non-blocking from pinned memory) and is converted there as
+    x / 127.5 - 1, the formula of the former loader-side conversion (``data_pipeline.dataset.to_unit``),
+    so that a CPU run's inputs are bit-identical to it. ``flips`` (B,) bool mirrors the marked images
+    left-right on the device, for loaders that leave the flip to the step. With ``channels_last`` the
+    result has channels-last strides (an (B, H, W, 3) batch already has them: no copy).
+    """
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if images.dim() != 4 or 3 not in (images.shape[1], images.shape[3]):
+            raise ValueError(f"expected uint8 images (B, H, W, 3) or (B, 3, H, W), got {tuple(images.shape)}")
+        chw = images.permute(0, 3, 1, 2) if images.shape[3] == 3 and images.shape[1] != 3 else images
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = chw.contiguous(memory_format=fmt).float().div_(127.5).sub_(1.0)
+    elif images.is_floating_point():
+        out = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    else:
+        raise ValueError(f"expected uint8 or float images, got {images.dtype}")
+    if flips is not None:
+        flips = flips.to(device, non_blocking=True).bool()
+        if bool(flips.any()):
+            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+class DeviceSyntheticLoader:
+    """Random uint8 images and labels made directly on the device (``data.loader=synthetic``).
+
+    For benchmarks of the backbone and head without any input pipeline (``pfc bench train
+    --device-data``): no file, no decode, no host-to-device copy. Batches are (B, H, W, 3) uint8 as the
+    real loaders give, reproducible from (seed, rank, epoch, batch); ``per_rank`` images per epoch.
+    """
+
+    def __init__(self, batch_size: int, image_size: int, num_classes: int, rank: int, seed: int,
+                 device: torch.device, per_rank: int = 1 << 20) -> None:
+        self.batch_size, self.image_size, self.num_classes = batch_size, image_size, num_classes
+        self.rank, self.seed, self.device, self.per_rank = rank, seed, device, per_rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        self.epoch, self.start = epoch, start_index
+
+    def __iter__(self) -> Any:
+        gen = torch.Generator(device=self.device)
+        for b in range(self.start // self.batch_size, self.per_rank // self.batch_size):
+            gen.manual_seed(hash((self.seed, self.rank, self.epoch, b)) & 0x7FFF_FFFF)
+            s = self.image_size
+            images = torch.randint(0, 256, (self.batch_size, s, s, 3), generator=gen, dtype=torch.uint8,
+                                   device=self.device)
+            labels = torch.randint(0, self.num_classes, (self.batch_size,), generator=gen, device=self.device)
+            yield images, labels
+
+
 def choose_loader(requested: str, device: torch.device) -> str:
     """``auto``: DALI on GPUs when installed (mixed decode), the torch loader otherwise."""
     from data_pipeline.dali_iterator import dali_available
@@ -265,6 +323,13 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
 
 
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:
+    if cfg.data.loader == "synthetic":
+        if cfg.head.num_classes is None:
+            raise ValueError("data.loader=synthetic makes its own labels: set head.num_classes")
+        synth = DeviceSyntheticLoader(cfg.train.batch_size, cfg.model.image_size, cfg.head.num_classes,
+                                      ctx.rank, cfg.train.seed, ctx.device)
+        log.info(f"data: random uint8 batches made on {ctx.device} ({cfg.head.num_classes} classes)")
+        return TrainData(synth, cfg.train.batch_size, cfg.optim.grad_accum, cfg.head.num_classes, "synthetic")
     if not cfg.data.prefix:
         raise ValueError("no training data: set data.prefix (or pass --data PREFIX); "
                          "`pfc data synth` makes a synthetic set")
@@ -287,12 +352,12 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
         loader: Any = DaliLoader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
                                  threads=max(cfg.data.workers, 1),
                                  device_id=ctx.device.index if ctx.device.type == "cuda" else None,
-                                 flip=cfg.data.flip)
+                                 flip=cfg.data.flip, uint8=True)
     else:
         from data_pipeline.dataset import build_dataloader
 
         loader = build_dataloader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
                                   cfg.data.workers, flip=cfg.data.flip, skip_corrupt=cfg.data.skip_corrupt,
-                                  pin_memory=ctx.device.type == "cuda")
+                                  pin_memory=ctx.device.type == "cuda", uint8=True)
     log.info(f"data: {prefix} ({len(reader)} images, {num_classes} classes, {h}x{w}) via the {kind} loader")
     return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind)

@@ -33,7 +33,7 @@ from launcher.checkpoint import (
     set_rng_state,
 )
 from launcher.config import Config, dump_config
-from launcher.data import TrainData, load_data
+from launcher.data import TrainData, load_data, to_model_input
 from launcher.distributed import DistContext, HangWatchdog
 from launcher.engines import BackboneEngine, lr_schedule, make_engine, scale_embedding_grad
 from launcher.finetune import (
@@ -131,10 +131,8 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = data.next_batch()
-        images = images.to(ctx.device, non_blocking=True)
+        images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
         labels = labels.to(ctx.device, non_blocking=True)
-        if cfg.train.channels_last and ctx.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         last = micro == accum - 1
         with c.engine.no_sync(last):

@@ -30,6 +30,9 @@ def bench_data_cmd(
                                          "default CPU."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Alternate loader and ceiling this many times "
                                "(fair on a machine shared with other work)."),
+    as_float: bool = typer.Option(False, "--float", help="Measure the former float32 [-1, 1] hand-over "
+                                  "(normalised on the loader's CPU) instead of the uint8 pixels the trainer "
+                                  "takes and normalises on its device."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Loader throughput against the raw JPEG decode ceiling."""
@@ -45,13 +48,13 @@ def bench_data_cmd(
             raise typer.Exit(code=2)
     try:
         res = bench_data(default_prefix(prefix), loader.value, threads=threads, batch_size=batch,
-                         seconds=seconds, device_id=device_id, rounds=rounds)
+                         seconds=seconds, device_id=device_id, rounds=rounds, uint8=not as_float)
     except (ValueError, OSError) as exc:
         typer.echo(f"pfc bench data: {exc}", err=True)
         raise typer.Exit(code=2) from None
     decoder = "DALI decoder" if loader is LoaderKind.dali else "PIL"
     typer.echo(f"{loader.value} loader, {threads} threads, batch {batch}, {res.image_size[0]}x{res.image_size[1]} "
-               f"on {res.device}:")
+               f"on {res.device}, handed over as {res.handover}:")
     typer.echo(f"  loader         {res.images_per_s:10.1f} images/s ({res.images} images in {res.seconds:.1f} s)")
     typer.echo(f"  decode ceiling {res.decode_ceiling_images_per_s:10.1f} images/s ({decoder}, same threads)")
     rounds_txt = ", ".join(f"{r:.2f}" for r in res.round_ratios)

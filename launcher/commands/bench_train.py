@@ -18,16 +18,29 @@ def bench_train_cmd(
     warmup: int = typer.Option(5, "--warmup", min=0, help="untimed steps first"),
     nproc: int = typer.Option(2, "--nproc", min=1, help="ranks (torchrun --nproc-per-node)"),
     sets: list[str] | None = typer.Option(None, "--set", help="config override section.field=value"),
+    device_data: bool = typer.Option(False, "--device-data", help="random uint8 batches made on the device "
+                                     "(data.loader=synthetic): the step without any input pipeline"),
+    floor: bool = typer.Option(False, "--floor", help="also time the backbone's forward + backward alone "
+                               "(one rank, this process) and report the step against it"),
     json_path: Path | None = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """Training throughput and step-time split (data wait, forward, backward, communication, optimizer)."""
-    from launcher.bench_train import bench_train
+    from launcher.bench_train import backbone_floor, bench_train
 
-    res = bench_train(config, data, steps, warmup, nproc, list(sets or []))
+    res = bench_train(config, data, steps, warmup, nproc, list(sets or []), device_data=device_data)
     typer.echo(f"{res['backbone']} {res['image_size']}px, {res['world_size']} rank(s) x {res['batch_per_rank']}: "
-               f"{res['images_per_s']:.1f} images/s, step {res['step_s'] * 1e3:.1f} ms")
+               f"{res['images_per_s']:.1f} images/s, step {res['step_s'] * 1e3:.1f} ms, "
+               f"peak memory rank 0 {res['peak_memory_bytes_rank0'] / 2**20:.0f} MiB")
     for k, v in res["split_s"].items():
         typer.echo(f"  {k[5:-2]:<10s} {v * 1e3:8.1f} ms  ({res['split_fraction'][k]:.0%})")
+    if floor:
+        fl = backbone_floor(config, list(sets or []), steps, warmup)
+        res["backbone_floor"] = fl
+        # Per rank: the floor runs one rank's batch alone.
+        res["step_over_floor_images_per_s"] = (res["images_per_s"] / res["world_size"]) / fl["images_per_s"]
+        mem = f", peak memory {fl['peak_memory_bytes'] / 2**20:.0f} MiB" if fl["peak_memory_bytes"] else ""
+        typer.echo(f"backbone forward + backward alone: {fl['images_per_s']:.1f} images/s{mem}; the whole step "
+                   f"reaches {res['step_over_floor_images_per_s']:.2f} of it (per rank)")
     if json_path is not None:
         json_path.write_text(json.dumps(res, indent=2))
 

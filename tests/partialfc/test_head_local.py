@@ -298,3 +298,24 @@ def test_sampler_negatives_uniform_when_few_are_drawn() -> None:
     neg = torch.cat([counts[:3], counts[4:150], counts[151:]]).double()
     assert float(neg.sum()) == draws * 8
     assert stats.chisquare(neg.numpy()).pvalue > 1e-3
+
+
+def test_initial_rows_threaded_and_on_device_equal_the_block_formula() -> None:
+    """The threaded, block-by-block initialisation gives the values of the per-block generators
+    (written out here as the former sequential code did), for a range cutting blocks at both ends."""
+    from partialfc.head import _INIT_BLOCK, _init_rows
+    from partialfc.sampler import step_seed
+
+    start, end, dim, seed, std = _INIT_BLOCK - 5, 3 * _INIT_BLOCK + 7, 8, 4, 0.01
+    blocks = []
+    for blk in range(start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1):
+        g = torch.Generator().manual_seed(step_seed(seed, -1 - blk, 0x5EED))
+        blocks.append(torch.randn(_INIT_BLOCK, dim, generator=g) * std)
+    ref = torch.cat(blocks)[start - (start // _INIT_BLOCK) * _INIT_BLOCK:][: end - start]
+    for threads in (1, 3):
+        got = _init_rows(start, end, dim, seed, std, threads=threads)
+        assert got.shape == (end - start, dim) and torch.equal(got, ref)
+    as64 = _init_rows(start, end, dim, seed, std, dtype=torch.float64, threads=2)
+    assert as64.dtype == torch.float64 and torch.equal(as64, ref.double())
+    head = PartialFC(end, dim, seed=seed, init_std=std)
+    assert torch.equal(head.weight[start:end], ref)

@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""`make gpu-check`: the GPU path once, measured, in under 8 minutes on one GPU (issue 16).
+
+Steps, each a subprocess with its own time budget, guarded so that one failure does not stop the
+rest (its error goes into the JSON):
+
+  env          python, torch, CUDA device, driver, free memory, cores
+  pytest_gpu   the tests marked ``gpu`` (tests/gpu): equivalence law on CUDA, fp32 logits under
+               autocast, fp16 scaler skip/recover, NCCL with one rank, checkpoints GPU <-> CPU
+  bench_head   `pfc bench head` at C = 1M, 10M and the largest C `pfc plan` says fits (r = 0.1,
+               D = 512, B = 512, W = 1): step, GEMM floor, ratio, memory vs weights + momentum and
+               vs the planner's prediction
+  bench_train_device  `pfc bench train` iresnet50 112x112, channels_last, batches made on the GPU,
+               bf16 autocast and fp16 with the scaler, each against the backbone's forward + backward alone
+  synth        `pfc data synth` of a small record file (its time is a figure too)
+  train_e2e    `pfc train` 200 steps (iresnet18, r = 0.1, DiscFace on, evaluation, checkpoint), then
+               a resume for 50 more
+  bench_train_loader  `pfc bench train` iresnet50 bf16 fed by the torch loader from that file
+
+Writes ``gpu_check.json`` (every figure, every error) and ``gpu_check.log`` (every command and its
+output) into --out (default $OUT, else runs/gpu-check) and prints a summary table last.
+
+``--dry-run`` runs the same steps on the CPU at tiny sizes (the gpu tests through their CPU
+stand-in), in about a minute: a test in the suite runs it so that this script cannot rot.
+
+Standard library only in this process (it never touches the GPU itself): every measurement runs in
+a child, ``python -m launcher ...`` with this repository on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TOTAL_BUDGET_S = 450.0  # the issue's limit is 8 minutes; keep a margin for start-up and the copy back
+DRY_BUDGET_FACTOR = 4.0  # --dry-run: every step's budget (and the default total) times this
+
+
+class StepError(RuntimeError):
+    """A step's command failed; the message says which and how."""
+
+
+class Check:
+    def __init__(self, out: Path, dry: bool, total_budget_s: float) -> None:
+        self.out = out
+        self.dry = dry
+        self.work = Path(tempfile.mkdtemp(prefix="pfc-gpu-check-"))
+        self.t0 = time.monotonic()
+        self.total = total_budget_s
+        self.log_path = out / "gpu_check.log"
+        self.log = self.log_path.open("w")
+        self.result: dict[str, Any] = {"dry_run": dry, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "steps": {}}
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        if dry:
+            self.env["PFC_GPU_TESTS_ON_CPU"] = "1"
+            self.env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path, even on a GPU machine
+        self.step_deadline = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def remaining(self) -> float:
+        return self.total - (time.monotonic() - self.t0)
+
+    def write(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+
+    def sh(self, args: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
+           check: bool = True) -> str:
+        """Run a command, its output into the log; returns the output. Bounded by the step's deadline."""
+        left = self.step_deadline - time.monotonic()
+        limit = min(left, timeout) if timeout is not None else left
+        if limit < 3:
+            raise StepError(f"no time left in this step's budget for: {shlex.join(args[:6])} ...")
+        self.write(f"\n$ {shlex.join(args)}   # timeout {limit:.0f} s\n")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace", timeout=limit,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+            self.write(out + f"\n[timed out after {limit:.0f} s]\n")
+            raise StepError(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
+        self.write(proc.stdout + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
+        if check and proc.returncode != 0:
+            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])[-600:]
+            raise StepError(f"exit {proc.returncode}: {shlex.join(args[:8])} ...: {tail}")
+        return proc.stdout
+
+    def pfc(self, *args: str, timeout: float | None = None) -> str:
+        return self.sh([sys.executable, "-m", "launcher", *args], timeout=timeout)
+
+    def step(self, name: str, budget_s: float, fn: Callable[[], dict[str, Any]]) -> None:
+        if self.dry:  # the dry run's CPU may be shared and slow: its budgets only guard against hangs
+            budget_s *= DRY_BUDGET_FACTOR
+        budget = min(budget_s, self.remaining())
+        rec: dict[str, Any] = {"budget_s": round(budget, 1)}
+        self.write(f"\n===== {name} (budget {budget:.0f} s, {self.remaining():.0f} s left in all) =====\n")
+        if budget < 5:
+            rec.update(status="skipped", error="the script's total time budget is spent")
+        else:
+            self.step_deadline = time.monotonic() + budget
+            t0 = time.monotonic()
+            try:
+                rec.update(fn())
+                rec["status"] = rec.get("status", "ok")
+            except Exception as e:  # one step's failure must not stop the others
+                rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+                self.write(traceback.format_exc())
+            rec["seconds"] = round(time.monotonic() - t0, 1)
+        self.result["steps"][name] = rec
+        self.save()
+        print(f"[gpu-check] {name}: {rec['status']} ({rec.get('seconds', 0)} s)"
+              + (f" - {rec['error'][:200]}" if "error" in rec else ""), flush=True)
+
+    def save(self) -> None:
+        self.result["seconds"] = round(time.monotonic() - self.t0, 1)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.result, indent=2, default=str) + "\n")
+
+    # -- the steps ----------------------------------------------------------------------------
+    def s_env(self) -> dict[str, Any]:
+        code = ("import json, os, sys, torch, numpy\n"
+                "d = {'python': sys.version.split()[0], 'torch': torch.__version__, 'numpy': numpy.__version__,\n"
+                "     'cuda_available': torch.cuda.is_available(), 'cuda': torch.version.cuda,\n"
+                "     'cpu_count': os.cpu_count()}\n"
+                "if torch.cuda.is_available():\n"
+                "    free, total = torch.cuda.mem_get_info(0)\n"
+                "    d.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),\n"
+                "             memory_free_bytes=free, memory_total_bytes=total,\n"
+                "             capability=list(torch.cuda.get_device_capability(0)),\n"
+                "             nccl=list(torch.cuda.nccl.version()), cudnn=torch.backends.cudnn.version())\n"
+                "import pydantic, launcher.cli\n"
+                "d['pydantic'] = pydantic.VERSION\n"
+                "print('ENV ' + json.dumps(d))\n")
+        out = self.sh([sys.executable, "-c", code])
+        info: dict[str, Any] = json.loads(next(x for x in out.splitlines() if x.startswith("ENV "))[4:])
+        info["machine"] = platform.machine()
+        info["host_python"] = sys.executable
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            if smi.returncode == 0:
+                info["nvidia_smi"] = smi.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.dry:
+            info["memory_total_bytes_assumed"] = 16 << 20  # the dry run's pretend device for `largest C`
+        self.result["env"] = info
+        return info
+
+    def _largest_c(self, batch: int, dim: int, rate: float) -> tuple[int, int]:
+        from launcher.planner import plan_rank
+
+        env = self.result.get("env", {})
+        mem = env.get("memory_free_bytes") or env.get("memory_total_bytes_assumed") or (16 << 20)
+        budget = int(0.88 * mem)  # the CUDA context, the allocator's rounding, the benchmark's own buffers
+
+        def fits(c: int) -> bool:
+            return plan_rank(c, 1, batch, dim, rate, "fp32", discface=False).total_bytes <= budget
+
+        lo, hi = 1, 1
+        while fits(hi * 2):
+            hi *= 2
+        hi *= 2
+        while hi - lo > 1:  # largest fitting C in [lo, hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        # Round down to a multiple of 100k (1k in the dry run) for a readable figure.
+        unit = 1000 if self.dry else 100_000
+        return max(unit, lo // unit * unit), budget
+
+    def s_pytest(self) -> dict[str, Any]:
+        junit = self.work / "junit_gpu.xml"
+        out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider",
+                       f"--junitxml={junit}", "-o", "timeout=60"], check=False)
+        if not junit.is_file():
+            raise StepError("pytest wrote no report: " + " | ".join(out.strip().splitlines()[-3:]))
+        root = ET.parse(junit).getroot()
+        cases = []
+        for tc in root.iter("testcase"):
+            outcome, msg = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                el = tc.find(tag)
+                if el is not None:
+                    outcome = "failed" if tag in ("failure", "error") else "skipped"
+                    msg = (el.get("message") or "")[:300]
+            cases.append({"test": f"{tc.get('classname', '')}::{tc.get('name', '')}", "outcome": outcome,
+                          "seconds": float(tc.get("time", 0.0)), **({"message": msg} if msg else {})})
+        counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "skipped")}
+        rec: dict[str, Any] = {"counts": counts, "tests": cases}
+        if counts["failed"] or not cases:
+            rec["status"] = "failed"
+            rec["error"] = f"{counts['failed']} gpu test(s) failed" if cases else "no gpu test collected"
+        return rec
+
+    def s_bench_head(self) -> dict[str, Any]:
+        from launcher.planner import plan_rank
+
+        if self.dry:
+            batch, dim, steps, warmup, sizes = 32, 64, 2, 1, [1000, 4000]
+        else:
+            batch, dim, steps, warmup, sizes = 512, 512, 5, 2, [1_000_000, 10_000_000]
+        largest, budget = self._largest_c(batch, dim, 0.1)
+        runs: dict[str, Any] = {"largest_c_memory_budget_bytes": budget, "shapes": {}}
+        for c in [*sizes, largest]:
+            key = f"C={c}"
+            path = self.work / f"head_{c}.json"
+            try:
+                # `pfc plan --classes C --world-size 1 --batch B --dim D --sample-rate 0.1 --no-discface`,
+                # in this process (the planner is plain Python): its JSON document's "plan".
+                plan = plan_rank(c, 1, batch, dim, 0.1, "fp32", discface=False).to_dict()
+                args = ["bench", "head", "--classes", str(c), "--dim", str(dim), "--batch", str(batch),
+                        "--sample-rate", "0.1", "--world-size", "1", "--steps", str(steps), "--warmup", str(warmup),
+                        "--json", str(path)]
+                if c == largest:  # tight on memory: time the floor once the head is freed
+                    args += ["--floor", "after"]
+                self.pfc(*args)
+                r = json.loads(path.read_text())
+                runs["shapes"][key] = {
+                    "num_classes": c, "largest_that_fits": c == largest, "device": r["device"],
+                    "step_s": r["step_s"], "gemm_floor_s": r["gemm_floor_s"], "ratio_to_floor": r["ratio_to_floor"],
+                    "step_split_s": r["step_split_s"], "gemm_floor_parts_s": r["gemm_floor_parts_s"],
+                    "head_peak_bytes": r["head_peak_bytes_per_rank"],
+                    "weights_plus_momentum_bytes": r["shard_weights_plus_momentum_bytes"],
+                    "peak_over_weights_plus_momentum": r["peak_over_weights_plus_momentum"],
+                    "planned_peak_bytes": plan["total_bytes"],
+                    "measured_over_planned": r["head_peak_bytes_per_rank"] / plan["total_bytes"],
+                    "memory_method": r["memory_method"], "num_sampled": r["num_sampled_per_rank"],
+                }
+            except Exception as e:
+                runs["shapes"][key] = {"num_classes": c, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        failed = [k for k, v in runs["shapes"].items() if v.get("status") == "failed"]
+        if failed:
+            runs["status"] = "failed"
+            runs["error"] = "failed at " + ", ".join(failed)
+        return runs
+
+    def _r50_sets(self, amp: str) -> list[str]:
+        if self.dry:
+            base = ["model.backbone=tiny", "model.image_size=32", "model.embedding_size=64", "train.batch_size=8",
+                    "head.num_classes=500"]
+        else:
+            base = ["model.backbone=iresnet50", "model.image_size=112", "model.embedding_size=512",
+                    "train.batch_size=128", "head.num_classes=93431"]
+        return [*base, f'train.amp="{amp}"', "train.channels_last=true", "head.sample_rate=0.1",
+                "metrics.enabled=false", "data.val_bins=[]", 'dist.backend="auto"']
+
+    def _bench_train(self, amp: str, data: str | None, extra: list[str], tag: str) -> dict[str, Any]:
+        steps, warmup = ("2", "1") if self.dry else ("30", "10")
+        path = self.work / f"bench_train_{tag}.json"
+        args = ["bench", "train", "--config", "ms1mv3_r50_pfc01_discface", "--nproc", "1", "--steps", steps,
+                "--warmup", warmup, "--json", str(path)]
+        args += ["--device-data", "--floor"] if data is None else ["--data", data]
+        for s in [*self._r50_sets(amp), *extra]:
+            args += ["--set", s]
+        self.pfc(*args)
+        r = json.loads(path.read_text())
+        rec = {"images_per_s": r["images_per_s"], "step_s": r["step_s"], "split_s": r["split_s"],
+               "peak_memory_bytes": r["peak_memory_bytes_rank0"], "backbone": r["backbone"],
+               "batch_per_rank": r["batch_per_rank"], "amp": r["amp"], "channels_last": r["channels_last"],
+               "loader": r["loader"], "workers": r["workers"]}
+        if "backbone_floor" in r:
+            fl = r["backbone_floor"]
+            rec.update(floor_images_per_s=fl["images_per_s"], floor_peak_memory_bytes=fl["peak_memory_bytes"],
+                       step_over_floor=r["step_over_floor_images_per_s"])
+        return rec
+
+    def s_bench_train_device(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        # On the CPU (dry run) autocast is off and both would run the same fp32 path: one is enough there.
+        for amp in ("bf16",) if self.dry else ("bf16", "fp16"):
+            try:
+                out[amp] = self._bench_train(amp, None, [], f"device_{amp}")
+            except Exception as e:
+                out[amp] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        bad = [k for k, v in out.items() if v.get("status") == "failed"]
+        if bad:
+            out.update(status="failed", error="failed: " + ", ".join(bad))
+        return out
+
+    def s_synth(self) -> dict[str, Any]:
+        ids, per, size = (50, 4, 32) if self.dry else (2000, 10, 112)
+        prefix = self.work / "synth" / "train"
+        summary = self.work / "synth.json"
+        t0 = time.monotonic()
+        self.pfc("data", "synth", str(prefix), "--identities", str(ids), "--images-per-identity", str(per),
+                 "--image-size", str(size), "--val-identities", "40" if self.dry else "200",
+                 "--val-pairs", "100" if self.dry else "600", "--no-progress", "--json", str(summary))
+        rep = json.loads(summary.read_text())
+        self.result["synth_prefix"] = str(prefix)
+        return {"images": rep.get("images"), "identities": ids, "image_size": size,
+                "wall_s": round(time.monotonic() - t0, 1), "train_seconds": rep.get("train_seconds"),
+                "images_per_s": rep.get("images_per_s"), "workers": rep.get("workers"),
+                "rec_bytes": rep.get("rec_bytes"), "val_bin": rep.get("val_bin")}
+
+    def s_train_e2e(self) -> dict[str, Any]:
+        prefix = self.result.get("synth_prefix")
+        if not prefix:
+            raise StepError("no record file: the synth step failed")
+        total, first = (6, 4) if self.dry else (250, 200)
+        run = self.work / "train_run"
+        val_bin = str(Path(prefix).parent / "synth_val.bin")
+        sets = ([f"model.backbone={'tiny' if self.dry else 'iresnet18'}",
+                 f"model.image_size={32 if self.dry else 112}", f"model.embedding_size={64 if self.dry else 512}",
+                 f"train.batch_size={16 if self.dry else 128}", "head.num_classes=null", "head.sample_rate=0.1",
+                 "head.discface_lambda=0.1", f"train.steps={total}", f"train.stop_after={first}",
+                 'train.amp="none"' if self.dry else 'train.amp="bf16"', "train.channels_last=true",
+                 f"checkpoint.every_steps={first}", f"eval.every_steps={first}", "eval.batch_size=256",
+                 f"data.workers={1 if self.dry else 12}", 'data.loader="torch"', "metrics.enabled=false",
+                 f"log.every_steps={2 if self.dry else 50}", f"optim.warmup_steps={2 if self.dry else 20}",
+                 'dist.backend="auto"'])
+        args = ["train", "ms1mv3_r50_pfc01_discface", "--data", prefix, "--val-bin", val_bin, "--output", str(run)]
+        for s in sets:
+            args += ["--set", s]
+        t0 = time.monotonic()
+        self.pfc(*args)
+        first_s = time.monotonic() - t0
+        s1 = json.loads((run / "summary.json").read_text())
+        latest = (run / "checkpoints" / "latest").read_text().strip()
+        t1 = time.monotonic()
+        log2 = self.pfc(*args, "--set", f"train.stop_after={total}")  # same run folder: resumes (last --set wins)
+        second_s = time.monotonic() - t1
+        s2 = json.loads((run / "summary.json").read_text())
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        resumed = "resumed from" in log2
+        rec: dict[str, Any] = {
+            "first_run": {"steps": s1["steps"], "wall_s": round(first_s, 1), "train_seconds": s1["seconds"],
+                          "eval": s1.get("eval"), "checkpoint": latest, "final": s1.get("final")},
+            "resumed_run": {"steps": s2["steps"], "wall_s": round(second_s, 1), "train_seconds": s2["seconds"],
+                            "resumed": resumed, "final": s2.get("final")},
+            "loss_first_last": [losses[0], losses[-1]] if losses else None}
+        problems = []
+        if s1["steps"] != first:
+            problems.append(f"first run stopped at step {s1['steps']}, expected {first}")
+        if not s1.get("eval"):
+            problems.append("no evaluation result")
+        if s2["steps"] != total or not resumed:
+            problems.append(f"resume: ended at step {s2['steps']} (expected {total}), "
+                            f"'resumed from' in its log: {resumed}")
+        if problems:
+            rec.update(status="failed", error="; ".join(problems))
+        return rec
+
+    def s_bench_train_loader(self) -> dict[str, Any]:
+        prefix = self.result.get("synth_prefix")
+        if not prefix:
+            raise StepError("no record file: the synth step failed")
+        cores = os.cpu_count() or 1
+        workers = 1 if self.dry else max(1, cores - 2)
+        sets = [f"data.workers={workers}", 'data.loader="torch"']
+        if self.dry:
+            sets += ["train.batch_size=8"]
+        return self._bench_train("bf16", prefix, sets, "loader")
+
+    # -- the summary --------------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        def f(x: Any, fmt: str) -> str:
+            return format(x, fmt) if isinstance(x, int | float) else "-"
+
+        rows: list[tuple[str, str, str, str]] = []
+        steps = self.result["steps"]
+        for name, rec in steps.items():
+            st, secs = rec.get("status", "?"), f(rec.get("seconds"), ".0f")
+            detail = ""
+            if name == "env" and st == "ok":
+                e = self.result.get("env", {})
+                smi = (e.get("nvidia_smi") or "").split(",")
+                detail = (f"{e.get('device', 'no CUDA')}; torch {e.get('torch')}; driver "
+                          f"{smi[1].strip() if len(smi) > 1 else '-'}; {e.get('cpu_count')} cores")
+            elif name == "pytest_gpu" and "counts" in rec:
+                c = rec["counts"]
+                detail = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
+            rows.append((name, st, secs, detail or rec.get("error", "")[:90]))
+            if name == "bench_head":
+                for key, r in rec.get("shapes", {}).items():
+                    if "step_s" in r:
+                        rows.append((f"  head {key}", "ok", "", f"step {r['step_s'] * 1e3:.1f} ms = "
+                                     f"{r['ratio_to_floor']:.2f}x floor; mem "
+                                     f"{r['peak_over_weights_plus_momentum']:.2f}x W+mom; "
+                                     f"{r['measured_over_planned']:.2f}x plan"))
+                    else:
+                        rows.append((f"  head {key}", "failed", "", r.get("error", "")[:90]))
+            if name.startswith("bench_train"):
+                parts = {"bf16": rec.get("bf16"), "fp16": rec.get("fp16")} if name.endswith("device") \
+                    else {"loader": rec}
+                for k, r in parts.items():
+                    if r and "images_per_s" in r:
+                        fl = (f" = {r['step_over_floor']:.2f}x floor {r['floor_images_per_s']:.0f}/s"
+                              if "step_over_floor" in r else "")
+                        rows.append((f"  {k}", "ok", "", f"{r['images_per_s']:.0f} images/s{fl}; peak "
+                                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"))
+            if name == "train_e2e" and "first_run" in rec:
+                fr, rr = rec["first_run"], rec["resumed_run"]
+                evals: dict[str, Any] = fr.get("eval") or {}
+                first_eval: dict[str, Any] = next(iter(evals.values()), {})
+                acc = first_eval.get("accuracy")
+                rows.append(("  e2e", st, "", f"{fr['steps']} steps {fr['wall_s']} s, eval acc {f(acc, '.3f')}; "
+                             f"resumed to {rr['steps']} in {rr['wall_s']} s"))
+        return rows
+
+    def print_summary(self) -> None:
+        rows = self.summary_rows()
+        w0 = max(len(r[0]) for r in rows)
+        lines = [f"gpu-check {'(dry run, CPU) ' if self.dry else ''}in {self.result['seconds']} s -> {self.out}",
+                 f"{'step':<{w0}}  {'status':<7} {'s':>4}  detail"]
+        lines += [f"{a:<{w0}}  {b:<7} {c:>4}  {d}" for a, b, c, d in rows]
+        text = "\n".join(lines)
+        self.write("\n" + text + "\n")
+        print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default $OUT, else runs/gpu-check)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"total time budget in seconds (default {TOTAL_BUDGET_S:g}; "
+                         f"x{DRY_BUDGET_FACTOR:g} with --dry-run)")
+    ap.add_argument("--only", default="", help="comma-separated step names to run (default: all)")
+    args = ap.parse_args(argv)
+    out = args.out or Path(os.environ.get("OUT") or REPO / "runs" / "gpu-check")
+    out.mkdir(parents=True, exist_ok=True)
+    budget = args.budget_s if args.budget_s is not None else TOTAL_BUDGET_S * (DRY_BUDGET_FACTOR if args.dry_run else 1)
+    chk = Check(out, args.dry_run, budget)
+    # name, budget (s), step; ordered by what matters most if time runs out.
+    plan: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
+        ("env", 40, chk.s_env),
+        ("pytest_gpu", 100, chk.s_pytest),
+        ("bench_head", 130, chk.s_bench_head),
+        ("bench_train_device", 110, chk.s_bench_train_device),
+        ("synth", 45, chk.s_synth),
+        ("train_e2e", 110, chk.s_train_e2e),
+        ("bench_train_loader", 60, chk.s_bench_train_loader),
+    ]
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - {p[0] for p in plan}
+    if unknown:
+        ap.error(f"--only: unknown step(s) {sorted(unknown)}; steps: {[p[0] for p in plan]}")
+    for name, budget, fn in plan:
+        if only and name not in only and name != "env":
+            continue
+        chk.step(name, budget, fn)
+    chk.save()
+    chk.print_summary()
+    chk.log.close()
+    failed = [k for k, v in chk.result["steps"].items() if v.get("status") != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`make gpu-check`'s script in its dry run (CPU, tiny sizes), so that it cannot rot without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.py"
+STEPS = ["env", "pytest_gpu", "bench_head", "bench_train_device", "synth", "train_e2e", "bench_train_loader"]
+
+
+def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("OUT", None)
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow  # 2-5 minutes on the shared 2-core machine (about 20 Python processes start)
+@pytest.mark.multiprocess
+def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path) -> None:
+    proc = _run(tmp_path, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["dry_run"] is True and list(doc["steps"]) == STEPS
+    bad = {k: v.get("error") for k, v in doc["steps"].items() if v["status"] != "ok"}
+    assert not bad, bad
+    st = doc["steps"]
+    assert doc["env"]["cuda_available"] is False and doc["env"]["pydantic"]
+    # the gpu tests ran through their CPU stand-in (only the CUDA-only scaler test skips)
+    assert st["pytest_gpu"]["counts"]["failed"] == 0 and st["pytest_gpu"]["counts"]["passed"] >= 8
+    shapes = list(st["bench_head"]["shapes"].values())
+    assert len(shapes) == 3 and shapes[-1]["largest_that_fits"] and shapes[-1]["num_classes"] > shapes[1]["num_classes"]
+    for s in shapes:
+        assert s["step_s"] > 0 and s["gemm_floor_s"] > 0 and s["ratio_to_floor"] > 0
+        assert s["head_peak_bytes"] > 0 and s["planned_peak_bytes"] > 0 and s["weights_plus_momentum_bytes"] > 0
+    # the largest C is what the planner says fits the (pretend) device memory, and the next 1000 would not
+    from launcher.planner import plan_rank
+
+    c, budget = shapes[-1]["num_classes"], st["bench_head"]["largest_c_memory_budget_bytes"]
+    assert plan_rank(c, 1, 32, 64, 0.1, "fp32", discface=False).total_bytes <= budget
+    assert plan_rank(c + 1000, 1, 32, 64, 0.1, "fp32", discface=False).total_bytes > budget
+    bf16 = st["bench_train_device"]["bf16"]
+    assert bf16["images_per_s"] > 0 and bf16["floor_images_per_s"] > 0 and bf16["step_over_floor"] > 0
+    assert st["bench_train_loader"]["images_per_s"] > 0 and st["bench_train_loader"]["loader"] == "torch"
+    assert st["synth"]["images"] == 200 and st["synth"]["wall_s"] > 0
+    e2e = st["train_e2e"]
+    assert e2e["first_run"]["steps"] == 4 and e2e["resumed_run"]["steps"] == 6 and e2e["resumed_run"]["resumed"]
+    assert e2e["first_run"]["eval"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "-m pytest -m gpu" in log and "bench head" in log and "resumed from" in log
+    # the summary table comes last
+    tail = proc.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(tail) if line.startswith("step ") and "status" in line)
+    assert [line.split()[0] for line in tail[header + 1:] if not line.startswith(" ")] == STEPS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
+def test_a_failed_step_is_recorded_and_the_budget_skips_the_rest(tmp_path: Path) -> None:
+    """--only picks steps; train_e2e without the synth step fails (recorded, exit 1, the script goes on);
+    a spent --budget-s skips what is left, saying why."""
+    proc = _run(tmp_path / "a", "--only", "train_e2e,bench_train_loader", timeout=120)
+    assert proc.returncode == 1
+    doc = json.loads((tmp_path / "a" / "gpu_check.json").read_text())
+    assert list(doc["steps"]) == ["env", "train_e2e", "bench_train_loader"]
+    assert doc["steps"]["env"]["status"] == "ok"
+    for k in ("train_e2e", "bench_train_loader"):
+        assert doc["steps"][k]["status"] == "failed" and "synth step failed" in doc["steps"][k]["error"]
+    proc = _run(tmp_path / "b", "--only", "synth", "--budget-s", "2", timeout=60)
+    assert proc.returncode == 1
+    doc = json.loads((tmp_path / "b" / "gpu_check.json").read_text())
+    assert {v["status"] for v in doc["steps"].values()} == {"skipped"}
+    assert "budget is spent" in doc["steps"]["synth"]["error"]
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(SCRIPT), "--only", "nope"], check=True, capture_output=True, cwd=REPO)
