@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_epoch_index
-from data_pipeline.dataset import shard_plan
+from data_pipeline.dataset import flip_probability, shard_plan
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -59,7 +59,7 @@ class DaliLoader:
 
     def __init__(self, prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, threads: int = 2, device_id: int | None = None, *,
-                 shuffle: bool = True, flip: bool = True, drop_last_batch: bool = True,
+                 shuffle: bool = True, flip: bool | float = True, drop_last_batch: bool = True,
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
                  index_dir: str | os.PathLike[str] | None = None, uint8: bool = False) -> None:
@@ -132,7 +132,7 @@ class DaliLoader:
                         .generate_state(1)[0] & 0x7FFFFFFF)
         pipe = build_pipeline(index.rec_paths, index.idx_path, shard_id=self.rank, num_shards=self.world_size,
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
-                              seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
+                              seed=pipe_seed, flip_prob=flip_probability(self.flip),
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
                               prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8)
         try:
