@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
-from data_pipeline.dataset import rank_block
+from data_pipeline.dataset import flip_probability, rank_block
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -67,7 +67,7 @@ class DaliLoader:
 
     def __init__(self, prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, threads: int = 2, device_id: int | None = None, *,
-                 shuffle: bool = True, flip: bool = True, drop_last_batch: bool = True,
+                 shuffle: bool = True, flip: bool | float = True, drop_last_batch: bool = True,
                  pad_epoch: bool = True, chunk: int | None = None, chunks_per_rank: int = 256,
                  random_shuffle: bool = False, initial_fill: int = 1024, prefetch_queue_depth: int = 2,
                  index_dir: str | os.PathLike[str] | None = None, prefetch_index: bool = True,
@@ -177,7 +177,7 @@ class DaliLoader:
         # the index holds this rank's block only: DALI reads it as its single shard
         return build_pipeline(index.rec_paths, index.idx_path, shard_id=0, num_shards=1,
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
-                              seed=pipe_seed, flip_prob=0.5 if self.flip else 0.0,
+                              seed=pipe_seed, flip_prob=flip_probability(self.flip),
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
                               prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8)
 

@@ -107,6 +107,16 @@ def epoch_flips(total: int, seed: int, epoch: int, flip_prob: float, start: int 
     return np.random.Generator(bits).random(count) < flip_prob
 
 
+def flip_probability(flip: bool | float) -> float:
+    """A loader's ``flip`` argument -> the flip probability: True 0.5, False 0, a number as it is."""
+    if isinstance(flip, bool):
+        return 0.5 if flip else 0.0
+    p = float(flip)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"flip probability must be in [0, 1], got {flip}")
+    return p
+
+
 def plan_length(num_items: int, world_size: int, drop_last: bool = False) -> int:
     """Samples per rank per epoch: ceil(N / W) (wrap-around padding), or floor(N / W) with drop_last."""
     if world_size < 1:
@@ -417,7 +427,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
                      world_size: int = 1, seed: int = 0, workers: int = 2, *, shuffle: bool = True,
-                     flip: bool = True, drop_last_batch: bool = True, pad_epoch: bool = True,
+                     flip: bool | float = True, drop_last_batch: bool = True, pad_epoch: bool = True,
                      skip_corrupt: bool = False, pin_memory: bool = False, prefetch_factor: int = 4,
                      persistent_workers: bool = False, device: torch.device | str | None = None,
                      uint8: bool = False) -> FaceLoader:
@@ -428,12 +438,13 @@ def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_s
     step counts on every rank either way, since the parts have equal length). Call
     ``loader.set_epoch(epoch, start_index)`` before each epoch (and with the consumed position to
     resume mid-epoch). ``uint8``: hand batches over as (B, H, W, 3) uint8 (see :class:`FaceLoader`).
+    ``flip``: True flips half the images (drawn by the sampler), False none, a number is the probability.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset = FaceDataset(prefix, skip_corrupt=skip_corrupt)
     sampler = ShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, drop_last=not pad_epoch,
-                             flip_prob=0.5 if flip else 0.0)
+                             flip_prob=flip_probability(flip))
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)

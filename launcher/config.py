@@ -68,6 +68,95 @@ def _kind(annotation: Any) -> str:
     return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) or str(annotation)
 
 
+def _ordered_range(name: str, v: tuple[float, float], lo: float, hi: float, lo_open: bool = False) -> None:
+    """Refuse a (low, high) range that is reversed or leaves [lo, hi] ((lo, hi] with ``lo_open``)."""
+    a, b = v
+    low_ok = a > lo if lo_open else a >= lo
+    if not (low_ok and a <= b <= hi):
+        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} {list(v)} must be [low, high] with low <= high, both in {bound}")
+
+
+class _AugmentOp(_Section):
+    p: float = Field(0.0, ge=0.0, le=1.0, description="probability per image (0: off)")
+
+
+class CropAugment(_AugmentOp):
+    """Random resized crop: a box of ``scale`` x the image's area with aspect ``ratio`` (w/h), placed
+    uniformly inside the image, resized to the whole image."""
+
+    scale: tuple[float, float] = Field((0.6, 1.0), description="area fraction of the box, in (0, 1]")
+    ratio: tuple[float, float] = Field((0.8, 1.25), description="aspect ratio (width / height) of the box")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CropAugment:
+        _ordered_range("crop.scale", self.scale, 0.0, 1.0, lo_open=True)
+        _ordered_range("crop.ratio", self.ratio, 0.0, 10.0, lo_open=True)
+        return self
+
+
+class ShiftAugment(_AugmentOp):
+    """Scale-and-shift jitter: zoom about the centre by a factor in ``scale`` (> 1 zooms in, < 1 zooms
+    out: the uncovered border is mid-grey) and shift by up to ``max_shift`` of the side each way."""
+
+    scale: tuple[float, float] = Field((0.9, 1.1), description="zoom factor, in [0.5, 2]")
+    max_shift: float = Field(0.08, ge=0.0, le=0.5, description="fraction of the side")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ShiftAugment:
+        _ordered_range("shift.scale", self.scale, 0.5, 2.0)
+        return self
+
+
+class RotationAugment(_AugmentOp):
+    """A small rotation about the centre by an angle drawn uniformly in [-degrees, degrees]."""
+
+    degrees: float = Field(10.0, gt=0.0, le=45.0, description="largest angle; faces are aligned, so "
+                           "at most 45")
+
+
+class ColorAugment(_AugmentOp):
+    """Brightness, contrast and saturation jitter (torchvision's ColorJitter formulas, in this order):
+    each factor uniform in [1 - x, 1 + x]."""
+
+    brightness: float = Field(0.3, ge=0.0, lt=1.0)
+    contrast: float = Field(0.3, ge=0.0, lt=1.0)
+    saturation: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class GrayscaleAugment(_AugmentOp):
+    """Replace the colours by their luma (0.299 R + 0.587 G + 0.114 B) in all three channels."""
+
+
+class ErasingAugment(_AugmentOp):
+    """Random erasing: a rectangle of ``area`` x the image's area and aspect ``ratio`` set to ``value``."""
+
+    area: tuple[float, float] = Field((0.02, 0.2), description="area fraction of the rectangle, in (0, 1)")
+    ratio: tuple[float, float] = Field((0.3, 3.3), description="aspect ratio (width / height)")
+    value: float = Field(0.0, ge=-1.0, le=1.0, description="fill in the model's input scale [-1, 1] "
+                         "(0: mid-grey)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ErasingAugment:
+        _ordered_range("erasing.area", self.area, 0.0, 0.99, lo_open=True)
+        _ordered_range("erasing.ratio", self.ratio, 0.0, 10.0, lo_open=True)
+        return self
+
+
+class AugmentConfig(_Section):
+    """Augmentation of the training batch on the backbone's device (``launcher.augment``); all p = 0 is
+    no augmentation besides the flip."""
+
+    flip: float | None = Field(None, ge=0.0, le=1.0, description="horizontal flip probability, drawn by "
+                               "the loader's sampler with the order; None: 0.5 with data.flip, else 0")
+    crop: CropAugment = Field(default_factory=CropAugment)
+    shift: ShiftAugment = Field(default_factory=ShiftAugment)
+    rotation: RotationAugment = Field(default_factory=RotationAugment)
+    color: ColorAugment = Field(default_factory=ColorAugment)
+    grayscale: GrayscaleAugment = Field(default_factory=GrayscaleAugment)
+    erasing: ErasingAugment = Field(default_factory=ErasingAugment)
+
+
 class DataConfig(_Section):
     prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout), "
                                "a .rec/.idx path, a folder holding train.rec, or an image folder (one "
@@ -78,6 +167,20 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0, le=64)
     flip: bool = True
     skip_corrupt: bool = Field(False, description="Skip and count corrupt records instead of stopping")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _one_flip(self) -> DataConfig:
+        if not self.flip and self.augment.flip:
+            raise ValueError(f"data.flip is false but data.augment.flip={self.augment.flip}: set data.flip=true "
+                             "(or leave data.augment.flip unset) to flip")
+        return self
+
+    def flip_probability(self) -> float:
+        """The loaders' flip probability: ``augment.flip`` if set, else 0.5 with ``flip``."""
+        if self.augment.flip is not None:
+            return self.augment.flip
+        return 0.5 if self.flip else 0.0
 
 
 class ModelConfig(_Section):

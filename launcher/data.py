@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from data_pipeline.insightface import InsightFaceReader, property_path, read_property
 from data_pipeline.recordio import RecordIOError
+from launcher.augment import BatchAugment, build_augment
 from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.errors import DataError
@@ -45,7 +47,8 @@ class Pixels:
 
 
 def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels_last: bool = False,
-                   flips: torch.Tensor | None = None) -> torch.Tensor:
+                   flips: torch.Tensor | None = None,
+                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """A loader's batch -> the backbone's input: float32 (B, 3, H, W) in [-1, 1] on ``device``.
 
     ``images`` is uint8, (B, H, W, 3) as the loaders hand it over or (B, 3, H, W), or already float
@@ -53,9 +56,10 @@ def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels
     quarter of the bytes of float32; non-blocking from pinned memory) and is converted there as
     x / 127.5 - 1, the formula of the former loader-side conversion (``data_pipeline.dataset.to_unit``),
     so that a CPU run's inputs are bit-identical to it. ``flips`` (B,) bool mirrors the marked images
-    left-right on the device, for loaders that leave the flip to the step. With ``channels_last`` the
-    result has channels-last strides (an (B, H, W, 3) batch already has them: no copy). A
-    :class:`Pixels` carries its own flips.
+    left-right on the device, for loaders that leave the flip to the step. ``augment`` (the step's
+    :class:`launcher.augment.BatchAugment`, bound to its step) then augments the normalised batch on the
+    device. With ``channels_last`` the result has channels-last strides (an (B, H, W, 3) batch already
+    has them: no copy). A :class:`Pixels` carries its own flips.
     """
     if isinstance(images, Pixels):
         flips = images.flips
@@ -75,6 +79,10 @@ def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels
         flips = flips.to(device, non_blocking=True).bool()
         if bool(flips.any()):
             out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
+    if augment is not None:
+        out = augment(out)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
     return out
 
 
@@ -121,8 +129,13 @@ def choose_loader(requested: str, device: torch.device) -> str:
 
 
 class TrainData:
-    def __init__(self, loader: Any, batch_size: int, micro_per_step: int, num_classes: int, kind: str) -> None:
+    """The rank's batches (:meth:`next_batch`), its position by step, and the batch augmentation of
+    each step (:meth:`augmentation`, None when ``data.augment`` is all off)."""
+
+    def __init__(self, loader: Any, batch_size: int, micro_per_step: int, num_classes: int, kind: str,
+                 augment: BatchAugment | None = None) -> None:
         self.loader = loader
+        self.augment = augment
         self.batch_size = batch_size
         self.micro_per_step = micro_per_step
         self.num_classes = num_classes
@@ -134,6 +147,11 @@ class TrainData:
                             "lower train.batch_size or use more data")
         self.epoch = 0
         self._it: Any = None
+
+    def augmentation(self, step: int, micro: int = 0) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The augmentation of micro-batch ``micro`` of optimizer step ``step`` (drawn from the seed, step,
+        micro and rank: an exact resume draws the same), for :func:`to_model_input`."""
+        return None if self.augment is None else self.augment.at(step, micro)
 
     def position(self, step: int) -> dict[str, int]:
         consumed = step * self.micro_per_step
@@ -349,7 +367,8 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
         synth = DeviceSyntheticLoader(cfg.train.batch_size, cfg.model.image_size, cfg.head.num_classes,
                                       ctx.rank, cfg.train.seed, ctx.device)
         log.info(f"data: random uint8 batches made on {ctx.device} ({cfg.head.num_classes} classes)")
-        return TrainData(synth, cfg.train.batch_size, cfg.optim.grad_accum, cfg.head.num_classes, "synthetic")
+        return TrainData(synth, cfg.train.batch_size, cfg.optim.grad_accum, cfg.head.num_classes, "synthetic",
+                         augment=build_augment(cfg.data.augment, cfg.train.seed, ctx.rank))
     if not cfg.data.prefix:
         raise DataError("no training data: set data.prefix (or pass --data PREFIX); "
                         "`pfc data synth` makes a synthetic set")
@@ -375,12 +394,24 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
         loader: Any = DaliLoader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
                                  threads=max(cfg.data.workers, 1),
                                  device_id=ctx.device.index if ctx.device.type == "cuda" else None,
-                                 flip=cfg.data.flip, uint8=True)
+                                 flip=cfg.data.flip_probability(), uint8=True)
     else:
         from data_pipeline.dataset import build_dataloader
 
         loader = build_dataloader(reader, cfg.train.batch_size, ctx.rank, ctx.world_size, cfg.train.seed,
-                                  cfg.data.workers, flip=cfg.data.flip, skip_corrupt=cfg.data.skip_corrupt,
-                                  pin_memory=ctx.device.type == "cuda", uint8=True)
+                                  cfg.data.workers, flip=cfg.data.flip_probability(),
+                                  skip_corrupt=cfg.data.skip_corrupt, pin_memory=ctx.device.type == "cuda",
+                                  uint8=True)
     log.info(f"data: {prefix} ({len(reader)} images, {num_classes} classes, {h}x{w}) via the {kind} loader")
-    return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind)
+    augment = build_augment(cfg.data.augment, cfg.train.seed, ctx.rank)
+    if augment is not None:
+        log.info(f"data: augmentation on {ctx.device} in the step: {describe_augment(cfg)}")
+    return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind, augment=augment)
+
+
+def describe_augment(cfg: Config) -> str:
+    """The ops that can fire and their probabilities, for the log (``flip 0.5, crop 0.5, ...``)."""
+    a = cfg.data.augment
+    ops = [("crop", a.crop.p), ("shift", a.shift.p), ("rotation", a.rotation.p), ("color", a.color.p),
+           ("grayscale", a.grayscale.p), ("erasing", a.erasing.p)]
+    return ", ".join(f"{k} {p:g}" for k, p in [("flip", cfg.data.flip_probability()), *ops] if p > 0)

@@ -174,7 +174,8 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = batches[micro] if batches else data.next_batch()
-        images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda")
+        images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda",
+                                augment=data.augmentation(step, micro))
         labels = labels.to(ctx.device, non_blocking=True)
         t1 = time.perf_counter()
         last = micro == accum - 1

@@ -69,3 +69,35 @@ def bench_discface_cmd(
     typer.echo(format_study(res))
     if json_path is not None:
         json_path.write_text(json.dumps(res, indent=2, default=float))
+
+
+@bench_app.command("augment")
+def bench_augment_cmd(
+    output: Path = typer.Option(Path("runs/augment_study"), "--output", help="study folder"),
+    config: str = typer.Option("demo_cpu", "--config", help="config file or recipe name"),
+    seeds: str = typer.Option("0,1", "--seeds", help="comma-separated training seeds (each: off and on)"),
+    identities: int = typer.Option(30, "--identities", min=2),
+    images_per_identity: int = typer.Option(10, "--images-per-identity", min=2),
+    val_identities: int = typer.Option(100, "--val-identities", min=2, help="unseen identities of the pairs"),
+    val_pairs: int = typer.Option(3000, "--val-pairs", min=20),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="override train.steps"),
+    nproc: int = typer.Option(1, "--nproc", min=1),
+    hard: bool = typer.Option(True, "--hard/--default-jitter", help="strong synthetic nuisance (HARD_JITTER)"),
+    sets: list[str] | None = typer.Option(None, "--set", help="config override of both runs: section.field=value"),
+    augment_sets: list[str] | None = typer.Option(
+        None, "--augment", help="the 'on' run's data.augment overrides (default: the finetune_small recipe's)"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the result here"),
+) -> None:
+    """Augmentation off vs on (data.augment), same data and seeds: verification on unseen identities."""
+    from launcher.study_augment import augment_study, format_augment_study
+
+    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    if not seed_list:
+        raise typer.BadParameter("give at least one seed", param_hint="--seeds")
+    res = augment_study(output.resolve(), config=config, seeds=seed_list, identities=identities,
+                        images_per_identity=images_per_identity, val_identities=val_identities,
+                        val_pairs=val_pairs, steps=steps, nproc=nproc, sets=list(sets or []),
+                        augment_sets=list(augment_sets) if augment_sets else None, hard=hard)
+    typer.echo(format_augment_study(res))
+    if json_path is not None:
+        json_path.write_text(json.dumps(res, indent=2, default=float))
