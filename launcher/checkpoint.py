@@ -148,7 +148,8 @@ def prunable(saves: list[Path], just_written: Path, latest: Path | None, keep_la
     step = step_of(just_written)
     older = [p for p in saves if step_of(p) < step and p != latest]
     keep = max(keep_last - 1, 0)
-    return older[:len(older) - keep] if keep else older
+    # max(.., 0): with fewer older saves than keep_last - 1, a negative slice end would delete from the front
+    return older[:max(len(older) - keep, 0)]
 
 
 def _agree(error: BaseException | None, group: Any, step: int, root: Path, rank: int) -> None:

@@ -101,7 +101,8 @@ class ProgressLogger:
                                "memory_bytes": memory_bytes(self.device)}
         rec.update({k: m.avg for k, m in self.meters.items()})
         rec.update(extra or {})
-        self.last = rec
+        # the newest value of every key (an evaluation's record, emitted after the step's, keeps its loss)
+        self.last = {**self.last, **rec}
         if self.enabled and not quiet:
             remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
             eta = format_eta(remaining)

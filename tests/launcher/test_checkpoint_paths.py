@@ -110,6 +110,16 @@ def test_prunable_keeps_latest_even_when_it_is_older():
     assert prunable(saves, saves[4], saves[4], keep_last=1) == saves[:4]
 
 
+def test_prunable_keeps_everything_while_fewer_than_keep_last_saves_exist():
+    """keep_last=4 after saves 1, 2, 3: nothing is pruned (a negative slice end once deleted save 1)."""
+    from launcher.checkpoint import prunable
+
+    saves = [Path(f"step_{s:08d}") for s in (1, 2, 3, 4)]
+    for n in range(1, 5):
+        assert prunable(saves[:n], saves[n - 1], saves[n - 1], keep_last=4) == [], n
+    assert prunable(saves, saves[3], saves[3], keep_last=3) == [saves[0]]
+
+
 @pytest.mark.parametrize("pointer", ["../../other/checkpoints/step_00000001", "ABS", "step_00000001/../../x",
                                      "", "step_1"])
 def test_latest_is_only_followed_inside_its_own_folder(tmp_path, pointer):

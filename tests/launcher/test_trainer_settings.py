@@ -138,7 +138,7 @@ def _train_logged(rank: int, world_size: int, overrides: list[str]) -> dict:
 def test_amp_on_cpu_bf16_runs_autocast_fp16_is_refused(dataset, tmp_path):  # noqa: F811
     """Item 6: bf16 autocast runs on CPU (the loss moves off the fp32 value, a little); fp16 is refused."""
     prefix, _ = dataset
-    common = {"train.steps": 1, "checkpoint.every_steps": 1, "log.every_steps": 1}
+    common = {"train.steps": 1, "optim.warmup_steps": 1, "checkpoint.every_steps": 1, "log.every_steps": 1}
     losses = {}
     for amp in ("none", "bf16"):
         run_ranks(_train, 1, _overrides(prefix, tmp_path / amp, **{"train.amp": amp, **common}), timeout=300)
@@ -182,7 +182,8 @@ def test_resume_refusals_and_init_backbone(dataset, tmp_path):  # noqa: F811
     assert (out / "config.yaml").read_text() == config_before  # nothing recorded that did not take effect
     # Fine-tuning weights named on a run folder that holds a checkpoint: the checkpoint wins, and says so.
     other = tmp_path / "other"
-    run_ranks(_train, 1, _overrides(prefix, other, **{"train.steps": 1, "checkpoint.every_steps": 1}), timeout=300)
+    run_ranks(_train, 1, _overrides(prefix, other, **{"train.steps": 1, "optim.warmup_steps": 1,
+                                                      "checkpoint.every_steps": 1}), timeout=300)
     weights = _latest(other) / "backbone.safetensors"
     res = run_ranks(_train_logged, 1, _overrides(prefix, out, **{"train.steps": 3, "checkpoint.every_steps": 3,
                                                                "checkpoint.init_backbone": str(weights)}),
