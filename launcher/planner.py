@@ -185,7 +185,7 @@ def plan_rank(
     rows = shard_rows(num_classes, world_size)
     s = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    sd_f, sd_e, ns_f = s * dim * f, s * dim * e, n * s * f
+    sd_f, ns_f = s * dim * f, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
