@@ -197,7 +197,8 @@ class PartialFC(nn.Module):
     def weight_grad(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After backward: (S_k,) global class ids sampled on this rank and their (S_k, d) gradients.
 
-        The gradient lives in a reused buffer: it is valid until the next backward."""
+        The gradient lives in a reused buffer: it is valid until the next backward, and for a bf16/fp16
+        head until the next forward or ``begin_step`` (which gather the next sampled rows into its bytes)."""
         if self._sampled is None or self._sub_weight is None:
             raise RuntimeError("weight_grad() needs a forward (and backward) first")
         return self._sampled + self.start, self._sub_weight.grad
