@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,36 +25,49 @@ import torch
 from launcher.bench_head import pin_mmap_threshold
 from partialfc import PartialFC
 
-dtype, opt_name = getattr(torch, sys.argv[1]), sys.argv[2]
 pinned = pin_mmap_threshold()
 torch.set_num_threads(1)
 c, d, b = 50_000, 512, 64  # 5,000 sampled rows of 512: 5 MB in bf16/fp16, 10 MB in fp32
-head = PartialFC(c, d, sample_rate=0.1, seed=0, dtype=dtype)
-opt = head.make_optimizer(lr=0.1, name=opt_name)
-emb = torch.randn(b, d, requires_grad=True)
-gen = torch.Generator().manual_seed(0)
 def flt():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-out = {"pinned": pinned, "forward": [], "backward": [], "optimizer": [], "sampled": []}
-for step in range(6):
-    labels = torch.randint(0, c, (b,), generator=gen)
-    f0 = flt(); loss = head(emb, labels); f1 = flt(); loss.backward(); f2 = flt()
-    out["sampled"].append(int(head.weight_grad()[0].numel()))
-    opt.step(); opt.zero_grad(); f3 = flt()
-    if step >= 3:  # the workspace has its buffers by then
-        out["forward"].append(f1 - f0); out["backward"].append(f2 - f1); out["optimizer"].append(f3 - f2)
-print(json.dumps(out))
+results = {}
+for case in sys.argv[1:]:
+    dtype_name, opt_name = case.split(":")
+    head = PartialFC(c, d, sample_rate=0.1, seed=0, dtype=getattr(torch, dtype_name))
+    opt = head.make_optimizer(lr=0.1, name=opt_name)
+    emb = torch.randn(b, d, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    out = {"pinned": pinned, "forward": [], "backward": [], "optimizer": [], "sampled": []}
+    for step in range(6):
+        labels = torch.randint(0, c, (b,), generator=gen)
+        f0 = flt(); loss = head(emb, labels); f1 = flt(); loss.backward(); f2 = flt()
+        out["sampled"].append(int(head.weight_grad()[0].numel()))
+        opt.step(); opt.zero_grad(); f3 = flt()
+        if step >= 3:  # the workspace has its buffers by then
+            out["forward"].append(f1 - f0); out["backward"].append(f2 - f1); out["optimizer"].append(f3 - f2)
+    results[case] = out
+    del head, opt, loss
+print(json.dumps(results))
 """
+CASES = [("bfloat16", "sgd"), ("float16", "adamw"), ("float32", "sgd")]
 
 
-@pytest.mark.parametrize(("dtype", "opt"), [("bfloat16", "sgd"), ("float16", "adamw"), ("float32", "sgd")])
-def test_steady_state_step_faults_in_no_sampled_rows_buffer(dtype: str, opt: str) -> None:
+@pytest.fixture(scope="module")
+def step_faults() -> dict[str, dict[str, list[int]]]:
+    """One real process (glibc's threshold pinned) for every case: faults per phase of steps 3-5."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, dtype, opt], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=root)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, *(f"{a}:{b}" for a, b in CASES)],
+                          capture_output=True, text=True, env=env, timeout=180, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res: dict[str, dict[str, list[int]]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
+
+
+@pytest.mark.parametrize(("dtype", "opt"), CASES)
+def test_steady_state_step_faults_in_no_sampled_rows_buffer(step_faults: dict[str, Any], dtype: str,
+                                                           opt: str) -> None:
+    res = step_faults[f"{dtype}:{opt}"]
     if not res["pinned"]:
         pytest.skip("glibc's mmap threshold cannot be pinned here (not glibc)")
     assert res["sampled"][-1] == 5_000
