@@ -49,8 +49,8 @@ SAMPLER_BYTES_PER_ROW = 18
 #   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
 #   gather/scatter staging); AdamW's moments are fp32 (chunks m, v and the denominator) and only the
 #   weights need staging;
-# * for a head stored below fp32, in the forward: the sampled rows gathered in the head's dtype before
-#   the upcast (a transient S x D in that dtype).
+# * for a head stored below fp32, the sampled rows gathered in the head's dtype before the upcast go
+#   into the bytes of the S x D gradient buffer (not yet written in the forward): nothing more;
 # * persistent optimizer state: SGD momentum in the head's dtype; AdamW: exp_avg and exp_avg_sq in fp32
 #   (fp64 for a float64 head) and an int64 per-row step count.
 # The fp16/bf16 and AdamW counts are read from the code, not measured: `pfc bench head` runs fp32 SGD.
@@ -185,7 +185,7 @@ def plan_rank(
     rows = shard_rows(num_classes, world_size)
     s = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    sd_f, sd_e, ns_f = s * dim * f, s * dim * e, n * s * f
+    sd_f, ns_f = s * dim * f, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
@@ -205,8 +205,8 @@ def plan_rank(
     }
     sampler = SAMPLER_BYTES_PER_ROW * rows
     phases: dict[str, dict[str, int]] = {
-        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings,
-                    **({"sampled_weights_gather": sd_e} if e != f else {})},
+        # (a bf16/fp16 head gathers its sampled rows into the bytes of the weight-gradient buffer)
+        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
         "backward": {**workspace, "embeddings": embeddings},
         "optimizer": dict(workspace),
     }

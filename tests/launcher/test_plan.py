@@ -66,14 +66,15 @@ def test_memory_large_logits_and_half_precision() -> None:
         + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
     assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
     # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
-    # (gathered in fp16 first, in the forward) and updates in fp32 chunks staged through two fp16 chunks
-    # (momentum and weights).
+    # (gathered in fp16 first, into the bytes of the not yet written fp32 gradient buffer: nothing more)
+    # and updates in fp32 chunks staged through two fp16 chunks (momentum and weights).
     h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
     sd_f, sd_e, ns = 32, 16, 48
     ws = 2 * ns + sd_f + sd_f + (2 * 4 * 4 + 2 * 2 * 4 * 2)
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
-    assert h.phases == {"forward": ws + sd_e + 72 + emb, "backward": ws + emb, "optimizer": ws}
+    assert sd_e == sd_f // 2  # the fp16 gather fits in the fp32 gradient buffer
+    assert h.phases == {"forward": ws + 72 + emb, "backward": ws + emb, "optimizer": ws}
     assert h.total_bytes == 64 + h.phases["forward"]
 
 
