@@ -72,6 +72,8 @@ def augment_study(out: Path, *, config: str, seeds: list[int], identities: int, 
                         f"data.val_bins={json.dumps([str(val_bin)])}", f"output={json.dumps(str(run))}"]
             if steps is not None:
                 run_sets.append(f"train.steps={steps}")
+                if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
+                    run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
             code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
             if code:
                 raise RuntimeError(f"training {name} (seed {seed}) failed (exit code {code}); see {run}")

@@ -315,7 +315,13 @@ def _first_batches(prefix: Path, flip: float, dali: bool) -> torch.Tensor:
 
         loader = build_dataloader(prefix, 8, seed=1, workers=0, flip=flip, uint8=True)
     loader.set_epoch(0)
-    out = torch.cat([x for x, _ in loader])
+    parts = []
+    for batch in loader:
+        x = batch[0]
+        if len(batch) == 3 and batch[2] is not None:  # DALI leaves the mirroring to the step: apply it here
+            x = torch.where(batch[2].view(-1, 1, 1, 1), x.flip(2), x)  # (B, H, W, 3): W is dim 2
+        parts.append(x)
+    out = torch.cat(parts)
     if dali:
         loader.close()
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -17,11 +19,14 @@ from tests.distributed import run_ranks
 @pytest.mark.multiprocess
 def test_cli_tiny_run_writes_sane_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
-    res = CliRunner().invoke(app, ["bench", "head", "--classes", "1000", "--dim", "16", "--batch", "8",
-                                   "--sample-rate", "0.1", "--world-size", "2", "--steps", "3",
-                                   "--warmup", "1", "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    assert "ratio to floor" in res.output and "bytes sent per step per rank" in res.output
+    # In a fresh process, as users run it: the benchmark forks its ranks, and a fork of this pytest
+    # process (threads left by earlier tests: thread pools, tqdm's monitor) once hung its children.
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "head", "--classes", "1000", "--dim", "16",
+                          "--batch", "8", "--sample-rate", "0.1", "--world-size", "2", "--steps", "3", "--warmup", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, output
+    assert "ratio to floor" in output and "bytes sent per step per rank" in output
     doc = json.loads(out.read_text())
     for key in RESULT_KEYS:
         assert key in doc, key

@@ -33,6 +33,9 @@ class _Batches:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches.pop(0)
 
+    def augmentation(self, step: int, micro: int) -> None:
+        return None  # data.augment off: the step's inputs go to the backbone as they are
+
 
 def _micro(step: int, m: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + 10 * m + rank)
