@@ -20,13 +20,13 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # keys of a progress record that are not scalars of the run
 _NOT_SCALARS = ("step", "time")
 
 
-def check_backends(backends: list[str], wandb_mode: str = "offline") -> None:
+def check_backends(backends: list[str], wandb_mode: Literal["offline", "online"] = "offline") -> None:
     """Every rank calls this before training: a missing package (or, for ``wandb_mode=online``, a missing
     ``WANDB_API_KEY``) stops all ranks alike, with one line."""
     if "tensorboard" in backends and importlib.util.find_spec("tensorboard") is None:
@@ -45,7 +45,8 @@ class Trackers:
     """The configured backends beyond jsonl, on rank 0 (``enabled``); a no-op elsewhere."""
 
     def __init__(self, backends: list[str], output: Path, enabled: bool, wandb_project: str = "partialfc-discface",
-                 wandb_mode: str = "offline", run_config: dict[str, Any] | None = None) -> None:
+                 wandb_mode: Literal["offline", "online"] = "offline",
+                 run_config: dict[str, Any] | None = None) -> None:
         check_backends(backends, wandb_mode)
         self.writer: Any = None
         self.wandb_run: Any = None
@@ -115,7 +116,7 @@ class Trackers:
             self.wandb_run = None
 
 
-def _start_wandb(output: Path, project: str, mode: str, run_config: dict[str, Any]) -> Any:
+def _start_wandb(output: Path, project: str, mode: Literal["offline", "online"], run_config: dict[str, Any]) -> Any:
     """A W&B run writing under ``<output>/wandb``; ``mode="offline"`` never opens a network connection."""
     # Set before the import: wandb reads WANDB_SILENT (no banner, no prompt) when it starts its service.
     os.environ["WANDB_SILENT"] = "true"

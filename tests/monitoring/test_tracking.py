@@ -61,6 +61,8 @@ def _wandb_records(path: Path) -> list[Any]:
     """
     from wandb.proto import wandb_internal_pb2
 
+    pb: Any = wandb_internal_pb2  # generated protobuf module: no type stubs
+
     data = path.read_bytes()
     assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), data[:7]
     block, head = 32768, 7
@@ -79,7 +81,7 @@ def _wandb_records(path: Path) -> list[Any]:
         pending += chunk
         assert kind in (1, 2, 3, 4), kind
         if kind in (1, 4):
-            rec = wandb_internal_pb2.Record()
+            rec = pb.Record()
             rec.ParseFromString(pending)
             records.append(rec)
             pending = b""
