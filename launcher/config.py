@@ -349,17 +349,20 @@ class LogConfig(_Section):
     every_steps: int = Field(10, ge=1)
     backends: list[str] = Field(default_factory=lambda: ["jsonl"],
                                 description="where rank 0 logs: jsonl (<output>/metrics.jsonl), tensorboard "
-                                "(<output>/tensorboard/, needs the tensorboard extra); launcher/tracking.py")
+                                "(<output>/tensorboard/, needs the tensorboard extra), wandb (<output>/wandb/, "
+                                "needs the tracking extra); launcher/tracking.py")
+    wandb_project: str = Field("partialfc-discface", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="the W&B project of the run (log.backends includes wandb)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <output>/wandb, no network (`wandb sync` uploads them); "
+                               "online: only when asked, needs WANDB_API_KEY (never prompts)")
 
     @field_validator("backends")
     @classmethod
     def _backends(cls, v: list[str]) -> list[str]:
         for b in v:
-            if b == "wandb":
-                raise ValueError("wandb is not supported yet: its offline mode is not part of the tested "
-                                 "environment; use tensorboard (or jsonl)")
-            if b not in ("jsonl", "tensorboard"):
-                raise ValueError(f"unknown logging backend {b!r}; expected jsonl or tensorboard")
+            if b not in ("jsonl", "tensorboard", "wandb"):
+                raise ValueError(f"unknown logging backend {b!r}; expected jsonl, tensorboard or wandb")
         return list(dict.fromkeys(v))
 
 

@@ -504,7 +504,8 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
     progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                               ctx.device, out / "metrics.jsonl" if "jsonl" in cfg.log.backends else None,
                               enabled=ctx.is_main)
-    trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main)
+    trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main, wandb_project=cfg.log.wandb_project,
+                        wandb_mode=cfg.log.wandb_mode, run_config=cfg.model_dump(mode="json"))
     state = RunState()
     best = BestKeeper(cfg, ctx.is_main)
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
