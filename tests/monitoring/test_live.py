@@ -169,9 +169,9 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         assert _query(prom_port, missing_rule["expr"]) == []
         os.kill(int((pid_dir / "rank1").read_text()), signal.SIGKILL)
         t_kill = time.monotonic()
-        down, pending, short = [], [], []
-        while time.monotonic() - t_kill < for_s and not (down and pending and short):
-            short = [r["metric"].get("run") for r in _query(prom_port, missing_rule["expr"])]
+        down, pending, short = [], [], set()
+        while time.monotonic() - t_kill < for_s and not (down and pending):
+            short |= {r["metric"].get("run") for r in _query(prom_port, missing_rule["expr"])}
             down = [r["metric"]["instance"] for r in _query(prom_port, rule["expr"])]
             pending = [a for a in _api(prom_port, "alerts")["alerts"]
                        if a["labels"]["alertname"] == "PfcRankDown"
@@ -181,7 +181,11 @@ def test_prometheus_scrapes_two_ranks_and_sees_a_rank_die(dataset, tmp_path):
         assert f"127.0.0.1:{base + 1}" in down, f"rank 1 not seen down {took:.0f}s after the kill"
         assert pending and pending[0]["state"] in ("pending", "firing"), pending
         assert took < for_s / 2, f"rank down seen only after {took:.0f}s"
-        assert short == [run_id], f"PfcRanksMissing's expression did not name run {run_id}: {short}"
+        # PfcRanksMissing (per run, from the ranks' own series) holds only while the surviving rank still
+        # reports: rank 0 often leaves at once when gloo sees its peer's socket close, and a run with no
+        # series left has nothing to count (PfcRankDown is the alert then). Its cases are pinned by the
+        # promtool tests; here: whatever it names is this run.
+        assert short <= {run_id}, f"PfcRanksMissing's expression named another run than {run_id}: {short}"
         trainer.join(timeout=30)
         assert isinstance(outcome.get("error"), DistributedTestError), outcome
 
