@@ -14,8 +14,10 @@ depend on the number of DataLoader workers or on which worker reads what.
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -425,6 +427,24 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """At exit of the process that made the loaders: SIGKILL the daemonic worker processes still alive.
+
+    Workers ignore SIGTERM (see :func:`ignore_stop_signals`), and multiprocessing's own exit handler stops
+    daemonic children with SIGTERM and then joins them: a process that leaves with its loader still open
+    (an exception in the training loop keeps the iterator referenced) would wait for them forever.
+    Registered after multiprocessing's handler, so (atexit is last-in, first-out) it runs before it."""
+    leftover = [p for p in multiprocessing.active_children() if p.daemon and p.is_alive()]
+    if leftover:
+        # torch's SIGCHLD handler would report each killed worker as a failure: we are leaving anyway
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in leftover:
+        proc.kill()
+
+
+_KILL_AT_EXIT_REGISTERED = False
+
+
 def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_size: int, rank: int = 0,
                      world_size: int = 1, seed: int = 0, workers: int = 2, *, shuffle: bool = True,
                      flip: bool | float = True, drop_last_batch: bool = True, pad_epoch: bool = True,
@@ -448,6 +468,10 @@ def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_s
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+        global _KILL_AT_EXIT_REGISTERED
+        if not _KILL_AT_EXIT_REGISTERED:
+            atexit.register(_kill_leftover_workers)
+            _KILL_AT_EXIT_REGISTERED = True
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate, drop_last=drop_last_batch, pin_memory=pin_memory,
                         worker_init_fn=ignore_stop_signals, **kwargs)
