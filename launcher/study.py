@@ -33,12 +33,35 @@ def _last_train_discrepancy(metrics: Path) -> dict[str, float]:
     return {k[len("discrepancy_"):]: v for k, v in last.items() if k.startswith("discrepancy_")}
 
 
+def train_and_verify(recipe: Path, sets: list[str], run_sets: list[str], steps: int | None, nproc: int,
+                     run: Path, val_bin: Path, what: str) -> tuple[Any, Any, dict[str, Any]]:
+    """One study run: train ``recipe`` with ``run_sets`` (``steps`` overriding train.steps, the recipe's
+    warm-up fitted into it unless ``sets`` sets one), then verify its latest checkpoint on ``val_bin``.
+    Returns (config, backbone, verification of ``val_bin``); ``what`` names the run in an error."""
+    from launcher.evaluation import evaluate_bins
+    from partialfc.backbones import load_backbone
+
+    run_sets = list(run_sets)
+    if steps is not None:
+        run_sets.append(f"train.steps={steps}")
+        if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
+            run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
+    code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
+    if code:
+        raise RuntimeError(f"training {what} failed (exit code {code}); see {run}")
+    cfg = load_config(recipe, run_sets)
+    latest = CheckpointPaths(run / "checkpoints").latest()
+    assert latest is not None
+    model = load_backbone(latest / "backbone.safetensors")
+    ver = evaluate_bins(model, [str(val_bin)], cfg, DistContext.single_process(), roc_dir=run)[val_bin.name]
+    return cfg, model, ver
+
+
 def discface_study(out: Path, *, config: str, lambdas: list[float], identities: int, images_per_identity: int,
                    heldout_identities: int, steps: int | None, nproc: int, sets: list[str],
                    hard: bool = False) -> dict[str, Any]:
     from data_pipeline.synth import default_val_bin, generate
-    from launcher.evaluation import evaluate_bins, heldout_discrepancy_of
-    from partialfc.backbones import load_backbone
+    from launcher.evaluation import heldout_discrepancy_of
 
     recipe = resolve_config_path(config)
     base = load_config(recipe, sets)
@@ -56,23 +79,12 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
                  seed=seed + _HELDOUT_SEED_OFFSET, **jitter)
     results: dict[str, Any] = {"config": str(recipe), "identities": identities, "hard_jitter": hard,
                                "images_per_identity": images_per_identity, "world_size": nproc, "runs": {}}
-    ctx = DistContext.single_process()
     for lam in lambdas:
         run = out / f"lambda_{lam:g}"
         run_sets = [*sets, f"data.prefix={json.dumps(str(prefix))}", f"data.val_bins={json.dumps([str(val_bin)])}",
                     f"output={json.dumps(str(run))}", f"head.discface_lambda={lam}"]
-        if steps is not None:
-            run_sets.append(f"train.steps={steps}")
-            if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
-                run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
-        code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
-        if code:
-            raise RuntimeError(f"training with discface_lambda={lam} failed (exit code {code}); see {run}")
-        cfg = load_config(recipe, run_sets)
-        latest = CheckpointPaths(run / "checkpoints").latest()
-        assert latest is not None
-        model = load_backbone(latest / "backbone.safetensors")
-        ver = evaluate_bins(model, [str(val_bin)], cfg, ctx, roc_dir=run)[val_bin.name]
+        cfg, model, ver = train_and_verify(recipe, sets, run_sets, steps, nproc, run, val_bin,
+                                           f"with discface_lambda={lam}")
         disc = heldout_discrepancy_of(model, heldout, size, cfg.eval.batch_size, torch.device("cpu"))
         results["runs"][f"{lam:g}"] = {
             "discface_lambda": lam, "accuracy": ver["accuracy"], "accuracy_std": ver["accuracy_std"],

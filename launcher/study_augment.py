@@ -14,9 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from launcher.checkpoint import CheckpointPaths
 from launcher.config import load_config, resolve_config_path
-from launcher.distributed import DistContext, torchrun
+from launcher.study import train_and_verify
 
 #: ``pfc bench augment``'s "on" run and the finetune_small recipe (launcher/configs/finetune_small.yaml)
 RECOMMENDED: dict[str, Any] = {
@@ -47,8 +46,6 @@ def augment_study(out: Path, *, config: str, seeds: list[int], identities: int, 
     :data:`RECOMMENDED`) for each training seed; evaluate on unseen identities. Writes
     ``out/augment_study.json`` and returns the same dict."""
     from data_pipeline.synth import DEFAULT_JITTER, HARD_JITTER, default_val_bin, generate
-    from launcher.evaluation import evaluate_bins
-    from partialfc.backbones import load_backbone
 
     recipe = resolve_config_path(config)
     base = load_config(recipe, sets)
@@ -64,24 +61,13 @@ def augment_study(out: Path, *, config: str, seeds: list[int], identities: int, 
                                "identities": identities, "images_per_identity": images_per_identity,
                                "val_identities": val_identities, "val_pairs": val_pairs, "world_size": nproc,
                                "seeds": seeds, "runs": {}}
-    ctx = DistContext.single_process()
     for seed in seeds:
         for name, extra in (("off", []), ("on", on)):
             run = out / f"{name}_seed{seed}"
             run_sets = [*sets, *extra, f"train.seed={seed}", f"data.prefix={json.dumps(str(prefix))}",
                         f"data.val_bins={json.dumps([str(val_bin)])}", f"output={json.dumps(str(run))}"]
-            if steps is not None:
-                run_sets.append(f"train.steps={steps}")
-                if all(not x.startswith("optim.warmup_steps=") for x in sets):  # fit the recipe's warm-up in
-                    run_sets.append(f"optim.warmup_steps={min(load_config(recipe, sets).optim.warmup_steps, steps)}")
-            code = torchrun(["train", str(recipe), *[a for s in run_sets for a in ("--set", s)]], nproc)
-            if code:
-                raise RuntimeError(f"training {name} (seed {seed}) failed (exit code {code}); see {run}")
-            cfg = load_config(recipe, run_sets)
-            latest = CheckpointPaths(run / "checkpoints").latest()
-            assert latest is not None
-            model = load_backbone(latest / "backbone.safetensors")
-            ver = evaluate_bins(model, [str(val_bin)], cfg, ctx, roc_dir=run)[val_bin.name]
+            _, _, ver = train_and_verify(recipe, sets, run_sets, steps, nproc, run, val_bin,
+                                         f"{name} (seed {seed})")
             results["runs"][f"{name}_seed{seed}"] = {
                 "augment": name, "seed": seed, "accuracy": ver["accuracy"], "accuracy_std": ver["accuracy_std"],
                 "tar_at_far": ver["tar_at_far"], "auc": ver["auc"],
