@@ -73,7 +73,7 @@ gpu-check:
 	else echo "gpu-check: no wheels in .whl/ (make gpu-wheels): using what $(GPU_PYTHON) has"; fi
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
-# The same steps on the CPU at tiny sizes, in this project's venv (tests/launcher/test_gpu_check.py
+# The same steps on the CPU at tiny sizes, in this project's venv (tests/launcher/bench/test_gpu_check.py
 # runs it too). `make gpu-check DRY_RUN=1` does the same with $(GPU_PYTHON).
 gpu-check-dry:
 	PYTHONPATH=$(CURDIR) $(BIN)/python scripts/gpu_check.py --dry-run --out runs/gpu-check-dry $(GPU_CHECK_ARGS)

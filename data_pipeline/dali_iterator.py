@@ -5,7 +5,7 @@
 device_id is None, else on ``cuda:device_id``. With ``uint8=True`` it yields ``(pixels, labels,
 flips)``: pixels (B, H, W, 3) uint8 as decoded, flips (B,) bool (None with ``flip=False``), the
 images the consumer mirrors when it normalises them on its device
-(``launcher.data.to_model_input``). ``set_epoch(epoch, start_index)`` picks the epoch and
+(``launcher.trainer.batches.to_model_input``). ``set_epoch(epoch, start_index)`` picks the epoch and
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
 order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of

@@ -325,7 +325,7 @@ def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     ``torch.empty(...).share_memory_()`` allocates private memory and then copies it into a new
     shared segment, touching every page twice: 8-11 ms for a 128 x 112 x 112 x 3 batch on the 2-core
     box, a third of the batch's decode. ``UntypedStorage._new_shared`` (private; its behaviour is
-    pinned by tests/loaders/test_uint8_handover.py) creates the segment directly: about half that.
+    pinned by tests/data_pipeline/test_uint8_handover.py) creates the segment directly: about half that.
     """
     n = 1
     for d in shape:
@@ -381,7 +381,7 @@ class FaceLoader:
     size (smaller only for skipped corrupt records, or a last partial batch without ``drop_last``).
     With ``uint8=True`` images are the workers' pixels as they are, (B, H, W, 3) uint8 RGB, flips
     applied (pinned when the DataLoader pins): the trainer converts them on its device
-    (``launcher.data.to_model_input``), a quarter of the bytes to move and no float pass on the host.
+    (``launcher.trainer.batches.to_model_input``), a quarter of the bytes to move and no float pass on the host.
     ``skipped`` counts the corrupt records skipped so far (``skip_corrupt=True``), ``skipped_records``
     lists them.
     """

@@ -144,7 +144,7 @@ class ErasingAugment(_AugmentOp):
 
 
 class AugmentConfig(_Section):
-    """Augmentation of the training batch on the backbone's device (``launcher.augment``); all p = 0 is
+    """Augmentation of the training batch on the backbone's device (``launcher.trainer.augment``); all p = 0 is
     no augmentation besides the flip."""
 
     flip: float | None = Field(None, ge=0.0, le=1.0, description="horizontal flip probability, drawn by "
@@ -291,7 +291,7 @@ class TrainConfig(_Section):
     stop_signals: list[str] = Field(
         default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
         description="signals on which every rank saves a checkpoint at the next step boundary and exits "
-                    "76 (launcher/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
+                    "76 (launcher/trainer/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
     stop_grace_s: float = Field(300.0, ge=1.0, le=86400.0,
                                 description="seconds torchrun waits for the ranks' stop checkpoint before "
                                 "SIGKILL; keep the cluster's grace period (Kubernetes "
@@ -350,7 +350,7 @@ class LogConfig(_Section):
     backends: list[str] = Field(default_factory=lambda: ["jsonl"],
                                 description="where rank 0 logs: jsonl (<output>/metrics.jsonl), tensorboard "
                                 "(<output>/tensorboard/, needs the tensorboard extra), wandb (<output>/wandb/, "
-                                "needs the tracking extra); launcher/tracking.py")
+                                "needs the tracking extra); launcher/monitoring/trackers.py")
     wandb_project: str = Field("partialfc-discface", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$",
                                description="the W&B project of the run (log.backends includes wandb)")
     wandb_mode: Literal["offline", "online"] = Field(

@@ -54,8 +54,8 @@ def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
 def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int | None, nproc: int,
              extra_sets: list[str]) -> int:
     from data_pipeline.synth import HARD_JITTER, default_val_bin, generate
-    from launcher.evaluation import evaluate_bins
-    from launcher.progress import setup_logging
+    from launcher.trainer.evaluation import evaluate_bins
+    from launcher.trainer.progress import setup_logging
     from partialfc.backbones import get_backbone
 
     setup_logging(0)
@@ -93,7 +93,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
         log.error(f"training failed with exit code {code}")
         return code
 
-    from launcher.checkpoint import CheckpointPaths
+    from launcher.trainer.checkpointer import CheckpointPaths
     from partialfc.backbones import load_backbone
 
     latest = CheckpointPaths(out / "checkpoints").latest()

@@ -181,7 +181,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     ``argv`` is the ``pfc`` command line to run on every rank (it sees torchrun's environment).
     ``rdzv_timeout`` (seconds) bounds the wait for the other nodes (torchrun's ``join_timeout``,
     default 600 s); when it runs out :class:`RendezvousTimeout` names the endpoint and the timeout.
-    ``stop_signals`` (names) go to the ranks, not to torchrun (see ``launcher/preemption.py``): torchrun
+    ``stop_signals`` (names) go to the ranks, not to torchrun (see ``launcher/trainer/preemption.py``): torchrun
     ignores them, we pass them to every rank and give the ranks ``stop_grace_s`` to save and exit.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
@@ -195,7 +195,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
             cmd.append(f"--rdzv-conf=join_timeout={int(rdzv_timeout)}")
     else:
         cmd.append("--standalone")
-    from launcher.preemption import SignalForwarder, torchrun_stop_setup
+    from launcher.trainer.preemption import SignalForwarder, torchrun_stop_setup
 
     stop = torchrun_stop_setup(stop_signals or [])
     cmd += stop.torchrun_args

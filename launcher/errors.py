@@ -35,12 +35,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong" rather than "the program is wrong"."""
     from data_pipeline.recordio import RecordIOError
     from data_pipeline.verification import UnsafePickleError
-    from launcher.checkpoint import CheckpointWriteError
     from launcher.config import ConfigError
     from launcher.distributed import RendezvousTimeout
-    from launcher.export import ModelPathError
-    from launcher.metrics import MetricsPortError
-    from launcher.report import ReportError
+    from launcher.model_files import ModelPathError
+    from launcher.monitoring.exporter import MetricsPortError
+    from launcher.monitoring.plots import ReportError
+    from launcher.trainer.checkpointer import CheckpointWriteError
     from partialfc.backbones import BackboneFileError
     from partialfc.checkpoint import CheckpointError
 
@@ -49,7 +49,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         ModelPathError, ReportError, MetricsPortError, RendezvousTimeout, CheckpointWriteError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
     with contextlib.suppress(ImportError):  # training pulls in the backbone engines; commands may not
-        from launcher.training import NonFiniteError
+        from launcher.trainer.loop import NonFiniteError
 
         types += (NonFiniteError,)
     return types

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The end-to-end tests' shared `dataset` fixture (a small synthetic dataset) and helpers.
+pytest_plugins = ["tests.support.runs"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "recordio"

@@ -25,7 +25,7 @@ def bench_train_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="write the result here"),
 ) -> None:
     """Training throughput and step-time split (data wait, forward, backward, communication, optimizer)."""
-    from launcher.bench_train import backbone_floor, bench_train
+    from launcher.bench.train_speed import backbone_floor, bench_train
 
     res = bench_train(config, data, steps, warmup, nproc, list(sets or []), device_data=device_data)
     typer.echo(f"{res['backbone']} {res['image_size']}px, {res['world_size']} rank(s) x {res['batch_per_rank']}: "
@@ -60,7 +60,7 @@ def bench_discface_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="also write the result here"),
 ) -> None:
     """DiscFace off vs on, same seeds: held-out verification and both discrepancies."""
-    from launcher.study import discface_study, format_study
+    from launcher.bench.discface_study import discface_study, format_study
 
     lams = [float(x) for x in lambdas.split(",") if x.strip()]
     res = discface_study(output.resolve(), config=config, lambdas=lams, identities=identities,
@@ -89,7 +89,7 @@ def bench_augment_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="also write the result here"),
 ) -> None:
     """Augmentation off vs on (data.augment), same data and seeds: verification on unseen identities."""
-    from launcher.study_augment import augment_study, format_augment_study
+    from launcher.bench.augment_study import augment_study, format_augment_study
 
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     if not seed_list:

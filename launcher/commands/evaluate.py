@@ -24,10 +24,10 @@ def eval_cmd(
     """10-fold verification accuracy, TAR@FAR (1e-4, 1e-3, 1e-2) and discrepancies on .bin pair sets."""
     import torch
 
-    from launcher.checkpoint import resolve_backbone_file
     from launcher.config import Config
     from launcher.distributed import DistContext
-    from launcher.evaluation import evaluate_bins
+    from launcher.trainer.checkpointer import resolve_backbone_file
+    from launcher.trainer.evaluation import evaluate_bins
     from partialfc.backbones import load_backbone
 
     try:
@@ -58,7 +58,7 @@ def eval_cmd(
                    f"{cells[2]:>9s}")
     payload: dict[str, object] = {"model": str(weights), **results}
     if heldout is not None:
-        from launcher.evaluation import heldout_discrepancy_of
+        from launcher.trainer.evaluation import heldout_discrepancy_of
 
         disc = heldout_discrepancy_of(net, heldout, size, batch_size, torch.device("cpu"))
         payload["heldout_discrepancy"] = disc

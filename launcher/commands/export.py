@@ -24,7 +24,7 @@ def _fail(message: str) -> NoReturn:
 
 def _load(model: Path) -> nn.Module:
     # imported here so that `pfc --help` does not pay for torch
-    from launcher.export import load_backbone_for_inference
+    from launcher.model_files import load_backbone_for_inference
 
     try:
         return load_backbone_for_inference(model)
@@ -42,7 +42,7 @@ def onnx_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Export a backbone to ONNX with a dynamic batch axis, checked against onnxruntime."""
-    from launcher.export import export_onnx, write_json
+    from launcher.model_files import export_onnx, write_json
 
     net = _load(model)
     start = time.perf_counter()
@@ -94,7 +94,7 @@ def torch_cmd(
     out: Path = typer.Argument(..., help="The .pth file to write (a state_dict with insightface's names)."),
 ) -> None:
     """Export a backbone as an insightface arcface_torch state_dict (.pth, torch.save)."""
-    from launcher.export import export_torch
+    from launcher.model_files import export_torch
 
     net = _load(model)
     try:
@@ -121,7 +121,7 @@ def embed_cmd(
     """Embed images with a trained backbone (flip-sum, L2-normalised) into a .npy file."""
     import numpy as np
 
-    from launcher.export import embed_images, write_json
+    from launcher.model_files import embed_images, write_json
 
     paths = _expand(images)
     net = _load(model)

@@ -17,7 +17,7 @@ def report_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="also write the summary (files, last values) here"),
 ) -> None:
     """Loss by component, throughput, LR, step-time split, discrepancies and verification accuracy as PNG."""
-    from launcher.report import ReportError, write_report
+    from launcher.monitoring.plots import ReportError, write_report
 
     try:
         res = write_report(run_dir, out)

@@ -37,8 +37,8 @@ def build_overrides(data: str | None, val_bin: list[str] | None, output: str | N
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
     """Before any rank starts: the init_backbone file read, the data found (an image folder packed
     once, so ranks that torchrun starts find it packed); a bad path or file is one line, exit 2."""
-    from launcher.data import resolve_prefix
-    from launcher.finetune import adopt_init_backbone
+    from launcher.trainer.batches import resolve_prefix
+    from launcher.trainer.finetune import adopt_init_backbone
 
     try:
         cfg = adopt_init_backbone(cfg)
@@ -72,8 +72,8 @@ def train_cmd(
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
     from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
-    from launcher.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
-    from launcher.progress import setup_logging
+    from launcher.trainer.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
+    from launcher.trainer.progress import setup_logging
 
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = _config_or_exit(config, overrides)
@@ -91,7 +91,7 @@ def train_cmd(
         if stopped_since(Path(cfg.output), started):
             code = STOPPED_EXIT_CODE  # the ranks exited 0 so that torchrun would not restart them
         raise typer.Exit(code=code)
-    from launcher.training import train
+    from launcher.trainer.loop import train
 
     # Handlers first: a stop signal that arrives during the rendezvous or data loading is kept and acted on
     # at the first step boundary instead of killing the rank.

@@ -372,8 +372,7 @@ def test_slurm_usr1_saves_at_the_step_reached_then_requeues_and_resumes_exactly(
                               f"--nproc-per-node 2 {sets.replace(str(port), str(free_port()))}"),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    from tests.launcher.test_reliability import _assert_same_run
-
+    from tests.support.runs import _assert_same_run
     _assert_same_run(clean, out)
     print(f"USR1 after logged step {at_signal}: saved at step {stopped_at}; requeued attempt finished "
           f"{time.monotonic() - t_requeue:.0f}s after the requeue")

@@ -482,7 +482,7 @@ def test_deepspeed_import_compiles_nothing(tmp_path):
     ext = tmp_path / "torch_extensions"
     ext.mkdir()
     env = shell_env(tmp_path, DS_BUILD_OPS="0", TORCH_EXTENSIONS_DIR=str(ext))
-    code = "import deepspeed, launcher.engines; print(deepspeed.__version__)"
+    code = "import deepspeed, launcher.trainer.engines; print(deepspeed.__version__)"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr

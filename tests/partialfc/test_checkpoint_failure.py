@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import run_ranks
+from tests.support.distributed import run_ranks
 
 pytestmark = pytest.mark.multiprocess
 

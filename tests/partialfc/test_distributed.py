@@ -19,8 +19,8 @@ import torch
 
 from partialfc import PartialFC, class_range, comm_stats, load_head, save_head
 from partialfc.sampler import num_sample
-from tests.distributed import run_ranks
 from tests.partialfc.reference import reference_loss, rel_err
+from tests.support.distributed import run_ranks
 
 DIM = 16
 COSFACE = (1.0, 0.0, 0.4)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from partialfc import PartialFC
-from tests.distributed import run_ranks
 from tests.partialfc.reference import reference_loss, rel_err
+from tests.support.distributed import run_ranks
 
 DIM = 8
 ARCFACE = (1.0, 0.5, 0.0)
@@ -173,7 +173,7 @@ def _unannounced(rank: int, ws: int) -> None:
 
 @pytest.mark.multiprocess
 def test_an_unannounced_label_is_refused_on_every_rank_without_a_hang() -> None:
-    from tests.distributed import RankFailed
+    from tests.support.distributed import RankFailed
 
     with pytest.raises(RankFailed) as err:
         run_ranks(_unannounced, 2, timeout=60)

@@ -11,8 +11,8 @@ import torch
 
 from partialfc import PartialFC, PartialFCAdamW, PartialFCSGD, load_head, save_head
 from partialfc.checkpoint import CheckpointError
-from tests.distributed import run_ranks
 from tests.partialfc.reference import reference_loss, rel_err
+from tests.support.distributed import run_ranks
 
 MARGIN = (1.0, 0.5, 0.0)
 SCALE = 16.0

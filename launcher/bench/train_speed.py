@@ -1,0 +1,146 @@
+"""`pfc bench train`: images/s and the step-time split of a real training run (torchrun, N ranks).
+
+The run is the ordinary trainer on a config (synthetic data when none is given), with checkpoints and
+evaluation pushed out of the timed window; per-step figures come from its ``metrics.jsonl``
+(``log.every_steps=1``) and the first ``warmup`` steps are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from launcher.config import load_config, resolve_config_path
+from launcher.distributed import torchrun
+
+SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s")
+
+
+def summarise(rows: list[dict[str, Any]], warmup: int, global_batch: int) -> dict[str, Any]:
+    """Median step time (from consecutive log times) and median split over the steps after warm-up."""
+    rows = sorted((r for r in rows if "loss" in r and "time_forward_s" in r), key=lambda r: r["step"])
+    timed = [r for r in rows if r["step"] > warmup]
+    if len(timed) < 2:
+        raise ValueError(f"need at least 2 logged steps after {warmup} warm-up steps, got {len(timed)}")
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(timed) if b["step"] == a["step"] + 1]
+    step_s = statistics.median(gaps)
+    split = {k: statistics.median(r.get(k, 0.0) for r in timed) for k in SPLIT}
+    return {"step_s": step_s, "images_per_s": global_batch / step_s, "split_s": split,
+            "split_fraction": {k: v / step_s for k, v in split.items()}, "steps_timed": len(gaps)}
+
+
+def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """The backbone's forward + backward alone, in this process, on the device the trainer would pick.
+
+    Same backbone, batch per rank, autocast dtype, channels_last and fp16 loss scaling as the run, on
+    one batch of uint8 pixels made on the device and normalised as the step does
+    (:func:`launcher.trainer.batches.to_model_input`); the loss is a plain sum of the embeddings (no head, no
+    optimizer step, no communication). ``images_per_s`` is the floor a whole training step is set
+    against; ``peak_memory_bytes`` the CUDA allocator's peak during the timed steps (None on CPU).
+    """
+    import time
+
+    import torch
+
+    from launcher.trainer.batches import to_model_input
+    from launcher.trainer.loop import _autocast, backbone_config
+
+    cfg = load_config(resolve_config_path(config), sets)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    from launcher.distributed import DistContext
+    from partialfc.backbones import get_backbone
+
+    ctx = DistContext.single_process(device)
+    torch.manual_seed(cfg.train.seed)
+    b = backbone_config(cfg)
+    net = get_backbone(b["name"], embedding_size=b["embedding_size"], image_size=b["image_size"],
+                       width=b["width"], dropout=b["dropout"]).to(device)
+    channels_last = cfg.train.channels_last and cuda
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net.train()
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and cuda else None
+    s = cfg.model.image_size
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    pixels = torch.randint(0, 256, (cfg.train.batch_size, s, s, 3), generator=gen, dtype=torch.uint8,
+                           device=device)
+
+    def step() -> None:
+        x = to_model_input(pixels, device, channels_last)
+        with _autocast(cfg, ctx):
+            emb = net(x)
+        loss = emb.float().sum()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for p in net.parameters():
+            p.grad = None
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
+    return {"step_s": seconds, "images_per_s": cfg.train.batch_size / seconds, "peak_memory_bytes": peak,
+            "steps_timed": steps, "device": str(device), "amp": cfg.train.amp, "channels_last": channels_last,
+            "backbone": cfg.model.backbone, "image_size": s, "batch": cfg.train.batch_size}
+
+
+def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: int, sets: list[str],
+                workdir: Path | None = None, device_data: bool = False) -> dict[str, Any]:
+    """Run the trainer for ``warmup + steps`` steps on ``nproc`` ranks and summarise its metrics.
+
+    ``device_data``: batches made on the device (``data.loader=synthetic``), so that the step is
+    measured without any input pipeline; ``data`` is then ignored.
+    """
+    if device_data:
+        sets = [*sets, 'data.loader="synthetic"']
+        cfg0 = load_config(resolve_config_path(config), sets)
+        if cfg0.head.num_classes is None:
+            sets.append("head.num_classes=2000")
+    cfg = load_config(resolve_config_path(config), sets)
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="pfc-bench-train-"))
+    if device_data:
+        data = ""
+    elif data is None:
+        from data_pipeline.synth import generate
+
+        prefix = tmp / "data" / "train"
+        if not prefix.with_suffix(".rec").is_file():
+            generate(prefix, 200, 10, image_size=cfg.model.image_size, val_identities=0,
+                     seed=cfg.train.seed)
+        data = str(prefix)
+    out = tmp / "run"
+    total = warmup + steps
+    run_sets = [*sets, f"data.prefix={json.dumps(data or None)}", f"output={json.dumps(str(out))}", "data.val_bins=[]",
+                f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
+                "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}",
+                # a short benchmark may be shorter than the recipe's warm-up (refused by the config otherwise)
+                f"optim.warmup_steps={min(cfg.optim.warmup_steps, total)}"]
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: resume=false refuses a used one
+    code = torchrun(["train", config, *[a for s in run_sets for a in ("--set", s)]], nproc)
+    if code:
+        raise RuntimeError(f"the benchmark's training run failed with exit code {code} (output in {out})")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    global_batch = cfg.train.batch_size * nproc * cfg.optim.grad_accum
+    res = summarise(rows, warmup, global_batch)
+    res.update(config=str(config), backbone=cfg.model.backbone, image_size=cfg.model.image_size,
+               batch_per_rank=cfg.train.batch_size, world_size=nproc, data=data or "synthetic, on the device",
+               amp=cfg.train.amp, channels_last=cfg.train.channels_last, loader=cfg.data.loader,
+               workers=cfg.data.workers,
+               peak_memory_bytes_rank0=max(r["memory_bytes"] for r in rows))
+    return res

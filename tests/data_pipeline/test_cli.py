@@ -1,0 +1,69 @@
+"""`pfc data pack|inspect|pairs` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import launcher.cli  # noqa: F401  (registers every command)
+from data_pipeline.insightface import InsightFaceReader
+from data_pipeline.recordio import RecordReader
+from data_pipeline.verification import load_bin
+from launcher.commands.groups import app
+from tests.data_pipeline.helpers import make_image_folder
+
+runner = CliRunner()
+
+
+def test_pack_inspect_pairs(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "imgs", n_ids=4, per_id=3, size=(40, 30))
+    prefix = tmp_path / "out" / "train"
+    res = runner.invoke(app, ["data", "pack", str(src), str(prefix), "--no-progress",
+                              "--json", str(tmp_path / "pack.json")])
+    assert res.exit_code == 0, res.output
+    assert "packed 12 images of 4 identities" in res.output
+    summary = json.loads((tmp_path / "pack.json").read_text())
+    assert summary["images"] == 12 and summary["image_size"] == [112, 112]
+    assert (tmp_path / "out" / "property").read_text() == "4,112,112\n"
+    assert InsightFaceReader(prefix).labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+    res = runner.invoke(app, ["data", "inspect", str(prefix), "--deep", "--json", str(tmp_path / "i.json")])
+    assert res.exit_code == 0, res.output
+    assert "images      12" in res.output and "status      OK" in res.output
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert report["ok"] and report["decoded"] == 12 and report["identities"] == 4
+
+    res = runner.invoke(app, ["data", "pairs", str(prefix), str(tmp_path / "v.bin"), "--pairs", "10",
+                              "--seed", "1", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "wrote 10 pairs (5 genuine, 5 impostor)" in res.output
+    images, issame = load_bin(tmp_path / "v.bin")
+    assert len(images) == 20 and issame.sum() == 5
+    assert json.loads((tmp_path / "p.json").read_text())["pairs"] == 10
+
+
+def test_inspect_fails_on_corruption(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "imgs", n_ids=2, per_id=2, size=(20, 20))
+    prefix = tmp_path / "ds"
+    assert runner.invoke(app, ["data", "pack", str(src), str(prefix), "--no-progress"]).exit_code == 0
+    rec = Path(f"{prefix}.rec")
+    off = RecordReader(rec, f"{prefix}.idx").offset(3)
+    data = bytearray(rec.read_bytes())
+    data[off] ^= 0x01
+    rec.write_bytes(bytes(data))
+    res = runner.invoke(app, ["data", "inspect", str(prefix), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 1
+    assert "CORRUPT     1 records" in res.output
+    assert f"key 3 at byte offset {off}" in res.output and "bad magic" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["corrupt"][0]["offset"] == off
+
+
+def test_pack_and_pairs_report_bad_sources(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["data", "pack", str(tmp_path / "nothing"), str(tmp_path / "o"),
+                              "--no-progress"])
+    assert res.exit_code == 2 and "expected a folder" in res.output
+    src = make_image_folder(tmp_path / "one", n_ids=1, per_id=3, size=(8, 8))
+    res = runner.invoke(app, ["data", "pairs", str(src), str(tmp_path / "v.bin")])
+    assert res.exit_code == 2 and "at least 2 identities" in res.output

@@ -1,0 +1,127 @@
+"""Issue 13, item 8 (and issue 12 item 11's ``checkpoint.resume=false``): a user error at run time is ONE
+line on stderr and a non-zero exit, from the real `pfc` command, single-process and under torchrun (2 ranks);
+``--debug`` keeps the traceback. Item 7's data messages (one identity, a bad header record) are here too."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.support.runs import (
+    _pfc,
+    _train_args,
+    dataset,  # noqa: F401
+)
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _one_line(stderr: str) -> str:
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert "Traceback" not in stderr, stderr[-4000:]
+    pfc = [x for x in lines if x.startswith("pfc: ")]
+    assert len(pfc) == 1, stderr[-4000:]
+    return pfc[0]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_dataset_smaller_than_one_batch_per_rank_is_one_line(dataset, tmp_path, nproc):  # noqa: F811
+    prefix, _ = dataset  # 48 identities x 8 images = 384 images
+    args = _train_args(prefix, tmp_path / "run", **{"train.batch_size": 400, "train.steps": 2})
+    r = _pfc(args + (["--nproc-per-node", str(nproc)] if nproc > 1 else []), timeout=240)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    line = _one_line(r.stderr)
+    assert "fewer than one batch of 400" in line and "train.batch_size" in line, line
+    if nproc > 1:
+        assert line.startswith("pfc: rank ") and "ChildFailedError" not in r.stderr
+
+
+def test_image_size_mismatch_and_missing_data_are_one_line(dataset, tmp_path):  # noqa: F811
+    prefix, _ = dataset
+    r = _pfc(_train_args(prefix, tmp_path / "a", **{"model.image_size": 64}), timeout=240)
+    assert r.returncode == 2
+    assert "model.image_size=64 but" in _one_line(r.stderr)
+    r = _pfc(_train_args(tmp_path / "nowhere" / "train", tmp_path / "b"), timeout=240)
+    assert r.returncode == 2
+    assert str(tmp_path / "nowhere") in _one_line(r.stderr)
+    # --debug keeps the traceback
+    r = _pfc(["--debug", *_train_args(prefix, tmp_path / "c", **{"model.image_size": 64})], timeout=240)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "model.image_size=64 but" in r.stderr
+
+
+def test_resume_false_into_a_folder_holding_a_run_is_refused(dataset, tmp_path):  # noqa: F811
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    r = _pfc(_train_args(prefix, out, **{"train.steps": 2, "checkpoint.every_steps": 2}), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = (out / "metrics.jsonl").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    for nproc in (1, 2):
+        args = _train_args(prefix, out, **{"train.steps": 2, "checkpoint.every_steps": 2,
+                                           "checkpoint.resume": False})
+        r = _pfc(args + (["--nproc-per-node", "2"] if nproc > 1 else []), timeout=240)
+        assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+        line = _one_line(r.stderr)
+        assert f"output folder {out} holds a run" in line and "checkpoint.resume=false" in line, line
+        assert (out / "metrics.jsonl").read_text() == metrics, "metrics.jsonl was appended to"
+        assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
+    # a fresh folder with resume=false trains as before
+    r = _pfc(_train_args(prefix, tmp_path / "fresh", **{"train.steps": 2, "checkpoint.resume": False}),
+             timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _copy(prefix: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in prefix.parent.iterdir():
+        shutil.copy(f, dst / f.name)
+    return dst / prefix.name
+
+
+def _patch_header_label(prefix: Path, start: float, end: float) -> None:
+    """Rewrite the two float32 label values of the header record (key 0, the first record of the .rec)."""
+    with open(f"{prefix}.rec", "r+b") as f:
+        f.seek(8 + 24)  # chunk header (magic, length) and IRHeader (flag, label, id, id2)
+        f.write(struct.pack("<ff", start, end))
+
+
+@pytest.mark.parametrize("label", [(float("nan"), 400.0), (0.0, 0.0)])
+def test_header_record_with_nan_or_zeros_names_the_file(dataset, tmp_path, label):  # noqa: F811
+    prefix, _ = dataset
+    bad = _copy(prefix, tmp_path / "bad")
+    _patch_header_label(bad, *label)
+    r = _pfc(_train_args(bad, tmp_path / "run", **{"train.steps": 2}), timeout=240)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    line = _one_line(r.stderr)
+    assert f"{bad}.rec" in line and "record key 0" in line and "is not [id_start, id_end]" in line, line
+
+
+def test_dataset_with_one_identity_names_the_property_file(dataset, tmp_path):  # noqa: F811
+    from data_pipeline.synth import generate
+
+    prefix = tmp_path / "one" / "train"
+    generate(prefix, 1, 40, image_size=32, val_identities=2, val_pairs=4, seed=1, workers=1)
+    r = _pfc(_train_args(prefix, tmp_path / "run", **{"train.steps": 2}), timeout=240)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    line = _one_line(r.stderr)
+    assert str(prefix.parent / "property") in line and "1 identity" in line, line
+    json.dumps(line)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_deepspeed_without_nproc_per_node_runs_single_process(dataset, tmp_path):  # noqa: F811
+    """Issue 13, item 6: `pfc train ... --set dist.engine=deepspeed` alone runs on one process, as DDP does."""
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    r = _pfc(_train_args(prefix, out, **{"train.steps": 2, "checkpoint.every_steps": 2, "dist.engine": "deepspeed",
+                                         "dist.zero_stage": 1, "optim.grad_clip": None}), timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"

@@ -1,0 +1,135 @@
+"""``--data`` as users give it (issue 15 item 4): a PREFIX, a .rec/.idx path, a folder holding
+train.rec, or an image folder packed once into the run's data cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import launcher.trainer.batches
+from data_pipeline.insightface import read_property
+from data_pipeline.pack import pack_dataset
+from launcher.trainer.batches import DATA_CACHE, resolve_prefix
+from tests.support.distributed import run_ranks
+
+
+def _folder(root: Path, identities: int = 3, per_identity: int = 2, size: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(identities):
+        d = root / f"id_{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(per_identity):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{j}.png")
+    return root
+
+
+@pytest.fixture()
+def packed(tmp_path) -> Path:
+    prefix = tmp_path / "ds" / "train"
+    pack_dataset(_folder(tmp_path / "src"), prefix, image_size=(32, 32), progress=False)
+    return prefix
+
+
+def test_prefix_rec_idx_and_a_folder_holding_train_rec(packed, tmp_path):
+    out = tmp_path / "run"
+    for given in (packed, f"{packed}.rec", f"{packed}.idx", packed.parent):
+        assert resolve_prefix(str(given), out, 32) == packed, given
+    assert not (out / DATA_CACHE).exists()  # nothing packed for a dataset
+    # a prefix beside an image folder of the same name (`pfc data pack faces/ faces`): the packed set wins
+    src = _folder(tmp_path / "faces")
+    pack_dataset(src, tmp_path / "faces", image_size=(32, 32), progress=False)
+    assert resolve_prefix(str(tmp_path / "faces"), out, 32) == tmp_path / "faces"
+    assert not (out / DATA_CACHE).exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "missing_rec", "empty_folder"])
+def test_paths_that_are_no_dataset_are_named(tmp_path, kind):
+    given = {"missing": tmp_path / "nope", "missing_rec": tmp_path / "nope.rec", "empty_folder": tmp_path}[kind]
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    with pytest.raises(ValueError, match=rf"data\.prefix {given}: .*expected a dataset PREFIX.*a \.rec/\.idx "
+                                         r"file, a folder holding train\.rec, or an image folder with one subfolder "
+                                         r"per identity"):
+        resolve_prefix(str(given), tmp_path / "run", 32)
+
+
+def test_image_folder_is_packed_once_into_the_run_cache_and_reused(tmp_path):
+    src = _folder(tmp_path / "faces", identities=3, per_identity=2, size=40)
+    out = tmp_path / "run"
+    prefix = resolve_prefix(str(src), out, 32)
+    assert prefix == out / DATA_CACHE / "train"
+    assert read_property(prefix) == (3, 32, 32)  # resized to model.image_size, as `pfc data pack` does
+    first = os.stat(f"{prefix}.rec")
+    assert resolve_prefix(str(src), out, 32) == prefix
+    again = os.stat(f"{prefix}.rec")
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not packed again
+    # the folder changed (a new image), or another size is wanted: refused, not silently stale
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(src / "id_0" / "new.png")
+    with pytest.raises(ValueError, match=rf"data\.prefix {src}: the run's data cache {out / DATA_CACHE} was packed "
+                                         r"from .* \(6 images, 32 px\), not from this folder as it is now \(7 images, "
+                                         r"32 px\): delete .* to repack"):
+        resolve_prefix(str(src), out, 32)
+    with pytest.raises(ValueError, match=r"\(7 images, 48 px\)"):
+        resolve_prefix(str(src), out, 48)
+
+
+def _resolve_on_rank(rank: int, world_size: int, src: str, out: str) -> tuple[str, int]:
+    return str(resolve_prefix(src, out, 32)), os.getpid()
+
+
+@pytest.mark.multiprocess
+def test_ranks_starting_together_pack_once(tmp_path):
+    src = _folder(tmp_path / "faces", identities=6, per_identity=4)
+    out = tmp_path / "run"
+    results = run_ranks(_resolve_on_rank, 2, str(src), str(out), timeout=120)
+    assert {r[0] for r in results} == {str(out / DATA_CACHE / "train")}
+    packer = json.loads((out / DATA_CACHE / "pack.json").read_text())["packed_by_pid"]
+    assert packer in {r[1] for r in results}
+    assert not list(out.glob(f"{DATA_CACHE}.lock")) and not list(out.glob(f".{DATA_CACHE}.partial-*"))
+
+
+def test_a_packer_killed_mid_pack_is_named_then_a_new_run_packs(tmp_path, monkeypatch):
+    src = _folder(tmp_path / "faces", identities=20, per_identity=20, size=112)
+    out = tmp_path / "run"
+    lock = out / f"{DATA_CACHE}.lock"
+    code = (f"import launcher.trainer.batches as d; d.resolve_prefix({str(src)!r}, {str(out)!r}, 112)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+    try:
+        deadline = time.monotonic() + 60
+        while not lock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the packer never took the lock"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the real failure: the packing process dies
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert lock.exists() and not (out / DATA_CACHE / "source.json").exists()
+    monkeypatch.setattr(launcher.trainer.batches, "PACK_LOCK_STALE_S", 1.0)
+    with pytest.raises(ValueError, match=rf"{lock} has not been touched for \d+ s: the process packing {src} "
+                                         rf"stopped; remove {lock} and start again"):
+        resolve_prefix(str(src), out, 112)
+    lock.rmdir()
+    prefix = resolve_prefix(str(src), out, 112)
+    assert read_property(prefix) == (20, 112, 112)
+    assert not list(out.glob(f".{DATA_CACHE}.partial-*"))  # the dead packer's leftovers are gone
+
+
+def test_pfc_train_names_a_bad_data_path_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "demo_cpu", "--data", str(tmp_path / "x.rec"),
+                        "--output", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"pfc: data.prefix {tmp_path / 'x.rec'}: no such dataset ({tmp_path / 'x.rec'} does not exist); "
+        "expected a dataset PREFIX (PREFIX.rec, PREFIX.idx, property), a .rec/.idx file, a folder holding "
+        "train.rec, or an image folder with one subfolder per identity"]
+    assert not (tmp_path / "run").exists()

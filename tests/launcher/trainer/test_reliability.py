@@ -1,0 +1,90 @@
+"""Injected faults (``PFC_FAULT``, see launcher/trainer/faults.py): a lost rank, a crash or a full disk during a
+checkpoint, non-finite losses. Each run is a real `pfc train` process (torchrun where ranks are needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.support.runs import _assert_same_run, _latest, _pfc, _train_args
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_rank_killed_mid_run_restarts_from_latest_and_matches_uninterrupted(dataset, tmp_path):
+    prefix, _ = dataset
+    common = {"train.steps": 8, "checkpoint.every_steps": 2}
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    r = _pfc([*_train_args(prefix, clean, **common), "--nproc-per-node", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    t0 = time.monotonic()
+    r = _pfc([*_train_args(prefix, faulty, **common), "--nproc-per-node", "2", "--max-restarts", "1"],
+             fault="kill:5:1")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "resumed from" in log and "step_00000004" in log, log[-3000:]
+    assert "Signals.SIGKILL" in log or "SIGKILL" in log or "exitcode: -9" in log, log[-3000:]
+    _assert_same_run(clean, faulty)
+    print(f"kill at step 5, resumed from step 4, 1 step recomputed, whole faulty run {elapsed:.1f}s")
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(dataset, tmp_path):
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    args = _train_args(prefix, out, **{"train.steps": 6, "checkpoint.every_steps": 2})
+    r = _pfc(args, fault="ckpt_crash:4")
+    assert r.returncode == 17, r.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert _latest(out).name == "step_00000002"
+    assert (ckpts / ".step_00000004.partial").is_dir(), "the half-written save should be left as .partial"
+    assert not (ckpts / "step_00000004").exists()
+    # The previous checkpoint loads; the next run resumes from it and cleans the partial folder up.
+    from launcher.trainer.checkpointer import load_trainer_files
+
+    files = load_trainer_files(_latest(out), 0, 1)
+    assert files["meta"]["step"] == 2 and files["trainer_state"]["step"] == 2
+    r = _pfc(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert _latest(out).name == "step_00000006"
+    assert not list(ckpts.glob(".*.partial"))
+
+
+def test_full_disk_during_a_checkpoint_is_reported_and_training_goes_on(dataset, tmp_path):
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    r = _pfc(_train_args(prefix, out, **{"train.steps": 6, "checkpoint.every_steps": 2}), fault="ckpt_enospc:4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = r.stdout + r.stderr
+    assert "checkpoint for step 4 was not written" in log and "No space left on device" in log
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000006"]
+    assert not list(ckpts.glob(".*.partial"))
+    # When saving keeps failing the run stops, naming the cause, with the last good checkpoint intact.
+    out2 = tmp_path / "run2"
+    r = _pfc(_train_args(prefix, out2, **{"train.steps": 6, "checkpoint.every_steps": 2,
+                                          "checkpoint.max_failures_in_a_row": 1}), fault="ckpt_enospc:4")
+    assert r.returncode != 0
+    assert "No space left on device" in r.stdout + r.stderr
+    assert _latest(out2).name == "step_00000002"
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(dataset, tmp_path):
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    r = _pfc(_train_args(prefix, out, **{"train.steps": 12, "checkpoint.every_steps": 2,
+                                         "train.max_nonfinite_in_a_row": 3}), fault="nan:3+")
+    assert r.returncode != 0
+    log = r.stdout + r.stderr
+    assert "step 3: non-finite loss and gradients; step skipped" in log, log[-2000:]
+    assert "3 non-finite steps in a row (last at step 5)" in log
+    assert _latest(out).name == "step_00000002", "the kept checkpoint must predate the first bad step"
+    # An isolated bad step is skipped and counted, and the run finishes.
+    out2 = tmp_path / "run2"
+    r = _pfc(_train_args(prefix, out2, **{"train.steps": 6, "checkpoint.every_steps": 6}), fault="nan:3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["skipped_nonfinite"] == 1 and summary["steps"] == 6
