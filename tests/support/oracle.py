@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORACLE_PYTHON = Path(os.environ.get("PFC_MXNET_PYTHON", REPO / ".venv-mxnet" / "bin" / "python"))
 
 
