@@ -29,7 +29,8 @@ from data_pipeline.insightface import (
     read_property,
     resolve_header,
 )
-from data_pipeline.recordio import _LEN_MASK, MAGIC, RecordIOError, RecordReader, unpack
+from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
+from data_pipeline.recordio import RecordReader
 
 __all__ = ["decode_check", "format_report", "inspect_dataset"]
 
@@ -139,7 +140,7 @@ class _Inspection:
         whole for their exact error (listed as corrupt) or, when they are split records that read
         fine, kept. Returns a bool mask."""
         offs = np.asarray(self.reader.offset_array[pos], dtype=np.int64)
-        cflag, length = h["lrec"] >> 29, (h["lrec"] & _LEN_MASK).astype(np.int64)
+        cflag, length = h["lrec"] >> 29, (h["lrec"] & LEN_MASK).astype(np.int64)
         ok = (h["magic"] == MAGIC) & (cflag == 0) & (offs + 8 + length <= self.reader.file_size)
         ok &= length >= 24 + 4 * np.minimum(h["flag"], 2).astype(np.int64)
         for i in np.flatnonzero(~ok).tolist():
@@ -210,7 +211,7 @@ class _Inspection:
             ok = self.sound(p, h)
             k = reader.key_array[p]
             offs = reader.offset_array[p]
-            length = (h["lrec"] & _LEN_MASK).astype(np.int64)
+            length = (h["lrec"] & LEN_MASK).astype(np.int64)
             a, b, exact = exact_range(h["l0"], h["l1"], h["id"], h["id2"])
             shape_ok = (h["flag"] >= 2) & (length == 24 + 4 * h["flag"].astype(np.int64))
             finite = np.isfinite(h["l0"]) & np.isfinite(h["l1"])

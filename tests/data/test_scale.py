@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data_pipeline.index_cache as index_cache
+import data_pipeline.index_file as index_file
 import data_pipeline.recordio as recordio
 from data_pipeline.checks import format_report, inspect_dataset
 from data_pipeline.insightface import (
@@ -190,7 +192,7 @@ def test_vectorised_idx_parse_matches_the_lines(tmp_path: Path) -> None:
 
 
 def test_idx_parse_spans_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recordio, "_IDX_BLOCK_BYTES", 37)  # many blocks, cut mid-line
+    monkeypatch.setattr(index_file, "_IDX_BLOCK_BYTES", 37)  # many blocks, cut mid-line
     keys = np.arange(0, 500, dtype=np.int64)
     recordio.write_index(tmp_path / "b.idx", keys, keys * 40)
     k, o = load_index(tmp_path / "b.idx", cache=False)
@@ -227,7 +229,7 @@ def test_index_cache_is_used_and_invalidated(tmp_path: Path) -> None:
 def test_reader_pickles_without_the_index_when_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spawned DataLoader worker gets the path of the cache and maps it: the pickle does not grow
     with the number of records."""
-    monkeypatch.setattr(recordio, "CACHE_MIN_RECORDS", 1000)
+    monkeypatch.setattr(index_cache, "CACHE_MIN_RECORDS", 1000)
     sizes = identity_sizes(50_000, 500)
     prefix = tmp_path / "p"
     write_scale_dataset(prefix, sizes)
@@ -415,10 +417,10 @@ def test_concurrent_openers_parse_a_big_index_once(tmp_path: Path, monkeypatch: 
     the others map it."""
     import multiprocessing as mp
 
-    monkeypatch.setattr(recordio, "CACHE_MIN_RECORDS", 1000)
+    monkeypatch.setattr(index_cache, "CACHE_MIN_RECORDS", 1000)
     write_scale_dataset(tmp_path / "c", identity_sizes(200_000, 100))
     marks = tmp_path / "parses"
-    real = recordio._parse_index
+    real = index_cache._parse_index
 
     def counting(idx_path: Path, cache: bool | None) -> tuple[np.ndarray, np.ndarray]:
         with open(marks, "a") as f:
@@ -426,7 +428,7 @@ def test_concurrent_openers_parse_a_big_index_once(tmp_path: Path, monkeypatch: 
         time.sleep(0.5)  # hold the lock long enough for the others to queue
         return real(idx_path, cache)
 
-    monkeypatch.setattr(recordio, "_parse_index", counting)
+    monkeypatch.setattr(index_cache, "_parse_index", counting)
     ctx = mp.get_context("fork")
     with ctx.Pool(3) as pool:
         results = pool.map(_open_keys_sum, [str(tmp_path / "c.idx")] * 3)
