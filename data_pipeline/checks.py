@@ -22,13 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.insightface import (
-    FLOAT32_EXACT_LIMIT,
-    _with_suffix,
-    exact_range,
-    read_property,
-    resolve_header,
-)
+from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header
+from data_pipeline.property_file import prefix_path, read_property
 from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
 from data_pipeline.recordio import RecordReader
 
@@ -66,8 +61,8 @@ def inspect_dataset(prefix: str | os.PathLike[str], deep: bool = False, progress
     ``sample`` N: check the header and identity records and N image records drawn with ``seed``;
     ``images``/``identities`` then count the image keys of the index and the identity ranges.
     """
-    rec_path = _with_suffix(prefix, ".rec")
-    idx_path = _with_suffix(prefix, ".idx")
+    rec_path = prefix_path(prefix, ".rec")
+    idx_path = prefix_path(prefix, ".idx")
     report: dict[str, Any] = {
         "prefix": str(prefix), "rec": str(rec_path), "idx": str(idx_path) if idx_path.is_file() else None,
         "deep": deep, "sampled": sample, "records": 0, "images": 0, "identities": 0, "checked": 0,

@@ -307,10 +307,10 @@ def test_writer_keeps_no_per_record_set(tmp_path: Path) -> None:
 
 def test_writer_writes_exact_ranges_past_2_24(tmp_path: Path) -> None:
     """InsightFaceWriter's header/identity records: MXNet's bytes below 2**24, exact id/id2 from it on."""
-    from data_pipeline.insightface import _range_header
+    from data_pipeline.key_ranges import range_header
 
-    assert _range_header(3, 9, 17) == (0, [3.0, 9.0], 17, 0)
-    assert _range_header(B - 5, B + 3, 17) == (0, [float(B - 5), float(B + 3)], B - 5, B + 3)
+    assert range_header(3, 9, 17) == (0, [3.0, 9.0], 17, 0)
+    assert range_header(B - 5, B + 3, 17) == (0, [float(B - 5), float(B + 3)], B - 5, B + 3)
     with InsightFaceWriter(tmp_path / "w", image_size=(16, 16)) as w:
         w.add_identity([jpeg_bytes(0)])
     head = unpack(RecordReader(tmp_path / "w.rec", tmp_path / "w.idx").read(2))[0]
