@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header
+from data_pipeline.inspect_report import format_report
+from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header, valid_class_ids
 from data_pipeline.property_file import prefix_path, read_property
 from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
 from data_pipeline.recordio import RecordReader
@@ -286,8 +287,7 @@ class _Inspection:
         ok = self.sound(p, h)
         values = np.where(h["flag"] == 0, h["label"], h["l0"]).astype(np.float64)
         limit = FLOAT32_EXACT_LIMIT if self.num_classes is None else min(self.num_classes, FLOAT32_EXACT_LIMIT)
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
+        good = valid_class_ids(values, limit)
         for i in np.flatnonzero(ok & ~good).tolist():
             value = float(values[i])
             if not np.isfinite(value) or value != int(value) or value < 0:
@@ -388,39 +388,3 @@ def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="rec", desc="checking", dynamic_ncols=True, disable=not enabled)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Human summary of :func:`inspect_dataset`'s report."""
-    lines = [f"dataset     {report['prefix']}"]
-    if report["num_classes"] is not None:
-        lines.append(f"property    {report['num_classes']} classes, {report['image_size'][0]}x"
-                     f"{report['image_size'][1]}")
-    lines.append(f"records     {report['records']}"
-                 + (f" (header: identity records [{report['header'][0]}, {report['header'][1]}))"
-                    if report["header"] else ""))
-    lines.append(f"images      {report['images']}"
-                 + (f" (from the index; {report['checked']} sampled records checked)"
-                    if report.get("sampled") is not None else ""))
-    lines.append(f"identities  {report['identities']}")
-    ipi = report["images_per_identity"]
-    if ipi:
-        lines.append(f"per identity min {ipi['min']}  max {ipi['max']}  mean {ipi['mean']:.2f}  "
-                     f"median {ipi['median']:g}")
-    if report["deep"]:
-        lines.append(f"decoded     {report['decoded']} images"
-                     + (f" ({', '.join(f'{s}: {n}' for s, n in report['image_sizes'].items())})"
-                        if report["image_sizes"] else ""))
-    for w in report["warnings"]:
-        lines.append(f"warning     {w}")
-    for e in report["errors"]:
-        lines.append(f"error       {e}")
-    if report["corrupt"]:
-        lines.append(f"CORRUPT     {len(report['corrupt'])} records:")
-        for c in report["corrupt"][:50]:
-            lines.append(f"  key {c['key']} at byte offset {c['offset']}: {c['error']}")
-        if len(report["corrupt"]) > 50:
-            lines.append(f"  ... and {len(report['corrupt']) - 50} more (see --json)")
-    lines.append("status      " + ("OK" if report["ok"] else "FAILED"))
-    return "\n".join(lines)
-

@@ -47,6 +47,7 @@ from data_pipeline.key_ranges import (
     float32_preimage,
     range_header,
     resolve_header,
+    valid_class_ids,
 )
 from data_pipeline.property_file import prefix_path, property_path, read_property, write_property
 from data_pipeline.record_format import LEN_MASK, MAGIC, IRHeader, RecordIOError, pack, unpack
@@ -204,7 +205,7 @@ class InsightFaceReader:
         """Class id of every image from its own header: vectorised reads of each record's first 40
         bytes; a record whose head is odd (split, damaged) goes through the exact per-record path."""
         out = np.empty(len(self._image_keys), dtype=np.int64)
-        limit = min(self.num_classes, FLOAT32_EXACT_LIMIT)
+        limit = self._label_limit
         done = 0
         for pos, h in self._image_heads():
             flag = h["flag"]
@@ -215,8 +216,7 @@ class InsightFaceReader:
             for i in np.flatnonzero(~sound).tolist():
                 key = int(self._reader.key_array[pos[i]])
                 values[i] = self._scalar_label(self._reader.read_header(key))  # raises the precise error
-            with np.errstate(invalid="ignore"):
-                ok = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
+            ok = valid_class_ids(values, limit)
             if not np.all(ok):
                 i = int(np.argmin(ok))
                 key = int(self._reader.key_array[pos[i]])

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from data_pipeline.recordio import RecordReader
 
-__all__ = ["FLOAT32_EXACT_LIMIT", "class_id", "exact_range", "float32_preimage", "range_header", "resolve_header"]
+__all__ = ["FLOAT32_EXACT_LIMIT", "class_id", "exact_range", "float32_preimage", "range_header", "resolve_header",
+           "valid_class_ids"]
 
 log = logging.getLogger("data_pipeline.insightface")  # the name its warnings always had
 
@@ -133,6 +134,13 @@ def class_id(label: float, *, num_classes: int, path: Path, key: int, offset: in
         raise RecordIOError(f"label {cid} is not in [0, num_classes={num_classes}) from the property file",
                             path=path, key=key, offset=offset)
     return cid
+
+
+def valid_class_ids(values: np.ndarray, limit: int) -> np.ndarray:
+    """Which float labels (float64, (n,)) are class ids: integers in [0, limit). A bool mask; the
+    others are named by :func:`class_id`'s (or the inspection's) precise message."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
 
 
 def range_header(first: int, end: int, key: int) -> IRHeader:
