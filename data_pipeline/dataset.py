@@ -39,11 +39,21 @@ from data_pipeline.insightface import InsightFaceReader
 from data_pipeline.recordio import RecordIOError
 
 # The epoch plan is part of this module's interface since the torch path was one module.
-__all__ = ["Batch", "FaceDataset", "FaceLoader", "ShardedSampler", "build_dataloader", "collate", "default_prefix",
-           "epoch_flips", "epoch_order", "flip_probability", "permute", "plan_length", "rank_block", "shard_plan",
-           "shared_uint8", "to_unit"]
+__all__ = ["Batch", "FaceDataset", "FaceLoader", "ShardedSampler", "build_dataloader", "collate", "decode_rgb",
+           "default_prefix", "epoch_flips", "epoch_order", "flip_probability", "permute", "plan_length", "rank_block",
+           "shard_plan", "shared_uint8", "to_unit"]
 
 log = logging.getLogger(__name__)
+
+
+def decode_rgb(payload: bytes, flip: bool = False) -> np.ndarray:
+    """The torch path's decoder: JPEG bytes -> (H, W, 3) uint8 RGB, mirrored left-right if ``flip``
+    (also what the decode ceiling of ``pfc bench data`` times). Pillow's errors propagate."""
+    with Image.open(io.BytesIO(payload)) as im:
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        # PIL's mirror costs ~0.01 ms at 112x112; numpy's arr[:, ::-1] copy, whose innermost
+        # run is one 3-byte pixel, ~0.07 ms: a third of the decode (2-core CPU box).
+        return np.asarray(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else rgb)
 
 
 @dataclass
@@ -82,11 +92,7 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         key = self.keys[i]
         cid, payload = self.reader.read_image(key)
         try:
-            with Image.open(io.BytesIO(payload)) as im:
-                rgb = im if im.mode == "RGB" else im.convert("RGB")
-                # PIL's mirror costs ~0.01 ms at 112x112; numpy's arr[:, ::-1] copy, whose innermost
-                # run is one 3-byte pixel, ~0.07 ms: a third of the decode (2-core CPU box).
-                arr = np.asarray(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else rgb)
+            arr = decode_rgb(payload, flip)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise RecordIOError(f"payload of {len(payload)} bytes is not a decodable image ({exc})",
                                 path=self.reader.rec_path, key=key, offset=self.reader.offset(key)) from None

@@ -383,7 +383,7 @@ def test_bench_scale_keep_and_cli_inspect_quick(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     import launcher.commands.data  # noqa: F401  (registers `pfc data inspect`)
-    from data_pipeline.bench import bench_scale
+    from data_pipeline.scale_bench import bench_scale
     from launcher.commands.groups import app
 
     rep = bench_scale(3000, 100, tmp_path / "k", world_size=1, keep=True, dali=False)
