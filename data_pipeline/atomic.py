@@ -5,10 +5,11 @@ final name (``os.replace``, atomic on POSIX) and the directory is ``fsync``-ed, 
 power loss the final name holds either the old complete file or the new complete one, never a torn one,
 and a rename that a pointer (``latest``) relies on is itself on disk.
 
-Why two copies: imports run ``launcher -> partialfc -> discface`` and ``launcher -> data_pipeline``, and
-``data_pipeline`` imports none of the others, so this module is ``partialfc.atomic`` (used by ``partialfc``
-and ``launcher``) and ``data_pipeline.atomic`` (used by the dataset writers); the two files are identical
-and a test (``tests/test_atomic.py``) keeps them so.
+Why it lives in ``data_pipeline``: imports run ``launcher -> partialfc -> discface`` and
+``launcher -> data_pipeline``, and the dataset writers (``RecordWriter``, the property file, the ``.idx``
+and its cache, DALI's epoch index, the verification ``.bin``) need it while ``data_pipeline`` imports no
+other package; ``launcher`` (checkpoints, reports, the ``latest`` pointer) imports it from here. It is the
+project's one copy of the write-to-temporary-then-rename dance: nothing else calls ``os.replace``.
 
 * :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
   the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).

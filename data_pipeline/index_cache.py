@@ -13,11 +13,10 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write
+from data_pipeline.atomic import AtomicFile
 from data_pipeline.index_file import parse_index
 from data_pipeline.record_format import RecordIOError
 
@@ -60,21 +59,12 @@ def _load_cache(idx_path: Path) -> np.ndarray | None:
 def _write_cache(idx_path: Path, table: np.ndarray, signature: tuple[int, int]) -> None:
     """Write the cache atomically (ranks racing on it write the same bytes). A read-only dataset
     folder simply gets no cache."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            _write_cache_file(f, table, signature)
-
-    with contextlib.suppress(OSError):
-        atomic_write(cache_path(idx_path), write)
-
-
-def _write_cache_file(f: IO[bytes], table: np.ndarray, signature: tuple[int, int]) -> None:
     head = np.array([[_CACHE_MAGIC, len(table)], list(signature)], dtype=np.int64)
-    np.lib.format.write_array_header_1_0(
-        f, {"descr": "<i8", "fortran_order": False, "shape": (len(table) + 2, 2)})
-    f.write(head.tobytes())
-    np.ascontiguousarray(table, dtype="<i8").tofile(f)  # no bytes copy of the table
+    with contextlib.suppress(OSError), AtomicFile(cache_path(idx_path)) as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<i8", "fortran_order": False, "shape": (len(table) + 2, 2)})
+        f.write(head.tobytes())
+        np.ascontiguousarray(table, dtype="<i8").tofile(f)  # no bytes copy of the table
 
 
 def load_index(idx_path: str | os.PathLike[str], *, cache: bool | None = None) -> tuple[np.ndarray, np.ndarray]:

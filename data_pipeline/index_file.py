@@ -14,6 +14,7 @@ from typing import IO
 
 import numpy as np
 
+from data_pipeline.atomic import AtomicFile
 from data_pipeline.record_format import RecordIOError
 
 __all__ = ["format_index", "is_arange", "parse_index", "strictly_increasing", "write_index",
@@ -214,8 +215,8 @@ def write_index_lines(f: IO[bytes], keys: np.ndarray, offsets: np.ndarray, *, bl
 
 
 def write_index(path: str | os.PathLike[str], keys: np.ndarray, offsets: np.ndarray, *,
-                block: int = 1 << 20, append: bool = False) -> None:
-    """Write (or append) ``.idx`` lines for the arrays in place: for files that grow while being made
-    (the synthetic scale files); a finished index in one go goes through ``data_pipeline.atomic``."""
-    with open(path, "ab" if append else "wb") as f:
+                block: int = 1 << 20) -> None:
+    """Write an ``.idx`` for the arrays, streamed in blocks of ``block`` records; it appears under
+    ``path`` only once complete (``data_pipeline.atomic``)."""
+    with AtomicFile(path) as f:
         write_index_lines(f, keys, offsets, block=block)
