@@ -32,22 +32,22 @@ from typing import IO, Any
 __all__ = ["AtomicFile", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """``fsync`` a directory, so that renames and unlinks inside it survive a power loss."""
+def _fsync_path(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory, so that renames and unlinks inside it survive a power loss."""
+    _fsync_path(path)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """``fsync`` a file written (and closed) by someone else's writer."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path)
 
 
 def describe_error(error: BaseException) -> str:
@@ -83,17 +83,14 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[
     flushing or syncing propagates unchanged after the temporary file is removed.
     """
     path = Path(path)
+    if not callable(content):
+        with AtomicFile(path, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else bytes(content))
+        return path
     tmp = temp_name(path)
     try:
-        if callable(content):
-            content(tmp)
-            fsync_file(tmp)
-        else:
-            data = content.encode() if isinstance(content, str) else bytes(content)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        content(tmp)
+        fsync_file(tmp)
         _commit(tmp, path)
     except BaseException:
         _remove(tmp)
