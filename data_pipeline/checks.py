@@ -24,6 +24,7 @@ import numpy as np
 
 from data_pipeline.inspect_report import format_report
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header, valid_class_ids
+from data_pipeline.progress_bar import progress_bar
 from data_pipeline.property_file import prefix_path, read_property
 from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
 from data_pipeline.recordio import RecordReader
@@ -261,7 +262,7 @@ class _Inspection:
         if self.sample is not None:
             return self._sampled(image_pos, lo, n_img, ranges, counts)
         mismatch: dict[int, list[int]] = {}  # identity record key -> [first wrong image key, wrong label, count]
-        bar = _progress(n_img, self.progress)
+        bar = progress_bar(n_img, self.progress, unit="rec", desc="checking")
         heads = reader.iter_heads(image_pos) if image_pos is not None else reader.iter_heads(start=lo, stop=hi)
         for p, h in heads:
             counts = self._check_images(p, h, ranges, counts, mismatch)
@@ -382,9 +383,3 @@ class _Inspection:
         out = np.zeros(max(int(ranges["cls"].max()) + 1, len(counts)), dtype=np.int64)
         out[ranges["cls"]] = per
         return out
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="rec", desc="checking", dynamic_ncols=True, disable=not enabled)
