@@ -196,7 +196,7 @@ class _Inspection:
         reader = self.reader
         s, e = header
         keys = np.arange(s, e, dtype=np.int64)
-        sk = reader._sorted_keys  # binary search: no sort of all keys (np.isin's peak at 42M: ~1 GB)
+        sk = reader.sorted_keys  # binary search: no sort of all keys (np.isin's peak at 42M: ~1 GB)
         at = np.searchsorted(sk, keys).clip(0, max(len(sk) - 1, 0))
         present = sk[at] == keys if len(sk) else np.zeros(len(keys), dtype=bool)
         for k in keys[~present][:50].tolist():
@@ -245,14 +245,14 @@ class _Inspection:
         counts = np.zeros(max(n_cls, 1), dtype=np.int64)
         if header is not None:
             s, e = header
-            if reader._sorter is None:
+            if reader.keys_increasing:
                 lo, hi = (int(x) for x in np.searchsorted(keys, [1, s]))
                 image_pos: np.ndarray | None = None  # a contiguous slice of positions
                 n_img = hi - lo
             else:
                 image_pos = np.flatnonzero((keys >= 1) & (keys < s))
                 lo, hi, n_img = 0, 0, len(image_pos)
-            lo_id, hi_id = np.searchsorted(reader._sorted_keys, [s, e])
+            lo_id, hi_id = np.searchsorted(reader.sorted_keys, [s, e])
             stray = n - n_img - 1 - int(hi_id - lo_id)
             if stray > 0:
                 report["warnings"].append(f"{stray} records have keys outside the layout's image and identity "
@@ -378,7 +378,7 @@ class _Inspection:
         self.report["images"] = n_img
         if ranges is None or not len(ranges["a"]):
             return counts
-        sk = image_keys if self.reader._sorter is None else np.sort(image_keys)
+        sk = image_keys if self.reader.keys_increasing else np.sort(image_keys)
         per = np.searchsorted(sk, ranges["b"]) - np.searchsorted(sk, ranges["a"])
         out = np.zeros(max(int(ranges["cls"].max()) + 1, len(counts)), dtype=np.int64)
         out[ranges["cls"]] = per

@@ -90,7 +90,7 @@ class InsightFaceReader:
         self._image_range: tuple[int, int] | None = None  # the images are keys[lo:hi] of the index
         if self.header is None:
             self._image_range = (0, len(keys))
-        elif self._reader._sorter is None:  # keys increasing in .idx order: the images are one slice
+        elif self._reader.keys_increasing:  # keys increasing in .idx order: the images are one slice
             lo, hi = np.searchsorted(keys, [1, self.header[0]])
             self._image_range = (int(lo), int(hi))
         if self._image_range is not None:

@@ -86,7 +86,7 @@ def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None
                             "identity record and one past the last, integers with 1 <= id_start < id_end",
                             path=reader.rec_path, key=0, offset=reader.offset(0))
     first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
-    keys = reader._sorted_keys
+    keys = reader.sorted_keys
     off0 = reader.offset(0)
 
     def present(s: int, e: int) -> bool:

@@ -1,8 +1,9 @@
 """MXNet RecordIO without MXNet: the reader and the writer of ``.rec``/``.idx`` pairs.
 
 ``RecordReader`` gives random access by key to the records of one ``.rec`` (keys and byte offsets from
-the ``.idx``, :mod:`data_pipeline.index_cache`, or a scan of the chunks); ``RecordWriter`` writes both
-files byte-identically to MXNet's ``MXIndexedRecordIO``. The format, ``IRHeader``, ``pack`` and
+the ``.idx``, :mod:`data_pipeline.index_cache`, or a scan of the chunks); ``RecordWriter``
+(:mod:`data_pipeline.record_writer`, re-exported) writes both files byte-identically to MXNet's
+``MXIndexedRecordIO``. The format, ``IRHeader``, ``pack`` and
 ``unpack`` live in :mod:`data_pipeline.record_format` and are re-exported here (the public interface:
 ``from data_pipeline.recordio import RecordReader, RecordWriter, IRHeader, pack, unpack``).
 
@@ -23,11 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.atomic import AtomicFile
 from data_pipeline.index_cache import cache_path, load_index
 from data_pipeline.index_file import format_index, is_arange, strictly_increasing, write_index
 from data_pipeline.record_chunks import (
-    encoded_size,
     gather_heads,
     read_leading_labels,
     read_record_at,
@@ -43,7 +42,7 @@ from data_pipeline.record_format import (
     pack,
     unpack,
 )
-from data_pipeline.written_keys import WrittenKeys
+from data_pipeline.record_writer import RecordWriter
 
 __all__ = [
     "HEAD_DTYPE",
@@ -134,6 +133,17 @@ class RecordReader:
     def key_array(self) -> np.ndarray:
         """``keys`` as an int64 array (cheaper for millions of records)."""
         return self._keys
+
+    @property
+    def sorted_keys(self) -> np.ndarray:
+        """The keys in increasing order, int64 (n,): for binary searches (a view when the ``.idx`` lists
+        them in increasing order, see :attr:`keys_increasing`)."""
+        return self._sorted_keys
+
+    @property
+    def keys_increasing(self) -> bool:
+        """Whether the ``.idx`` lists the keys in increasing order (``key_array`` is ``sorted_keys``)."""
+        return self._sorter is None
 
     @property
     def offset_array(self) -> np.ndarray:
@@ -304,88 +314,3 @@ class RecordReader:
         """The record at ``offset`` (see :func:`~data_pipeline.record_chunks.read_record_at`)."""
         return read_record_at(self._fileno(), self.rec_path, self.file_size, offset, key, first_read,
                               prefix_only)
-
-
-class RecordWriter:
-    """Write records and their ``.idx`` byte-identically to MXNet's ``MXIndexedRecordIO``.
-
-    ``with RecordWriter(rec, idx) as w: w.write(key, record)``; ``idx_path=None`` writes no index
-    (like ``MXRecordIO``). ``write`` returns the record's byte offset.
-
-    Both files are written under temporary names (``data_pipeline.atomic``) and appear under their own
-    names, fsync-ed, only when :meth:`close` ends a complete write (the ``.rec`` first, then the ``.idx``
-    that points into it); :meth:`abort` (or an exception leaving the ``with`` block) removes them.
-    """
-
-    def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
-        self.rec_path = Path(rec_path)
-        self.idx_path = None if idx_path is None else Path(idx_path)
-        self._rec_file = AtomicFile(self.rec_path, "w+b")  # read back by the writer's own checks
-        self._idx_file = None if self.idx_path is None else AtomicFile(self.idx_path, "w", newline="\n")
-        self._rec = self._rec_file.file
-        self._idx = None if self._idx_file is None else self._idx_file.file
-        self._pos = 0
-        self._written = WrittenKeys()  # refuses a duplicate key at 8 B per key
-
-    @property
-    def tell(self) -> int:
-        """Byte offset where the next record goes."""
-        return self._pos
-
-    def write(self, key: int, record: bytes | bytearray | memoryview) -> int:
-        """Append one record (IRHeader and payload, e.g. from :func:`pack`) under ``key``."""
-        if self._rec.closed:
-            raise ValueError(f"{self.rec_path}: writer is closed")
-        key = int(key)
-        if self._written.seen(key):
-            raise ValueError(f"{self.rec_path}: key {key} was already written; keys must be unique")
-        data = encode_record(record)
-        offset = self._pos
-        self._rec.write(data)
-        if self._idx is not None:
-            self._idx.write(f"{key}\t{offset}\n")
-        self._written.add(key)
-        self._pos += len(data)
-        return offset
-
-    def patch(self, offset: int, record: bytes | bytearray | memoryview) -> None:
-        """Replace the record written at ``offset`` by one of the same encoded size (used to fill in
-        a header record whose content is only known at the end)."""
-        data = encode_record(record)
-        self._rec.flush()
-        old = encoded_size(self._rec.fileno(), offset, self._pos)
-        if old is None:
-            raise ValueError(f"{self.rec_path}: no record was written at byte offset {offset}")
-        if old != len(data):
-            raise ValueError(f"{self.rec_path}: the record at byte offset {offset} takes {old} bytes, the "
-                             f"replacement {len(data)}; a patch must keep the size")
-        self._rec.flush()
-        self._rec.seek(offset)
-        self._rec.write(data)
-        self._rec.seek(self._pos)
-
-    def close(self) -> None:
-        """Finish: both files are synced and renamed into place (``.rec`` before ``.idx``)."""
-        try:
-            self._rec_file.commit()
-            if self._idx_file is not None:
-                self._idx_file.commit()
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        """Stop without finishing: the temporary files are removed, nothing appears under the final names."""
-        self._rec_file.discard()
-        if self._idx_file is not None:
-            self._idx_file.discard()
-
-    def __enter__(self) -> RecordWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
