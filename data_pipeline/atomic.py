@@ -5,10 +5,11 @@ final name (``os.replace``, atomic on POSIX) and the directory is ``fsync``-ed, 
 power loss the final name holds either the old complete file or the new complete one, never a torn one,
 and a rename that a pointer (``latest``) relies on is itself on disk.
 
-Why two copies: imports run ``launcher -> partialfc -> discface`` and ``launcher -> data_pipeline``, and
-``data_pipeline`` imports none of the others, so this module is ``partialfc.atomic`` (used by ``partialfc``
-and ``launcher``) and ``data_pipeline.atomic`` (used by the dataset writers); the two files are identical
-and a test (``tests/test_atomic.py``) keeps them so.
+Why it lives in ``data_pipeline``: imports run ``launcher -> partialfc -> discface`` and
+``launcher -> data_pipeline``, and the dataset writers (``RecordWriter``, the property file, the ``.idx``
+and its cache, DALI's epoch index, the verification ``.bin``) need it while ``data_pipeline`` imports no
+other package; ``launcher`` (checkpoints, reports, the ``latest`` pointer) imports it from here. It is the
+project's one copy of the write-to-temporary-then-rename dance for a file.
 
 * :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
   the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).
@@ -31,22 +32,22 @@ from typing import IO, Any
 __all__ = ["AtomicFile", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """``fsync`` a directory, so that renames and unlinks inside it survive a power loss."""
+def _fsync_path(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory, so that renames and unlinks inside it survive a power loss."""
+    _fsync_path(path)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """``fsync`` a file written (and closed) by someone else's writer."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path)
 
 
 def describe_error(error: BaseException) -> str:
@@ -82,17 +83,14 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[
     flushing or syncing propagates unchanged after the temporary file is removed.
     """
     path = Path(path)
+    if not callable(content):
+        with AtomicFile(path, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else bytes(content))
+        return path
     tmp = temp_name(path)
     try:
-        if callable(content):
-            content(tmp)
-            fsync_file(tmp)
-        else:
-            data = content.encode() if isinstance(content, str) else bytes(content)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        content(tmp)
+        fsync_file(tmp)
         _commit(tmp, path)
     except BaseException:
         _remove(tmp)

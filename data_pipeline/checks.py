@@ -22,14 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.insightface import (
-    FLOAT32_EXACT_LIMIT,
-    _with_suffix,
-    exact_range,
-    read_property,
-    resolve_header,
-)
-from data_pipeline.recordio import _LEN_MASK, MAGIC, RecordIOError, RecordReader, unpack
+from data_pipeline.inspect_report import format_report
+from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header, valid_class_ids
+from data_pipeline.progress_bar import progress_bar
+from data_pipeline.property_file import prefix_path, read_property
+from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
+from data_pipeline.recordio import RecordReader
 
 __all__ = ["decode_check", "format_report", "inspect_dataset"]
 
@@ -65,8 +63,8 @@ def inspect_dataset(prefix: str | os.PathLike[str], deep: bool = False, progress
     ``sample`` N: check the header and identity records and N image records drawn with ``seed``;
     ``images``/``identities`` then count the image keys of the index and the identity ranges.
     """
-    rec_path = _with_suffix(prefix, ".rec")
-    idx_path = _with_suffix(prefix, ".idx")
+    rec_path = prefix_path(prefix, ".rec")
+    idx_path = prefix_path(prefix, ".idx")
     report: dict[str, Any] = {
         "prefix": str(prefix), "rec": str(rec_path), "idx": str(idx_path) if idx_path.is_file() else None,
         "deep": deep, "sampled": sample, "records": 0, "images": 0, "identities": 0, "checked": 0,
@@ -139,7 +137,7 @@ class _Inspection:
         whole for their exact error (listed as corrupt) or, when they are split records that read
         fine, kept. Returns a bool mask."""
         offs = np.asarray(self.reader.offset_array[pos], dtype=np.int64)
-        cflag, length = h["lrec"] >> 29, (h["lrec"] & _LEN_MASK).astype(np.int64)
+        cflag, length = h["lrec"] >> 29, (h["lrec"] & LEN_MASK).astype(np.int64)
         ok = (h["magic"] == MAGIC) & (cflag == 0) & (offs + 8 + length <= self.reader.file_size)
         ok &= length >= 24 + 4 * np.minimum(h["flag"], 2).astype(np.int64)
         for i in np.flatnonzero(~ok).tolist():
@@ -198,7 +196,7 @@ class _Inspection:
         reader = self.reader
         s, e = header
         keys = np.arange(s, e, dtype=np.int64)
-        sk = reader._sorted_keys  # binary search: no sort of all keys (np.isin's peak at 42M: ~1 GB)
+        sk = reader.sorted_keys  # binary search: no sort of all keys (np.isin's peak at 42M: ~1 GB)
         at = np.searchsorted(sk, keys).clip(0, max(len(sk) - 1, 0))
         present = sk[at] == keys if len(sk) else np.zeros(len(keys), dtype=bool)
         for k in keys[~present][:50].tolist():
@@ -210,7 +208,7 @@ class _Inspection:
             ok = self.sound(p, h)
             k = reader.key_array[p]
             offs = reader.offset_array[p]
-            length = (h["lrec"] & _LEN_MASK).astype(np.int64)
+            length = (h["lrec"] & LEN_MASK).astype(np.int64)
             a, b, exact = exact_range(h["l0"], h["l1"], h["id"], h["id2"])
             shape_ok = (h["flag"] >= 2) & (length == 24 + 4 * h["flag"].astype(np.int64))
             finite = np.isfinite(h["l0"]) & np.isfinite(h["l1"])
@@ -247,14 +245,14 @@ class _Inspection:
         counts = np.zeros(max(n_cls, 1), dtype=np.int64)
         if header is not None:
             s, e = header
-            if reader._sorter is None:
+            if reader.keys_increasing:
                 lo, hi = (int(x) for x in np.searchsorted(keys, [1, s]))
                 image_pos: np.ndarray | None = None  # a contiguous slice of positions
                 n_img = hi - lo
             else:
                 image_pos = np.flatnonzero((keys >= 1) & (keys < s))
                 lo, hi, n_img = 0, 0, len(image_pos)
-            lo_id, hi_id = np.searchsorted(reader._sorted_keys, [s, e])
+            lo_id, hi_id = np.searchsorted(reader.sorted_keys, [s, e])
             stray = n - n_img - 1 - int(hi_id - lo_id)
             if stray > 0:
                 report["warnings"].append(f"{stray} records have keys outside the layout's image and identity "
@@ -264,7 +262,7 @@ class _Inspection:
         if self.sample is not None:
             return self._sampled(image_pos, lo, n_img, ranges, counts)
         mismatch: dict[int, list[int]] = {}  # identity record key -> [first wrong image key, wrong label, count]
-        bar = _progress(n_img, self.progress)
+        bar = progress_bar(n_img, self.progress, unit="rec", desc="checking")
         heads = reader.iter_heads(image_pos) if image_pos is not None else reader.iter_heads(start=lo, stop=hi)
         for p, h in heads:
             counts = self._check_images(p, h, ranges, counts, mismatch)
@@ -290,8 +288,7 @@ class _Inspection:
         ok = self.sound(p, h)
         values = np.where(h["flag"] == 0, h["label"], h["l0"]).astype(np.float64)
         limit = FLOAT32_EXACT_LIMIT if self.num_classes is None else min(self.num_classes, FLOAT32_EXACT_LIMIT)
-        with np.errstate(invalid="ignore"):
-            good = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
+        good = valid_class_ids(values, limit)
         for i in np.flatnonzero(ok & ~good).tolist():
             value = float(values[i])
             if not np.isfinite(value) or value != int(value) or value < 0:
@@ -381,50 +378,8 @@ class _Inspection:
         self.report["images"] = n_img
         if ranges is None or not len(ranges["a"]):
             return counts
-        sk = image_keys if self.reader._sorter is None else np.sort(image_keys)
+        sk = image_keys if self.reader.keys_increasing else np.sort(image_keys)
         per = np.searchsorted(sk, ranges["b"]) - np.searchsorted(sk, ranges["a"])
         out = np.zeros(max(int(ranges["cls"].max()) + 1, len(counts)), dtype=np.int64)
         out[ranges["cls"]] = per
         return out
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="rec", desc="checking", dynamic_ncols=True, disable=not enabled)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Human summary of :func:`inspect_dataset`'s report."""
-    lines = [f"dataset     {report['prefix']}"]
-    if report["num_classes"] is not None:
-        lines.append(f"property    {report['num_classes']} classes, {report['image_size'][0]}x"
-                     f"{report['image_size'][1]}")
-    lines.append(f"records     {report['records']}"
-                 + (f" (header: identity records [{report['header'][0]}, {report['header'][1]}))"
-                    if report["header"] else ""))
-    lines.append(f"images      {report['images']}"
-                 + (f" (from the index; {report['checked']} sampled records checked)"
-                    if report.get("sampled") is not None else ""))
-    lines.append(f"identities  {report['identities']}")
-    ipi = report["images_per_identity"]
-    if ipi:
-        lines.append(f"per identity min {ipi['min']}  max {ipi['max']}  mean {ipi['mean']:.2f}  "
-                     f"median {ipi['median']:g}")
-    if report["deep"]:
-        lines.append(f"decoded     {report['decoded']} images"
-                     + (f" ({', '.join(f'{s}: {n}' for s, n in report['image_sizes'].items())})"
-                        if report["image_sizes"] else ""))
-    for w in report["warnings"]:
-        lines.append(f"warning     {w}")
-    for e in report["errors"]:
-        lines.append(f"error       {e}")
-    if report["corrupt"]:
-        lines.append(f"CORRUPT     {len(report['corrupt'])} records:")
-        for c in report["corrupt"][:50]:
-            lines.append(f"  key {c['key']} at byte offset {c['offset']}: {c['error']}")
-        if len(report["corrupt"]) > 50:
-            lines.append(f"  ... and {len(report['corrupt']) - 50} more (see --json)")
-    lines.append("status      " + ("OK" if report["ok"] else "FAILED"))
-    return "\n".join(lines)
-

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
-from data_pipeline.dataset import flip_probability, rank_block
+from data_pipeline.epoch_plan import flip_probability, rank_block
 from data_pipeline.insightface import InsightFaceReader
 
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.atomic import AtomicFile
+from data_pipeline.index_file import strictly_increasing, write_index_lines
 from data_pipeline.insightface import InsightFaceReader
-from data_pipeline.recordio import write_index
 
 READER_NAME = "Reader"
 
@@ -68,7 +69,7 @@ def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int
     ``start:stop`` of that reading order. Returns the (non-empty) pieces of the chunks kept."""
     stop = len(block) if stop is None else min(stop, len(block))
     out: list[np.ndarray] = []
-    ordered = _offsets_increasing(offsets)
+    ordered = strictly_increasing(offsets)
     for a in range(0, len(block), chunk):
         b = min(a + chunk, len(block))
         if b <= start or a >= stop:
@@ -78,12 +79,6 @@ def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int
         part = np.sort(part) if ordered else part[np.argsort(offsets[part], kind="stable")]
         out.append(part[max(start - a, 0):min(stop, b) - a])
     return out
-
-
-def _offsets_increasing(offsets: np.ndarray) -> bool:
-    from data_pipeline.recordio import _strictly_increasing
-
-    return _strictly_increasing(offsets)
 
 
 def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | os.PathLike[str], chunk: int,
@@ -101,12 +96,9 @@ def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | o
     fsize = int(reader.reader.file_size)
     chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start, stop)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb"):
-        pass
-    for copy, c in enumerate(chunks):
-        write_index(tmp, keys[c], offsets[c] + copy * fsize, append=True)
-    os.replace(tmp, path)
+    with AtomicFile(path) as f:  # the loader's prefetch thread writes it while DALI may read the last one
+        for copy, c in enumerate(chunks):
+            write_index_lines(f, keys[c], offsets[c] + copy * fsize)
     order = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
     return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(len(chunks), 1), order={rank: order},
                       rank=rank, epoch=epoch, start=start)
@@ -122,19 +114,16 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
     offsets = image_offsets(reader)
     keys = reader.image_key_array
     fsize = int(reader.reader.file_size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb"):
-        pass
     rows: dict[int, np.ndarray] = {}
     copy = 0
-    for rank, block in enumerate(plan):
-        chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
-        rows[rank] = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
-        for c in chunks:
-            write_index(tmp, keys[c], offsets[c] + copy * fsize, append=True)
-            copy += 1
-    os.replace(tmp, path)
+    with AtomicFile(path) as f:
+        for rank, block in enumerate(plan):
+            chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
+            rows[rank] = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
+            for c in chunks:
+                write_index_lines(f, keys[c], offsets[c] + copy * fsize)
+                copy += 1
+    path = Path(path)
     return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(copy, 1), order=rows, start=start)
 
 

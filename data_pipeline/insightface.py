@@ -21,6 +21,9 @@ classes). The *key ranges* in the header and identity records are float32 too, a
   float32 rounding that the ``.idx`` and the property agree with, and the labels come from the
   image records' own headers. A float range that no exact range within rounding explains is an
   error naming the file and record.
+
+The key ranges are :mod:`data_pipeline.key_ranges`, the file names and the property file
+:mod:`data_pipeline.property_file`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,169 +38,25 @@ from types import TracebackType
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write
-from data_pipeline.recordio import (
-    MAGIC,
-    IRHeader,
-    RecordIOError,
-    RecordReader,
-    RecordWriter,
-    pack,
-    unpack,
-    write_index,
+from data_pipeline.atomic import AtomicFile
+from data_pipeline.index_file import write_index_lines
+from data_pipeline.key_ranges import (
+    FLOAT32_EXACT_LIMIT,
+    class_id,
+    exact_range,
+    float32_preimage,
+    range_header,
+    resolve_header,
+    valid_class_ids,
 )
+from data_pipeline.property_file import prefix_path, property_path, read_property, write_property
+from data_pipeline.record_format import LEN_MASK, MAGIC, IRHeader, RecordIOError, pack, unpack
+from data_pipeline.recordio import RecordReader, RecordWriter
 
 __all__ = ["FLOAT32_EXACT_LIMIT", "InsightFaceReader", "InsightFaceWriter", "exact_range", "float32_preimage",
            "property_path", "read_property"]
 
 log = logging.getLogger(__name__)
-
-# float32 represents every integer below 2**24 exactly, and not all integers above it.
-FLOAT32_EXACT_LIMIT = 1 << 24
-
-
-def _with_suffix(prefix: str | os.PathLike[str], suffix: str) -> Path:
-    # not Path.with_suffix: a prefix such as "faces_v1.2/train" must keep its dots
-    return Path(f"{os.fspath(prefix)}{suffix}")
-
-
-def property_path(prefix: str | os.PathLike[str]) -> Path:
-    """Where the property file of ``prefix`` is: ``PREFIX.property`` if it exists, else ``<dir>/property``."""
-    own = _with_suffix(prefix, ".property")
-    return own if own.is_file() else Path(prefix).parent / "property"
-
-
-def read_property(prefix: str | os.PathLike[str]) -> tuple[int, int, int]:
-    """``(num_classes, height, width)`` from the dataset's property file.
-
-    Raises :class:`RecordIOError` naming the file(s) when it is missing or is not three positive
-    integers separated by commas.
-    """
-    own = _with_suffix(prefix, ".property")
-    path = property_path(prefix)
-    if not path.is_file():
-        raise RecordIOError(f"property file missing: looked for {own} and {path}; it holds "
-                            "'num_classes,height,width' (e.g. '85742,112,112')", path=path)
-    text = path.read_text(errors="replace").strip()
-    fields = [f.strip() for f in text.split(",")]
-    try:
-        if len(fields) != 3:
-            raise ValueError
-        num_classes, h, w = (int(f) for f in fields)
-        if min(num_classes, h, w) <= 0:
-            raise ValueError
-    except ValueError:
-        raise RecordIOError(f"malformed property {text[:80]!r}: expected 'num_classes,height,width', three "
-                            "positive integers", path=path) from None
-    if num_classes > FLOAT32_EXACT_LIMIT:
-        raise RecordIOError(f"num_classes {num_classes} exceeds 2**24: class ids are stored as float32 "
-                            "labels and would lose precision", path=path)
-    return num_classes, h, w
-
-
-def float32_preimage(value: float) -> np.ndarray:
-    """Every non-negative integer that float32 rounds to ``value`` (int64, ascending; empty when
-    ``value`` is not such a rounding). One integer below 2**24, up to 2**(e-23) + 1 above."""
-    v = np.float32(value)
-    if not np.isfinite(v) or v < 0 or v != np.floor(v):
-        return np.empty(0, dtype=np.int64)
-    step = int(np.spacing(v)) if v >= 1 else 1
-    cand = np.arange(int(v) - step, int(v) + step + 1, dtype=np.int64)
-    cand = cand[cand >= 0]
-    return cand[cand.astype(np.float32) == v]
-
-
-def exact_range(l0: np.ndarray, l1: np.ndarray, rid: np.ndarray, rid2: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact ``[first, end)`` of header/identity records from their float32 labels and uint64 id/id2.
-
-    Vectorised over records: ``(first, end, exact)`` int64, int64, bool. ``exact`` is True where
-    id/id2 carry the range (they round to the float labels: what :class:`InsightFaceWriter` writes
-    past 2**24) or where both floats are integers below 2**24; elsewhere first/end are the rounded
-    floats, only hints.
-    """
-    l0 = np.asarray(l0, dtype=np.float32)
-    l1 = np.asarray(l1, dtype=np.float32)
-    rid = np.asarray(rid, dtype=np.uint64)
-    rid2 = np.asarray(rid2, dtype=np.uint64)
-    with np.errstate(invalid="ignore"):
-        ids_exact = (rid2 > 0) & (rid <= rid2) & (rid.astype(np.float32) == l0) & (rid2.astype(np.float32) == l1)
-        finite = np.isfinite(l0) & np.isfinite(l1)
-        floats_exact = (finite & (l0 >= 0) & (l1 >= 0) & (l0 < FLOAT32_EXACT_LIMIT) & (l1 < FLOAT32_EXACT_LIMIT)
-                        & (l0 == np.floor(l0)) & (l1 == np.floor(l1)))
-    safe0 = np.where(finite, l0, 0).astype(np.float64)
-    safe1 = np.where(finite, l1, 0).astype(np.float64)
-    first = np.where(ids_exact, rid.astype(np.int64), safe0.astype(np.int64))
-    end = np.where(ids_exact, rid2.astype(np.int64), safe1.astype(np.int64))
-    return first, end, ids_exact | floats_exact
-
-
-def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None) -> tuple[int, int]:
-    """Exact ``(id_start, id_end)`` of the header record ``head`` of ``reader``'s file.
-
-    Exact id/id2 (or floats below 2**24) are taken as they are, and past 2**24 checked against the
-    ``.idx`` (every identity key listed). A legacy float32 range past 2**24 is a hint: the one range
-    within float32 rounding whose keys the ``.idx`` lists (and that has ``num_classes`` records, and
-    ends at the last key, when that decides) is taken. Raises :class:`RecordIOError` naming the file
-    and record 0 when the header and the index disagree.
-    """
-    lab = np.asarray(head.label, dtype=np.float32).ravel()
-    start_f, end_f = (float(lab[0]), float(lab[1])) if lab.size >= 2 else (float("nan"), float("nan"))
-    if not (np.isfinite(start_f) and np.isfinite(end_f) and start_f == int(start_f) and end_f == int(end_f)
-            and 1 <= start_f < end_f):
-        shown = ", ".join(repr(float(v)) for v in lab[:2])
-        raise RecordIOError(f"header record label [{shown}] is not [id_start, id_end]: the keys of the first "
-                            "identity record and one past the last, integers with 1 <= id_start < id_end",
-                            path=reader.rec_path, key=0, offset=reader.offset(0))
-    first, end, exact = exact_range(lab[:1], lab[1:2], np.array([head.id]), np.array([head.id2]))
-    keys = reader._sorted_keys
-    off0 = reader.offset(0)
-
-    def present(s: int, e: int) -> bool:
-        if e <= s:
-            return False
-        lo, hi = np.searchsorted(keys, [s, e])
-        return int(hi - lo) == e - s
-
-    s, e = int(first[0]), int(end[0])
-    if exact[0]:
-        if e >= FLOAT32_EXACT_LIMIT and not present(s, e):
-            raise RecordIOError(f"header record gives identity records [{s}, {e}) but {reader.idx_path} does not "
-                                "list all of those keys: the header and the index disagree", path=reader.rec_path,
-                                key=0, offset=off0)
-        return s, e
-    cs, ce = float32_preimage(float(lab[0])), float32_preimage(float(lab[1]))
-    pairs = [(a, b) for a in cs.tolist() for b in ce.tolist() if present(a, b)]
-    if len(pairs) > 1 and num_classes is not None:
-        pairs = [p for p in pairs if p[1] - p[0] == num_classes] or pairs
-    if len(pairs) > 1:  # identity records are the last keys of the index
-        top = int(keys[-1]) + 1 if len(keys) else 0
-        pairs = [p for p in pairs if p[1] == top] or pairs
-    if len(pairs) != 1:
-        classes = "" if num_classes is None else f" and the {num_classes} classes of the property"
-        raise RecordIOError(
-            f"header record gives identity records [{float(lab[0]):.0f}, {float(lab[1]):.0f}) as float32 labels, "
-            f"and {'no' if not pairs else 'more than one'} exact range within float32 rounding of those values "
-            f"matches the keys of {reader.idx_path}{classes}: the header and the index disagree",
-            path=reader.rec_path, key=0, offset=off0)
-    log.warning("%s: header record past 2**24 without exact id/id2; identity records [%d, %d) taken from the "
-                "index", reader.rec_path, *pairs[0])
-    return pairs[0]
-
-
-def _class_id(label: float, *, num_classes: int, path: Path, key: int, offset: int) -> int:
-    """Validate a float32 label as a class id in [0, num_classes)."""
-    value = float(label)
-    if not np.isfinite(value) or value != int(value):
-        raise RecordIOError(f"label {value!r} is not an integer class id", path=path, key=key, offset=offset)
-    cid = int(value)
-    if cid >= FLOAT32_EXACT_LIMIT:
-        raise RecordIOError(f"label {cid} is at or above 2**24: float32 labels cannot hold such class ids "
-                            "exactly", path=path, key=key, offset=offset)
-    if not 0 <= cid < num_classes:
-        raise RecordIOError(f"label {cid} is not in [0, num_classes={num_classes}) from the property file",
-                            path=path, key=key, offset=offset)
-    return cid
 
 
 class InsightFaceReader:
@@ -209,8 +68,8 @@ class InsightFaceReader:
 
     def __init__(self, prefix: str | os.PathLike[str]):
         self.prefix = Path(prefix)
-        self.rec_path = _with_suffix(prefix, ".rec")
-        self.idx_path = _with_suffix(prefix, ".idx")
+        self.rec_path = prefix_path(prefix, ".rec")
+        self.idx_path = prefix_path(prefix, ".idx")
         self.num_classes, h, w = read_property(prefix)
         self.image_size: tuple[int, int] = (h, w)
         self._label_limit = min(self.num_classes, FLOAT32_EXACT_LIMIT)
@@ -231,7 +90,7 @@ class InsightFaceReader:
         self._image_range: tuple[int, int] | None = None  # the images are keys[lo:hi] of the index
         if self.header is None:
             self._image_range = (0, len(keys))
-        elif self._reader._sorter is None:  # keys increasing in .idx order: the images are one slice
+        elif self._reader.keys_increasing:  # keys increasing in .idx order: the images are one slice
             lo, hi = np.searchsorted(keys, [1, self.header[0]])
             self._image_range = (int(lo), int(hi))
         if self._image_range is not None:
@@ -305,7 +164,7 @@ class InsightFaceReader:
         ends = np.empty(n_ids, dtype=np.int64)
         done = 0
         for _, h in self._reader.iter_heads(positions):
-            length = h["lrec"] & ((1 << 29) - 1)
+            length = h["lrec"] & LEN_MASK
             ok = (h["magic"] == MAGIC) & ((h["lrec"] >> 29) <= 1) & (h["flag"] >= 2) & (length >= 32)
             a, b, exact = exact_range(h["l0"], h["l1"], h["id"], h["id2"])
             if not np.all(ok):
@@ -346,23 +205,22 @@ class InsightFaceReader:
         """Class id of every image from its own header: vectorised reads of each record's first 40
         bytes; a record whose head is odd (split, damaged) goes through the exact per-record path."""
         out = np.empty(len(self._image_keys), dtype=np.int64)
-        limit = min(self.num_classes, FLOAT32_EXACT_LIMIT)
+        limit = self._label_limit
         done = 0
         for pos, h in self._image_heads():
             flag = h["flag"]
-            length = h["lrec"] & ((1 << 29) - 1)
+            length = h["lrec"] & LEN_MASK
             values = np.where(flag == 0, h["label"], h["l0"]).astype(np.float64)
             sound = ((h["magic"] == MAGIC) & ((h["lrec"] >> 29) <= 1)
                      & (length >= 24 + 4 * np.minimum(flag, 1).astype(np.int64)))
             for i in np.flatnonzero(~sound).tolist():
                 key = int(self._reader.key_array[pos[i]])
                 values[i] = self._scalar_label(self._reader.read_header(key))  # raises the precise error
-            with np.errstate(invalid="ignore"):
-                ok = np.isfinite(values) & (values == np.floor(values)) & (values >= 0) & (values < limit)
+            ok = valid_class_ids(values, limit)
             if not np.all(ok):
                 i = int(np.argmin(ok))
                 key = int(self._reader.key_array[pos[i]])
-                _class_id(values[i], num_classes=self.num_classes, path=self.rec_path, key=key,
+                class_id(values[i], num_classes=self.num_classes, path=self.rec_path, key=key,
                           offset=self._reader.offset(key))  # raises with the precise reason
             out[done:done + len(values)] = values.astype(np.int64)
             done += len(values)
@@ -403,7 +261,7 @@ class InsightFaceReader:
                                    offset=self._reader.offset(key)) from None
         value = self._scalar_label(head)
         if not (math.isfinite(value) and value.is_integer() and 0 <= value < self._label_limit):
-            _class_id(value, num_classes=self.num_classes, path=self.rec_path, key=int(key),
+            class_id(value, num_classes=self.num_classes, path=self.rec_path, key=int(key),
                       offset=self._reader.offset(key))  # raises with the precise reason
         return int(value), payload
 
@@ -428,14 +286,10 @@ class InsightFaceReader:
                 raise ValueError(f"key {int(uniq[np.argmax(counts > 1)])} appears more than once in `order`; "
                                  "an .idx lists each record once")
 
-        def _write(tmp: Path) -> None:
-            with open(tmp, "wb"):
-                pass
+        with AtomicFile(path) as f:
             for s in range(0, len(keys), 1 << 20):  # streamed: no text of the whole index in memory
                 part = np.asarray(keys[s:s + (1 << 20)], dtype=np.int64)
-                write_index(tmp, part, self._reader.offset_array[self._reader.positions(part)], append=True)
-
-        atomic_write(path, _write)
+                write_index_lines(f, part, self._reader.offset_array[self._reader.positions(part)])
         return path
 
     def close(self) -> None:
@@ -449,15 +303,6 @@ class InsightFaceReader:
         self.close()
 
 
-def _range_header(first: int, end: int, key: int) -> IRHeader:
-    """IRHeader of a header/identity record for the key range ``[first, end)``.
-
-    Below 2**24 exactly what MXNet's tools write (id = key, id2 = 0: byte-identical files); from
-    2**24 on, where float32 rounds, the exact range also goes into the uint64 ``id``/``id2``."""
-    if end < FLOAT32_EXACT_LIMIT:
-        return IRHeader(0, [float(first), float(end)], key, 0)
-    return IRHeader(0, [float(first), float(end)], first, end)
-
 
 class InsightFaceWriter:
     """Write an insightface-layout dataset, one identity at a time.
@@ -470,11 +315,11 @@ class InsightFaceWriter:
 
     def __init__(self, prefix: str | os.PathLike[str], image_size: tuple[int, int] = (112, 112)):
         self.prefix = Path(prefix)
-        self.rec_path = _with_suffix(prefix, ".rec")
-        self.idx_path = _with_suffix(prefix, ".idx")
+        self.rec_path = prefix_path(prefix, ".rec")
+        self.idx_path = prefix_path(prefix, ".idx")
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.property_path = (self.prefix.parent / "property" if self.prefix.name == "train"
-                              else _with_suffix(prefix, ".property"))
+                              else prefix_path(prefix, ".property"))
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._writer = RecordWriter(self.rec_path, self.idx_path)
         # header placeholder: same encoded size as the final one, patched in close()
@@ -522,13 +367,12 @@ class InsightFaceWriter:
             id_start = self._next_key
             for c, (a, b) in enumerate(self._ranges[:self._num_classes].tolist()):
                 key = id_start + c
-                self._writer.write(key, pack(_range_header(a, b, key), b""))
+                self._writer.write(key, pack(range_header(a, b, key), b""))
             id_end = id_start + self._num_classes
-            self._writer.patch(self._header_offset, pack(_range_header(id_start, id_end, 0), b""))
+            self._writer.patch(self._header_offset, pack(range_header(id_start, id_end, 0), b""))
         finally:
             self._writer.close()
-        h, w = self.image_size
-        atomic_write(self.property_path, f"{self._num_classes},{h},{w}\n")
+        write_property(self.property_path, self._num_classes, self.image_size)
 
     def abort(self) -> None:
         """Stop without finishing: nothing appears under the dataset's names (the ``.rec`` and ``.idx``

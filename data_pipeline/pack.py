@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
+from data_pipeline.progress_bar import progress_bar
 
 __all__ = ["IMAGE_EXTENSIONS", "encode_image", "list_sources", "pack_dataset"]
 
@@ -120,7 +121,7 @@ def pack_dataset(src: str | os.PathLike[str], out_prefix: str | os.PathLike[str]
     # the property needs the size before close(); without resize it is the first image's size
     writer: InsightFaceWriter | None = None
     first_size: tuple[int, int] | None = None
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress, unit="img", desc="packing")
     finished = False
     try:
         for _name, files, results in _encoded_in_order(identities, target, quality, workers):
@@ -206,10 +207,3 @@ def _encoded_in_order(identities: list[tuple[str, list[Path]]], size: tuple[int,
                 yield identities[cur_id][0], identities[cur_id][1], current
                 current = []
                 cur_id += 1
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="packing", dynamic_ncols=True, disable=not enabled)
-

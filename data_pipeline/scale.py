@@ -14,14 +14,19 @@ a sparse key space, e.g. keys just below and above 2**24 in a small file).
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, _range_header, _with_suffix
-from data_pipeline.recordio import MAGIC, IRHeader, pack, write_index
+from data_pipeline.atomic import AtomicFile
+from data_pipeline.index_file import write_index_lines
+from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
+from data_pipeline.property_file import prefix_path, write_property
+from data_pipeline.record_format import HEAD_DTYPE, MAGIC, IRHeader, encode_record, pack
 
 __all__ = ["identity_sizes", "write_scale_dataset"]
 
@@ -38,9 +43,46 @@ def identity_sizes(images: int, identities: int) -> np.ndarray:
     return sizes
 
 
-def _chunk(record: bytes) -> bytes:
-    pad = -len(record) % 4
-    return np.array([MAGIC, len(record)], dtype="<u4").tobytes() + record + b"\0" * pad
+def _image_blocks(starts: np.ndarray, n_img: int, first_key: int, payload: bytes, block: int
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Image records, ``block`` at a time: (keys int64 (m,), records (m,) structured), label = class id,
+    id = key."""
+    img_dtype = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                          ("id2", "<u8"), ("payload", f"V{len(payload)}")])
+    for s in range(0, n_img, block):
+        e = min(s + block, n_img)
+        keys = np.arange(first_key + s, first_key + e, dtype=np.int64)
+        cls = np.searchsorted(starts, keys, side="right") - 1
+        arr = np.zeros(e - s, dtype=img_dtype)
+        arr["magic"] = MAGIC
+        arr["lrec"] = 24 + len(payload)
+        arr["label"] = cls.astype(np.float32)
+        arr["id"] = keys
+        arr["payload"] = np.frombuffer(payload, dtype=f"V{len(payload)}")[0]
+        yield keys, arr
+
+
+def _identity_blocks(starts: np.ndarray, sizes: np.ndarray, id_start: int, exact_ids: bool, block: int
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Identity records, ``block`` at a time: label [first, end), exact id/id2 past 2**24."""
+    n_ids = len(sizes)
+    for s in range(0, n_ids, block):
+        e = min(s + block, n_ids)
+        a, b = starts[s:e], starts[s:e] + sizes[s:e]
+        keys = id_start + np.arange(s, e, dtype=np.int64)
+        # an identity record is exactly the 40 bytes every record's head is read as
+        arr = np.zeros(e - s, dtype=HEAD_DTYPE)
+        arr["magic"] = MAGIC
+        arr["lrec"] = 32
+        arr["flag"] = 2
+        arr["l0"], arr["l1"] = a.astype(np.float32), b.astype(np.float32)
+        if exact_ids:
+            big = b >= FLOAT32_EXACT_LIMIT
+            arr["id"] = np.where(big, a, keys)
+            arr["id2"] = np.where(big, b, 0)
+        else:
+            arr["id"] = keys
+        yield keys, arr
 
 
 def write_scale_dataset(prefix: str | os.PathLike[str], sizes: np.ndarray, *, first_key: int = 1,
@@ -60,65 +102,25 @@ def write_scale_dataset(prefix: str | os.PathLike[str], sizes: np.ndarray, *, fi
         raise ValueError("payload length must be a multiple of 4 (fixed-size records)")
     if first_key < 1:
         raise ValueError("first_key must be >= 1 (key 0 is the header record)")
-    rec_path, idx_path = _with_suffix(prefix, ".rec"), _with_suffix(prefix, ".idx")
+    rec_path, idx_path = prefix_path(prefix, ".rec"), prefix_path(prefix, ".idx")
     Path(rec_path).parent.mkdir(parents=True, exist_ok=True)
     id_start = first_key + n_img
     id_end = id_start + n_ids
-
-    def range_head(a: int, b: int, key: int) -> tuple[int, int]:
-        h = _range_header(a, b, key)
-        return (h.id, h.id2) if exact_ids else (key, 0)
-
-    img_dtype = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
-                          ("id2", "<u8"), ("payload", f"V{len(payload)}")])
-    id_dtype = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
-                         ("id2", "<u8"), ("l0", "<f4"), ("l1", "<f4")])
     starts = first_key + np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    hid, hid2 = range_head(id_start, id_end, 0)
-    head = _chunk(pack(IRHeader(0, [float(id_start), float(id_end)], hid, hid2), b""))
-    with open(rec_path, "wb") as rec, open(idx_path, "wb"):
+    h = range_header(id_start, id_end, 0)
+    hid, hid2 = (h.id, h.id2) if exact_ids else (0, 0)
+    head = encode_record(pack(IRHeader(0, [float(id_start), float(id_end)], hid, hid2), b""))
+    # both files appear, complete, only at the end: the inner block (the .rec) commits first, then the
+    # .idx that points into it
+    with AtomicFile(idx_path) as idx, AtomicFile(rec_path) as rec:
         rec.write(head)
-    write_index(idx_path, np.array([0]), np.array([0]))
-    pos = len(head)
-    # image records, block by block: label = class id, id = key
-    for s in range(0, n_img, block):
-        e = min(s + block, n_img)
-        keys = np.arange(first_key + s, first_key + e, dtype=np.int64)
-        cls = np.searchsorted(starts, keys, side="right") - 1
-        arr = np.zeros(e - s, dtype=img_dtype)
-        arr["magic"] = MAGIC
-        arr["lrec"] = 24 + len(payload)
-        arr["label"] = cls.astype(np.float32)
-        arr["id"] = keys
-        arr["payload"] = np.frombuffer(payload, dtype=f"V{len(payload)}")[0]
-        offs = pos + np.arange(e - s, dtype=np.int64) * img_dtype.itemsize
-        with open(rec_path, "ab") as rec:
+        write_index_lines(idx, np.array([0]), np.array([0]))
+        pos = len(head)
+        for keys, arr in itertools.chain(_image_blocks(starts, n_img, first_key, payload, block),
+                                         _identity_blocks(starts, sizes, id_start, exact_ids, block)):
             rec.write(arr.tobytes())
-        write_index(idx_path, keys, offs, append=True)
-        pos += arr.nbytes
-    # identity records: label [first, end), exact id/id2 past 2**24
-    for s in range(0, n_ids, block):
-        e = min(s + block, n_ids)
-        c = np.arange(s, e, dtype=np.int64)
-        a, b = starts[s:e], starts[s:e] + sizes[s:e]
-        keys = id_start + c
-        arr = np.zeros(e - s, dtype=id_dtype)
-        arr["magic"] = MAGIC
-        arr["lrec"] = 32
-        arr["flag"] = 2
-        arr["l0"], arr["l1"] = a.astype(np.float32), b.astype(np.float32)
-        if exact_ids:
-            big = b >= FLOAT32_EXACT_LIMIT
-            arr["id"] = np.where(big, a, keys)
-            arr["id2"] = np.where(big, b, 0)
-        else:
-            arr["id"] = keys
-        offs = pos + np.arange(e - s, dtype=np.int64) * id_dtype.itemsize
-        with open(rec_path, "ab") as rec:
-            rec.write(arr.tobytes())
-        write_index(idx_path, keys, offs, append=True)
-        pos += arr.nbytes
-    prop = _with_suffix(prefix, ".property")
-    prop.write_text(f"{n_ids},{image_size[0]},{image_size[1]}\n")
+            write_index_lines(idx, keys, pos + np.arange(len(arr), dtype=np.int64) * arr.dtype.itemsize)
+            pos += arr.nbytes
+    prop = write_property(prefix_path(prefix, ".property"), n_ids, image_size)
     return {"images": n_img, "identities": n_ids, "records": 1 + n_img + n_ids, "id_start": id_start,
             "id_end": id_end, "rec_bytes": pos, "rec": str(rec_path), "idx": str(idx_path), "property": str(prop)}

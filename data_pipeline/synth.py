@@ -372,7 +372,7 @@ def generate(prefix: str | Path, identities: int, images_per_identity: int, imag
         save_bin(bin_path, images, [p[4] for p in pairs])
     seconds = time.perf_counter() - t0
     n_img = identities * images_per_identity
-    rec = prefix.with_name(prefix.name + ".rec")
+    rec = writer.rec_path
     return SynthReport(prefix=str(prefix), identities=identities, images=n_img, image_size=image_size,
                        val_bin=str(bin_path) if bin_path else None, val_identities=val_identities,
                        val_pairs=val_pairs if bin_path else 0, seed=seed, workers=nproc, seconds=seconds,

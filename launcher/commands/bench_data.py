@@ -46,8 +46,8 @@ def bench_data_cmd(
 ) -> None:
     """Loader throughput against the raw JPEG decode ceiling (or, with --scale N, the data room's
     figures at N images)."""
-    from data_pipeline.bench import bench_data
     from data_pipeline.dataset import default_prefix
+    from data_pipeline.loader_bench import bench_data
 
     if scale is not None:
         _scale(scale, identities, world_size, workdir, keep, loader is LoaderKind.dali, json_path)
@@ -86,8 +86,8 @@ def bench_data_cmd(
 
 def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool, dali: bool,
            json_path: Path | None) -> None:
-    from data_pipeline.bench import bench_scale
     from data_pipeline.dali_iterator import dali_available
+    from data_pipeline.scale_bench import bench_scale
 
     if identities is not None and identities > images:
         typer.echo(f"pfc bench data: --identities {identities} is more than --scale {images} images", err=True)

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
-from data_pipeline.bench import pil_ceiling, sample_jpegs
 from data_pipeline.dali_iterator import dali_available
+from data_pipeline.decode_ceiling import pil_ceiling, sample_jpegs
 from data_pipeline.insightface import InsightFaceReader
 from launcher.commands.groups import app
 
@@ -56,7 +56,8 @@ def test_modules_import_without_dali() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import data_pipeline.dali_iterator, data_pipeline.dali_pipeline, data_pipeline.bench, "
-            "data_pipeline.dataset, data_pipeline.synth; assert 'nvidia.dali' not in sys.modules, 'imported'")
+    code = ("import sys; import data_pipeline.dali_iterator, data_pipeline.dali_pipeline, data_pipeline.loader_bench, "
+            "data_pipeline.decode_ceiling, data_pipeline.scale_bench, data_pipeline.dataset, data_pipeline.synth; "
+            "assert 'nvidia.dali' not in sys.modules, 'imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_pipeline.dataset import ShardedSampler, epoch_order, shard_plan
+from data_pipeline.epoch_plan import ShardedSampler, epoch_order, shard_plan
 
 
 def _epoch(n: int, w: int, seed: int, epoch: int, **kw: object) -> list[list[tuple[int, bool]]]:
@@ -97,7 +97,7 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("n", [1, 2, 7, 37, 100, 1025])
 def test_rank_block_is_its_row_of_the_plan(n: int) -> None:
     """Issue 17: a rank computes its own block alone (Feistel permutation), equal to its row of the plan."""
-    from data_pipeline.dataset import epoch_flips, permute, rank_block
+    from data_pipeline.epoch_plan import epoch_flips, permute, rank_block
 
     order = permute(np.arange(n), n, 5, 3)
     np.testing.assert_array_equal(np.sort(order), np.arange(n))  # a bijection of [0, n)
@@ -119,7 +119,7 @@ def test_rank_block_at_webface42m_scale_costs_only_its_block() -> None:
     """Rank 5 of 64 at 42M images: ~656k samples, without the 42M-element shuffle every rank did."""
     import tracemalloc
 
-    from data_pipeline.dataset import rank_block
+    from data_pipeline.epoch_plan import rank_block
 
     tracemalloc.start()
     try:

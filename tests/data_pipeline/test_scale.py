@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data_pipeline.index_cache as index_cache
+import data_pipeline.index_file as index_file
 import data_pipeline.recordio as recordio
 from data_pipeline.checks import format_report, inspect_dataset
 from data_pipeline.insightface import (
@@ -190,7 +192,7 @@ def test_vectorised_idx_parse_matches_the_lines(tmp_path: Path) -> None:
 
 
 def test_idx_parse_spans_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recordio, "_IDX_BLOCK_BYTES", 37)  # many blocks, cut mid-line
+    monkeypatch.setattr(index_file, "_IDX_BLOCK_BYTES", 37)  # many blocks, cut mid-line
     keys = np.arange(0, 500, dtype=np.int64)
     recordio.write_index(tmp_path / "b.idx", keys, keys * 40)
     k, o = load_index(tmp_path / "b.idx", cache=False)
@@ -227,7 +229,7 @@ def test_index_cache_is_used_and_invalidated(tmp_path: Path) -> None:
 def test_reader_pickles_without_the_index_when_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spawned DataLoader worker gets the path of the cache and maps it: the pickle does not grow
     with the number of records."""
-    monkeypatch.setattr(recordio, "CACHE_MIN_RECORDS", 1000)
+    monkeypatch.setattr(index_cache, "CACHE_MIN_RECORDS", 1000)
     sizes = identity_sizes(50_000, 500)
     prefix = tmp_path / "p"
     write_scale_dataset(prefix, sizes)
@@ -305,10 +307,10 @@ def test_writer_keeps_no_per_record_set(tmp_path: Path) -> None:
 
 def test_writer_writes_exact_ranges_past_2_24(tmp_path: Path) -> None:
     """InsightFaceWriter's header/identity records: MXNet's bytes below 2**24, exact id/id2 from it on."""
-    from data_pipeline.insightface import _range_header
+    from data_pipeline.key_ranges import range_header
 
-    assert _range_header(3, 9, 17) == (0, [3.0, 9.0], 17, 0)
-    assert _range_header(B - 5, B + 3, 17) == (0, [float(B - 5), float(B + 3)], B - 5, B + 3)
+    assert range_header(3, 9, 17) == (0, [3.0, 9.0], 17, 0)
+    assert range_header(B - 5, B + 3, 17) == (0, [float(B - 5), float(B + 3)], B - 5, B + 3)
     with InsightFaceWriter(tmp_path / "w", image_size=(16, 16)) as w:
         w.add_identity([jpeg_bytes(0)])
     head = unpack(RecordReader(tmp_path / "w.rec", tmp_path / "w.idx").read(2))[0]
@@ -381,7 +383,7 @@ def test_bench_scale_keep_and_cli_inspect_quick(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     import launcher.commands.data  # noqa: F401  (registers `pfc data inspect`)
-    from data_pipeline.bench import bench_scale
+    from data_pipeline.scale_bench import bench_scale
     from launcher.commands.groups import app
 
     rep = bench_scale(3000, 100, tmp_path / "k", world_size=1, keep=True, dali=False)
@@ -415,10 +417,10 @@ def test_concurrent_openers_parse_a_big_index_once(tmp_path: Path, monkeypatch: 
     the others map it."""
     import multiprocessing as mp
 
-    monkeypatch.setattr(recordio, "CACHE_MIN_RECORDS", 1000)
+    monkeypatch.setattr(index_cache, "CACHE_MIN_RECORDS", 1000)
     write_scale_dataset(tmp_path / "c", identity_sizes(200_000, 100))
     marks = tmp_path / "parses"
-    real = recordio._parse_index
+    real = index_cache._parse_index
 
     def counting(idx_path: Path, cache: bool | None) -> tuple[np.ndarray, np.ndarray]:
         with open(marks, "a") as f:
@@ -426,7 +428,7 @@ def test_concurrent_openers_parse_a_big_index_once(tmp_path: Path, monkeypatch: 
         time.sleep(0.5)  # hold the lock long enough for the others to queue
         return real(idx_path, cache)
 
-    monkeypatch.setattr(recordio, "_parse_index", counting)
+    monkeypatch.setattr(index_cache, "_parse_index", counting)
     ctx = mp.get_context("fork")
     with ctx.Pool(3) as pool:
         results = pool.map(_open_keys_sum, [str(tmp_path / "c.idx")] * 3)

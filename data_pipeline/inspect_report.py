@@ -1,0 +1,47 @@
+"""The human summary of a dataset inspection (``pfc data inspect`` without ``--json``).
+
+The report is the JSON-ready dict :func:`data_pipeline.checks.inspect_dataset` returns; this module only
+formats it, one aligned line per fact, the first 50 corrupt records listed by key and byte offset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_report"]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human summary of :func:`inspect_dataset`'s report."""
+    lines = [f"dataset     {report['prefix']}"]
+    if report["num_classes"] is not None:
+        lines.append(f"property    {report['num_classes']} classes, {report['image_size'][0]}x"
+                     f"{report['image_size'][1]}")
+    lines.append(f"records     {report['records']}"
+                 + (f" (header: identity records [{report['header'][0]}, {report['header'][1]}))"
+                    if report["header"] else ""))
+    lines.append(f"images      {report['images']}"
+                 + (f" (from the index; {report['checked']} sampled records checked)"
+                    if report.get("sampled") is not None else ""))
+    lines.append(f"identities  {report['identities']}")
+    ipi = report["images_per_identity"]
+    if ipi:
+        lines.append(f"per identity min {ipi['min']}  max {ipi['max']}  mean {ipi['mean']:.2f}  "
+                     f"median {ipi['median']:g}")
+    if report["deep"]:
+        lines.append(f"decoded     {report['decoded']} images"
+                     + (f" ({', '.join(f'{s}: {n}' for s, n in report['image_sizes'].items())})"
+                        if report["image_sizes"] else ""))
+    for w in report["warnings"]:
+        lines.append(f"warning     {w}")
+    for e in report["errors"]:
+        lines.append(f"error       {e}")
+    if report["corrupt"]:
+        lines.append(f"CORRUPT     {len(report['corrupt'])} records:")
+        for c in report["corrupt"][:50]:
+            lines.append(f"  key {c['key']} at byte offset {c['offset']}: {c['error']}")
+        if len(report["corrupt"]) > 50:
+            lines.append(f"  ... and {len(report['corrupt']) - 50} more (see --json)")
+    lines.append("status      " + ("OK" if report["ok"] else "FAILED"))
+    return "\n".join(lines)
+
