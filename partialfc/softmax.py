@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from discface.margins import Margin, target_cos_with_margin
 from partialfc.collectives import Group, all_reduce_max_, all_reduce_sum_
-from partialfc.margins import Margin, target_cos_with_margin
 
 
 class Workspace:
