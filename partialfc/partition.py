@@ -21,10 +21,8 @@ import math
 
 
 def _check(num_classes: int, world_size: int, rank: int) -> None:
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if num_classes < 1 or world_size < 1:
+        raise ValueError(f"num_classes and world_size must be >= 1, got {num_classes} and {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
