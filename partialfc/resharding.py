@@ -103,10 +103,19 @@ def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
     # Every rank learns whether any rank failed, so all raise together instead of some waiting forever in
     # a barrier that a failed rank never reaches.
     if any_rank(error is not None, group, head.weight.device):
-        # str() of an OSError is Python's "[Errno 28] No space left on device"; the original is chained.
-        where = f"rank {head.rank}: {error}" if error is not None else "another rank failed to write its shard"
+        where = f"rank {head.rank}: {_one_line(error)}" if error is not None else \
+            "another rank failed to write its shard"
         code = getattr(error, "errno", None) or errno.EIO
         raise OSError(code, f"head checkpoint in {path} not written ({where})") from error
+
+
+def _one_line(error: BaseException) -> str:
+    """The writer's error in one line: an OSError as Python prints it ("[Errno 28] No space left on
+    device"), anything else (safetensors' SafetensorError) with its type, since its text alone may not say
+    what failed. (The launcher's own messages use ``data_pipeline.atomic.describe_error``, which this
+    package may not import; the original error is chained either way.)"""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
 
 
 def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path, write: Writer) -> None:
