@@ -5,10 +5,9 @@ final name (``os.replace``, atomic on POSIX) and the directory is ``fsync``-ed, 
 power loss the final name holds either the old complete file or the new complete one, never a torn one,
 and a rename that a pointer (``latest``) relies on is itself on disk.
 
-Why two copies: imports run ``launcher -> partialfc -> discface`` and ``launcher -> data_pipeline``, and
-``data_pipeline`` imports none of the others, so this module is ``partialfc.atomic`` (used by ``partialfc``
-and ``launcher``) and ``data_pipeline.atomic`` (used by the dataset writers); the two files are identical
-and a test (``tests/test_atomic.py``) keeps them so.
+The one copy: ``data_pipeline`` imports none of the other packages and ``launcher`` may import it, so it
+lives here, used by the dataset writers and by ``launcher``; ``partialfc`` writes no files itself (its
+head checkpoint and backbone files take the writer from their caller, which passes :func:`atomic_write`).
 
 * :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
   the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).

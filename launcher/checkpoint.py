@@ -9,7 +9,7 @@ Layout of one save (all paths inside ``<run>/checkpoints``)::
                                 plain containers only: loaded with ``weights_only=True``)
         rank/rank_00003.pt      each rank's torch / numpy / python RNG state, and its partition of a ZeRO
                                 optimizer state (used when resuming on the same world size)
-        head/                   the Partial FC shards with their class ranges (``partialfc.checkpoint``)
+        head/                   the Partial FC shards with their class ranges (``partialfc.resharding``)
     latest                      the name of the newest complete save, replaced last
 
 A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
