@@ -22,6 +22,12 @@ is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD (or lazy
 sampled rows.
 For gradient accumulation, :meth:`PartialFC.begin_step` opens a step whose sampled set and weight gradient
 span several micro-batches.
+
+What else reads the head: its optimizer (:mod:`partialfc.optimizer`) the step's sampled rows through
+:attr:`PartialFC.sampled_rows`; the trainer the forward's :class:`~partialfc.step_record.StepRecord`
+(``head.record``: loss parts, sampled count, owned samples); the checkpoint (:mod:`partialfc.resharding`,
+``save_head`` / ``load_head``) the shard, the class range and the sampler state. This module imports
+none of them at run time (the optimizer only for its type), so there is no import circle.
 """
 
 from __future__ import annotations
