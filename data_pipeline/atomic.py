@@ -9,7 +9,9 @@ Why it lives in ``data_pipeline``: imports run ``launcher -> partialfc -> discfa
 ``launcher -> data_pipeline``, and the dataset writers (``RecordWriter``, the property file, the ``.idx``
 and its cache, DALI's epoch index, the verification ``.bin``) need it while ``data_pipeline`` imports no
 other package; ``launcher`` (checkpoints, reports, the ``latest`` pointer) imports it from here. It is the
-project's one copy of the write-to-temporary-then-rename dance for a file.
+project's one copy of the write-to-temporary-then-rename dance for a file. ``partialfc`` writes no files
+itself: its head checkpoint and backbone files take the writer from their caller, which passes
+:func:`atomic_write`.
 
 * :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
   the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).

@@ -1,6 +1,6 @@
 """The combined margin (m1, m2, m3) on the target cosine: the ONE implementation and its validator.
 
-Used by the sharded head (``partialfc.softmax``, re-exported as ``partialfc.margins``) and by the
+Used by the sharded head (``partialfc.softmax``, ``partialfc.head``) and by the
 single-process :func:`discface.margin_softmax_loss`, so the two cannot drift apart. It lives here, in
 ``discface``, because imports run ``partialfc -> discface``: ``discface`` is the only package both can
 import.

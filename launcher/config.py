@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from partialfc.margins import validate_margin
+from discface.margins import validate_margin
 
 
 def _accepts_bool(annotation: Any) -> bool:

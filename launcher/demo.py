@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from data_pipeline.atomic import atomic_write
 from launcher.config import builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
-from partialfc.atomic import atomic_write
 
 log = logging.getLogger("pfc")
 

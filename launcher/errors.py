@@ -42,7 +42,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from launcher.monitoring.plots import ReportError
     from launcher.trainer.checkpointer import CheckpointWriteError
     from partialfc.backbones import BackboneFileError
-    from partialfc.checkpoint import CheckpointError
+    from partialfc.resharding import CheckpointError
 
     types: tuple[type[BaseException], ...] = (
         UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
@@ -79,7 +79,7 @@ def report_to_launcher(message: str, rank: int | None) -> bool:
     folder = os.environ.get(ERROR_DIR_ENV)
     if not folder or not Path(folder).is_dir():
         return False
-    from partialfc.atomic import atomic_write
+    from data_pipeline.atomic import atomic_write
 
     atomic_write(Path(folder) / f"rank_{rank or 0:05d}.txt", f"{time.time_ns()} {message}\n")
     return True

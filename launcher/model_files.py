@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from partialfc.atomic import atomic_write
+from data_pipeline.atomic import atomic_write
 from partialfc.backbones import BackboneFileError, load_backbone, unwrap
 
 INPUT_NAME = "input"

@@ -5,8 +5,9 @@ The model follows what one training step of :class:`partialfc.PartialFC` keeps a
 global batch N = W * B, embedding dim D, sample rate r, element size e of the head's dtype.
 
 * The class partition is torch.chunk's (ceil division), so the largest shard, which sets the peak,
-  has ``rows = ceil(C / W)`` classes.
-* Each rank samples ``S = ceil(r * rows)`` classes (all of them when r = 1). When a step's positives
+  has ``rows = ceil(C / W)`` classes (:func:`partialfc.partition.shard_rows`, imported: the head's rule).
+* Each rank samples ``S = ceil(r * rows)`` classes (all of them when r = 1;
+  :func:`partialfc.partition.num_sample`, imported). When a step's positives
   in a shard exceed that quota the head keeps all positives, so S can reach ``min(rows, N)``; the
   plan reports that bound too (``num_sample_worst``) but sizes the buffers with the quota, which is
   what every shape planned at scale has (N is thousands, the quota is tens of thousands or more).
@@ -26,10 +27,12 @@ on C: the head never moves class weights, only embeddings and per-sample scalars
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# The head's own partition and quota rules (partialfc.partition is pure Python: no torch import).
+from partialfc.partition import num_sample, shard_rows
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 FP32 = 4
@@ -42,8 +45,12 @@ FP32 = 4
 #   (for a bf16/fp16 head too: upcast into the same reused buffer), and chunks of the optimizer's update;
 LOGIT_BUFFERS = 2
 MOMENTUM_CHUNK_ROWS = 512  # partialfc.optimizer._CHUNK_ROWS
-# * the sampler's scratch during the forward: a permutation of the shard (int64), two masks (bool) and
-#   the filtered permutation (int64): 18 bytes per class of the shard;
+# * the sampler's scratch during the forward, per class of the shard. 18 bytes is the count of the sampler
+#   before issue 12 (a permutation of the shard, two bool masks, the filtered permutation). Today's
+#   partialfc/sampler.py allocates less: at most one int64 per class (r >= ~0.2: one permutation of the
+#   shard's negatives; r = 1: the index arange(shard)), and O(S) int64 for small r (i.i.d. draws, their
+#   unique). It stays an upper bound here because the hand-computed figures of tests/launcher/test_plan.py
+#   pin it (the lead decides whether to lower it to 8 and restate them).
 SAMPLER_BYTES_PER_ROW = 18
 # * the optimizer's chunks (min(S, 512) rows each): SGD gathers its momentum into an fp32 chunk; a head
 #   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
@@ -59,26 +66,6 @@ ROW_STEP_BYTES = 8
 OPTIMIZER_STATE_KEYS = ("momentum", "adamw_moments", "adamw_row_steps")
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
-
-
-def shard_rows(num_classes: int, world_size: int) -> int:
-    """Rows of the largest shard under torch.chunk's ceil-division partition."""
-    if num_classes < 1 or world_size < 1:
-        raise ValueError(f"num_classes and world_size must be >= 1, got {num_classes} and {world_size}")
-    return -(-num_classes // world_size)
-
-
-def num_sample(rows: int, sample_rate: float) -> int:
-    """Sampled classes of a shard of ``rows`` classes: ``ceil(r * rows)``, capped at the shard.
-
-    The same rule as ``partialfc.sampler.num_sample`` (a test holds them equal): a tiny epsilon keeps
-    an ``r * rows`` that is an integer in exact arithmetic (0.1 * 30) from rounding up.
-    """
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if sample_rate >= 1.0:
-        return rows
-    return min(rows, math.ceil(sample_rate * rows - 1e-9))
 
 
 def allgather_sent(elems_per_rank: int, world_size: int, elem_bytes: int) -> float:
@@ -172,6 +159,28 @@ def plan_rank(
         grad_accum: micro-batches per step (> 1 keeps a second S x D gradient buffer; traffic is per
             micro-batch, plus one all-gather of the step's labels).
     """
+    _check_plan_args(sample_rate, dtype, optimizer, grad_accum, local_batch, dim)
+    e = DTYPE_BYTES[dtype]
+    f = max(e, FP32)  # the head computes in fp32 at least (fp64 for a float64 head)
+    rows = shard_rows(num_classes, world_size)
+    s = num_sample(rows, sample_rate)
+    n = world_size * local_batch
+    state, phases = _step_memory(rows, s, n, local_batch, dim, e, f, optimizer, grad_accum)
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
+    comm = _traffic(world_size, local_batch, dim, f, discface, grad_accum)
+    return RankPlan(
+        num_classes=num_classes, world_size=world_size, local_batch=local_batch, dim=dim,
+        sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
+        num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
+        phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
+    )
+
+
+def _check_plan_args(sample_rate: float, dtype: str, optimizer: str, grad_accum: int, local_batch: int,
+                     dim: int) -> None:
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if optimizer not in OPTIMIZERS:
@@ -180,11 +189,12 @@ def plan_rank(
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if local_batch < 1 or dim < 1:
         raise ValueError(f"local_batch and dim must be >= 1, got {local_batch} and {dim}")
-    e = DTYPE_BYTES[dtype]
-    f = max(e, FP32)  # the head computes in fp32 at least (fp64 for a float64 head)
-    rows = shard_rows(num_classes, world_size)
-    s = num_sample(rows, sample_rate)
-    n = world_size * local_batch
+
+
+def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, f: int, optimizer: str,
+                 grad_accum: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """``(persistent optimizer state, {phase: {buffer: bytes}})`` of a rank with ``rows`` classes sampling
+    ``s``, global batch ``n``; ``e`` the head's element size, ``f`` the compute dtype's."""
     sd_f, ns_f = s * dim * f, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
@@ -210,8 +220,13 @@ def plan_rank(
         "backward": {**workspace, "embeddings": embeddings},
         "optimizer": dict(workspace),
     }
-    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
-    memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
+    return state, phases
+
+
+def _traffic(world_size: int, local_batch: int, dim: int, f: int, discface: bool,
+             grad_accum: int) -> dict[str, float]:
+    """Bytes one rank sends per step, by collective (ring algorithms; 0 on one rank)."""
+    n = world_size * local_batch
     comm = {
         "allgather_sizes": allgather_sent(1, world_size, 8),
         "allgather_labels": allgather_sent(local_batch, world_size, 8),
@@ -231,12 +246,7 @@ def plan_rank(
             grad_accum * local_batch, world_size, 8)
     if world_size == 1:
         comm = dict.fromkeys(comm, 0.0)
-    return RankPlan(
-        num_classes=num_classes, world_size=world_size, local_batch=local_batch, dim=dim,
-        sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
-        num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
-        phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
-    )
+    return comm
 
 
 def plan_table(

@@ -14,6 +14,8 @@ Modelled on Megatron-core's ``tensor_parallel/mappings.py``:
   a replicated parameter (DiscFace's ``b``) whose local uses differ by rank: after backward its gradient
   is the sum over ranks, identical on every rank.
 * :func:`all_reduce_max_` / :func:`all_reduce_sum_` -- plain in-place reductions without autograd.
+* :func:`max_over_ranks` / :func:`any_rank` -- agreement on one number: "the largest stop signal any
+  rank received", "did any rank fail", so that every rank takes the same branch afterwards.
 
 Every function takes ``group`` (a process group or ``None`` for the default one) and degrades to the
 identity when ``torch.distributed`` is not initialised (a single process) or the group has one rank.
@@ -80,6 +82,26 @@ def all_reduce_max_(t: torch.Tensor, group: Group = None) -> torch.Tensor:
         comm_stats.add("all_reduce_max", 2 * (ws - 1) / ws * _nbytes(t))
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
+
+
+def max_over_ranks(value: int, group: Group = None, device: torch.device | str | None = None) -> int:
+    """The largest of every rank's ``value`` (one all-reduce MAX of one int64), the same on every rank.
+
+    Collective: every rank of ``group`` must call it. ``device``: where the one-element tensor lives (NCCL
+    needs the rank's GPU; the caller knows it, the library never picks one). Not distributed: ``value``.
+    """
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    all_reduce_max_(flag, group)
+    return int(flag.item())
+
+
+def any_rank(flag: bool, group: Group = None, device: torch.device | str | None = None) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. "did any rank fail to write").
+
+    Collective (see :func:`max_over_ranks`): ranks that all ask it at the same point leave together, so a
+    failed rank never leaves its peers waiting in a later collective it will not reach.
+    """
+    return max_over_ranks(1 if flag else 0, group, device) > 0
 
 
 def all_reduce_sum_(t: torch.Tensor, group: Group = None, name: str = "all_reduce_sum") -> torch.Tensor:

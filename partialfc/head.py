@@ -22,17 +22,23 @@ is rank-local). :meth:`PartialFC.make_optimizer` returns the sparse SGD (or lazy
 sampled rows.
 For gradient accumulation, :meth:`PartialFC.begin_step` opens a step whose sampled set and weight gradient
 span several micro-batches.
+
+What else reads the head: its optimizer (:mod:`partialfc.optimizer`) the step's sampled rows through
+:attr:`PartialFC.sampled_rows`; the trainer the forward's :class:`~partialfc.step_record.StepRecord`
+(``head.record``: loss parts, sampled count, owned samples); the checkpoint (:mod:`partialfc.resharding`,
+``save_head`` / ``load_head``) the shard, the class range and the sampler state. This module imports
+none of them at run time (the optimizer only for its type), so there is no import circle.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from discface.margins import Margin, validate_margin
 from partialfc.collectives import (
     Group,
     all_gather_rows,
@@ -42,48 +48,14 @@ from partialfc.collectives import (
     gather_sizes,
     world,
 )
-from partialfc.margins import Margin, validate_margin
-from partialfc.partition import class_range
-from partialfc.sampler import num_sample, sample_classes, step_seed
+from partialfc.initial_weights import init_rows
+from partialfc.partition import class_range, num_sample
+from partialfc.sampler import sample_classes
 from partialfc.softmax import Workspace, row_normalize, sharded_margin_softmax_ce
+from partialfc.step_record import StepRecord
 
-# Initial weights are drawn in fixed blocks of classes, each from its own generator, so the initial
-# matrix is the same whatever the world size (a run on 2 ranks starts where a run on 8 would).
-_INIT_BLOCK = 4096
-
-
-def _init_rows(start: int, end: int, dim: int, seed: int, std: float, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32, threads: int | None = None) -> torch.Tensor:
-    """Rows [start, end) of the initial class matrix, (end - start, dim), built on ``device``.
-
-    Each block of ``_INIT_BLOCK`` classes is drawn on the CPU from its own generator (so the values
-    do not depend on the device or the world size) by a pool of threads (``torch.randn`` releases
-    the GIL; one thread draws ~80M values/s, and a 10M-class shard is 5G values) and copied into
-    the result block by block, so a GPU shard never exists whole in host memory.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    out = torch.empty(end - start, dim, device=device, dtype=dtype)
-    first, last = start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK if end > start else -1
-
-    def fill(blk: int) -> None:
-        g = torch.Generator().manual_seed(step_seed(seed, -1 - blk, 0x5EED))
-        block = torch.randn(_INIT_BLOCK, dim, generator=g).mul_(std)
-        lo, hi = max(start, blk * _INIT_BLOCK), min(end, (blk + 1) * _INIT_BLOCK)
-        out[lo - start: hi - start].copy_(block[lo - blk * _INIT_BLOCK: hi - blk * _INIT_BLOCK])
-
-    blocks = range(first, last + 1)
-    # The CPUs this process may run on (a container may see more cores than it gets), at most 32.
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(threads or min(usable, 32), len(blocks))
-    if workers <= 1:
-        for blk in blocks:
-            fill(blk)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fill, blocks))
-    return out
-
+if TYPE_CHECKING:
+    from partialfc.optimizer import SparseHeadOptimizer
 
 class PartialFC(nn.Module):
     """Sharded, sampled margin-softmax head (see the module docstring).
@@ -139,7 +111,7 @@ class PartialFC(nn.Module):
         self.seed = int(seed)
         self.rank, self.world_size = world(process_group)
         self.start, self.end = class_range(self.num_classes, self.world_size, self.rank)
-        w = _init_rows(self.start, self.end, self.embedding_size, self.seed, init_std, device=device,
+        w = init_rows(self.start, self.end, self.embedding_size, self.seed, init_std, device=device,
                        dtype=dtype or torch.float32)
         self.weight = nn.Parameter(w, requires_grad=False)
         self.discface: nn.Module | None = None
@@ -161,7 +133,8 @@ class PartialFC(nn.Module):
         self._micro = 0
         self._open_positives = 0
         self._step_labels = torch.empty(0, dtype=torch.int64)
-        self.last: dict[str, Any] = {}
+        # What the last forward left for logging and diagnostics (None before the first forward).
+        self.record: StepRecord | None = None
 
     # -- what other parts read ------------------------------------------------------------------
     @property
@@ -190,9 +163,19 @@ class PartialFC(nn.Module):
     def owned_samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The last forward's samples whose class this rank owns, detached, for discrepancy diagnostics:
         (n_k, d) normalised embeddings, (n_k, d) their normalised class weights, (n_k,) labels."""
-        if not self.last:
+        if self.record is None:
             raise RuntimeError("owned_samples() needs a forward first")
-        return self.last["owned_z_hat"], self.last["owned_w_hat"], self.last["owned_labels"]
+        return self.record.owned_z_hat, self.record.owned_w_hat, self.record.owned_labels
+
+    @property
+    def sampled_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's sampled rows, for the head's optimizer: ``(index, rows)`` with ``index`` (S_k,) int64
+        LOCAL row ids into ``weight`` (sorted) and ``rows`` the (S_k, d) leaf copy of those rows in the
+        compute dtype, whose ``.grad`` is their gradient after backward. None before the first forward
+        (or ``begin_step``)."""
+        if self._sampled is None or self._sub_weight is None:
+            return None
+        return self._sampled, self._sub_weight
 
     def weight_grad(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After backward: (S_k,) global class ids sampled on this rank and their (S_k, d) gradients.
@@ -205,7 +188,7 @@ class PartialFC(nn.Module):
 
     def make_optimizer(self, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                        b_weight_decay: float = 0.0, *, name: str = "sgd",
-                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> SparseHeadOptimizer:
         """The head's sparse optimizer (only sampled rows move) with a dense one for b.
 
         name "sgd": :class:`~partialfc.optimizer.PartialFCSGD` (lr, momentum, weight_decay);
@@ -215,18 +198,6 @@ class PartialFC(nn.Module):
 
         return make_head_optimizer(self, name, lr, momentum=momentum, weight_decay=weight_decay,
                                    b_weight_decay=b_weight_decay, betas=betas, eps=eps)
-
-    def save_sharded(self, path_dir: Any, optimizer: Any = None) -> None:
-        """:func:`partialfc.checkpoint.save_head` on this head (every rank calls it)."""
-        from partialfc.checkpoint import save_head
-
-        save_head(self, optimizer, path_dir, self.process_group)
-
-    def load_sharded(self, path_dir: Any, optimizer: Any = None) -> dict[str, Any]:
-        """:func:`partialfc.checkpoint.load_head` into this head (any saving world size)."""
-        from partialfc.checkpoint import load_head
-
-        return load_head(self, optimizer, path_dir, self.process_group)
 
     # -- the step -----------------------------------------------------------------------------
     def _take_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -312,8 +283,8 @@ class PartialFC(nn.Module):
         self._open_step = False
         self._micro = 0
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks)."""
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """ValueError naming the problem unless embeddings are (B, d) and labels (B,) integer ids in [0, C)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"PartialFC: embeddings must be (B, {self.embedding_size}), "
                              f"got shape {tuple(embeddings.shape)}")
@@ -325,8 +296,56 @@ class PartialFC(nn.Module):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0]
             raise ValueError(f"PartialFC: label {int(bad)} outside [0, {self.num_classes}) on rank {self.rank}")
-        group = self.process_group
-        device = self.weight.device
+
+    def _rows_for_step(self, all_labels: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, str]:
+        """This forward's sampled rows: ``(index, local_labels, num_positive, w_in, grad_name)``.
+
+        index (S_k,) local row ids; local_labels (N,) position of each sample's class in ``index`` or -1;
+        w_in (S_k, d) the rows in ``dtype`` (the leaf, or a cast of it); grad_name the workspace buffer of
+        the rows' gradient. Inside a step opened by :meth:`begin_step` these are the step's rows (no new
+        draw); otherwise a fresh draw from ``(seed, step, rank)``.
+        """
+        if not self._open_step:
+            sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
+                                    step=self.step, rank=self.rank)
+            if self.training:
+                self.step += 1
+            sub = self._take_rows(sample.index, dtype)
+            return sample.index, sample.local_labels, sample.num_positive, sub, "grad_weight"
+        # all_labels and the step's labels are the same on every rank, so every rank takes this decision
+        # alike (no rank is left waiting in a collective).
+        assert self._sampled is not None and self._sub_weight is not None
+        unknown = ~torch.isin(all_labels, self._step_labels)
+        if bool(unknown.any()):
+            raise ValueError(f"PartialFC: label {int(all_labels[unknown][0])} is in this micro-batch but was "
+                             "not among the labels given to begin_step() for this optimizer step")
+        sub = self._sub_weight
+        # The first micro-batch's weight gradient may become sub.grad itself (autograd keeps the buffer);
+        # later ones must be written elsewhere and added into it.
+        grad_name = "grad_weight" if self._micro == 0 else "grad_weight_acc"
+        self._micro += 1
+        w_in = sub if sub.dtype == dtype else sub.to(dtype)
+        return self._sampled, self._positions(all_labels, self._sampled), self._open_positives, w_in, grad_name
+
+    def _discface_term(self, z_own: torch.Tensor, w_own: torch.Tensor, n: int) -> torch.Tensor:
+        """() ``(1/N) sum_k D_k``, the same on every rank; b's gradient is summed over ranks in backward."""
+        from discface import displacement_sum
+
+        assert self.discface is not None
+        xi = copy_to_all(self.discface(), self.process_group)
+        # displacement_sum keeps xi in the graph even with no owned sample: every rank must reach the
+        # all-reduce in xi's backward.
+        d_local = displacement_sum(z_own, w_own, xi.to(z_own.dtype))
+        term: torch.Tensor = all_reduce_sum(d_local.reshape(1), self.process_group)[0] / n
+        return term
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks).
+
+        Also sets :attr:`record` (a :class:`~partialfc.step_record.StepRecord`) for logging."""
+        self._check_inputs(embeddings, labels)
+        group, device = self.process_group, self.weight.device
         # fp32 at least, fp64 if the head or the embeddings are fp64.
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
 
@@ -335,65 +354,23 @@ class PartialFC(nn.Module):
         if n == 0:
             raise ValueError("PartialFC: the global batch is empty on every rank")
         all_labels = all_gather_rows_no_grad(labels.to(device=device, dtype=torch.int64), sizes, group)
-        if self._open_step:
-            # A step opened by begin_step(): its sampled rows, its accumulating gradient. all_labels and the
-            # step's labels are the same on every rank, so every rank takes this decision alike (no rank
-            # is left waiting in a collective).
-            assert self._sampled is not None and self._sub_weight is not None
-            unknown = ~torch.isin(all_labels, self._step_labels)
-            if bool(unknown.any()):
-                raise ValueError(f"PartialFC: label {int(all_labels[unknown][0])} is in this micro-batch but was "
-                                 "not among the labels given to begin_step() for this optimizer step")
-            index, local_labels = self._sampled, self._positions(all_labels, self._sampled)
-            num_positive = self._open_positives
-            sub = self._sub_weight
-            # The first micro-batch's weight gradient may become sub.grad itself (autograd keeps the
-            # buffer); later ones must be written elsewhere and added into it.
-            grad_name = "grad_weight" if self._micro == 0 else "grad_weight_acc"
-            self._micro += 1
-            w_in = sub if sub.dtype == dtype else sub.to(dtype)
-        else:
-            sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
-                                    step=self.step, rank=self.rank)
-            if self.training:
-                self.step += 1
-            index, local_labels, num_positive = sample.index, sample.local_labels, sample.num_positive
-            sub = self._take_rows(index, dtype)
-            grad_name = "grad_weight"
-            w_in = sub
+        index, local_labels, num_positive, w_in, grad_name = self._rows_for_step(all_labels, dtype)
 
         # Normalise before the gather: B_k rows per rank instead of N.
-        z_local = row_normalize(embeddings.to(dtype))
-        z = all_gather_rows(z_local, sizes, group)
-
+        z = all_gather_rows(row_normalize(embeddings.to(dtype)), sizes, group)
         rows = torch.nonzero(local_labels >= 0).squeeze(1)
         cols = local_labels.index_select(0, rows)
         loss_softmax, z_own, w_own = sharded_margin_softmax_ce(z, w_in, rows, cols, self.scale, self.margin,
                                                                group, self.workspace, grad_name)
-        loss = loss_softmax
-
-        loss_disc = None
+        loss, loss_disc = loss_softmax, None
         if self.discface is not None:
-            from discface import displacement_sum
-
-            xi = copy_to_all(self.discface(), group)
-            # displacement_sum keeps xi in the graph even with no owned sample: every rank must reach
-            # the all-reduce in xi's backward.
-            d_local = displacement_sum(z_own, w_own, xi.to(dtype))
-            loss_disc = all_reduce_sum(d_local.reshape(1), group)[0] / n
+            loss_disc = self._discface_term(z_own, w_own, n)
             loss = loss_softmax + self.discface_lambda * loss_disc
 
-        self.last = {
-            "loss_softmax": loss_softmax.detach(),
-            "loss_disc": None if loss_disc is None else loss_disc.detach(),
-            "num_sampled": int(index.numel()),
-            "num_positive": num_positive,
-            # DiscFace diagnostics: the owned samples of this step on this rank (detached).
-            "owned_z_hat": z_own.detach(),
-            "owned_w_hat": w_own.detach(),
-            "owned_labels": all_labels.index_select(0, rows),
-            "global_batch": n,
-        }
+        self.record = StepRecord(
+            loss_softmax=loss_softmax.detach(), loss_disc=None if loss_disc is None else loss_disc.detach(),
+            num_sampled=int(index.numel()), num_positive=num_positive, global_batch=n,
+            owned_z_hat=z_own.detach(), owned_w_hat=w_own.detach(), owned_labels=all_labels.index_select(0, rows))
         return loss
 
     def extra_repr(self) -> str:
@@ -403,10 +380,4 @@ class PartialFC(nn.Module):
                 f"world_size={self.world_size}")
 
 
-def expected_num_sample(num_classes: int, world_size: int, rank: int, sample_rate: float) -> int:
-    """Classes rank ``rank`` samples when the positives do not exceed its quota."""
-    start, end = class_range(num_classes, world_size, rank)
-    return num_sample(end - start, sample_rate) if end > start else 0
-
-
-__all__ = ["PartialFC", "expected_num_sample"]
+__all__ = ["PartialFC"]

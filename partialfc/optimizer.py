@@ -33,7 +33,7 @@ below bf16's resolution).
 
 Both are ``torch.optim.Optimizer`` s (param groups "head_shard" and "discface_b"), so LR schedulers work
 and ``state_dict()`` / ``load_state_dict()`` round-trip on the SAME world size; to move to another world
-size use :func:`partialfc.checkpoint.save_head` / :func:`~partialfc.checkpoint.load_head`, which reshard
+size use :func:`partialfc.resharding.save_head` / :func:`~partialfc.resharding.load_head`, which reshard
 every per-row state tensor (:meth:`row_state`) by class range.
 """
 
@@ -103,8 +103,11 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
         return loss
 
     def _sparse_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        sub, idx = self.head._sub_weight, self.head._sampled
-        if sub is None or idx is None or sub.grad is None or idx.numel() == 0:
+        sampled = self.head.sampled_rows
+        if sampled is None:
+            return
+        idx, sub = sampled
+        if sub.grad is None or idx.numel() == 0:
             return
         # The rows are the forward's copy of the sampled weights in the compute dtype (the shard must not
         # change between forward and step: it is the head's own state); updated in place, scattered back.
@@ -127,7 +130,8 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        sub = self.head._sub_weight
+        sampled = self.head.sampled_rows
+        sub = None if sampled is None else sampled[1]
         if sub is not None and sub.grad is not None:
             if set_to_none:
                 sub.grad = None

@@ -9,16 +9,20 @@ with; see DESIGN.md section 6).
 The ceil rule can leave trailing ranks with FEWER rows than the others or with none at all:
 C = 10 on 4 ranks is 3, 3, 3, 1 and C = 5 on 4 ranks is 2, 2, 1, 0. Everything downstream must
 accept an empty shard.
+
+It also owns the per-step sample count ``ceil(r * shard)`` (:func:`num_sample`): the sampler draws that
+many classes, and the capacity planner (``launcher.planner``) and ``pfc bench head`` size memory and
+traffic from the same two functions, so they cannot drift from what the head really holds.
 """
 
 from __future__ import annotations
 
+import math
+
 
 def _check(num_classes: int, world_size: int, rank: int) -> None:
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if num_classes < 1 or world_size < 1:
+        raise ValueError(f"num_classes and world_size must be >= 1, got {num_classes} and {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
@@ -27,6 +31,19 @@ def shard_rows(num_classes: int, world_size: int) -> int:
     """Rows of a full shard under the ceil rule: ``ceil(num_classes / world_size)``."""
     _check(num_classes, world_size, 0)
     return -(-num_classes // world_size)
+
+
+def num_sample(shard_size: int, sample_rate: float) -> int:
+    """``ceil(sample_rate * shard_size)`` capped at the shard; ``sample_rate >= 1`` means the shard.
+
+    The classes a rank keeps per step when its positives do not exceed that quota (they are all kept
+    when they do)."""
+    if not sample_rate > 0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if sample_rate >= 1.0:
+        return shard_size
+    # A tiny epsilon keeps r * shard that is an integer in exact arithmetic (0.1 * 30) from rounding up.
+    return min(shard_size, math.ceil(sample_rate * shard_size - 1e-9))
 
 
 def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -51,3 +68,9 @@ def owner_of(class_id: int, num_classes: int, world_size: int) -> int:
     if not 0 <= class_id < num_classes:
         raise ValueError(f"class id {class_id} outside [0, {num_classes})")
     return class_id // shard_rows(num_classes, world_size)
+
+
+def expected_num_sample(num_classes: int, world_size: int, rank: int, sample_rate: float) -> int:
+    """Classes rank ``rank`` samples per step when the positives do not exceed its quota (0: empty shard)."""
+    start, end = class_range(num_classes, world_size, rank)
+    return num_sample(end - start, sample_rate) if end > start else 0

@@ -3,7 +3,8 @@
 Rank ``k`` owns the classes ``[start, end)`` (see :mod:`partialfc.partition`). Each step it keeps
 
 * every *positive* class of its shard (a class that occurs among the labels of the global batch), and
-* uniformly drawn *negatives* without replacement, so that ``ceil(r * shard)`` classes are kept in all.
+* uniformly drawn *negatives* without replacement, so that ``ceil(r * shard)`` classes are kept in all
+  (:func:`partialfc.partition.num_sample`).
 
 When the positives alone reach or exceed the quota, all positives and no negatives are kept (the
 softmax must see every target class). ``r >= 1`` keeps the whole shard.
@@ -16,21 +17,12 @@ state needs to be checkpointed beyond ``(seed, step)``.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from dataclasses import dataclass
 
 import torch
 
-
-def num_sample(shard_size: int, sample_rate: float) -> int:
-    """``ceil(sample_rate * shard_size)`` capped at the shard; ``sample_rate >= 1`` means the shard."""
-    if not sample_rate > 0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if sample_rate >= 1.0:
-        return shard_size
-    # A tiny epsilon keeps r * shard that is an integer in exact arithmetic (0.1 * 30) from rounding up.
-    return min(shard_size, math.ceil(sample_rate * shard_size - 1e-9))
+from partialfc.partition import num_sample
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

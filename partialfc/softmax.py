@@ -18,6 +18,12 @@ The margin's derivative ``margin'(c)`` comes from autograd on the (n_k,) vector 
 ArcFace's gradient is the true derivative of its formula); it scales the target entries of the logits'
 gradient, and the two GEMMs carry it into ``z`` and ``w_hat``.
 
+Layout (Megatron's ``cross_entropy.py``): ``forward`` and ``backward`` read as the list of their steps,
+the communication at the top level where it happens (forward: all-reduce MAX of the row maxima, then
+one all-reduce SUM; backward: none, the embeddings' all-gather sums their gradient over ranks), and the
+math of each step in a named function below the class (``_margin_logits``, ``_exp_and_target``,
+``_logit_grad``, ``_through_row_norm_``).
+
 The Function also returns the owned samples' rows ``z[rows]`` and ``w_hat[cols]`` (for DiscFace): their
 gradients are added into the GEMMs' outputs with ``index_add_`` instead of through a separate
 index-select node, which would allocate a zero ``S_k x d`` gradient and add it.
@@ -31,8 +37,8 @@ from typing import Any
 
 import torch
 
+from discface.margins import Margin, target_cos_with_margin
 from partialfc.collectives import Group, all_reduce_max_, all_reduce_sum_
-from partialfc.margins import Margin, target_cos_with_margin
 
 
 class Workspace:
@@ -96,74 +102,35 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 cols: torch.Tensor, scale: float, margin: Margin, group: Group,
                 workspace: Workspace | None = None,
                 grad_name: str = "grad_weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = z.shape[0]
-        # 1/||w_j||, clamped as F.normalize does so that a zero row gives 0, not NaN.
-        inv = torch.linalg.vector_norm(weight, dim=1).clamp_(min=1e-12).reciprocal_()
-        shape = (n, weight.shape[0])
-        if workspace is None:
-            logits = torch.mm(z, weight.t())
-        else:
-            logits = torch.mm(z, weight.t(), out=workspace.get("logits", shape, z.dtype, z.device))
-        inv_own = inv.index_select(0, cols)
-        cos_t = logits[rows, cols] * inv_own
-        target = target_cos_with_margin(cos_t, margin) * scale
-        col_scale = (inv * scale).unsqueeze(0)
-        # The elementwise work on the N x S_k logits runs over blocks of rows small enough to stay in
-        # cache, so that each group of operations below costs one pass over memory instead of one per
-        # operation. ``rows`` is sorted (it comes from nonzero), so each block's targets are a slice.
-        blocks = _row_blocks(n, shape[1] * logits.element_size(), rows)
-        # An empty shard (the ceil partition allows one) contributes -inf to the max, i.e. nothing.
-        row_max = logits.new_full((n,), float("-inf"))
-        for lo, hi, t_lo, t_hi in blocks:
-            blk = logits[lo:hi].mul_(col_scale)
-            blk[rows[t_lo:t_hi] - lo, cols[t_lo:t_hi]] = target[t_lo:t_hi]
-            if shape[1]:
-                torch.amax(blk, dim=1, out=row_max[lo:hi])
+        # The communication of the whole loss, in order: one all-reduce MAX of the N row maxima, one
+        # all-reduce SUM of the N partition functions and N target logits (packed). The rest is local.
+        logits, row_max, inv, cos_t, target, blocks = _margin_logits(z, weight, rows, cols, scale, margin,
+                                                                     workspace)
         all_reduce_max_(row_max, group)
-        # One all-reduce for both sums: the partition function and the target logit from its owner.
-        packed = torch.zeros(2, n, dtype=z.dtype, device=z.device)
-        for lo, hi, _, _ in blocks:
-            # exp(l - m) in place: the logits buffer becomes the unnormalised probabilities; the 1/Z of
-            # the softmax is applied in backward, folded into its scaling of the rows.
-            blk = logits[lo:hi].sub_(row_max[lo:hi].unsqueeze(1)).exp_()
-            torch.sum(blk, dim=1, out=packed[0, lo:hi])
-        packed[1].index_put_((rows,), target)
+        packed = _exp_and_target(logits, row_max, rows, target, blocks)
         all_reduce_sum_(packed, group, "all_reduce_sum_softmax")
         sum_exp, target_all = packed[0], packed[1]
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
+
+        # ``logits`` now holds exp(l - m): the unnormalised probabilities the backward scales by 1/Z.
         ctx.save_for_backward(z, weight, inv, rows, cols, logits, sum_exp, cos_t)
         ctx.scale, ctx.margin, ctx.workspace, ctx.grad_name = scale, margin, workspace, grad_name
         ctx.set_materialize_grads(False)
         z_own = z.index_select(0, rows)
-        w_own = weight.index_select(0, cols) * inv_own.unsqueeze(1)
+        w_own = weight.index_select(0, cols) * inv.index_select(0, cols).unsqueeze(1)
         return loss, z_own, w_own
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,  # type: ignore[override]
                  grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
+        # No communication: the embedding gradient is summed over ranks by the all-gather's backward.
         z, weight, inv, rows, cols, exps, sum_exp, cos_t = ctx.saved_tensors
-        n, scale = z.shape[0], ctx.scale
         if grad is None:
             grad = torch.zeros((), dtype=z.dtype, device=z.device)
-        g = grad / n
-        with torch.enable_grad():
-            c = cos_t.detach().requires_grad_()
-            (dmargin,) = torch.autograd.grad(target_cos_with_margin(c, ctx.margin).sum(), c)
-        # G = dL/dcos: g s p_ij off target, g s (p_iy - 1) margin'(c_iy) on target, p_ij = e_ij / Z_i.
-        # Scaled by 1/||w_j|| per column, G' = G diag(inv):
-        #   dL/dz = G w_hat = G' W,   B = G'^T z = diag(inv) dL/dw_hat.
-        # G' = diag(g s / Z) E diag(inv) off target, built block by block in cache, out of place (one more
-        # N x S_k buffer, small next to the shard) so that backward may run twice on a retained graph.
         ws = ctx.workspace
-        grad_logits = (torch.empty_like(exps) if ws is None
-                       else ws.get("grad_logits", exps.shape, z.dtype, z.device))
-        row_scale = (g * scale) / sum_exp
-        col_scale = inv.unsqueeze(0)
-        for lo, hi, _, _ in _row_blocks(n, exps.shape[1] * exps.element_size(), None):
-            torch.mul(exps[lo:hi], row_scale[lo:hi].unsqueeze(1), out=grad_logits[lo:hi]).mul_(col_scale)
-        p_target = exps[rows, cols] / sum_exp.index_select(0, rows)
-        inv_own = inv.index_select(0, cols)
-        grad_logits[rows, cols] = (p_target - 1) * (g * scale) * dmargin * inv_own
+        grad_logits = _logit_grad(grad / z.shape[0], ctx.scale, ctx.margin, exps, sum_exp, inv, rows, cols, cos_t,
+                                  ws)
+        # dL/dz = G' W and B = G'^T z (= diag(inv) dL/dw_hat): the two GEMMs of the backward.
         grad_z = torch.mm(grad_logits, weight)
         if ws is None:
             grad_b = torch.mm(grad_logits.t(), z)
@@ -173,23 +140,107 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
         if grad_z_own is not None:
             grad_z.index_add_(0, rows, grad_z_own)
         if grad_w_own is not None:
-            grad_b.index_add_(0, cols, grad_w_own * inv_own.unsqueeze(1))
-        # Through w_hat = w / ||w||: dL/dw = inv (A - (A . w_hat) w_hat) = B - ((B . w) inv^2) w, by blocks
-        # of rows: the row dot products and the update share one pass over B and W.
-        grad_w = grad_b
-        inv2 = inv * inv
-        d = weight.shape[1]
-        step = max(1, _DOT_BLOCK_BYTES // max(1, d * weight.element_size()))
-        blk_shape = (min(step, weight.shape[0]), d)
-        scratch = (torch.empty(blk_shape, dtype=weight.dtype, device=weight.device) if ws is None
-                   else ws.get("dot_block", blk_shape, weight.dtype, weight.device))
-        coef = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        for lo in range(0, weight.shape[0], step):
-            b_blk, w_blk = grad_w[lo:lo + step], weight[lo:lo + step]
-            prod = torch.mul(b_blk, w_blk, out=scratch[:b_blk.shape[0]])
-            c_blk = torch.sum(prod, dim=1, out=coef[lo:lo + step]).mul_(inv2[lo:lo + step])
-            b_blk.addcmul_(w_blk, c_blk.unsqueeze(1), value=-1)
+            grad_b.index_add_(0, cols, grad_w_own * inv.index_select(0, cols).unsqueeze(1))
+        grad_w = _through_row_norm_(grad_b, weight, inv, ws)
         return grad_z, grad_w, None, None, None, None, None, None, None
+
+
+# -- the named steps of the forward and the backward (local math, no communication) ----------------------
+
+Blocks = list[tuple[int, int, int, int]]
+
+
+def _margin_logits(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float,
+                   margin: Margin, workspace: Workspace | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Blocks]:
+    """Step 1: this rank's (N, S_k) logits ``s * cos`` with the margin on the owned targets, and their
+    local row maxima (what Megatron's ``calculate_logits_max`` is).
+
+    Returns ``(logits, row_max, inv, cos_t, target, blocks)``: row_max (N,) the max of each row, -inf for
+    an empty shard (the ceil partition allows one: it contributes nothing to the max over ranks);
+    inv (S_k,) 1/||w_j||; cos_t (n_k,) the owned targets' cosines (before the margin, for its derivative);
+    target (n_k,) their logits ``s * margin(cos)``; blocks the row blocks of :func:`_row_blocks` (the
+    logits' elementwise passes go block by block).
+    """
+    n = z.shape[0]
+    # 1/||w_j||, clamped as F.normalize does so that a zero row gives 0, not NaN.
+    inv = torch.linalg.vector_norm(weight, dim=1).clamp_(min=1e-12).reciprocal_()
+    shape = (n, weight.shape[0])
+    if workspace is None:
+        logits = torch.mm(z, weight.t())
+    else:
+        logits = torch.mm(z, weight.t(), out=workspace.get("logits", shape, z.dtype, z.device))
+    cos_t = logits[rows, cols] * inv.index_select(0, cols)
+    target = target_cos_with_margin(cos_t, margin) * scale
+    col_scale = (inv * scale).unsqueeze(0)
+    # The elementwise work on the N x S_k logits runs over blocks of rows small enough to stay in cache,
+    # so that each group of operations costs one pass over memory instead of one per operation. ``rows``
+    # is sorted (it comes from nonzero), so each block's targets are a slice.
+    blocks = _row_blocks(n, shape[1] * logits.element_size(), rows)
+    row_max = logits.new_full((n,), float("-inf"))
+    for lo, hi, t_lo, t_hi in blocks:
+        blk = logits[lo:hi].mul_(col_scale)
+        blk[rows[t_lo:t_hi] - lo, cols[t_lo:t_hi]] = target[t_lo:t_hi]
+        if shape[1]:
+            torch.amax(blk, dim=1, out=row_max[lo:hi])
+    return logits, row_max, inv, cos_t, target, blocks
+
+
+def _exp_and_target(logits: torch.Tensor, row_max: torch.Tensor, rows: torch.Tensor, target: torch.Tensor,
+                    blocks: Blocks) -> torch.Tensor:
+    """Step 2: (2, N) this rank's share of ``[Z_i, t_i]``: ``sum_j exp(l_ij - m_i)`` and the target logit
+    of the samples it owns (0 for the others), packed for one all-reduce. Exponentiates ``logits`` in
+    place into the unnormalised probabilities (the softmax's 1/Z is applied in backward)."""
+    packed = torch.zeros(2, logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for lo, hi, _, _ in blocks:
+        blk = logits[lo:hi].sub_(row_max[lo:hi].unsqueeze(1)).exp_()
+        torch.sum(blk, dim=1, out=packed[0, lo:hi])
+    packed[1].index_put_((rows,), target)
+    return packed
+
+
+def _logit_grad(g: torch.Tensor, scale: float, margin: Margin, exps: torch.Tensor, sum_exp: torch.Tensor,
+                inv: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cos_t: torch.Tensor,
+                ws: Workspace | None) -> torch.Tensor:
+    """Backward step 1: G' (N, S_k), the loss's gradient in the cosines scaled by 1/||w_j|| per column.
+
+    G = dL/dcos is ``g s p_ij`` off target and ``g s (p_iy - 1) margin'(c_iy)`` on target, p_ij = e_ij / Z_i;
+    G' = G diag(inv), so that dL/dz = G' W and G'^T z = diag(inv) dL/dw_hat. Built block by block in cache,
+    out of place (one more N x S_k buffer, small next to the shard) so that backward may run twice on a
+    retained graph. ``g``: the upstream gradient over N.
+    """
+    with torch.enable_grad():
+        c = cos_t.detach().requires_grad_()
+        (dmargin,) = torch.autograd.grad(target_cos_with_margin(c, margin).sum(), c)
+    grad_logits = (torch.empty_like(exps) if ws is None
+                   else ws.get("grad_logits", exps.shape, exps.dtype, exps.device))
+    row_scale = (g * scale) / sum_exp
+    col_scale = inv.unsqueeze(0)
+    for lo, hi, _, _ in _row_blocks(exps.shape[0], exps.shape[1] * exps.element_size(), None):
+        torch.mul(exps[lo:hi], row_scale[lo:hi].unsqueeze(1), out=grad_logits[lo:hi]).mul_(col_scale)
+    p_target = exps[rows, cols] / sum_exp.index_select(0, rows)
+    grad_logits[rows, cols] = (p_target - 1) * (g * scale) * dmargin * inv.index_select(0, cols)
+    return grad_logits
+
+
+def _through_row_norm_(grad_b: torch.Tensor, weight: torch.Tensor, inv: torch.Tensor,
+                       ws: Workspace | None) -> torch.Tensor:
+    """Backward step 2, in place on ``grad_b``: from B = diag(inv) dL/dw_hat to dL/dw through
+    w_hat = w / ||w||: ``dL/dw = B - ((B . w) inv^2) w``, by blocks of rows (the row dot products and the
+    update share one pass over B and W). Returns ``grad_b``, now (S_k, d) dL/dw."""
+    inv2 = inv * inv
+    d = weight.shape[1]
+    step = max(1, _DOT_BLOCK_BYTES // max(1, d * weight.element_size()))
+    blk_shape = (min(step, weight.shape[0]), d)
+    scratch = (torch.empty(blk_shape, dtype=weight.dtype, device=weight.device) if ws is None
+               else ws.get("dot_block", blk_shape, weight.dtype, weight.device))
+    coef = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for lo in range(0, weight.shape[0], step):
+        b_blk, w_blk = grad_b[lo:lo + step], weight[lo:lo + step]
+        prod = torch.mul(b_blk, w_blk, out=scratch[:b_blk.shape[0]])
+        c_blk = torch.sum(prod, dim=1, out=coef[lo:lo + step]).mul_(inv2[lo:lo + step])
+        b_blk.addcmul_(w_blk, c_blk.unsqueeze(1), value=-1)
+    return grad_b
 
 
 # Bytes of N x S_k logits handled per block (a few rows: well inside the last-level cache, so the

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from data_pipeline.atomic import atomic_write
 from launcher.config import load_config, resolve_config_path
 from launcher.distributed import DistContext, torchrun
 from launcher.trainer.checkpointer import CheckpointPaths
-from partialfc.atomic import atomic_write
 
 # A fixed offset for the held-out identities' seed, so they share no template with training or val.
 _HELDOUT_SEED_OFFSET = 7919

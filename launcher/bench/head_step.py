@@ -349,7 +349,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     if cfg.floor == "interleaved" and not cfg.profile_dir:  # a profile shows the head's ops only
         # Allocated before the baseline, so its buffers are not counted as the head's. Its reps run
         # between the timed steps, so that the floor and the steps see the same load on the machine.
-        from partialfc.head import expected_num_sample
+        from partialfc.partition import expected_num_sample
 
         s_k = expected_num_sample(cfg.num_classes, cfg.world_size, rank, cfg.sample_rate)
         floor = GemmFloor(cfg.world_size * cfg.batch, max(s_k, 1), cfg.dim, dtype, device)

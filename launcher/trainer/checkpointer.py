@@ -9,12 +9,12 @@ Layout of one save (all paths inside ``<run>/checkpoints``)::
                                 plain containers only: loaded with ``weights_only=True``)
         rank/rank_00003.pt      each rank's torch / numpy / python RNG state, and its partition of a ZeRO
                                 optimizer state (used when resuming on the same world size)
-        head/                   the Partial FC shards with their class ranges (``partialfc.checkpoint``)
+        head/                   the Partial FC shards with their class ranges (``partialfc.resharding``)
     latest                      the name of the newest complete save, replaced last
 
 A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
 mid-write leaves the previous ``latest`` untouched; stale partial folders are removed at the next save.
-Every file goes through ``partialfc.atomic`` (temporary name, fsync, rename, fsync of the folder).
+Every file goes through ``data_pipeline.atomic`` (temporary name, fsync, rename, fsync of the folder).
 A failure of any kind while writing any part (a full disk raises ``OSError`` from Python's writes,
 ``SafetensorError`` from safetensors, ``RuntimeError`` from ``torch.save``) on any rank is agreed by
 every rank (one all-reduce per phase) and raised everywhere as :class:`CheckpointWriteError`.
@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from data_pipeline.atomic import atomic_write, describe_error, fsync_dir
 from launcher.trainer import faults
-from partialfc.atomic import atomic_write, describe_error, fsync_dir
 from partialfc.backbones import save_backbone
+from partialfc.collectives import any_rank
 
 LATEST = "latest"
 log = logging.getLogger("pfc")
@@ -64,12 +65,8 @@ class CheckpointWriteError(OSError):
 
 
 def _any_rank(flag: bool, group: Any = None) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend(group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item() > 0)
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl"
+    return any_rank(flag, group, device="cuda" if nccl else None)
 
 
 def step_dir_name(step: int) -> str:
@@ -215,7 +212,7 @@ def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, 
             # The head save is collective and fails on every rank alike; the rest is this rank's own.
             save_head(partial / "head")
             if rank == 0:
-                save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
+                save_backbone(backbone, partial / "backbone.safetensors", backbone_config, write=atomic_write)
                 _torch_save(trainer_state, partial / "trainer_state.pt")
             faults.maybe_fail_checkpoint(step, rank)
             _torch_save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")

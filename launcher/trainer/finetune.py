@@ -143,10 +143,12 @@ class BestKeeper:
             return better
         try:
             if better:
+                from data_pipeline.atomic import atomic_write
                 from partialfc.backbones import save_backbone
 
                 save_backbone(backbone, self.folder / "backbone.safetensors",
-                              config={**backbone_config, "step": step, "keep_best": self.spec, "value": value})
+                              config={**backbone_config, "step": step, "keep_best": self.spec, "value": value},
+                              write=atomic_write)
                 self.best = value
                 log.info(f"step {step}: {self.spec} = {value:.4f}, the best so far -> {self.folder}")
             self._write_record(step if better else None)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_pipeline.atomic import atomic_write
 from discface import discrepancy_stats
 from launcher.config import Config, dump_config
 from launcher.distributed import DistContext, HangWatchdog
@@ -58,9 +59,8 @@ from launcher.trainer.finetune import (
 from launcher.trainer.preemption import StopRequest
 from launcher.trainer.progress import ProgressLogger
 from partialfc import PartialFC
-from partialfc.atomic import atomic_write
 from partialfc.backbones import get_backbone, load_backbone_weights
-from partialfc.checkpoint import load_head, save_head
+from partialfc.resharding import load_head, save_head
 
 log = logging.getLogger("pfc")
 
@@ -69,9 +69,9 @@ HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def owned_discrepancy(head: PartialFC) -> dict[str, float]:
     """Directional and radial discrepancy of this rank's owned samples of the last step (cheap)."""
-    if "owned_labels" not in head.last or len(head.last["owned_labels"]) == 0:
+    if head.record is None or len(head.record.owned_labels) == 0:
         return {}
-    z_hat, w_hat, labels = head.last["owned_z_hat"], head.last["owned_w_hat"], head.last["owned_labels"]
+    z_hat, w_hat, labels = head.record.owned_z_hat, head.record.owned_w_hat, head.record.owned_labels
     xi = head.xi.detach() if head.xi is not None else None
     stats = discrepancy_stats(z_hat, w_hat, labels, xi=xi.to(z_hat.dtype) if xi is not None else None)
     # A step whose owned samples hold no class twice has no discrepancy (NaN): leave it out of the averages.
@@ -257,10 +257,10 @@ def head_grad_sq_norm(head: PartialFC) -> torch.Tensor:
 def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, float]:
     """Total loss and its softmax and DiscFace parts (``loss_softmax``, ``loss_disc``)."""
     out = {"loss": float(loss.detach())}
-    for k in ("loss_softmax", "loss_disc"):
-        v = head.last.get(k)
-        if v is not None:
-            out[k] = float(v)
+    if head.record is not None:
+        out["loss_softmax"] = float(head.record.loss_softmax)
+        if head.record.loss_disc is not None:
+            out["loss_disc"] = float(head.record.loss_disc)
     return out
 
 
@@ -275,7 +275,7 @@ def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainDat
                                              for g in c.head_opt.param_groups],
                        "engine": {} if per_rank_engine else c.engine.state_dict()},
         rank_state={"engine": c.engine.state_dict()} if per_rank_engine else None,
-        save_head=lambda p: save_head(c.head, c.head_opt, p),
+        save_head=lambda p: save_head(c.head, c.head_opt, p, write=atomic_write),
         meta={"world_size": ctx.world_size, "data_position": data.position(step),
               "config": cfg.model_dump(mode="json")},
         keep_last=cfg.checkpoint.keep_last)
@@ -525,7 +525,7 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
             if scalars["finite"]:
                 progress.update(loss_avg=scalars["loss"])  # smoothed over the last steps of this process
             metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
-                                 sampled_classes=int(c.head.last.get("num_sampled", 0)),
+                                 sampled_classes=c.head.record.num_sampled if c.head.record else 0,
                                  skipped_records=data.skipped_records)
             if step % cfg.eval.discrepancy_every_steps == 0:
                 disc = owned_discrepancy(c.head)

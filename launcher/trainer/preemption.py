@@ -43,8 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from partialfc.collectives import max_over_ranks
 
 log = logging.getLogger("pfc")
 
@@ -116,9 +115,7 @@ class StopRequest:
         """
         if not getattr(ctx, "distributed", False):
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int32, device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return max_over_ranks(self.received, device=ctx.device)
 
 
 @dataclass

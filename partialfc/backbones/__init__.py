@@ -13,7 +13,7 @@ Weight files: :func:`save_backbone` writes the state dict as safetensors with th
 (name, embedding_size, image_size, width) as JSON in the file's metadata, so :func:`load_backbone`
 rebuilds the right network from the file alone. :func:`load_backbone` also takes insightface
 arcface_torch ``backbone.pth`` files (iresnet18-200, MobileFaceNet, ViT-T/S/B): the parameter names are the same,
-and the architecture is inferred from the keys and shapes (``partialfc.backbones.insightface``).
+and the architecture is inferred from the keys and shapes (``partialfc.backbones.arcface_weights``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from partialfc.backbones._common import Backbone
-from partialfc.backbones.insightface import StateFileError, describe, first_mismatch, infer_config, read_state_file
+from partialfc.backbones.arcface_weights import StateFileError, describe, first_mismatch, infer_config, read_state_file
 from partialfc.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from partialfc.backbones.mobilefacenet import MobileFaceNet, upgrade_legacy_state
 from partialfc.backbones.tiny import TinyNet
@@ -178,21 +178,23 @@ def _validate_config(path: str | Path, config: Any) -> dict[str, Any]:
     return {**config, "image_size": size}
 
 
-def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] | None = None) -> Path:
+def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] | None = None, *,
+                  write: Callable[[Path, Callable[[Path], Any]], Any]) -> Path:
     """Write ``model``'s state dict to ``path`` as safetensors, with ``config`` as JSON metadata.
 
     Args:
         model: the backbone (DDP, DeepSpeed and torch.compile wrappers are unwrapped).
-        path: the file to write (conventionally ``*.safetensors``); written to a temporary name and
-            renamed, so a crash never leaves a half-written file under the final name.
+        path: the file to write (conventionally ``*.safetensors``).
         config: at least name, embedding_size, image_size, width (extra JSON-serialisable keys are
             kept); defaults to ``model.backbone_config`` as set by :func:`get_backbone`.
+        write: ``write(path, writer)`` puts the file in place, ``writer(p)`` writing it at ``p``; the
+            launcher passes ``data_pipeline.atomic.atomic_write`` (temporary name, fsync, rename: a crash
+            never leaves a half-written file under the final name). The library owns what the file holds,
+            not how files are written.
 
     Returns the path written. Tensors are saved contiguous, on CPU, in their own dtype.
     """
     from safetensors.torch import save_file
-
-    from partialfc.atomic import atomic_write
 
     path = Path(path)
     model = unwrap(model)
@@ -205,9 +207,8 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     # channels-last parameters are not contiguous, and safetensors stores only contiguous tensors
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # temporary name, fsync, rename, fsync of the folder (partialfc.atomic)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
-                                             metadata={METADATA_KEY: json.dumps(dict(config)), "format": "pt"}))
+    write(path, lambda tmp: save_file(tensors, str(tmp),
+                                      metadata={METADATA_KEY: json.dumps(dict(config)), "format": "pt"}))
     return path
 
 

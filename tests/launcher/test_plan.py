@@ -30,7 +30,7 @@ def test_partition_and_quota_by_hand() -> None:
 def test_planner_rules_are_the_heads() -> None:
     """The planner re-states the head's partition and quota rules (it must stay torch-free): same values."""
     from partialfc.partition import class_range
-    from partialfc.sampler import num_sample as head_num_sample
+    from partialfc.partition import num_sample as head_num_sample
 
     for c in (1, 5, 10, 999, 1000, 12_345):
         for w in (1, 2, 3, 4, 7, 8):

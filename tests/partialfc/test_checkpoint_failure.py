@@ -13,7 +13,8 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _save_with_full_disk_on_rank_one(rank: int, world_size: int, root: str) -> str:
-    import partialfc.checkpoint as ckpt
+    import partialfc.resharding as ckpt
+    from data_pipeline.atomic import atomic_write
     from partialfc import PartialFC
 
     head = PartialFC(10, 4, sample_rate=1.0)
@@ -24,7 +25,7 @@ def _save_with_full_disk_on_rank_one(rank: int, world_size: int, root: str) -> s
 
         ckpt._write_head_files = full_disk  # type: ignore[assignment]
     try:
-        ckpt.save_head(head, opt, Path(root) / "head")
+        ckpt.save_head(head, opt, Path(root) / "head", write=atomic_write)
     except OSError as e:
         return f"{e.errno}:{e}"
     return "saved"

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+from data_pipeline.atomic import atomic_write
 from partialfc import PartialFC, class_range, comm_stats, load_head, save_head
-from partialfc.sampler import num_sample
+from partialfc.partition import num_sample
 from tests.partialfc.reference import reference_loss, rel_err
 from tests.support.distributed import run_ranks
 
@@ -82,7 +83,7 @@ def _run_config(idx: int, rank: int, ws: int, group: Any = None) -> dict[str, An
     ids, wgrad = head.weight_grad()
     return {"loss": loss.detach(), "f_grad": f.grad, "ids": ids, "w_grad": wgrad,
             "b_grad": None if head.b is None else head.b.grad, "range": (start, end),
-            "num_sampled": head.last["num_sampled"]}
+            "num_sampled": head.record.num_sampled}
 
 
 def _equivalence(rank: int, ws: int) -> list[dict[str, Any]]:
@@ -143,7 +144,7 @@ def _ck_save(rank: int, ws: int, path: str) -> dict[str, Any]:
         opt.zero_grad()
         head(f, y).backward()
         opt.step()
-    save_head(head, opt, path)
+    save_head(head, opt, path, write=atomic_write)
     return {"weight": head.weight.clone(), "mom": opt.momentum_buffer.clone(), "step": head.step,
             "b": head.b.detach().clone(), "b_mom": opt.state[head.b]["momentum_buffer"].clone(),
             "loss": _fixed_loss(head, ws, rank)}

@@ -9,11 +9,12 @@ import pytest
 import torch
 from scipy import stats
 
+from data_pipeline.atomic import atomic_write
+from discface.margins import target_cos_with_margin
 from partialfc import PartialFC, class_range, comm_stats, load_head, save_head
-from partialfc.checkpoint import CheckpointError, shard_filename
-from partialfc.margins import target_cos_with_margin
-from partialfc.partition import all_class_ranges, owner_of
-from partialfc.sampler import num_sample, sample_classes
+from partialfc.partition import all_class_ranges, num_sample, owner_of
+from partialfc.resharding import CheckpointError, shard_filename
+from partialfc.sampler import sample_classes
 from tests.partialfc.reference import reference_loss, rel_err
 
 # ---- partition ------------------------------------------------------------------------------------
@@ -254,11 +255,11 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     head = PartialFC(10, 4)
     opt = head.make_optimizer(lr=0.1)
     (tmp_path / shard_filename(0, 5)).write_bytes(b"stale shard of a 2-rank save")
-    save_head(head, opt, tmp_path)
+    save_head(head, opt, tmp_path, write=atomic_write)
     assert (tmp_path / shard_filename(0, 10)).is_file() and not (tmp_path / shard_filename(0, 5)).exists()
     fresh = PartialFC(10, 4, seed=9)
     assert not torch.equal(fresh.weight, head.weight)
-    fresh.load_sharded(tmp_path)
+    load_head(fresh, None, tmp_path)
     assert torch.equal(fresh.weight, head.weight)
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(CheckpointError, match="'num_classes' is 10, the head has 11"):
@@ -272,7 +273,8 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 
 def test_sampler_large_shard_draws_distinct_in_range_negatives() -> None:
     """The sampler's cost grows with the sample count, not the shard: check it where that matters."""
-    from partialfc.sampler import num_sample, sample_classes
+    from partialfc.partition import num_sample
+    from partialfc.sampler import sample_classes
 
     start, end = 1_000_000, 1_300_000
     for r, step in ((0.01, 0), (0.1, 1), (0.5, 2), (0.999, 3)):
@@ -301,7 +303,8 @@ def test_sampler_negatives_uniform_when_few_are_drawn() -> None:
 def test_initial_rows_threaded_and_on_device_equal_the_block_formula() -> None:
     """The threaded, block-by-block initialisation gives the values of the per-block generators
     (written out here as the former sequential code did), for a range cutting blocks at both ends."""
-    from partialfc.head import _INIT_BLOCK, _init_rows
+    from partialfc.initial_weights import _INIT_BLOCK
+    from partialfc.initial_weights import init_rows as _init_rows
     from partialfc.sampler import step_seed
 
     start, end, dim, seed, std = _INIT_BLOCK - 5, 3 * _INIT_BLOCK + 7, 8, 4, 0.01

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from data_pipeline.atomic import atomic_write
 from partialfc import PartialFC, PartialFCAdamW, PartialFCSGD, load_head, save_head
-from partialfc.checkpoint import CheckpointError
+from partialfc.resharding import CheckpointError
 from tests.partialfc.reference import reference_loss, rel_err
 from tests.support.distributed import run_ranks
 
@@ -168,7 +169,7 @@ def _save_adamw(rank: int, ws: int, path: str) -> dict[str, Any]:
         opt.zero_grad()
         head(f, y).backward()
         opt.step()
-    save_head(head, opt, path)
+    save_head(head, opt, path, write=atomic_write)
     return _state(head, opt)
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from discface import margin_softmax_loss
+from discface.margins import switch_cos, target_cos_with_margin, validate_margin
 from discface.margins import target_cos_with_margin as discface_target
 from launcher.config import ConfigError, load_config
 from partialfc import PartialFC
-from partialfc.margins import switch_cos, target_cos_with_margin, validate_margin
 
 MARGINS = [(1.0, 0.0, 0.4), (1.0, 0.5, 0.0), (1.0, 2.9, 0.0), (1.35, 0.0, 0.0), (2.0, 0.3, 0.1),
            (0.5, 0.2, 0.0), (1.2, 1.0, 0.05), (3.0, 0.0, 0.0), (1.0, 1.7, 0.2)]

@@ -34,15 +34,16 @@ def _parts(world_size: int, meta_pad: int = 0, trainer_pad: int = 0) -> dict[str
 
 def _save(root: Path, step: int, p: dict[str, Any], keep_last: int = 10, meta_pad: int = 0,
           trainer_pad: int = 0) -> Path:
+    from data_pipeline.atomic import atomic_write
     from launcher.trainer.checkpointer import save_checkpoint
-    from partialfc.checkpoint import save_head
+    from partialfc.resharding import save_head
 
     with torch.no_grad():  # every save holds different weights, so a load can tell them apart
         p["head"].weight.add_(float(step))
     return save_checkpoint(
         root, step, backbone=p["backbone"], backbone_config=p["backbone"].backbone_config,
         trainer_state={"step": step, "pad": torch.zeros(trainer_pad)},
-        save_head=lambda d: save_head(p["head"], p["opt"], d),
+        save_head=lambda d: save_head(p["head"], p["opt"], d, write=atomic_write),
         meta={"world_size": 2, "pad": "x" * meta_pad}, rank_state={"mine": torch.zeros(3)}, keep_last=keep_last)
 
 
@@ -59,7 +60,7 @@ def _limit(nbytes: int | None) -> None:
 def _disk_full_rank(rank: int, world_size: int, root_s: str) -> dict[str, Any]:
     from launcher.trainer.checkpointer import CheckpointPaths, CheckpointWriteError, load_trainer_files
     from partialfc import PartialFC
-    from partialfc.checkpoint import load_head
+    from partialfc.resharding import load_head
 
     root = Path(root_s)
     p = _parts(world_size)

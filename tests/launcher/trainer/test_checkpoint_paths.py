@@ -4,7 +4,6 @@ followed inside its own checkpoints folder. Single process (no process group): f
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
@@ -30,18 +29,10 @@ class _FsyncLog:
 
     def synced(self, path: Path) -> bool:
         """``path`` was fsync-ed (a file under a temporary name that was then renamed to it counts)."""
-        from partialfc.atomic import temp_name
+        from data_pipeline.atomic import temp_name
 
         names = {str(path), str(temp_name(path))}
         return any(p in names or p.startswith(str(temp_name(path))) for p in self.paths)
-
-
-def test_both_copies_of_the_atomic_helper_are_the_same_code():
-    import data_pipeline.atomic
-    import partialfc.atomic
-
-    a, b = (Path(m.__file__).read_text() for m in (partialfc.atomic, data_pipeline.atomic))  # type: ignore[arg-type]
-    assert ast.dump(ast.parse(a)) == ast.dump(ast.parse(b)), "partialfc/atomic.py and data_pipeline/atomic.py differ"
 
 
 def test_every_checkpoint_file_is_fsynced_before_latest_names_it(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from data_pipeline.atomic import atomic_write
 from launcher.config import ConfigError, builtin_config, load_config
 from launcher.trainer.finetune import BestKeeper, adopt_init_backbone
 from partialfc.backbones import get_backbone, save_backbone
@@ -40,7 +41,7 @@ def test_init_backbone_takes_pth_and_run_folders_and_sets_the_model(tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_00000002"
     save_backbone(get_backbone("mobilefacenet", embedding_size=8, image_size=32, width=0.25, scale=2,
-                               blocks=(1, 2, 2, 1)), ckpt / "backbone.safetensors")
+                               blocks=(1, 2, 2, 1)), ckpt / "backbone.safetensors", write=atomic_write)
     (run / "checkpoints" / "latest").write_text("step_00000002")
     (ckpt / "meta.json").write_text("{}")  # what makes a save complete
     for given in (run, ckpt):
@@ -109,7 +110,7 @@ def test_frozen_backbone_warm_up_on_two_ranks_then_keep_best(dataset, tmp_path):
     prefix, val_bin = dataset
     start = tmp_path / "start.safetensors"
     torch.manual_seed(11)
-    save_backbone(get_backbone("tiny", embedding_size=64, image_size=32), start)
+    save_backbone(get_backbone("tiny", embedding_size=64, image_size=32), start, write=atomic_write)
     out = tmp_path / "run"
     sets = _overrides(prefix, out, **{
         "train.steps": 4, "train.freeze_backbone_steps": 2, "checkpoint.every_steps": 1, "checkpoint.keep_last": 4,
@@ -213,7 +214,7 @@ def test_an_insightface_mbf_file_builds_the_training_network(tmp_path):
     own = c.engine.module.state_dict()
     assert all(torch.equal(own[k], v) for k, v in ref.state_dict().items())
     # a checkpoint's backbone file rebuilds the same network
-    save_backbone(c.engine.module, tmp_path / "b.safetensors", config=c.backbone_config)
+    save_backbone(c.engine.module, tmp_path / "b.safetensors", config=c.backbone_config, write=atomic_write)
     from partialfc.backbones import load_backbone
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1

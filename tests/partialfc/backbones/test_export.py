@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import launcher.cli  # registers every command on the app
 import launcher.model_files
+from data_pipeline.atomic import atomic_write
 from launcher.commands.groups import app
 from launcher.model_files import (
     ModelPathError,
@@ -141,7 +142,7 @@ def test_model_path_resolution(tmp_path):
         load_backbone_for_inference(tmp_path)
     # a checkpoint folder resolves to the backbone file inside it
     model = get_backbone("tiny", embedding_size=8, image_size=16)
-    save_backbone(model, tmp_path / "step_5" / "backbone.safetensors")
+    save_backbone(model, tmp_path / "step_5" / "backbone.safetensors", write=atomic_write)
     assert resolve_weight_file(tmp_path / "step_5") == tmp_path / "step_5" / "backbone.safetensors"
     loaded = load_backbone_for_inference(tmp_path / "step_5")
     assert not loaded.training
@@ -151,7 +152,7 @@ def test_model_path_resolution(tmp_path):
 def test_cli_export_and_embed_round_trip(tmp_path):
     torch.manual_seed(0)
     model = calibrated(get_backbone("tiny", embedding_size=16, image_size=16, width=0.5), (16, 16))
-    weights = save_backbone(model, tmp_path / "backbone.safetensors")
+    weights = save_backbone(model, tmp_path / "backbone.safetensors", write=atomic_write)
     runner = CliRunner()
 
     res = runner.invoke(app, ["export", "onnx", str(weights), str(tmp_path / "m.onnx"), "--opset", "17",

@@ -19,6 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import launcher.cli  # noqa: F401  registers every command on the app
+from data_pipeline.atomic import atomic_write
 from launcher.commands.export import order_file
 from launcher.commands.groups import app
 from partialfc.backbones import (
@@ -251,7 +252,7 @@ def test_cli_eval_takes_an_insightface_pth(tmp_path):
 def test_cli_export_torch_writes_what_insightface_loads(tmp_path, name, kwargs, ref_make):
     torch.manual_seed(0)
     ours = randomise(get_backbone(name, **kwargs))
-    weights = save_backbone(ours, tmp_path / "backbone.safetensors")
+    weights = save_backbone(ours, tmp_path / "backbone.safetensors", write=atomic_write)
     out = tmp_path / "out.pth"
     res = CliRunner().invoke(app, ["export", "torch", str(weights), str(out)])
     assert res.exit_code == 0, res.output
@@ -268,7 +269,8 @@ def test_cli_export_torch_writes_what_insightface_loads(tmp_path, name, kwargs, 
 
 
 def test_export_torch_refuses_a_backbone_insightface_lacks(tmp_path):
-    weights = save_backbone(get_backbone("tiny", embedding_size=8, image_size=16), tmp_path / "t.safetensors")
+    weights = save_backbone(get_backbone("tiny", embedding_size=8, image_size=16), tmp_path / "t.safetensors",
+                            write=atomic_write)
     res = CliRunner().invoke(app, ["export", "torch", str(weights), str(tmp_path / "t.pth")])
     assert res.exit_code == 2
     assert "backbone 'tiny' has no insightface arcface_torch counterpart" in res.output

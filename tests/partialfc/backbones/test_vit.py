@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import launcher.cli  # noqa: F401  registers every command on the app
+from data_pipeline.atomic import atomic_write
 from launcher.commands.groups import app
 from launcher.model_files import export_onnx
 from partialfc.backbones import (
@@ -194,7 +195,7 @@ def test_insightface_state_dict_round_trip_gives_identical_output(tmp_path, make
     for k, v in ref.float().state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
     # ...and back out: `pfc export torch` writes what their module loads strictly
-    weights = save_backbone(ours, tmp_path / "ours.safetensors")
+    weights = save_backbone(ours, tmp_path / "ours.safetensors", write=atomic_write)
     out = tmp_path / "out.pth"
     res = CliRunner().invoke(app, ["export", "torch", str(weights), str(out)])
     assert res.exit_code == 0, res.output

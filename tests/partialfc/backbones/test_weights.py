@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from data_pipeline.atomic import atomic_write
 from partialfc.backbones import (
     METADATA_KEY,
     BackboneFileError,
@@ -31,7 +32,7 @@ def test_round_trip_restores_architecture_and_identical_weights(tmp_path, name, 
     model = get_backbone(name, embedding_size=12, **kwargs)
     h, w = model.image_size
     model = calibrated(model, (h, w))  # non-default BN running statistics must travel too
-    path = save_backbone(model, tmp_path / "sub" / "backbone.safetensors")
+    path = save_backbone(model, tmp_path / "sub" / "backbone.safetensors", write=atomic_write)
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
 
     loaded = load_backbone(path)
@@ -57,7 +58,7 @@ def test_channels_last_and_wrapped_models_save_plain_keys(tmp_path):
             super().__init__()
             self.module = inner
 
-    path = save_backbone(Wrapper(model), tmp_path / "b.safetensors", config=model.backbone_config)
+    path = save_backbone(Wrapper(model), tmp_path / "b.safetensors", config=model.backbone_config, write=atomic_write)
     loaded = load_backbone(path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
@@ -65,7 +66,8 @@ def test_channels_last_and_wrapped_models_save_plain_keys(tmp_path):
 
 def test_extra_config_keys_are_kept(tmp_path):
     model = get_backbone("tiny", embedding_size=8, image_size=16)
-    path = save_backbone(model, tmp_path / "b.safetensors", config={**model.backbone_config, "step": 42})
+    path = save_backbone(model, tmp_path / "b.safetensors", config={**model.backbone_config, "step": 42},
+                         write=atomic_write)
     assert read_backbone_config(path)["step"] == 42
     assert load_backbone(path).backbone_config["step"] == 42
 
@@ -73,7 +75,7 @@ def test_extra_config_keys_are_kept(tmp_path):
 def test_load_weights_into_an_existing_model_for_fine_tuning(tmp_path):
     torch.manual_seed(0)
     src = get_backbone("tiny", embedding_size=8, image_size=16)
-    path = save_backbone(src, tmp_path / "b.safetensors")
+    path = save_backbone(src, tmp_path / "b.safetensors", write=atomic_write)
     torch.manual_seed(1)
     dst = get_backbone("tiny", embedding_size=8, image_size=16)
     assert not torch.equal(dst.fc.weight, src.fc.weight)
@@ -124,7 +126,7 @@ def test_bad_config_in_metadata(tmp_path, config, expected):
 def test_weights_that_do_not_fit_the_config(tmp_path):
     small = get_backbone("tiny", embedding_size=8, image_size=16, width=0.5)
     path = save_backbone(small, tmp_path / "b.safetensors",
-                         config={**small.backbone_config, "width": 1.0})  # lies about the width
+                         config={**small.backbone_config, "width": 1.0}, write=atomic_write)  # lies about the width
     with pytest.raises(BackboneFileError, match=r"key 'stem\.0\.weight' has shape \(8, 3, 3, 3\), expected "
                                                 r"\(16, 3, 3, 3\)"):
         load_backbone(path)
@@ -136,7 +138,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
 
 def test_save_needs_a_config():
     with pytest.raises(ValueError, match="no config given"):
-        save_backbone(nn.Linear(2, 2), "unused.safetensors")
+        save_backbone(nn.Linear(2, 2), "unused.safetensors", write=atomic_write)
 
 
 def test_mobilefacenet_files_of_the_earlier_layout_still_load(tmp_path):

@@ -1,5 +1,10 @@
 """Checkpoint of the sharded head, loadable on any world size (resharding by class range).
 
+This module decides WHAT the head's files hold and reads them back; it does not own HOW a file is
+written: :func:`save_head` takes the writer from its caller (the launcher passes
+``data_pipeline.atomic.atomic_write``: temporary name, fsync, rename), so the library holds no second
+copy of the atomic-write code.
+
 Layout inside ``path_dir`` (the trainer's per-save directory; files are written under temporary names in
 that same directory and renamed into place, so nothing refers to the directory's own name and the
 trainer may rename the directory atomically afterwards):
@@ -21,9 +26,10 @@ read only the byte ranges a rank needs (``safe_open(...).get_slice``), and hold 
 
 Functions for the trainer:
 
-* :func:`save_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it; returns
-  after every rank's files are complete (a barrier). Shard files of an earlier save with another world
-  size in the same directory are removed first (by rank 0, before anyone writes).
+* :func:`save_head` ``(head, optimizer, path_dir, process_group=None, *, write)`` -- every rank calls it;
+  ``write(path, content)`` writes one file (``content``: bytes, str, or a callable that writes the file
+  given a path). Returns after every rank's files are complete (a barrier). Shard files of an earlier
+  save with another world size in the same directory are removed first (by rank 0, before anyone writes).
 * :func:`load_head` ``(head, optimizer, path_dir, process_group=None)`` -- every rank calls it on a head
   built for the NEW world size (same num_classes and embedding size); each rank reads the rows of its
   own class range from whichever files hold them, and the optimizer's per-row state when ``optimizer`` is
@@ -36,18 +42,23 @@ from __future__ import annotations
 import errno
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from partialfc.atomic import atomic_write, describe_error
-from partialfc.collectives import Group, all_reduce_max_, barrier
-from partialfc.head import PartialFC
-from partialfc.optimizer import SparseHeadOptimizer
+from partialfc.collectives import Group, any_rank, barrier
 from partialfc.partition import class_range
+
+if TYPE_CHECKING:
+    from partialfc.head import PartialFC
+    from partialfc.optimizer import SparseHeadOptimizer
+
+# write(path, content): content is bytes, str, or a callable that writes the file given a (temporary) path.
+Writer = Callable[[Path, "bytes | str | Callable[[Path], Any]"], Any]
 
 FORMAT = "partialfc-head/1"
 META = "head_meta.json"
@@ -64,7 +75,7 @@ def shard_filename(start: int, end: int) -> str:
 
 
 def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: str | Path,
-              process_group: Group = None) -> None:
+              process_group: Group = None, *, write: Writer) -> None:
     """Write this rank's shard (and, on rank 0, the metadata and b) into ``path_dir``; see module doc."""
     group = process_group if process_group is not None else head.process_group
     path = Path(path_dir)
@@ -83,7 +94,7 @@ def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
     barrier(group)  # no rank writes before the stale files are gone
     if error is None:
         try:
-            _write_head_files(head, optimizer, path)
+            _write_head_files(head, optimizer, path, write)
         except Exception as e:
             # Whatever the writer raises: a full disk is OSError from Python's own writes, SafetensorError
             # from safetensors (and RuntimeError from torch.save). A rank that left here without the
@@ -91,16 +102,23 @@ def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
             error = e
     # Every rank learns whether any rank failed, so all raise together instead of some waiting forever in
     # a barrier that a failed rank never reaches.
-    flag = torch.tensor([0.0 if error is None else 1.0], device=head.weight.device)
-    all_reduce_max_(flag, group)
-    if flag.item() > 0:
-        where = f"rank {head.rank}: {describe_error(error)}" if error is not None else \
+    if any_rank(error is not None, group, head.weight.device):
+        where = f"rank {head.rank}: {_one_line(error)}" if error is not None else \
             "another rank failed to write its shard"
         code = getattr(error, "errno", None) or errno.EIO
         raise OSError(code, f"head checkpoint in {path} not written ({where})") from error
 
 
-def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path) -> None:
+def _one_line(error: BaseException) -> str:
+    """The writer's error in one line: an OSError as Python prints it ("[Errno 28] No space left on
+    device"), anything else (safetensors' SafetensorError) with its type, since its text alone may not say
+    what failed. (The launcher's own messages use ``data_pipeline.atomic.describe_error``, which this
+    package may not import; the original error is chained either way.)"""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
+
+
+def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path, write: Writer) -> None:
     kind = optimizer.kind if optimizer is not None else "sgd"
     if head.end > head.start:
         state = (optimizer.row_state() if optimizer is not None
@@ -109,8 +127,8 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
                    **{k: v.detach().contiguous() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
                 "num_classes": str(head.num_classes), "optimizer": kind}
-        atomic_write(path / shard_filename(head.start, head.end),
-                      lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
+        write(path / shard_filename(head.start, head.end),
+              lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
     if head.rank == 0:
         info = {
             "format": FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
@@ -118,14 +136,14 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
             "sample_rate": head.sample_rate, "margin": list(head.margin), "scale": head.scale,
             "discface_lambda": head.discface_lambda, "dtype": str(head.weight.dtype), "optimizer": kind,
         }
-        atomic_write(path / META, json.dumps(info, indent=1) + "\n")
+        write(path / META, json.dumps(info, indent=1) + "\n")
         if head.b is not None:
             b = head.b.detach().cpu().contiguous()
             b_state = (optimizer.b_state() if optimizer is not None
                        else {"momentum": torch.zeros_like(head.b)})
             b_tensors = {"b": b, **{k: v.detach().cpu().contiguous() for k, v in b_state.items()}}
-            atomic_write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
-                                                               metadata={"format": FORMAT, "optimizer": kind}))
+            write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
+                                                        metadata={"format": FORMAT, "optimizer": kind}))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
