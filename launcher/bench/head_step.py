@@ -93,13 +93,15 @@ class StepLog:
 # the rank's steps
 
 
-def _build_head(cfg: BenchConfig, device: Any) -> Any:
+def _build_head(cfg: BenchConfig, device: Any) -> tuple[Any, Any]:
+    """The head of this shape and its optimizer (SGD with momentum, as training uses)."""
     from partialfc import PartialFC
 
     # The head takes its device from the caller (library code never moves itself); building on the
     # device directly avoids a CPU copy of the shard.
-    return PartialFC(cfg.num_classes, cfg.dim, sample_rate=cfg.sample_rate,
+    head = PartialFC(cfg.num_classes, cfg.dim, sample_rate=cfg.sample_rate,
                      discface_lambda=cfg.discface_lambda, seed=cfg.seed, device=device)
+    return head, head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
 def _warm_up(cfg: BenchConfig, device: Any) -> None:
@@ -108,8 +110,7 @@ def _warm_up(cfg: BenchConfig, device: Any) -> None:
     import torch
 
     tiny = replace(cfg, num_classes=4 * cfg.world_size, sample_rate=1.0)
-    head = _build_head(tiny, device)
-    opt = head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head, opt = _build_head(tiny, device)
     emb = torch.randn(cfg.batch, cfg.dim, device=device, requires_grad=True)
     for _ in range(2):
         labels = torch.randint(0, tiny.num_classes, (cfg.batch,)).to(device)
@@ -265,8 +266,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     embeddings = torch.randn(cfg.batch, cfg.dim, generator=gen, dtype=dtype).to(device).requires_grad_()
     labels_all = torch.randint(0, cfg.num_classes, (cfg.warmup + cfg.steps, cfg.batch), generator=gen)
     t_build = time.perf_counter()
-    head = _build_head(cfg, device)
-    opt = head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head, opt = _build_head(cfg, device)
     sync(device)
     build_s = time.perf_counter() - t_build
     after_build = mem.current()
