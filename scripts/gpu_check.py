@@ -24,7 +24,8 @@ output) into --out (default $OUT, else runs/gpu-check) and prints a summary tabl
 stand-in), in about a minute: a test in the suite runs it so that this script cannot rot.
 
 Standard library only in this process (it never touches the GPU itself): every measurement runs in
-a child, ``python -m launcher ...`` with this repository on PYTHONPATH.
+a child, ``python -m launcher ...`` with this repository on PYTHONPATH. The plumbing (budgets, the
+log, the JSON record, the summary table) is ``scripts/gpu_check_runner.py``; the steps are here.
 """
 
 from __future__ import annotations
@@ -33,109 +34,22 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError
+
 sys.path.insert(0, str(REPO))
 
-TOTAL_BUDGET_S = 450.0  # the issue's limit is 8 minutes; keep a margin for start-up and the copy back
-DRY_BUDGET_FACTOR = 4.0  # --dry-run: every step's budget (and the default total) times this
 
+class Check(Runner):
+    """The steps of `make gpu-check`; each returns its figures (a dict) or raises."""
 
-class StepError(RuntimeError):
-    """A step's command failed; the message says which and how."""
-
-
-class Check:
-    def __init__(self, out: Path, dry: bool, total_budget_s: float) -> None:
-        self.out = out
-        self.dry = dry
-        self.work = Path(tempfile.mkdtemp(prefix="pfc-gpu-check-"))
-        self.t0 = time.monotonic()
-        self.total = total_budget_s
-        self.log_path = out / "gpu_check.log"
-        self.log = self.log_path.open("w")
-        self.result: dict[str, Any] = {"dry_run": dry, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                       "steps": {}}
-        self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)
-        self.env.setdefault("PYTHONUNBUFFERED", "1")
-        if dry:
-            self.env["PFC_GPU_TESTS_ON_CPU"] = "1"
-            self.env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path, even on a GPU machine
-        self.step_deadline = 0.0
-
-    # -- plumbing -----------------------------------------------------------------------------
-    def remaining(self) -> float:
-        return self.total - (time.monotonic() - self.t0)
-
-    def write(self, text: str) -> None:
-        self.log.write(text)
-        self.log.flush()
-
-    def sh(self, args: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
-           check: bool = True) -> str:
-        """Run a command, its output into the log; returns the output. Bounded by the step's deadline."""
-        left = self.step_deadline - time.monotonic()
-        limit = min(left, timeout) if timeout is not None else left
-        if limit < 3:
-            raise StepError(f"no time left in this step's budget for: {shlex.join(args[:6])} ...")
-        self.write(f"\n$ {shlex.join(args)}   # timeout {limit:.0f} s\n")
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, errors="replace", timeout=limit,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
-            self.write(out + f"\n[timed out after {limit:.0f} s]\n")
-            raise StepError(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
-        self.write(proc.stdout + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
-        if check and proc.returncode != 0:
-            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])[-600:]
-            raise StepError(f"exit {proc.returncode}: {shlex.join(args[:8])} ...: {tail}")
-        return proc.stdout
-
-    def pfc(self, *args: str, timeout: float | None = None) -> str:
-        return self.sh([sys.executable, "-m", "launcher", *args], timeout=timeout)
-
-    def step(self, name: str, budget_s: float, fn: Callable[[], dict[str, Any]]) -> None:
-        if self.dry:  # the dry run's CPU may be shared and slow: its budgets only guard against hangs
-            budget_s *= DRY_BUDGET_FACTOR
-        budget = min(budget_s, self.remaining())
-        rec: dict[str, Any] = {"budget_s": round(budget, 1)}
-        self.write(f"\n===== {name} (budget {budget:.0f} s, {self.remaining():.0f} s left in all) =====\n")
-        if budget < 5:
-            rec.update(status="skipped", error="the script's total time budget is spent")
-        else:
-            self.step_deadline = time.monotonic() + budget
-            t0 = time.monotonic()
-            try:
-                rec.update(fn())
-                rec["status"] = rec.get("status", "ok")
-            except Exception as e:  # one step's failure must not stop the others
-                rec.update(status="failed", error=f"{type(e).__name__}: {e}")
-                self.write(traceback.format_exc())
-            rec["seconds"] = round(time.monotonic() - t0, 1)
-        self.result["steps"][name] = rec
-        self.save()
-        print(f"[gpu-check] {name}: {rec['status']} ({rec.get('seconds', 0)} s)"
-              + (f" - {rec['error'][:200]}" if "error" in rec else ""), flush=True)
-
-    def save(self) -> None:
-        self.result["seconds"] = round(time.monotonic() - self.t0, 1)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.result, indent=2, default=str) + "\n")
-
-    # -- the steps ----------------------------------------------------------------------------
     def s_env(self) -> dict[str, Any]:
         code = ("import json, os, sys, torch, numpy\n"
                 "d = {'python': sys.version.split()[0], 'torch': torch.__version__, 'numpy': numpy.__version__,\n"
@@ -426,16 +340,6 @@ class Check:
                 rows.append(("  e2e", st, "", f"{fr['steps']} steps {fr['wall_s']} s, eval acc {f(acc, '.3f')}; "
                              f"resumed to {rr['steps']} in {rr['wall_s']} s"))
         return rows
-
-    def print_summary(self) -> None:
-        rows = self.summary_rows()
-        w0 = max(len(r[0]) for r in rows)
-        lines = [f"gpu-check {'(dry run, CPU) ' if self.dry else ''}in {self.result['seconds']} s -> {self.out}",
-                 f"{'step':<{w0}}  {'status':<7} {'s':>4}  detail"]
-        lines += [f"{a:<{w0}}  {b:<7} {c:>4}  {d}" for a, b, c, d in rows]
-        text = "\n".join(lines)
-        self.write("\n" + text + "\n")
-        print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

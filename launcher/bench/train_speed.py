@@ -2,7 +2,13 @@
 
 The run is the ordinary trainer on a config (synthetic data when none is given), with checkpoints and
 evaluation pushed out of the timed window; per-step figures come from its ``metrics.jsonl``
-(``log.every_steps=1``) and the first ``warmup`` steps are dropped.
+(``log.every_steps=1``) and the first ``warmup`` steps are dropped. Step time and split are rank 0's
+(the collectives of every step make the ranks wait for each other, so in steady state rank 0's step
+period is the slowest rank's).
+
+The floor (:func:`backbone_floor`, `pfc bench train --floor`): the backbone's forward + backward
+alone, on one rank in this process, on batches made on the device: the part of a training step no
+input pipeline, head or optimizer can make faster, so images/s over it says what the rest costs.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from launcher.bench.study_runs import fitted_warmup, generate_once, metrics_rows, run_training
 from launcher.config import load_config, resolve_config_path
-from launcher.distributed import torchrun
 
 SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s")
 
@@ -47,6 +53,7 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
 
     import torch
 
+    from launcher.bench.gemm_floor import sync
     from launcher.trainer.batches import to_model_input
     from launcher.trainer.loop import _autocast, backbone_config
 
@@ -80,19 +87,15 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
         for p in net.parameters():
             p.grad = None
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         step()
-    sync()
+    sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync()
+    sync(device)
     seconds = (time.perf_counter() - t0) / steps
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
     return {"step_s": seconds, "images_per_s": cfg.train.batch_size / seconds, "peak_memory_bytes": peak,
@@ -117,25 +120,21 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     if device_data:
         data = ""
     elif data is None:
-        from data_pipeline.synth import generate
-
         prefix = tmp / "data" / "train"
-        if not prefix.with_suffix(".rec").is_file():
-            generate(prefix, 200, 10, image_size=cfg.model.image_size, val_identities=0,
-                     seed=cfg.train.seed)
+        generate_once(prefix, 200, 10, needs_val_bin=False, image_size=cfg.model.image_size, val_identities=0,
+                      seed=cfg.train.seed)
         data = str(prefix)
     out = tmp / "run"
     total = warmup + steps
     run_sets = [*sets, f"data.prefix={json.dumps(data or None)}", f"output={json.dumps(str(out))}", "data.val_bins=[]",
                 f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
                 "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}",
-                # a short benchmark may be shorter than the recipe's warm-up (refused by the config otherwise)
-                f"optim.warmup_steps={min(cfg.optim.warmup_steps, total)}"]
+                fitted_warmup(cfg, total)]
     shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: resume=false refuses a used one
-    code = torchrun(["train", config, *[a for s in run_sets for a in ("--set", s)]], nproc)
+    code = run_training(config, run_sets, nproc)
     if code:
         raise RuntimeError(f"the benchmark's training run failed with exit code {code} (output in {out})")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = metrics_rows(out)
     global_batch = cfg.train.batch_size * nproc * cfg.optim.grad_accum
     res = summarise(rows, warmup, global_batch)
     res.update(config=str(config), backbone=cfg.model.backbone, image_size=cfg.model.image_size,

@@ -34,7 +34,8 @@ def bench_head_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Partial FC head step time against its GEMM floor, memory and traffic per rank."""
-    from launcher.bench.head_step import BenchConfig, format_summary, run_bench
+    from launcher.bench.head_results import format_summary
+    from launcher.bench.head_step import BenchConfig, run_bench
 
     cfg = BenchConfig(num_classes=classes, dim=dim, batch=batch, sample_rate=sample_rate,
                       world_size=world_size, steps=steps, warmup=warmup, discface_lambda=discface_lambda,

@@ -127,6 +127,10 @@ class _RandomBatches:
                                dtype=torch.uint8)
         return images, torch.randint(0, self.classes, (self.batch,), generator=self.gen)
 
+    def augmentation(self, step: int, micro: int = 0) -> None:
+        """No augmentation (as TrainData without ``data.augment``): the step's inputs stay the batches."""
+        return None
+
     def position(self, step: int) -> dict[str, int]:
         return {"epoch": 0, "batch_in_epoch": step, "batch_size": self.batch}
 

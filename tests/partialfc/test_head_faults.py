@@ -22,7 +22,7 @@ from partialfc import PartialFC
 _SCRIPT = r"""
 import json, resource, sys
 import torch
-from launcher.bench.head_step import pin_mmap_threshold
+from launcher.bench.head_memory import pin_mmap_threshold
 from partialfc import PartialFC
 
 pinned = pin_mmap_threshold()

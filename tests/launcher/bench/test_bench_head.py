@@ -10,7 +10,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from launcher.bench.head_step import RESULT_KEYS, BenchConfig, bench_on_rank, summarise
+from launcher.bench.head_results import RESULT_KEYS, summarise
+from launcher.bench.head_step import BenchConfig, bench_on_rank
 from launcher.cli import app
 from launcher.planner import plan_rank
 from tests.support.distributed import run_ranks

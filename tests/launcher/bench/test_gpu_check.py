@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[3]  # tests/launcher/bench/ -> the repository
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 STEPS = ["env", "pytest_gpu", "bench_head", "bench_train_device", "synth", "train_e2e", "bench_train_loader"]
 

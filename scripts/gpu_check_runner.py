@@ -1,0 +1,128 @@
+"""`make gpu-check`'s runner: steps as subprocesses, each with its own time budget, logged and recorded.
+
+:class:`Runner` holds the plumbing of ``scripts/gpu_check.py`` (which holds the steps): the total and
+per-step budgets, running a command with its output into ``gpu_check.log`` (:meth:`Runner.sh`,
+:meth:`Runner.pfc`), recording a step's figures or its error into ``gpu_check.json`` without
+stopping the others (:meth:`Runner.step`), and the summary table printed last.
+
+Standard library only: this process never touches the GPU (or imports torch) itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOTAL_BUDGET_S = 450.0  # the issue's limit is 8 minutes; keep a margin for start-up and the copy back
+DRY_BUDGET_FACTOR = 4.0  # --dry-run: every step's budget (and the default total) times this
+
+
+class StepError(RuntimeError):
+    """A step's command failed; the message says which and how."""
+
+
+class Runner:
+    """Budgets, logging and the JSON record of a gpu-check run; the steps are a subclass's methods."""
+
+    def __init__(self, out: Path, dry: bool, total_budget_s: float) -> None:
+        self.out = out
+        self.dry = dry
+        self.work = Path(tempfile.mkdtemp(prefix="pfc-gpu-check-"))
+        self.t0 = time.monotonic()
+        self.total = total_budget_s
+        self.log_path = out / "gpu_check.log"
+        self.log = self.log_path.open("w")
+        self.result: dict[str, Any] = {"dry_run": dry, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "steps": {}}
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        if dry:
+            self.env["PFC_GPU_TESTS_ON_CPU"] = "1"
+            self.env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU path, even on a GPU machine
+        self.step_deadline = 0.0
+
+    def remaining(self) -> float:
+        return self.total - (time.monotonic() - self.t0)
+
+    def write(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+
+    def sh(self, args: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
+           check: bool = True) -> str:
+        """Run a command, its output into the log; returns the output. Bounded by the step's deadline."""
+        left = self.step_deadline - time.monotonic()
+        limit = min(left, timeout) if timeout is not None else left
+        if limit < 3:
+            raise StepError(f"no time left in this step's budget for: {shlex.join(args[:6])} ...")
+        self.write(f"\n$ {shlex.join(args)}   # timeout {limit:.0f} s\n")
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace", timeout=limit,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
+            self.write(out + f"\n[timed out after {limit:.0f} s]\n")
+            raise StepError(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
+        self.write(proc.stdout + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
+        if check and proc.returncode != 0:
+            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])[-600:]
+            raise StepError(f"exit {proc.returncode}: {shlex.join(args[:8])} ...: {tail}")
+        return proc.stdout
+
+    def pfc(self, *args: str, timeout: float | None = None) -> str:
+        return self.sh([sys.executable, "-m", "launcher", *args], timeout=timeout)
+
+    def step(self, name: str, budget_s: float, fn: Callable[[], dict[str, Any]]) -> None:
+        if self.dry:  # the dry run's CPU may be shared and slow: its budgets only guard against hangs
+            budget_s *= DRY_BUDGET_FACTOR
+        budget = min(budget_s, self.remaining())
+        rec: dict[str, Any] = {"budget_s": round(budget, 1)}
+        self.write(f"\n===== {name} (budget {budget:.0f} s, {self.remaining():.0f} s left in all) =====\n")
+        if budget < 5:
+            rec.update(status="skipped", error="the script's total time budget is spent")
+        else:
+            self.step_deadline = time.monotonic() + budget
+            t0 = time.monotonic()
+            try:
+                rec.update(fn())
+                rec["status"] = rec.get("status", "ok")
+            except Exception as e:  # one step's failure must not stop the others
+                rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+                self.write(traceback.format_exc())
+            rec["seconds"] = round(time.monotonic() - t0, 1)
+        self.result["steps"][name] = rec
+        self.save()
+        print(f"[gpu-check] {name}: {rec['status']} ({rec.get('seconds', 0)} s)"
+              + (f" - {rec['error'][:200]}" if "error" in rec else ""), flush=True)
+
+    def save(self) -> None:
+        self.result["seconds"] = round(time.monotonic() - self.t0, 1)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.result, indent=2, default=str) + "\n")
+
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        """(step, status, seconds, detail) rows of the summary table; the subclass knows the steps."""
+        raise NotImplementedError
+
+    def print_summary(self) -> None:
+        rows = self.summary_rows()
+        w0 = max(len(r[0]) for r in rows)
+        lines = [f"gpu-check {'(dry run, CPU) ' if self.dry else ''}in {self.result['seconds']} s -> {self.out}",
+                 f"{'step':<{w0}}  {'status':<7} {'s':>4}  detail"]
+        lines += [f"{a:<{w0}}  {b:<7} {c:>4}  {d}" for a, b, c, d in rows]
+        text = "\n".join(lines)
+        self.write("\n" + text + "\n")
+        print(text, flush=True)
