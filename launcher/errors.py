@@ -31,30 +31,6 @@ class RunFolderError(UserError):
     """The output folder holds another run that this one would overwrite."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the input is wrong" rather than "the program is wrong"."""
-    from data_pipeline.recordio import RecordIOError
-    from data_pipeline.verification import UnsafePickleError
-    from launcher.config import ConfigError
-    from launcher.distributed import RendezvousTimeout
-    from launcher.model_files import ModelPathError
-    from launcher.monitoring.exporter import MetricsPortError
-    from launcher.monitoring.plots import ReportError
-    from launcher.trainer.checkpointer import CheckpointWriteError
-    from partialfc.backbones import BackboneFileError
-    from partialfc.checkpoint import CheckpointError
-
-    types: tuple[type[BaseException], ...] = (
-        UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
-        ModelPathError, ReportError, MetricsPortError, RendezvousTimeout, CheckpointWriteError,
-        FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-    with contextlib.suppress(ImportError):  # training pulls in the backbone engines; commands may not
-        from launcher.trainer.loop import NonFiniteError
-
-        types += (NonFiniteError,)
-    return types
-
-
 def one_line(error: BaseException) -> str:
     """The error's message on one line (long messages are kept whole; only newlines are folded)."""
     text = " ".join(part.strip() for part in str(error).strip().splitlines() if part.strip())

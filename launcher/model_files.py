@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from partialfc.atomic import atomic_write
 from partialfc.backbones import BackboneFileError, load_backbone, unwrap
 
 INPUT_NAME = "input"
@@ -321,13 +319,6 @@ def embed_images(
     finally:
         model.train(was_training)
     return np.concatenate(chunks, axis=0)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, creating the parent folder."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, json.dumps(payload, indent=2) + "\n")
 
 
 __all__ = [

@@ -10,15 +10,13 @@ from pathlib import Path
 import typer
 
 from launcher.commands.groups import app
+from launcher.commands.output import fail, user_errors
 from launcher.config import ConfigError, load_config, resolve_config_path
 
 
 def _config_or_exit(config: str, overrides: list[str]):
-    try:
+    with user_errors("pfc", ConfigError):
         return load_config(resolve_config_path(config), overrides)
-    except ConfigError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
@@ -40,13 +38,10 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
     from launcher.trainer.batches import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
 
-    try:
+    with user_errors("pfc", ValueError):
         cfg = adopt_init_backbone(cfg)
         if cfg.data.prefix:
             resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
-    except ValueError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 @app.command("train", context_settings={"allow_extra_args": False})
@@ -86,8 +81,7 @@ def train_cmd(
                             max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout,
                             stop_signals=cfg.train.stop_signals, stop_grace_s=cfg.train.stop_grace_s)
         except RendezvousTimeout as e:
-            typer.echo(f"pfc: {e}", err=True)
-            raise typer.Exit(code=3) from None
+            fail(str(e), code=3)
         if stopped_since(Path(cfg.output), started):
             code = STOPPED_EXIT_CODE  # the ranks exited 0 so that torchrun would not restart them
         raise typer.Exit(code=code)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from launcher.commands.groups import config_app
+from launcher.commands.output import print_json, user_errors
 from launcher.config import ConfigError, dump_config, load_config, resolve_config_path
 
 
@@ -17,9 +16,9 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of YAML"),
 ) -> None:
     """Print the resolved configuration (defaults < file < --set)."""
-    try:
+    with user_errors("pfc", ConfigError):
         cfg = load_config(resolve_config_path(config), list(sets or []))
-    except ConfigError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
-    typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2) if as_json else dump_config(cfg))
+    if as_json:
+        print_json(cfg.model_dump(mode="json"))
+    else:
+        typer.echo(dump_config(cfg))
