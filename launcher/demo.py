@@ -18,37 +18,10 @@ import torch
 
 from launcher.config import builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
+from launcher.monitoring.plots import plot_losses
 from partialfc.atomic import atomic_write
 
 log = logging.getLogger("pfc")
-
-
-def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
-    """Loss by component against step, from the run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_jsonl.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    keys = sorted({k for r in rows for k in r if k.startswith("loss")})
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
 
 
 def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int | None, nproc: int,
