@@ -3,7 +3,8 @@
 * :func:`write_json` -- the ``--json PATH`` of a command: the payload, indented, written atomically (the
   parent folder created); :func:`print_json` -- a command's ``--json`` flag that prints instead.
 * :func:`fail` and :func:`user_errors` -- a user error inside a command: one line ``<command>: <message>``
-  on stderr and exit code 2 (:data:`launcher.errors.EXIT_USER_ERROR`).
+  on stderr and exit code 2 (:data:`launcher.errors.EXIT_USER_ERROR`); :func:`config_or_exit` -- the
+  config a command names, or that line.
 * :func:`end_on_error` -- the same for an error that reaches ``pfc``'s entry point (:mod:`launcher.cli`),
   with the rules of a multi-rank run (``launcher.errors``).
 """
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 import typer
 
 from launcher import errors
+from launcher.config import Config, ConfigError, load_config, resolve_config_path
 from partialfc.atomic import atomic_write
 
 
@@ -55,12 +57,18 @@ def user_errors(command: str, *types: type[BaseException]) -> Iterator[None]:
         fail(str(exc), command)
 
 
+def config_or_exit(config: str, overrides: list[str]) -> Config:
+    """The config a command names (a YAML file or a built-in recipe) with its ``--set`` overrides; a bad
+    one ends the command as :func:`fail` does."""
+    with user_errors("pfc", ConfigError):
+        return load_config(resolve_config_path(config), overrides)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong" rather than "the program is wrong". Imported here,
     at the top of the command tree, so that no room below has to import the rooms whose errors it lists."""
     from data_pipeline.recordio import RecordIOError
     from data_pipeline.verification import UnsafePickleError
-    from launcher.config import ConfigError
     from launcher.distributed import RendezvousTimeout
     from launcher.model_files import ModelPathError
     from launcher.monitoring.exporter import MetricsPortError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from launcher.commands.groups import config_app
-from launcher.commands.output import print_json, user_errors
-from launcher.config import ConfigError, dump_config, load_config, resolve_config_path
+from launcher.commands.output import config_or_exit, print_json
+from launcher.config import dump_config
 
 
 @config_app.command("show")
@@ -16,8 +16,7 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of YAML"),
 ) -> None:
     """Print the resolved configuration (defaults < file < --set)."""
-    with user_errors("pfc", ConfigError):
-        cfg = load_config(resolve_config_path(config), list(sets or []))
+    cfg = config_or_exit(config, list(sets or []))
     if as_json:
         print_json(cfg.model_dump(mode="json"))
     else:

@@ -10,13 +10,7 @@ from pathlib import Path
 import typer
 
 from launcher.commands.groups import app
-from launcher.commands.output import fail, user_errors
-from launcher.config import ConfigError, load_config, resolve_config_path
-
-
-def _config_or_exit(config: str, overrides: list[str]):
-    with user_errors("pfc", ConfigError):
-        return load_config(resolve_config_path(config), overrides)
+from launcher.commands.output import config_or_exit, fail, user_errors
 
 
 def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
@@ -71,7 +65,7 @@ def train_cmd(
     from launcher.trainer.progress import setup_logging
 
     overrides = build_overrides(data, val_bin, output, sets)
-    cfg = _config_or_exit(config, overrides)
+    cfg = config_or_exit(config, overrides)
     _prepare_or_exit(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
