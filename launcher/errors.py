@@ -5,6 +5,10 @@ its traceback. ``pfc --debug ...`` (or ``PFC_DEBUG=1``) shows the traceback of u
 Under ``pfc train --nproc-per-node N`` (and ``pfc demo``) the launcher gives every rank a folder
 (``PFC_ERROR_DIR``); a rank that stops on a user error writes its line there instead of printing it, and
 the launcher prints the line of the first rank that failed, once, in place of torchrun's failure report.
+
+Which exception types count as user errors (these, and other rooms' such as ``ConfigError``) is decided
+at the top, in :func:`launcher.commands.output.user_error_types`, so that this module, which the trainer
+and the launcher import, imports none of them.
 """
 
 from __future__ import annotations
