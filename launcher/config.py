@@ -11,6 +11,7 @@ built-in recipes, and every name the rest of the code imports from ``launcher.co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ __all__ = [
     "KEEP_BEST_METRICS", "VIT_BACKBONES", "AugmentConfig", "CheckpointConfig", "ColorAugment", "Config",
     "ConfigError", "CropAugment", "DataConfig", "DistConfig", "ErasingAugment", "EvalConfig",
     "GrayscaleAugment", "HeadConfig", "LogConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
-    "RotationAugment", "ShiftAugment", "TrainConfig", "builtin_config", "dump_config", "load_config",
-    "parse_override", "resolve_config_path",
+    "RotationAugment", "ShiftAugment", "TrainConfig", "build_overrides", "builtin_config", "dump_config",
+    "load_config", "parse_override", "resolve_config_path",
 ]
 
 
@@ -115,6 +116,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
+                    sets: list[str] | None) -> list[str]:
+    """`pfc train`'s short flags (``--data``, ``--val-bin``, ``--output``) as ``--set`` items, for anything
+    that starts a run with those three; explicit ``sets`` come last and win."""
+    out: list[str] = []
+    if data is not None:
+        out.append(f"data.prefix={json.dumps(data)}")
+    if val_bin:
+        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
+    if output is not None:
+        out.append(f"output={json.dumps(output)}")
+    return out + list(sets or [])
 
 
 def dump_config(cfg: Config) -> str:

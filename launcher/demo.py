@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import builtin_config, load_config
+from launcher.config import build_overrides, builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
 from launcher.monitoring.plots import plot_losses
 from partialfc.atomic import atomic_write
@@ -45,8 +45,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
                        jitter=HARD_JITTER)
         log.info(f"synthetic data: {rep.identities} identities x {images_per_identity} images "
                  f"({rep.image_size}px) + {rep.val_pairs} verification pairs in {time.perf_counter() - t0:.1f}s")
-    sets = [f"data.prefix={json.dumps(str(prefix))}", f"data.val_bins={json.dumps([str(val_bin)])}",
-            f"output={json.dumps(str(out))}"]
+    sets = build_overrides(str(prefix), [str(val_bin)], str(out), None)
     if steps is not None:
         sets.append(f"train.steps={steps}")
         # a short demo may be shorter than the recipe's warm-up (refused by the config otherwise)

@@ -11,19 +11,7 @@ import typer
 
 from launcher.commands.groups import app
 from launcher.commands.output import config_or_exit, fail, user_errors
-
-
-def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
-                    sets: list[str] | None) -> list[str]:
-    """The short flags are shorthands for `--set`; explicit `--set` items come last and win."""
-    out: list[str] = []
-    if data is not None:
-        out.append(f"data.prefix={json.dumps(data)}")
-    if val_bin:
-        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
-    if output is not None:
-        out.append(f"output={json.dumps(output)}")
-    return out + list(sets or [])
+from launcher.config import build_overrides
 
 
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
