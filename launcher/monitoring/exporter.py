@@ -75,7 +75,14 @@ from launcher.monitoring.scrape import (
     default_device_reading,
     rss_bytes,
 )
-from launcher.monitoring.series import DISCREPANCY, LOSSES, METRIC_NAMES, PHASES, STEP_BUCKETS
+from launcher.monitoring.series import (
+    DISCREPANCY,
+    LOSSES,
+    METRIC_NAMES,
+    PHASES,
+    STEP_BUCKETS,
+    verification_figures,
+)
 
 __all__ = ["METRIC_NAMES", "CudaReading", "DeviceReading", "MetricsPortError", "TrainingMetrics",
            "resolve_run_id", "rss_bytes"]
@@ -297,14 +304,12 @@ class TrainingMetrics:
         if not self.enabled:
             return
         lab = self._labels
-        for name, r in results.items():
+        for name, figure, far, value in verification_figures(results):
             dataset = name[:-4] if name.endswith(".bin") else name
-            self.acc.labels(**lab, dataset=dataset).set(float(r["accuracy"]))
-            if r.get("accuracy_std") is not None:
-                self.acc_std.labels(**lab, dataset=dataset).set(float(r["accuracy_std"]))
-            for far, tar in (r.get("tar_at_far") or {}).items():
-                if tar is not None:  # None: too few negative pairs to reach that FAR; absent, not zero
-                    self.tar.labels(**lab, dataset=dataset, far=str(far)).set(float(tar))
+            if far is not None:
+                self.tar.labels(**lab, dataset=dataset, far=far).set(value)
+            else:
+                (self.acc if figure == "accuracy" else self.acc_std).labels(**lab, dataset=dataset).set(value)
         self.eval_ts.labels(**lab).set_to_current_time()
         self._last_mark = time.perf_counter()  # evaluation time is not step time
 

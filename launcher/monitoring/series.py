@@ -1,10 +1,13 @@
 """The exporter's metric definitions: histogram buckets, which trainer scalar feeds which series and
-label, and :data:`METRIC_NAMES`, every family the exporter can emit (``deploy/`` may query nothing else).
+label, and :data:`METRIC_NAMES`, every family the exporter can emit (``deploy/`` may query nothing else);
+:func:`verification_figures`, how the exporter and the trackers read an evaluation's results.
 The families themselves are created per rank by :class:`launcher.monitoring.exporter.TrainingMetrics`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 # Wall time of one step spans milliseconds (tiny CPU runs) to minutes (huge heads, slow storage).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -46,3 +49,16 @@ METRIC_NAMES: tuple[str, ...] = (
     "pfc_verification_accuracy_std", "pfc_verification_tar", "pfc_last_eval_timestamp_seconds",
     "pfc_checkpoint_duration_seconds", "pfc_checkpoints_total", "pfc_memory_rss_bytes", *GPU_METRICS,
 )
+
+
+def verification_figures(results: dict[str, dict[str, Any]]) -> Iterator[tuple[str, str, str | None, float]]:
+    """Each measured figure of verification results (``launcher.trainer.evaluation.evaluate_bins``, keyed by
+    ``.bin`` name): ``(name, "accuracy" | "accuracy_std" | "tar", far or None, value)``. A TAR of None (too
+    few negative pairs to reach that FAR) or a missing std is left out: absent, not zero."""
+    for name, r in results.items():
+        for key in ("accuracy", "accuracy_std"):
+            if r.get(key) is not None:
+                yield name, key, None, float(r[key])
+        for far, tar in (r.get("tar_at_far") or {}).items():
+            if tar is not None:
+                yield name, "tar", str(far), float(tar)
