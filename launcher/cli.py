@@ -7,20 +7,18 @@ import sys
 
 from launcher import errors
 from launcher.commands import (  # noqa: F401  (each module registers its commands)
-    bench_data,
-    bench_head,
-    bench_train,
-    config_cmd,
+    benchmarks,
     data,
-    data_synth,
     env,
     evaluate,
     export,
     plan,
     report,
+    show_config,
     train,
 )
 from launcher.commands.groups import app
+from launcher.commands.output import end_on_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,17 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="pfc")
     except Exception as e:
-        if errors.debug() or not isinstance(e, errors.user_error_types()):
-            # a peer's user error often surfaces here as a closed connection: its line says it all
-            if not errors.debug() and errors.another_rank_reported():
-                sys.exit(errors.EXIT_USER_ERROR)
-            raise
-        rank = errors.rank_from_env()
-        message = errors.one_line(e)
-        if not errors.report_to_launcher(message, rank):
-            where = f"rank {rank}: " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            sys.stderr.write(f"pfc: {where}{message}\n")
-        sys.exit(errors.EXIT_USER_ERROR)
+        end_on_error(e)
 
 
 if __name__ == "__main__":

@@ -3,439 +3,53 @@
 Every section forbids unknown keys, so a typo (``optim.lrr``) is an error naming the field rather than
 a silently ignored setting. The resolved config is written into the run folder (``config.yaml``) and
 into every checkpoint.
+
+Where it lives: the sections and :class:`Config` in ``launcher/config_schema.py`` (``data.augment``'s in
+``config_augment.py``, their base in ``config_base.py``); here, loading a file, ``--set`` overrides, the
+built-in recipes, and every name the rest of the code imports from ``launcher.config``.
 """
 
 from __future__ import annotations
 
-import signal
+import json
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import ValidationError
+
+from launcher.config_augment import (
+    AugmentConfig,
+    ColorAugment,
+    CropAugment,
+    ErasingAugment,
+    GrayscaleAugment,
+    RotationAugment,
+    ShiftAugment,
+)
+from launcher.config_schema import (
+    KEEP_BEST_METRICS,
+    VIT_BACKBONES,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistConfig,
+    EvalConfig,
+    HeadConfig,
+    LogConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
 )
 
-from discface.margins import validate_margin
-
-
-def _accepts_bool(annotation: Any) -> bool:
-    """Whether a field's type admits ``True``/``False`` (``bool``, ``bool | None``, a Literal of bools)."""
-    if annotation is bool:
-        return True
-    if get_origin(annotation) is Literal:
-        return any(isinstance(a, bool) for a in get_args(annotation))
-    return any(_accepts_bool(a) for a in get_args(annotation))
-
-
-def _is_bool(annotation: Any) -> bool:
-    """Whether a field is a flag: ``bool`` or ``bool | None``."""
-    return annotation is bool or (bool in get_args(annotation) and all(a in (bool, type(None))
-                                                                       for a in get_args(annotation)))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_bools(cls, v: Any, info: ValidationInfo) -> Any:
-        """No silent conversion between flags and numbers: pydantic's lax mode turns ``True`` into ``1``
-        (an int field) or ``1.0``, and YAML reads ``on``/``yes``/``true`` as ``True``, so
-        ``--set train.batch_size=on`` would become a batch of 1. Refused here, naming the field."""
-        field = cls.model_fields.get(info.field_name or "")
-        if field is None:
-            return v
-        if isinstance(v, bool) and not _accepts_bool(field.annotation):
-            raise ValueError(f"expected {_kind(field.annotation)}, got the boolean {v} (YAML reads "
-                             "on/off/yes/no/true/false as booleans)")
-        if _is_bool(field.annotation) and v is not None and not isinstance(v, bool):
-            raise ValueError(f"expected true or false, got {v!r}")
-        return v
-
-
-def _kind(annotation: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string"}
-    args = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) or str(annotation)
-
-
-def _ordered_range(name: str, v: tuple[float, float], lo: float, hi: float, lo_open: bool = False) -> None:
-    """Refuse a (low, high) range that is reversed or leaves [lo, hi] ((lo, hi] with ``lo_open``)."""
-    a, b = v
-    low_ok = a > lo if lo_open else a >= lo
-    if not (low_ok and a <= b <= hi):
-        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise ValueError(f"{name} {list(v)} must be [low, high] with low <= high, both in {bound}")
-
-
-class _AugmentOp(_Section):
-    p: float = Field(0.0, ge=0.0, le=1.0, description="probability per image (0: off)")
-
-
-class CropAugment(_AugmentOp):
-    """Random resized crop: a box of ``scale`` x the image's area with aspect ``ratio`` (w/h), placed
-    uniformly inside the image, resized to the whole image."""
-
-    scale: tuple[float, float] = Field((0.6, 1.0), description="area fraction of the box, in (0, 1]")
-    ratio: tuple[float, float] = Field((0.8, 1.25), description="aspect ratio (width / height) of the box")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> CropAugment:
-        _ordered_range("crop.scale", self.scale, 0.0, 1.0, lo_open=True)
-        _ordered_range("crop.ratio", self.ratio, 0.0, 10.0, lo_open=True)
-        return self
-
-
-class ShiftAugment(_AugmentOp):
-    """Scale-and-shift jitter: zoom about the centre by a factor in ``scale`` (> 1 zooms in, < 1 zooms
-    out: the uncovered border is mid-grey) and shift by up to ``max_shift`` of the side each way."""
-
-    scale: tuple[float, float] = Field((0.9, 1.1), description="zoom factor, in [0.5, 2]")
-    max_shift: float = Field(0.08, ge=0.0, le=0.5, description="fraction of the side")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ShiftAugment:
-        _ordered_range("shift.scale", self.scale, 0.5, 2.0)
-        return self
-
-
-class RotationAugment(_AugmentOp):
-    """A small rotation about the centre by an angle drawn uniformly in [-degrees, degrees]."""
-
-    degrees: float = Field(10.0, gt=0.0, le=45.0, description="largest angle; faces are aligned, so "
-                           "at most 45")
-
-
-class ColorAugment(_AugmentOp):
-    """Brightness, contrast and saturation jitter (torchvision's ColorJitter formulas, in this order):
-    each factor uniform in [1 - x, 1 + x]."""
-
-    brightness: float = Field(0.3, ge=0.0, lt=1.0)
-    contrast: float = Field(0.3, ge=0.0, lt=1.0)
-    saturation: float = Field(0.3, ge=0.0, le=1.0)
-
-
-class GrayscaleAugment(_AugmentOp):
-    """Replace the colours by their luma (0.299 R + 0.587 G + 0.114 B) in all three channels."""
-
-
-class ErasingAugment(_AugmentOp):
-    """Random erasing: a rectangle of ``area`` x the image's area and aspect ``ratio`` set to ``value``."""
-
-    area: tuple[float, float] = Field((0.02, 0.2), description="area fraction of the rectangle, in (0, 1)")
-    ratio: tuple[float, float] = Field((0.3, 3.3), description="aspect ratio (width / height)")
-    value: float = Field(0.0, ge=-1.0, le=1.0, description="fill in the model's input scale [-1, 1] "
-                         "(0: mid-grey)")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ErasingAugment:
-        _ordered_range("erasing.area", self.area, 0.0, 0.99, lo_open=True)
-        _ordered_range("erasing.ratio", self.ratio, 0.0, 10.0, lo_open=True)
-        return self
-
-
-class AugmentConfig(_Section):
-    """Augmentation of the training batch on the backbone's device (``launcher.trainer.augment``); all p = 0 is
-    no augmentation besides the flip."""
-
-    flip: float | None = Field(None, ge=0.0, le=1.0, description="horizontal flip probability, drawn by "
-                               "the loader's sampler with the order; None: 0.5 with data.flip, else 0")
-    crop: CropAugment = Field(default_factory=CropAugment)
-    shift: ShiftAugment = Field(default_factory=ShiftAugment)
-    rotation: RotationAugment = Field(default_factory=RotationAugment)
-    color: ColorAugment = Field(default_factory=ColorAugment)
-    grayscale: GrayscaleAugment = Field(default_factory=GrayscaleAugment)
-    erasing: ErasingAugment = Field(default_factory=ErasingAugment)
-
-
-class DataConfig(_Section):
-    prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout), "
-                               "a .rec/.idx path, a folder holding train.rec, or an image folder (one "
-                               "subfolder per identity; packed once into OUTPUT/data_cache)")
-    val_bins: list[str] = Field(default_factory=list, description="Verification .bin files")
-    loader: Literal["auto", "dali", "torch", "synthetic"] = Field(
-        "auto", description="synthetic: random uint8 batches made on the device (benchmarks; needs head.num_classes)")
-    workers: int = Field(2, ge=0, le=64)
-    flip: bool = True
-    skip_corrupt: bool = Field(False, description="Skip and count corrupt records instead of stopping")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-
-    @model_validator(mode="after")
-    def _one_flip(self) -> DataConfig:
-        if not self.flip and self.augment.flip:
-            raise ValueError(f"data.flip is false but data.augment.flip={self.augment.flip}: set data.flip=true "
-                             "(or leave data.augment.flip unset) to flip")
-        return self
-
-    def flip_probability(self) -> float:
-        """The loaders' flip probability: ``augment.flip`` if set, else 0.5 with ``flip``."""
-        if self.augment.flip is not None:
-            return self.augment.flip
-        return 0.5 if self.flip else 0.0
-
-
-class ModelConfig(_Section):
-    backbone: str = "iresnet50"
-    embedding_size: int = Field(512, ge=2, le=8192)
-    image_size: int = Field(112, ge=16, le=448)
-    width: float = Field(1.0, gt=0.0, le=8.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    scale: int = Field(1, ge=1, le=8, description="mobilefacenet only: trunk channel multiplier "
-                       "(insightface's mbf: 2, mbf_large: 4)")
-    blocks: tuple[int, int, int, int] | None = Field(None, description="mobilefacenet only: residual repeats "
-                                                     "per stage (default 1,4,6,2; mbf_large 2,8,12,4)")
-    drop_path: float | None = Field(None, ge=0.0, lt=1.0, description="vit_* only: stochastic-depth rate of the "
-                                    "last block (None: arcface_torch's 0.1; its WebFace42M vit_t: 0.05)")
-    mask_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="vit_* only: fraction of patch tokens "
-                                     "masked per image in training (None: arcface_torch's 0.1; WebFace42M vit_t: 0)")
-
-    @field_validator("blocks")
-    @classmethod
-    def _positive_blocks(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
-        if v is not None and min(v) < 1:
-            raise ValueError(f"blocks {list(v)} must be four positive repeat counts")
-        return v
-
-    @model_validator(mode="after")
-    def _mobilefacenet_only(self) -> ModelConfig:
-        if self.backbone != "mobilefacenet" and (self.scale != 1 or self.blocks is not None):
-            raise ValueError(f"model.scale and model.blocks apply to mobilefacenet only, not {self.backbone}")
-        return self
-
-    @model_validator(mode="after")
-    def _vit_only(self) -> ModelConfig:
-        vit = self.backbone in VIT_BACKBONES
-        if not vit and (self.drop_path is not None or self.mask_ratio is not None):
-            raise ValueError(f"model.drop_path and model.mask_ratio apply to {', '.join(VIT_BACKBONES)} only, "
-                             f"not {self.backbone}")
-        if vit and self.dropout != 0.0:
-            raise ValueError(f"model.dropout must be 0 for {self.backbone} (the ViT has no dropout before its FC, "
-                             "as in arcface_torch); regularise with model.drop_path / model.mask_ratio")
-        return self
-
-    @field_validator("image_size")
-    @classmethod
-    def _divisible(cls, v: int, info: ValidationInfo) -> int:
-        # the convolutional backbones halve the resolution 4 times; a ViT cuts 9 x 9 patches (floored)
-        if info.data.get("backbone") not in VIT_BACKBONES and v % 16:
-            raise ValueError(f"image_size {v} must be a multiple of 16 (the convolutional backbones downsample "
-                             "by 16; the vit_* backbones take any size)")
-        return v
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        known = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny",
-                 *VIT_BACKBONES)
-        if v not in known:
-            raise ValueError(f"unknown backbone {v!r}; expected one of {', '.join(known)}")
-        return v
-
-
-#: arcface_torch's Vision Transformers (partialfc.backbones.vit): patch 9, 12 x 12 tokens at 112 px
-VIT_BACKBONES = ("vit_t", "vit_s", "vit_b")
-
-
-class HeadConfig(_Section):
-    num_classes: int | None = Field(None, ge=2, description="None: read from the dataset's property file")
-    sample_rate: float = Field(1.0, gt=0.0, le=1.0)
-    margin: tuple[float, float, float] = Field((1.0, 0.5, 0.0), description="(m1, m2, m3): ArcFace (1,0.5,0)")
-    scale: float = Field(64.0, gt=0.0, le=1024.0)
-    discface_lambda: float = Field(0.0, ge=0.0, le=100.0)
-    discface_cap: float = Field(0.05, gt=0.0, le=2.0)
-    dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="storage of the class weights and SGD momentum: bf16/fp16 halve them (twice the "
-        "classes per rank); logits, gradients and the update run in fp32, rounded once per step")
-
-    @field_validator("margin")
-    @classmethod
-    def _margin(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        # The head's own validator: a margin the config accepts is one the head accepts.
-        return validate_margin(v)
-
-
-class OptimConfig(_Section):
-    name: Literal["sgd", "adamw"] = Field(
-        "sgd", description="backbone AND head: sgd, or adamw (the head's is a lazy AdamW: only sampled rows "
-        "and their moments move; betas (0.9, 0.999), eps 1e-8)")
-    lr: float = Field(0.1, gt=0.0, le=10.0)
-    head_lr: float | None = Field(None, gt=0.0, le=10.0, description="None: same as lr")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    power: float = Field(2.0, ge=0.0, le=10.0, description="polynomial decay power after warm-up")
-    grad_clip: float | None = Field(5.0, gt=0.0, description="max global norm of backbone gradients")
-    grad_accum: int = Field(1, ge=1, le=1024)
-
-
-class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1, le=65536, description="per rank")
-    steps: int = Field(1000, ge=1)
-    stop_after: int | None = Field(None, ge=1, description="end this run after this step (planned "
-                                   "preemption); the schedule still spans train.steps; resume continues")
-    seed: int = Field(0, ge=0, lt=2**31)
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    max_nonfinite_in_a_row: int = Field(10, ge=1)
-    freeze_backbone_steps: int = Field(0, ge=0, description="fine-tuning: the first N steps train the head "
-                                       "only (backbone weights, BN statistics and optimizer state untouched)")
-    stop_signals: list[str] = Field(
-        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
-        description="signals on which every rank saves a checkpoint at the next step boundary and exits "
-                    "76 (launcher/trainer/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
-    stop_grace_s: float = Field(300.0, ge=1.0, le=86400.0,
-                                description="seconds torchrun waits for the ranks' stop checkpoint before "
-                                "SIGKILL; keep the cluster's grace period (Kubernetes "
-                                "terminationGracePeriodSeconds, compose stop_grace_period) above it")
-
-    @field_validator("stop_signals")
-    @classmethod
-    def _signals(cls, v: list[str]) -> list[str]:
-        out: list[str] = []
-        for name in v:
-            text = str(name).strip().upper()
-            text = text if text.startswith("SIG") else "SIG" + text
-            if text not in signal.Signals.__members__:
-                raise ValueError(f"{name!r} is not a signal name (expected e.g. SIGTERM, SIGINT, SIGUSR1)")
-            if text in ("SIGKILL", "SIGSTOP"):
-                raise ValueError(f"{text} cannot be caught, so it cannot trigger a save")
-            if text not in out:
-                out.append(text)
-        return out
-
-
-class CheckpointConfig(_Section):
-    every_steps: int = Field(1000, ge=1)
-    keep_last: int = Field(3, ge=1)
-    resume: bool = True
-    init_backbone: str | None = Field(None, description="backbone-only weights to fine-tune from")
-    max_failures_in_a_row: int = Field(3, ge=1, description="failed saves (full disk...) before the run stops")
-    keep_best: str | None = Field(None, description="'<bin>:<metric>' or '<metric>' (the first of data.val_bins); "
-                                  "metric: accuracy, tar@1e-4, tar@1e-3, tar@1e-2: after each evaluation, keep "
-                                  "the best backbone in OUTPUT/best")
-
-    @field_validator("keep_best")
-    @classmethod
-    def _keep_best_form(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        bin_name, sep, metric = v.rpartition(":")
-        if (sep and not bin_name) or metric not in KEEP_BEST_METRICS:
-            raise ValueError(f"keep_best {v!r} must look like '<bin>:<metric>' or '<metric>' with metric one of "
-                             f"{', '.join(KEEP_BEST_METRICS)} (e.g. 'lfw:accuracy')")
-        return v
-
-
-#: what ``checkpoint.keep_best`` can rank by (all: higher is better)
-KEEP_BEST_METRICS = ("accuracy", "tar@1e-4", "tar@1e-3", "tar@1e-2")
-
-
-class EvalConfig(_Section):
-    every_steps: int = Field(2000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    discrepancy_every_steps: int = Field(50, ge=1)
-
-
-class LogConfig(_Section):
-    every_steps: int = Field(10, ge=1)
-    backends: list[str] = Field(default_factory=lambda: ["jsonl"],
-                                description="where rank 0 logs: jsonl (<output>/metrics.jsonl), tensorboard "
-                                "(<output>/tensorboard/, needs the tensorboard extra), wandb (<output>/wandb/, "
-                                "needs the tracking extra); launcher/monitoring/trackers.py")
-    wandb_project: str = Field("partialfc-discface", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$",
-                               description="the W&B project of the run (log.backends includes wandb)")
-    wandb_mode: Literal["offline", "online"] = Field(
-        "offline", description="offline: files under <output>/wandb, no network (`wandb sync` uploads them); "
-                               "online: only when asked, needs WANDB_API_KEY (never prompts)")
-
-    @field_validator("backends")
-    @classmethod
-    def _backends(cls, v: list[str]) -> list[str]:
-        for b in v:
-            if b not in ("jsonl", "tensorboard", "wandb"):
-                raise ValueError(f"unknown logging backend {b!r}; expected jsonl, tensorboard or wandb")
-        return list(dict.fromkeys(v))
-
-
-class MetricsConfig(_Section):
-    enabled: bool = False
-    host: str = Field("127.0.0.1", description="bind address; loopback by default outside containers")
-    port_base: int = Field(9400, ge=1, le=65535)
-    port_policy: Literal["fail", "next-free"] = Field(
-        "fail", description="a taken port: stop with an error, or step by the local world size (logged)")
-    pushgateway: str | None = Field(None, description="Pushgateway URL for short jobs (host:port)")
-    push_interval_s: float = Field(15.0, gt=0.0, le=3600.0)
-    job: str = Field("pfc", min_length=1, description="Pushgateway job name")
-    run_id: str | None = Field(
-        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="label `run` on every series; None: SLURM job id, else PFC_RUN_ID (the Kubernetes "
-                    "job name in deploy/k8s), else torchrun's rendezvous id, else generated; written "
-                    "to <output>/run_id")
-
-
-class DistConfig(_Section):
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    engine: Literal["ddp", "deepspeed"] = "ddp"
-    # ZeRO-3 partitions the parameters themselves; checkpoints here gather replicated weights, so it is
-    # refused until the trainer saves through DeepSpeed's gathered state dict.
-    zero_stage: int = Field(0, ge=0, le=2)
-    timeout_s: float = Field(600.0, gt=0.0)
-
-    @field_validator("zero_stage", mode="before")
-    @classmethod
-    def _zero_stage(cls, v: Any) -> Any:
-        # before the bound (le=2), so ZeRO-3 gets its reason rather than "less than or equal to 2"
-        if v == 3 and not isinstance(v, bool):
-            raise ValueError("ZeRO-3 is not supported: it partitions the backbone's parameters themselves, and "
-                             "checkpoints here save whole, replicated backbone weights; use 0, 1 or 2")
-        return v
-
-
-class Config(_Section):
-    output: str = Field("runs/default", description="run folder")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    head: HeadConfig = Field(default_factory=HeadConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        if self.dist.engine == "ddp" and self.dist.zero_stage:
-            raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
-        if self.train.freeze_backbone_steps and self.dist.engine == "deepspeed":
-            raise ValueError("train.freeze_backbone_steps needs dist.engine=ddp: DeepSpeed's step on zero "
-                             "gradients still applies weight decay and moves optimizer state, so the backbone "
-                             "would not stay frozen")
-        if self.checkpoint.keep_best is not None:
-            wanted = self.checkpoint.keep_best.rpartition(":")[0]
-            names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}
-            if not self.data.val_bins or (wanted and wanted not in names):
-                which = "are " + ", ".join(sorted(names)) if names else "has none: add --val-bin"
-                raise ValueError(f"checkpoint.keep_best ranks by {wanted or 'the first'!r} of data.val_bins, "
-                                 f"which {which}")
-        if self.optim.name == "adamw" and self.optim.momentum != 0.9:
-            raise ValueError(f"optim.momentum={self.optim.momentum} has no effect with optim.name=adamw (AdamW "
-                             "uses betas (0.9, 0.999) for backbone and head); remove it or use optim.name=sgd")
-        if self.optim.warmup_steps > self.train.steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps="
-                             f"{self.train.steps}: the learning rate would still be warming up when the run "
-                             "ends; set optim.warmup_steps <= train.steps")
-        return self
+__all__ = [
+    "KEEP_BEST_METRICS", "VIT_BACKBONES", "AugmentConfig", "CheckpointConfig", "ColorAugment", "Config",
+    "ConfigError", "CropAugment", "DataConfig", "DistConfig", "ErasingAugment", "EvalConfig",
+    "GrayscaleAugment", "HeadConfig", "LogConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
+    "RotationAugment", "ShiftAugment", "TrainConfig", "build_overrides", "builtin_config", "dump_config",
+    "load_config", "parse_override", "resolve_config_path",
+]
 
 
 class ConfigError(ValueError):
@@ -502,6 +116,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
+                    sets: list[str] | None) -> list[str]:
+    """`pfc train`'s short flags (``--data``, ``--val-bin``, ``--output``) as ``--set`` items, for anything
+    that starts a run with those three; explicit ``sets`` come last and win."""
+    out: list[str] = []
+    if data is not None:
+        out.append(f"data.prefix={json.dumps(data)}")
+    if val_bin:
+        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
+    if output is not None:
+        out.append(f"output={json.dumps(output)}")
+    return out + list(sets or [])
 
 
 def dump_config(cfg: Config) -> str:

@@ -17,38 +17,11 @@ from typing import Any
 import torch
 
 from data_pipeline.atomic import atomic_write
-from launcher.config import builtin_config, load_config
+from launcher.config import build_overrides, builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
+from launcher.monitoring.plots import plot_losses
 
 log = logging.getLogger("pfc")
-
-
-def plot_losses(metrics_jsonl: Path, out_png: Path) -> Path | None:
-    """Loss by component against step, from the run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_jsonl.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    keys = sorted({k for r in rows for k in r if k.startswith("loss")})
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
 
 
 def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int | None, nproc: int,
@@ -72,8 +45,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
                        jitter=HARD_JITTER)
         log.info(f"synthetic data: {rep.identities} identities x {images_per_identity} images "
                  f"({rep.image_size}px) + {rep.val_pairs} verification pairs in {time.perf_counter() - t0:.1f}s")
-    sets = [f"data.prefix={json.dumps(str(prefix))}", f"data.val_bins={json.dumps([str(val_bin)])}",
-            f"output={json.dumps(str(out))}"]
+    sets = build_overrides(str(prefix), [str(val_bin)], str(out), None)
     if steps is not None:
         sets.append(f"train.steps={steps}")
         # a short demo may be shorter than the recipe's warm-up (refused by the config otherwise)

@@ -5,6 +5,10 @@ its traceback. ``pfc --debug ...`` (or ``PFC_DEBUG=1``) shows the traceback of u
 Under ``pfc train --nproc-per-node N`` (and ``pfc demo``) the launcher gives every rank a folder
 (``PFC_ERROR_DIR``); a rank that stops on a user error writes its line there instead of printing it, and
 the launcher prints the line of the first rank that failed, once, in place of torchrun's failure report.
+
+Which exception types count as user errors (these, and other rooms' such as ``ConfigError``) is decided
+at the top, in :func:`launcher.commands.output.user_error_types`, so that this module, which the trainer
+and the launcher import, imports none of them.
 """
 
 from __future__ import annotations
@@ -29,30 +33,6 @@ class DataError(UserError, ValueError):
 
 class RunFolderError(UserError):
     """The output folder holds another run that this one would overwrite."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the input is wrong" rather than "the program is wrong"."""
-    from data_pipeline.recordio import RecordIOError
-    from data_pipeline.verification import UnsafePickleError
-    from launcher.config import ConfigError
-    from launcher.distributed import RendezvousTimeout
-    from launcher.model_files import ModelPathError
-    from launcher.monitoring.exporter import MetricsPortError
-    from launcher.monitoring.plots import ReportError
-    from launcher.trainer.checkpointer import CheckpointWriteError
-    from partialfc.backbones import BackboneFileError
-    from partialfc.resharding import CheckpointError
-
-    types: tuple[type[BaseException], ...] = (
-        UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
-        ModelPathError, ReportError, MetricsPortError, RendezvousTimeout, CheckpointWriteError,
-        FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-    with contextlib.suppress(ImportError):  # training pulls in the backbone engines; commands may not
-        from launcher.trainer.loop import NonFiniteError
-
-        types += (NonFiniteError,)
-    return types
 
 
 def one_line(error: BaseException) -> str:

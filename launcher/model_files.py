@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.atomic import atomic_write
+from data_pipeline.dataset import to_unit
 from partialfc.backbones import BackboneFileError, load_backbone, unwrap
+from partialfc.metrics import flip_embed
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -278,11 +277,11 @@ def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
             rgb = img.convert("RGB")
             if rgb.size != (w, h):
                 rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(rgb, dtype=np.float32)
+            pixels = np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: cannot read as an image ({exc})") from exc
-    # same normalisation as training: (pixel / 255 - 0.5) / 0.5
-    return np.ascontiguousarray((arr.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32))
+    # the training loaders' own conversion: (pixel / 255 - 0.5) / 0.5
+    return to_unit(torch.from_numpy(pixels[None]))[0].numpy()
 
 
 def embed_images(
@@ -308,26 +307,12 @@ def embed_images(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    was_training = model.training
-    model.eval()
     chunks: list[np.ndarray] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(paths), batch_size):
-                batch = np.stack([load_image(p, size) for p in paths[start:start + batch_size]])
-                x = torch.from_numpy(batch).to(device)
-                feats = model(x).float() + model(torch.flip(x, dims=[3])).float()
-                chunks.append(F.normalize(feats, dim=1).cpu().numpy())
-    finally:
-        model.train(was_training)
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):  # images read one batch at a time
+            batch = np.stack([load_image(p, size) for p in paths[start:start + batch_size]])
+            chunks.append(flip_embed(model, torch.from_numpy(batch).to(device), batch_size).cpu().numpy())
     return np.concatenate(chunks, axis=0)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, creating the parent folder."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, json.dumps(payload, indent=2) + "\n")
 
 
 __all__ = [

@@ -1,20 +1,14 @@
-"""`pfc data pack|inspect|pairs`."""
+"""`pfc data pack|inspect|pairs|synth`: make, check and pair MXNet RecordIO face datasets."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from launcher.commands.groups import data_app
-
-
-def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+from launcher.commands.output import user_errors, write_json
 
 
 @data_app.command("pack")
@@ -34,12 +28,9 @@ def pack_cmd(
     """Pack an image folder or .lst into MS1M-layout RecordIO."""
     from data_pipeline.pack import pack_dataset
 
-    try:
+    with user_errors("pfc data pack", ValueError, OSError):
         summary = pack_dataset(src, out_prefix, resize=resize, quality=quality, progress=progress, root=root,
                                workers=workers)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"pfc data pack: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     ipi = summary["images_per_identity"]
     typer.echo(f"packed {summary['images']} images of {summary['identities']} identities "
                f"in {summary['seconds']:.1f} s -> {summary['rec']}")
@@ -53,7 +44,7 @@ def pack_cmd(
         typer.echo(f"  skipped {len(summary['skipped'])} unreadable files:", err=True)
         for s in summary["skipped"][:20]:
             typer.echo(f"    {s['path']}: {s['error']}", err=True)
-    _write_json(json_path, summary)
+    write_json(json_path, summary)
 
 
 @data_app.command("inspect")
@@ -73,7 +64,7 @@ def inspect_cmd(
 
     report = inspect_dataset(prefix, deep=deep, progress=progress, sample=sample if quick else None, seed=seed)
     typer.echo(format_report(report))
-    _write_json(json_path, report)
+    write_json(json_path, report)
     if not report["ok"]:
         raise typer.Exit(code=1)
 
@@ -89,13 +80,48 @@ def pairs_cmd(
     """Build a verification .bin of genuine/impostor pairs."""
     from data_pipeline.verification import make_pairs
 
-    try:
+    with user_errors("pfc data pairs", ValueError, OSError):
         summary = make_pairs(src, out, pairs=pairs, seed=seed)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"pfc data pairs: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(f"wrote {summary['pairs']} pairs ({summary['genuine']} genuine, "
                f"{summary['impostor']} impostor) from {summary['identities_used']} of "
                f"{summary['identities']} identities, "
                f"{summary['distinct_images']} distinct images -> {summary['out']} (seed {seed})")
-    _write_json(json_path, summary)
+    write_json(json_path, summary)
+
+
+@data_app.command("synth")
+def synth_cmd(
+    out_prefix: Path = typer.Argument(..., help="Output prefix: writes PREFIX.rec, PREFIX.idx, the property "
+                                      "file (<dir>/property when the name is 'train') and a verification .bin."),
+    identities: int = typer.Option(1000, "--identities", min=1, help="Training identities (classes)."),
+    images_per_identity: int = typer.Option(10, "--images-per-identity", min=1, help="Images per identity."),
+    image_size: int = typer.Option(112, "--image-size", min=8, help="Side of the square images in pixels."),
+    val_identities: int = typer.Option(100, "--val-identities", min=0,
+                                       help="Identities (not in training) for the verification .bin; 0: none."),
+    val_pairs: int = typer.Option(600, "--val-pairs", min=2, help="Verification pairs (half genuine)."),
+    val_bin: Path | None = typer.Option(None, "--val-bin", help="Where to write the .bin (default "
+                                        "<dir>/synth_val.bin for a prefix named 'train', else PREFIX_val.bin)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Worker processes (default: CPUs)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+) -> None:
+    """Generate a learnable synthetic identity dataset plus a verification .bin."""
+    from tqdm import tqdm
+
+    from data_pipeline.synth import generate
+
+    bar = tqdm(total=identities, unit="id", disable=not progress, desc="synth")
+    with contextlib.closing(bar), user_errors("pfc data synth", ValueError, OSError):
+        report = generate(out_prefix, identities, images_per_identity, image_size=image_size,
+                          val_identities=val_identities, val_pairs=val_pairs, seed=seed, workers=workers,
+                          val_bin=val_bin, progress=lambda n: bar.update(n))
+    typer.echo(f"wrote {report.images} images of {report.identities} identities "
+               f"({report.image_size}x{report.image_size}) -> {report.prefix}.rec "
+               f"({report.rec_bytes / 2**20:.1f} MiB)")
+    typer.echo(f"  {report.train_seconds:.1f} s for the training set ({report.images_per_s:.0f} images/s on "
+               f"{report.workers} workers), {report.seconds:.1f} s in all, {report.cpu_seconds:.1f} CPU-s")
+    if report.val_bin:
+        typer.echo(f"  verification: {report.val_pairs} pairs of {report.val_identities} unseen identities "
+                   f"-> {report.val_bin}")
+    write_json(json_path, report.to_dict())

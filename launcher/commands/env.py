@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import platform
 from typing import Any
 
 import typer
 
 from launcher.commands.groups import app
+from launcher.commands.output import print_json
 
 # distribution name -> (import name, what it is for, how to get it)
 _OPTIONAL = {
@@ -59,7 +59,7 @@ def env_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON inst
     """Versions of torch, DALI, DeepSpeed, prometheus-client; devices and distributed backends."""
     info = collect()
     if json_out:
-        typer.echo(json.dumps(info, indent=2))
+        print_json(info)
         return
     typer.echo(f"python        {info['python']}  ({info['platform']})")
     for name, version in info["packages"].items():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from launcher.commands.groups import app
+from launcher.commands.output import fail, user_errors, write_json
 
 
 @app.command("eval")
@@ -30,16 +30,12 @@ def eval_cmd(
     from launcher.trainer.evaluation import evaluate_bins
     from partialfc.backbones import load_backbone
 
-    try:
+    with user_errors("pfc eval", FileNotFoundError, ValueError):
         weights = resolve_backbone_file(model)
         net = load_backbone(weights)
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"pfc eval: {e}", err=True)
-        raise typer.Exit(code=2) from None
     for b in bins:
         if not Path(b).is_file():
-            typer.echo(f"pfc eval: verification file {b} does not exist", err=True)
-            raise typer.Exit(code=2)
+            fail(f"verification file {b} does not exist", "pfc eval")
     size = net.backbone_config["image_size"]
     size = size if isinstance(size, int) else int(size[0])
     cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
@@ -64,6 +60,4 @@ def eval_cmd(
         payload["heldout_discrepancy"] = disc
         typer.echo(f"held-out discrepancy ({heldout}): directional {disc['directional_deg']:.2f} deg, "
                    f"radial cv {disc['radial_cv']:.4f} over {int(disc['num_classes'])} identities")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2, default=float))
+    write_json(json_path, payload)

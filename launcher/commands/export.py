@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import typer
 
 from launcher.commands.groups import app, export_app
+from launcher.commands.output import fail, user_errors, write_json
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,19 +18,12 @@ MODEL_HELP = "Run folder, checkpoint folder, backbone .safetensors or insightfac
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"pfc: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
 def _load(model: Path) -> nn.Module:
     # imported here so that `pfc --help` does not pay for torch
     from launcher.model_files import load_backbone_for_inference
 
-    try:
+    with user_errors("pfc", ValueError):  # ModelPathError, BackboneFileError: they name the file and the problem
         return load_backbone_for_inference(model)
-    except ValueError as exc:  # ModelPathError, BackboneFileError: they name the file and the problem
-        _fail(str(exc))
 
 
 @export_app.command("onnx")
@@ -42,7 +36,7 @@ def onnx_cmd(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Export a backbone to ONNX with a dynamic batch axis, checked against onnxruntime."""
-    from launcher.model_files import export_onnx, write_json
+    from launcher.model_files import export_onnx
 
     net = _load(model)
     start = time.perf_counter()
@@ -57,9 +51,8 @@ def onnx_cmd(
     typer.echo(f"onnxruntime vs torch on random input, batches {result.batch_sizes}: max abs diff {diff:.3e} "
                f"(outputs up to {result.max_abs_output:.3g}); tolerance {tolerance:g}: "
                f"{'OK' if ok else 'EXCEEDED'}")
-    if json_path is not None:
-        write_json(json_path, {**result.to_dict(), "model": str(model), "tolerance": tolerance, "ok": ok,
-                               "seconds": seconds})
+    write_json(json_path, {**result.to_dict(), "model": str(model), "tolerance": tolerance, "ok": ok,
+                           "seconds": seconds})
     if not ok:
         raise typer.Exit(code=1)
 
@@ -78,13 +71,13 @@ def _expand(images: list[Path]) -> list[Path]:
             found = sorted((q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES),
                            key=lambda q: q.relative_to(p).parts)
             if not found:
-                _fail(f"{p}: directory holds no image files, nor do its subfolders "
+                fail(f"{p}: directory holds no image files, nor do its subfolders "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths += found
         elif p.is_file():
             paths.append(p)
         else:
-            _fail(f"{p}: no such image file or directory")
+            fail(f"{p}: no such image file or directory")
     return paths
 
 
@@ -97,10 +90,8 @@ def torch_cmd(
     from launcher.model_files import export_torch
 
     net = _load(model)
-    try:
+    with user_errors("pfc", ValueError):
         result = export_torch(net, out)
-    except ValueError as exc:
-        _fail(str(exc))
     typer.echo(f"exported {model} -> {out}  ({result['name']}, {result['tensors']} tensors, "
                "insightface arcface_torch parameter names)")
     for note in result["notes"]:
@@ -121,15 +112,13 @@ def embed_cmd(
     """Embed images with a trained backbone (flip-sum, L2-normalised) into a .npy file."""
     import numpy as np
 
-    from launcher.model_files import embed_images, write_json
+    from launcher.model_files import embed_images
 
     paths = _expand(images)
     net = _load(model)
     start = time.perf_counter()
-    try:
+    with user_errors("pfc", ValueError):  # an unreadable image: the message names it
         emb = embed_images(net, paths, batch_size=batch_size)
-    except ValueError as exc:  # an unreadable image: the message names it
-        _fail(str(exc))
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # np.save(path) would append .npy to any other suffix
@@ -138,6 +127,5 @@ def embed_cmd(
     order.write_text("".join(f"{p}\n" for p in paths))
     typer.echo(f"embedded {len(paths)} images with {model} -> {out}  shape {emb.shape}, "
                f"{len(paths) / max(seconds, 1e-9):.1f} images/s; row order in {order}")
-    if json_path is not None:
-        write_json(json_path, {"model": str(model), "out": str(out), "shape": list(emb.shape),
-                               "images": [str(p) for p in paths], "seconds": seconds})
+    write_json(json_path, {"model": str(model), "out": str(out), "shape": list(emb.shape),
+                           "images": [str(p) for p in paths], "seconds": seconds})

@@ -23,8 +23,3 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(export_app, name="export")
 app.add_typer(config_app, name="config")
 
-
-def not_yet(what: str, issue: int) -> None:
-    """Fail loudly for a command whose implementation has not landed yet."""
-    typer.echo(f"pfc: `{what}` is not implemented yet (tracked in issue {issue})", err=True)
-    raise typer.Exit(code=2)

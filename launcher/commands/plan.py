@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from launcher.commands.groups import app
+from launcher.commands.output import write_json
 from launcher.planner import (
     DEFAULT_WORLDS,
     DTYPE_BYTES,
@@ -118,8 +118,6 @@ def plan_cmd(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     _print_human(plan, table)
-    if json_path is not None:
-        doc = {"plan": plan.to_dict(), "table": [p.to_dict() for p in table],
-               "model": "launcher/planner.py (ring-algorithm bytes sent; largest shard's memory)"}
-        json_path.write_text(json.dumps(doc, indent=2) + "\n")
-        typer.echo(f"wrote {json_path}")
+    write_json(json_path, {"plan": plan.to_dict(), "table": [p.to_dict() for p in table],
+                           "model": "launcher/planner.py (ring-algorithm bytes sent; largest shard's memory)"},
+               announce=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from launcher.commands.groups import app
+from launcher.commands.output import user_errors, write_json
 
 
 @app.command("report")
@@ -19,11 +19,8 @@ def report_cmd(
     """Loss by component, throughput, LR, step-time split, discrepancies and verification accuracy as PNG."""
     from launcher.monitoring.plots import ReportError, write_report
 
-    try:
+    with user_errors("pfc report", ReportError):
         res = write_report(run_dir, out)
-    except ReportError as e:
-        typer.echo(f"pfc report: {e}", err=True)
-        raise typer.Exit(code=2) from None
     typer.echo(f"{run_dir}: {res['steps']} steps logged; figures in {res['out_dir']}")
     for name, path in res["files"].items():
         typer.echo(f"  {name:24s} {path}")
@@ -34,5 +31,4 @@ def report_cmd(
     shown += sorted(k for k in last if k.startswith("val_") and k.endswith("_accuracy"))
     if shown:
         typer.echo("last: " + "  ".join(f"{k} {last[k]:.4g}" for k in shown))
-    if json_path is not None:
-        json_path.write_text(json.dumps(res, indent=2, default=float))
+    write_json(json_path, res)

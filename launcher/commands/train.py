@@ -10,28 +10,8 @@ from pathlib import Path
 import typer
 
 from launcher.commands.groups import app
-from launcher.config import ConfigError, load_config, resolve_config_path
-
-
-def _config_or_exit(config: str, overrides: list[str]):
-    try:
-        return load_config(resolve_config_path(config), overrides)
-    except ConfigError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
-
-
-def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
-                    sets: list[str] | None) -> list[str]:
-    """The short flags are shorthands for `--set`; explicit `--set` items come last and win."""
-    out: list[str] = []
-    if data is not None:
-        out.append(f"data.prefix={json.dumps(data)}")
-    if val_bin:
-        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
-    if output is not None:
-        out.append(f"output={json.dumps(output)}")
-    return out + list(sets or [])
+from launcher.commands.output import config_or_exit, fail, user_errors
+from launcher.config import build_overrides
 
 
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
@@ -40,13 +20,10 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
     from launcher.trainer.batches import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
 
-    try:
+    with user_errors("pfc", ValueError):
         cfg = adopt_init_backbone(cfg)
         if cfg.data.prefix:
             resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
-    except ValueError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 @app.command("train", context_settings={"allow_extra_args": False})
@@ -76,7 +53,7 @@ def train_cmd(
     from launcher.trainer.progress import setup_logging
 
     overrides = build_overrides(data, val_bin, output, sets)
-    cfg = _config_or_exit(config, overrides)
+    cfg = config_or_exit(config, overrides)
     _prepare_or_exit(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
@@ -86,8 +63,7 @@ def train_cmd(
                             max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout,
                             stop_signals=cfg.train.stop_signals, stop_grace_s=cfg.train.stop_grace_s)
         except RendezvousTimeout as e:
-            typer.echo(f"pfc: {e}", err=True)
-            raise typer.Exit(code=3) from None
+            fail(str(e), code=3)
         if stopped_since(Path(cfg.output), started):
             code = STOPPED_EXIT_CODE  # the ranks exited 0 so that torchrun would not restart them
         raise typer.Exit(code=code)

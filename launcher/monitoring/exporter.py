@@ -40,18 +40,22 @@ rank's first choice, and log the port taken); ``pushgateway`` (``http://host:909
 registry every ``push_interval_s`` seconds under job ``job``, grouped by ``run``, ``node`` and ``rank``,
 for jobs too short to be scraped; on :meth:`close` the group is deleted, so a finished run's last values
 do not linger in the gateway and fire ``PfcStepHung``; push errors are logged, never raised).
+
+Where it lives: the names, buckets and labels in :mod:`launcher.monitoring.series`; what is read at scrape
+time (memory, GPU) in :mod:`launcher.monitoring.scrape`; here, the families of one rank, serving, pushing
+and the trainer's ``observe_*`` calls.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+import uuid
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -62,53 +66,28 @@ from prometheus_client import (
     push_to_gateway,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from launcher.config import MetricsConfig
+from launcher.monitoring.scrape import (
+    CudaReading,
+    DeviceReading,
+    ScrapeTimeCollector,
+    default_device_reading,
+    rss_bytes,
+)
+from launcher.monitoring.series import (
+    DISCREPANCY,
+    LOSSES,
+    METRIC_NAMES,
+    PHASES,
+    STEP_BUCKETS,
+    verification_figures,
+)
+
+__all__ = ["METRIC_NAMES", "CudaReading", "DeviceReading", "MetricsPortError", "TrainingMetrics",
+           "resolve_run_id", "rss_bytes"]
 
 log = logging.getLogger("pfc")
-
-# Wall time of one step spans milliseconds (tiny CPU runs) to minutes (huge heads, slow storage).
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-# trainer scalar -> step phase label
-_PHASES = {"time_data_s": "data", "time_forward_s": "forward", "time_backward_s": "backward",
-           "time_comm_s": "communication", "time_optimizer_s": "optimizer"}
-# trainer scalar -> loss component label
-_LOSSES = {"loss": "total", "loss_softmax": "softmax", "loss_disc": "discface"}
-# discrepancy key -> (metric name, help, factor to base units)
-_DISCREPANCY = {
-    "discrepancy_directional_deg": ("pfc_discrepancy_directional_radians",
-                                    "Mean angle between a sample's displacement and its class's mean "
-                                    "displacement (this rank's owned classes, last measured step)",
-                                    math.pi / 180.0),
-    "discrepancy_directional_circvar": ("pfc_discrepancy_directional_circular_variance",
-                                        "1 - mean resultant length of the unit displacements per class", 1.0),
-    "discrepancy_radial_std": ("pfc_discrepancy_radial_std",
-                               "Standard deviation of displacement norms within a class", 1.0),
-    "discrepancy_radial_cv": ("pfc_discrepancy_radial_cv",
-                              "Coefficient of variation of displacement norms within a class", 1.0),
-    "discrepancy_eps_norm_mean": ("pfc_discrepancy_eps_norm_mean", "Mean norm of the displacements", 1.0),
-    "discrepancy_xi_angle_deg": ("pfc_discrepancy_xi_angle_radians",
-                                 "Mean angle between displacements and the learnable basis xi", math.pi / 180.0),
-}
-
-_GPU_METRICS = ("pfc_cuda_memory_allocated_bytes", "pfc_cuda_memory_reserved_bytes",
-                "pfc_cuda_memory_max_allocated_bytes", "pfc_gpu_utilization_ratio", "pfc_gpu_memory_used_bytes",
-                "pfc_gpu_memory_total_bytes", "pfc_gpu_temperature_celsius")
-
-#: Every metric family the exporter can emit (GPU ones only on GPUs). Counters and histograms appear
-#: in the exposition with their suffixes (``_total``, ``_bucket``/``_sum``/``_count``, ``_created``).
-METRIC_NAMES: tuple[str, ...] = (
-    "pfc_world_size", "pfc_steps_total", "pfc_samples_total", "pfc_training_step",
-    "pfc_last_step_timestamp_seconds", "pfc_step_duration_seconds", "pfc_step_last_duration_seconds",
-    "pfc_step_phase_seconds_total", "pfc_loss", "pfc_learning_rate", "pfc_grad_norm", "pfc_step_finite",
-    "pfc_nonfinite_steps_total", "pfc_data_skipped_records_total", "pfc_head_sampled_classes",
-    "pfc_discface_xi_norm", *(v[0] for v in _DISCREPANCY.values()), "pfc_verification_accuracy",
-    "pfc_verification_accuracy_std", "pfc_verification_tar", "pfc_last_eval_timestamp_seconds",
-    "pfc_checkpoint_duration_seconds", "pfc_checkpoints_total", "pfc_memory_rss_bytes", *_GPU_METRICS,
-)
 
 
 def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
@@ -118,9 +97,6 @@ def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = 
     (``TORCHELASTIC_RUN_ID``; under ``--standalone`` a fresh id per launch), else an id derived from the
     rendezvous address (``MASTER_ADDR:MASTER_PORT``) and ``run_dir``, else a random one. With ``write``
     (rank 0) it is written to ``<run_dir>/run_id``."""
-    import hashlib
-    import uuid
-
     env = os.environ
     run = cfg.run_id
     if not run and env.get("SLURM_JOB_ID"):
@@ -135,8 +111,6 @@ def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = 
     if not run:
         run = uuid.uuid4().hex[:12]
     if write and run_dir is not None:
-        from pathlib import Path
-
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "run_id").write_text(run + "\n")
     return run
@@ -145,107 +119,6 @@ def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = 
 class MetricsPortError(RuntimeError):
     """The metrics endpoint could not be bound (port taken, address not local, ...)."""
 
-
-class DeviceReading(Protocol):
-    """Source of device gauges, read at scrape time: ``(metric name, help, extra labels, value)``."""
-
-    def read(self) -> Iterable[tuple[str, str, dict[str, str], float]]: ...
-
-
-def rss_bytes() -> int | None:
-    """Resident set size of this process now (Linux ``/proc``); ``None`` where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            resident_pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-class CudaReading:
-    """This rank's CUDA allocator figures, plus NVML utilisation/memory/temperature when available.
-
-    NVML is looked up by the device's UUID, so ``CUDA_VISIBLE_DEVICES`` renumbering cannot make a
-    rank report a neighbour's GPU.
-    """
-
-    def __init__(self, device_index: int) -> None:
-        import torch
-
-        self.index = device_index
-        self._torch = torch
-        self._nvml: Any = None
-        self._handle: Any = None
-        self.uuid = ""
-        with contextlib.suppress(AttributeError, RuntimeError):  # torch builds without the uuid property
-            self.uuid = "GPU-" + str(torch.cuda.get_device_properties(device_index).uuid)
-        try:
-            import pynvml  # nvidia-ml-py
-
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByUUID(self.uuid) if self.uuid else None
-            self._nvml = pynvml
-        except ImportError:
-            log.info("nvidia-ml-py is not installed: GPU utilisation/temperature are not exported "
-                     "(pip install 'partialfc-discface[gpu]')")
-        except Exception as e:  # NVMLError subclasses; NVML missing in a container is not fatal
-            log.warning(f"NVML unavailable ({e}): GPU utilisation/temperature are not exported")
-            self._nvml = None
-
-    def read(self) -> Iterator[tuple[str, str, dict[str, str], float]]:
-        cuda = self._torch.cuda
-        labels = {"gpu": self.uuid or str(self.index)}
-        yield ("pfc_cuda_memory_allocated_bytes", "Bytes held by tensors in PyTorch's CUDA allocator", labels,
-               float(cuda.memory_allocated(self.index)))
-        yield ("pfc_cuda_memory_reserved_bytes", "Bytes reserved by PyTorch's CUDA caching allocator", labels,
-               float(cuda.memory_reserved(self.index)))
-        yield ("pfc_cuda_memory_max_allocated_bytes", "Peak bytes held by tensors since the start", labels,
-               float(cuda.max_memory_allocated(self.index)))
-        if self._nvml is None or self._handle is None:
-            return
-        nv, h = self._nvml, self._handle
-        try:
-            util = nv.nvmlDeviceGetUtilizationRates(h)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            temp = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
-        except Exception as e:  # a GPU fallen off the bus must not break the scrape of the rest
-            log.warning(f"NVML read failed: {e}")
-            return
-        yield ("pfc_gpu_utilization_ratio", "Fraction of the last sample period a kernel ran (NVML)", labels,
-               util.gpu / 100.0)
-        yield ("pfc_gpu_memory_used_bytes", "Device memory in use, all processes (NVML)", labels, float(mem.used))
-        yield ("pfc_gpu_memory_total_bytes", "Device memory size (NVML)", labels, float(mem.total))
-        yield ("pfc_gpu_temperature_celsius", "GPU core temperature (NVML)", labels, float(temp))
-
-
-class _ScrapeTimeCollector(Collector):
-    """Memory figures read when Prometheus scrapes, so they stay current while a step hangs."""
-
-    def __init__(self, labels: dict[str, str], device: DeviceReading | None) -> None:
-        self.labels = labels
-        self.device = device
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        rss = rss_bytes()
-        if rss is not None:
-            g = GaugeMetricFamily("pfc_memory_rss_bytes", "Resident set size of this rank's process",
-                                  labels=list(self.labels))
-            g.add_metric(list(self.labels.values()), float(rss))
-            yield g
-        if self.device is None:
-            return
-        for name, help_text, extra, value in self.device.read():
-            g = GaugeMetricFamily(name, help_text, labels=[*self.labels, *extra])
-            g.add_metric([*self.labels.values(), *extra.values()], value)
-            yield g
-
-
-def _default_device_reading() -> DeviceReading | None:
-    import torch
-
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return CudaReading(torch.cuda.current_device())
 
 
 class TrainingMetrics:
@@ -297,7 +170,7 @@ class TrainingMetrics:
         self.step_last = gauge("pfc_step_last_duration_seconds", "Wall time of the last step")
         self.phase = counter("pfc_step_phase_seconds_total",
                              "Seconds spent per step phase (communication overlaps backward)", ("phase",))
-        for phase in _PHASES.values():  # a counter born at 0 lets rate()/increase() see its first change
+        for phase in PHASES.values():  # a counter born at 0 lets rate()/increase() see its first change
             self.phase.labels(**labels, phase=phase)
         self.loss = gauge("pfc_loss", "Loss of the last step (global batch: Partial FC's softmax spans all ranks)",
                           ("component",))
@@ -314,7 +187,7 @@ class TrainingMetrics:
         self.sampled = gauge("pfc_head_sampled_classes",
                              "Class centres this rank's Partial FC shard sampled in the last step")
         self.xi_norm = gauge("pfc_discface_xi_norm", "L2 norm of DiscFace's learnable basis xi")
-        self.disc = {k: gauge(name, doc) for k, (name, doc, _) in _DISCREPANCY.items()}
+        self.disc = {k: gauge(name, doc) for k, (name, doc, _) in DISCREPANCY.items()}
         self.acc = gauge("pfc_verification_accuracy", "Verification accuracy (10-fold mean)", ("dataset",))
         self.acc_std = gauge("pfc_verification_accuracy_std", "Verification accuracy's std over folds",
                              ("dataset",))
@@ -322,7 +195,7 @@ class TrainingMetrics:
         self.eval_ts = gauge("pfc_last_eval_timestamp_seconds", "Unix time of the last evaluation")
         self.ckpt = gauge("pfc_checkpoint_duration_seconds", "Wall time of the last checkpoint save")
         self.ckpts = counter("pfc_checkpoints_total", "Checkpoints saved").labels(**labels)
-        reg.register(_ScrapeTimeCollector(labels, device if device is not None else _default_device_reading()))
+        reg.register(ScrapeTimeCollector(labels, device if device is not None else default_device_reading()))
 
     # -- serving -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -396,10 +269,10 @@ class TrainingMetrics:
         self.step_no.labels(**lab).set(step)
         self.step_hist.observe(duration)
         self.step_last.labels(**lab).set(duration)
-        for key, phase in _PHASES.items():
+        for key, phase in PHASES.items():
             if key in scalars:
                 self.phase.labels(**lab, phase=phase).inc(max(float(scalars[key]), 0.0))
-        for key, component in _LOSSES.items():
+        for key, component in LOSSES.items():
             if key in scalars:
                 self.loss.labels(**lab, component=component).set(float(scalars[key]))
         for key, g in (("lr", self.lr), ("grad_norm", self.grad_norm), ("xi_norm", self.xi_norm)):
@@ -423,7 +296,7 @@ class TrainingMetrics:
             return
         for key, value in stats.items():
             if key in self.disc:
-                self.disc[key].labels(**self._labels).set(float(value) * _DISCREPANCY[key][2])
+                self.disc[key].labels(**self._labels).set(float(value) * DISCREPANCY[key][2])
         self._last_mark = time.perf_counter()
 
     def observe_eval(self, results: dict[str, dict[str, Any]]) -> None:
@@ -431,14 +304,12 @@ class TrainingMetrics:
         if not self.enabled:
             return
         lab = self._labels
-        for name, r in results.items():
+        for name, figure, far, value in verification_figures(results):
             dataset = name[:-4] if name.endswith(".bin") else name
-            self.acc.labels(**lab, dataset=dataset).set(float(r["accuracy"]))
-            if r.get("accuracy_std") is not None:
-                self.acc_std.labels(**lab, dataset=dataset).set(float(r["accuracy_std"]))
-            for far, tar in (r.get("tar_at_far") or {}).items():
-                if tar is not None:  # None: too few negative pairs to reach that FAR; absent, not zero
-                    self.tar.labels(**lab, dataset=dataset, far=str(far)).set(float(tar))
+            if far is not None:
+                self.tar.labels(**lab, dataset=dataset, far=far).set(value)
+            else:
+                (self.acc if figure == "accuracy" else self.acc_std).labels(**lab, dataset=dataset).set(value)
         self.eval_ts.labels(**lab).set_to_current_time()
         self._last_mark = time.perf_counter()  # evaluation time is not step time
 

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from launcher.monitoring.series import verification_figures
+
 # keys of a progress record that are not scalars of the run
 _NOT_SCALARS = ("step", "time")
 
@@ -77,15 +79,8 @@ class Trackers:
         """Verification results per ``.bin`` name (``trainer.evaluation.evaluate_bins``), ROC image included."""
         if self.writer is None and self.wandb_run is None:
             return
-        values: dict[str, float] = {}
-        for name, r in results.items():
-            ds = Path(name).stem
-            for key in ("accuracy", "accuracy_std"):
-                if r.get(key) is not None:
-                    values[f"val/{ds}/{key}"] = float(r[key])
-            for far, tar in (r.get("tar_at_far") or {}).items():
-                if tar is not None:
-                    values[f"val/{ds}/tar_far_{far}"] = float(tar)
+        values = {f"val/{Path(name).stem}/{figure if far is None else f'tar_far_{far}'}": value
+                  for name, figure, far, value in verification_figures(results)}
         if self.wandb_run is not None:
             import wandb
 

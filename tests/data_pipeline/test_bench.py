@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
+import launcher.commands.benchmarks  # noqa: F401  (registers `pfc bench data`)
 from data_pipeline.dali_iterator import dali_available
 from data_pipeline.decode_ceiling import pil_ceiling, sample_jpegs
 from data_pipeline.insightface import InsightFaceReader

@@ -360,7 +360,7 @@ def test_bench_data_scale_reports_json(tmp_path: Path) -> None:
     with exact counts, and deletes the file."""
     from typer.testing import CliRunner
 
-    import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
+    import launcher.commands.benchmarks  # noqa: F401  (registers `pfc bench data`)
     from launcher.commands.groups import app
 
     out = tmp_path / "scale.json"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import launcher.commands.data_synth  # noqa: F401  (registers `pfc data synth`)
+import launcher.commands.data  # noqa: F401  (registers `pfc data synth`)
 from data_pipeline.insightface import InsightFaceReader, read_property
 from data_pipeline.synth import default_val_bin, generate, identity_images
 from data_pipeline.verification import load_bin

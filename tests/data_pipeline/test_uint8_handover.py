@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import launcher.commands.bench_data  # noqa: F401  (registers `pfc bench data`)
+import launcher.commands.benchmarks  # noqa: F401  (registers `pfc bench data`)
 from data_pipeline.dali_iterator import dali_available
 from data_pipeline.dataset import build_dataloader
 from launcher.commands.groups import app

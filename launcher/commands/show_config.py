@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from launcher.commands.groups import config_app
-from launcher.config import ConfigError, dump_config, load_config, resolve_config_path
+from launcher.commands.output import config_or_exit, print_json
+from launcher.config import dump_config
 
 
 @config_app.command("show")
@@ -17,9 +16,8 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of YAML"),
 ) -> None:
     """Print the resolved configuration (defaults < file < --set)."""
-    try:
-        cfg = load_config(resolve_config_path(config), list(sets or []))
-    except ConfigError as e:
-        typer.echo(f"pfc: {e}", err=True)
-        raise typer.Exit(code=2) from None
-    typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2) if as_json else dump_config(cfg))
+    cfg = config_or_exit(config, list(sets or []))
+    if as_json:
+        print_json(cfg.model_dump(mode="json"))
+    else:
+        typer.echo(dump_config(cfg))
