@@ -1,7 +1,7 @@
 """Capacity planner for the Partial FC head: memory and traffic per rank, by arithmetic alone.
 
 The model follows what one training step of :class:`partialfc.PartialFC` keeps alive on one rank
-(see DESIGN.md sections 3-4). Notation: C classes, W ranks, local batch B (the same on every rank),
+(see docs/design.md sections 3-4). Notation: C classes, W ranks, local batch B (the same on every rank),
 global batch N = W * B, embedding dim D, sample rate r, element size e of the head's dtype.
 
 * The class partition is torch.chunk's (ceil division), so the largest shard, which sets the peak,

@@ -1,6 +1,6 @@
 """Partial FC: the class-weight matrix sharded across ranks, sampled margin softmax, DiscFace hook.
 
-Public names (DESIGN.md section 5): :class:`PartialFC`, :func:`class_range`, :data:`comm_stats`,
+Public names (docs/design.md): :class:`PartialFC`, :func:`class_range`, :data:`comm_stats`,
 :func:`save_head`, :func:`load_head` (the head's checkpoint, resharded by class range on load:
 :mod:`partialfc.resharding`), :class:`StepRecord` (what a forward leaves in ``head.record``).
 """

@@ -4,7 +4,7 @@ One rule, used everywhere (the head, the sampler, the checkpoint, the planner): 
 which is also ``DTensor``'s ``Shard(0)`` placement. Every rank gets ``ceil(C / W)`` rows except the tail,
 so a shard can be described as a ``Shard(0)`` DTensor and resharded by ``torch.distributed.checkpoint``
 (insightface's "first ``C % W`` ranks get one more" rule gives offsets that DTensor does not agree
-with; see DESIGN.md section 6).
+with; see docs/design.md section 7).
 
 The ceil rule can leave trailing ranks with FEWER rows than the others or with none at all:
 C = 10 on 4 ranks is 3, 3, 3, 1 and C = 5 on 4 ranks is 2, 2, 1, 0. Everything downstream must

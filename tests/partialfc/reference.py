@@ -1,6 +1,6 @@
 """A hand-written float64 single-process reference of the Partial FC + DiscFace loss (test oracle).
 
-Written from DESIGN.md section 4 directly, independent of ``partialfc``'s code: the angle through
+Written from the math of docs/design.md section 4 directly, independent of ``partialfc``'s code: the angle through
 ``acos`` (not the sqrt formula the head uses), log-sum-exp by hand, the full class matrix restricted to a
 given subset of classes.
 """

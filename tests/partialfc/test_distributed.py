@@ -1,4 +1,4 @@
-"""Equivalence law (DESIGN.md section 4) and resharding, on real gloo ranks.
+"""Equivalence law (docs/design.md section 5) and resharding, on real gloo ranks.
 
 Rank launches are expensive on two cores, so there is one launch per world size W in {4, 2, 3, 1}; each
 runs every equivalence configuration and one leg of the reshard chain
