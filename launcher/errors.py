@@ -32,11 +32,14 @@ class RunFolderError(UserError):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the input is wrong" rather than "the program is wrong"."""
+    """Exception types that mean "the input is wrong" rather than "the program is wrong".
+
+    Errors of modules that import this one (``launcher.distributed``'s rendezvous timeout, the trainer's
+    non-finite stop) subclass :class:`UserError` instead of being listed: listing them would import those
+    modules from here, an import circle."""
     from data_pipeline.recordio import RecordIOError
     from data_pipeline.verification import UnsafePickleError
     from launcher.config import ConfigError
-    from launcher.distributed import RendezvousTimeout
     from launcher.model_files import ModelPathError
     from launcher.monitoring.exporter import MetricsPortError
     from launcher.monitoring.plots import ReportError
@@ -46,12 +49,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     types: tuple[type[BaseException], ...] = (
         UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
-        ModelPathError, ReportError, MetricsPortError, RendezvousTimeout, CheckpointWriteError,
+        ModelPathError, ReportError, MetricsPortError, CheckpointWriteError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-    with contextlib.suppress(ImportError):  # training pulls in the backbone engines; commands may not
-        from launcher.trainer.loop import NonFiniteError
-
-        types += (NonFiniteError,)
     return types
 
 
