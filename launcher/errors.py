@@ -43,7 +43,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from launcher.model_files import ModelPathError
     from launcher.monitoring.exporter import MetricsPortError
     from launcher.monitoring.plots import ReportError
-    from launcher.trainer.checkpointer import CheckpointWriteError
+    from launcher.trainer.checkpoint_files import CheckpointWriteError
     from partialfc.backbones import BackboneFileError
     from partialfc.checkpoint import CheckpointError
 

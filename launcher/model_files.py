@@ -44,7 +44,7 @@ def resolve_weight_file(model_path: str | Path) -> Path:
     ``.safetensors`` file, one checkpoint folder, a checkpoints folder or a run folder (their
     ``latest``). Anything else raises :class:`ModelPathError` (a ValueError) saying what is accepted.
     """
-    from launcher.trainer.checkpointer import resolve_backbone_file
+    from launcher.trainer.checkpoint_files import resolve_backbone_file
 
     try:
         return resolve_backbone_file(model_path)

@@ -17,7 +17,7 @@ import torch
 
 from launcher.config import load_config, resolve_config_path
 from launcher.distributed import DistContext, torchrun
-from launcher.trainer.checkpointer import CheckpointPaths
+from launcher.trainer.checkpoint_files import CheckpointPaths
 from partialfc.atomic import atomic_write
 
 # A fixed offset for the held-out identities' seed, so they share no template with training or val.

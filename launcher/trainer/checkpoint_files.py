@@ -1,4 +1,7 @@
-"""Training checkpoints: atomic, pruned, and loadable on any world size.
+"""The files of a training checkpoint: atomic, pruned, and loadable on any world size.
+
+What goes into them is decided by the parts of the training state (``launcher.trainer.checkpointer``);
+this module only writes and reads a :class:`CheckpointContents` in this layout.
 
 Layout of one save (all paths inside ``<run>/checkpoints``)::
 
@@ -29,22 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from launcher.trainer import faults
 from partialfc.atomic import atomic_write, describe_error, fsync_dir
-from partialfc.backbones import save_backbone
 
 LATEST = "latest"
 log = logging.getLogger("pfc")
@@ -74,25 +74,6 @@ def _any_rank(flag: bool, group: Any = None) -> bool:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def rng_state() -> dict[str, Any]:
-    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": repr(random.getstate()),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(ast.literal_eval(state["python"]))
 
 
 _STEP_DIR = re.compile(r"^step_\d{8,}$")
@@ -165,62 +146,46 @@ def _torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    *,
-    backbone: torch.nn.Module,
-    backbone_config: dict[str, Any],
-    trainer_state: dict[str, Any],
-    save_head: Any,
-    meta: dict[str, Any],
-    rank_state: dict[str, Any] | None = None,
-    keep_last: int,
-    group: Any = None,
-) -> Path:
-    """Collective: every rank calls it. ``save_head(path)`` writes this rank's head shard into ``path``.
+@dataclass
+class CheckpointContents:
+    """What one rank writes into a save, and reads back from it: the same record both ways.
+
+    The parts of the training state (``launcher.trainer.checkpointer``) each put their state in here
+    when saving and take it out when loading. ``files`` are the parts with files of their own, written
+    into the save's folder in this order: ``(writer, every_rank)``; a writer with ``every_rank`` False
+    runs on rank 0 only (the backbone), one with True on every rank (the head shards: collective).
+    """
+
+    step: int = 0  # optimizer steps done: the save's name, and the first entry of trainer_state.pt
+    meta: dict[str, Any] = field(default_factory=dict)           # meta.json (rank 0 writes; + step, times)
+    trainer_state: dict[str, Any] = field(default_factory=dict)  # trainer_state.pt (rank 0 writes)
+    rank_state: dict[str, Any] | None = field(default_factory=dict)  # rank/rank_NNNNN.pt (this rank's)
+    files: list[tuple[Callable[[Path], object], bool]] = field(default_factory=list)
+    folder: Path | None = None  # when loaded: the save's folder, for parts with files of their own
+
+
+def save_checkpoint(root: str | Path, contents: CheckpointContents, keep_last: int, group: Any = None) -> Path:
+    """Collective: every rank calls it with its own ``contents``.
 
     Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
     ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
     """
-    with faults.checkpoint_file_size_limit(step, _rank()):
-        return _save_checkpoint(root, step, backbone=backbone, backbone_config=backbone_config,
-                                trainer_state=trainer_state, save_head=save_head, meta=meta,
-                                rank_state=rank_state, keep_last=keep_last, group=group)
+    with faults.checkpoint_file_size_limit(contents.step, _rank()):
+        return _save_checkpoint(CheckpointPaths(Path(root)), contents.step, contents, keep_last, group)
 
 
-def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, backbone_config: dict[str, Any],
-                     trainer_state: dict[str, Any], save_head: Any, meta: dict[str, Any],
-                     rank_state: dict[str, Any] | None, keep_last: int, group: Any) -> Path:
+def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointContents, keep_last: int,
+                     group: Any) -> Path:
     t0 = time.perf_counter()
-    paths = CheckpointPaths(Path(root))
     final = paths.root / step_dir_name(step)
     partial = paths.root / f".{final.name}.partial"
     rank = _rank()
-    error: Exception | None = None
     # Phase 1 (rank 0): a fresh partial folder.
-    if rank == 0:
-        try:
-            paths.root.mkdir(parents=True, exist_ok=True)
-            for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
-            partial.mkdir()
-            (partial / "rank").mkdir()
-        except Exception as e:
-            error = e
+    error = _make_partial(paths, partial) if rank == 0 else None
     _barrier(group)
     # Phase 2 (every rank): its parts.
     if error is None and partial.is_dir():
-        try:
-            # The head save is collective and fails on every rank alike; the rest is this rank's own.
-            save_head(partial / "head")
-            if rank == 0:
-                save_backbone(backbone, partial / "backbone.safetensors", backbone_config)
-                _torch_save(trainer_state, partial / "trainer_state.pt")
-            faults.maybe_fail_checkpoint(step, rank)
-            _torch_save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
-        except Exception as e:  # whatever the writer raises for a full disk: reported below, on every rank
-            error = e
+        error = _write_parts(contents, partial, step, rank)
     elif error is None:
         error = FileNotFoundError(f"{partial} was not created by rank 0")
     try:
@@ -231,17 +196,50 @@ def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, 
         raise
     # Phase 3 (rank 0): meta.json, the rename into place, latest; then pruning.
     if rank == 0:
-        error = _publish(paths, partial, final, dict(meta, step=step, saved_at=time.time(),
+        error = _publish(paths, partial, final, dict(contents.meta, step=step, saved_at=time.time(),
                                                      save_seconds=time.perf_counter() - t0))
     _agree(error, group, step, paths.root, rank)
     if rank == 0:
-        try:
-            for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
-                shutil.rmtree(old, ignore_errors=True)
-        except Exception as e:  # the save itself is complete and named by latest: only log
-            log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
+        _prune(paths, final, keep_last)
     _barrier(group)
     return final
+
+
+def _make_partial(paths: CheckpointPaths, partial: Path) -> Exception | None:
+    """Rank 0: an empty ``.step_N.partial`` folder (stale ones of a crash during an earlier save removed)."""
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in paths.root.glob(".*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+        (partial / "rank").mkdir()
+    except Exception as e:
+        return e
+    return None
+
+
+def _write_parts(contents: CheckpointContents, partial: Path, step: int, rank: int) -> Exception | None:
+    """This rank's files of the save; the error, if any, for every rank to agree on."""
+    try:
+        # The head save is collective and fails on every rank alike; the rest is this rank's own.
+        for write, every_rank in contents.files:
+            if every_rank or rank == 0:
+                write(partial)
+        if rank == 0:
+            _torch_save({"step": step, **contents.trainer_state}, partial / "trainer_state.pt")
+        faults.maybe_fail_checkpoint(step, rank)
+        _torch_save(contents.rank_state or {}, partial / "rank" / f"rank_{rank:05d}.pt")
+    except Exception as e:  # whatever the writer raises for a full disk: reported below, on every rank
+        return e
+    return None
+
+
+def _prune(paths: CheckpointPaths, final: Path, keep_last: int) -> None:
+    try:
+        for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
+            shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # the save itself is complete and named by latest: only log
+        log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
 
 
 def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str, Any]) -> Exception | None:
@@ -272,19 +270,21 @@ def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str,
     return None
 
 
-def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """Read what rank ``rank`` needs from a complete save (the head is loaded separately)."""
+def load_checkpoint(path: Path, rank: int, world_size: int) -> CheckpointContents:
+    """What rank ``rank`` reads of a complete save: the mirror of what :func:`save_checkpoint` wrote.
+
+    ``rank_state`` is None when the save was written on another world size (or the rank's file is
+    missing); the parts with files of their own read them from ``folder``."""
     meta = json.loads((path / "meta.json").read_text())
-    out: dict[str, Any] = {"meta": meta}
-    out["backbone"] = load_file(str(path / "backbone.safetensors"))
     # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
     # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
     # parameters' device, whatever it is.
-    out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     rank_file = path / "rank" / f"rank_{rank:05d}.pt"
-    out["rank_state"] = (torch.load(rank_file, weights_only=True, map_location="cpu")
-                         if meta.get("world_size") == world_size and rank_file.is_file() else None)
-    return out
+    rank_state = (torch.load(rank_file, weights_only=True, map_location="cpu")
+                  if meta.get("world_size") == world_size and rank_file.is_file() else None)
+    return CheckpointContents(step=int(trainer_state["step"]), meta=meta, trainer_state=trainer_state,
+                              rank_state=rank_state, folder=path)
 
 
 def resolve_backbone_file(model: str | Path) -> Path:
