@@ -38,6 +38,11 @@ _LOGGED = ("loss", "loss_softmax", "loss_disc", "lr", "grad_norm", "xi_norm", "t
            "time_backward_s", "time_comm_s", "time_optimizer_s")
 
 
+def due(step: int, every: int, end: int) -> bool:
+    """Whether something done every ``every`` steps and at step ``end`` is due after ``step``."""
+    return step % every == 0 or step == end
+
+
 def owned_discrepancy(head: PartialFC) -> dict[str, float]:
     """Directional and radial discrepancy of this rank's owned samples of the last step (cheap)."""
     if "owned_labels" not in head.last or len(head.last["owned_labels"]) == 0:
@@ -104,14 +109,14 @@ class RunCallbacks:
             disc = owned_discrepancy(head)
             self.progress.update(**disc)
             self.metrics.observe_discrepancy(disc)
-        if step % cfg.log.every_steps == 0 or step == self.last_step:
+        if due(step, cfg.log.every_steps, self.last_step):
             logged = self.progress.emit(step, {k: scalars[k] for k in _LOGGED if k in scalars})
             self.trackers.scalars(step, logged)
 
     def evaluate_every(self, step: int) -> None:
         """Every ``eval.every_steps`` and at ``train.steps``: the verification sets (collective), best/."""
         cfg = self.cfg
-        if not cfg.data.val_bins or (step % cfg.eval.every_steps != 0 and step != cfg.train.steps):
+        if not cfg.data.val_bins or not due(step, cfg.eval.every_steps, cfg.train.steps):
             return
         roc_dir = Path(cfg.output) / "roc" if self.trackers.wants_roc else None
         evals = evaluate_bins(self.c.engine.module, cfg.data.val_bins, cfg, self.ctx, roc_dir=roc_dir)
@@ -127,7 +132,7 @@ class RunCallbacks:
         """Every ``checkpoint.every_steps`` and at the last step. No save while steps are being skipped: the
         last checkpoint predates the first bad step. A failed save (a full disk) is logged and retried at the
         next interval, up to ``checkpoint.max_failures_in_a_row``."""
-        if self.nonfinite.in_a_row or (step % self.cfg.checkpoint.every_steps != 0 and step != self.last_step):
+        if self.nonfinite.in_a_row or not due(step, self.cfg.checkpoint.every_steps, self.last_step):
             return
         t0 = time.perf_counter()
         try:
@@ -148,7 +153,7 @@ class RunCallbacks:
         as non-finite, when the last checkpoint must stay the newest). A failed save raises: no silent loss."""
         path: Path | None = None
         if self.saved_step == step:
-            path = CheckpointPaths(Path(self.cfg.output) / "checkpoints").latest()
+            path = CheckpointPaths(self.checkpointer.root).latest()
         elif self.nonfinite.in_a_row == 0:
             path = self.checkpointer.save(step)
             self.saved_step = step

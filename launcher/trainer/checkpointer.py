@@ -43,7 +43,7 @@ from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.trainer.checkpoint_files import CheckpointContents, load_checkpoint, save_checkpoint
 from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
-from launcher.trainer.run_folder import check_resumable, resume_point
+from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
 from partialfc.backbones import save_backbone
 from partialfc.checkpoint import load_head, save_head
@@ -240,7 +240,7 @@ def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: Tr
                  backbone=BackboneWeights(c.engine.module, c.backbone_config),
                  engine=EngineState(c.engine, per_rank=cfg.dist.engine == "deepspeed"),
                  rng=RandomState())
-    return Checkpointer(Path(cfg.output) / "checkpoints", parts, ctx, cfg.checkpoint.keep_last)
+    return Checkpointer(checkpoints_folder(cfg), parts, ctx, cfg.checkpoint.keep_last)
 
 
 def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from launcher.config import Config
+from partialfc.atomic import atomic_write
 
 log = logging.getLogger("pfc")
 
@@ -162,6 +162,4 @@ class BestKeeper:
         payload = {"metric": self.spec, "value": self.best,
                    "step": step if step is not None else old.get("step"), "history": self.history}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, record)
+        atomic_write(record, json.dumps(payload, indent=2) + "\n")

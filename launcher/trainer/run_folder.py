@@ -13,11 +13,16 @@ from launcher.errors import RunFolderError
 from launcher.trainer.checkpoint_files import CheckpointPaths
 
 
+def checkpoints_folder(cfg: Config) -> Path:
+    """``OUTPUT/checkpoints``: the run's saves and their ``latest``."""
+    return Path(cfg.output) / "checkpoints"
+
+
 def resume_point(cfg: Config) -> Path | None:
     """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start)."""
     if not cfg.checkpoint.resume:
         return None
-    return CheckpointPaths(Path(cfg.output) / "checkpoints").latest()
+    return CheckpointPaths(checkpoints_folder(cfg)).latest()
 
 
 def check_run_folder(cfg: Config) -> None:
@@ -27,7 +32,7 @@ def check_run_folder(cfg: Config) -> None:
     if cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return  # (a torchrun restart of this same job starts over in its own folder)
     out = Path(cfg.output)
-    ckpts = out / "checkpoints"
+    ckpts = checkpoints_folder(cfg)
     held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
     held += sorted(p.name for p in ckpts.glob("step_*"))[-1:]
     if held:

@@ -58,12 +58,24 @@ def _nonfinite_flags(values: list[torch.Tensor], ctx: DistContext) -> list[bool]
 
 
 def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars for logging."""
-    accum = cfg.optim.grad_accum
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars for logging.
+
+    Every rank takes the same step: forward and backward of each micro-batch, then one agreement on
+    whether the loss and the gradients are finite everywhere, then the optimizers' step (or a skip)."""
     c.engine.zero_grad()
     c.head_opt.zero_grad()
-    timing = {"time_data_s": 0.0, "time_forward_s": 0.0, "time_backward_s": 0.0}
-    losses: dict[str, float] = {}
+    out = forward_backward(c, data, cfg, ctx, step)
+    t0 = time.perf_counter()
+    out.update(optimizer_step(c, cfg, ctx, step, out.get("loss", float("nan"))))
+    out.update(time_comm_s=c.engine.comm.take(), time_optimizer_s=time.perf_counter() - t0,
+               xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
+    return out
+
+
+def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int) -> dict[str, float]:
+    """Forward and backward of the step's micro-batches: their mean losses, and data/forward/backward times."""
+    accum = cfg.optim.grad_accum
+    out = {"time_data_s": 0.0, "time_forward_s": 0.0, "time_backward_s": 0.0}
     # Accumulation is exact (issue 12): the head needs every micro-batch's labels before the first forward
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
@@ -72,7 +84,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     if accum > 1:
         batches = [data.next_batch() for _ in range(accum)]
         c.head.begin_step([lab.to(ctx.device) for _, lab in batches])
-    timing["time_data_s"] += time.perf_counter() - t_read
+    out["time_data_s"] += time.perf_counter() - t_read
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = batches[micro] if batches else data.next_batch()
@@ -91,17 +103,22 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
                 loss = loss * float("nan")
             t2 = time.perf_counter()
             c.engine.backward(loss / accum, last)  # accumulation averages the loss
-        timing["time_data_s"] += t1 - t0
-        timing["time_forward_s"] += t2 - t1
-        timing["time_backward_s"] += time.perf_counter() - t2
+        out["time_data_s"] += t1 - t0
+        out["time_forward_s"] += t2 - t1
+        out["time_backward_s"] += time.perf_counter() - t2
         for k, v in loss_components(c.head, loss).items():
-            losses[k] = losses.get(k, 0.0) + v / accum
-    t4 = time.perf_counter()
+            out[k] = out.get(k, 0.0) + v / accum
+    return out
+
+
+def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss: float) -> dict[str, float]:
+    """Step both optimizers, or skip the step on every rank when the loss or a gradient is non-finite on any.
+
+    Returns the gradient norm, the LR the step ran at and whether (and why not) the step was taken."""
     unscale_head_grads(c.head, c.engine.loss_scale())  # before clip_and_norm's unscale changes the scale
     grad_norm = c.engine.clip_and_norm()
     bad_loss, bad_grad = _nonfinite_flags(
-        [torch.tensor(losses.get("loss", float("nan"))),
-         torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
+        [torch.tensor(loss), torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
     ok = not (bad_loss or bad_grad)
     lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:
@@ -113,15 +130,11 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     else:
         c.engine.skip()
     c.head_sched.step()
-    after = c.engine.last_grad_norm()
+    after = c.engine.last_grad_norm()  # ZeRO knows the gradient norm only inside its step (engines.py)
     if after is not None:
         grad_norm = torch.tensor(after)
-    out = dict(losses)
-    timing["time_comm_s"] = c.engine.comm.take()
-    out.update(timing, grad_norm=float(grad_norm), finite=float(ok), nonfinite_loss=float(bad_loss),
-               nonfinite_grad=float(bad_grad), time_optimizer_s=time.perf_counter() - t4, lr=lr,
-               xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
-    return out
+    return {"grad_norm": float(grad_norm), "finite": float(ok),
+            "nonfinite_loss": float(bad_loss), "nonfinite_grad": float(bad_grad), "lr": lr}
 
 
 def nonfinite_parts(scalars: dict[str, float]) -> str:
