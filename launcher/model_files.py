@@ -40,7 +40,7 @@ class ModelPathError(ValueError):
 def resolve_weight_file(model_path: str | Path) -> Path:
     """The backbone weight file (safetensors) that ``model_path`` designates.
 
-    Accepts what :func:`launcher.trainer.checkpointer.resolve_backbone_file` accepts: a backbone
+    Accepts what :func:`launcher.trainer.checkpoint_files.resolve_backbone_file` accepts: a backbone
     ``.safetensors`` file, one checkpoint folder, a checkpoints folder or a run folder (their
     ``latest``). Anything else raises :class:`ModelPathError` (a ValueError) saying what is accepted.
     """
