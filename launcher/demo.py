@@ -65,7 +65,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
         log.error(f"training failed with exit code {code}")
         return code
 
-    from launcher.trainer.checkpointer import CheckpointPaths
+    from launcher.trainer.checkpoint_files import CheckpointPaths
     from partialfc.backbones import load_backbone
 
     latest = CheckpointPaths(out / "checkpoints").latest()

@@ -39,11 +39,11 @@ class ModelPathError(ValueError):
 def resolve_weight_file(model_path: str | Path) -> Path:
     """The backbone weight file (safetensors) that ``model_path`` designates.
 
-    Accepts what :func:`launcher.trainer.checkpointer.resolve_backbone_file` accepts: a backbone
+    Accepts what :func:`launcher.trainer.checkpoint_files.resolve_backbone_file` accepts: a backbone
     ``.safetensors`` file, one checkpoint folder, a checkpoints folder or a run folder (their
     ``latest``). Anything else raises :class:`ModelPathError` (a ValueError) saying what is accepted.
     """
-    from launcher.trainer.checkpointer import resolve_backbone_file
+    from launcher.trainer.checkpoint_files import resolve_backbone_file
 
     try:
         return resolve_backbone_file(model_path)

@@ -86,7 +86,7 @@ def train_and_verify(recipe: Path, sets: list[str], run_sets: list[str], steps: 
     warm-up fitted into it unless the user's ``sets`` set one), then verify its latest checkpoint on
     ``val_bin`` in this process. ``what`` names the run in an error."""
     from launcher.distributed import DistContext
-    from launcher.trainer.checkpointer import CheckpointPaths
+    from launcher.trainer.checkpoint_files import CheckpointPaths
     from launcher.trainer.evaluation import evaluate_bins
     from partialfc.backbones import load_backbone
 

@@ -55,7 +55,8 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
 
     from launcher.bench.gemm_floor import sync
     from launcher.trainer.batches import to_model_input
-    from launcher.trainer.loop import _autocast, backbone_config
+    from launcher.trainer.components import backbone_config
+    from launcher.trainer.step import backbone_autocast
 
     cfg = load_config(resolve_config_path(config), sets)
     cuda = torch.cuda.is_available()
@@ -80,7 +81,7 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
 
     def step() -> None:
         x = to_model_input(pixels, device, channels_last)
-        with _autocast(cfg, ctx):
+        with backbone_autocast(cfg, ctx):
             emb = net(x)
         loss = emb.float().sum()
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -26,7 +26,7 @@ def eval_cmd(
 
     from launcher.config import Config
     from launcher.distributed import DistContext
-    from launcher.trainer.checkpointer import resolve_backbone_file
+    from launcher.trainer.checkpoint_files import resolve_backbone_file
     from launcher.trainer.evaluation import evaluate_bins
     from partialfc.backbones import load_backbone
 

@@ -66,25 +66,22 @@ def config_or_exit(config: str, overrides: list[str]) -> Config:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong" rather than "the program is wrong". Imported here,
-    at the top of the command tree, so that no room below has to import the rooms whose errors it lists."""
+    at the top of the command tree, so that no room below has to import the rooms whose errors it lists.
+    Errors raised where ``launcher.errors`` is at hand (the rendezvous timeout, the trainer's non-finite
+    stop) subclass :class:`launcher.errors.UserError` instead of being listed."""
     from data_pipeline.recordio import RecordIOError
     from data_pipeline.verification import UnsafePickleError
-    from launcher.distributed import RendezvousTimeout
     from launcher.model_files import ModelPathError
     from launcher.monitoring.exporter import MetricsPortError
     from launcher.monitoring.plots import ReportError
-    from launcher.trainer.checkpointer import CheckpointWriteError
+    from launcher.trainer.checkpoint_files import CheckpointWriteError
     from partialfc.backbones import BackboneFileError
     from partialfc.resharding import CheckpointError
 
     types: tuple[type[BaseException], ...] = (
         errors.UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
-        ModelPathError, ReportError, MetricsPortError, RendezvousTimeout, CheckpointWriteError,
+        ModelPathError, ReportError, MetricsPortError, CheckpointWriteError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-    with contextlib.suppress(ImportError):  # training pulls in the backbone engines; commands may not
-        from launcher.trainer.loop import NonFiniteError
-
-        types += (NonFiniteError,)
     return types
 
 

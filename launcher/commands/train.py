@@ -17,7 +17,7 @@ from launcher.config import build_overrides
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
     """Before any rank starts: the init_backbone file read, the data found (an image folder packed
     once, so ranks that torchrun starts find it packed); a bad path or file is one line, exit 2."""
-    from launcher.trainer.batches import resolve_prefix
+    from launcher.trainer.data_paths import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
 
     with user_errors("pfc", ValueError):

@@ -1,10 +1,6 @@
 """The trainer's view of its data: an endless, resumable stream of (images, labels) batches per rank.
 
-``data.prefix`` (``--data``) is taken as users give it (:func:`resolve_prefix`): a dataset PREFIX, a
-``.rec``/``.idx`` path, a folder holding ``train.rec`` (insightface's layout), or an image folder with
-one subfolder per identity, which is packed once (``pfc data pack`` semantics, resized to
-``model.image_size``) into the run's data cache ``OUTPUT/data_cache/train`` and reused while the
-folder is unchanged.
+``data.prefix`` (``--data``) is taken as users give it (``launcher.trainer.data_paths``).
 
 The data position is a pure function of the optimizer step (``step * grad_accum`` batches of this
 rank consumed), because every rank reads an equal-length, reproducible part of each epoch
@@ -13,12 +9,7 @@ rank consumed), because every rank reads an equal-length, reproducible part of e
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +24,7 @@ from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.errors import DataError
 from launcher.trainer.augment import BatchAugment, build_augment
+from launcher.trainer.data_paths import resolve_prefix
 
 log = logging.getLogger("pfc")
 
@@ -231,133 +223,6 @@ def check_val_bins(cfg: Config) -> None:
     missing = [b for b in cfg.data.val_bins if not Path(b).is_file()]
     if missing:
         raise FileNotFoundError(f"data.val_bins: no such file: {', '.join(missing)}")
-
-
-#: the run's data cache: image folders given as data.prefix are packed here (OUTPUT/data_cache/train)
-DATA_CACHE = "data_cache"
-#: a pack lock not touched for this long belongs to a process that is gone
-PACK_LOCK_STALE_S = 60.0
-_HEARTBEAT_S = 5.0
-
-
-def _is_image_folder(p: Path) -> bool:
-    from data_pipeline.pack import IMAGE_EXTENSIONS
-
-    for d in p.iterdir():
-        if d.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file() for f in d.rglob("*")):
-            return True
-    return False
-
-
-def resolve_prefix(value: str, output: str | Path, image_size: int) -> Path:
-    """``data.prefix`` as given -> the dataset PREFIX (``PREFIX.rec``, ``PREFIX.idx``, property).
-
-    Accepts a PREFIX, a ``.rec`` or ``.idx`` path, a folder holding ``train.rec``, or an image folder
-    (one subfolder per identity), which is packed into ``OUTPUT/data_cache`` by :func:`pack_into_cache`.
-    Raises ValueError naming ``data.prefix`` and what was expected.
-    """
-    p = Path(value)
-    if p.suffix in (".rec", ".idx") and Path(f"{os.fspath(p)[:-4]}.rec").is_file():
-        return Path(os.fspath(p)[:-4])
-    if Path(f"{p}.rec").is_file():  # a PREFIX first: `faces.rec` packed beside the folder `faces/` wins
-        return p
-    if p.is_dir():
-        if (p / "train.rec").is_file():
-            return p / "train"
-        if _is_image_folder(p):
-            return pack_into_cache(p, Path(output) / DATA_CACHE, image_size)
-        raise ValueError(f"data.prefix {p}: a folder without train.rec and without identity subfolders holding "
-                         "images; expected a dataset PREFIX, a .rec/.idx file, a folder holding train.rec, or "
-                         "an image folder with one subfolder per identity")
-    rec = f"{os.fspath(p)[:-4]}.rec" if p.suffix in (".rec", ".idx") else f"{p}.rec"
-    raise ValueError(f"data.prefix {p}: no such dataset ({rec} does not exist); expected a dataset PREFIX "
-                     "(PREFIX.rec, PREFIX.idx, property), a .rec/.idx file, a folder holding train.rec, or an "
-                     "image folder with one subfolder per identity")
-
-
-def _fingerprint(src: Path, image_size: int) -> dict[str, Any]:
-    """What the cache was packed from: the folder, its image count, bytes and newest mtime, the size."""
-    from data_pipeline.pack import list_folder
-
-    files = [f for _, fs in list_folder(src) for f in fs]
-    stats = [f.stat() for f in files]
-    return {"source": str(src.resolve()), "files": len(files), "bytes": sum(st.st_size for st in stats),
-            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0), "image_size": image_size}
-
-
-def _heartbeat(lock: Path, stop: threading.Event) -> None:
-    while not stop.wait(_HEARTBEAT_S):
-        try:
-            os.utime(lock)
-        except OSError:
-            return
-
-
-def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
-    """Pack the image folder ``src`` into ``cache/train`` once; later calls (other ranks, resumed runs)
-    reuse it. Returns the PREFIX ``cache/train``.
-
-    One process packs (it wins ``mkdir`` of ``cache.lock`` and keeps touching it); others wait for
-    ``cache/source.json``, which is written last, inside a temporary folder renamed to ``cache``. A
-    cache packed from another folder, or from this one before its files changed, is refused (delete it
-    to repack). A lock untouched for :data:`PACK_LOCK_STALE_S` means the packer died: refused, naming it.
-    """
-    prefix = cache / "train"
-    record = cache / "source.json"
-    lock = cache.with_name(cache.name + ".lock")
-    want = _fingerprint(src, image_size)
-    while True:
-        if record.is_file():
-            saved = json.loads(record.read_text())
-            if saved == want:
-                log.info(f"data: {src} already packed in {cache}")
-                return prefix
-            raise ValueError(f"data.prefix {src}: the run's data cache {cache} was packed from {saved.get('source')} "
-                             f"({saved.get('files')} images, {saved.get('image_size')} px), not from this folder as "
-                             f"it is now ({want['files']} images, {image_size} px): delete {cache} to repack it, "
-                             "or train into another --output")
-        try:
-            lock.mkdir(parents=True)
-        except FileExistsError:
-            try:
-                idle = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                continue  # the packer just finished (or gave up): look again
-            if idle > PACK_LOCK_STALE_S:
-                raise ValueError(f"data.prefix {src}: {lock} has not been touched for {idle:.0f} s: the process "
-                                 f"packing {src} stopped; remove {lock} and start again") from None
-            time.sleep(0.5)
-            continue
-        break
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(lock, stop), daemon=True)
-    beat.start()
-    tmp = cache.with_name(f".{cache.name}.partial-{os.getpid()}")
-    try:
-        from data_pipeline.pack import pack_dataset
-
-        for left in cache.parent.glob(f".{cache.name}.partial-*"):  # from a packer that died; we hold the lock
-            shutil.rmtree(left, ignore_errors=True)
-        log.info(f"data: packing image folder {src} ({want['files']} images) into {cache} at "
-                 f"{image_size}x{image_size} (once; `pfc data pack` semantics)")
-        summary = pack_dataset(src, tmp / "train", resize=True, image_size=(image_size, image_size),
-                               progress=False)
-        if summary["skipped"]:
-            log.warning(f"data: {len(summary['skipped'])} unreadable images skipped while packing {src}, "
-                        f"first: {summary['skipped'][0]['path']}: {summary['skipped'][0]['error']}")
-        (tmp / "pack.json").write_text(json.dumps({**summary, "packed_by_pid": os.getpid()}, indent=2) + "\n")
-        (tmp / "source.json").write_text(json.dumps(want) + "\n")  # last: marks the pack complete
-        if cache.exists():  # a leftover without source.json (see the loop above): incomplete, replace it
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
-        log.info(f"data: packed {summary['images']} images of {summary['identities']} identities in "
-                 f"{summary['seconds']:.1f} s")
-    finally:
-        stop.set()
-        beat.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-        lock.rmdir()
-    return prefix
 
 
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:

@@ -1,308 +1,255 @@
-"""Training checkpoints: atomic, pruned, and loadable on any world size.
+"""The checkpointer: a registry of the training state's parts, each saving and loading its own state.
 
-Layout of one save (all paths inside ``<run>/checkpoints``)::
+As in torchtitan's checkpointer, :class:`Checkpointer` knows no part's insides: ``save`` asks every part
+to put its state into a :class:`~launcher.trainer.checkpoint_files.CheckpointContents`, which
+``checkpoint_files`` writes (atomically, agreed by every rank); ``load`` reads the same record back and
+hands it to every part, in the same order. The parts of a training run (:func:`training_checkpointer`):
 
-    step_00000200/
-        meta.json               step, epoch position, world size, wall time, resolved config
-        backbone.safetensors    rank 0; the backbone's config in the safetensors metadata
-        trainer_state.pt        rank 0; backbone optimizer, LR schedulers, AMP scaler (tensors and
-                                plain containers only: loaded with ``weights_only=True``)
-        rank/rank_00003.pt      each rank's torch / numpy / python RNG state, and its partition of a ZeRO
-                                optimizer state (used when resuming on the same world size)
-        head/                   the Partial FC shards with their class ranges (``partialfc.resharding``)
-    latest                      the name of the newest complete save, replaced last
+====================  =====================================================  ===========================
+part                  state                                                  where in the save
+====================  =====================================================  ===========================
+``run``               the resolved config, the world size (a resume with a   meta.json
+                      setting the state is tied to changed is refused)
+``data``              the data position (epoch, batch): informational, the   meta.json
+                      position is a function of the step (``batches``)
+``head``              this rank's class-weight shard, its optimizer state,   head/ (every rank);
+                      b (xi); the head's LR schedule and settings            trainer_state.pt
+``backbone``          the backbone's weights and architecture                backbone.safetensors
+``engine``            the backbone's optimizer, LR schedule, AMP scaler      trainer_state.pt (DDP) or
+                                                                             rank/ (ZeRO: per rank)
+``rng``               this rank's torch / numpy / python RNG states          rank/rank_NNNNN.pt
+====================  =====================================================  ===========================
 
-A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
-mid-write leaves the previous ``latest`` untouched; stale partial folders are removed at the next save.
-Every file goes through ``data_pipeline.atomic`` (temporary name, fsync, rename, fsync of the folder).
-A failure of any kind while writing any part (a full disk raises ``OSError`` from Python's writes,
-``SafetensorError`` from safetensors, ``RuntimeError`` from ``torch.save``) on any rank is agreed by
-every rank (one all-reduce per phase) and raised everywhere as :class:`CheckpointWriteError`.
-
-``latest`` holds one folder name (``step_NNNNNNNN``) of its own checkpoints folder; anything else
-(a path, ``..``) is refused when read. Pruning (``keep_last``) never deletes the save just written nor
-what ``latest`` names, and only considers saves numbered below the one just written.
+On resume the optimizers take the config's settings and the LR schedules are put at the step reached:
+a run extended to more steps, or given another LR, trains as configured.
 """
 
 from __future__ import annotations
 
-import json
+import ast
 import logging
-import os
+import pickle
 import random
-import re
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
-from data_pipeline.atomic import atomic_write, describe_error, fsync_dir
-from launcher.trainer import faults
+from data_pipeline.atomic import atomic_write
+from launcher.config import Config
+from launcher.distributed import DistContext
+from launcher.trainer.checkpoint_files import CheckpointContents, load_checkpoint, save_checkpoint
+from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
+from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
+from partialfc import PartialFC
 from partialfc.backbones import save_backbone
-from partialfc.collectives import any_rank
+from partialfc.resharding import load_head, save_head
 
-LATEST = "latest"
+if TYPE_CHECKING:
+    from launcher.trainer.batches import TrainData
+    from launcher.trainer.components import Components
+
 log = logging.getLogger("pfc")
 
 
-def _barrier(group: Any = None) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(group=group)
+class Stateful(Protocol):
+    """A part of the training state: puts its state into a save, takes it back out of one."""
 
+    def save(self, into: CheckpointContents) -> None: ...
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-class CheckpointWriteError(OSError):
-    """A save failed on some rank; the previous complete checkpoint is untouched."""
-
-
-def _any_rank(flag: bool, group: Any = None) -> bool:
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl"
-    return any_rank(flag, group, device="cuda" if nccl else None)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rng_state() -> dict[str, Any]:
-    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": repr(random.getstate()),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(ast.literal_eval(state["python"]))
-
-
-_STEP_DIR = re.compile(r"^step_\d{8,}$")
-
-
-def step_of(path: Path) -> int:
-    """The step number of a ``step_NNNNNNNN`` folder."""
-    return int(path.name.split("_", 1)[1])
-
-
-class CheckpointPointerError(FileNotFoundError):
-    """``latest`` does not name a complete checkpoint inside its own checkpoints folder."""
+    def load(self, saved: CheckpointContents) -> None: ...
 
 
 @dataclass
-class CheckpointPaths:
-    root: Path
+class RunRecord:
+    """The resolved config and the world size (meta.json); loading checks the config first."""
 
-    def latest(self) -> Path | None:
-        """The newest complete save, or None when there is no ``latest``.
+    cfg: Config
+    world_size: int
+    changed: list[str] = field(default_factory=list)  # settings changed since the save, for the log
 
-        ``latest`` must hold the bare name of a ``step_*`` folder of this checkpoints folder; a path
-        (``../../other_run/step_N``, ``/abs/path``), or a name whose folder is missing or incomplete, is an
-        error naming the pointer: resume and ``pfc eval/embed/export`` never follow it elsewhere.
-        """
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        if not _STEP_DIR.match(name):
-            raise CheckpointPointerError(
-                f"{pointer} holds {name[:200]!r}; expected the name of a step_NNNNNNNN folder inside "
-                f"{self.root} (a path elsewhere is not followed); point it at one of: "
-                f"{', '.join(p.name for p in self.complete_saves()[-3:]) or 'no complete save here'}")
-        path = self.root / name
-        if path.is_symlink() or not (path / "meta.json").is_file():
-            raise CheckpointPointerError(
-                f"{pointer} names {name!r}, but {path}/meta.json does not exist (or {path} is a link): "
-                "the checkpoint folder was modified outside the trainer")
+    def save(self, into: CheckpointContents) -> None:
+        into.meta.update(world_size=self.world_size, config=self.cfg.model_dump(mode="json"))
+
+    def load(self, saved: CheckpointContents) -> None:
+        assert saved.folder is not None
+        self.changed = check_resumable(saved.meta.get("config", {}), self.cfg, saved.folder)
+
+
+@dataclass
+class DataPosition:
+    """Where in the data the save was taken (meta.json). Nothing to load: the position follows from the step
+    (every rank reads a reproducible part of each epoch), the loop seeks there."""
+
+    data: TrainData
+
+    def save(self, into: CheckpointContents) -> None:
+        into.meta["data_position"] = self.data.position(into.step)
+
+    def load(self, saved: CheckpointContents) -> None:
+        pass
+
+
+@dataclass
+class HeadState:
+    """This rank's Partial FC shard, its optimizer state and b (head/, collective); its LR schedule."""
+
+    head: PartialFC
+    opt: Any
+    sched: Any
+
+    def save(self, into: CheckpointContents) -> None:
+        into.trainer_state["head_sched"] = self.sched.state_dict()
+        # the head's tensors live in head/; its LR and hyper-parameters here
+        into.trainer_state["head_param_groups"] = hyperparameters(self.opt)
+        into.files.append((lambda folder: save_head(self.head, self.opt, folder / "head", write=atomic_write),
+                           True))
+
+    def load(self, saved: CheckpointContents) -> None:
+        assert saved.folder is not None
+        settings = hyperparameters(self.opt)
+        load_head(self.head, self.opt, saved.folder / "head")
+        reapply(self.opt, settings)  # the config's head LR and settings, not the checkpoint's
+        schedule_at(self.sched, saved.step)
+
+
+@dataclass
+class BackboneWeights:
+    """The backbone's weights, with its architecture in the file's metadata (rank 0 writes)."""
+
+    module: torch.nn.Module
+    config: dict[str, Any]
+
+    def save(self, into: CheckpointContents) -> None:
+        into.files.append((lambda folder: save_backbone(self.module, folder / "backbone.safetensors",
+                                                        self.config, write=atomic_write), False))
+
+    def load(self, saved: CheckpointContents) -> None:
+        assert saved.folder is not None
+        self.module.load_state_dict(load_file(str(saved.folder / "backbone.safetensors")))
+
+
+@dataclass
+class EngineState:
+    """The backbone's optimizer, LR schedule and AMP scaler. ZeRO partitions the optimizer state across
+    ranks: then each rank keeps its own partition (rank/), which only loads on the same world size."""
+
+    engine: BackboneEngine
+    per_rank: bool
+
+    def save(self, into: CheckpointContents) -> None:
+        into.trainer_state["engine"] = {} if self.per_rank else self.engine.state_dict()
+        if self.per_rank:
+            assert into.rank_state is not None
+            into.rank_state["engine"] = self.engine.state_dict()
+
+    def load(self, saved: CheckpointContents) -> None:
+        if not self.per_rank:
+            self.engine.load_state_dict(saved.trainer_state["engine"])
+        elif saved.rank_state is not None and "engine" in saved.rank_state:
+            self.engine.load_state_dict(saved.rank_state["engine"])
+        else:
+            log.warning("DeepSpeed optimizer state is partitioned per rank: on a new world size the "
+                        "backbone weights and the LR schedule are restored and its optimizer state starts fresh")
+        self.engine.resume_at(saved.step)
+
+
+class RandomState:
+    """This rank's torch, numpy and python RNG states (rank/; restored on the same world size only)."""
+
+    def save(self, into: CheckpointContents) -> None:
+        assert into.rank_state is not None
+        np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
+        into.rank_state["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": repr(random.getstate()),
+        }
+
+    def load(self, saved: CheckpointContents) -> None:
+        if saved.rank_state is None:
+            return
+        state = saved.rank_state["rng"]
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        random.setstate(ast.literal_eval(state["python"]))
+
+
+class Checkpointer:
+    """Saves and loads a registry of :class:`Stateful` parts (in registry order, both ways).
+
+    ``save`` is collective (every rank calls it at the same step); see ``checkpoint_files``."""
+
+    def __init__(self, root: Path, parts: dict[str, Stateful], ctx: DistContext, keep_last: int) -> None:
+        self.root, self.parts, self.ctx, self.keep_last = root, parts, ctx, keep_last
+
+    def save(self, step: int) -> Path:
+        t0 = time.perf_counter()
+        contents = CheckpointContents(step=step)
+        for part in self.parts.values():
+            part.save(contents)
+        path = save_checkpoint(self.root, contents, self.keep_last)
+        log.info(f"checkpoint {path} written in {time.perf_counter() - t0:.2f}s")
         return path
 
-    def complete_saves(self) -> list[Path]:
-        """Complete saves (a ``meta.json`` is written last), in step order."""
-        return sorted((p for p in self.root.glob("step_*")
-                       if _STEP_DIR.match(p.name) and not p.is_symlink() and (p / "meta.json").is_file()),
-                      key=step_of)
-
-
-def prunable(saves: list[Path], just_written: Path, latest: Path | None, keep_last: int) -> list[Path]:
-    """The saves to delete after ``just_written``: the oldest of those numbered below it, so that it and
-    ``keep_last - 1`` earlier ones stay. Never ``just_written``, never what ``latest`` names; saves numbered
-    above it (another run's, in a folder reused with ``checkpoint.resume``) are left alone."""
-    step = step_of(just_written)
-    older = [p for p in saves if step_of(p) < step and p != latest]
-    keep = max(keep_last - 1, 0)
-    # max(.., 0): with fewer older saves than keep_last - 1, a negative slice end would delete from the front
-    return older[:max(len(older) - keep, 0)]
-
-
-def _agree(error: BaseException | None, group: Any, step: int, root: Path, rank: int) -> None:
-    """Collective: raise :class:`CheckpointWriteError` on every rank when any rank's ``error`` is set."""
-    if _any_rank(error is not None, group):
-        where = f"rank {rank}: {describe_error(error)}" if error is not None else \
-            "another rank failed to write its part"
-        raise CheckpointWriteError(f"checkpoint for step {step} was not written ({where}); "
-                                   f"the last complete checkpoint stays in {root / LATEST}") from error
-
-
-def _torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    *,
-    backbone: torch.nn.Module,
-    backbone_config: dict[str, Any],
-    trainer_state: dict[str, Any],
-    save_head: Any,
-    meta: dict[str, Any],
-    rank_state: dict[str, Any] | None = None,
-    keep_last: int,
-    group: Any = None,
-) -> Path:
-    """Collective: every rank calls it. ``save_head(path)`` writes this rank's head shard into ``path``.
-
-    Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
-    ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
-    """
-    with faults.checkpoint_file_size_limit(step, _rank()):
-        return _save_checkpoint(root, step, backbone=backbone, backbone_config=backbone_config,
-                                trainer_state=trainer_state, save_head=save_head, meta=meta,
-                                rank_state=rank_state, keep_last=keep_last, group=group)
-
-
-def _save_checkpoint(root: str | Path, step: int, *, backbone: torch.nn.Module, backbone_config: dict[str, Any],
-                     trainer_state: dict[str, Any], save_head: Any, meta: dict[str, Any],
-                     rank_state: dict[str, Any] | None, keep_last: int, group: Any) -> Path:
-    t0 = time.perf_counter()
-    paths = CheckpointPaths(Path(root))
-    final = paths.root / step_dir_name(step)
-    partial = paths.root / f".{final.name}.partial"
-    rank = _rank()
-    error: Exception | None = None
-    # Phase 1 (rank 0): a fresh partial folder.
-    if rank == 0:
+    def load(self, path: Path) -> CheckpointContents:
         try:
-            paths.root.mkdir(parents=True, exist_ok=True)
-            for stale in paths.root.glob(".*.partial"):  # left by a crash during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
-            partial.mkdir()
-            (partial / "rank").mkdir()
-        except Exception as e:
-            error = e
-    _barrier(group)
-    # Phase 2 (every rank): its parts.
-    if error is None and partial.is_dir():
+            saved = load_checkpoint(path, self.ctx.rank, self.ctx.world_size)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(f"refusing to resume: {_refused_file(path, self.ctx.rank)} holds more than tensors "
+                               f"and plain data (pickled code?) and was not loaded: {str(e).splitlines()[0]}") from None
+        for part in self.parts.values():
+            part.load(saved)
+        return saved
+
+    def maybe_resume(self, latest: Path | None) -> int:
+        """Load ``latest`` (the run folder's latest complete save; None: a fresh start); the step to start from."""
+        if latest is None:
+            return 0
+        saved = self.load(latest)
+        log.info(f"resumed from {latest} at step {saved.step} (saved on {saved.meta.get('world_size')} rank(s), "
+                 f"now {self.ctx.world_size})")
+        run = self.parts.get("run")
+        if isinstance(run, RunRecord) and run.changed:
+            log.info(f"settings changed since the checkpoint, in effect from step {saved.step + 1}: "
+                     f"{', '.join(run.changed)}")
+        return saved.step
+
+
+def _refused_file(ckpt: Path, rank: int) -> Path | str:
+    """Which of a checkpoint's pickle files ``torch.load(weights_only=True)`` refuses (error path only)."""
+    for f in (ckpt / "trainer_state.pt", ckpt / "rank" / f"rank_{rank:05d}.pt"):
         try:
-            # The head save is collective and fails on every rank alike; the rest is this rank's own.
-            save_head(partial / "head")
-            if rank == 0:
-                save_backbone(backbone, partial / "backbone.safetensors", backbone_config, write=atomic_write)
-                _torch_save(trainer_state, partial / "trainer_state.pt")
-            faults.maybe_fail_checkpoint(step, rank)
-            _torch_save({"rng": rng_state(), **(rank_state or {})}, partial / "rank" / f"rank_{rank:05d}.pt")
-        except Exception as e:  # whatever the writer raises for a full disk: reported below, on every rank
-            error = e
-    elif error is None:
-        error = FileNotFoundError(f"{partial} was not created by rank 0")
-    try:
-        _agree(error, group, step, paths.root, rank)
-    except CheckpointWriteError:
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    # Phase 3 (rank 0): meta.json, the rename into place, latest; then pruning.
-    if rank == 0:
-        error = _publish(paths, partial, final, dict(meta, step=step, saved_at=time.time(),
-                                                     save_seconds=time.perf_counter() - t0))
-    _agree(error, group, step, paths.root, rank)
-    if rank == 0:
-        try:
-            for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
-                shutil.rmtree(old, ignore_errors=True)
-        except Exception as e:  # the save itself is complete and named by latest: only log
-            log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
-    _barrier(group)
-    return final
+            if f.is_file():
+                torch.load(f, weights_only=True)  # safe: the restricted unpickler runs no code
+        except pickle.UnpicklingError:
+            return f
+    return f"a file of {ckpt}"
 
 
-def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str, Any]) -> Exception | None:
-    """Rank 0: finish a save whose parts are all written. Returns the error, after undoing what it can."""
-    replaced = final.with_name(f".{final.name}.replaced")
-    moved = False
-    try:
-        atomic_write(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.rename(final, replaced)
-        os.rename(partial, final)
-        moved = True
-        fsync_dir(paths.root)
-        atomic_write(paths.root / LATEST, final.name)
-    except Exception as e:
-        # latest (written atomically, last) still names the previous save; put back what was moved.
-        if moved and replaced.exists():
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(replaced, final)
-        elif moved:
-            shutil.rmtree(final, ignore_errors=True)
-        elif replaced.exists() and not final.exists():
-            os.rename(replaced, final)
-        shutil.rmtree(partial, ignore_errors=True)
-        return e
-    shutil.rmtree(replaced, ignore_errors=True)
-    return None
+def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: TrainData | None = None) -> Checkpointer:
+    """The parts of a training run, in the order they save and load (``data`` None: a load-only use)."""
+    parts: dict[str, Stateful] = {"run": RunRecord(cfg, ctx.world_size)}
+    if data is not None:
+        parts["data"] = DataPosition(data)
+    parts.update(head=HeadState(c.head, c.head_opt, c.head_sched),
+                 backbone=BackboneWeights(c.engine.module, c.backbone_config),
+                 engine=EngineState(c.engine, per_rank=cfg.dist.engine == "deepspeed"),
+                 rng=RandomState())
+    return Checkpointer(checkpoints_folder(cfg), parts, ctx, cfg.checkpoint.keep_last)
 
 
-def load_trainer_files(path: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """Read what rank ``rank`` needs from a complete save (the head is loaded separately)."""
-    meta = json.loads((path / "meta.json").read_text())
-    out: dict[str, Any] = {"meta": meta}
-    out["backbone"] = load_file(str(path / "backbone.safetensors"))
-    # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
-    # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
-    # parameters' device, whatever it is.
-    out["trainer_state"] = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
-    rank_file = path / "rank" / f"rank_{rank:05d}.pt"
-    out["rank_state"] = (torch.load(rank_file, weights_only=True, map_location="cpu")
-                         if meta.get("world_size") == world_size and rank_file.is_file() else None)
-    return out
+def save(c: Components, cfg: Config, ctx: DistContext, step: int, data: TrainData) -> Path:
+    """Collective: save the run's state after ``step`` (one-off use; the loop keeps its checkpointer)."""
+    return training_checkpointer(c, cfg, ctx, data).save(step)
 
 
-def resolve_backbone_file(model: str | Path) -> Path:
-    """MODEL as users give it -> the backbone weight file.
-
-    Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
-    (``step_*``), or a weight file itself: a backbone ``.safetensors`` or an insightface arcface_torch
-    ``.pth``/``.pt`` state_dict (whether the file fits a backbone is checked when it is loaded).
-    """
-    p = Path(model)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
-                                "folder, a backbone .safetensors file or an insightface .pth file)")
-    if (p / "backbone.safetensors").is_file():
-        return p / "backbone.safetensors"
-    for root in (p / "checkpoints", p):
-        if (root / LATEST).exists():
-            latest = CheckpointPaths(root).latest()
-            assert latest is not None
-            return latest / "backbone.safetensors"
-    raise FileNotFoundError(f"{p} holds no checkpoint: expected {p}/checkpoints/latest, {p}/latest or "
-                            f"{p}/backbone.safetensors")
+def maybe_resume(c: Components, cfg: Config, ctx: DistContext) -> int:
+    """Load the run folder's latest complete save into ``c``, if any; return the step to start from."""
+    return training_checkpointer(c, cfg, ctx).maybe_resume(resume_point(cfg))

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
+from data_pipeline.atomic import atomic_write
 from launcher.config import Config
 
 log = logging.getLogger("pfc")
@@ -45,7 +45,7 @@ def adopt_init_backbone(cfg: Config) -> Config:
     init = cfg.checkpoint.init_backbone
     if not init:
         return cfg
-    from launcher.trainer.checkpointer import resolve_backbone_file
+    from launcher.trainer.checkpoint_files import resolve_backbone_file
     from partialfc.backbones import read_backbone_config
 
     try:
@@ -164,6 +164,4 @@ class BestKeeper:
         payload = {"metric": self.spec, "value": self.best,
                    "step": step if step is not None else old.get("step"), "history": self.history}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, record)
+        atomic_write(record, json.dumps(payload, indent=2) + "\n")

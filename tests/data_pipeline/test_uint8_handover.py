@@ -68,7 +68,8 @@ def test_training_losses_unchanged_by_the_uint8_handover(small_dataset: Path, tm
     and parameters (CPU)."""
     from launcher.config import load_config
     from launcher.distributed import DistContext
-    from launcher.trainer.loop import build, train_one_step
+    from launcher.trainer.components import build
+    from launcher.trainer.step import train_one_step
 
     sets = {"output": str(tmp_path), "model.backbone": "tiny", "model.image_size": 32,
             "model.embedding_size": 32, "train.batch_size": 8, "train.seed": 2, "head.sample_rate": 0.5,
@@ -156,7 +157,8 @@ def test_training_with_dali_uint8_matches_its_float_path(small_dataset: Path, tm
     from data_pipeline.dali_iterator import DaliLoader
     from launcher.config import load_config
     from launcher.distributed import DistContext
-    from launcher.trainer.loop import build, train_one_step
+    from launcher.trainer.components import build
+    from launcher.trainer.step import train_one_step
 
     sets = {"output": str(tmp_path), "model.backbone": "tiny", "model.image_size": 32,
             "model.embedding_size": 32, "train.batch_size": 8, "train.seed": 2, "head.sample_rate": 0.5,

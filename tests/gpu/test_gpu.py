@@ -157,7 +157,8 @@ def test_fp16_scaler_skips_an_overflow_step_and_recovers(dev: torch.device, tmp_
     if dev.type != "cuda":
         pytest.skip("the gradient scaler runs on CUDA only (fp16 autocast is off on CPU)")
     from launcher.distributed import DistContext
-    from launcher.trainer.loop import build, train_one_step
+    from launcher.trainer.components import build
+    from launcher.trainer.step import train_one_step
 
     cfg = _small_cfg(tmp_path, **{"train.amp": "fp16"})
     ctx = DistContext.single_process(dev)
@@ -229,7 +230,8 @@ _LOAD_SCRIPT = r"""
 import json, sys, torch
 from launcher.config import load_config
 from launcher.distributed import DistContext
-from launcher.trainer.loop import build, maybe_resume
+from launcher.trainer.checkpointer import maybe_resume
+from launcher.trainer.components import build
 cfg = load_config(None, json.loads(sys.argv[1]))
 ctx = DistContext.single_process(torch.device(sys.argv[2]))
 c = build(cfg, ctx, num_classes=100)
@@ -246,7 +248,9 @@ torch.save({"step": step, "device": str(c.head.weight.device), "sd": sd}, sys.ar
 
 def _train_and_save(cfg: Any, dev: torch.device) -> dict[str, torch.Tensor]:
     from launcher.distributed import DistContext
-    from launcher.trainer.loop import build, save, train_one_step
+    from launcher.trainer.checkpointer import save
+    from launcher.trainer.components import build
+    from launcher.trainer.step import train_one_step
 
     ctx = DistContext.single_process(dev)
     c = build(cfg, ctx, num_classes=100)

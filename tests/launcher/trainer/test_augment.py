@@ -369,7 +369,8 @@ def test_all_off_trains_bit_identically_to_the_default_and_on_differs(small: Pat
     from data_pipeline.dataset import build_dataloader
     from launcher.distributed import DistContext
     from launcher.trainer.batches import TrainData
-    from launcher.trainer.loop import build, train_one_step
+    from launcher.trainer.components import build
+    from launcher.trainer.step import train_one_step
 
     off = ["data.augment.crop.scale=[0.3, 0.5]", "data.augment.rotation.degrees=40", "data.augment.color.p=0.0",
            "data.augment.erasing.value=1.0"]

@@ -35,16 +35,21 @@ def _parts(world_size: int, meta_pad: int = 0, trainer_pad: int = 0) -> dict[str
 def _save(root: Path, step: int, p: dict[str, Any], keep_last: int = 10, meta_pad: int = 0,
           trainer_pad: int = 0) -> Path:
     from data_pipeline.atomic import atomic_write
-    from launcher.trainer.checkpointer import save_checkpoint
+    from launcher.trainer.checkpoint_files import CheckpointContents, save_checkpoint
+    from launcher.trainer.checkpointer import RandomState
+    from partialfc.backbones import save_backbone
     from partialfc.resharding import save_head
 
     with torch.no_grad():  # every save holds different weights, so a load can tell them apart
         p["head"].weight.add_(float(step))
-    return save_checkpoint(
-        root, step, backbone=p["backbone"], backbone_config=p["backbone"].backbone_config,
-        trainer_state={"step": step, "pad": torch.zeros(trainer_pad)},
-        save_head=lambda d: save_head(p["head"], p["opt"], d, write=atomic_write),
-        meta={"world_size": 2, "pad": "x" * meta_pad}, rank_state={"mine": torch.zeros(3)}, keep_last=keep_last)
+    contents = CheckpointContents(
+        step=step, meta={"world_size": 2, "pad": "x" * meta_pad}, trainer_state={"pad": torch.zeros(trainer_pad)},
+        rank_state={"mine": torch.zeros(3)},
+        files=[(lambda d: save_head(p["head"], p["opt"], d / "head", write=atomic_write), True),
+               (lambda d: save_backbone(p["backbone"], d / "backbone.safetensors",
+                                        p["backbone"].backbone_config, write=atomic_write), False)])
+    RandomState().save(contents)  # the RNG states, as a training save holds them
+    return save_checkpoint(root, contents, keep_last=keep_last)
 
 
 def _limit(nbytes: int | None) -> None:
@@ -58,7 +63,7 @@ def _limit(nbytes: int | None) -> None:
 
 
 def _disk_full_rank(rank: int, world_size: int, root_s: str) -> dict[str, Any]:
-    from launcher.trainer.checkpointer import CheckpointPaths, CheckpointWriteError, load_trainer_files
+    from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointWriteError, load_checkpoint
     from partialfc import PartialFC
     from partialfc.resharding import load_head
 
@@ -101,14 +106,14 @@ def _disk_full_rank(rank: int, world_size: int, root_s: str) -> dict[str, Any]:
     # latest names a complete checkpoint that loads, holding the step-1 weights
     ckpt = CheckpointPaths(root).latest()
     assert ckpt is not None
-    files = load_trainer_files(ckpt, rank, world_size)
+    files = load_checkpoint(ckpt, rank, world_size)
     fresh = PartialFC(C, D, sample_rate=1.0, discface_lambda=0.1, seed=1)
     load_head(fresh, fresh.make_optimizer(lr=0.1), ckpt / "head")
     same_as_step1 = torch.equal(fresh.weight.detach(), w1) and not torch.equal(p["head"].weight.detach(), w1)
     # the next save succeeds and leaves no partial folder
     torch.distributed.barrier()
     last = _save(root, 99, p)
-    return {"seen": seen, "step_loaded": files["trainer_state"]["step"], "same_as_step1": same_as_step1,
+    return {"seen": seen, "step_loaded": files.trainer_state["step"], "same_as_step1": same_as_step1,
             "latest_after": CheckpointPaths(root).latest().name, "partials": [f.name for f in root.glob(".*")],
             "last": last.name, "raised": [c[5] for c in cases]}
 
@@ -140,7 +145,7 @@ def test_pfc_train_two_ranks_real_failing_write_goes_on_and_saves_next_time(tmp_
     ``PFC_FAULT=ckpt_fsize:4:1`` around that save only); every rank reports it, training goes on, the
     step-6 save succeeds, no partial folder remains and latest loads."""
     from data_pipeline.synth import generate
-    from launcher.trainer.checkpointer import CheckpointPaths, load_trainer_files
+    from launcher.trainer.checkpoint_files import CheckpointPaths, load_checkpoint
     from tests.support.runs import _pfc, _train_args
     prefix = tmp_path / "data" / "train"
     generate(prefix, 48, 8, image_size=32, val_identities=4, val_pairs=8, seed=3, workers=1)
@@ -155,4 +160,4 @@ def test_pfc_train_two_ranks_real_failing_write_goes_on_and_saves_next_time(tmp_
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000006"]
     assert not list(ckpts.glob(".*")) or [p.name for p in ckpts.glob(".*")] == [], list(ckpts.glob(".*"))
     latest = CheckpointPaths(ckpts).latest()
-    assert latest is not None and load_trainer_files(latest, 0, 2)["trainer_state"]["step"] == 6
+    assert latest is not None and load_checkpoint(latest, 0, 2).trainer_state["step"] == 6

@@ -77,12 +77,12 @@ def test_pruning_never_deletes_the_new_save_or_what_latest_names(tmp_path):
     # a run that starts over in the same folder (e.g. with checkpoint.resume=false before the start-of-run
     # check, or a latest moved back by hand) writes step 2 with keep_last=2
     new = _save(root, 2, p, keep_last=2)
-    from launcher.trainer.checkpointer import CheckpointPaths, load_trainer_files
+    from launcher.trainer.checkpoint_files import CheckpointPaths, load_checkpoint
 
     assert new.is_dir(), "the save just written was pruned"
     latest = CheckpointPaths(root).latest()
     assert latest == new
-    assert load_trainer_files(latest, 0, 1)["trainer_state"]["step"] == 2
+    assert load_checkpoint(latest, 0, 1).trainer_state["step"] == 2
     # saves of the other run, numbered above, are left alone
     assert sorted(q.name for q in root.glob("step_*")) == [
         "step_00000002", "step_00000010", "step_00000011", "step_00000012"]
@@ -93,7 +93,7 @@ def test_pruning_never_deletes_the_new_save_or_what_latest_names(tmp_path):
 
 
 def test_prunable_keeps_latest_even_when_it_is_older():
-    from launcher.trainer.checkpointer import prunable
+    from launcher.trainer.checkpoint_files import prunable
 
     saves = [Path(f"/r/step_{s:08d}") for s in (1, 2, 3, 4, 5)]
     # latest names step 1 (e.g. a save whose latest update failed): it is kept with the new one
@@ -103,7 +103,7 @@ def test_prunable_keeps_latest_even_when_it_is_older():
 
 def test_prunable_keeps_everything_while_fewer_than_keep_last_saves_exist():
     """keep_last=4 after saves 1, 2, 3: nothing is pruned (a negative slice end once deleted save 1)."""
-    from launcher.trainer.checkpointer import prunable
+    from launcher.trainer.checkpoint_files import prunable
 
     saves = [Path(f"step_{s:08d}") for s in (1, 2, 3, 4)]
     for n in range(1, 5):
@@ -115,7 +115,7 @@ def test_prunable_keeps_everything_while_fewer_than_keep_last_saves_exist():
                                      "", "step_1"])
 def test_latest_is_only_followed_inside_its_own_folder(tmp_path, pointer):
     from launcher.model_files import ModelPathError, resolve_weight_file
-    from launcher.trainer.checkpointer import CheckpointPaths, CheckpointPointerError, resolve_backbone_file
+    from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointPointerError, resolve_backbone_file
 
     p = _parts(1)
     other = tmp_path / "other" / "checkpoints"
@@ -134,7 +134,7 @@ def test_latest_is_only_followed_inside_its_own_folder(tmp_path, pointer):
 
 
 def test_latest_that_is_a_symlink_to_another_run_is_refused(tmp_path):
-    from launcher.trainer.checkpointer import CheckpointPaths, CheckpointPointerError
+    from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointPointerError
 
     p = _parts(1)
     other = tmp_path / "other"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import launcher.trainer.batches
+import launcher.trainer.data_paths
 from data_pipeline.insightface import read_property
 from data_pipeline.pack import pack_dataset
-from launcher.trainer.batches import DATA_CACHE, resolve_prefix
+from launcher.trainer.data_paths import DATA_CACHE, resolve_prefix
 from tests.support.distributed import run_ranks
 
 
@@ -100,7 +100,7 @@ def test_a_packer_killed_mid_pack_is_named_then_a_new_run_packs(tmp_path, monkey
     src = _folder(tmp_path / "faces", identities=20, per_identity=20, size=112)
     out = tmp_path / "run"
     lock = out / f"{DATA_CACHE}.lock"
-    code = (f"import launcher.trainer.batches as d; d.resolve_prefix({str(src)!r}, {str(out)!r}, 112)")
+    code = (f"import launcher.trainer.data_paths as d; d.resolve_prefix({str(src)!r}, {str(out)!r}, 112)")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
     try:
         deadline = time.monotonic() + 60
@@ -113,7 +113,7 @@ def test_a_packer_killed_mid_pack_is_named_then_a_new_run_packs(tmp_path, monkey
         if proc.poll() is None:
             proc.kill()
     assert lock.exists() and not (out / DATA_CACHE / "source.json").exists()
-    monkeypatch.setattr(launcher.trainer.batches, "PACK_LOCK_STALE_S", 1.0)
+    monkeypatch.setattr(launcher.trainer.data_paths, "PACK_LOCK_STALE_S", 1.0)
     with pytest.raises(ValueError, match=rf"{lock} has not been touched for \d+ s: the process packing {src} "
                                          rf"stopped; remove {lock} and start again"):
         resolve_prefix(str(src), out, 112)

@@ -199,7 +199,7 @@ def test_readme_two_command_fine_tune_of_an_insightface_pth(tmp_path):
 def test_an_insightface_mbf_file_builds_the_training_network(tmp_path):
     """model.scale / model.blocks (insightface's mbf_large) reach the trainer's backbone and its saves."""
     from launcher.distributed import DistContext
-    from launcher.trainer.loop import backbone_config, build
+    from launcher.trainer.components import backbone_config, build
     from tests.partialfc.backbones.insightface_reference import RefMobileFaceNet
 
     torch.manual_seed(0)

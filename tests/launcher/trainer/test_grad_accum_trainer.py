@@ -16,8 +16,9 @@ import torch
 
 from launcher.config import load_config
 from launcher.distributed import DistContext
+from launcher.trainer.components import Components
 from launcher.trainer.engines import lr_schedule, make_engine
-from launcher.trainer.loop import Components, train_one_step
+from launcher.trainer.step import train_one_step
 from partialfc import PartialFC
 from tests.support.distributed import run_ranks
 

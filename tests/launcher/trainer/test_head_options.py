@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from launcher.config import ConfigError, load_config
 from launcher.distributed import DistContext
-from launcher.trainer.loop import build
+from launcher.trainer.components import build
 from partialfc import PartialFC, PartialFCAdamW, PartialFCSGD
 from tests.support.distributed import run_ranks
 

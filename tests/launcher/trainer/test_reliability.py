@@ -42,10 +42,10 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(dataset, tmp_pa
     assert (ckpts / ".step_00000004.partial").is_dir(), "the half-written save should be left as .partial"
     assert not (ckpts / "step_00000004").exists()
     # The previous checkpoint loads; the next run resumes from it and cleans the partial folder up.
-    from launcher.trainer.checkpointer import load_trainer_files
+    from launcher.trainer.checkpoint_files import load_checkpoint
 
-    files = load_trainer_files(_latest(out), 0, 1)
-    assert files["meta"]["step"] == 2 and files["trainer_state"]["step"] == 2
+    files = load_checkpoint(_latest(out), 0, 1)
+    assert files.meta["step"] == 2 and files.trainer_state["step"] == 2
     r = _pfc(args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout + r.stderr

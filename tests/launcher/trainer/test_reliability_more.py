@@ -272,7 +272,8 @@ def test_watchdog_tells_a_silent_rank_from_a_lagging_one():
     import torch
     import torch.distributed as dist
 
-    from launcher.distributed import DistContext, HangWatchdog
+    from launcher.distributed import DistContext
+    from launcher.trainer.watchdog import HangWatchdog
 
     store = dist.HashStore()
     dogs = [HangWatchdog(DistContext(r, 3, r, 3, 0, torch.device("cpu"), "gloo"), 10.0, store=store,

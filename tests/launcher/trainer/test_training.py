@@ -86,7 +86,8 @@ def _load_only(rank: int, world_size: int, overrides: list[str]) -> dict:
     from launcher.config import load_config
     from launcher.distributed import init_distributed
     from launcher.trainer.batches import load_data
-    from launcher.trainer.loop import build, maybe_resume
+    from launcher.trainer.checkpointer import maybe_resume
+    from launcher.trainer.components import build
 
     cfg = load_config(None, overrides)
     ctx = init_distributed("gloo")
@@ -138,7 +139,7 @@ def test_keep_last_and_fine_tune_from_a_backbone_file(dataset, tmp_path):
 def _backbone_state(rank: int, world_size: int, overrides: list[str]) -> dict:
     from launcher.config import load_config
     from launcher.distributed import init_distributed
-    from launcher.trainer.loop import build
+    from launcher.trainer.components import build
 
     cfg = load_config(None, overrides)
     ctx = init_distributed("gloo")

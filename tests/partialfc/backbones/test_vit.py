@@ -295,8 +295,8 @@ def test_config_takes_the_vits_and_refuses_misplaced_options():
 def test_regularisers_reach_the_trainer_and_an_insightface_vit_sets_the_model(tmp_path):
     from launcher.config import load_config
     from launcher.distributed import DistContext
+    from launcher.trainer.components import backbone_config, build
     from launcher.trainer.finetune import adopt_init_backbone
-    from launcher.trainer.loop import backbone_config, build
 
     cfg = load_config(None, ["model.backbone=vit_b", "model.image_size=18", "model.width=0.0625",
                              "model.embedding_size=8", "model.drop_path=0.3", "model.mask_ratio=0.0"])

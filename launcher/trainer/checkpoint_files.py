@@ -1,0 +1,308 @@
+"""The files of a training checkpoint: atomic, pruned, and loadable on any world size.
+
+What goes into them is decided by the parts of the training state (``launcher.trainer.checkpointer``);
+this module only writes and reads a :class:`CheckpointContents` in this layout.
+
+Layout of one save (all paths inside ``<run>/checkpoints``)::
+
+    step_00000200/
+        meta.json               step, epoch position, world size, wall time, resolved config
+        backbone.safetensors    rank 0; the backbone's config in the safetensors metadata
+        trainer_state.pt        rank 0; backbone optimizer, LR schedulers, AMP scaler (tensors and
+                                plain containers only: loaded with ``weights_only=True``)
+        rank/rank_00003.pt      each rank's torch / numpy / python RNG state, and its partition of a ZeRO
+                                optimizer state (used when resuming on the same world size)
+        head/                   the Partial FC shards with their class ranges (``partialfc.resharding``)
+    latest                      the name of the newest complete save, replaced last
+
+A save is written under ``.step_00000200.partial`` and renamed once every rank has finished, so a crash
+mid-write leaves the previous ``latest`` untouched; stale partial folders are removed at the next save.
+Every file goes through ``data_pipeline.atomic`` (temporary name, fsync, rename, fsync of the folder).
+A failure of any kind while writing any part (a full disk raises ``OSError`` from Python's writes,
+``SafetensorError`` from safetensors, ``RuntimeError`` from ``torch.save``) on any rank is agreed by
+every rank (one all-reduce per phase) and raised everywhere as :class:`CheckpointWriteError`.
+
+``latest`` holds one folder name (``step_NNNNNNNN``) of its own checkpoints folder; anything else
+(a path, ``..``) is refused when read. Pruning (``keep_last``) never deletes the save just written nor
+what ``latest`` names, and only considers saves numbered below the one just written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.atomic import atomic_write, describe_error, fsync_dir
+from launcher.trainer import faults
+from partialfc.collectives import any_rank
+
+LATEST = "latest"
+log = logging.getLogger("pfc")
+
+
+def _barrier(group: Any = None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class CheckpointWriteError(OSError):
+    """A save failed on some rank; the previous complete checkpoint is untouched."""
+
+
+def _any_rank(flag: bool, group: Any = None) -> bool:
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl"
+    return any_rank(flag, group, device="cuda" if nccl else None)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+_STEP_DIR = re.compile(r"^step_\d{8,}$")
+
+
+def step_of(path: Path) -> int:
+    """The step number of a ``step_NNNNNNNN`` folder."""
+    return int(path.name.split("_", 1)[1])
+
+
+class CheckpointPointerError(FileNotFoundError):
+    """``latest`` does not name a complete checkpoint inside its own checkpoints folder."""
+
+
+@dataclass
+class CheckpointPaths:
+    root: Path
+
+    def latest(self) -> Path | None:
+        """The newest complete save, or None when there is no ``latest``.
+
+        ``latest`` must hold the bare name of a ``step_*`` folder of this checkpoints folder; a path
+        (``../../other_run/step_N``, ``/abs/path``), or a name whose folder is missing or incomplete, is an
+        error naming the pointer: resume and ``pfc eval/embed/export`` never follow it elsewhere.
+        """
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointPointerError(
+                f"{pointer} holds {name[:200]!r}; expected the name of a step_NNNNNNNN folder inside "
+                f"{self.root} (a path elsewhere is not followed); point it at one of: "
+                f"{', '.join(p.name for p in self.complete_saves()[-3:]) or 'no complete save here'}")
+        path = self.root / name
+        if path.is_symlink() or not (path / "meta.json").is_file():
+            raise CheckpointPointerError(
+                f"{pointer} names {name!r}, but {path}/meta.json does not exist (or {path} is a link): "
+                "the checkpoint folder was modified outside the trainer")
+        return path
+
+    def complete_saves(self) -> list[Path]:
+        """Complete saves (a ``meta.json`` is written last), in step order."""
+        return sorted((p for p in self.root.glob("step_*")
+                       if _STEP_DIR.match(p.name) and not p.is_symlink() and (p / "meta.json").is_file()),
+                      key=step_of)
+
+
+def prunable(saves: list[Path], just_written: Path, latest: Path | None, keep_last: int) -> list[Path]:
+    """The saves to delete after ``just_written``: the oldest of those numbered below it, so that it and
+    ``keep_last - 1`` earlier ones stay. Never ``just_written``, never what ``latest`` names; saves numbered
+    above it (another run's, in a folder reused with ``checkpoint.resume``) are left alone."""
+    step = step_of(just_written)
+    older = [p for p in saves if step_of(p) < step and p != latest]
+    keep = max(keep_last - 1, 0)
+    # max(.., 0): with fewer older saves than keep_last - 1, a negative slice end would delete from the front
+    return older[:max(len(older) - keep, 0)]
+
+
+def _agree(error: BaseException | None, group: Any, step: int, root: Path, rank: int) -> None:
+    """Collective: raise :class:`CheckpointWriteError` on every rank when any rank's ``error`` is set."""
+    if _any_rank(error is not None, group):
+        where = f"rank {rank}: {describe_error(error)}" if error is not None else \
+            "another rank failed to write its part"
+        raise CheckpointWriteError(f"checkpoint for step {step} was not written ({where}); "
+                                   f"the last complete checkpoint stays in {root / LATEST}") from error
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@dataclass
+class CheckpointContents:
+    """What one rank writes into a save, and reads back from it: the same record both ways.
+
+    The parts of the training state (``launcher.trainer.checkpointer``) each put their state in here
+    when saving and take it out when loading. ``files`` are the parts with files of their own, written
+    into the save's folder in this order: ``(writer, every_rank)``; a writer with ``every_rank`` False
+    runs on rank 0 only (the backbone), one with True on every rank (the head shards: collective).
+    """
+
+    step: int = 0  # optimizer steps done: the save's name, and the first entry of trainer_state.pt
+    meta: dict[str, Any] = field(default_factory=dict)           # meta.json (rank 0 writes; + step, times)
+    trainer_state: dict[str, Any] = field(default_factory=dict)  # trainer_state.pt (rank 0 writes)
+    rank_state: dict[str, Any] | None = field(default_factory=dict)  # rank/rank_NNNNN.pt (this rank's)
+    files: list[tuple[Callable[[Path], object], bool]] = field(default_factory=list)
+    folder: Path | None = None  # when loaded: the save's folder, for parts with files of their own
+
+
+def save_checkpoint(root: str | Path, contents: CheckpointContents, keep_last: int, group: Any = None) -> Path:
+    """Collective: every rank calls it with its own ``contents``.
+
+    Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
+    ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
+    """
+    with faults.checkpoint_file_size_limit(contents.step, _rank()):
+        return _save_checkpoint(CheckpointPaths(Path(root)), contents.step, contents, keep_last, group)
+
+
+def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointContents, keep_last: int,
+                     group: Any) -> Path:
+    t0 = time.perf_counter()
+    final = paths.root / step_dir_name(step)
+    partial = paths.root / f".{final.name}.partial"
+    rank = _rank()
+    # Phase 1 (rank 0): a fresh partial folder.
+    error = _make_partial(paths, partial) if rank == 0 else None
+    _barrier(group)
+    # Phase 2 (every rank): its parts.
+    if error is None and partial.is_dir():
+        error = _write_parts(contents, partial, step, rank)
+    elif error is None:
+        error = FileNotFoundError(f"{partial} was not created by rank 0")
+    try:
+        _agree(error, group, step, paths.root, rank)
+    except CheckpointWriteError:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    # Phase 3 (rank 0): meta.json, the rename into place, latest; then pruning.
+    if rank == 0:
+        error = _publish(paths, partial, final, dict(contents.meta, step=step, saved_at=time.time(),
+                                                     save_seconds=time.perf_counter() - t0))
+    _agree(error, group, step, paths.root, rank)
+    if rank == 0:
+        _prune(paths, final, keep_last)
+    _barrier(group)
+    return final
+
+
+def _make_partial(paths: CheckpointPaths, partial: Path) -> Exception | None:
+    """Rank 0: an empty ``.step_N.partial`` folder (stale ones of a crash during an earlier save removed)."""
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in paths.root.glob(".*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+        (partial / "rank").mkdir()
+    except Exception as e:
+        return e
+    return None
+
+
+def _write_parts(contents: CheckpointContents, partial: Path, step: int, rank: int) -> Exception | None:
+    """This rank's files of the save; the error, if any, for every rank to agree on."""
+    try:
+        # The head save is collective and fails on every rank alike; the rest is this rank's own.
+        for write, every_rank in contents.files:
+            if every_rank or rank == 0:
+                write(partial)
+        if rank == 0:
+            _torch_save({"step": step, **contents.trainer_state}, partial / "trainer_state.pt")
+        faults.maybe_fail_checkpoint(step, rank)
+        _torch_save(contents.rank_state or {}, partial / "rank" / f"rank_{rank:05d}.pt")
+    except Exception as e:  # whatever the writer raises for a full disk: reported below, on every rank
+        return e
+    return None
+
+
+def _prune(paths: CheckpointPaths, final: Path, keep_last: int) -> None:
+    try:
+        for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
+            shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # the save itself is complete and named by latest: only log
+        log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
+
+
+def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str, Any]) -> Exception | None:
+    """Rank 0: finish a save whose parts are all written. Returns the error, after undoing what it can."""
+    replaced = final.with_name(f".{final.name}.replaced")
+    moved = False
+    try:
+        atomic_write(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(partial, final)
+        moved = True
+        fsync_dir(paths.root)
+        atomic_write(paths.root / LATEST, final.name)
+    except Exception as e:
+        # latest (written atomically, last) still names the previous save; put back what was moved.
+        if moved and replaced.exists():
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(replaced, final)
+        elif moved:
+            shutil.rmtree(final, ignore_errors=True)
+        elif replaced.exists() and not final.exists():
+            os.rename(replaced, final)
+        shutil.rmtree(partial, ignore_errors=True)
+        return e
+    shutil.rmtree(replaced, ignore_errors=True)
+    return None
+
+
+def load_checkpoint(path: Path, rank: int, world_size: int) -> CheckpointContents:
+    """What rank ``rank`` reads of a complete save: the mirror of what :func:`save_checkpoint` wrote.
+
+    ``rank_state`` is None when the save was written on another world size (or the rank's file is
+    missing); the parts with files of their own read them from ``folder``."""
+    meta = json.loads((path / "meta.json").read_text())
+    # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
+    # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
+    # parameters' device, whatever it is.
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    rank_file = path / "rank" / f"rank_{rank:05d}.pt"
+    rank_state = (torch.load(rank_file, weights_only=True, map_location="cpu")
+                  if meta.get("world_size") == world_size and rank_file.is_file() else None)
+    return CheckpointContents(step=int(trainer_state["step"]), meta=meta, trainer_state=trainer_state,
+                              rank_state=rank_state, folder=path)
+
+
+def resolve_backbone_file(model: str | Path) -> Path:
+    """MODEL as users give it -> the backbone weight file.
+
+    Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
+    (``step_*``), or a weight file itself: a backbone ``.safetensors`` or an insightface arcface_torch
+    ``.pth``/``.pt`` state_dict (whether the file fits a backbone is checked when it is loaded).
+    """
+    p = Path(model)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
+                                "folder, a backbone .safetensors file or an insightface .pth file)")
+    if (p / "backbone.safetensors").is_file():
+        return p / "backbone.safetensors"
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).exists():
+            latest = CheckpointPaths(root).latest()
+            assert latest is not None
+            return latest / "backbone.safetensors"
+    raise FileNotFoundError(f"{p} holds no checkpoint: expected {p}/checkpoints/latest, {p}/latest or "
+                            f"{p}/backbone.safetensors")

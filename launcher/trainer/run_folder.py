@@ -1,0 +1,80 @@
+"""The run folder (``cfg.output``): which checkpoint a run resumes from, which settings a resume may
+change, and the refusal to start a new run over another one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from launcher.config import Config
+from launcher.errors import RunFolderError
+from launcher.trainer.checkpoint_files import CheckpointPaths
+
+
+def checkpoints_folder(cfg: Config) -> Path:
+    """``OUTPUT/checkpoints``: the run's saves and their ``latest``."""
+    return Path(cfg.output) / "checkpoints"
+
+
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start)."""
+    if not cfg.checkpoint.resume:
+        return None
+    return CheckpointPaths(checkpoints_folder(cfg)).latest()
+
+
+def check_run_folder(cfg: Config) -> None:
+    """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
+    ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
+    Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
+    if cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # (a torchrun restart of this same job starts over in its own folder)
+    out = Path(cfg.output)
+    ckpts = checkpoints_folder(cfg)
+    held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
+    held += sorted(p.name for p in ckpts.glob("step_*"))[-1:]
+    if held:
+        raise RunFolderError(f"output folder {out} holds a run ({', '.join(held)}) and checkpoint.resume=false "
+                             "would overwrite it: set checkpoint.resume=true to continue that run, or choose "
+                             "another output (or delete the folder) to start a new one")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Settings the saved state is tied to (weight shapes, optimizer state layout, the head sampler's seed,
+# which the head checkpoint carries): another value cannot take effect on resume, so it is refused
+# rather than silently overridden by the checkpoint.
+_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine",
+         "train.seed")
+_TIED_DEEPSPEED = ("dist.zero_stage",)  # the layout of ZeRO's partitioned optimizer state
+
+
+def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> list[str]:
+    """Refuse a resume whose config differs from the checkpoint's in a setting the state is tied to.
+
+    Every other setting takes effect as configured: the LR schedule is rebuilt for the new
+    ``train.steps``/``optim.*`` from the step reached, and the optimizers get the config's settings.
+    Returns the changed settings (``name old -> new``) for the log."""
+    before, now = _flat(saved_config), _flat(cfg.model_dump(mode="json"))
+    tied = _TIED + (_TIED_DEEPSPEED if cfg.dist.engine == "deepspeed" else ())
+    bad = [f"{k} is {before[k]!r} in the checkpoint, {now[k]!r} now" for k in tied
+           if k in before and before[k] != now[k]]
+    lam_before = float(before.get("head.discface_lambda", now["head.discface_lambda"]))
+    if (lam_before > 0) != (cfg.head.discface_lambda > 0):
+        bad.append(f"head.discface_lambda is {lam_before} in the checkpoint, {cfg.head.discface_lambda} now: "
+                   "DiscFace's learned basis b exists only with lambda > 0, so turning DiscFace on or off is a "
+                   "new run (fine-tune from the checkpoint's backbone with checkpoint.init_backbone)")
+    if bad:
+        raise ValueError(f"refusing to resume from {latest}: " + "; ".join(bad)
+                         + ". Restore the checkpoint's values, or start a new run (another output folder)")
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(now) if k in before and before[k] != now[k]]
