@@ -45,13 +45,12 @@ FP32 = 4
 #   (for a bf16/fp16 head too: upcast into the same reused buffer), and chunks of the optimizer's update;
 LOGIT_BUFFERS = 2
 MOMENTUM_CHUNK_ROWS = 512  # partialfc.optimizer._CHUNK_ROWS
-# * the sampler's scratch during the forward, per class of the shard. 18 bytes is the count of the sampler
-#   before issue 12 (a permutation of the shard, two bool masks, the filtered permutation). Today's
-#   partialfc/sampler.py allocates less: at most one int64 per class (r >= ~0.2: one permutation of the
-#   shard's negatives; r = 1: the index arange(shard)), and O(S) int64 for small r (i.i.d. draws, their
-#   unique). It stays an upper bound here because the hand-computed figures of tests/launcher/test_plan.py
-#   pin it (the lead decides whether to lower it to 8 and restate them).
-SAMPLER_BYTES_PER_ROW = 18
+# * the sampler's scratch during the forward, at most one int64 per class of the shard
+#   (partialfc/sampler.py: one permutation of the shard's negatives when r >= ~0.2, the index
+#   arange(shard) at r = 1, and O(S) int64 for small r: i.i.d. draws and their unique). Until issue 18 this
+#   was 18 bytes, the count of the sampler before issue 12 (a permutation, two bool masks, the filtered
+#   permutation).
+SAMPLER_BYTES_PER_ROW = 8
 # * the optimizer's chunks (min(S, 512) rows each): SGD gathers its momentum into an fp32 chunk; a head
 #   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
 #   gather/scatter staging); AdamW's moments are fp32 (chunks m, v and the denominator) and only the

@@ -28,7 +28,7 @@ def test_partition_and_quota_by_hand() -> None:
 
 
 def test_planner_rules_are_the_heads() -> None:
-    """The planner re-states the head's partition and quota rules (it must stay torch-free): same values."""
+    """The planner counts with the head's own partition and quota rules (partialfc.partition): same values."""
     from partialfc.partition import class_range
     from partialfc.partition import num_sample as head_num_sample
 
@@ -48,21 +48,21 @@ def test_memory_hand_computed_fp32() -> None:
     sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
     # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
-    # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 18 bytes per shard row.
+    # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 8 bytes (one int64) per shard row.
     ws = 2 * ns + 2 * sd + sd
-    assert p.phases == {"forward": ws + 18 * 4 + emb, "backward": ws + emb, "optimizer": ws}
+    assert p.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb, "optimizer": ws}
     assert p.peak_phase == "forward"
     assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
     assert p.shard_weights_plus_momentum_bytes == 128
-    assert p.total_bytes == 128 + 192 + 72 + 352 == 744
-    assert p.step_bytes == 616
+    assert p.total_bytes == 128 + 192 + 32 + 352 == 704
+    assert p.step_bytes == 576
 
 
 def test_memory_large_logits_and_half_precision() -> None:
     # N x S dominates when N is large; the momentum chunk is capped at 512 rows.
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
-    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 18 * 500 \
+    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 8 * 500 \
         + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
     assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
     # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
@@ -74,7 +74,7 @@ def test_memory_large_logits_and_half_precision() -> None:
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
     assert sd_e == sd_f // 2  # the fp16 gather fits in the fp32 gradient buffer
-    assert h.phases == {"forward": ws + 72 + emb, "backward": ws + emb, "optimizer": ws}
+    assert h.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb, "optimizer": ws}
     assert h.total_bytes == 64 + h.phases["forward"]
 
 
