@@ -215,7 +215,7 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage from the config) around the backbone only.
 
     On CPUs the shared-memory communication op is disabled before DeepSpeed initialises, so nothing
-    is JIT-compiled at start (DESIGN.md section 8).
+    is JIT-compiled at start (measured on the development machines).
     """
 
     def __init__(self, backbone: nn.Module, cfg: Config, ctx: DistContext) -> None:
