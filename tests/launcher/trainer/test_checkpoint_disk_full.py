@@ -8,6 +8,7 @@ exception is injected.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,17 @@ def _disk_full_rank(rank: int, world_size: int, root_s: str) -> dict[str, Any]:
             if rank == who:
                 _limit(None)
         torch.distributed.barrier()
+        if rank == 1:
+            # Look late on purpose: rank 0 is then already inside the next save, whose first act (before
+            # any collective) is to make the next .partial folder. The barrier at the end of this loop
+            # keeps it out until every rank has looked; without it this check fails every time.
+            time.sleep(0.3)
         latest = CheckpointPaths(root).latest()
         assert latest is not None and latest.name == "step_00000001", (part, latest)
         assert not list(root.glob(".*.partial")) and not list(root.glob(f"step_{step:08d}")), part
         leftovers = [f.name for f in root.rglob(".*tmp-*")]
         assert not leftovers, (part, leftovers)
+        torch.distributed.barrier()  # every rank has looked before rank 0 makes the next .partial folder
     # latest names a complete checkpoint that loads, holding the step-1 weights
     ckpt = CheckpointPaths(root).latest()
     assert ckpt is not None
