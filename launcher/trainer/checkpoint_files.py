@@ -20,7 +20,9 @@ mid-write leaves the previous ``latest`` untouched; stale partial folders are re
 Every file goes through ``data_pipeline.atomic`` (temporary name, fsync, rename, fsync of the folder).
 A failure of any kind while writing any part (a full disk raises ``OSError`` from Python's writes,
 ``SafetensorError`` from safetensors, ``RuntimeError`` from ``torch.save``) on any rank is agreed by
-every rank (one all-reduce per phase) and raised everywhere as :class:`CheckpointWriteError`.
+every rank (an all-reduce after each phase; the first phase has two: rank 0 made the folder, every rank
+sees it) and raised everywhere as :class:`CheckpointWriteError`, after rank 0 has removed the partial
+folder. No rank skips a collective because of its own failure: it only acts on one after an agreement.
 
 ``latest`` holds one folder name (``step_NNNNNNNN``) of its own checkpoints folder; anything else
 (a path, ``..``) is refused when read. Pruning (``keep_last``) never deletes the save just written nor
@@ -149,8 +151,9 @@ class CheckpointContents:
 
     The parts of the training state (``launcher.trainer.checkpointer``) each put their state in here
     when saving and take it out when loading. ``files`` are the parts with files of their own, written
-    into the save's folder in this order: ``(writer, every_rank)``; a writer with ``every_rank`` False
-    runs on rank 0 only (the backbone), one with True on every rank (the head shards: collective).
+    into the save's folder: ``(writer, every_rank)``; one with ``every_rank`` True runs on every rank (the
+    head shards: collective), and those run first, in this order; one with False runs on rank 0 only (the
+    backbone), afterwards, in this order.
     """
 
     step: int = 0  # optimizer steps done: the save's name, and the first entry of trainer_state.pt
@@ -177,25 +180,27 @@ def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointCont
     final = paths.root / step_dir_name(step)
     partial = paths.root / f".{final.name}.partial"
     rank = _rank()
-    # Phase 1 (rank 0): a fresh partial folder.
-    error = _make_partial(paths, partial) if rank == 0 else None
-    _barrier(group)
-    # Phase 2 (every rank): its parts.
-    if error is None and partial.is_dir():
-        error = _write_parts(contents, partial, step, rank)
-    elif error is None:
-        error = FileNotFoundError(f"{partial} was not created by rank 0")
+    # Every rank goes through the same collectives whatever failed where: a rank's own failure is only
+    # acted on after an agreement, never by skipping a collective its peers are waiting in.
     try:
-        _agree(error, group, step, paths.root, rank)
+        # Phase 1 (rank 0): a fresh partial folder. Agreed (which also holds every rank back until it
+        # exists), then every rank checks that it sees it: a checkpoints folder not shared across nodes.
+        _agree(_make_partial(paths, partial) if rank == 0 else None, group, step, paths.root, rank)
+        seen = None if partial.is_dir() else FileNotFoundError(
+            f"{partial}, made by rank 0, is not visible on this rank (checkpoint.dir must be shared by all nodes)")
+        _agree(seen, group, step, paths.root, rank)
+        # Phase 2 (every rank): its parts.
+        _agree(_write_parts(contents, partial, step, rank), group, step, paths.root, rank)
+        # Phase 3 (rank 0): meta.json, the rename into place, latest (undone by rank 0 itself on failure).
+        published = _publish(paths, partial, final, dict(contents.meta, step=step, saved_at=time.time(),
+                                                          save_seconds=time.perf_counter() - t0)) \
+            if rank == 0 else None
+        _agree(published, group, step, paths.root, rank)
     except CheckpointWriteError:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
+        _barrier(group)  # no rank returns before the partial folder is gone
         raise
-    # Phase 3 (rank 0): meta.json, the rename into place, latest; then pruning.
-    if rank == 0:
-        error = _publish(paths, partial, final, dict(contents.meta, step=step, saved_at=time.time(),
-                                                     save_seconds=time.perf_counter() - t0))
-    _agree(error, group, step, paths.root, rank)
     if rank == 0:
         _prune(paths, final, keep_last)
     _barrier(group)
@@ -216,13 +221,19 @@ def _make_partial(paths: CheckpointPaths, partial: Path) -> Exception | None:
 
 
 def _write_parts(contents: CheckpointContents, partial: Path, step: int, rank: int) -> Exception | None:
-    """This rank's files of the save; the error, if any, for every rank to agree on."""
+    """This rank's files of the save; the error, if any, for every rank to agree on.
+
+    The every-rank writers (the head: collective, failing on every rank alike) go first whatever their
+    place in ``contents.files``, so a rank whose own file failed never skips a collective its peers are in.
+    """
     try:
-        # The head save is collective and fails on every rank alike; the rest is this rank's own.
         for write, every_rank in contents.files:
-            if every_rank or rank == 0:
+            if every_rank:
                 write(partial)
         if rank == 0:
+            for write, every_rank in contents.files:
+                if not every_rank:
+                    write(partial)
             _torch_save({"step": step, **contents.trainer_state}, partial / "trainer_state.pt")
         faults.maybe_fail_checkpoint(step, rank)
         _torch_save(contents.rank_state or {}, partial / "rank" / f"rank_{rank:05d}.pt")
