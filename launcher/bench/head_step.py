@@ -31,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.loader_bench import load_average
 from launcher.bench.gemm_floor import GemmFloor, floor_after, sync
 from launcher.bench.head_memory import PeakMemory, PhasePeaks, pin_mmap_threshold, tensor_bytes
 from launcher.bench.head_results import summarise
@@ -337,10 +338,6 @@ def describe_device(backend: str, threads: int) -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per rank (gloo)"
 
 
-def _load_average() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Spawn ``cfg.world_size`` ranks, run the benchmark, return the merged result."""
     import torch
@@ -361,7 +358,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     # The parent holds the store on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, cfg.world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=cfg.timeout_s))
-    load_before = _load_average()
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="pfc-bench-head-") as tmp:
         out_path = os.path.join(tmp, "ranks.json")
         mp.start_processes(_rank_main, args=(cfg, store.port, backend, out_path), nprocs=cfg.world_size,
@@ -372,5 +369,5 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         torch.cuda.empty_cache()
     result = summarise(cfg, ranks, describe_device(backend, cfg.threads_per_rank()))
     # Other processes on the machine inflate both the step and the floor: say how busy it was.
-    result["load_average_1min"] = {"before": load_before, "after": _load_average()}
+    result["load_average_1min"] = {"before": load_before, "after": load_average()}
     return result

@@ -47,19 +47,10 @@ import torch.distributed as dist
 
 from data_pipeline.atomic import atomic_write, describe_error, fsync_dir
 from launcher.trainer import faults
-from partialfc.collectives import any_rank
+from partialfc.collectives import any_rank, barrier, world
 
 LATEST = "latest"
 log = logging.getLogger("pfc")
-
-
-def _barrier(group: Any = None) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(group=group)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CheckpointWriteError(OSError):
@@ -170,7 +161,7 @@ def save_checkpoint(root: str | Path, contents: CheckpointContents, keep_last: i
     Returns the final folder on every rank, or raises :class:`CheckpointWriteError` on every rank; then
     ``latest`` still names the previous complete save and no ``.partial`` folder is left by this call.
     """
-    with faults.checkpoint_file_size_limit(contents.step, _rank()):
+    with faults.checkpoint_file_size_limit(contents.step, world()[0]):
         return _save_checkpoint(CheckpointPaths(Path(root)), contents.step, contents, keep_last, group)
 
 
@@ -179,7 +170,7 @@ def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointCont
     t0 = time.perf_counter()
     final = paths.root / step_dir_name(step)
     partial = paths.root / f".{final.name}.partial"
-    rank = _rank()
+    rank = world()[0]
     # Every rank goes through the same collectives whatever failed where: a rank's own failure is only
     # acted on after an agreement, never by skipping a collective its peers are waiting in.
     try:
@@ -199,11 +190,11 @@ def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointCont
     except CheckpointWriteError:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        _barrier(group)  # no rank returns before the partial folder is gone
+        barrier(group)  # no rank returns before the partial folder is gone
         raise
     if rank == 0:
         _prune(paths, final, keep_last)
-    _barrier(group)
+    barrier(group)
     return final
 
 
