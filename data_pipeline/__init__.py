@@ -19,6 +19,7 @@ Where things live, from the disk up:
 ``atomic``          the project's one atomic, durable file write (also used by ``launcher``)
 ``epoch_plan``      which image each rank reads, in which order, flipped or not (torch and DALI alike)
 ``dataset``         the torch path: ``FaceDataset``, ``build_dataloader``, uint8 batches in shared memory
+``worker_batches``  what a torch worker hands over (``Batch``) and the shared buffers it reuses
 ``dali_pipeline``   the DALI graph and the per-rank epoch index it reads
 ``dali_iterator``   ``DaliLoader``: the DALI path with the torch path's interface
 ``pack``            ``pfc data pack``: image folder or ``.lst`` -> dataset

@@ -2,8 +2,10 @@
 
 Each rank builds its own loader over the same files; the :class:`~data_pipeline.epoch_plan.ShardedSampler`
 gives it its block of each epoch as ``(index, flip)`` items (the epoch plan, shared with the DALI path,
-is :mod:`data_pipeline.epoch_plan`, re-exported here). Workers decode JPEGs to uint8 (3, H, W) in a
-shared-memory batch (B, 3, H, W); :func:`to_unit` makes it float32 in [-1, 1] on the training device.
+is :mod:`data_pipeline.epoch_plan`, re-exported here). Workers decode JPEGs to uint8 (H, W, 3) in a
+shared-memory batch (B, H, W, 3) (:mod:`data_pipeline.worker_batches`: the batch and the buffers a
+worker reuses); the training step converts it to float32 in [-1, 1] on its device (:func:`to_unit`
+is the same formula on the host).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from data_pipeline.epoch_plan import (
 )
 from data_pipeline.insightface import InsightFaceReader
 from data_pipeline.recordio import RecordIOError
+from data_pipeline.worker_batches import Batch, CorruptRecord, collate, shared_uint8, worker_buffer
 
 # The epoch plan is part of this module's interface since the torch path was one module.
 __all__ = ["Batch", "FaceDataset", "FaceLoader", "ShardedSampler", "build_dataloader", "collate", "decode_rgb",
@@ -56,12 +58,6 @@ def decode_rgb(payload: bytes, flip: bool = False) -> np.ndarray:
         return np.asarray(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else rgb)
 
 
-@dataclass
-class CorruptRecord:
-    key: int
-    message: str
-
-
 class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
     """Images and class ids of an insightface-layout dataset.
 
@@ -73,15 +69,22 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
 
     The record file is opened lazily in each process (the reader reopens its descriptor after a
     fork or unpickling), so one dataset object serves every DataLoader worker.
+
+    Batched fetches (``__getitems__``, what the DataLoader calls) mirror the flipped images themselves
+    with ``mirror=True``; with False they leave the mirroring to the consumer and report the flips.
+    ``ring_slots``: how many batch buffers each worker process reuses (0: a fresh segment per batch).
     """
 
-    def __init__(self, prefix: str | os.PathLike[str] | InsightFaceReader, skip_corrupt: bool = False) -> None:
+    def __init__(self, prefix: str | os.PathLike[str] | InsightFaceReader, skip_corrupt: bool = False,
+                 mirror: bool = True, ring_slots: int = 0) -> None:
         self.reader = prefix if isinstance(prefix, InsightFaceReader) else InsightFaceReader(prefix)
         # int64 view of the index: forked workers share its pages (a list would be copied page by page)
         self.keys = self.reader.image_key_array
         self.image_size = self.reader.image_size
         self.num_classes = self.reader.num_classes
         self.skip_corrupt = skip_corrupt
+        self.mirror = mirror
+        self.ring_slots = ring_slots
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -126,48 +129,39 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         return to_unit(torch.from_numpy(np.array(arr))[None])[0], cid
 
     def __getitems__(self, items: Sequence[Item]) -> Batch:
-        """Batched fetch (used by DataLoader): decoded, flipped uint8 pixels of the whole batch.
+        """Batched fetch (used by DataLoader): the decoded uint8 pixels of the whole batch, mirrored
+        here (``mirror``) or with the flips left to the consumer.
 
-        The float conversion is left to the consumer (:func:`to_unit`, done by :class:`FaceLoader`):
-        handing over uint8 moves a quarter of the bytes between processes, and shared-memory page
-        faults on a float batch cost about as much as decoding it (measured on the 2-core CPU box).
+        The float conversion is left to the consumer (:func:`to_unit`, or the training step): handing
+        over uint8 moves a quarter of the bytes between processes, and shared-memory page faults on a
+        float batch cost about as much as decoding it (measured on the 2-core CPU box).
         """
         h, w = self.image_size
         shape = (len(items), h, w, 3)
-        # In a worker: written once here, in shared memory, and not copied again when sent on.
-        pixels = shared_uint8(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
+        # In a worker: written once, in shared memory (a buffer of the worker's ring), and not copied
+        # again when sent on.
+        if get_worker_info() is None:
+            pixels, slot = torch.empty(shape, dtype=torch.uint8), None
+        else:
+            pixels, slot = worker_buffer(shape, self.ring_slots)
         buf = pixels.numpy()
         labels: list[int] = []
+        flips: list[bool] = []
         skipped: list[CorruptRecord] = []
         n = 0
         for item in items:
             i, flip = self._split(item)
-            got = self._decode_or_skip(i, flip)
+            got = self._decode_or_skip(i, flip and self.mirror)
             if isinstance(got, CorruptRecord):
                 skipped.append(got)
                 continue
             arr, cid = got
             buf[n] = arr
             labels.append(cid)
+            flips.append(flip)
             n += 1
-        return Batch(pixels[:n], torch.tensor(labels, dtype=torch.int64), skipped)
-
-
-def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor in shared memory (what a DataLoader worker sends without a copy).
-
-    ``torch.empty(...).share_memory_()`` allocates private memory and then copies it into a new
-    shared segment, touching every page twice: 8-11 ms for a 128 x 112 x 112 x 3 batch on the 2-core
-    box, a third of the batch's decode. ``UntypedStorage._new_shared`` (private; its behaviour is
-    pinned by tests/data_pipeline/test_uint8_handover.py) creates the segment directly: about half that.
-    """
-    n = 1
-    for d in shape:
-        n *= int(d)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if new_shared is None:  # a torch without it: the public, slower way
-        return torch.empty(shape, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(new_shared(n)).view(shape)
+        left = None if self.mirror else torch.tensor(flips, dtype=torch.bool)
+        return Batch(pixels[:n], torch.tensor(labels, dtype=torch.int64), skipped, left, slot)
 
 
 def to_unit(pixels: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -187,37 +181,17 @@ def to_unit(pixels: torch.Tensor, device: torch.device | str | None = None) -> t
     return torch.from_numpy(out)
 
 
-@dataclass
-class Batch:
-    """What a DataLoader worker hands over: pixels (B, H, W, 3) uint8 RGB (flips applied), labels (B,)
-    int64, and the corrupt records it skipped."""
-
-    pixels: torch.Tensor
-    labels: torch.Tensor
-    skipped: list[CorruptRecord]
-
-    def pin_memory(self) -> Batch:
-        """Called by DataLoader(pin_memory=True)."""
-        return Batch(self.pixels.pin_memory(), self.labels.pin_memory(), self.skipped)
-
-
-def collate(data: Any) -> Batch:
-    """collate_fn for FaceDataset: its batched fetch (``__getitems__``) already built the batch."""
-    if not isinstance(data, Batch):
-        raise TypeError(f"expected FaceDataset.__getitems__'s Batch, got {type(data).__name__}")
-    return data
-
-
 class FaceLoader:
     """A DataLoader over one rank's shard that yields ``(images, labels)``.
 
     images (B, 3, H, W) float32 in [-1, 1], labels (B,) int64 global class ids, where B is the batch
     size (smaller only for skipped corrupt records, or a last partial batch without ``drop_last``).
-    With ``uint8=True`` images are the workers' pixels as they are, (B, H, W, 3) uint8 RGB, flips
-    applied (pinned when the DataLoader pins): the trainer converts them on its device
-    (``launcher.trainer.batches.to_model_input``), a quarter of the bytes to move and no float pass on the host.
-    ``skipped`` counts the corrupt records skipped so far (``skip_corrupt=True``), ``skipped_records``
-    lists them.
+    With ``uint8=True`` it yields ``(pixels, labels, flips)`` as the DALI loader does: the workers'
+    pixels as they are, (B, H, W, 3) uint8 RGB (pinned when the DataLoader pins), and flips (B,) bool,
+    the images still to mirror left-right (None when the sampler flips none): the trainer mirrors and
+    converts them on its device (``launcher.trainer.batches.to_model_input``), a quarter of the bytes
+    to move and no pass over the pixels on the host. ``skipped`` counts the corrupt records skipped so
+    far (``skip_corrupt=True``), ``skipped_records`` lists them.
     """
 
     def __init__(self, dataset: FaceDataset, sampler: ShardedSampler, loader: DataLoader[Any],
@@ -240,16 +214,20 @@ class FaceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, ...]]:
         for batch in self.loader:
             if batch.skipped:
                 self.skipped_records.extend(batch.skipped)
             labels = batch.labels if self.device is None else batch.labels.to(self.device, non_blocking=True)
             if self.uint8:
                 pixels = batch.pixels if self.device is None else batch.pixels.to(self.device, non_blocking=True)
-                yield pixels, labels
+                flips = batch.flips if self.sampler.flip_prob > 0 else None
+                yield pixels, labels, flips
             else:
-                yield to_unit(batch.pixels, self.device), labels
+                pixels = batch.pixels
+                if batch.flips is not None:  # a dataset that left the mirror to us: same pixels as PIL's
+                    pixels = torch.where(batch.flips.view(-1, 1, 1, 1), pixels.flip(2), pixels)
+                yield to_unit(pixels, self.device), labels
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -296,7 +274,11 @@ def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_s
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = FaceDataset(prefix, skip_corrupt=skip_corrupt)
+    # uint8: the step mirrors on its device (a GPU does it for free); the float path mirrors in PIL.
+    # Ring: a worker's batches in flight (prefetch_factor), the one the consumer holds, and one whose
+    # release is seen only at the next arrival; a consumer that keeps more gets fresh segments.
+    dataset = FaceDataset(prefix, skip_corrupt=skip_corrupt, mirror=not uint8,
+                          ring_slots=prefetch_factor + 2 if workers > 0 else 0)
     sampler = ShardedSampler(len(dataset), rank, world_size, seed, shuffle=shuffle, drop_last=not pad_epoch,
                              flip_prob=flip_probability(flip))
     kwargs: dict[str, Any] = {}

@@ -32,7 +32,8 @@ log = logging.getLogger("pfc")
 @dataclass
 class Pixels:
     """uint8 pixels (B, H, W, 3) and the flips (B,) bool still to apply, for loaders that leave the
-    mirroring to the training step (DALI: its CPU ``fn.flip`` costs a quarter of a decode)."""
+    mirroring to the training step (DALI: its CPU ``fn.flip`` costs a quarter of a decode; the torch
+    loader: PIL's mirror is a tenth of one, in the workers that bound its speed)."""
 
     pixels: torch.Tensor
     flips: torch.Tensor | None
@@ -48,10 +49,11 @@ def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels
     quarter of the bytes of float32; non-blocking from pinned memory) and is converted there as
     x / 127.5 - 1, the formula of the former loader-side conversion (``data_pipeline.dataset.to_unit``),
     so that a CPU run's inputs are bit-identical to it. ``flips`` (B,) bool mirrors the marked images
-    left-right on the device, for loaders that leave the flip to the step. ``augment`` (the step's
-    :class:`launcher.trainer.augment.BatchAugment`, bound to its step) then augments the normalised batch on the
-    device. With ``channels_last`` the result has channels-last strides (an (B, H, W, 3) batch already
-    has them: no copy). A :class:`Pixels` carries its own flips.
+    left-right on the device (on the uint8 pixels, before the conversion: the same values as mirroring
+    after it, on a quarter of the bytes), for loaders that leave the flip to the step. ``augment`` (the
+    step's :class:`launcher.trainer.augment.BatchAugment`, bound to its step) then augments the
+    normalised batch on the device. With ``channels_last`` the result has channels-last strides (an
+    (B, H, W, 3) batch already has them: no copy). A :class:`Pixels` carries its own flips.
     """
     if isinstance(images, Pixels):
         flips = images.flips
@@ -61,21 +63,29 @@ def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels
         if images.dim() != 4 or 3 not in (images.shape[1], images.shape[3]):
             raise ValueError(f"expected uint8 images (B, H, W, 3) or (B, 3, H, W), got {tuple(images.shape)}")
         chw = images.permute(0, 3, 1, 2) if images.shape[3] == 3 and images.shape[1] != 3 else images
+        chw = _mirror(chw, flips)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = chw.contiguous(memory_format=fmt).float().div_(127.5).sub_(1.0)
     elif images.is_floating_point():
         out = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+        out = _mirror(out, flips)
     else:
         raise ValueError(f"expected uint8 or float images, got {images.dtype}")
-    if flips is not None:
-        flips = flips.to(device, non_blocking=True).bool()
-        if bool(flips.any()):
-            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
     if augment is not None:
         out = augment(out)
         if channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _mirror(chw: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, H, W) with the images marked in ``flips`` (B,) mirrored left-right (W)."""
+    if flips is None:
+        return chw
+    flips = flips.to(chw.device, non_blocking=True).bool()
+    if chw.device.type == "cpu" and not bool(flips.any()):  # a free check here; on a GPU a sync
+        return chw
+    return torch.where(flips.view(-1, 1, 1, 1), chw.flip(3), chw)
 
 
 class DeviceSyntheticLoader:

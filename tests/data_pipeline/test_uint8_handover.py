@@ -30,16 +30,21 @@ CPU = torch.device("cpu")
 def test_torch_loader_uint8_normalised_in_step_is_bit_identical(small_dataset: Path, workers: int) -> None:
     old = build_dataloader(small_dataset, 8, seed=3, workers=workers)
     new = build_dataloader(small_dataset, 8, seed=3, workers=workers, uint8=True)
-    n = 0
-    for (x, y), (u, v) in zip(old, new, strict=True):
+    n = flipped = 0
+    for (x, y), (u, v, f) in zip(old, new, strict=True):
         assert u.dtype == torch.uint8 and u.shape == (8, 32, 32, 3)
+        assert f.dtype == torch.bool and f.shape == (8,)
         assert torch.equal(y, v)
-        got = to_model_input(u, CPU)
+        got = to_model_input(Pixels(u, f), CPU)  # the step mirrors what the float path's PIL mirrored
         assert got.dtype == torch.float32 and got.shape == x.shape and torch.equal(got, x)
-        cl = to_model_input(u, CPU, channels_last=True)
+        cl = to_model_input(Pixels(u, f), CPU, channels_last=True)
         assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
-        n += 1
-    assert n == 60 // 8
+        if f.any():  # the loader itself left them unmirrored
+            assert not torch.equal(to_model_input(u, CPU), x)
+        n, flipped = n + 1, flipped + int(f.sum())
+    assert n == 60 // 8 and 0 < flipped < 56
+    unflipped = build_dataloader(small_dataset, 8, seed=3, workers=workers, uint8=True, flip=False)
+    assert all(f is None for _, _, f in unflipped)
 
 
 @pytest.mark.dali
