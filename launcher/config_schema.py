@@ -274,10 +274,6 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.dist.engine == "ddp" and self.dist.zero_stage:
             raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
-        if self.train.freeze_backbone_steps and self.dist.engine == "deepspeed":
-            raise ValueError("train.freeze_backbone_steps needs dist.engine=ddp: DeepSpeed's step on zero "
-                             "gradients still applies weight decay and moves optimizer state, so the backbone "
-                             "would not stay frozen")
         if self.checkpoint.keep_best is not None:
             wanted = self.checkpoint.keep_best.rpartition(":")[0]
             names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}

@@ -12,6 +12,7 @@ shards: only the backbone is handed to it.
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
 from typing import Any, Protocol
 
@@ -244,6 +245,7 @@ class DeepSpeedEngine:
         }
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.torch_opt = opt  # the optimizer DeepSpeed steps inside its own (ZeRO's) or directly (stage 0)
         self.module = self.engine.module
         self.comm = CommTimer()  # DeepSpeed's reductions run inside its engine and are not timed here
 
@@ -279,8 +281,23 @@ class DeepSpeedEngine:
         self.engine.step()
 
     def skip(self) -> None:
-        self.engine.zero_grad()
-        self.engine.step()
+        """A step vetoed as non-finite: the weights and the optimizer state stay as they are, as under DDP.
+
+        DeepSpeed has no public way to skip a step: its ``step()`` is also what ends the accumulation
+        boundary, clears the gradients and moves its counters and the schedule, and stepping on zeroed
+        gradients would still apply weight decay and momentum. So its ``step()`` runs with the torch
+        optimizer's own step made a no-op: ZeRO then writes its unchanged fp32 partitions back into the
+        parameters (the same values). When DeepSpeed saw the overflow itself (fp16) it skipped on its own
+        and backed the loss scale off, but left the schedule where it was: it is advanced here, so the
+        LR of every later step is the one DDP would use.
+        """
+        self.torch_opt.step = _no_step  # type: ignore[method-assign,assignment]  # an instance attribute, removed below
+        try:
+            self.engine.step()
+        finally:
+            del self.torch_opt.step
+        if not self.engine.was_step_applied():
+            schedule_at(self.sched, self.sched.last_epoch + 1)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -289,11 +306,35 @@ class DeepSpeedEngine:
         return float(self.opt.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "scaler": {}}
+        """This rank's ZeRO partition of the optimizer state, as tensors and plain data only.
+
+        A resume reads checkpoints with ``weights_only=True``, which refuses objects: ZeRO's state dict
+        holds its loss scaler (an object; kept here as its attributes), its stage as an enum (kept as
+        its number) and the fragment addresses of each parameter (only universal checkpoints read
+        them, and DeepSpeed rebuilds them at start)."""
+        opt = dict(self.opt.state_dict())
+        opt.pop("param_slice_mappings", None)
+        if "loss_scaler" in opt:
+            opt["loss_scaler"] = dict(vars(opt["loss_scaler"]))
+        for k, v in opt.items():
+            if isinstance(v, enum.Enum):  # ZeRO's stage is an IntEnum
+                opt[k] = v.value
+        return {"opt": opt, "sched": self.sched.state_dict(), "scaler": {}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """This rank's ZeRO partition of the optimizer state; the schedule comes from :meth:`resume_at`."""
-        self.opt.load_state_dict(sd["opt"])
+        opt = dict(sd["opt"])
+        if isinstance(opt.get("loss_scaler"), dict):  # its attributes, onto the engine's own scaler
+            scaler = self.opt.loss_scaler
+            vars(scaler).update(opt["loss_scaler"])
+            opt["loss_scaler"] = scaler
+        if self.engine.zero_optimization():
+            # ZeRO reads the entry of its data-parallel rank (the whole world here) and, with
+            # load_from_fp32_weights, this rank's fp32 master partition as saved (exact under fp16 too)
+            rank = dist.get_rank()
+            self.opt.load_state_dict([None] * rank + [opt], load_from_fp32_weights=True)
+        else:
+            self.opt.load_state_dict(opt)
 
     def resume_at(self, done: int) -> None:
         """After ``done`` steps: the config's optimizer settings, and its LR schedule at that step.
@@ -305,6 +346,10 @@ class DeepSpeedEngine:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def make_engine(backbone: nn.Module, cfg: Config, ctx: DistContext) -> BackboneEngine:
