@@ -64,9 +64,16 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     whether the loss and the gradients are finite everywhere, then the optimizers' step (or a skip)."""
     c.engine.zero_grad()
     c.head_opt.zero_grad()
+    # BatchNorm's running statistics move in the forward: a skipped step puts them back, so that it
+    # leaves the model as it found it (an overflowing fp16 forward would make them NaN for good)
+    buffers = [b.detach().clone() for b in c.engine.module.buffers()]
     out = forward_backward(c, data, cfg, ctx, step)
     t0 = time.perf_counter()
     out.update(optimizer_step(c, cfg, ctx, step, out.get("loss", float("nan"))))
+    if not out["finite"]:
+        with torch.no_grad():
+            for b, saved in zip(c.engine.module.buffers(), buffers, strict=True):
+                b.copy_(saved)
     out.update(time_comm_s=c.engine.comm.take(), time_optimizer_s=time.perf_counter() - t0,
                xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
     return out
