@@ -209,3 +209,20 @@ def test_shared_uint8_pins_the_private_storage_call() -> None:
     done.set()
     proc.join(timeout=60)
     assert torch.equal(got, torch.arange(72, dtype=torch.uint8).view(2, 3, 4, 3))
+
+
+def test_float_loader_over_a_dataset_that_leaves_the_mirror_mirrors_itself(small_dataset: Path) -> None:
+    """A FaceLoader handing over float32 mirrors what its dataset left unmirrored: the same batches as
+    the dataset that mirrors in PIL."""
+    from torch.utils.data import DataLoader
+
+    from data_pipeline.dataset import FaceDataset, FaceLoader, collate
+
+    plain = build_dataloader(small_dataset, 8, seed=3, workers=0)
+    ds = FaceDataset(small_dataset, mirror=False)
+    loader = FaceLoader(ds, plain.sampler, DataLoader(ds, batch_size=8, sampler=plain.sampler, collate_fn=collate,
+                                                      drop_last=True))
+    batches = [(x.clone(), y) for x, y in plain]
+    assert len(batches) == 7
+    for (x, y), (u, v) in zip(batches, loader, strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)

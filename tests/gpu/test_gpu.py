@@ -310,3 +310,26 @@ def test_checkpoint_moves_between_gpu_and_cpu(dev: torch.device, tmp_path: Path,
 
 def _load_cpu_saved(cfg: Any) -> dict[str, torch.Tensor]:
     return _train_and_save(cfg, torch.device("cpu"))
+
+
+def test_pinned_batches_from_the_workers_reused_buffers_are_exact(dev: torch.device, tmp_path: Path) -> None:
+    """The trainer's GPU loader: workers write into reused shared buffers, the DataLoader's pin thread
+    copies each batch into pinned memory (releasing the shared one): every batch, kept or not, equals
+    the same batch made in one process, and no shared batch stays leased."""
+    import gc
+
+    from data_pipeline.dataset import build_dataloader
+    from data_pipeline.synth import generate
+    from data_pipeline.worker_batches import held_leases
+
+    prefix = tmp_path / "train"
+    generate(prefix, 6, 10, image_size=16, val_identities=0, seed=1, workers=1)
+    pin = dev.type == "cuda"
+    ref = [(p.clone(), y, f) for p, y, f in build_dataloader(prefix, 4, seed=2, workers=0, uint8=True)]
+    got = list(build_dataloader(prefix, 4, seed=2, workers=1, uint8=True, pin_memory=pin, prefetch_factor=2))
+    assert len(got) == len(ref) == 15
+    for (p, y, f), (rp, ry, rf) in zip(got, ref, strict=True):
+        assert p.is_pinned() == pin and torch.equal(p, rp) and torch.equal(y, ry) and torch.equal(f, rf)
+    if pin:
+        gc.collect()
+        assert held_leases() == 0  # the pinned copies hold no shared batch
