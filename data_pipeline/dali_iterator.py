@@ -8,7 +8,9 @@ images the consumer mirrors when it normalises them on its device
 (``launcher.trainer.batches.to_model_input``). ``set_epoch(epoch, start_index)`` picks the epoch and
 the resume position exactly like :class:`data_pipeline.dataset.ShardedSampler`: the samples of each
 rank are the same as the torch path's (the same plan from (seed, epoch)), each chunk read in file
-order (see :mod:`data_pipeline.dali_pipeline`). A new pipeline is built for each epoch (tens of
+order (see :mod:`data_pipeline.dali_pipeline`). The flips are the epoch plan's too, by position in
+the rank's reading order (fed to DALI per batch), so a run resumed mid-epoch flips exactly what the
+uninterrupted one did. A new pipeline is built for each epoch (tens of
 milliseconds for small files) because DALI's reader takes its index only at build time. Each rank
 writes the index of its own block only (O(N/W)), in *segments* of at most ``segment`` samples (a
 multiple of the batch size; default about 2M): one pipeline per segment, so DALI's build, which
@@ -25,7 +27,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
-from data_pipeline.epoch_plan import flip_probability, rank_block
+from data_pipeline.epoch_plan import epoch_flips, flip_probability, rank_block
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -171,7 +173,7 @@ class DaliLoader:
         self._next = ((epoch, start, stop), self._pool.submit(self._write_index, epoch, start, stop))
 
     def _build(self, index: EpochIndex, start: int) -> Any:
-        # the pipeline seed drives the flips: one stream per (seed, epoch, rank, segment start)
+        # the pipeline seed drives only DALI's own shuffle buffer (random_shuffle, off by default)
         pipe_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, start])
                         .generate_state(1)[0] & 0x7FFFFFFF)
         # the index holds this rank's block only: DALI reads it as its single shard
@@ -179,7 +181,26 @@ class DaliLoader:
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
                               seed=pipe_seed, flip_prob=flip_probability(self.flip),
                               random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
-                              prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8)
+                              prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8,
+                              flips=self._plan_flips(start))
+
+    def _plan_flips(self, start: int) -> Callable[[], np.ndarray] | None:
+        """The epoch plan's flips for the batches read from position ``start`` of this rank's part on,
+        one batch per call (the torch path's draws: a function of the epoch and the position, so that
+        a run resumed mid-epoch, whose pipeline starts there, flips what the uninterrupted run did)."""
+        p = flip_probability(self.flip)
+        if p <= 0.0:
+            return None
+        total, pos = self.per_rank * self.world_size, self.rank * self.per_rank + start
+        epoch = self.epoch
+
+        def next_batch() -> np.ndarray:
+            nonlocal pos
+            out = epoch_flips(total, self.seed, epoch, p, pos, self.batch_size)
+            pos += self.batch_size
+            return out
+
+        return next_batch
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         steps = len(self)

@@ -27,6 +27,7 @@ extra I/O. Without shuffling, the plain image-only ``.idx`` from
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,18 +131,23 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
 def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, shard_id: int, num_shards: int,
                    batch_size: int, num_threads: int, device_id: int | None, seed: int,
                    flip_prob: float = 0.5, random_shuffle: bool = False, initial_fill: int = 1024,
-                   prefetch_queue_depth: int = 2, uint8: bool = False) -> Any:
+                   prefetch_queue_depth: int = 2, uint8: bool = False,
+                   flips: Callable[[], np.ndarray] | None = None) -> Any:
     """The built DALI pipeline of one rank.
 
-    Outputs per sample: image float32 (3, H, W) in [-1, 1] ((x - 127.5) / 127.5), mirrored with
-    probability `flip_prob`; label int64 (1,). With ``uint8``: the decoded pixels (H, W, 3) uint8 as
-    they are, the label, and (when `flip_prob` > 0) a third output, the coin flip int32 () that says
-    whether the consumer should mirror the image: normalising and mirroring are left to the
-    consumer's device (on the CPU pipeline they are otherwise most of DALI's work besides decoding:
-    the float conversion about 0.07 ms and ``fn.flip`` about 0.025 ms per 112x112 image, next to a
-    0.11 ms decode). The flips are the same draws as the float path's mirror. device_id None: CPU
-    decode, outputs on the CPU; else ``mixed`` decode and the outputs on GPU `device_id`. shard_id is
-    the global rank and num_shards the world size.
+    Outputs per sample: image float32 (3, H, W) in [-1, 1] ((x - 127.5) / 127.5), mirrored where the
+    flips say; label int64 (1,). With ``uint8``: the decoded pixels (H, W, 3) uint8 as they are, the
+    label, and (when there are flips) a third output, the flip int32 () that says whether the consumer
+    should mirror the image: normalising and mirroring are left to the consumer's device (on the CPU
+    pipeline they are otherwise most of DALI's work besides decoding: the float conversion about
+    0.07 ms and ``fn.flip`` about 0.025 ms per 112x112 image, next to a 0.11 ms decode).
+
+    ``flips``: called once per batch, in reading order, for the batch's flip decisions ((batch_size,)
+    bool or int): the loader feeds the epoch plan's, so that they depend on the position in the
+    epoch, not on where this pipeline started (a resumed run flips what the uninterrupted one did).
+    Without it, DALI draws them (``fn.random.coin_flip``, seeded by ``seed``) with probability
+    `flip_prob`. device_id None: CPU decode, outputs on the CPU; else ``mixed`` decode and the outputs
+    on GPU `device_id`. shard_id is the global rank and num_shards the world size.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -151,6 +157,10 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
     options: dict[str, Any] = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                                    seed=seed, prefetch_queue_depth=prefetch_queue_depth)
 
+    def flip_batch() -> np.ndarray:
+        assert flips is not None
+        return np.ascontiguousarray(flips(), dtype=np.int32)
+
     @pipeline_def(**options)
     def graph() -> Any:
         jpegs, labels = fn.readers.mxnet(
@@ -158,7 +168,11 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
             random_shuffle=random_shuffle, initial_fill=initial_fill, stick_to_shard=True,
             pad_last_batch=False, name=READER_NAME)
         images = fn.decoders.image(jpegs, device=decode_device, output_type=types.DALIImageType.RGB)
-        mirror = fn.random.coin_flip(probability=flip_prob) if flip_prob > 0 else 0
+        mirror: Any = 0
+        if flips is not None:
+            mirror = fn.external_source(source=flip_batch, batch=True, dtype=types.DALIDataType.INT32)
+        elif flip_prob > 0:
+            mirror = fn.random.coin_flip(probability=flip_prob)
         if not uint8:
             images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)

@@ -1,0 +1,53 @@
+"""Resume is exact next to the defaults: a run stopped at step 2 and resumed to 4 ends with every saved
+tensor (backbone, head shards and their optimizer state, DiscFace's b) equal to the run that never
+stopped, for each setting a user turns on that keeps state across steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support.distributed import run_ranks
+from tests.support.runs import _latest, _overrides, _pfc, _train, _train_args
+
+pytestmark = pytest.mark.multiprocess
+
+SETTINGS = {
+    "adamw": {"optim.name": "adamw"},
+    "bf16_autocast": {"train.amp": "bf16"},
+    "bf16_head": {"head.dtype": "bf16"},
+    "grad_accum": {"optim.grad_accum": 2},
+    "loader_workers": {"data.workers": 2},
+    "dali": {"data.loader": "dali"},
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_resume_is_bit_identical_with(dataset, tmp_path, name):
+    if name == "dali":
+        pytest.importorskip("nvidia.dali")
+    prefix, _ = dataset
+    common = {"train.steps": 4, "checkpoint.every_steps": 2, "optim.warmup_steps": 1, **SETTINGS[name]}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def run(out, **extra):
+        if common.get("data.workers"):  # DataLoader workers: real `pfc train` ranks (the harness's are daemons)
+            r = _pfc([*_train_args(prefix, out, **common, **extra), "--nproc-per-node", "2"])
+            assert r.returncode == 0, r.stderr[-3000:]
+        else:
+            run_ranks(_train, 2, _overrides(prefix, out, **common, **extra), timeout=300)
+
+    run(straight)
+    run(resumed, **{"train.stop_after": 2})
+    assert _latest(resumed).name == "step_00000002"
+    run(resumed)
+    a, b = _latest(straight), _latest(resumed)
+    assert a.name == b.name == "step_00000004"
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert any(str(f).startswith("head") for f in files) and any(f.name == "backbone.safetensors" for f in files)
+    for f in files:
+        x, y = load_file(str(a / f)), load_file(str(b / f))
+        assert set(x) == set(y), f
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{name}: {f}:{k} differs after resume"
