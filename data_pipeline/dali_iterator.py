@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
-from data_pipeline.epoch_plan import epoch_flips, flip_probability, rank_block
+from data_pipeline.epoch_plan import flip_probability, rank_block, rank_flips
 from data_pipeline.insightface import InsightFaceReader
 
 
@@ -179,8 +179,7 @@ class DaliLoader:
         # the index holds this rank's block only: DALI reads it as its single shard
         return build_pipeline(index.rec_paths, index.idx_path, shard_id=0, num_shards=1,
                               batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id,
-                              seed=pipe_seed, flip_prob=flip_probability(self.flip),
-                              random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
+                              seed=pipe_seed, random_shuffle=self.random_shuffle, initial_fill=self.initial_fill,
                               prefetch_queue_depth=self.prefetch_queue_depth, uint8=self.uint8,
                               flips=self._plan_flips(start))
 
@@ -191,12 +190,11 @@ class DaliLoader:
         p = flip_probability(self.flip)
         if p <= 0.0:
             return None
-        total, pos = self.per_rank * self.world_size, self.rank * self.per_rank + start
-        epoch = self.epoch
+        pos, epoch = start, self.epoch
 
         def next_batch() -> np.ndarray:
             nonlocal pos
-            out = epoch_flips(total, self.seed, epoch, p, pos, self.batch_size)
+            out = rank_flips(self.per_rank, self.world_size, self.rank, self.seed, epoch, p, pos, self.batch_size)
             pos += self.batch_size
             return out
 

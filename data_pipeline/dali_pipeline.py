@@ -130,7 +130,7 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
 
 def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, shard_id: int, num_shards: int,
                    batch_size: int, num_threads: int, device_id: int | None, seed: int,
-                   flip_prob: float = 0.5, random_shuffle: bool = False, initial_fill: int = 1024,
+                   random_shuffle: bool = False, initial_fill: int = 1024,
                    prefetch_queue_depth: int = 2, uint8: bool = False,
                    flips: Callable[[], np.ndarray] | None = None) -> Any:
     """The built DALI pipeline of one rank.
@@ -143,11 +143,11 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
     0.07 ms and ``fn.flip`` about 0.025 ms per 112x112 image, next to a 0.11 ms decode).
 
     ``flips``: called once per batch, in reading order, for the batch's flip decisions ((batch_size,)
-    bool or int): the loader feeds the epoch plan's, so that they depend on the position in the
-    epoch, not on where this pipeline started (a resumed run flips what the uninterrupted one did).
-    Without it, DALI draws them (``fn.random.coin_flip``, seeded by ``seed``) with probability
-    `flip_prob`. device_id None: CPU decode, outputs on the CPU; else ``mixed`` decode and the outputs
-    on GPU `device_id`. shard_id is the global rank and num_shards the world size.
+    bool or int); None flips nothing. The loader feeds the epoch plan's, so that they depend on the
+    position in the epoch, not on where this pipeline started (a resumed run flips what the
+    uninterrupted one did). ``seed`` drives DALI's own shuffle buffer (``random_shuffle``). device_id
+    None: CPU decode, outputs on the CPU; else ``mixed`` decode and the outputs on GPU `device_id`.
+    shard_id is the global rank and num_shards the world size.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -171,8 +171,6 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
         mirror: Any = 0
         if flips is not None:
             mirror = fn.external_source(source=flip_batch, batch=True, dtype=types.DALIDataType.INT32)
-        elif flip_prob > 0:
-            mirror = fn.random.coin_flip(probability=flip_prob)
         if not uint8:
             images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)

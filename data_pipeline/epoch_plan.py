@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 __all__ = ["Item", "ShardedSampler", "epoch_flips", "epoch_order", "flip_probability", "permute", "plan_length",
-           "rank_block", "shard_plan"]
+           "rank_block", "rank_flips", "shard_plan"]
 
 # Stream words so that order and flips are independent draws for the same (seed, epoch).
 _ORDER_STREAM = 0
@@ -96,6 +96,13 @@ def epoch_flips(total: int, seed: int, epoch: int, flip_prob: float, start: int 
     bits = np.random.PCG64(np.random.SeedSequence([seed, epoch, _FLIP_STREAM]))
     bits.advance(start)  # one 64-bit draw per double
     return np.random.Generator(bits).random(count) < flip_prob
+
+
+def rank_flips(per_rank: int, world_size: int, rank: int, seed: int, epoch: int, flip_prob: float,
+               start: int, count: int) -> np.ndarray:
+    """Flip decisions of positions ``start .. start + count`` of rank ``rank``'s part of the epoch
+    (``per_rank`` samples a rank): bool (count,), the same for the torch and the DALI loader."""
+    return epoch_flips(per_rank * world_size, seed, epoch, flip_prob, rank * per_rank + start, count)
 
 
 def flip_probability(flip: bool | float) -> float:
@@ -193,9 +200,8 @@ class ShardedSampler(Sampler[Item]):
 
     def flips(self) -> np.ndarray:
         """Flip decisions aligned with :meth:`indices`."""
-        total = self.per_rank * self.world_size
-        first = self.rank * self.per_rank + self.start_index
-        return epoch_flips(total, self.seed, self.epoch, self.flip_prob, first, self.per_rank - self.start_index)
+        return rank_flips(self.per_rank, self.world_size, self.rank, self.seed, self.epoch, self.flip_prob,
+                          self.start_index, self.per_rank - self.start_index)
 
     def __iter__(self) -> Iterator[Item]:
         idx, flips = self.indices(), self.flips()

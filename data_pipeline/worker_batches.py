@@ -95,10 +95,6 @@ class _Leases:
             self._release_expired()
             self._held.append((StorageWeakRef(pixels.untyped_storage()), slot.flags.numpy(), slot.index))
 
-    def release_expired(self) -> None:
-        with self._lock:
-            self._release_expired()
-
     def _release_expired(self) -> None:
         keep = []
         for ref, flags, index in self._held:

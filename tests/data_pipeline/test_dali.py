@@ -128,7 +128,7 @@ def _run_plain(prefix: Path, idx: Path, shard: int, shards: int, table: dict[byt
     """Read `n` images of one shard through the bare pipeline on an image-only .idx."""
     reader = InsightFaceReader(prefix)
     pipe = build_pipeline([str(reader.rec_path)], idx, shard_id=shard, num_shards=shards, batch_size=n,
-                          num_threads=1, device_id=None, seed=0, flip_prob=0.0)
+                          num_threads=1, device_id=None, seed=0)
     images, labels = pipe.run()
     x = _to_torch(images, torch.device("cpu"))
     y = _to_torch(labels, torch.device("cpu")).reshape(-1)
