@@ -86,6 +86,18 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert torch.equal(ha[0], hb[0]) and torch.equal(ha[1], hb[1])
 
 
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    """Every tensor of every safetensors file of checkpoint ``a`` (backbone, head shards with their
+    optimizer state, DiscFace's b) equals ``b``'s, bit for bit."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert any(f.parts[0] == "head" for f in files) and any(f.name == "backbone.safetensors" for f in files), files
+    for f in files:
+        x, y = load_file(str(a / f)), load_file(str(b / f))
+        assert set(x) == set(y), f
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"{f}:{k} differs"
+
+
 def _descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (from /proc). torchrun starts each rank in a session of its own, so
     killing the launcher's process group does not reach the ranks."""

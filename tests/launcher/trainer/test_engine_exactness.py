@@ -50,8 +50,12 @@ def _fresh_backbone() -> torch.nn.Module:
     return get_backbone("tiny", embedding_size=DIM, image_size=32)
 
 
-def _engine_steps(rank: int, world_size: int, runs: list[tuple[str, int, float | None, int]]) -> dict:
-    """For each (engine, stage, clip, accum): STEPS trainer steps on this rank's slices; final parameters."""
+def _engine_steps(rank: int, world_size: int, runs: list[tuple[str, int, float | None, int]],
+                  bad: int | None = None) -> dict:
+    """For each (engine, stage, clip, accum): STEPS trainer steps on this rank's slices; final parameters.
+
+    ``bad``: at that step rank 0's targets hold a NaN (a real non-finite loss, reaching every gradient)
+    and the step is vetoed (``skip()``), as the trainer does when its all-reduced flags say non-finite."""
     from launcher.config import load_config
     from launcher.distributed import init_distributed
     from launcher.trainer.engines import make_engine, scale_embedding_grad
@@ -62,29 +66,38 @@ def _engine_steps(rank: int, world_size: int, runs: list[tuple[str, int, float |
         cfg = load_config(None, _sets(clip, engine_name, stage, accum))
         engine = make_engine(_fresh_backbone(), cfg, ctx)
         engine.train()
-        lrs, norms = [], []
+        lrs, norms, losses = [], [], []
         for step in range(STEPS):
             engine.zero_grad()
             for micro in range(accum):
                 images, targets = _batches(step, micro)
+                if step == bad and rank == 0:
+                    targets[0, 0] = float("nan")
                 mine = slice(rank * BATCH, (rank + 1) * BATCH)
                 with engine.no_sync(micro == accum - 1):  # as the trainer: forward and backward inside
                     emb = scale_embedding_grad(engine.forward(images[mine].float()).float(), world_size)
                     loss = _terms(emb, targets[mine].float(), world_size * BATCH)
                     engine.backward(loss / accum, micro == accum - 1)
+                losses.append(float(loss))
             norm = engine.clip_and_norm()
             lrs.append(engine.lr())
-            engine.step()
+            if step == bad:
+                engine.skip()
+            else:
+                engine.step()
             after = engine.last_grad_norm()
             norms.append(float(after) if after is not None else float(norm))
         out[f"{engine_name}{stage}_{clip}_{accum}"] = {
             "params": {k: p.detach().clone() for k, p in engine.module.named_parameters()},
-            "lrs": lrs, "norms": norms}
+            "lrs": lrs, "norms": norms, "losses": losses}
     return out
 
 
-def _reference(clip: float | None, accum: int = 1) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """float64, one process: every rank's slice through the backbone, the terms summed, clipped, SGD."""
+def _reference(clip: float | None, accum: int = 1,
+               bad: int | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """float64, one process: every rank's slice through the backbone, the terms summed, clipped, SGD.
+    Step ``bad`` runs its forward (BatchNorm's running statistics move) but no update: no decay, no
+    momentum; the LR schedule still counts it."""
     model = _fresh_backbone().double().train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     norms = []
@@ -94,7 +107,10 @@ def _reference(clip: float | None, accum: int = 1) -> tuple[dict[str, torch.Tens
             images, targets = _batches(step, micro)
             loss = sum(_terms(model(images[k * BATCH:(k + 1) * BATCH]), targets[k * BATCH:(k + 1) * BATCH],
                               WORLD * BATCH) for k in range(WORLD))
-            (loss / accum).backward()
+            if step != bad:
+                (loss / accum).backward()
+        if step == bad:
+            continue
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))))
         for g in opt.param_groups:
             g["lr"] = LR * (1 - step / TOTAL_STEPS) ** 2
@@ -143,69 +159,18 @@ def test_grad_accum_steps_the_backbone_every_step_ddp_and_zero():
                                                rel=1e-12), name
 
 
-BAD = 1  # the step whose targets hold a NaN on rank 0: its loss and every gradient are non-finite
-
-
-def _steps_with_a_bad_step(rank: int, world_size: int, runs: list[tuple[str, int, str]]) -> dict:
-    """STEPS steps per (engine, stage, amp); step BAD is vetoed (``skip()``) as the trainer does when its
-    all-reduced flags say non-finite. Returns the final parameters, the LRs and this rank's losses."""
-    from launcher.config import load_config
-    from launcher.distributed import init_distributed
-    from launcher.trainer.engines import make_engine, scale_embedding_grad
-
-    ctx = init_distributed("gloo")
-    out = {}
-    for engine_name, stage, amp in runs:
-        cfg = load_config(None, [*_sets(CLIP, engine_name, stage), f"train.amp={json.dumps(amp)}"])
-        engine = make_engine(_fresh_backbone(), cfg, ctx)
-        engine.train()
-        lrs, losses = [], []
-        for step in range(STEPS):
-            engine.zero_grad()
-            images, targets = _batches(step)
-            if step == BAD and rank == 0:
-                targets[0, 0] = float("nan")  # a real non-finite loss, reaching every gradient
-            mine = slice(rank * BATCH, (rank + 1) * BATCH)
-            emb = scale_embedding_grad(engine.forward(images[mine].float()).float(), world_size)
-            loss = _terms(emb, targets[mine].float(), world_size * BATCH)
-            engine.backward(loss, True)
-            engine.clip_and_norm()
-            losses.append(float(loss))
-            lrs.append(engine.lr())
-            if step == BAD:
-                engine.skip()
-            else:
-                engine.step()
-        out[f"{engine_name}{stage}_{amp}"] = {
-            "params": {k: p.detach().clone() for k, p in engine.module.named_parameters()},
-            "lrs": lrs, "losses": losses}
-    return out
+BAD = 1  # the step whose targets hold a NaN on rank 0
 
 
 def test_a_vetoed_step_moves_nothing_and_the_schedule_goes_on_ddp_and_zero():
     """A non-finite step skipped under DeepSpeed leaves weights, momentum and weight decay as DDP does
     (DeepSpeed's own step on zeroed gradients used to apply decay and momentum), and the next step
     runs at the schedule's LR of its own step number under both engines."""
-    runs = [("ddp", 0, "none")]
+    runs = [("ddp", 0, CLIP, 1)]
     if HAS_DEEPSPEED:
-        runs += [("deepspeed", 0, "none"), ("deepspeed", 1, "none"), ("deepspeed", 2, "none")]
-    results = run_ranks(_steps_with_a_bad_step, WORLD, runs, timeout=400)
-    # float64 reference: step BAD did not happen at all (no decay, no momentum), the LR schedule counts it
-    model = _fresh_backbone().double().train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    for step in range(STEPS):
-        images, targets = _batches(step)
-        opt.zero_grad()
-        loss = sum(_terms(model(images[k * BATCH:(k + 1) * BATCH]), targets[k * BATCH:(k + 1) * BATCH],
-                          WORLD * BATCH) for k in range(WORLD))
-        if step == BAD:
-            continue  # its forward ran (BatchNorm's running statistics moved), its update did not
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # clipped: float32 keeps to float64
-        for g in opt.param_groups:
-            g["lr"] = LR * (1 - step / TOTAL_STEPS) ** 2
-        opt.step()
-    ref = {k: p.detach() for k, p in model.named_parameters()}
+        runs += [("deepspeed", 0, CLIP, 1), ("deepspeed", 1, CLIP, 1), ("deepspeed", 2, CLIP, 1)]
+    results = run_ranks(_engine_steps, WORLD, runs, bad=BAD, timeout=400)
+    ref, _ = _reference(CLIP, bad=BAD)  # clipped: float32 keeps to float64
     for rank, rank_out in enumerate(results):
         for name, got in rank_out.items():
             assert [s for s, v in enumerate(got["losses"]) if v != v] == ([BAD] if rank == 0 else []), name
