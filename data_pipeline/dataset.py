@@ -94,6 +94,9 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         errors name file, key, offset."""
         key = self.keys[i]
         cid, payload = self.reader.read_image(key)
+        return self._pixels(key, payload, flip), cid
+
+    def _pixels(self, key: int, payload: bytes, flip: bool) -> np.ndarray:
         try:
             arr = decode_rgb(payload, flip)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -103,11 +106,15 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
             raise RecordIOError(f"image is {arr.shape[0]}x{arr.shape[1]}, the property file says "
                                 f"{self.image_size[0]}x{self.image_size[1]}", path=self.reader.rec_path,
                                 key=key, offset=self.reader.offset(key))
-        return arr, cid
+        return arr
 
-    def _decode_or_skip(self, i: int, flip: bool = False) -> tuple[np.ndarray, int] | CorruptRecord:
+    def _decode_or_skip(self, i: int, flip: bool = False,
+                        plain: tuple[int, bytes] | None = None) -> tuple[np.ndarray, int] | CorruptRecord:
+        """:meth:`decode`, or from the record's ``plain`` read (class id, payload) when the batch had one."""
         try:
-            return self.decode(i, flip)
+            if plain is None:
+                return self.decode(i, flip)
+            return self._pixels(self.keys[i], plain[1], flip), plain[0]
         except RecordIOError as exc:
             if not self.skip_corrupt:
                 raise
@@ -149,9 +156,11 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         flips: list[bool] = []
         skipped: list[CorruptRecord] = []
         n = 0
-        for item in items:
-            i, flip = self._split(item)
-            got = self._decode_or_skip(i, flip and self.mirror)
+        split = [self._split(item) for item in items]
+        # one batched read of the plain records; any other is read (or explained) one by one
+        plain = self.reader.read_plain_images(self.keys[np.fromiter((i for i, _ in split), np.int64, len(split))])
+        for (i, flip), record in zip(split, plain, strict=True):
+            got = self._decode_or_skip(i, flip and self.mirror, record)
             if isinstance(got, CorruptRecord):
                 skipped.append(got)
                 continue

@@ -23,7 +23,8 @@ classes). The *key ranges* in the header and identity records are float32 too, a
   error naming the file and record.
 
 The key ranges are :mod:`data_pipeline.key_ranges`, the file names and the property file
-:mod:`data_pipeline.property_file`; both are re-exported here.
+:mod:`data_pipeline.property_file`, the writer :mod:`data_pipeline.insightface_writer`; they are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import math
 import numbers
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -40,23 +42,24 @@ import numpy as np
 
 from data_pipeline.atomic import AtomicFile
 from data_pipeline.index_file import write_index_lines
+from data_pipeline.insightface_writer import InsightFaceWriter
 from data_pipeline.key_ranges import (
     FLOAT32_EXACT_LIMIT,
     class_id,
     exact_range,
     float32_preimage,
-    range_header,
     resolve_header,
     valid_class_ids,
 )
-from data_pipeline.property_file import prefix_path, property_path, read_property, write_property
-from data_pipeline.record_format import LEN_MASK, MAGIC, IRHeader, RecordIOError, pack, unpack
-from data_pipeline.recordio import RecordReader, RecordWriter
+from data_pipeline.property_file import prefix_path, property_path, read_property
+from data_pipeline.record_format import IR_SIZE, LEN_MASK, MAGIC, IRHeader, RecordIOError, unpack
+from data_pipeline.recordio import RecordReader
 
 __all__ = ["FLOAT32_EXACT_LIMIT", "InsightFaceReader", "InsightFaceWriter", "exact_range", "float32_preimage",
            "property_path", "read_property"]
 
 log = logging.getLogger(__name__)
+_PLAIN_HEAD = struct.Struct("<If")  # an IRHeader's flag and scalar label
 
 
 class InsightFaceReader:
@@ -265,6 +268,25 @@ class InsightFaceReader:
                       offset=self._reader.offset(key))  # raises with the precise reason
         return int(value), payload
 
+    def read_plain_images(self, keys: np.ndarray) -> list[tuple[int, bytes] | None]:
+        """``(class id, encoded image bytes)`` of each image record of ``keys`` (int64, (n,)), as
+        :meth:`read_image` returns them, for the common records only (one chunk, a single label that is
+        a valid class id); None for any other, which :meth:`read_image` reads or explains. The torch
+        loader's batched fast path (:meth:`RecordReader.read_plain`)."""
+        out: list[tuple[int, bytes] | None] = []
+        limit = self._label_limit
+        unpack_head = _PLAIN_HEAD.unpack_from
+        for record in self._reader.read_plain(keys):
+            if record is None or len(record) < IR_SIZE:
+                out.append(None)
+                continue
+            flag, label = unpack_head(record)
+            if flag == 0 and label.is_integer() and 0 <= label < limit:
+                out.append((int(label), record[IR_SIZE:]))
+            else:
+                out.append(None)
+        return out
+
     def write_image_idx(self, path: str | os.PathLike[str], order: Sequence[int] | None = None) -> Path:
         """Write an ``.idx`` listing image records only (for DALI's ``fn.readers.mxnet``).
 
@@ -301,93 +323,3 @@ class InsightFaceReader:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-
-class InsightFaceWriter:
-    """Write an insightface-layout dataset, one identity at a time.
-
-    ``add_identity(jpegs)`` appends the images of one class and returns its class id (0, 1, ...).
-    ``close()`` fills in the header record 0, appends the identity records, and writes the property
-    file: ``<dir>/property`` when the prefix's name is ``train`` (MS1M convention), else
-    ``PREFIX.property``. Byte-identical to the same records written by MXNet.
-    """
-
-    def __init__(self, prefix: str | os.PathLike[str], image_size: tuple[int, int] = (112, 112)):
-        self.prefix = Path(prefix)
-        self.rec_path = prefix_path(prefix, ".rec")
-        self.idx_path = prefix_path(prefix, ".idx")
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.property_path = (self.prefix.parent / "property" if self.prefix.name == "train"
-                              else prefix_path(prefix, ".property"))
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = RecordWriter(self.rec_path, self.idx_path)
-        # header placeholder: same encoded size as the final one, patched in close()
-        self._header_offset = self._writer.write(0, pack(IRHeader(0, [0.0, 0.0], 0, 0), b""))
-        self._next_key = 1
-        # identity ranges as a growing int64 array (16 B per class, no Python tuple per class)
-        self._ranges = np.empty((1024, 2), dtype=np.int64)
-        self._num_classes = 0
-        self._closed = False
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def num_images(self) -> int:
-        return self._next_key - 1
-
-    def add_identity(self, images: Sequence[bytes]) -> int:
-        """Append the encoded images of one identity; returns its class id."""
-        if self._closed:
-            raise ValueError(f"{self.rec_path}: writer is closed")
-        if len(images) == 0:
-            raise ValueError(f"{self.rec_path}: identity {self._num_classes} has no images")
-        cid = self._num_classes
-        if cid + 1 > FLOAT32_EXACT_LIMIT:
-            raise ValueError(f"{self.rec_path}: class id {cid} reaches 2**24; float32 labels cannot hold it")
-        first = self._next_key
-        # keys past 2**24 are fine: identity and header records get their exact range in id/id2
-        for img in images:
-            self._writer.write(self._next_key, pack(IRHeader(0, float(cid), self._next_key, 0), img))
-            self._next_key += 1
-        if cid == len(self._ranges):
-            self._ranges = np.resize(self._ranges, (2 * len(self._ranges), 2))
-        self._ranges[cid] = (first, self._next_key)
-        self._num_classes += 1
-        return cid
-
-    def close(self) -> None:
-        """Write identity records, the real header record and the property file."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            id_start = self._next_key
-            for c, (a, b) in enumerate(self._ranges[:self._num_classes].tolist()):
-                key = id_start + c
-                self._writer.write(key, pack(range_header(a, b, key), b""))
-            id_end = id_start + self._num_classes
-            self._writer.patch(self._header_offset, pack(range_header(id_start, id_end, 0), b""))
-        finally:
-            self._writer.close()
-        write_property(self.property_path, self._num_classes, self.image_size)
-
-    def abort(self) -> None:
-        """Stop without finishing: nothing appears under the dataset's names (the ``.rec`` and ``.idx``
-        were being written under temporary names, which are removed) and no property file is written, so
-        the incomplete dataset cannot be mistaken for a complete one."""
-        if not self._closed:
-            self._closed = True
-            self._writer.abort()
-
-    def __enter__(self) -> InsightFaceWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -28,7 +28,7 @@ from data_pipeline.record_format import (
 __all__ = ["encoded_size", "gather_heads", "read_leading_labels", "read_record_at", "scan_offsets"]
 
 # First positioned read of a record: large enough for a 112x112 JPEG in one system call.
-_FIRST_READ_CAP = 1 << 20
+FIRST_READ_CAP = 1 << 20
 # Records whose heads are gathered from one positioned read cover at most this many bytes.
 _GATHER_BYTES = 64 << 20
 
@@ -49,7 +49,7 @@ def read_record_at(fd: int, path: Path, file_size: int, offset: int, key: int | 
     if offset < 0 or offset >= file_size:
         raise fail(f"offset is past the end of the file ({file_size} bytes)"
                    if offset >= 0 else "negative offset", offset)
-    buf = os.pread(fd, max(8, min(first_read, _FIRST_READ_CAP)), offset)
+    buf = os.pread(fd, max(8, min(first_read, FIRST_READ_CAP)), offset)
     p = 0
     parts: list[bytes] = []
     total = 0

@@ -27,6 +27,7 @@ import numpy as np
 from data_pipeline.index_cache import cache_path, load_index
 from data_pipeline.index_file import format_index, is_arange, strictly_increasing, write_index
 from data_pipeline.record_chunks import (
+    FIRST_READ_CAP,
     gather_heads,
     read_leading_labels,
     read_record_at,
@@ -35,6 +36,7 @@ from data_pipeline.record_chunks import (
 from data_pipeline.record_format import (
     HEAD_DTYPE,
     IR_SIZE,
+    LEN_MASK,
     MAGIC,
     IRHeader,
     RecordIOError,
@@ -234,6 +236,36 @@ class RecordReader:
         an unknown key and :class:`RecordIOError` (file, key, byte offset) for a malformed record."""
         pos = self._position(int(key))
         return self._read_at(int(self._offsets[pos]), int(key), self._span(pos))
+
+    def read_plain(self, keys: np.ndarray) -> list[bytes | None]:
+        """The records of ``keys`` (int64, (n,), known keys) in the common case only: a record that is one
+        whole chunk (cflag 0) inside the bytes up to the next record start, read with one ``pread``. None
+        for any other record (split, or anything wrong with it): :meth:`read` reads it or says what is wrong.
+
+        The batched fast path of the torch loader: one vectorised lookup for the batch and no per-record
+        layers, about half the Python time of :meth:`read` per record.
+        """
+        pos = self.positions(keys)
+        offsets = self._offsets[pos]
+        if self._spans is not None:
+            spans = self._spans[pos]
+        else:  # offsets increase: a record ends where the next one starts
+            after = pos + 1
+            ends = np.where(after < len(self._offsets), self._offsets[np.minimum(after, len(self._offsets) - 1)],
+                            self.file_size)
+            spans = np.maximum(ends - offsets, 0)
+        fd = self._fileno()
+        out: list[bytes | None] = []
+        unpack_head = struct.Struct("<II").unpack_from
+        for offset, span in zip(offsets.tolist(), np.minimum(spans, FIRST_READ_CAP).tolist(), strict=True):
+            buf = os.pread(fd, span, offset) if span >= 8 else b""
+            if len(buf) < 8:
+                out.append(None)
+                continue
+            magic, lrec = unpack_head(buf)
+            length = lrec & LEN_MASK
+            out.append(buf[8:8 + length] if magic == MAGIC and lrec >> 29 == 0 and 8 + length <= len(buf) else None)
+        return out
 
     def read_header(self, key: int) -> IRHeader:
         """Only the IRHeader of record ``key`` (one small read for unsplit records)."""

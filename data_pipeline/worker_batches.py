@@ -15,6 +15,16 @@ byte in a small shared array of the worker's, only once that storage is gone. A 
 free slot writes into a fresh segment as before: a consumer that keeps its batches (``list(loader)``)
 costs memory, never correctness, and no process ever waits for another.
 
+Nor is a ring batch's segment handed over again with every batch. A tensor sent by a worker travels as
+a file descriptor, passed over a socket to the training process, which maps the segment again and
+unmaps it when the batch is dropped: about 0.4 ms of CPU time on each side per tensor, and the training
+process's first reads of the remapped pages fault once per 4 KiB page (about 1 ms per 128 x 112 x 112
+batch). So the training process keeps each ring segment mapped once it has it (:class:`_KnownRings`),
+marks it known in the worker's shared array, and from then on a ring batch is sent as (ring, slot,
+shape): the consumer gets a tensor over the kept mapping with a storage of its own
+(``torch.frombuffer``), which is what its lease watches. Until the training process has marked a
+segment known the worker keeps sending it, so no message has to arrive for the protocol to stay right.
+
 Labels and flips cross as numpy arrays inside the pickle (a few hundred bytes), not as tensors: a
 tensor sent by a worker gets a shared-memory segment and a descriptor hand-over of its own.
 """
@@ -22,6 +32,7 @@ tensor sent by a worker gets a shared-memory segment and a descriptor hand-over 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +41,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["Batch", "BatchRing", "CorruptRecord", "collate", "held_leases", "shared_uint8", "worker_buffer"]
+__all__ = ["Batch", "BatchRing", "CorruptRecord", "collate", "held_leases", "ring_stats", "shared_uint8",
+           "worker_buffer"]
 
 
 @dataclass
@@ -41,9 +53,9 @@ class CorruptRecord:
 
 @dataclass(frozen=True)
 class Slot:
-    """Slot ``index`` of a worker's ring, whose busy flag is ``flags[index]`` (the worker's shared array)."""
+    """Slot ``index`` of the worker's ring ``ring`` (worker side)."""
 
-    flags: torch.Tensor
+    ring: BatchRing
     index: int
 
 
@@ -66,56 +78,136 @@ class Batch:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         flips = None if self.flips is None else self.flips.numpy()
-        return _rebuild_batch, (self.pixels, self.labels.numpy(), flips, self.skipped, self.slot)
+        labels = self.labels.numpy()
+        if self.slot is None:
+            return _rebuild_batch, (self.pixels, labels, flips, self.skipped)
+        ring = self.slot.ring
+        return _rebuild_ring_batch, (ring.reference(self.slot.index), tuple(self.pixels.shape), labels, flips,
+                                     self.skipped)
 
 
 def _rebuild_batch(pixels: torch.Tensor, labels: np.ndarray, flips: np.ndarray | None,
-                   skipped: list[CorruptRecord], slot: Slot | None) -> Batch:
-    """Unpickling in the training process: the batch, with a lease on its ring slot."""
-    if slot is not None:
-        _LEASES.take(pixels, slot)
+                   skipped: list[CorruptRecord]) -> Batch:
+    """Unpickling a batch in a fresh segment (no ring)."""
     return Batch(pixels, torch.from_numpy(labels), skipped, None if flips is None else torch.from_numpy(flips))
 
 
-class _Leases:
-    """The training process's leases on ring batches: (weak reference to the batch's storage, slot).
+@dataclass(frozen=True)
+class RingRef:
+    """What a ring batch sends instead of its pixels: the ring's token (worker pid, random tag), the slot,
+    and, until the training process has marked them known, the ring's flags and the slot's segment."""
 
-    Checked on every arrival; an expired one frees its slot. Arrivals come from the DataLoader's
-    pin-memory thread or the main thread, hence the lock. ``StorageWeakRef`` (torch.multiprocessing's
-    own weak reference to a storage, the one its sharing cache uses) expires exactly when the last
-    holder of the storage is gone: tests/data_pipeline/test_worker_batches.py pins that.
+    token: tuple[int, int]
+    index: int
+    flags: torch.Tensor | None
+    buffer: torch.Tensor | None
+
+
+def _rebuild_ring_batch(ref: RingRef, shape: tuple[int, ...], labels: np.ndarray, flips: np.ndarray | None,
+                        skipped: list[CorruptRecord]) -> Batch:
+    """Unpickling a ring batch in the training process: its pixels over the kept mapping, leased."""
+    pixels = _KNOWN.pixels(ref, shape)
+    return Batch(pixels, torch.from_numpy(labels), skipped, None if flips is None else torch.from_numpy(flips))
+
+
+class _KnownRings:
+    """The training process's side of the rings: each worker ring's flags and the segments it has been
+    sent, kept mapped (a ring's ``slots`` segments, the same pages as the worker's: no memory of their own),
+    and the leases on the ring batches it has handed out.
+
+    Flags layout (the worker's shared uint8 array, ``2 * slots + 1``): ``[k]`` slot k busy (set by the
+    worker, cleared here once the batch is gone); ``[slots + k]`` segment k known here; ``[-1]`` the
+    flags known here. A ring whose worker process has exited is dropped when another ring arrives.
+
+    A lease is a ``StorageWeakRef`` (torch.multiprocessing's own weak reference to a storage, the one its
+    sharing cache uses) to the storage of the tensor handed out, a storage of its own over the kept
+    mapping (``torch.frombuffer``): it expires exactly when the last tensor, view, numpy array or storage
+    object made from the batch is gone (tests/data_pipeline/test_worker_batches.py pins that). Checked on
+    every arrival; arrivals come from the DataLoader's pin-memory thread or the main thread, hence the lock.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._rings: dict[tuple[int, int], tuple[np.ndarray, dict[int, torch.Tensor]]] = {}
         self._held: list[tuple[StorageWeakRef, np.ndarray, int]] = []
+        self.segments_received = 0  # ring segments that came with a batch (mapped or already known)
 
-    def take(self, pixels: torch.Tensor, slot: Slot) -> None:
+    def pixels(self, ref: RingRef, shape: tuple[int, ...]) -> torch.Tensor:
         with self._lock:
             self._release_expired()
-            self._held.append((StorageWeakRef(pixels.untyped_storage()), slot.flags.numpy(), slot.index))
+            flags, buffers = self._learn(ref)
+            base = buffers.get(ref.index)
+            if base is None:
+                raise RuntimeError(f"a batch of DataLoader worker {ref.token[0]} names ring slot {ref.index}, "
+                                   "whose segment this process was never sent")
+            n = int(np.prod(shape))
+            # a storage of its own over the kept mapping (it holds the mapping alive): what the lease watches
+            pixels = torch.frombuffer(base.numpy(), dtype=torch.uint8, count=n).view(shape)
+            self._held.append((StorageWeakRef(pixels.untyped_storage()), flags, ref.index))
+            return pixels
+
+    def _learn(self, ref: RingRef) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+        known = self._rings.get(ref.token)
+        if known is None:
+            if ref.flags is None:
+                raise RuntimeError(f"a batch of DataLoader worker {ref.token[0]} names a ring this process was "
+                                   "never sent")
+            self._drop_exited()
+            known = self._rings[ref.token] = (ref.flags.numpy(), {})
+            known[0][-1] = 1
+        flags, buffers = known
+        if ref.buffer is not None:
+            self.segments_received += 1
+        if ref.buffer is not None and ref.index not in buffers:
+            buffers[ref.index] = ref.buffer
+            slots = (len(flags) - 1) // 2
+            flags[slots + ref.index] = 1
+        return known
+
+    def _drop_exited(self) -> None:
+        if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only
+            return
+        for token in list(self._rings):
+            try:
+                os.kill(token[0], 0)
+            except ProcessLookupError:
+                del self._rings[token]
+            except PermissionError:
+                pass
 
     def _release_expired(self) -> None:
         keep = []
         for ref, flags, index in self._held:
             if ref.expired():
-                flags[index] = 0  # after the storage is gone (unmapped here): the worker may write again
+                flags[index] = 0  # nothing here reads the batch any more: the worker may write again
             else:
                 keep.append((ref, flags, index))
         self._held = keep
 
-    def __len__(self) -> int:
+    def leases(self) -> int:
         with self._lock:
             self._release_expired()
             return len(self._held)
 
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            self._release_expired()
+            return {"rings": len(self._rings), "segments_received": self.segments_received,
+                    "leases": len(self._held)}
 
-_LEASES = _Leases()
+
+_KNOWN = _KnownRings()
 
 
 def held_leases() -> int:
     """How many ring batches this process still holds (for tests and diagnostics)."""
-    return len(_LEASES)
+    return _KNOWN.leases()
+
+
+def ring_stats() -> dict[str, int]:
+    """This process's side of the rings (for tests and diagnostics): ``rings`` kept mapped,
+    ``segments_received`` (how many ring batches came with their segment), ``leases`` held."""
+    return _KNOWN.stats()
 
 
 class BatchRing:
@@ -123,28 +215,36 @@ class BatchRing:
     moment the worker takes it until the training process has let go of the batch written into it."""
 
     def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.flags = shared_uint8((max(slots, 1),))
+        self.slots = max(slots, 1)
+        self.token = (os.getpid(), secrets.randbits(62))
+        self.flags = shared_uint8((2 * self.slots + 1,))
         self.flags.zero_()
-        self._busy = self.flags.numpy()
+        self._flags = self.flags.numpy()
         self.buffers: list[torch.Tensor] = []
 
     def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, Slot | None]:
         """A (shape) uint8 buffer in shared memory and its slot; a fresh segment (slot None) when
         every slot is busy or holds another image size."""
+        busy = self._flags
         for k, buf in enumerate(self.buffers):
-            if self._busy[k] == 0 and buf.shape[1:] == shape[1:] and buf.shape[0] >= shape[0]:
-                self._busy[k] = 1
-                return buf[: shape[0]], Slot(self.flags, k)
+            if busy[k] == 0 and buf.shape[1:] == shape[1:] and buf.shape[0] >= shape[0]:
+                busy[k] = 1
+                return buf[: shape[0]], Slot(self, k)
         if len(self.buffers) < self.slots:
             self.buffers.append(shared_uint8(shape))
             k = len(self.buffers) - 1
-            self._busy[k] = 1
-            return self.buffers[k], Slot(self.flags, k)
+            busy[k] = 1
+            return self.buffers[k], Slot(self, k)
         return shared_uint8(shape), None
 
+    def reference(self, index: int) -> RingRef:
+        """How slot `index` travels: the flags and the segment only until the training process knows them."""
+        flags = None if self._flags[-1] else self.flags
+        buffer = None if self._flags[self.slots + index] else self.buffers[index]
+        return RingRef(self.token, index, flags, buffer)
 
-_RING: tuple[int, BatchRing] | None = None
+
+_RING: BatchRing | None = None
 
 
 def worker_buffer(shape: tuple[int, ...], slots: int) -> tuple[torch.Tensor, Slot | None]:
@@ -153,9 +253,9 @@ def worker_buffer(shape: tuple[int, ...], slots: int) -> tuple[torch.Tensor, Slo
     global _RING
     if slots <= 0:
         return shared_uint8(shape), None
-    if _RING is None or _RING[0] != os.getpid():
-        _RING = (os.getpid(), BatchRing(slots))
-    return _RING[1].take(shape)
+    if _RING is None or _RING.token[0] != os.getpid():
+        _RING = BatchRing(slots)
+    return _RING.take(shape)
 
 
 def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:

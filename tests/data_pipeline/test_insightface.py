@@ -154,6 +154,28 @@ def test_labels_fall_back_to_image_headers(tmp_path: Path) -> None:
     assert InsightFaceReader(tmp_path / "f").labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def test_read_plain_images_agrees_with_read_image_or_defers(tmp_path: Path) -> None:
+    """The batched fast path returns what read_image returns for an image record with one valid label,
+    and None for every other record (multi-label, out of range, not an integer, NaN), which read_image
+    reads or refuses with its precise message."""
+    prefix = tmp_path / "q"
+    labels: list[float | list[float]] = [1.0, [0.0, 9.0], 3.0, 0.5, float("nan"), 2.0]
+    with RecordWriter(f"{prefix}.rec", f"{prefix}.idx") as w:
+        for k, lab in enumerate(labels, start=1):
+            w.write(k, pack(IRHeader(0, lab, k, 0), jpeg_bytes(k)))
+    Path(f"{prefix}.property").write_text("3,16,16\n")
+    r = InsightFaceReader(prefix)
+    keys = np.arange(1, 7, dtype=np.int64)
+    got = r.read_plain_images(keys)
+    assert [g is None for g in got] == [False, True, True, True, True, False]
+    assert got[0] == r.read_image(1) and got[5] == r.read_image(6) and got[5][0] == 2
+    assert r.read_image(2)[0] == 0  # the multi-label record: read_image takes its first label
+    for key, pattern in [(3, r"label 3 is not in \[0, num_classes=3\)"), (4, "not an integer"),
+                         (5, "not an integer")]:
+        with pytest.raises(RecordIOError, match=pattern):
+            r.read_image(key)
+
+
 def test_multilabel_image_records_use_first_label(tmp_path: Path) -> None:
     prefix = tmp_path / "m"
     with RecordWriter(f"{prefix}.rec", f"{prefix}.idx") as w:

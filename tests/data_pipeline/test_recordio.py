@@ -231,6 +231,35 @@ def test_malformed_idx(tmp_path: Path) -> None:
         RecordReader(tmp_path / "missing.rec")
 
 
+def test_read_plain_returns_whole_records_and_defers_the_rest(tmp_path: Path) -> None:
+    """The batched fast path equals read() on every record it returns, and returns None (so read() reads
+    or explains it) for a split record, a bad magic, a truncated record and an offset past the end."""
+    rec, idx = tmp_path / "p.rec", tmp_path / "p.idx"
+    split_body = bytes(12) + MAGIC_BYTES + bytes(20)  # an aligned magic in the payload: written in chunks
+    with RecordWriter(rec, idx) as w:
+        offsets = [w.write(k, pack(IRHeader(0, float(k), k, 0), split_body if k == 2 else bytes(range(30 + k))))
+                   for k in range(6)]
+    data = bytearray(rec.read_bytes())
+    data[offsets[3]] ^= 0xFF  # bad magic
+    rec.write_bytes(bytes(data[:offsets[5] + 20]))  # record 5 truncated
+    idx.write_text(idx.read_text() + f"9\t{len(data) + 64}\n")
+    reader = RecordReader(rec, idx)
+    keys = np.array([4, 0, 2, 3, 5, 9, 1, 4], dtype=np.int64)
+    got = reader.read_plain(keys)
+    assert [g is None for g in got] == [False, False, True, True, True, True, False, False]
+    for key, record in zip(keys.tolist(), got, strict=True):
+        if record is not None:
+            assert record == reader.read(key)
+    assert reader.read(2) == pack(IRHeader(0, 2.0, 2, 0), split_body)  # the slow path joins the chunks
+    for key, reason in [(3, "bad magic"), (5, "truncated"), (9, "past the end")]:
+        with pytest.raises(RecordIOError, match=reason):
+            reader.read(key)
+    # an index in another order than the file (per-record spans) takes the same path
+    idx.write_text("".join(f"{k}\t{offsets[k]}\n" for k in (4, 1, 0)))
+    reordered = RecordReader(rec, idx)
+    assert reordered.read_plain(np.array([0, 1, 4])) == [reordered.read(k) for k in (0, 1, 4)]
+
+
 # -- processes ------------------------------------------------------------------------------------
 
 _FORK_READER: RecordReader | None = None

@@ -5,7 +5,9 @@ the reuse really happens (the same shared-memory files, not a fresh one per batc
 from __future__ import annotations
 
 import gc
+import pickle
 import sys
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from data_pipeline.dataset import build_dataloader
-from data_pipeline.worker_batches import BatchRing, held_leases
+from data_pipeline.worker_batches import Batch, BatchRing, RingRef, held_leases, ring_stats
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
@@ -57,6 +59,63 @@ def test_ring_reuses_free_slots_and_falls_back_when_all_are_busy() -> None:
     assert se is None and e.shape == (4, 5, 5, 3) and int(ring.flags[0]) == 0
 
 
+def _send(batch: Batch) -> Batch:
+    """A batch through the pickler a DataLoader worker's queue uses (torch's tensor reductions included)."""
+    return pickle.loads(ForkingPickler.dumps(batch))
+
+
+def test_a_ring_segment_travels_until_the_consumer_has_marked_it_known() -> None:
+    """The hand-over protocol in one process: the first batch of a slot carries the ring's flags and the
+    slot's segment; once the consumer has them, the slot travels as a reference, and the consumer's
+    tensor reads the worker's writes through the mapping it kept."""
+    ring = BatchRing(2)
+    gc.collect()
+    before = ring_stats()
+    buf, slot = ring.take((2, 3, 3, 3))
+    assert slot is not None
+    first = ring.reference(slot.index)
+    assert first.flags is not None and first.buffer is not None
+    buf.fill_(7)
+    got = _send(Batch(buf, torch.tensor([1, 2]), [], torch.tensor([True, False]), slot))
+    assert torch.equal(got.pixels, torch.full((2, 3, 3, 3), 7, dtype=torch.uint8))
+    assert got.labels.tolist() == [1, 2] and got.flips.tolist() == [True, False]
+    after = ring.reference(slot.index)
+    assert after.flags is None and after.buffer is None  # known: nothing but (ring, slot) travels now
+    assert int(ring.flags[slot.index]) == 1  # still leased: the worker may not write into it
+    del got
+    gc.collect()
+    assert held_leases() == before["leases"] and int(ring.flags[slot.index]) == 0
+
+    again, slot2 = ring.take((1, 3, 3, 3))  # the last, smaller batch of an epoch, into the same slot
+    assert slot2 is not None and slot2.index == slot.index
+    again.fill_(9)
+    got = _send(Batch(again, torch.tensor([4]), [], None, slot2))
+    assert got.pixels.shape == (1, 3, 3, 3) and bool((got.pixels == 9).all()) and got.flips is None
+    stats = ring_stats()
+    assert stats["segments_received"] == before["segments_received"] + 1
+    assert 1 <= stats["rings"] <= before["rings"] + 1  # this ring (rings of exited workers may be let go)
+    del got
+    gc.collect()
+    assert held_leases() == before["leases"]
+
+
+def test_a_reference_to_a_ring_or_slot_never_sent_is_refused() -> None:
+    ring = BatchRing(2)
+    with pytest.raises(RuntimeError, match="names a ring this process was never sent"):
+        _send_ref(RingRef(ring.token, 0, None, None))
+    buf, slot = ring.take((1, 2, 2, 3))
+    assert slot is not None
+    _send(Batch(buf, torch.tensor([0]), [], None, slot))  # the ring becomes known, with slot 0 only
+    with pytest.raises(RuntimeError, match="ring slot 1, whose segment this process was never sent"):
+        _send_ref(RingRef(ring.token, 1, None, None))
+
+
+def _send_ref(ref: RingRef) -> None:
+    from data_pipeline.worker_batches import _rebuild_ring_batch
+
+    _rebuild_ring_batch(ref, (1, 2, 2, 3), np.zeros(1, dtype=np.int64), None, [])
+
+
 def _segment(t: torch.Tensor) -> int:
     """The inode of the shared-memory file mapped at t's first byte (this process's /proc/self/maps)."""
     addr = t.data_ptr()
@@ -97,6 +156,7 @@ def test_a_consumer_that_lets_go_gets_the_same_segments_back(small_dataset: Path
     loader = _worker_loader(small_dataset)
     assert loader.dataset.ring_slots == 4
     ref = _reference(small_dataset, 45)
+    before = ring_stats()
     inodes = []
     for k, (pixels, labels, flips) in enumerate(_stream(loader, 3)):  # 15 batches an epoch
         assert torch.equal(pixels, ref[k][0]) and torch.equal(labels, ref[k][1]) and torch.equal(flips, ref[k][2])
@@ -104,8 +164,24 @@ def test_a_consumer_that_lets_go_gets_the_same_segments_back(small_dataset: Path
         del pixels
     # 45 batches through the ring's 4 files (a fresh segment only if a release came late)
     assert len(inodes) == 45 and len(set(inodes)) < 10
+    # each ring segment was sent once (at most 4); the other batches travelled as (ring, slot)
+    stats = ring_stats()
+    assert stats["rings"] - before["rings"] <= 1
+    assert 1 <= stats["segments_received"] - before["segments_received"] <= 4
     gc.collect()
     assert held_leases() == 0
+
+
+@linux_only
+def test_rings_of_exited_workers_are_let_go(small_dataset: Path) -> None:
+    """Workers that are not persistent start afresh every epoch, each with a new ring: the consumer
+    keeps a ring only while its worker lives, so epochs do not pile up mappings."""
+    loader = build_dataloader(small_dataset, 4, seed=5, workers=1, uint8=True, persistent_workers=False)
+    before = ring_stats()["rings"]
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert sum(len(y) for _, y, _ in loader) == 60
+        assert ring_stats()["rings"] - before <= 2  # this epoch's ring, and at most last epoch's
 
 
 @linux_only
