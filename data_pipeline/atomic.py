@@ -29,9 +29,9 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-__all__ = ["AtomicFile", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
+__all__ = ["AtomicFile", "CommitOrAbort", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
 
 
 def _fsync_path(path: str | os.PathLike[str]) -> None:
@@ -151,3 +151,26 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
+
+
+_W = TypeVar("_W", bound="CommitOrAbort")
+
+
+class CommitOrAbort:
+    """A writer of several files used as a context manager: :meth:`close` (which commits them) when the
+    block ends normally, :meth:`abort` (nothing appears under the final names) when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
+from data_pipeline.atomic import CommitOrAbort
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
 from data_pipeline.property_file import prefix_path, write_property
 from data_pipeline.record_format import IRHeader, pack
@@ -18,7 +18,7 @@ from data_pipeline.record_writer import RecordWriter
 __all__ = ["InsightFaceWriter"]
 
 
-class InsightFaceWriter:
+class InsightFaceWriter(CommitOrAbort):
     """Write an insightface-layout dataset, one identity at a time.
 
     ``add_identity(jpegs)`` appends the images of one class and returns its class id (0, 1, ...).
@@ -95,13 +95,3 @@ class InsightFaceWriter:
         if not self._closed:
             self._closed = True
             self._writer.abort()
-
-    def __enter__(self) -> InsightFaceWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 
-from data_pipeline.atomic import AtomicFile
+from data_pipeline.atomic import AtomicFile, CommitOrAbort
 from data_pipeline.record_chunks import encoded_size
 from data_pipeline.record_format import encode_record
 from data_pipeline.written_keys import WrittenKeys
@@ -19,7 +18,7 @@ from data_pipeline.written_keys import WrittenKeys
 __all__ = ["RecordWriter"]
 
 
-class RecordWriter:
+class RecordWriter(CommitOrAbort):
     """Write records and their ``.idx`` byte-identically to MXNet's ``MXIndexedRecordIO``.
 
     ``with RecordWriter(rec, idx) as w: w.write(key, record)``; ``idx_path=None`` writes no index
@@ -92,13 +91,3 @@ class RecordWriter:
         self._rec_file.discard()
         if self._idx_file is not None:
             self._idx_file.discard()
-
-    def __enter__(self) -> RecordWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -75,6 +75,8 @@ def _failing_save_rank(rank: int, world_size: int, root_s: str, how: str) -> dic
         # A checkpoints folder not shared across nodes: this rank's own copy, where rank 0's folder never is.
         mine = root.with_name(root.name + "_node1")
         shutil.copytree(root, mine)
+    # rank 1's copy is taken before rank 0 makes step 2's .partial folder (else it may copy that too)
+    dist.barrier()
     try:
         if how == "rank 0's backbone is written before the head":
             _backbone_first(root, 2, p)
