@@ -38,7 +38,14 @@ from data_pipeline.epoch_plan import (
 )
 from data_pipeline.insightface import InsightFaceReader
 from data_pipeline.recordio import RecordIOError
-from data_pipeline.worker_batches import Batch, CorruptRecord, collate, shared_uint8, worker_buffer
+from data_pipeline.worker_batches import (
+    Batch,
+    CorruptRecord,
+    collate,
+    release_exited_rings,
+    shared_uint8,
+    worker_buffer,
+)
 
 # The epoch plan is part of this module's interface since the torch path was one module.
 __all__ = ["Batch", "FaceDataset", "FaceLoader", "ShardedSampler", "build_dataloader", "collate", "decode_rgb",
@@ -224,6 +231,11 @@ class FaceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, ...]]:
+        # the last epoch's workers (not persistent) are gone: unmap their rings before new workers make theirs
+        release_exited_rings()
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor | None, ...]]:
         for batch in self.loader:
             if batch.skipped:
                 self.skipped_records.extend(batch.skipped)

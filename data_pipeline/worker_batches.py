@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["Batch", "BatchRing", "CorruptRecord", "collate", "held_leases", "ring_stats", "shared_uint8",
-           "worker_buffer"]
+__all__ = ["Batch", "BatchRing", "CorruptRecord", "collate", "held_leases", "release_exited_rings", "ring_stats",
+           "shared_uint8", "worker_buffer"]
 
 
 @dataclass
@@ -117,7 +117,8 @@ class _KnownRings:
 
     Flags layout (the worker's shared uint8 array, ``2 * slots + 1``): ``[k]`` slot k busy (set by the
     worker, cleared here once the batch is gone); ``[slots + k]`` segment k known here; ``[-1]`` the
-    flags known here. A ring whose worker process has exited is dropped when another ring arrives.
+    flags known here. A ring whose worker process has exited is dropped when another ring arrives, or
+    before a loader starts new workers (:func:`release_exited_rings`).
 
     A lease is a ``StorageWeakRef`` (torch.multiprocessing's own weak reference to a storage, the one its
     sharing cache uses) to the storage of the tensor handed out, a storage of its own over the kept
@@ -164,8 +165,12 @@ class _KnownRings:
             flags[slots + ref.index] = 1
         return known
 
+    def drop_exited(self) -> None:
+        with self._lock:
+            self._drop_exited()
+
     def _drop_exited(self) -> None:
-        if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only
+        if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only (a reaped pid: gone)
             return
         for token in list(self._rings):
             try:
@@ -202,6 +207,12 @@ _KNOWN = _KnownRings()
 def held_leases() -> int:
     """How many ring batches this process still holds (for tests and diagnostics)."""
     return _KNOWN.leases()
+
+
+def release_exited_rings() -> None:
+    """Unmap the rings of workers that have exited (a loader calls it before it starts new workers: the
+    shared memory of the last epoch's rings is then free before the new ones are made)."""
+    _KNOWN.drop_exited()
 
 
 def ring_stats() -> dict[str, int]:

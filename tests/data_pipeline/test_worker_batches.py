@@ -16,7 +16,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from data_pipeline.dataset import build_dataloader
-from data_pipeline.worker_batches import Batch, BatchRing, RingRef, held_leases, ring_stats
+from data_pipeline.worker_batches import Batch, BatchRing, RingRef, held_leases, release_exited_rings, ring_stats
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
@@ -175,13 +175,18 @@ def test_a_consumer_that_lets_go_gets_the_same_segments_back(small_dataset: Path
 @linux_only
 def test_rings_of_exited_workers_are_let_go(small_dataset: Path) -> None:
     """Workers that are not persistent start afresh every epoch, each with a new ring: the consumer
-    keeps a ring only while its worker lives, so epochs do not pile up mappings."""
+    keeps a ring only while its worker lives, and lets the last epoch's go before the new workers start
+    (so their shared memory is free before the new rings take theirs)."""
     loader = build_dataloader(small_dataset, 4, seed=5, workers=1, uint8=True, persistent_workers=False)
+    gc.collect()
+    release_exited_rings()  # rings other tests left behind (those made in this process stay: it lives)
     before = ring_stats()["rings"]
     for epoch in range(3):
         loader.set_epoch(epoch)
-        assert sum(len(y) for _, y, _ in loader) == 60
-        assert ring_stats()["rings"] - before <= 2  # this epoch's ring, and at most last epoch's
+        batches = iter(loader)
+        assert ring_stats()["rings"] == before  # the last epoch's ring is gone: its worker has exited
+        assert sum(len(y) for _, y, _ in batches) == 60
+        assert ring_stats()["rings"] == before + 1
 
 
 @linux_only
