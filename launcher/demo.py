@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from data_pipeline.atomic import atomic_write
+from launcher.bench.study_runs import fmt
 from launcher.config import build_overrides, builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
 from launcher.monitoring.plots import plot_losses
@@ -83,10 +84,6 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
     print(f"{'':12s} {'accuracy':>10s} {'TAR@FAR=1e-3':>14s} {'TAR@FAR=1e-2':>14s}")
     for label, res in (("untrained", before[name]), ("trained", after[name])):
         tar = res["tar_at_far"]
-        print(f"{label:12s} {res['accuracy']:10.4f} {_fmt(tar.get('1e-3')):>14s} {_fmt(tar.get('1e-2')):>14s}")
+        print(f"{label:12s} {res['accuracy']:10.4f} {fmt(tar.get('1e-3')):>14s} {fmt(tar.get('1e-2')):>14s}")
     print(f"\nreport folder: {out}  (config.yaml, metrics.jsonl, eval.json, loss.png, roc_*.png, checkpoints/)")
     return 0
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{float(v):.4f}"
