@@ -273,19 +273,14 @@ class InsightFaceReader:
         :meth:`read_image` returns them, for the common records only (one chunk, a single label that is
         a valid class id); None for any other, which :meth:`read_image` reads or explains. The torch
         loader's batched fast path (:meth:`RecordReader.read_plain`)."""
-        out: list[tuple[int, bytes] | None] = []
-        limit = self._label_limit
+        records = self._reader.read_plain(keys)
         unpack_head = _PLAIN_HEAD.unpack_from
-        for record in self._reader.read_plain(keys):
-            if record is None or len(record) < IR_SIZE:
-                out.append(None)
-                continue
-            flag, label = unpack_head(record)
-            if flag == 0 and label.is_integer() and 0 <= label < limit:
-                out.append((int(label), record[IR_SIZE:]))
-            else:
-                out.append(None)
-        return out
+        # a record that is not even a whole IRHeader gets flag 1: never plain
+        heads = np.array([unpack_head(r) if r is not None and len(r) >= IR_SIZE else (1, 0.0) for r in records],
+                         dtype=np.float64).reshape(-1, 2)
+        plain = (heads[:, 0] == 0) & valid_class_ids(heads[:, 1], self._label_limit)
+        return [(int(label), record[IR_SIZE:]) if ok and record is not None else None
+                for record, label, ok in zip(records, heads[:, 1].tolist(), plain.tolist(), strict=True)]
 
     def write_image_idx(self, path: str | os.PathLike[str], order: Sequence[int] | None = None) -> Path:
         """Write an ``.idx`` listing image records only (for DALI's ``fn.readers.mxnet``).

@@ -63,6 +63,8 @@ __all__ = [
     "write_index",
 ]
 
+_CHUNK_HEAD = struct.Struct("<II")  # a chunk's magic and lrec (cflag << 29 | length)
+
 
 class RecordReader:
     """Random access to the records of one ``.rec`` file.
@@ -118,10 +120,20 @@ class RecordReader:
         self._keys_list: list[int] | None = None
 
     def _span(self, pos: int) -> int:
+        """Bytes from record ``pos``'s start to the next record start or the end of the file (the one-record
+        form of :meth:`_spans_at`, without numpy's per-call cost on :meth:`read`'s path)."""
         if self._spans is not None:
             return int(self._spans[pos])
         end = int(self._offsets[pos + 1]) if pos + 1 < len(self._offsets) else self.file_size
         return max(end - int(self._offsets[pos]), 0)
+
+    def _spans_at(self, pos: np.ndarray) -> np.ndarray:
+        """:meth:`_span` of each position of ``pos`` (int64, (n,))."""
+        if self._spans is not None:
+            return self._spans[pos]
+        last = len(self._offsets) - 1
+        ends = np.where(pos < last, self._offsets[np.minimum(pos + 1, last)], self.file_size)
+        return np.maximum(ends - self._offsets[pos], 0)
 
     # -- keys -------------------------------------------------------------------------------------
     @property
@@ -246,18 +258,11 @@ class RecordReader:
         layers, about half the Python time of :meth:`read` per record.
         """
         pos = self.positions(keys)
-        offsets = self._offsets[pos]
-        if self._spans is not None:
-            spans = self._spans[pos]
-        else:  # offsets increase: a record ends where the next one starts
-            after = pos + 1
-            ends = np.where(after < len(self._offsets), self._offsets[np.minimum(after, len(self._offsets) - 1)],
-                            self.file_size)
-            spans = np.maximum(ends - offsets, 0)
+        spans = np.minimum(self._spans_at(pos), FIRST_READ_CAP)
         fd = self._fileno()
         out: list[bytes | None] = []
-        unpack_head = struct.Struct("<II").unpack_from
-        for offset, span in zip(offsets.tolist(), np.minimum(spans, FIRST_READ_CAP).tolist(), strict=True):
+        unpack_head = _CHUNK_HEAD.unpack_from
+        for offset, span in zip(self._offsets[pos].tolist(), spans.tolist(), strict=True):
             buf = os.pread(fd, span, offset) if span >= 8 else b""
             if len(buf) < 8:
                 out.append(None)

@@ -106,8 +106,7 @@ class RingRef:
 def _rebuild_ring_batch(ref: RingRef, shape: tuple[int, ...], labels: np.ndarray, flips: np.ndarray | None,
                         skipped: list[CorruptRecord]) -> Batch:
     """Unpickling a ring batch in the training process: its pixels over the kept mapping, leased."""
-    pixels = _KNOWN.pixels(ref, shape)
-    return Batch(pixels, torch.from_numpy(labels), skipped, None if flips is None else torch.from_numpy(flips))
+    return _rebuild_batch(_KNOWN.pixels(ref, shape), labels, flips, skipped)
 
 
 class _KnownRings:
@@ -159,10 +158,10 @@ class _KnownRings:
         flags, buffers = known
         if ref.buffer is not None:
             self.segments_received += 1
-        if ref.buffer is not None and ref.index not in buffers:
-            buffers[ref.index] = ref.buffer
-            slots = (len(flags) - 1) // 2
-            flags[slots + ref.index] = 1
+            if ref.index not in buffers:
+                buffers[ref.index] = ref.buffer
+                slots = (len(flags) - 1) // 2
+                flags[slots + ref.index] = 1
         return known
 
     def drop_exited(self) -> None:
@@ -189,11 +188,6 @@ class _KnownRings:
                 keep.append((ref, flags, index))
         self._held = keep
 
-    def leases(self) -> int:
-        with self._lock:
-            self._release_expired()
-            return len(self._held)
-
     def stats(self) -> dict[str, int]:
         with self._lock:
             self._release_expired()
@@ -206,7 +200,7 @@ _KNOWN = _KnownRings()
 
 def held_leases() -> int:
     """How many ring batches this process still holds (for tests and diagnostics)."""
-    return _KNOWN.leases()
+    return _KNOWN.stats()["leases"]
 
 
 def release_exited_rings() -> None:
