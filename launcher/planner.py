@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The head's own partition and quota rules (partialfc.partition is pure Python: no torch import).
+from partialfc.blocking import blocking_for
 from partialfc.partition import num_sample, shard_rows
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
@@ -44,14 +45,15 @@ FP32 = 4
 #   with gradient accumulation, for the later micro-batches), the S x D fp32 copy of the sampled rows
 #   (for a bf16/fp16 head too: upcast into the same reused buffer), and chunks of the optimizer's update;
 LOGIT_BUFFERS = 2
-MOMENTUM_CHUNK_ROWS = 512  # partialfc.optimizer._CHUNK_ROWS
 # * the sampler's scratch during the forward, at most one int64 per class of the shard
 #   (partialfc/sampler.py: one permutation of the shard's negatives when r >= ~0.2, the index
 #   arange(shard) at r = 1, and O(S) int64 for small r: i.i.d. draws and their unique). Until issue 18 this
 #   was 18 bytes, the count of the sampler before issue 12 (a permutation, two bool masks, the filtered
 #   permutation).
 SAMPLER_BYTES_PER_ROW = 8
-# * the optimizer's chunks (min(S, 512) rows each): SGD gathers its momentum into an fp32 chunk; a head
+# * the optimizer's chunks (min(S, blocking.update_rows) rows each: 512 on the CPU, 64k on a GPU,
+#   partialfc.blocking) and, in the backward, the row dot products' scratch block (1 MiB on the CPU,
+#   128 MiB on a GPU): SGD gathers its momentum into an fp32 chunk; a head
 #   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
 #   gather/scatter staging); AdamW's moments are fp32 (chunks m, v and the denominator) and only the
 #   weights need staging;
@@ -103,6 +105,7 @@ class RankPlan:
     peak_phase: str = ""
 
     optimizer: str = "sgd"
+    device: str = "cpu"
 
     @property
     def shard_weights_plus_momentum_bytes(self) -> int:
@@ -142,6 +145,7 @@ def plan_rank(
     discface: bool = True,
     optimizer: str = "sgd",
     grad_accum: int = 1,
+    device: str = "cpu",
 ) -> RankPlan:
     """Memory per rank (the largest shard's) and bytes it sends per training step.
 
@@ -157,14 +161,18 @@ def plan_rank(
         optimizer: the head's, "sgd" (momentum in the head's dtype) or "adamw" (fp32 moments).
         grad_accum: micro-batches per step (> 1 keeps a second S x D gradient buffer; traffic is per
             micro-batch, plus one all-gather of the step's labels).
+        device: "cpu" or "cuda" (any accelerator): the size of the head's scratch chunks
+            (partialfc.blocking), a few MiB on the CPU and a few hundred on a GPU.
     """
     _check_plan_args(sample_rate, dtype, optimizer, grad_accum, local_batch, dim)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     e = DTYPE_BYTES[dtype]
     f = max(e, FP32)  # the head computes in fp32 at least (fp64 for a float64 head)
     rows = shard_rows(num_classes, world_size)
     s = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    state, phases = _step_memory(rows, s, n, local_batch, dim, e, f, optimizer, grad_accum)
+    state, phases = _step_memory(rows, s, n, local_batch, dim, e, f, optimizer, grad_accum, device)
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
     comm = _traffic(world_size, local_batch, dim, f, discface, grad_accum)
@@ -173,6 +181,7 @@ def plan_rank(
         sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
         num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
         phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
+        device=device,
     )
 
 
@@ -191,14 +200,15 @@ def _check_plan_args(sample_rate: float, dtype: str, optimizer: str, grad_accum:
 
 
 def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, f: int, optimizer: str,
-                 grad_accum: int) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+                 grad_accum: int, device: str = "cpu") -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """``(persistent optimizer state, {phase: {buffer: bytes}})`` of a rank with ``rows`` classes sampling
     ``s``, global batch ``n``; ``e`` the head's element size, ``f`` the compute dtype's."""
     sd_f, ns_f = s * dim * f, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
     embeddings = 3 * n * dim * f + 2 * local_batch * dim * e
-    chunk = min(s, MOMENTUM_CHUNK_ROWS) * dim
+    blocks = blocking_for(device)
+    chunk = min(s, blocks.update_rows) * dim
     staging = 0 if e == f else 1  # chunks in the head's dtype around the fp32 update
     if optimizer == "sgd":
         opt_chunks = chunk * f + 2 * staging * chunk * e
@@ -216,7 +226,8 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
     phases: dict[str, dict[str, int]] = {
         # (a bf16/fp16 head gathers its sampled rows into the bytes of the weight-gradient buffer)
         "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
-        "backward": {**workspace, "embeddings": embeddings},
+        "backward": {**workspace, "embeddings": embeddings,
+                     "row_dot_scratch": min(s, blocks.rows_per_dot_block(dim * f)) * dim * f},
         "optimizer": dict(workspace),
     }
     return state, phases
@@ -258,10 +269,11 @@ def plan_table(
     discface: bool = True,
     optimizer: str = "sgd",
     grad_accum: int = 1,
+    device: str = "cpu",
 ) -> list[RankPlan]:
     """One :class:`RankPlan` per world size (sorted, duplicates dropped)."""
-    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface, optimizer, grad_accum)
-            for w in sorted(set(worlds))]
+    return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface, optimizer, grad_accum,
+                      device) for w in sorted(set(worlds))]
 
 
 def parse_worlds(text: str) -> list[int]:

@@ -80,7 +80,9 @@ class PartialFC(nn.Module):
             logits) from step to step instead of allocating them anew (on CPU, a fresh buffer costs page
             faults comparable to the work itself). Then each forward must be followed by its backward
             before the next forward (a violation raises autograd's in-place error); turn it off for
-            e.g. ``torch.autograd.gradcheck``, which runs several forwards per backward.
+            e.g. ``torch.autograd.gradcheck``, which runs several forwards per backward. Default (None):
+            on the CPU only (a GPU's caching allocator reuses freed memory at no cost, and kept buffers
+            would hold memory through the backbone's passes); see :class:`~partialfc.softmax.Workspace`.
 
     Attributes:
         weight: (end - start, d) this rank's shard; a Parameter with ``requires_grad=False`` (it never
@@ -92,7 +94,7 @@ class PartialFC(nn.Module):
                  margin: Margin = (1.0, 0.0, 0.4), scale: float = 64.0, discface_lambda: float = 0.0,
                  process_group: Group = None, seed: int = 0, *, discface_cap: float = 0.05,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 init_std: float = 0.01, reuse_buffers: bool = True) -> None:
+                 init_std: float = 0.01, reuse_buffers: bool | None = None) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
@@ -293,7 +295,12 @@ class PartialFC(nn.Module):
                              f"got shape {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"PartialFC: labels must be an integer tensor, got {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if embeddings.device != self.weight.device:
+            raise ValueError(f"PartialFC: embeddings are on {embeddings.device} but the head's weights on "
+                             f"{self.weight.device}; move the embeddings (the head never moves itself)")
+        # One host-device round trip for both bounds (on a GPU each is a wait for the queued work).
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)
+        if lo < 0 or hi >= self.num_classes:
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0]
             raise ValueError(f"PartialFC: label {int(bad)} outside [0, {self.num_classes}) on rank {self.rank}")
 

@@ -44,15 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from partialfc import blocking
+
 if TYPE_CHECKING:
     from partialfc.head import PartialFC
-
-
-# Rows per chunk of the sparse update: 512 x 512 fp32 = 1 MiB of scratch, small enough that a chunk
-# gathered from the optimizer state stays in cache through its update and its scatter back (measured ~15%
-# less time in the sparse step than 4096-row chunks at S = 50k, D = 512 on a 2-core EPYC). Every chunk
-# buffer comes from the head's workspace: a fresh 1 MiB tensor per chunk would be an mmap/munmap each.
-_CHUNK_ROWS = 512
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -115,10 +110,15 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
         if grad.dtype != rows.dtype:
             grad = grad.to(rows.dtype)
         ws = self.head.workspace
-        for lo in range(0, idx.numel(), _CHUNK_ROWS):
-            ci = idx[lo: lo + _CHUNK_ROWS]
-            r = rows[lo: lo + _CHUNK_ROWS]
-            self._update_rows(ci, r, grad[lo: lo + _CHUNK_ROWS], group)
+        # Chunks of rows (partialfc.blocking): on the CPU 512 rows, so that a chunk gathered from the
+        # optimizer state stays in cache through its update and its scatter back; 64k on a GPU, where
+        # each chunk's operations are kernel launches. Every chunk buffer comes from the head's
+        # workspace: on the CPU a fresh 1 MiB tensor per chunk would be an mmap/munmap each.
+        chunk = blocking.blocking_for(p.device.type).update_rows
+        for lo in range(0, idx.numel(), chunk):
+            ci = idx[lo: lo + chunk]
+            r = rows[lo: lo + chunk]
+            self._update_rows(ci, r, grad[lo: lo + chunk], group)
             # Scattered chunk by chunk, while the updated rows are still in cache.
             _scatter(p, ci, r, ws, "weight_rows_store")
 
@@ -252,6 +252,19 @@ class PartialFCAdamW(SparseHeadOptimizer):
     def row_state(self) -> dict[str, torch.Tensor]:
         st = self.state[self.head.weight]
         return {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "row_step": st["row_step"]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load casts every state tensor but ``step`` to its parameter's dtype: ``row_step``
+        (int64) would become a float (bf16 for a bf16 head, which stops counting at 256, after which
+        the bias correction freezes) and a bf16 head's fp32 moments would be rounded to bf16. The
+        shard's state is taken from ``state_dict`` again, in the dtypes this optimizer keeps it in."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"].get(0, {})  # the shard is parameter 0 (group "head_shard")
+        w = self.head.weight
+        cdt = compute_dtype(w.dtype)
+        for key, dtype in (("exp_avg", cdt), ("exp_avg_sq", cdt), ("row_step", torch.int64)):
+            if key in saved:
+                self.state[w][key] = saved[key].to(device=w.device, dtype=dtype, copy=True)
 
     def b_state(self) -> dict[str, torch.Tensor]:
         b = self.head.b

@@ -121,8 +121,8 @@ def _one_line(error: BaseException) -> str:
 def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path, write: Writer) -> None:
     kind = optimizer.kind if optimizer is not None else "sgd"
     if head.end > head.start:
-        state = (optimizer.row_state() if optimizer is not None
-                 else {"momentum": torch.zeros_like(head.weight)})
+        state = (optimizer.row_state() if optimizer is not None  # zeros in host memory, not on the GPU
+                 else {"momentum": torch.zeros(head.weight.shape, dtype=head.weight.dtype)})
         tensors = {"weight": head.weight.detach().contiguous(),
                    **{k: v.detach().contiguous() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from discface.margins import Margin, target_cos_with_margin
+from partialfc import blocking
 from partialfc.collectives import Group, all_reduce_max_, all_reduce_sum_
 
 
@@ -46,19 +47,25 @@ class Workspace:
 
     On CPU every fresh multi-MB tensor is a new ``mmap`` whose pages fault in on first touch: for the
     head's S_k x d and N x S_k tensors that costs as much as the memory-bound work itself. Reusing them
-    removes it (on GPU the caching allocator does this already; reuse is harmless there). A tensor
-    handed out is valid until the next request under the same name; autograd's version counter
-    (shared by views of one buffer) turns a misuse, e.g. a second forward before the first backward,
-    into an error instead of wrong gradients.
+    removes it. On a GPU the caching allocator already reuses freed blocks without that cost, and
+    buffers kept from step to step would stay allocated through the backbone's forward and backward
+    (2 N x S_k x 4 bytes of logits alone: 4 GB at N = 512, S_k = 1M), so by default (``enabled=None``)
+    tensors are reused on the CPU only. A tensor handed out is valid until the next request under the
+    same name; autograd's version counter (shared by views of one buffer) turns a misuse, e.g. a second
+    forward before the first backward, into an error instead of wrong gradients.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = enabled
         self._bufs: dict[str, torch.Tensor] = {}
 
+    def reuses(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` are kept: ``enabled``, or when None, on the CPU only."""
+        return self.enabled if self.enabled is not None else device.type == "cpu"
+
     def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-        if not self.enabled:
+        if not self.reuses(device):
             return torch.empty(tuple(shape), dtype=dtype, device=device)
         numel = 1
         for s in shape:
@@ -104,17 +111,21 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                 grad_name: str = "grad_weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The communication of the whole loss, in order: one all-reduce MAX of the N row maxima, one
         # all-reduce SUM of the N partition functions and N target logits (packed). The rest is local.
-        logits, row_max, inv, cos_t, target, blocks = _margin_logits(z, weight, rows, cols, scale, margin,
-                                                                     workspace)
-        all_reduce_max_(row_max, group)
-        packed = _exp_and_target(logits, row_max, rows, target, blocks)
-        all_reduce_sum_(packed, group, "all_reduce_sum_softmax")
+        # fp32 (fp64) logits under any autocast region: at s = 64 bf16 logits miss the loss by 1e-3 and
+        # more, and the in-place passes need one dtype throughout.
+        with torch.autocast(z.device.type, enabled=False):
+            logits, row_max, inv, cos_t, target, blocks = _margin_logits(z, weight, rows, cols, scale, margin,
+                                                                         workspace)
+            all_reduce_max_(row_max, group)
+            packed = _exp_and_target(logits, row_max, rows, target, blocks)
+            all_reduce_sum_(packed, group, "all_reduce_sum_softmax")
         sum_exp, target_all = packed[0], packed[1]
         loss = (torch.log(sum_exp) + row_max - target_all).mean()
 
         # ``logits`` now holds exp(l - m): the unnormalised probabilities the backward scales by 1/Z.
         ctx.save_for_backward(z, weight, inv, rows, cols, logits, sum_exp, cos_t)
         ctx.scale, ctx.margin, ctx.workspace, ctx.grad_name = scale, margin, workspace, grad_name
+        ctx.device_type = z.device.type
         ctx.set_materialize_grads(False)
         z_own = z.index_select(0, rows)
         w_own = weight.index_select(0, cols) * inv.index_select(0, cols).unsqueeze(1)
@@ -123,6 +134,12 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,  # type: ignore[override]
                  grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
+        with torch.autocast(ctx.device_type, enabled=False):  # a backward run inside autocast: fp32 still
+            return ShardedMarginSoftmaxCE._backward(ctx, grad, grad_z_own, grad_w_own)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor | None, grad_z_own: torch.Tensor | None,
+                  grad_w_own: torch.Tensor | None) -> tuple[Any, ...]:
         # No communication: the embedding gradient is summed over ranks by the all-gather's backward.
         z, weight, inv, rows, cols, exps, sum_exp, cos_t = ctx.saved_tensors
         if grad is None:
@@ -173,10 +190,11 @@ def _margin_logits(z: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, co
     cos_t = logits[rows, cols] * inv.index_select(0, cols)
     target = target_cos_with_margin(cos_t, margin) * scale
     col_scale = (inv * scale).unsqueeze(0)
-    # The elementwise work on the N x S_k logits runs over blocks of rows small enough to stay in cache,
-    # so that each group of operations costs one pass over memory instead of one per operation. ``rows``
-    # is sorted (it comes from nonzero), so each block's targets are a slice.
-    blocks = _row_blocks(n, shape[1] * logits.element_size(), rows)
+    # The elementwise work on the N x S_k logits runs over blocks of rows (on the CPU small enough to stay
+    # in cache, so that each group of operations costs one pass over memory instead of one per operation;
+    # one block on a GPU: partialfc.blocking). ``rows`` is sorted (it comes from nonzero), so each block's
+    # targets are a slice.
+    blocks = _row_blocks(n, shape[1] * logits.element_size(), rows, logits.device)
     row_max = logits.new_full((n,), float("-inf"))
     for lo, hi, t_lo, t_hi in blocks:
         blk = logits[lo:hi].mul_(col_scale)
@@ -216,7 +234,7 @@ def _logit_grad(g: torch.Tensor, scale: float, margin: Margin, exps: torch.Tenso
                    else ws.get("grad_logits", exps.shape, exps.dtype, exps.device))
     row_scale = (g * scale) / sum_exp
     col_scale = inv.unsqueeze(0)
-    for lo, hi, _, _ in _row_blocks(exps.shape[0], exps.shape[1] * exps.element_size(), None):
+    for lo, hi, _, _ in _row_blocks(exps.shape[0], exps.shape[1] * exps.element_size(), None, exps.device):
         torch.mul(exps[lo:hi], row_scale[lo:hi].unsqueeze(1), out=grad_logits[lo:hi]).mul_(col_scale)
     p_target = exps[rows, cols] / sum_exp.index_select(0, rows)
     grad_logits[rows, cols] = (p_target - 1) * (g * scale) * dmargin * inv.index_select(0, cols)
@@ -230,7 +248,7 @@ def _through_row_norm_(grad_b: torch.Tensor, weight: torch.Tensor, inv: torch.Te
     update share one pass over B and W). Returns ``grad_b``, now (S_k, d) dL/dw."""
     inv2 = inv * inv
     d = weight.shape[1]
-    step = max(1, _DOT_BLOCK_BYTES // max(1, d * weight.element_size()))
+    step = blocking.blocking_for(weight.device.type).rows_per_dot_block(d * weight.element_size())
     blk_shape = (min(step, weight.shape[0]), d)
     scratch = (torch.empty(blk_shape, dtype=weight.dtype, device=weight.device) if ws is None
                else ws.get("dot_block", blk_shape, weight.dtype, weight.device))
@@ -243,20 +261,17 @@ def _through_row_norm_(grad_b: torch.Tensor, weight: torch.Tensor, inv: torch.Te
     return grad_b
 
 
-# Bytes of N x S_k logits handled per block (a few rows: well inside the last-level cache, so the
-# block's several elementwise operations read memory once) and of S_k x d rows per block in the
-# backward's row dot products.
-_LOGIT_BLOCK_BYTES = 2 << 20
-_DOT_BLOCK_BYTES = 1 << 20
-
-
-def _row_blocks(n: int, row_bytes: int, rows: torch.Tensor | None) -> list[tuple[int, int, int, int]]:
-    """Blocks ``(lo, hi, t_lo, t_hi)`` of the N logit rows, about ``_LOGIT_BLOCK_BYTES`` each; with the
-    sorted target rows ``rows`` given, ``rows[t_lo:t_hi]`` are the targets that fall in ``[lo, hi)``."""
-    step = max(1, _LOGIT_BLOCK_BYTES // max(1, row_bytes))
+def _row_blocks(n: int, row_bytes: int, rows: torch.Tensor | None,
+                device: torch.device) -> list[tuple[int, int, int, int]]:
+    """Blocks ``(lo, hi, t_lo, t_hi)`` of the N logit rows, ``blocking_for(device).logit_block_bytes``
+    each; with the sorted target rows ``rows`` given, ``rows[t_lo:t_hi]`` are the targets that fall in
+    ``[lo, hi)``."""
+    step = blocking.blocking_for(device.type).rows_per_logit_block(row_bytes)
     bounds = [*range(0, n, step), n]
     if rows is None:
         cut = [0] * len(bounds)
+    elif len(bounds) == 2:  # one block holds every target (no search, no device round trip)
+        cut = [0, rows.numel()]
     else:
         cut = torch.searchsorted(rows, torch.tensor(bounds, dtype=rows.dtype, device=rows.device)).tolist()
     return [(bounds[i], bounds[i + 1], cut[i], cut[i + 1]) for i in range(len(bounds) - 1)]
@@ -284,13 +299,16 @@ class RowNormalize(torch.autograd.Function):
         inv = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=1e-12).reciprocal_()
         out = x * inv
         ctx.save_for_backward(out, inv)
+        ctx.device_type = x.device.type
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out, inv = ctx.saved_tensors
-        # d(x/|x|) = (g - u (u . g)) / |x|
-        dot = torch.einsum("ij,ij->i", grad, out).unsqueeze(1)
+        # d(x/|x|) = (g - u (u . g)) / |x|; the row dots are a batched matmul, which a backward run
+        # inside an autocast region would otherwise take to bf16/fp16.
+        with torch.autocast(ctx.device_type, enabled=False):
+            dot = torch.einsum("ij,ij->i", grad, out).unsqueeze(1)
         return torch.addcmul(grad, out, dot, value=-1).mul_(inv)
 
 

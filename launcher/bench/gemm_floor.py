@@ -46,10 +46,12 @@ class GemmFloor:
     def __init__(self, n: int, s: int, d: int, dtype: Any, device: Any) -> None:
         import torch
 
-        gen = torch.Generator(device="cpu").manual_seed(1234)
+        # Drawn on the device: at the largest C a GPU holds, the S x D operand is ~1G values, 10-20 s for
+        # one CPU thread. Random values, not zeros: a GPU's matmul runs faster on zeros.
+        gen = torch.Generator(device=device).manual_seed(1234)
         self.device = device
-        self.z = torch.randn(n, d, generator=gen, dtype=dtype).to(device)
-        self.w = torch.randn(s, d, generator=gen, dtype=dtype).to(device)
+        self.z = torch.randn(n, d, generator=gen, dtype=dtype, device=device)
+        self.w = torch.randn(s, d, generator=gen, dtype=dtype, device=device)
         self.g = torch.empty(n, s, dtype=dtype, device=device)
         self.grad_z = torch.empty(n, d, dtype=dtype, device=device)
         self.grad_w = torch.empty(s, d, dtype=dtype, device=device)

@@ -48,7 +48,7 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
     peak = busiest["head_peak_bytes"]
     sent_all = [b for r in ranks for b in r["bytes_sent"]]
     plan = plan_rank(cfg.num_classes, cfg.world_size, cfg.batch, cfg.dim, cfg.sample_rate, "fp32",
-                     discface=cfg.discface_lambda > 0)
+                     discface=cfg.discface_lambda > 0, device="cpu" if device_desc.startswith("CPU") else "cuda")
     return {
         "step_s": step_s,
         "gemm_floor_s": floor_s,
@@ -76,6 +76,8 @@ def summarise(cfg: BenchConfig, ranks: list[dict[str, Any]], device_desc: str) -
             "step_peak_above_weights_plus_momentum": peak - shard_wm,
         },
         "phase_peak_bytes": busiest["phase_peak_bytes"],
+        # One extra step under the profiler, the busiest rank's (launch_count.launches_in_one_step).
+        "launches_per_step": max((r["launches_per_step"] for r in ranks), key=lambda x: x["kernels"]),
         "memory_method": busiest["memory_method"],
         "num_sampled_per_rank": [max(r["num_sampled"]) for r in ranks],
         "shard_rows_per_rank": [r["shard_rows"] for r in ranks],
@@ -101,6 +103,7 @@ def format_summary(res: dict[str, Any]) -> str:
     fl = res["gemm_floor_parts_s"]
     mp_ = res["memory_parts_bytes"]
     pl = res["planner"]
+    ls = res["launches_per_step"]
     lines = [
         f"pfc bench head: C={cfg['num_classes']:,} D={cfg['dim']} B={cfg['batch']}/rank "
         f"W={cfg['world_size']} r={cfg['sample_rate']} discface_lambda={cfg['discface_lambda']} "
@@ -130,5 +133,8 @@ def format_summary(res: dict[str, Any]) -> str:
         f"{pl['measured_over_planned_memory']:.3f}",
         f"bytes sent per step per rank: {hb(res['bytes_sent_per_step_per_rank'])} "
         f"(planner, ring model: {hb(pl['comm_bytes_per_step'])})",
+        "launches in one step: " + (
+            f"{ls['kernels']} GPU kernels/copies, {ls['syncs']} host-device synchronisations" if "syncs" in ls
+            else f"{ls['kernels']} aten operators (CPU)"),
     ]
     return "\n".join(lines)

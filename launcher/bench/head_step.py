@@ -35,6 +35,7 @@ from data_pipeline.loader_bench import load_average
 from launcher.bench.gemm_floor import GemmFloor, floor_after, sync
 from launcher.bench.head_memory import PeakMemory, PhasePeaks, pin_mmap_threshold, tensor_bytes
 from launcher.bench.head_results import summarise
+from launcher.bench.launch_count import launches_in_one_step
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,8 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     phases = PhasePeaks(mem)
     log = _timed_steps(cfg, rank, head, opt, embeddings, labels_all, floor, phases, barrier, device)
     resident = mem.current()
+    barrier()
+    launches = launches_in_one_step(head, opt, embeddings, labels_all[-1].to(device), device)
     shard_rows = int(head.weight.shape[0])
     weight_bytes = head.weight.numel() * head.weight.element_size()
     opt_state_bytes = tensor_bytes(opt.state_dict().get("state", {}))
@@ -295,7 +298,7 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "resident_after_build_bytes": after_build, "resident_after_steps_bytes": resident,
         "weight_bytes": weight_bytes, "optimizer_state_bytes": opt_state_bytes,
         "gemm_floor": floor.result(), "gemm_floor_shape_nsd": floor.shape_nsd, "gemm_floor_mode": floor_mode,
-        "memory_method": mem.method,
+        "memory_method": mem.method, "launches_per_step": launches,
     }
 
 

@@ -107,14 +107,18 @@ def plan_cmd(
                                   help="Count DiscFace's all-reduces (a scalar and b's gradient)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="Head optimizer (optim.name): sgd|adamw."),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per step (optim.grad_accum)."),
+    device: str = typer.Option("cuda", "--device",
+                               help="cuda|cpu: the device the ranks train on (the head's scratch chunks are a "
+                                    "few hundred MiB on a GPU, a few MiB on the CPU)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON here."),
 ) -> None:
     """Memory and communication per rank for a run, across world sizes."""
     try:
         world_list = parse_worlds(worlds)
-        plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface, optimizer, grad_accum)
+        plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface, optimizer, grad_accum,
+                         device)
         table = plan_table(classes, [*world_list, world_size], batch, dim, sample_rate, dtype, discface,
-                           optimizer, grad_accum)
+                           optimizer, grad_accum, device)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     _print_human(plan, table)

@@ -98,10 +98,42 @@ def test_logits_stay_fp32_under_autocast(dev: torch.device, amp: torch.dtype) ->
     with torch.autocast(dev.type, dtype=amp):
         loss = head(emb, y)
     assert loss.dtype == torch.float32
-    assert head.workspace._bufs and all(t.dtype == torch.float32 for t in head.workspace._bufs.values())
+    # The head's buffers (reused on the CPU only: partialfc.softmax.Workspace) are fp32 too.
+    assert all(t.dtype == torch.float32 for t in head.workspace._bufs.values())
+    assert bool(head.workspace._bufs) == head.workspace.reuses(dev)
     assert rel_err(loss.detach(), ref) < 1e-6, (float(loss), float(ref))
     loss.backward()  # and the gradient reaches the backbone through the amp embeddings
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
+
+
+def test_head_launches_stay_flat_as_classes_grow(dev: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every operation is a kernel launched from Python: one training step of the head must
+    launch as many at 8x the classes (partialfc.blocking; 5k and 40k sampled rows). Device-side events
+    (kernels, copies) on CUDA; on the CPU stand-in, aten operators under the accelerator's blocking."""
+    from partialfc import blocking
+    from tests.partialfc.test_blocking import ops_in_one_step
+
+    if dev.type == "cpu":
+        monkeypatch.setattr(blocking, "blocking_for", lambda device_type: blocking.ACCELERATOR)
+    small, large = ops_in_one_step(10_000, dev), ops_in_one_step(80_000, dev)
+    assert large <= small + 20, (small, large)
+
+
+def test_sampler_draws_the_cpus_sets_on_the_device(dev: torch.device) -> None:
+    """The sampler draws where the labels are, from a counter-based stream in integer ops
+    (partialfc.counter_random): the same sets as on the CPU, both branches (few negatives: distinct draws;
+    many: sorted keys), so a resume on other hardware and the CPU float64 references see the same step."""
+    from partialfc.sampler import sample_classes
+
+    g = torch.Generator().manual_seed(5)
+    for shard, rate in ((1_000_000, 0.1), (300_000, 0.01), (50_000, 0.5), (7_000, 0.999)):
+        labels = torch.randint(0, 2 * shard, (512,), generator=g)
+        for step in (0, 1, 977):
+            cpu = sample_classes(labels, shard // 2, shard // 2 + shard, rate, seed=3, step=step, rank=1)
+            got = sample_classes(labels.to(dev), shard // 2, shard // 2 + shard, rate, seed=3, step=step, rank=1)
+            assert got.index.device.type == dev.type
+            assert torch.equal(got.index.cpu(), cpu.index), (shard, rate, step)
+            assert torch.equal(got.local_labels.cpu(), cpu.local_labels)
 
 
 def _small_cfg(tmp: Path, **extra: Any) -> Any:

@@ -48,9 +48,10 @@ def test_memory_hand_computed_fp32() -> None:
     sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
     # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
-    # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 8 bytes (one int64) per shard row.
+    # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 8 bytes (one int64) per shard row;
+    # the backward's row-dot scratch block (min(S, 1 MiB of rows) = S x D here).
     ws = 2 * ns + 2 * sd + sd
-    assert p.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb, "optimizer": ws}
+    assert p.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb + sd, "optimizer": ws}
     assert p.peak_phase == "forward"
     assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
     assert p.shard_weights_plus_momentum_bytes == 128
@@ -59,10 +60,12 @@ def test_memory_hand_computed_fp32() -> None:
 
 
 def test_memory_large_logits_and_half_precision() -> None:
-    # N x S dominates when N is large; the momentum chunk is capped at 512 rows.
+    # N x S dominates when N is large; the momentum chunk is capped at 512 rows. The peak is the backward's:
+    # its row-dot scratch (S x D fp32 here) outweighs the forward's sampler (8 bytes per shard row).
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
-    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 8 * 500 \
+    assert p.peak_phase == "backward"
+    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + s * 8 * 4 \
         + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
     assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
     # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
@@ -74,7 +77,7 @@ def test_memory_large_logits_and_half_precision() -> None:
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
     assert sd_e == sd_f // 2  # the fp16 gather fits in the fp32 gradient buffer
-    assert h.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb, "optimizer": ws}
+    assert h.phases == {"forward": ws + 8 * 4 + emb, "backward": ws + emb + sd_f, "optimizer": ws}
     assert h.total_bytes == 64 + h.phases["forward"]
 
 
@@ -148,7 +151,7 @@ def test_cli_prints_table_and_writes_json(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "Across world sizes" in res.output and "TOTAL per rank" in res.output
     doc = json.loads(out.read_text())
-    expect = plan_rank(10_000_000, 16, 128, 512, 0.1)
+    expect = plan_rank(10_000_000, 16, 128, 512, 0.1, device="cuda")  # the CLI plans for GPUs by default
     assert doc["plan"]["total_bytes"] == expect.total_bytes
     assert doc["plan"]["memory"] == expect.memory
     assert doc["plan"]["shard_rows"] == 625_000 and doc["plan"]["num_sample"] == 62_500
@@ -167,9 +170,29 @@ def test_cli_counts_the_head_optimizer_dtype_and_grad_accum(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "optimizer=adamw" in res.output
     doc = json.loads(out.read_text())
-    expect = plan_rank(1_000_000, 2, 64, 512, 1.0, "bf16", True, "adamw", 2)
+    expect = plan_rank(1_000_000, 2, 64, 512, 1.0, "bf16", True, "adamw", 2, device="cuda")
     assert doc["plan"]["memory"] == expect.memory and doc["plan"]["optimizer"] == "adamw"
     assert doc["plan"]["shard_weights_plus_momentum_bytes"] == 500_000 * 512 * (2 + 8) + 500_000 * 8
     bad = CliRunner().invoke(app, ["plan", "--classes", "10", "--world-size", "2", "--batch", "2",
                                    "--optimizer", "lamb"])
     assert bad.exit_code != 0 and "optimizer must be one of" in bad.output
+    cpu = CliRunner().invoke(app, ["plan", "--classes", "1000000", "--world-size", "2", "--batch", "64",
+                                   "--device", "cpu", "--json", str(out)])
+    assert cpu.exit_code == 0, cpu.output
+    assert json.loads(out.read_text())["plan"]["memory"] == plan_rank(1_000_000, 2, 64, 512, 1.0).memory
+    bad = CliRunner().invoke(app, ["plan", "--classes", "10", "--world-size", "2", "--batch", "2", "--device", "tpu"])
+    assert bad.exit_code != 0 and "device must be 'cpu' or 'cuda'" in bad.output
+
+
+def test_gpu_plan_counts_the_accelerator_chunks() -> None:
+    """On a GPU the head's scratch goes by 64k-row chunks and 128 MiB dot blocks (partialfc.blocking),
+    on the CPU by 512 rows and 1 MiB: the plan counts the device's."""
+    cpu = plan_rank(10_000_000, 1, 512, 512, 0.1)
+    gpu = plan_rank(10_000_000, 1, 512, 512, 0.1, device="cuda")
+    assert cpu.memory["optimizer_chunks"] == 512 * 512 * 4
+    assert gpu.memory["optimizer_chunks"] == 65536 * 512 * 4
+    s = gpu.num_sample
+    assert s == 1_000_000
+    back = gpu.phases["backward"] - cpu.phases["backward"]
+    assert back == (65536 - 512) * 512 * 4 + (65536 - 512) * 512 * 4  # chunks and the row-dot scratch
+    assert gpu.device == "cuda" and gpu.to_dict()["device"] == "cuda"

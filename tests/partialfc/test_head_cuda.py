@@ -9,7 +9,8 @@ import torch
 from partialfc import PartialFC
 from tests.partialfc.reference import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Marked gpu: scripts/gpu_check.py runs it on the GPU machine.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # Relative error of the step's change: fp32 compute (1e-5; TF32 is off by default for matmuls) plus one
 # rounding of the stored weight to nearest (2^-9 bf16, 2^-12 fp16 of weights about as large as the change).

@@ -202,3 +202,31 @@ def test_adamw_state_is_checkpointed_and_resharded(tmp_path: Path) -> None:
         load_head(sgd_head, sgd_head.make_optimizer(lr=0.1), tmp_path)
     load_head(sgd_head, None, tmp_path)  # the weights alone load into any head
     assert torch.equal(sgd_head.weight.detach(), _cat(saved, "weight"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_state_dict_round_trip_keeps_state_dtypes(dtype: torch.dtype) -> None:
+    """load_state_dict on the same world size: row_step stays int64 past 256 updates (a bf16 count stops
+    there) and a bf16 head's moments stay fp32; the next step equals the original optimizer's."""
+    c, d = 40, 8
+    heads = [PartialFC(c, d, sample_rate=1.0, margin=MARGIN, scale=SCALE, seed=4, dtype=dtype) for _ in range(2)]
+    opts = [h.make_optimizer(lr=0.01, name="adamw") for h in heads]
+    opts[0].state[heads[0].weight]["row_step"].fill_(300)  # as after 300 updates (bf16 holds 300 as 300)
+    g = torch.Generator().manual_seed(3)
+    f, y = _batch(g, c, 8, d)
+    heads[0](f.float(), y).backward()
+    opts[0].step()
+    opts[0].zero_grad()
+    heads[1].load_state_dict(heads[0].state_dict())
+    opts[1].load_state_dict(opts[0].state_dict())
+    st = opts[1].state[heads[1].weight]
+    assert st["row_step"].dtype == torch.int64 and int(st["row_step"][0]) == 301
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(st["exp_avg_sq"], opts[0].state[heads[0].weight]["exp_avg_sq"])
+    f, y = _batch(g, c, 8, d)
+    for h, o in zip(heads, opts, strict=True):
+        h.step = heads[0].step
+        h(f.float(), y).backward()
+        o.step()
+    assert torch.equal(heads[0].weight, heads[1].weight)
+    assert int(opts[1].state[heads[1].weight]["row_step"][0]) == 302
