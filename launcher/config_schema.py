@@ -246,6 +246,12 @@ class DistConfig(Section):
     # refused until the trainer saves through DeepSpeed's gathered state dict.
     zero_stage: int = Field(0, ge=0, le=2)
     timeout_s: float = Field(600.0, gt=0.0)
+    group_for_one_rank: bool = Field(
+        False, description="create a process group even with one rank (no torchrun, or torchrun with one "
+        "process), so that the DDP wrapper and its comm hook, the non-finite all-reduce, the checkpoint "
+        "agreements, the evaluation gathers and the hang watchdog run through dist.backend (NCCL on a GPU) "
+        "as with many ranks: a way to exercise those paths on one GPU; results equal the run without a group. "
+        "dist.engine=deepspeed always gets one")
 
     @field_validator("zero_stage", mode="before")
     @classmethod
@@ -274,6 +280,11 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.dist.engine == "ddp" and self.dist.zero_stage:
             raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
+        if self.dist.engine == "deepspeed" and self.train.amp == "fp16":
+            raise ValueError("train.amp=fp16 does not work with dist.engine=deepspeed: DeepSpeed's fp16 mode casts "
+                             "the backbone's weights to half, but the backbones keep their embedding layers (FC "
+                             "and BatchNorm) in float32, so the first forward fails; use train.amp=bf16 with "
+                             "DeepSpeed, or train.amp=fp16 with dist.engine=ddp")
         if self.checkpoint.keep_best is not None:
             wanted = self.checkpoint.keep_best.rpartition(":")[0]
             names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}

@@ -121,8 +121,9 @@ def rank_environment() -> tuple[int, int, int, int]:
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_rank_group: bool = False) -> DistContext:
     """Create the default process group when there is more than one rank; pick device and backend.
 
-    ``single_rank_group``: with one process (no torchrun), still create a 1-rank group on loopback, for
-    engines that need a process group even alone (DeepSpeed), as DDP runs without one.
+    ``single_rank_group``: with one rank (no torchrun, or torchrun with one process), still create a 1-rank
+    group on loopback: DeepSpeed needs one even alone, and ``dist.group_for_one_rank`` asks for one so that
+    DDP and every collective of the trainer run through the backend (NCCL on one GPU) as with many ranks.
     """
     rank, world, local, local_world = rank_environment()
     cuda = torch.cuda.is_available()

@@ -11,7 +11,7 @@ import typer
 
 from launcher.commands.groups import app
 from launcher.commands.output import config_or_exit, fail, user_errors
-from launcher.config import build_overrides
+from launcher.config import Config, build_overrides
 
 
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
@@ -72,8 +72,7 @@ def train_cmd(
     # Handlers first: a stop signal that arrives during the rendezvous or data loading is kept and acted on
     # at the first step boundary instead of killing the rank.
     stop = StopRequest(cfg.train.stop_signals).install()
-    # DeepSpeed needs a process group even alone: one process gets a 1-rank group, as DDP runs without one
-    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=cfg.dist.engine == "deepspeed")
+    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=wants_one_rank_group(cfg))
     setup_logging(ctx.rank)
     try:
         summary = train(cfg, ctx, stop=stop)
@@ -88,6 +87,12 @@ def train_cmd(
         raise typer.Exit(code=rank_stopped_exit_code())
     if ctx.is_main:
         typer.echo(f"run finished: {summary['steps']} steps in {summary['seconds']:.1f}s -> {cfg.output}")
+
+
+def wants_one_rank_group(cfg: Config) -> bool:
+    """Whether one rank alone still gets a process group: DeepSpeed needs one, and ``dist.group_for_one_rank``
+    asks for one so that the multi-rank code paths (DDP, the agreements, the gathers) run on a single device."""
+    return bool(cfg.dist.engine == "deepspeed" or cfg.dist.group_for_one_rank)
 
 
 def stopped_since(output: Path, started: float) -> bool:

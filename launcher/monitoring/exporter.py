@@ -279,7 +279,8 @@ class TrainingMetrics:
             # the trainer sends xi_norm 0.0 with DiscFace off: absent then, not zero
             if key in scalars and (key != "xi_norm" or "loss_disc" in scalars):
                 g.labels(**lab).set(float(scalars[key]))
-        finite = bool(scalars.get("finite", 1.0))
+        # an fp16 loss-scale back-off skips the step but is no fault (launcher.trainer.step.is_loss_scale_backoff)
+        finite = bool(scalars.get("finite", 1.0)) or bool(scalars.get("scale_backoff", 0.0))
         self.finite.labels(**lab).set(1.0 if finite else 0.0)
         if not finite:
             cause = "loss" if scalars.get("nonfinite_loss", 0.0) else "gradient"

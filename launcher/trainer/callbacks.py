@@ -5,14 +5,17 @@ export the step's values (:meth:`observe`), evaluate on the verification sets an
 (:meth:`evaluate_every`), save a checkpoint (:meth:`checkpoint_every`). A stop signal that every rank
 agreed on ends the run through :meth:`save_on_stop`. The callbacks own the run's outputs besides the
 checkpoints: the Prometheus exporter, ``metrics.jsonl`` and the console, the trackers, ``best/``.
+Evaluations and saves tell the hang watchdog at their start and end (:meth:`long_phase`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.monitoring.exporter import TrainingMetrics, resolve_run_id
 from launcher.monitoring.trackers import Trackers
+from launcher.trainer import faults
 from launcher.trainer.batches import TrainData
 from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointWriteError
 from launcher.trainer.checkpointer import Checkpointer
@@ -29,6 +33,7 @@ from launcher.trainer.evaluation import evaluate_bins
 from launcher.trainer.finetune import BestKeeper
 from launcher.trainer.progress import ProgressLogger
 from launcher.trainer.step import NonFiniteSteps
+from launcher.trainer.watchdog import HangWatchdog
 from partialfc import PartialFC
 
 log = logging.getLogger("pfc")
@@ -58,9 +63,10 @@ class RunCallbacks:
     """The loop's hooks and the run's outputs; a context manager that closes them (every rank)."""
 
     def __init__(self, c: Components, cfg: Config, ctx: DistContext, data: TrainData, checkpointer: Checkpointer,
-                 last_step: int) -> None:
+                 last_step: int, watchdog: HangWatchdog | None = None) -> None:
         self.c, self.cfg, self.ctx, self.data, self.checkpointer = c, cfg, ctx, data, checkpointer
         self.last_step = last_step
+        self.watchdog = watchdog
         out = Path(cfg.output)
         self.metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                                        world_size=ctx.world_size,
@@ -76,6 +82,20 @@ class RunCallbacks:
         self.saved_step = -1  # step of the last successful save of this run
         self.evals: dict[str, Any] | None = None  # the last evaluation
         self.stopped: dict[str, Any] | None = None  # set when a stop signal ended the run
+
+    @contextlib.contextmanager
+    def long_phase(self, step: int) -> Iterator[None]:
+        """An evaluation or a save after ``step``: progress for the hang watchdog at its start and at its end.
+
+        The watchdog stops the run when a rank makes no progress for ``dist.timeout_s``; without these, the
+        step, the evaluation and the save together had to fit in it (a large head written to a shared file
+        system, many verification sets). Each phase alone must still, as each collective in it must."""
+        if self.watchdog is not None:
+            self.watchdog.progress(step)
+        faults.maybe_slow_phase(step, self.ctx.rank)
+        yield
+        if self.watchdog is not None:
+            self.watchdog.progress(step)
 
     def __enter__(self) -> RunCallbacks:
         self.metrics.start()
@@ -119,14 +139,15 @@ class RunCallbacks:
         if not cfg.data.val_bins or not due(step, cfg.eval.every_steps, cfg.train.steps):
             return
         roc_dir = Path(cfg.output) / "roc" if self.trackers.wants_roc else None
-        evals = evaluate_bins(self.c.engine.module, cfg.data.val_bins, cfg, self.ctx, roc_dir=roc_dir)
-        self.metrics.observe_eval(evals)
-        self.trackers.evaluation(step, evals)
-        self.c.engine.train()
-        self.progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
-                                  for m in ("accuracy", "accuracy_std")}, quiet=True)
-        self.evals = evals
-        self.best.observe(step, evals, self.c.engine.module, self.c.backbone_config)
+        with self.long_phase(step):  # the sets, then best/ (rank 0 may write a backbone there)
+            evals = evaluate_bins(self.c.engine.module, cfg.data.val_bins, cfg, self.ctx, roc_dir=roc_dir)
+            self.metrics.observe_eval(evals)
+            self.trackers.evaluation(step, evals)
+            self.c.engine.train()
+            self.progress.emit(step, {f"val_{Path(k).stem}_{m}": v[m] for k, v in evals.items()
+                                      for m in ("accuracy", "accuracy_std")}, quiet=True)
+            self.evals = evals
+            self.best.observe(step, evals, self.c.engine.module, self.c.backbone_config)
 
     def checkpoint_every(self, step: int) -> None:
         """Every ``checkpoint.every_steps`` and at the last step. No save while steps are being skipped: the
@@ -136,7 +157,8 @@ class RunCallbacks:
             return
         t0 = time.perf_counter()
         try:
-            self.checkpointer.save(step)
+            with self.long_phase(step):
+                self.checkpointer.save(step)
         except CheckpointWriteError as e:
             # Training state is intact in memory: keep going and try again at the next interval.
             self.ckpt_failures += 1
@@ -155,7 +177,8 @@ class RunCallbacks:
         if self.saved_step == step:
             path = CheckpointPaths(self.checkpointer.root).latest()
         elif self.nonfinite.in_a_row == 0:
-            path = self.checkpointer.save(step)
+            with self.long_phase(step):
+                path = self.checkpointer.save(step)
             self.saved_step = step
         name = signal.Signals(signum).name
         log.warning(f"{name}: stopped after step {step}; "
@@ -165,5 +188,6 @@ class RunCallbacks:
     def summary(self, step: int, seconds: float) -> dict[str, Any]:
         """The run summary (same on every rank)."""
         return {"steps": step, "seconds": seconds, "skipped_nonfinite": self.nonfinite.skipped,
+                "loss_scale_backoffs": self.nonfinite.scale_backoffs,
                 "skipped_records": self.data.skipped_records, "final": self.progress.last, "eval": self.evals or {},
                 "world_size": self.ctx.world_size, "stopped": self.stopped}

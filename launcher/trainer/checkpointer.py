@@ -153,13 +153,25 @@ class EngineState:
         elif saved.rank_state is not None and "engine" in saved.rank_state:
             self.engine.load_state_dict(saved.rank_state["engine"])
         else:
+            # No saved fp32 master to load: ZeRO's own copy (of the initial weights) is refreshed from the
+            # backbone weights just loaded, or its first step would put the initial weights back.
+            self.engine.weights_loaded()
             log.warning("DeepSpeed optimizer state is partitioned per rank: on a new world size the "
                         "backbone weights and the LR schedule are restored and its optimizer state starts fresh")
         self.engine.resume_at(saved.step)
 
 
+@dataclass
 class RandomState:
-    """This rank's torch, numpy and python RNG states (rank/; restored on the same world size only)."""
+    """This rank's torch, numpy and python RNG states, and on a GPU its CUDA generator's (rank/; restored on
+    the same world size only).
+
+    The CUDA generator drives the randomness drawn on the device (dropout, the ViTs' drop_path and token
+    masking): without it a resumed run would replay those draws from the seed. A state saved on a GPU
+    loads in a CPU-only process, which has no CUDA generator to restore (the entry is left unused), and a
+    CPU-written state loads on a GPU, whose generator then keeps its seeded state."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def save(self, into: CheckpointContents) -> None:
         assert into.rank_state is not None
@@ -170,6 +182,8 @@ class RandomState:
                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
             "python": repr(random.getstate()),
         }
+        if self.device.type == "cuda":
+            into.rank_state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def load(self, saved: CheckpointContents) -> None:
         if saved.rank_state is None:
@@ -179,6 +193,8 @@ class RandomState:
         n = state["numpy"]
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
         random.setstate(ast.literal_eval(state["python"]))
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
 
 class Checkpointer:
@@ -227,7 +243,9 @@ def _refused_file(ckpt: Path, rank: int) -> Path | str:
     for f in (ckpt / "trainer_state.pt", ckpt / "rank" / f"rank_{rank:05d}.pt"):
         try:
             if f.is_file():
-                torch.load(f, weights_only=True)  # safe: the restricted unpickler runs no code
+                # safe: the restricted unpickler runs no code; on the CPU, as the resume read it (a GPU-written
+                # file would otherwise fail here on a CPU-only machine and hide the refusal)
+                torch.load(f, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError:
             return f
     return f"a file of {ckpt}"
@@ -241,7 +259,7 @@ def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: Tr
     parts.update(head=HeadState(c.head, c.head_opt, c.head_sched),
                  backbone=BackboneWeights(c.engine.module, c.backbone_config),
                  engine=EngineState(c.engine, per_rank=cfg.dist.engine == "deepspeed"),
-                 rng=RandomState())
+                 rng=RandomState(ctx.device))
     return Checkpointer(checkpoints_folder(cfg), parts, ctx, cfg.checkpoint.keep_last)
 
 

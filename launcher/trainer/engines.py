@@ -40,13 +40,14 @@ class BackboneEngine(Protocol):
     def clip_and_norm(self) -> torch.Tensor: ...
     def last_grad_norm(self) -> float | None: ...
     def loss_scale(self) -> float: ...
-    def step(self) -> None: ...
+    def step(self) -> bool: ...
     def skip(self) -> None: ...
     def zero_grad(self) -> None: ...
     def lr(self) -> float: ...
     def resume_at(self, done: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+    def weights_loaded(self) -> None: ...
     def train(self, mode: bool = True) -> None: ...
 
 
@@ -174,18 +175,21 @@ class DDPEngine:
         """The fp16 loss scale the last backward used (1 without a scaler)."""
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Step the optimizer; True: the step was applied (the trainer has already vetoed non-finite ones)."""
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
             self.opt.step()
         self.sched.step()
+        return True
 
     def skip(self) -> None:
+        """The schedule counts the step; the scaler backs off if it saw the overflow (a back-off is normal)."""
         if self.scaler is not None:
             self.scaler.update()
-        self.sched.step()
+        schedule_at(self.sched, self.sched.last_epoch + 1)  # no "step before optimizer.step()" warning
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -207,6 +211,9 @@ class DDPEngine:
         """After ``done`` steps: the config's optimizer settings, and its LR schedule at that step."""
         reapply(self.opt, self.config_groups)
         schedule_at(self.sched, done)
+
+    def weights_loaded(self) -> None:
+        """Nothing to refresh: the optimizer steps the module's own parameters."""
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -236,10 +243,11 @@ class DeepSpeedEngine:
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
             # train.amp=bf16 is the trainer's autocast, as under DDP: fp32 weights, bf16 compute. DeepSpeed's
-            # own bf16 mode casts the weights (not the inputs, nor BatchNorm's statistics, nor the fp32
-            # embedding layers the backbones keep) and crashed at the first step.
+            # own bf16 and fp16 modes cast the weights (not the inputs, nor BatchNorm's statistics, nor the
+            # fp32 embedding layers the backbones keep) and crash at the first forward, so both stay off:
+            # the config refuses train.amp=fp16 with DeepSpeed, and nothing here scales the loss.
             "bf16": {"enabled": False},
-            "fp16": {"enabled": cfg.train.amp == "fp16"},
+            "fp16": {"enabled": False},
             # DeepSpeed clips to 1.0 unless told otherwise; 0 disables it, as grad_clip=None does for DDP.
             "gradient_clipping": cfg.optim.grad_clip or 0.0,
         }
@@ -270,15 +278,29 @@ class DeepSpeedEngine:
         return torch.zeros(())
 
     def loss_scale(self) -> float:
-        opt = self.engine.optimizer
-        return float(getattr(opt, "cur_scale", 1.0)) if self.engine.fp16_enabled() else 1.0
+        """1: DeepSpeed's fp16 mode (its loss scaler) is never enabled here (see ``__init__``)."""
+        return 1.0
 
     def last_grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Step the backbone; False when ZeRO skipped the step itself.
+
+        The trainer's veto cannot see the backbone's gradients under DeepSpeed (:meth:`clip_and_norm`):
+        ZeRO-1/2 compute their norm inside ``engine.step()`` and skip the step when it is not finite
+        (an "overflow"). The trainer then skips the head's step too and counts the step as non-finite, as
+        DDP's veto would have; the schedule, which DeepSpeed leaves where it was, is advanced here."""
         self.engine.step()
+        return self._schedule_even_if_skipped()
+
+    def _schedule_even_if_skipped(self) -> bool:
+        """After ``engine.step()``: whether it was applied; if not, move the LR schedule on as DDP does."""
+        if self.engine.was_step_applied():
+            return True
+        schedule_at(self.sched, self.sched.last_epoch + 1)
+        return False
 
     def skip(self) -> None:
         """A step vetoed as non-finite: the weights and the optimizer state stay as they are, as under DDP.
@@ -287,17 +309,16 @@ class DeepSpeedEngine:
         boundary, clears the gradients and moves its counters and the schedule, and stepping on zeroed
         gradients would still apply weight decay and momentum. So its ``step()`` runs with the torch
         optimizer's own step made a no-op: ZeRO then writes its unchanged fp32 partitions back into the
-        parameters (the same values). When DeepSpeed saw the overflow itself (fp16) it skipped on its own
-        and backed the loss scale off, but left the schedule where it was: it is advanced here, so the
-        LR of every later step is the one DDP would use.
+        parameters (the same values). When ZeRO saw the non-finite gradients itself it skipped on its own
+        but left the schedule where it was: it is advanced then, so the LR of every later step is the one
+        DDP would use.
         """
         self.torch_opt.step = _no_step  # type: ignore[method-assign,assignment]  # an instance attribute, removed below
         try:
             self.engine.step()
         finally:
             del self.torch_opt.step
-        if not self.engine.was_step_applied():
-            schedule_at(self.sched, self.sched.last_epoch + 1)
+        self._schedule_even_if_skipped()
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -343,6 +364,13 @@ class DeepSpeedEngine:
         optimizer state is not)."""
         reapply(self.opt, self.config_groups)
         schedule_at(self.sched, done)
+
+    def weights_loaded(self) -> None:
+        """The module's weights were overwritten (a checkpoint's backbone): ZeRO-1/2 step a fp32 master copy of
+        them, cloned at ``initialize``, and their next step would copy that stale copy back over the loaded
+        weights; it is refreshed from the module's parameters here. (Stage 0 steps the parameters.)"""
+        if self.engine.zero_optimization():
+            self.opt.refresh_fp32_params()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

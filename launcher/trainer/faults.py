@@ -9,7 +9,11 @@
   (``RLIMIT_FSIZE``) is 4 KiB with SIGXFSZ ignored, so its writers fail as on a full disk (safetensors'
   ``SafetensorError``, ``torch.save``'s ``RuntimeError``, ``OSError`` EFBIG); the limit is restored after;
 * ``nan``       -- the loss of that step is made non-finite on every rank (``nan:5+`` from step 5 on);
-* ``stop``      -- this rank sends itself SIGSTOP right after finishing that step (a hung node: alive, silent).
+* ``nan_grad``  -- the gradient that reaches the backbone from the embeddings is made NaN in that step's
+  backward (the loss and the head's gradients stay finite: only the backbone's gradients are non-finite);
+* ``stop``      -- this rank sends itself SIGSTOP right after finishing that step (a hung node: alive, silent);
+* ``slow``      -- that step's evaluation and its checkpoint save each take ``SLOW_PHASE_S`` longer (this rank
+  sleeps at their start: a large verification set, a slow shared file system).
 
 A fault fires only on the first attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` 0), so a
 restarted job runs clean. Nothing here is active unless the variable is set.
@@ -21,6 +25,7 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,8 +45,9 @@ class Fault:
         return step >= self.step if self.onward else step == self.step
 
 
-_KINDS = ("kill", "ckpt_crash", "ckpt_enospc", "ckpt_fsize", "nan", "stop")
+_KINDS = ("kill", "ckpt_crash", "ckpt_enospc", "ckpt_fsize", "nan", "nan_grad", "stop", "slow")
 FSIZE_LIMIT = 4096
+SLOW_PHASE_S = 5.0
 
 
 def active_fault() -> Fault | None:
@@ -95,3 +101,13 @@ def checkpoint_file_size_limit(step: int, rank: int) -> Iterator[None]:
 
 def nan_loss(step: int, rank: int) -> bool:
     return _FAULT is not None and _FAULT.hits("nan", step, rank)
+
+
+def nan_backbone_grad(step: int, rank: int) -> bool:
+    return _FAULT is not None and _FAULT.hits("nan_grad", step, rank)
+
+
+def maybe_slow_phase(step: int, rank: int) -> None:
+    """At the start of an evaluation or a save: with ``slow`` for this step and rank, take longer."""
+    if _FAULT is not None and _FAULT.hits("slow", step, rank):
+        time.sleep(SLOW_PHASE_S)

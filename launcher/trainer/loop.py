@@ -56,8 +56,8 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest) -> dict[str, Any]:
     last_step = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     t_start = time.perf_counter()
     try:
-        with RunCallbacks(c, cfg, ctx, data, checkpointer, last_step) as callbacks, \
-                watching(ctx, cfg.dist.timeout_s) as watchdog:
+        with watching(ctx, cfg.dist.timeout_s) as watchdog, \
+                RunCallbacks(c, cfg, ctx, data, checkpointer, last_step, watchdog) as callbacks:
             step = train_steps(c, data, cfg, ctx, step, callbacks, stop, watchdog)
     finally:
         data.close()

@@ -23,7 +23,7 @@ from launcher.errors import UserError
 from launcher.trainer import faults
 from launcher.trainer.batches import Pixels, TrainData, to_model_input
 from launcher.trainer.components import Components
-from launcher.trainer.engines import scale_embedding_grad
+from launcher.trainer.engines import scale_embedding_grad, schedule_at
 from launcher.trainer.finetune import backbone_frozen, skip_backbone_step
 from partialfc import PartialFC
 
@@ -105,6 +105,8 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
                 emb = c.engine.forward(images)
             # float32 at least (a float64 backbone stays float64: exactness tests run the loop in float64)
             emb = scale_embedding_grad(emb.to(torch.promote_types(emb.dtype, torch.float32)), ctx.world_size)
+            if faults.nan_backbone_grad(step, ctx.rank) and emb.requires_grad:
+                emb.register_hook(lambda g: g * float("nan"))
             loss = c.head(emb, labels)
             if faults.nan_loss(step, ctx.rank):
                 loss = loss * float("nan")
@@ -121,27 +123,52 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
 def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss: float) -> dict[str, float]:
     """Step both optimizers, or skip the step on every rank when the loss or a gradient is non-finite on any.
 
-    Returns the gradient norm, the LR the step ran at and whether (and why not) the step was taken."""
-    unscale_head_grads(c.head, c.engine.loss_scale())  # before clip_and_norm's unscale changes the scale
+    Returns the gradient norm, the LR the step ran at, whether (and why not) the step was taken, and the
+    fp16 loss scale after it (``scale_backoff``: the skip was a normal back-off of that scale)."""
+    scale = c.engine.loss_scale()
+    unscale_head_grads(c.head, scale)  # before clip_and_norm's unscale changes the scale
     grad_norm = c.engine.clip_and_norm()
-    bad_loss, bad_grad = _nonfinite_flags(
-        [torch.tensor(loss), torch.stack([grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()])], ctx)
-    ok = not (bad_loss or bad_grad)
+    bad_loss, bad_backbone, bad_head = _nonfinite_flags(
+        [torch.tensor(loss), grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()], ctx)
+    ok = not (bad_loss or bad_backbone or bad_head)
     lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:
         if backbone_frozen(cfg, step):  # fine-tuning warm-up: the head learns, the backbone stays as loaded
             skip_backbone_step(c.engine)
-        else:
-            c.engine.step()
-        c.head_opt.step()
+        elif not c.engine.step():
+            # ZeRO found the backbone's gradients non-finite (which the veto above cannot see under DeepSpeed)
+            # and skipped its step on every rank: the head's step is skipped too, as DDP's veto would
+            ok = False
+            bad_backbone = True
+        if ok:
+            c.head_opt.step()
     else:
         c.engine.skip()
-    c.head_sched.step()
+    # the head's schedule counts the step either way (a skipped first step would make torch warn)
+    schedule_at(c.head_sched, c.head_sched.last_epoch + 1)
     after = c.engine.last_grad_norm()  # ZeRO knows the gradient norm only inside its step (engines.py)
     if after is not None:
         grad_norm = torch.tensor(after)
-    return {"grad_norm": float(grad_norm), "finite": float(ok),
-            "nonfinite_loss": float(bad_loss), "nonfinite_grad": float(bad_grad), "lr": lr}
+    backoff = not ok and is_loss_scale_backoff(bad_loss, bad_backbone, bad_head, scale)
+    return {"grad_norm": float(grad_norm), "finite": float(ok), "nonfinite_loss": float(bad_loss),
+            "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff),
+            "loss_scale": c.engine.loss_scale(), "lr": lr}
+
+
+#: An fp16 loss scale at or below this is no longer backed off from normally: gradients that still overflow
+#: there are non-finite in their own right (GradScaler starts at 2**16 and halves on every overflow).
+LOSS_SCALE_FLOOR = 1.0
+
+
+def is_loss_scale_backoff(bad_loss: bool, bad_backbone: bool, bad_head: bool, scale: float) -> bool:
+    """Whether a skipped step was fp16 loss scaling doing its job rather than a non-finite step.
+
+    GradScaler starts at a scale high enough to overflow float16 and halves it on every step whose scaled
+    backbone gradients overflow: a few such steps at the start of a run, and one after each growth (every
+    2000 steps), are normal, and the step is skipped with the weights untouched. That is the case when only
+    the backbone's gradients overflowed (the loss and the fp32 head's gradients are finite) at a scale above
+    :data:`LOSS_SCALE_FLOOR` (1 without a scaler: bf16, fp32 and DeepSpeed never back off)."""
+    return bad_backbone and not bad_loss and not bad_head and scale > LOSS_SCALE_FLOOR
 
 
 def nonfinite_parts(scalars: dict[str, float]) -> str:
@@ -188,16 +215,26 @@ def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, float]:
 
 @dataclass
 class NonFiniteSteps:
-    """Steps skipped as non-finite: in a row (the run stops at ``max_in_a_row``) and in all."""
+    """Steps skipped as non-finite: in a row (the run stops at ``max_in_a_row``) and in all; and the fp16
+    loss-scale back-offs, which skip a step too but are no fault (:func:`is_loss_scale_backoff`)."""
 
     max_in_a_row: int
     in_a_row: int = 0
     skipped: int = 0
+    scale_backoffs: int = 0
 
     def account(self, scalars: dict[str, float], step: int) -> None:
-        """Count step ``step`` (its :func:`train_one_step` scalars); raise :class:`NonFiniteError` at the limit."""
+        """Count step ``step`` (its :func:`train_one_step` scalars); raise :class:`NonFiniteError` at the limit.
+
+        A loss-scale back-off is logged as such and counted apart: it neither counts toward the limit nor
+        holds back a checkpoint (the weights are untouched), nor ends a run of non-finite steps."""
         if scalars["finite"]:
             self.in_a_row = 0
+            return
+        if scalars.get("scale_backoff"):
+            self.scale_backoffs += 1
+            log.info(f"step {step}: fp16 loss scale backed off to {scalars['loss_scale']:g} (the scaled backbone "
+                     "gradients overflowed float16); step skipped, as GradScaler does")
             return
         self.in_a_row += 1
         self.skipped += 1

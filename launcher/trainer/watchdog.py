@@ -60,7 +60,8 @@ class HangWatchdog:
         return self
 
     def progress(self, step: int) -> None:
-        """Called by the training loop after each step (and after long phases: evaluation, saves)."""
+        """Called by the training loop after each step, and at the start and end of the long phases between
+        steps (evaluation, saves: ``RunCallbacks.long_phase``)."""
         self.step = step
         self._progress_at = time.monotonic()
         self.peers.clear()

@@ -178,3 +178,15 @@ def test_warmup_longer_than_the_run_is_refused():
 def test_zero3_is_refused_with_its_reason():
     with pytest.raises(ConfigError, match=r"dist\.zero_stage = 3: .*ZeRO-3 is not supported: it partitions"):
         load_config(None, ["dist.engine=deepspeed", "dist.zero_stage=3"])
+
+
+def test_fp16_with_deepspeed_is_refused_naming_what_to_use_instead():
+    """DeepSpeed's fp16 mode casts the weights to half while the backbones' embedding layers stay float32:
+    the first forward would fail, so the config refuses it and names the working combinations."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["dist.engine=deepspeed", "train.amp=fp16"])
+    line = next(x for x in str(e.value).splitlines() if "train.amp=fp16 does not work" in x)
+    assert "dist.engine=deepspeed" in line and "train.amp=bf16 with DeepSpeed" in line, line
+    assert "train.amp=fp16 with dist.engine=ddp" in line, line
+    assert load_config(None, ["dist.engine=deepspeed", "train.amp=bf16"]).train.amp == "bf16"
+    assert load_config(None, ["dist.engine=ddp", "train.amp=fp16"]).train.amp == "fp16"

@@ -81,6 +81,24 @@ def test_served_values_labels_and_units():
     assert _get(s, "pfc_memory_rss_bytes") > 10e6
 
 
+def test_a_loss_scale_backoff_is_not_a_nonfinite_step():
+    """An fp16 loss-scale back-off skips the step but is no fault: the non-finite counter (and its alert)
+    stays at 0; a real non-finite gradient still counts."""
+    base = free_port(2)
+    m = _exporter(base)
+    m.start()
+    try:
+        backoff = dict(STEP_SCALARS, finite=0.0, nonfinite_grad=1.0, scale_backoff=1.0)
+        m.observe_step(1, backoff, images=16, sampled_classes=7, skipped_records=0)
+        s = _scrape(base + 1)
+        assert _get(s, "pfc_nonfinite_steps_total", cause="gradient") == 0 and _get(s, "pfc_step_finite") == 1.0
+        m.observe_step(2, dict(backoff, scale_backoff=0.0), images=16, sampled_classes=7, skipped_records=0)
+        s = _scrape(base + 1)
+        assert _get(s, "pfc_nonfinite_steps_total", cause="gradient") == 1 and _get(s, "pfc_step_finite") == 0.0
+    finally:
+        m.close()
+
+
 def test_absent_until_measured_and_no_gpu_series_on_cpu():
     base = free_port()
     m = _exporter(base, local_rank=0)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support.distributed import run_ranks
-from tests.support.runs import _assert_same_tensors, _head_matrix, _latest, _overrides, _train
+from tests.support.runs import _assert_same_tensors, _head_matrix, _latest, _overrides, _pfc, _train, _train_args
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -59,3 +59,45 @@ def test_zero_resume_on_the_same_ranks_is_bit_identical(dataset, tmp_path, stage
     run_ranks(_train, 2, _overrides(prefix, resumed, **common), timeout=400)
     assert _latest(straight).name == _latest(resumed).name == "step_00000004"
     _assert_same_tensors(_latest(straight), _latest(resumed))
+
+
+def test_a_backbone_step_that_zero_skips_skips_the_head_too(dataset, tmp_path):
+    """Only the backbone's gradients are NaN at step 2 (``PFC_FAULT=nan_grad:2``; the loss and the head's
+    gradients are finite). DDP's veto sees them; under DeepSpeed ZeRO finds them inside its own step and
+    skips the backbone. The head must then skip too, and the step count as non-finite, as under DDP: the
+    same final weights. (The head used to step alone, reported as a finite step.)"""
+    prefix, _ = dataset
+    common = {"train.steps": 4, "checkpoint.every_steps": 4}
+    runs = {"ddp": {}, "zero1": {"dist.engine": "deepspeed", "dist.zero_stage": 1}}
+    for name, extra in runs.items():
+        r = _pfc(_train_args(prefix, tmp_path / name, **common, **extra), fault="nan_grad:2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "step 2: non-finite gradients; step skipped" in r.stdout + r.stderr, name
+        assert json.loads((tmp_path / name / "summary.json").read_text())["skipped_nonfinite"] == 1, name
+    ddp, zero = _latest(tmp_path / "ddp"), _latest(tmp_path / "zero1")
+    torch.testing.assert_close(_head_matrix(zero)[0], _head_matrix(ddp)[0], rtol=1e-4, atol=1e-6)
+    a, b = load_file(str(ddp / "backbone.safetensors")), load_file(str(zero / "backbone.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"backbone tensor {k}")
+
+
+def test_zero_resume_on_fewer_ranks_continues_from_the_loaded_backbone(dataset, tmp_path):
+    """Saved by ZeRO-1 on 2 ranks at step 2, resumed on 1 rank for step 3: ZeRO's fp32 master copy is
+    refreshed from the loaded weights, so step 3 continues from them. The reference is DDP doing the same
+    (SGD without momentum: the optimizer state that a new world size cannot restore is empty anyway).
+    ZeRO's first step used to copy its master (cloned from the initial weights) back over them."""
+    prefix, _ = dataset
+    common = {"train.steps": 3, "checkpoint.every_steps": 1, "optim.momentum": 0.0, "optim.grad_clip": None}
+    runs = {"ddp": {}, "zero1": {"dist.engine": "deepspeed", "dist.zero_stage": 1}}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        run_ranks(_train, 2, _overrides(prefix, out, **common, **extra, **{"train.stop_after": 2}), timeout=400)
+        run_ranks(_train, 1, _overrides(prefix, out, **common, **extra), timeout=400)
+        assert _latest(out).name == "step_00000003"
+    ddp, zero = _latest(tmp_path / "ddp"), _latest(tmp_path / "zero1")
+    a, b = load_file(str(ddp / "backbone.safetensors")), load_file(str(zero / "backbone.safetensors"))
+    loaded = load_file(str(zero.parent / "step_00000002" / "backbone.safetensors"))
+    assert any(not torch.equal(b[k], loaded[k]) for k in b), "step 3 did not move the backbone"
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"backbone tensor {k}")
+    torch.testing.assert_close(_head_matrix(zero)[0], _head_matrix(ddp)[0], rtol=1e-4, atol=1e-6)
