@@ -5,16 +5,17 @@ Steps, each a subprocess with its own time budget, guarded so that one failure d
 rest (its error goes into the JSON):
 
   env          python, torch, CUDA device, driver, free memory, cores
-  pytest_gpu   the tests marked ``gpu`` (tests/gpu): equivalence law on CUDA, fp32 logits under
-               autocast, fp16 scaler skip/recover, NCCL with one rank, checkpoints GPU <-> CPU
+  pytest_gpu   the tests marked ``gpu`` (GPU_TEST_PATHS): equivalence law on CUDA, fp32 logits under
+               autocast, fp16 scaler skip/recover, NCCL with one rank, checkpoints GPU <-> CPU, launches
+               flat in C, every head dtype and optimizer against float64, the CUDA RNG in checkpoints
   bench_head   `pfc bench head` at C = 1M, 10M and the largest C `pfc plan` says fits (r = 0.1,
                D = 512, B = 512, W = 1): step, GEMM floor, ratio, memory vs weights + momentum and
                vs the planner's prediction
   bench_train_device  `pfc bench train` iresnet50 112x112, channels_last, batches made on the GPU,
                bf16 autocast and fp16 with the scaler, each against the backbone's forward + backward alone
   synth        `pfc data synth` of a small record file (its time is a figure too)
-  train_e2e    `pfc train` 200 steps (iresnet18, r = 0.1, DiscFace on, evaluation, checkpoint), then
-               a resume for 50 more
+  train_e2e    `pfc train` 200 steps (iresnet18, r = 0.1, DiscFace on, evaluation, checkpoint) in a
+               one-rank process group (NCCL, DDP), then a resume for 50 more
   bench_train_loader  `pfc bench train` iresnet50 bf16 fed by the torch loader from that file
 
 Writes ``gpu_check.json`` (every figure, every error) and ``gpu_check.log`` (every command and its
@@ -45,6 +46,10 @@ from typing import Any
 from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError
 
 sys.path.insert(0, str(REPO))
+
+
+# Where the tests marked ``gpu`` live (collecting the whole suite would import what this machine lacks).
+GPU_TEST_PATHS = ("tests/gpu", "tests/partialfc/test_head_cuda.py", "tests/launcher/trainer/test_checkpoint_devices.py")
 
 
 class Check(Runner):
@@ -88,6 +93,9 @@ class Check(Runner):
         if "launcher_imports_error" in info:  # every later step runs `python -m launcher`
             return {**info, "status": "failed", "error": "import launcher failed (wheels in .whl/? make "
                     f"gpu-wheels): {info['launcher_imports_error']}"}
+        if not self.dry and not info.get("cuda_available"):  # every later step would run on the CPU
+            return {**info, "status": "failed", "error": f"torch {info.get('torch')} sees no CUDA device "
+                    f"(nvidia-smi: {info.get('nvidia_smi', 'no answer')}); nothing else is run"}
         return info
 
     def _largest_c(self, batch: int, dim: int, rate: float) -> tuple[int, int]:
@@ -98,7 +106,7 @@ class Check(Runner):
         budget = int(0.85 * mem)  # the CUDA context, the allocator's rounding, the benchmark's own buffers
 
         def fits(c: int) -> bool:
-            return plan_rank(c, 1, batch, dim, rate, "fp32", discface=False).total_bytes <= budget
+            return plan_rank(c, 1, batch, dim, rate, "fp32", discface=False, device=self.device).total_bytes <= budget
 
         lo, hi = 1, 1
         while fits(hi * 2):
@@ -113,7 +121,7 @@ class Check(Runner):
 
     def s_pytest(self) -> dict[str, Any]:
         junit = self.work / "junit_gpu.xml"
-        out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider",
+        out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", *GPU_TEST_PATHS, "-q", "-p", "no:cacheprovider",
                        f"--junitxml={junit}", "-o", "timeout=60"], check=False)
         if not junit.is_file():
             raise StepError("pytest wrote no report: " + " | ".join(out.strip().splitlines()[-3:]))
@@ -130,9 +138,10 @@ class Check(Runner):
                           "seconds": float(tc.get("time", 0.0)), **({"message": msg} if msg else {})})
         counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "skipped")}
         rec: dict[str, Any] = {"counts": counts, "tests": cases}
-        if counts["failed"] or not cases:
+        if counts["failed"] or not cases or not counts["passed"]:
             rec["status"] = "failed"
-            rec["error"] = f"{counts['failed']} gpu test(s) failed" if cases else "no gpu test collected"
+            rec["error"] = (f"{counts['failed']} gpu test(s) failed" if counts["failed"] else
+                            "no gpu test passed (all skipped)" if cases else "no gpu test collected")
         return rec
 
     def s_bench_head(self) -> dict[str, Any]:
@@ -148,9 +157,10 @@ class Check(Runner):
             key = f"C={c}"
             path = self.work / f"head_{c}.json"
             try:
-                # `pfc plan --classes C --world-size 1 --batch B --dim D --sample-rate 0.1 --no-discface`,
+                # `pfc plan --classes C --world-size 1 --batch B --dim D --sample-rate 0.1 --no-discface
+                # --device cuda` (cpu in the dry run),
                 # in this process (the planner is plain Python): its JSON document's "plan".
-                plan = plan_rank(c, 1, batch, dim, 0.1, "fp32", discface=False).to_dict()
+                plan = plan_rank(c, 1, batch, dim, 0.1, "fp32", discface=False, device=self.device).to_dict()
                 args = ["bench", "head", "--classes", str(c), "--dim", str(dim), "--batch", str(batch),
                         "--sample-rate", "0.1", "--world-size", "1", "--steps", str(steps), "--warmup", str(warmup),
                         "--json", str(path)]
@@ -250,7 +260,8 @@ class Check(Runner):
                  f"checkpoint.every_steps={first}", f"eval.every_steps={first}", "eval.batch_size=256",
                  f"data.workers={1 if self.dry else 12}", 'data.loader="torch"', "metrics.enabled=false",
                  f"log.every_steps={2 if self.dry else 50}", f"optim.warmup_steps={2 if self.dry else 20}",
-                 'dist.backend="auto"'])
+                 # A process group of one rank: DDP, the agreements and the evaluation's gathers under NCCL.
+                 'dist.backend="auto"', "dist.group_for_one_rank=true"])
         args = ["train", "ms1mv3_r50_pfc01_discface", "--data", prefix, "--val-bin", val_bin, "--output", str(run)]
         for s in sets:
             args += ["--set", s]
@@ -371,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only: unknown step(s) {sorted(unknown)}; steps: {[p[0] for p in plan]}")
     for name, budget, fn in plan:
         if only and name not in only and name != "env":
+            continue
+        if name != "env" and chk.result["steps"]["env"]["status"] == "failed":
+            chk.result["steps"][name] = {"status": "skipped", "error": "the env step failed"}
             continue
         chk.step(name, budget, fn)
     chk.save()

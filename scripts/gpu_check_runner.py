@@ -10,9 +10,11 @@ Standard library only: this process never touches the GPU (or imports torch) its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,12 +34,52 @@ class StepError(RuntimeError):
     """A step's command failed; the message says which and how."""
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid``, from /proc's parent links (Linux; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_all(pids: set[int], pgid: int, sig: int) -> None:
+    for target, kill in [(pgid, os.killpg), *((p, os.kill) for p in pids)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, sig)
+
+
+def _kill_tree(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
+    """End ``proc`` and everything it started: SIGTERM first (torchrun passes it on to its ranks and
+    waits for them), SIGKILL whatever is left after ``grace_s``. The tree is found through /proc's parent
+    links as well as ``proc``'s process group, because torchrun starts each rank in a session of its own
+    (and a rank whose parent died is no longer a child of anything here)."""
+    tree = _descendants(proc.pid)
+    _signal_all(tree, proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    tree |= _descendants(proc.pid)
+    _signal_all(tree, proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 class Runner:
     """Budgets, logging and the JSON record of a gpu-check run; the steps are a subclass's methods."""
 
     def __init__(self, out: Path, dry: bool, total_budget_s: float) -> None:
         self.out = out
         self.dry = dry
+        self.device = "cpu" if dry else "cuda"  # what the planner plans for (the head's scratch differs)
         self.work = Path(tempfile.mkdtemp(prefix="pfc-gpu-check-"))
         self.t0 = time.monotonic()
         self.total = total_budget_s
@@ -69,19 +111,26 @@ class Runner:
             raise StepError(f"no time left in this step's budget for: {shlex.join(args[:6])} ...")
         self.write(f"\n$ {shlex.join(args)}   # timeout {limit:.0f} s\n")
         t0 = time.monotonic()
+        # Its own session (process group), so that a timeout ends the whole tree: torchrun's ranks, the
+        # benchmark's spawned ranks and DataLoader workers would otherwise live on, holding the GPU's
+        # memory, and every later step would run out of it.
+        proc = subprocess.Popen(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
-            proc = subprocess.run(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, errors="replace", timeout=limit,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
-            self.write(out + f"\n[timed out after {limit:.0f} s]\n")
+            out, _ = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # something that left the tree still holds the pipe
+                out = "[its output is lost: a process outside its tree holds the pipe]"
+            self.write((out or "") + f"\n[timed out after {limit:.0f} s; its process tree ended]\n")
             raise StepError(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
-        self.write(proc.stdout + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
+        self.write(out + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
         if check and proc.returncode != 0:
-            tail = " | ".join(proc.stdout.strip().splitlines()[-3:])[-600:]
+            tail = " | ".join(out.strip().splitlines()[-3:])[-600:]
             raise StepError(f"exit {proc.returncode}: {shlex.join(args[:8])} ...: {tail}")
-        return proc.stdout
+        return out
 
     def pfc(self, *args: str, timeout: float | None = None) -> str:
         return self.sh([sys.executable, "-m", "launcher", *args], timeout=timeout)

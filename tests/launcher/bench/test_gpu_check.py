@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,7 @@ def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # 2-5 minutes on the shared 2-core machine (about 20 Python processes start)
-@pytest.mark.multiprocess
+@pytest.mark.multiprocess  # 1-5 minutes on a 2-core machine (about 20 Python processes start)
 def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path) -> None:
     proc = _run(tmp_path, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -79,3 +79,52 @@ def test_a_failed_step_is_recorded_and_the_budget_skips_the_rest(tmp_path: Path)
     assert "budget is spent" in doc["steps"]["synth"]["error"]
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, str(SCRIPT), "--only", "nope"], check=True, capture_output=True, cwd=REPO)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_timed_out_step_ends_its_whole_process_tree(tmp_path: Path) -> None:
+    """A step's command that started a process in a session of its own (as torchrun starts its ranks)
+    is ended with it when the step times out: nothing is left running to hold the GPU."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check_runner import Runner, StepError
+
+    pidfile = tmp_path / "pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(300)\n")
+    runner = Runner(tmp_path, dry=False, total_budget_s=60)
+    runner.step_deadline = time.monotonic() + 6
+    t0 = time.monotonic()
+    with pytest.raises(StepError, match="timed out"):
+        runner.sh([sys.executable, "-c", code])
+    runner.log.close()
+    assert time.monotonic() - t0 < 30
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), f"process {pid} (its own session) outlived the step"
+    assert "its process tree ended" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_a_real_run_without_cuda_stops_after_the_env_step(tmp_path: Path) -> None:
+    """Without --dry-run on a machine where torch sees no GPU, every later step would measure the CPU:
+    the env step fails saying so and the rest are skipped (exit 1)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", "synth,bench_head"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["steps"]["env"]["status"] == "failed" and "sees no CUDA device" in doc["steps"]["env"]["error"]
+    assert {k: v["status"] for k, v in doc["steps"].items() if k != "env"} == {"bench_head": "skipped",
+                                                                                "synth": "skipped"}
