@@ -178,6 +178,7 @@ class Check(Runner):
                     "planned_peak_bytes": plan["total_bytes"],
                     "measured_over_planned": r["head_peak_bytes_per_rank"] / plan["total_bytes"],
                     "memory_method": r["memory_method"], "num_sampled": r["num_sampled_per_rank"],
+                    "launches_per_step": r["launches_per_step"],  # kernels (and syncs) of one step
                 }
             except Exception as e:
                 runs["shapes"][key] = {"num_classes": c, "status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -331,7 +332,7 @@ class Check(Runner):
                         rows.append((f"  head {key}", "ok", "", f"step {r['step_s'] * 1e3:.1f} ms = "
                                      f"{r['ratio_to_floor']:.2f}x floor; mem "
                                      f"{r['peak_over_weights_plus_momentum']:.2f}x W+mom; "
-                                     f"{r['measured_over_planned']:.2f}x plan"))
+                                     f"{r['measured_over_planned']:.2f}x plan; {r['launches_per_step']}"))
                     else:
                         rows.append((f"  head {key}", "failed", "", r.get("error", "")[:90]))
             if name.startswith("bench_train"):

@@ -40,6 +40,7 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     for s in shapes:
         assert s["step_s"] > 0 and s["gemm_floor_s"] > 0 and s["ratio_to_floor"] > 0
         assert s["head_peak_bytes"] > 0 and s["planned_peak_bytes"] > 0 and s["weights_plus_momentum_bytes"] > 0
+        assert s["launches_per_step"]["kernels"] > 0  # aten operators on the CPU (kernels and syncs on a GPU)
     # the largest C is what the planner says fits the (pretend) device memory, and the next 1000 would not
     from launcher.planner import plan_rank
 
