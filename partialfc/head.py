@@ -263,9 +263,9 @@ class PartialFC(nn.Module):
         device = self.weight.device
         local = (torch.cat([t.to(device=device, dtype=torch.int64) for t in parts]) if parts
                  else torch.empty(0, dtype=torch.int64, device=device))
-        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.num_classes):
-            bad = local[(local < 0) | (local >= self.num_classes)][0]
-            raise ValueError(f"PartialFC.begin_step: label {int(bad)} outside [0, {self.num_classes}) "
+        bad = self._label_outside(local)
+        if bad is not None:
+            raise ValueError(f"PartialFC.begin_step: label {bad} outside [0, {self.num_classes}) "
                              f"on rank {self.rank}")
         sizes = gather_sizes(local.numel(), device, self.process_group)
         all_labels = all_gather_rows_no_grad(local, sizes, self.process_group)
@@ -298,11 +298,17 @@ class PartialFC(nn.Module):
         if embeddings.device != self.weight.device:
             raise ValueError(f"PartialFC: embeddings are on {embeddings.device} but the head's weights on "
                              f"{self.weight.device}; move the embeddings (the head never moves itself)")
-        # One host-device round trip for both bounds (on a GPU each is a wait for the queued work).
+        bad = self._label_outside(labels)
+        if bad is not None:
+            raise ValueError(f"PartialFC: label {bad} outside [0, {self.num_classes}) on rank {self.rank}")
+
+    def _label_outside(self, labels: torch.Tensor) -> int | None:
+        """The first label of ``labels`` outside [0, C), or None; one host-device round trip for both
+        bounds when all are inside (on a GPU each is a wait for the queued work)."""
         lo, hi = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)
-        if lo < 0 or hi >= self.num_classes:
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0]
-            raise ValueError(f"PartialFC: label {int(bad)} outside [0, {self.num_classes}) on rank {self.rank}")
+        if lo >= 0 and hi < self.num_classes:
+            return None
+        return int(labels[(labels < 0) | (labels >= self.num_classes)][0])
 
     def _rows_for_step(self, all_labels: torch.Tensor,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, str]:

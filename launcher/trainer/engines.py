@@ -84,6 +84,12 @@ def schedule_at(sched: torch.optim.lr_scheduler.LambdaLR, done: int) -> None:
         sched.step()
 
 
+def schedule_next(sched: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Move a schedule on by one step whether or not its optimizer stepped (a skipped step counts; no
+    "scheduler.step() before optimizer.step()" warning when the first steps are skipped)."""
+    schedule_at(sched, sched.last_epoch + 1)
+
+
 def hyperparameters(opt: Any) -> list[dict[str, Any]]:
     """Each param group's settings (not its tensors): what the config set, to re-apply after a load."""
     return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -189,7 +195,7 @@ class DDPEngine:
         """The schedule counts the step; the scaler backs off if it saw the overflow (a back-off is normal)."""
         if self.scaler is not None:
             self.scaler.update()
-        schedule_at(self.sched, self.sched.last_epoch + 1)  # no "step before optimizer.step()" warning
+        schedule_next(self.sched)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -299,7 +305,7 @@ class DeepSpeedEngine:
         """After ``engine.step()``: whether it was applied; if not, move the LR schedule on as DDP does."""
         if self.engine.was_step_applied():
             return True
-        schedule_at(self.sched, self.sched.last_epoch + 1)
+        schedule_next(self.sched)
         return False
 
     def skip(self) -> None:

@@ -23,7 +23,7 @@ from launcher.errors import UserError
 from launcher.trainer import faults
 from launcher.trainer.batches import Pixels, TrainData, to_model_input
 from launcher.trainer.components import Components
-from launcher.trainer.engines import scale_embedding_grad, schedule_at
+from launcher.trainer.engines import scale_embedding_grad, schedule_next
 from launcher.trainer.finetune import backbone_frozen, skip_backbone_step
 from partialfc import PartialFC
 
@@ -145,7 +145,7 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
     else:
         c.engine.skip()
     # the head's schedule counts the step either way (a skipped first step would make torch warn)
-    schedule_at(c.head_sched, c.head_sched.last_epoch + 1)
+    schedule_next(c.head_sched)
     after = c.engine.last_grad_norm()  # ZeRO knows the gradient norm only inside its step (engines.py)
     if after is not None:
         grad_norm = torch.tensor(after)
