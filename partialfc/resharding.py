@@ -22,7 +22,9 @@ trainer may rename the directory atomically afterwards):
 
 Why not ``torch.distributed.checkpoint``: it reshards only DTensors, and the ceil partition leaves some
 ranks with an empty shard (C = 5 on 4 ranks); class-range keyed safetensors files need no device mesh,
-read only the byte ranges a rank needs (``safe_open(...).get_slice``), and hold no pickles.
+read only the byte ranges a rank needs (``safe_open(...).get_slice``), and hold no pickles. Both ways go
+through ``partialfc.safetensors_stream`` a bounded piece at a time, so a GPU shard of tens of GB never
+takes its size (times the optimizer's state) in host memory.
 
 Functions for the trainer:
 
@@ -48,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from partialfc.collectives import Group, any_rank, barrier
 from partialfc.partition import class_range
+from partialfc.safetensors_stream import copy_rows, save_file_streaming
 
 if TYPE_CHECKING:
     from partialfc.head import PartialFC
@@ -96,8 +98,9 @@ def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
         try:
             _write_head_files(head, optimizer, path, write)
         except Exception as e:
-            # Whatever the writer raises: a full disk is OSError from Python's own writes, SafetensorError
-            # from safetensors (and RuntimeError from torch.save). A rank that left here without the
+            # Whatever the writer raises: a full disk is OSError from Python's own writes (the shard files'
+            # too: safetensors_stream writes them), SafetensorError from a writer that calls safetensors
+            # (and RuntimeError from torch.save). A rank that left here without the
             # all-reduce below would leave its peers waiting in it.
             error = e
     # Every rank learns whether any rank failed, so all raise together instead of some waiting forever in
@@ -127,8 +130,9 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
                    **{k: v.detach().contiguous() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
                 "num_classes": str(head.num_classes), "optimizer": kind}
+        # straight from the device, a bounded piece at a time (a GPU shard is never copied to the host whole)
         write(path / shard_filename(head.start, head.end),
-              lambda p: save_file({k: v.cpu() for k, v in tensors.items()}, str(p), metadata=meta))
+              lambda p: save_file_streaming(tensors, p, metadata=meta))
     if head.rank == 0:
         info = {
             "format": FORMAT, "num_classes": head.num_classes, "embedding_size": head.embedding_size,
@@ -142,8 +146,8 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
             b_state = (optimizer.b_state() if optimizer is not None
                        else {"momentum": torch.zeros_like(head.b)})
             b_tensors = {"b": b, **{k: v.detach().cpu().contiguous() for k, v in b_state.items()}}
-            write(path / DISCFACE, lambda p: save_file(b_tensors, str(p),
-                                                        metadata={"format": FORMAT, "optimizer": kind}))
+            write(path / DISCFACE, lambda p: save_file_streaming(b_tensors, p,
+                                                                  metadata={"format": FORMAT, "optimizer": kind}))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -218,8 +222,7 @@ def load_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
                     want = [end - start, *dst.shape[1:]]
                     if list(shape) != want:
                         raise CheckpointError(f"{f}: tensor {key!r} has shape {shape}, expected {want}")
-                    rows = sl[lo - start: hi - start]
-                    dst[lo - head.start: hi - head.start].copy_(rows)
+                    copy_rows(sl, lo - start, hi - start, dst[lo - head.start: hi - head.start])
             filled += hi - lo
         if filled != head.end - head.start:
             raise CheckpointError(f"{path}: filled {filled} of {head.end - head.start} rows of "

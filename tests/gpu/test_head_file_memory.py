@@ -1,0 +1,53 @@
+"""Host memory of a GPU head shard's checkpoint (partialfc/safetensors_stream.py): one bounded piece, where
+safetensors' ``save_file`` needs the shard copied to the host whole. Marked ``gpu``: on the CPU both write
+the tensor where it lies, so the test skips there even under PFC_GPU_TESTS_ON_CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+_PEAK = textwrap.dedent("""
+    import resource, sys, torch
+    from partialfc.safetensors_stream import save_file_streaming
+    from safetensors.torch import save_file
+    dev, how, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    w = torch.ones(256 << 20 >> 2, device=dev)  # 256 MiB on the device
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if how == "stream":
+        save_file_streaming({"weight": w}, out, chunk_bytes=16 << 20)
+    else:
+        save_file({"weight": w.cpu()}, out)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB
+""")
+
+
+def _peak_mib(dev: str, how: str, out: Path) -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", _PEAK, dev, how, str(out)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def test_a_gpu_shard_is_written_through_a_bounded_host_buffer(tmp_path: Path) -> None:
+    """The point of the writer: a 256 MiB CUDA tensor costs the host one 16 MiB piece, where copying it to
+    the host for ``save_file`` costs its whole size. (Peak resident memory, in a fresh process each.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: on the CPU both writers write the tensor where it lies")
+    stream = _peak_mib("cuda", "stream", tmp_path / "a.safetensors")
+    whole = _peak_mib("cuda", "whole", tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert stream < 96 and whole >= 200, (stream, whole)
