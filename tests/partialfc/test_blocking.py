@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from launcher.bench.launch_count import launches_in_one_step
 from partialfc import PartialFC, blocking
 from partialfc.softmax import Workspace
 from tests.partialfc.reference import reference_loss, rel_err
@@ -85,28 +85,21 @@ def test_update_chunks_do_not_change_the_update(opt_name: str,
 
 def ops_in_one_step(num_classes: int, device: torch.device, dim: int = 32, batch: int = 64) -> int:
     """Operations of one training step of the head (forward, backward, SGD step) after a warm-up step:
-    device-side events (kernels, copies) on a GPU, aten operators on the CPU."""
+    device-side events (kernels, copies) on a GPU, aten operators on the CPU (as ``pfc bench head`` counts)."""
     head = PartialFC(num_classes, dim, sample_rate=0.5, margin=(1.0, 0.0, 0.35), scale=32.0, seed=0,
                      device=device)
     opt = head.make_optimizer(lr=0.1)
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
+    def batch_of() -> tuple[torch.Tensor, torch.Tensor]:
         f = torch.randn(batch, dim, generator=gen).to(device).requires_grad_()
-        head(f, torch.randint(0, num_classes, (batch,), generator=gen).to(device)).backward()
-        opt.step()
-        opt.zero_grad()
+        return f, torch.randint(0, num_classes, (batch,), generator=gen).to(device)
 
-    step()
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    if cuda:
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    f, y = batch_of()
+    head(f, y).backward()
+    opt.step()
+    opt.zero_grad()
+    return launches_in_one_step(head, opt, *batch_of(), device)["kernels"]
 
 
 def test_accelerator_blocking_keeps_launches_flat_as_classes_grow(
