@@ -19,8 +19,8 @@ Series = dict[str, list[tuple[int, float]]]  # key -> [(step, value), ...], as l
 
 __all__ = ["ReportError", "load_metrics", "plot_losses", "write_report"]
 
-_PHASES = (("time_data_s", "data wait"), ("time_forward_s", "forward"), ("time_backward_s", "backward"),
-           ("time_optimizer_s", "optimizer"))
+_PHASES = (("time_data_s", "data (wait, copy, convert)"), ("time_forward_s", "forward"),
+           ("time_backward_s", "backward"), ("time_optimizer_s", "optimizer"))
 
 
 class ReportError(ValueError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import time
 from typing import Any, Protocol
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.distributed import DistContext
+from launcher.trainer.timing import CommTimer, timed_allreduce_hook
 
 
 def scale_embedding_grad(emb: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ class BackboneEngine(Protocol):
     def no_sync(self, last_micro: bool) -> Any: ...
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
     def clip_and_norm(self) -> torch.Tensor: ...
-    def last_grad_norm(self) -> float | None: ...
+    def last_grad_norm(self) -> torch.Tensor | float | None: ...
     def loss_scale(self) -> float: ...
     def step(self) -> bool: ...
     def skip(self) -> None: ...
@@ -110,34 +110,6 @@ def _optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-class CommTimer:
-    """Seconds the backbone's gradient all-reduces took (from launch to completion; they overlap backward)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def take(self) -> float:
-        s, self.seconds = self.seconds, 0.0
-        return s
-
-
-def _timed_allreduce_hook(state: CommTimer, bucket):  # type: ignore[no-untyped-def]
-    """DDP's default averaging all-reduce, timed from launch to completion.
-
-    (Unannotated on purpose: DDP checks the hook's annotations against real classes, and postponed
-    annotations are strings.)"""
-    t0 = time.perf_counter()
-    group = dist.group.WORLD
-    buf = bucket.buffer().div_(dist.get_world_size(group))
-    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
-
-    def done(f: torch.futures.Future[Any]) -> torch.Tensor:
-        state.seconds += time.perf_counter() - t0
-        return f.value()[0]
-
-    return fut.then(done)
-
-
 class DDPEngine:
     def __init__(self, backbone: nn.Module, cfg: Config, ctx: DistContext) -> None:
         self.module = backbone
@@ -146,7 +118,7 @@ class DDPEngine:
         if ctx.distributed:
             ddp = nn.parallel.DistributedDataParallel(
                 backbone, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-            ddp.register_comm_hook(self.comm, _timed_allreduce_hook)
+            ddp.register_comm_hook(self.comm, timed_allreduce_hook)
             self.model = ddp
         self.opt = _optimizer(backbone.parameters(), cfg)
         self.sched = lr_schedule(self.opt, cfg)
@@ -174,7 +146,8 @@ class DDPEngine:
             self.scaler.unscale_(self.opt)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
 
-    def last_grad_norm(self) -> float | None:
+    def last_grad_norm(self) -> torch.Tensor | float | None:
+        """None: the norm :meth:`clip_and_norm` returned is the step's."""
         return None
 
     def loss_scale(self) -> float:
@@ -260,6 +233,7 @@ class DeepSpeedEngine:
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.torch_opt = opt  # the optimizer DeepSpeed steps inside its own (ZeRO's) or directly (stage 0)
+        self.device = ctx.device
         self.module = self.engine.module
         self.comm = CommTimer()  # DeepSpeed's reductions run inside its engine and are not timed here
 
@@ -280,16 +254,20 @@ class DeepSpeedEngine:
 
     def clip_and_norm(self) -> torch.Tensor:
         # ZeRO-2 holds only this rank's partition of the gradients, so the norm is known only inside
-        # engine.step() (which clips); 0 here means "no veto", the real norm is read afterwards.
-        return torch.zeros(())
+        # engine.step() (which clips); 0 here means "no veto", the real norm is read afterwards. On the
+        # device: the trainer checks it there with its other values.
+        return torch.zeros((), device=self.device)
 
     def loss_scale(self) -> float:
         """1: DeepSpeed's fp16 mode (its loss scaler) is never enabled here (see ``__init__``)."""
         return 1.0
 
-    def last_grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+    def last_grad_norm(self) -> torch.Tensor | float:
+        """The norm ZeRO computed in its last step: a device tensor or a Python float, whichever DeepSpeed
+        holds (left as it is: reading a tensor back here would make the host wait for the device); NaN
+        when it computed none (stage 0)."""
+        norm: torch.Tensor | float | None = self.engine.get_global_grad_norm()
+        return norm if norm is not None else float("nan")
 
     def step(self) -> bool:
         """Step the backbone; False when ZeRO skipped the step itself.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from launcher.trainer.batches import Pixels, TrainData, to_model_input
 from launcher.trainer.components import Components
 from launcher.trainer.engines import scale_embedding_grad, schedule_next
 from launcher.trainer.finetune import backbone_frozen, skip_backbone_step
+from launcher.trainer.timing import PhaseClock
 from partialfc import PartialFC
 
 log = logging.getLogger("pfc")
@@ -49,87 +49,133 @@ def backbone_autocast(cfg: Config, ctx: DistContext) -> Any:
     return torch.autocast(ctx.device.type, dtype=dtype)
 
 
-def _nonfinite_flags(values: list[torch.Tensor], ctx: DistContext) -> list[bool]:
-    """Per value: non-finite on any rank. One small all-reduce, so every rank takes the same decision."""
-    flags = torch.tensor([0.0 if bool(torch.isfinite(v).all()) else 1.0 for v in values], device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(flags)
-    return [bool(f > 0) for f in flags.tolist()]
+#: The step's phases and their keys among the step's scalars (``time_<phase>_s``). The communication time
+#: (``time_comm_s``) is the engine's own (``launcher.trainer.timing.CommTimer``): it overlaps the backward.
+PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's scalars for logging.
 
     Every rank takes the same step: forward and backward of each micro-batch, then one agreement on
-    whether the loss and the gradients are finite everywhere, then the optimizers' step (or a skip)."""
+    whether the loss and the gradients are finite everywhere, then the optimizers' step (or a skip).
+
+    The host waits for the device twice per step, not at every value it logs: the agreement, which must
+    reach the host to decide (:func:`agree_on_step`, which brings every value the decision needs and the
+    losses back in one transfer), and the end of the step, when the phase times and the values that only
+    exist after the optimizers' step (xi, DeepSpeed's gradient norm) are read. Every other wait would
+    leave the GPU idle while the host queues the next work."""
+    clock = PhaseClock(ctx.device, PHASES)
     c.engine.zero_grad()
     c.head_opt.zero_grad()
     # BatchNorm's running statistics move in the forward: a skipped step puts them back, so that it
     # leaves the model as it found it (an overflowing fp16 forward would make them NaN for good)
     buffers = [b.detach().clone() for b in c.engine.module.buffers()]
-    out = forward_backward(c, data, cfg, ctx, step)
-    t0 = time.perf_counter()
-    out.update(optimizer_step(c, cfg, ctx, step, out.get("loss", float("nan"))))
-    if not out["finite"]:
-        with torch.no_grad():
-            for b, saved in zip(c.engine.module.buffers(), buffers, strict=True):
-                b.copy_(saved)
-    out.update(time_comm_s=c.engine.comm.take(), time_optimizer_s=time.perf_counter() - t0,
-               xi_norm=float(c.head.xi.detach().norm()) if c.head.xi is not None else 0.0)
+    losses = forward_backward(c, data, cfg, ctx, step, clock)
+    with clock.device("optimizer"):
+        out, late = optimizer_step(c, cfg, ctx, step, losses)
+        if not out["finite"]:
+            with torch.no_grad():
+                for b, saved in zip(c.engine.module.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+        late["xi_norm"] = c.head.xi.detach().norm() if c.head.xi is not None else 0.0
+    out.update({f"time_{phase}_s": s for phase, s in clock.seconds().items()})  # waits for the step's end
+    out.update(time_comm_s=c.engine.comm.take(), **read_late(late))
     return out
 
 
-def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int) -> dict[str, float]:
-    """Forward and backward of the step's micro-batches: their mean losses, and data/forward/backward times."""
+def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int,
+                     clock: PhaseClock) -> dict[str, torch.Tensor]:
+    """Forward and backward of the step's micro-batches, timed on ``clock``; their mean losses (``loss``,
+    ``loss_softmax`` and, with DiscFace, ``loss_disc``) as float64 tensors on the device, left there: reading
+    each micro-batch's loss back would make the host wait for the device at every micro-batch.
+
+    Phases: ``data`` is the loader's wait (host) plus the batch's copy to the device and its conversion
+    there (uint8 to float, flips, augmentation: device work, timed on the device); ``forward`` is the
+    backbone and the head; ``backward`` is the backward of both (with DDP's gradient all-reduce waited for
+    at its end)."""
     accum = cfg.optim.grad_accum
-    out = {"time_data_s": 0.0, "time_forward_s": 0.0, "time_backward_s": 0.0}
+    sums: dict[str, torch.Tensor] = {}
     # Accumulation is exact (issue 12): the head needs every micro-batch's labels before the first forward
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
     batches: list[tuple[torch.Tensor | Pixels, torch.Tensor]] = []
-    t_read = time.perf_counter()
     if accum > 1:
-        batches = [data.next_batch() for _ in range(accum)]
-        c.head.begin_step([lab.to(ctx.device) for _, lab in batches])
-    out["time_data_s"] += time.perf_counter() - t_read
+        with clock.host("data"):
+            batches = [data.next_batch() for _ in range(accum)]
+        with clock.device("data"):
+            c.head.begin_step([lab.to(ctx.device) for _, lab in batches])
     for micro in range(accum):
-        t0 = time.perf_counter()
-        images, labels = batches[micro] if batches else data.next_batch()
-        images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda",
-                                augment=data.augmentation(step, micro))
-        labels = labels.to(ctx.device, non_blocking=True)
-        t1 = time.perf_counter()
+        with clock.host("data"):
+            images, labels = batches[micro] if batches else data.next_batch()
+        with clock.device("data"):
+            images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda",
+                                    augment=data.augmentation(step, micro))
+            labels = labels.to(ctx.device, non_blocking=True)
         last = micro == accum - 1
         with c.engine.no_sync(last):
-            with backbone_autocast(cfg, ctx):
-                emb = c.engine.forward(images)
-            # float32 at least (a float64 backbone stays float64: exactness tests run the loop in float64)
-            emb = scale_embedding_grad(emb.to(torch.promote_types(emb.dtype, torch.float32)), ctx.world_size)
-            if faults.nan_backbone_grad(step, ctx.rank) and emb.requires_grad:
-                emb.register_hook(lambda g: g * float("nan"))
-            loss = c.head(emb, labels)
-            if faults.nan_loss(step, ctx.rank):
-                loss = loss * float("nan")
-            t2 = time.perf_counter()
-            c.engine.backward(loss / accum, last)  # accumulation averages the loss
-        out["time_data_s"] += t1 - t0
-        out["time_forward_s"] += t2 - t1
-        out["time_backward_s"] += time.perf_counter() - t2
+            with clock.device("forward"):
+                with backbone_autocast(cfg, ctx):
+                    emb = c.engine.forward(images)
+                # float32 at least (a float64 backbone stays float64: exactness tests run the loop in float64)
+                emb = scale_embedding_grad(emb.to(torch.promote_types(emb.dtype, torch.float32)), ctx.world_size)
+                if faults.nan_backbone_grad(step, ctx.rank) and emb.requires_grad:
+                    emb.register_hook(lambda g: g * float("nan"))
+                loss = c.head(emb, labels)
+                if faults.nan_loss(step, ctx.rank):
+                    loss = loss * float("nan")
+            with clock.device("backward"):
+                c.engine.backward(loss / accum, last)  # accumulation averages the loss
         for k, v in loss_components(c.head, loss).items():
-            out[k] = out.get(k, 0.0) + v / accum
+            # float64, summed from 0 in micro-batch order: the values the host's float sum of each part / accum
+            # gave when they were read back one by one (bit for bit on the CPU)
+            part = v.detach().double() / accum
+            sums[k] = sums[k] + part if k in sums else part
+    return sums
+
+
+def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor],
+                  ctx: DistContext) -> tuple[dict[str, float], list[bool]]:
+    """The step's one read-back before its decision: ``values`` (logged) and, per tensor of ``checks``,
+    whether it is non-finite on any rank.
+
+    The flags are computed on the device and summed over the ranks with one small all-reduce (every rank
+    takes the same decision); then the values and the flags cross to the host together, in one transfer,
+    so the host waits for the device once here instead of once per value."""
+    flags = torch.stack([~torch.isfinite(v).all() for v in checks]).to(torch.float64)
+    if ctx.distributed:
+        dist.all_reduce(flags)
+    vals = [v.detach().to(device=flags.device, dtype=torch.float64).reshape(()) for v in values.values()]
+    host = torch.cat([torch.stack(vals), flags]).tolist() if vals else flags.tolist()
+    return dict(zip(values, host[:len(vals)], strict=True)), [f > 0 for f in host[len(vals):]]
+
+
+def read_late(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Values known only after the optimizers' step, to floats: the tensors among them in one transfer."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        host = torch.stack([v.detach().double().reshape(()) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, host, strict=True))
     return out
 
 
-def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss: float) -> dict[str, float]:
+def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int,
+                   losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor | float]]:
     """Step both optimizers, or skip the step on every rank when the loss or a gradient is non-finite on any.
 
-    Returns the gradient norm, the LR the step ran at, whether (and why not) the step was taken, and the
-    fp16 loss scale after it (``scale_backoff``: the skip was a normal back-off of that scale)."""
+    ``losses``: :func:`forward_backward`'s, on the device. Returns the step's scalars: the losses, the
+    gradient norm, the LR the step ran at, whether (and why not) the step was taken, and the fp16 loss
+    scale after it (``scale_backoff``: the skip was a normal back-off of that scale); and the values still
+    on the device, to read once the step is done (:func:`read_late`): under DeepSpeed the gradient norm."""
     scale = c.engine.loss_scale()
     unscale_head_grads(c.head, scale)  # before clip_and_norm's unscale changes the scale
-    grad_norm = c.engine.clip_and_norm()
-    bad_loss, bad_backbone, bad_head = _nonfinite_flags(
-        [torch.tensor(loss), grad_norm.float().cpu(), head_grad_sq_norm(c.head).cpu()], ctx)
+    grad_norm = _on(c.engine.clip_and_norm(), ctx.device)
+    # Each value checked in the precision the check has always used: the loss and the backbone's norm in
+    # float32 (a float64 value past float32's range counts as non-finite), the head's squared norm in float64
+    out, (bad_loss, bad_backbone, bad_head) = agree_on_step(
+        {**losses, "grad_norm": grad_norm},
+        [losses["loss"].float(), grad_norm.float(), head_grad_sq_norm(c.head)], ctx)
     ok = not (bad_loss or bad_backbone or bad_head)
     lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:
@@ -146,13 +192,25 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
         c.engine.skip()
     # the head's schedule counts the step either way (a skipped first step would make torch warn)
     schedule_next(c.head_sched)
+    late: dict[str, torch.Tensor | float] = {}
     after = c.engine.last_grad_norm()  # ZeRO knows the gradient norm only inside its step (engines.py)
     if after is not None:
-        grad_norm = torch.tensor(after)
+        # logged in float32, as it always was (a tensor or a Python float, whichever DeepSpeed holds)
+        late["grad_norm"] = (after.detach().float() if isinstance(after, torch.Tensor)
+                             else float(torch.tensor(after, dtype=torch.float32)))
     backoff = not ok and is_loss_scale_backoff(bad_loss, bad_backbone, bad_head, scale)
-    return {"grad_norm": float(grad_norm), "finite": float(ok), "nonfinite_loss": float(bad_loss),
-            "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff),
-            "loss_scale": c.engine.loss_scale(), "lr": lr}
+    out.update({"finite": float(ok), "nonfinite_loss": float(bad_loss),
+                "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff),
+                "loss_scale": c.engine.loss_scale(), "lr": lr})
+    return out, late
+
+
+def _on(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A scalar as a tensor on ``device``: a Python float (or a CPU scalar) is written there by a fill, not
+    copied (a copy to the GPU from pageable memory would make the host wait)."""
+    if isinstance(value, torch.Tensor) and value.device == device:
+        return value
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 #: An fp16 loss scale at or below this is no longer backed off from normally: gradients that still overflow
@@ -193,23 +251,24 @@ def unscale_head_grads(head: PartialFC, scale: float) -> None:
 
 
 def head_grad_sq_norm(head: PartialFC) -> torch.Tensor:
-    """Squared norm of this rank's head gradients (sampled rows and b); non-finite if any entry is."""
+    """Squared norm of this rank's head gradients (sampled rows and b), float64 on the head's device (left
+    there: :func:`agree_on_step` reads it back with the step's other values); non-finite if any entry is."""
     _, g = head.weight_grad()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=head.weight.device)
     if g is not None:
-        total += g.double().pow(2).sum().cpu()
+        total = total + g.double().pow(2).sum()
     if head.b is not None and head.b.grad is not None:
-        total += head.b.grad.double().pow(2).sum().cpu()
+        total = total + head.b.grad.double().pow(2).sum()
     return total
 
 
-def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, float]:
-    """Total loss and its softmax and DiscFace parts (``loss_softmax``, ``loss_disc``)."""
-    out = {"loss": float(loss.detach())}
+def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Total loss and its softmax and DiscFace parts (``loss_softmax``, ``loss_disc``), as device tensors."""
+    out = {"loss": loss.detach()}
     if head.record is not None:
-        out["loss_softmax"] = float(head.record.loss_softmax)
+        out["loss_softmax"] = head.record.loss_softmax
         if head.record.loss_disc is not None:
-            out["loss_disc"] = float(head.record.loss_disc)
+            out["loss_disc"] = head.record.loss_disc
     return out
 
 
