@@ -33,6 +33,13 @@ class DataConfig(Section):
                              "(or leave data.augment.flip unset) to flip")
         return self
 
+    @model_validator(mode="after")
+    def _skip_needs_torch(self) -> DataConfig:
+        if self.skip_corrupt and self.loader == "dali":
+            raise ValueError("data.skip_corrupt=true needs the torch loader: DALI's decoder stops the run at the "
+                             "first corrupt record; set data.loader=torch (or auto, which then picks torch)")
+        return self
+
     def flip_probability(self) -> float:
         """The loaders' flip probability: ``augment.flip`` if set, else 0.5 with ``flip``."""
         if self.augment.flip is not None:

@@ -27,6 +27,10 @@ _TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|
 _SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
+class BackendUnavailable(errors.UserError, RuntimeError):
+    """``dist.backend`` names a backend this machine cannot run (NCCL without a visible GPU)."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -130,7 +134,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise RuntimeError("dist.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPUs)")
+        raise BackendUnavailable("dist.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPUs)")
     device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -49,7 +49,8 @@ sys.path.insert(0, str(REPO))
 
 
 # Where the tests marked ``gpu`` live (collecting the whole suite would import what this machine lacks).
-GPU_TEST_PATHS = ("tests/gpu", "tests/partialfc/test_head_cuda.py", "tests/launcher/trainer/test_checkpoint_devices.py")
+GPU_TEST_PATHS = ("tests/gpu", "tests/partialfc/test_head_cuda.py", "tests/launcher/trainer/test_checkpoint_devices.py",
+                  "tests/launcher/test_settings_train.py")
 
 
 class Check(Runner):

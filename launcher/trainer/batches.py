@@ -116,8 +116,9 @@ class DeviceSyntheticLoader:
             yield images, labels
 
 
-def choose_loader(requested: str, device: torch.device) -> str:
-    """``auto``: DALI on GPUs when installed (mixed decode), the torch loader otherwise."""
+def choose_loader(requested: str, device: torch.device, skip_corrupt: bool = False) -> str:
+    """``auto``: DALI on GPUs when installed (mixed decode), the torch loader otherwise -- and always with
+    ``skip_corrupt``, which only the torch loader honours (DALI's decoder stops at a corrupt record)."""
     from data_pipeline.dali_iterator import dali_available
 
     if requested == "dali":
@@ -126,7 +127,10 @@ def choose_loader(requested: str, device: torch.device) -> str:
                             "pip install 'partialfc-discface[dali]', or set data.loader=torch")
         return "dali"
     if requested == "auto":
-        return "dali" if (device.type == "cuda" and dali_available()) else "torch"
+        dali = device.type == "cuda" and dali_available()
+        if dali and skip_corrupt:
+            log.info("data: the torch loader, not DALI: data.skip_corrupt=true (DALI cannot skip corrupt records)")
+        return "dali" if dali and not skip_corrupt else "torch"
     return "torch"
 
 
@@ -261,7 +265,7 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     if (h, w) != (cfg.model.image_size, cfg.model.image_size):
         raise DataError(f"model.image_size={cfg.model.image_size} but {prefix} holds {h}x{w} images "
                         "(its property file); set model.image_size to match")
-    kind = choose_loader(cfg.data.loader, ctx.device)
+    kind = choose_loader(cfg.data.loader, ctx.device, cfg.data.skip_corrupt)
     reader = open_checked(prefix, seed=cfg.train.seed)
     if kind == "dali":
         from data_pipeline.dali_iterator import DaliLoader

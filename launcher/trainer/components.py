@@ -61,6 +61,9 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     backbone.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    elif cfg.train.channels_last and ctx.is_main:
+        log.warning(f"train.channels_last=true has no effect on {ctx.device.type}: the channels-last layout "
+                    "is used on CUDA devices only (the backbone and its inputs stay contiguous)")
     engine = make_engine(backbone, cfg, ctx)
     h, o = cfg.head, cfg.optim
     # Built on its device (the same values anywhere: partialfc.initial_weights): built on the CPU and
