@@ -77,7 +77,11 @@ def train_cmd(
     # Handlers first: a stop signal that arrives during the rendezvous or data loading is kept and acted on
     # at the first step boundary instead of killing the rank.
     stop = StopRequest(cfg.train.stop_signals).install()
-    ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=wants_one_rank_group(cfg))
+    try:
+        ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s, single_rank_group=wants_one_rank_group(cfg))
+    except BaseException:
+        stop.restore()  # a caller that goes on (pfc train inside another process) gets its handlers back
+        raise
     setup_logging(ctx.rank)
     try:
         summary = train(cfg, ctx, stop=stop)

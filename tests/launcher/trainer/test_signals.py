@@ -194,3 +194,29 @@ def test_stop_grace_kills_ranks_that_do_not_stop_and_torchrun_ignores_the_signal
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stop_handlers_are_given_back_when_the_process_group_cannot_start(tmp_path, monkeypatch):
+    """`pfc train` installs its stop handlers before the rendezvous; when that fails (here NCCL asked for on a
+    machine without a GPU, a real refusal), the caller's handlers are back in place afterwards."""
+    import torch
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where dist.backend=nccl cannot start")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+
+    def mine(signum, frame):  # the embedding program's own handler
+        return None
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        res = CliRunner().invoke(app, ["train", "demo_cpu", "--output", str(tmp_path / "run"),
+                                       "--set", "dist.backend=nccl", "--set", "train.stop_signals=[SIGUSR1]"])
+        assert res.exit_code != 0 and "nccl needs CUDA" in str(res.output) + str(res.exception), res.output
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
