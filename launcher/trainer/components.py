@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import Config
+from launcher.config import Config, HeadConfig
 from launcher.distributed import DistContext
 from launcher.trainer.engines import BackboneEngine, lr_schedule, make_engine
 from launcher.trainer.run_folder import resume_point
@@ -66,6 +66,11 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
                     "is used on CUDA devices only (the backbone and its inputs stay contiguous)")
     engine = make_engine(backbone, cfg, ctx)
     h, o = cfg.head, cfg.optim
+    if h.discface_lambda == 0 and h.discface_cap != HeadConfig.model_fields["discface_cap"].default and ctx.is_main:
+        # a warning, not a refusal: turning DiscFace off with --set head.discface_lambda=0 on a recipe that
+        # sets its cap must still run
+        log.warning(f"head.discface_cap={h.discface_cap:g} has no effect: DiscFace is off "
+                    "(head.discface_lambda=0); set head.discface_lambda > 0 to use it")
     # Built on its device (the same values anywhere: partialfc.initial_weights): built on the CPU and
     # moved, a GPU's shard (and its momentum) would first take as much host memory and a copy.
     head = PartialFC(num_classes, cfg.model.embedding_size, sample_rate=h.sample_rate, margin=h.margin,

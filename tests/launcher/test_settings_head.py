@@ -1,8 +1,11 @@
 """``head`` settings through the trainer's build: ``head.margin`` and ``head.scale`` (other tests hand them
 to a ``PartialFC`` they construct themselves) give the head built for training its loss, and
-``head.discface_cap`` bounds DiscFace's basis (no other test set it)."""
+``head.discface_cap`` bounds DiscFace's basis (no other test set it), and says it does nothing with DiscFace
+off."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -42,3 +45,19 @@ def test_discface_cap_bounds_the_basis_norm() -> None:
         head.b.mul_(0.15)  # norm 0.15: under this cap (over the default one)
     xi = head.xi
     assert xi is not None and torch.allclose(xi, head.b.detach())
+
+
+def test_discface_cap_without_discface_says_it_has_no_effect(caplog: pytest.LogCaptureFixture) -> None:
+    """``head.discface_cap`` set while ``head.discface_lambda=0``: one warning naming both settings (the run
+    still builds: turning DiscFace off on a recipe that sets a cap must work); none with DiscFace on or
+    with the default cap."""
+    def warnings_for(*sets: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pfc"):
+            build(load_config(None, [*BASE, *sets]), DistContext.single_process(), 12)
+        return [r.getMessage() for r in caplog.records if "discface_cap" in r.getMessage()]
+
+    said = warnings_for("head.discface_cap=0.2")
+    assert len(said) == 1 and "no effect" in said[0] and "head.discface_lambda=0" in said[0], said
+    assert warnings_for("head.discface_cap=0.2", "head.discface_lambda=0.1") == []
+    assert warnings_for() == []
