@@ -28,15 +28,6 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def dev() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if os.environ.get("PFC_GPU_TESTS_ON_CPU") == "1":
-        return torch.device("cpu")
-    pytest.skip("needs a CUDA device (PFC_GPU_TESTS_ON_CPU=1 runs the CPU stand-in, as gpu_check --dry-run does)")
-
-
 def _head_vs_reference(head: PartialFC, dev: torch.device, dtype: torch.dtype, n: int, seed: int,
                        lam: float, margin: tuple[float, float, float]) -> dict[str, float]:
     """One forward + backward of ``head`` on ``dev``; relative errors against the CPU float64 reference."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.gpu
 
 IMAGE, EMB, CLASSES = 16, 128, 2000
 PHASES = ("time_data_s", "time_forward_s", "time_backward_s", "time_optimizer_s")
-
-
-@pytest.fixture
-def dev() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if os.environ.get("PFC_GPU_TESTS_ON_CPU") == "1":
-        return torch.device("cpu")
-    pytest.skip("needs a CUDA device (PFC_GPU_TESTS_ON_CPU=1 runs the CPU stand-in, as gpu_check --dry-run does)")
 
 
 class _Matmuls(torch.nn.Module):
