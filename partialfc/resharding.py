@@ -142,10 +142,9 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
         }
         write(path / META, json.dumps(info, indent=1) + "\n")
         if head.b is not None:
-            b = head.b.detach().cpu().contiguous()
             b_state = (optimizer.b_state() if optimizer is not None
                        else {"momentum": torch.zeros_like(head.b)})
-            b_tensors = {"b": b, **{k: v.detach().cpu().contiguous() for k, v in b_state.items()}}
+            b_tensors = {"b": head.b.detach().contiguous(), **{k: v.detach().contiguous() for k, v in b_state.items()}}
             write(path / DISCFACE, lambda p: save_file_streaming(b_tensors, p,
                                                                   metadata={"format": FORMAT, "optimizer": kind}))
 

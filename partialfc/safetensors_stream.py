@@ -60,26 +60,31 @@ def save_file_streaming(tensors: dict[str, torch.Tensor], path: str | Path, meta
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    staging: torch.Tensor | None = None
+    staging = _staging_buffer(list(tensors.values()), chunk_bytes)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:
             flat = tensors[name].detach().reshape(-1).view(torch.uint8)
-            if flat.device.type != "cpu" and staging is None:
-                staging = torch.empty(min(chunk_bytes, max(flat.numel(), 1)), dtype=torch.uint8,
-                                      pin_memory=flat.device.type == "cuda")
             for lo in range(0, flat.numel(), chunk_bytes):
                 piece = flat[lo:lo + chunk_bytes]
-                if flat.device.type == "cpu":
+                if staging is None or flat.device.type == "cpu":
                     f.write(piece.numpy().data)
                     continue
-                assert staging is not None
-                if staging.numel() < piece.numel():
-                    staging = torch.empty(piece.numel(), dtype=torch.uint8, pin_memory=flat.device.type == "cuda")
                 host = staging[:piece.numel()]
                 host.copy_(piece)  # synchronous: the buffer is reused for the next piece
                 f.write(host.numpy().data)
+
+
+def _staging_buffer(tensors: list[torch.Tensor], chunk_bytes: int) -> torch.Tensor | None:
+    """The one host buffer every accelerator tensor's pieces pass through: as large as the largest piece,
+    pinned for CUDA's copies; None when every tensor is on the CPU (written where it lies)."""
+    on_device = [t for t in tensors if t.device.type != "cpu"]
+    if not on_device:
+        return None
+    largest = max(t.numel() * t.element_size() for t in on_device)
+    return torch.empty(min(chunk_bytes, largest), dtype=torch.uint8,
+                       pin_memory=any(t.device.type == "cuda" for t in on_device))
 
 
 def copy_rows(source: Any, lo: int, hi: int, dst: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> None:

@@ -145,9 +145,8 @@ def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor],
     flags = torch.stack([~torch.isfinite(v).all() for v in checks]).to(torch.float64)
     if ctx.distributed:
         dist.all_reduce(flags)
-    vals = [v.detach().to(device=flags.device, dtype=torch.float64).reshape(()) for v in values.values()]
-    host = torch.cat([torch.stack(vals), flags]).tolist() if vals else flags.tolist()
-    return dict(zip(values, host[:len(vals)], strict=True)), [f > 0 for f in host[len(vals):]]
+    host = _to_host([*values.values(), *flags])
+    return dict(zip(values, host[:len(values)], strict=True)), [f > 0 for f in host[len(values):]]
 
 
 def read_late(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -155,9 +154,13 @@ def read_late(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if tensors:
-        host = torch.stack([v.detach().double().reshape(()) for v in tensors.values()]).tolist()
-        out.update(zip(tensors, host, strict=True))
+        out.update(zip(tensors, _to_host(list(tensors.values())), strict=True))
     return out
+
+
+def _to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """0-d or one-element tensors (on one device) as Python floats, in one float64 transfer: one wait."""
+    return torch.stack([v.detach().double().reshape(()) for v in scalars]).tolist()
 
 
 def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int,

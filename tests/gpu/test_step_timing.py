@@ -87,6 +87,16 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _timed_step(c: Components, data: _Batches, cfg: Config, ctx: DistContext,
+                step: int) -> tuple[dict[str, float], float]:
+    """One training step and its wall time, the device synchronised before and after."""
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    s = train_one_step(c, data, cfg, ctx, step)  # type: ignore[arg-type]
+    _sync(ctx.device)
+    return s, time.perf_counter() - t0
+
+
 def test_phase_times_are_the_devices_and_add_up_to_the_step(dev: torch.device, tmp_path: Path) -> None:
     """Measured with a synchronisation before and after, a step's wall time is its phases' sum (within 20%),
     and the forward has its share: host launch times would show a forward of ~0 and an optimizer phase
@@ -96,11 +106,7 @@ def test_phase_times_are_the_devices_and_add_up_to_the_step(dev: torch.device, t
     for step in (1, 2):  # warm-up: cuBLAS handles, the allocator's pools
         train_one_step(c, data, cfg, ctx, step)  # type: ignore[arg-type]
     for step in (3, 4, 5):
-        _sync(dev)
-        t0 = time.perf_counter()
-        s = train_one_step(c, data, cfg, ctx, step)  # type: ignore[arg-type]
-        _sync(dev)
-        wall = time.perf_counter() - t0
+        s, wall = _timed_step(c, data, cfg, ctx, step)
         phases = {k: s[k] for k in PHASES}
         assert s["finite"] == 1.0
         assert abs(sum(phases.values()) - wall) <= 0.2 * wall, (wall, phases)
@@ -192,11 +198,7 @@ def test_comm_time_under_ddp(dev: torch.device, tmp_path: Path) -> None:
         ctx = DistContext(0, 1, 0, 1, 0, dev, backend)
         c, cfg, data = _model(dev, ctx, tmp_path)
         for step in (1, 2, 3):
-            _sync(dev)
-            t0 = time.perf_counter()
-            s = train_one_step(c, data, cfg, ctx, step)  # type: ignore[arg-type]
-            _sync(dev)
-            wall = time.perf_counter() - t0
+            s, wall = _timed_step(c, data, cfg, ctx, step)
             assert s["finite"] == 1.0
             assert 0.0 < s["time_comm_s"] <= wall, (s["time_comm_s"], wall)
     finally:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from launcher.config import load_config
 from launcher.distributed import DistContext
 from launcher.trainer.components import build
-from tests.support.runs import _pfc
+from tests.support.runs import _pfc, refused_in_one_line
 
 BASE = ["model.backbone=tiny", "model.image_size=16", "model.embedding_size=8"]
 IMAGE = 16
@@ -69,11 +69,9 @@ def test_fp16_on_a_cpu_is_one_line_before_anything_starts(small: Path, tmp_path:
     out = tmp_path / "run"
     r = _pfc(["train", "demo_cpu", "--data", str(small), "--output", str(out), "--set", f"model.image_size={IMAGE}",
               "--set", "train.amp=fp16"], timeout=120)
-    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pfc: train.amp=fp16 needs a CUDA device"), lines
-    assert "use train.amp=bf16 or none on CPUs" in lines[0]
+    line = refused_in_one_line(r)
+    assert line.startswith("pfc: train.amp=fp16 needs a CUDA device"), line
+    assert "use train.amp=bf16 or none on CPUs" in line
     assert not out.exists()
 
 

@@ -69,6 +69,16 @@ def _pfc(args: list[str], fault: str | None = None, timeout: float = 300) -> sub
                           timeout=timeout, env=env)
 
 
+def refused_in_one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The one stderr line of a `pfc` command that refused a user's setting: exit 2, no traceback, nothing
+    else on stderr."""
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 def _train_args(prefix: Path, out: Path, **extra: object) -> list[str]:
     args = ["train", "demo_cpu"]
     for o in _overrides(prefix, out, **extra):
