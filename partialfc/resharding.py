@@ -124,10 +124,11 @@ def _one_line(error: BaseException) -> str:
 def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, path: Path, write: Writer) -> None:
     kind = optimizer.kind if optimizer is not None else "sgd"
     if head.end > head.start:
-        state = (optimizer.row_state() if optimizer is not None  # zeros in host memory, not on the GPU
-                 else {"momentum": torch.zeros(head.weight.shape, dtype=head.weight.dtype)})
-        tensors = {"weight": head.weight.detach().contiguous(),
-                   **{k: v.detach().contiguous() for k, v in state.items()}}
+        # Without an optimizer the momentum is one zero expanded to the shard's shape, which the writer
+        # makes a piece at a time: materialised, it would cost the shard's size (on the host or the device).
+        state = (optimizer.row_state() if optimizer is not None
+                 else {"momentum": head.weight.new_zeros(()).expand(head.weight.shape)})
+        tensors = {"weight": head.weight.detach(), **{k: v.detach() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
                 "num_classes": str(head.num_classes), "optimizer": kind}
         # straight from the device, a bounded piece at a time (a GPU shard is never copied to the host whole)
@@ -144,7 +145,7 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
         if head.b is not None:
             b_state = (optimizer.b_state() if optimizer is not None
                        else {"momentum": torch.zeros_like(head.b)})
-            b_tensors = {"b": head.b.detach().contiguous(), **{k: v.detach().contiguous() for k, v in b_state.items()}}
+            b_tensors = {"b": head.b.detach(), **{k: v.detach() for k, v in b_state.items()}}
             write(path / DISCFACE, lambda p: save_file_streaming(b_tensors, p,
                                                                   metadata={"format": FORMAT, "optimizer": kind}))
 

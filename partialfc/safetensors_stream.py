@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,17 @@ _DTYPES: dict[torch.dtype, tuple[str, int]] = {
 
 def save_file_streaming(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
                         chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Write ``tensors`` (contiguous, on any device) as a safetensors file at ``path``.
+    """Write ``tensors`` (on any device) as a safetensors file at ``path``.
 
     Host memory used: one ``chunk_bytes`` buffer when a tensor is on an accelerator, none beyond the file's
-    own buffering for CPU tensors. Errors of the writes (a full disk: ``OSError``) propagate; the caller's
-    atomic writer removes the partial file."""
+    own buffering for contiguous CPU tensors (a strided tensor takes one piece of its rows at a time, on its
+    device, so an expanded zero costs a piece, not its size). Errors of the writes (a full disk:
+    ``OSError``) propagate; the caller's atomic writer removes the partial file."""
     if sys.byteorder != "little":  # safetensors is little-endian; tensors are written as they lie in memory
         raise OSError(f"{path}: safetensors files are little-endian; this machine is {sys.byteorder}-endian")
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"{path}: tensor {name!r} has dtype {t.dtype}, which this writer does not know")
-        if not t.is_contiguous():
-            raise ValueError(f"{path}: tensor {name!r} is not contiguous")
     order = sorted(tensors, key=lambda k: (-_DTYPES[tensors[k].dtype][1], k))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -65,15 +65,41 @@ def save_file_streaming(tensors: dict[str, torch.Tensor], path: str | Path, meta
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in order:
-            flat = tensors[name].detach().reshape(-1).view(torch.uint8)
-            for lo in range(0, flat.numel(), chunk_bytes):
-                piece = flat[lo:lo + chunk_bytes]
-                if staging is None or flat.device.type == "cpu":
+            for piece in _pieces(tensors[name].detach(), chunk_bytes):
+                if staging is None or piece.device.type == "cpu":
                     f.write(piece.numpy().data)
-                    continue
-                host = staging[:piece.numel()]
-                host.copy_(piece)  # synchronous: the buffer is reused for the next piece
-                f.write(host.numpy().data)
+                else:
+                    host = staging[:piece.numel()]
+                    host.copy_(piece)  # synchronous: the buffer is reused for the next piece
+                    f.write(host.numpy().data)
+                del piece  # a strided tensor's piece is a copy: freed before the next is made, not beside it
+
+
+def _rows_per_piece(t: torch.Tensor, chunk_bytes: int) -> int:
+    """Whole rows of a strided tensor in one piece: as many as fit ``chunk_bytes``, at least one."""
+    return max(chunk_bytes // (t[0].numel() * t.element_size()), 1)
+
+
+def _pieces(t: torch.Tensor, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """``t``'s bytes in C order as 1-D uint8 pieces. A contiguous tensor is cut where it lies (views, no
+    copy); a strided one (an expanded zero: the momentum of a save without an optimizer) is made contiguous
+    a piece of whole rows at a time, so it never takes its full size anywhere."""
+    if t.is_contiguous():
+        flat = t.reshape(-1).view(torch.uint8)
+        for lo in range(0, flat.numel(), chunk_bytes):
+            yield flat[lo:lo + chunk_bytes]
+        return
+    step = _rows_per_piece(t, chunk_bytes)  # not contiguous: at least one dimension and one element
+    for lo in range(0, t.shape[0], step):
+        yield t[lo:lo + step].contiguous().reshape(-1).view(torch.uint8)
+
+
+def _piece_bytes(t: torch.Tensor, chunk_bytes: int) -> int:
+    """The largest piece :func:`_pieces` yields for ``t``."""
+    size = t.numel() * t.element_size()
+    if t.is_contiguous():
+        return min(chunk_bytes, size)
+    return min(size, _rows_per_piece(t, chunk_bytes) * t[0].numel() * t.element_size())
 
 
 def _staging_buffer(tensors: list[torch.Tensor], chunk_bytes: int) -> torch.Tensor | None:
@@ -82,8 +108,8 @@ def _staging_buffer(tensors: list[torch.Tensor], chunk_bytes: int) -> torch.Tens
     on_device = [t for t in tensors if t.device.type != "cpu"]
     if not on_device:
         return None
-    largest = max(t.numel() * t.element_size() for t in on_device)
-    return torch.empty(min(chunk_bytes, largest), dtype=torch.uint8,
+    largest = max(_piece_bytes(t, chunk_bytes) for t in on_device)
+    return torch.empty(largest, dtype=torch.uint8,
                        pin_memory=any(t.device.type == "cuda" for t in on_device))
 
 
