@@ -61,6 +61,12 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     header = next(i for i, line in enumerate(tail) if line.startswith("step ") and "status" in line)
     assert [line.split()[0] for line in tail[header + 1:] if not line.startswith(" ")] == STEPS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    # the README's table is made from this JSON: every row has its figure (fp16 is not timed on a CPU)
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_readme_table.py"),
+                            str(tmp_path / "gpu_check.json")], capture_output=True, text=True, timeout=60)
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "| goal |" not in line]
+    assert table.returncode == 0 and len(rows) == 12 and "dry run on the CPU" in table.stdout, table.stdout
+    assert [r for r in rows if "failed" in r or "not run" in r] == [r for r in rows if "fp16" in r], rows
 
 
 def test_a_failed_step_is_recorded_and_the_budget_skips_the_rest(tmp_path: Path) -> None:
