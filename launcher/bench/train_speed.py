@@ -28,14 +28,17 @@ SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "tim
 
 
 def summarise(rows: list[dict[str, Any]], warmup: int, global_batch: int) -> dict[str, Any]:
-    """Median step time (from consecutive log times) and median split over the steps after warm-up."""
+    """Median step time (from consecutive log times) and median split over the steps after warm-up.
+
+    A phase no timed row carries (``time_comm_s`` under DeepSpeed, whose reductions are not timed) is left
+    out of ``split_s`` and ``split_fraction``: absent, not a median of zeros read as "no communication"."""
     rows = sorted((r for r in rows if "loss" in r and "time_forward_s" in r), key=lambda r: r["step"])
     timed = [r for r in rows if r["step"] > warmup]
     if len(timed) < 2:
         raise ValueError(f"need at least 2 logged steps after {warmup} warm-up steps, got {len(timed)}")
     gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(timed) if b["step"] == a["step"] + 1]
     step_s = statistics.median(gaps)
-    split = {k: statistics.median(r.get(k, 0.0) for r in timed) for k in SPLIT}
+    split = {k: statistics.median(r.get(k, 0.0) for r in timed) for k in SPLIT if any(k in r for r in timed)}
     return {"step_s": step_s, "images_per_s": global_batch / step_s, "split_s": split,
             "split_fraction": {k: v / step_s for k, v in split.items()}, "steps_timed": len(gaps)}
 

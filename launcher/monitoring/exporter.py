@@ -13,7 +13,8 @@ radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may q
 * step time: ``pfc_step_duration_seconds`` (histogram of wall time between two steps, evaluation and
   checkpoint time excluded), ``pfc_step_last_duration_seconds`` and
   ``pfc_step_phase_seconds_total{phase=data|forward|backward|communication|optimizer}``
-  (communication is the backbone's gradient all-reduce, which overlaps backward);
+  (communication is the backbone's gradient all-reduce, which overlaps backward; under DeepSpeed, whose
+  reductions are not timed, that series does not exist: :func:`~launcher.monitoring.series.measured_phases`);
 * optimisation: ``pfc_loss{component=total|softmax|discface}``, ``pfc_learning_rate``,
   ``pfc_grad_norm``, ``pfc_step_finite``, ``pfc_nonfinite_steps_total{cause=loss|gradient}``,
   ``pfc_data_skipped_records_total``, ``pfc_head_sampled_classes``, ``pfc_discface_xi_norm``;
@@ -79,8 +80,8 @@ from launcher.monitoring.series import (
     DISCREPANCY,
     LOSSES,
     METRIC_NAMES,
-    PHASES,
     STEP_BUCKETS,
+    measured_phases,
     verification_figures,
 )
 
@@ -125,11 +126,12 @@ class TrainingMetrics:
     """One rank's exporter. The trainer calls every method on every rank; all are cheap (no I/O).
 
     With ``cfg.enabled`` false every method is a no-op. ``device`` replaces the GPU probe (tests);
-    by default it is the current CUDA device when CUDA is initialised, and nothing on CPUs.
+    by default it is the current CUDA device when CUDA is initialised, and nothing on CPUs. ``engine``:
+    the run's ``dist.engine``, which decides the step phases exported (:func:`measured_phases`).
     """
 
     def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, node: int, world_size: int,
-                 device: DeviceReading | None = None, run: str | None = None) -> None:
+                 device: DeviceReading | None = None, run: str | None = None, engine: str = "ddp") -> None:
         self.cfg = cfg
         self.rank, self.local_rank, self.node, self.world_size = rank, local_rank, node, world_size
         self.enabled = bool(cfg.enabled)
@@ -142,6 +144,7 @@ class TrainingMetrics:
         self._gateway: str | None = None
         self._last_mark = time.perf_counter()
         self._skipped_records = 0
+        self._phases = measured_phases(engine)
         self.run = ""
         if not self.enabled:
             return
@@ -170,7 +173,7 @@ class TrainingMetrics:
         self.step_last = gauge("pfc_step_last_duration_seconds", "Wall time of the last step")
         self.phase = counter("pfc_step_phase_seconds_total",
                              "Seconds spent per step phase (communication overlaps backward)", ("phase",))
-        for phase in PHASES.values():  # a counter born at 0 lets rate()/increase() see its first change
+        for phase in self._phases.values():  # a counter born at 0 lets rate()/increase() see its first change
             self.phase.labels(**labels, phase=phase)
         self.loss = gauge("pfc_loss", "Loss of the last step (global batch: Partial FC's softmax spans all ranks)",
                           ("component",))
@@ -269,7 +272,7 @@ class TrainingMetrics:
         self.step_no.labels(**lab).set(step)
         self.step_hist.observe(duration)
         self.step_last.labels(**lab).set(duration)
-        for key, phase in PHASES.items():
+        for key, phase in self._phases.items():  # never a phase the engine does not time
             if key in scalars:
                 self.phase.labels(**lab, phase=phase).inc(max(float(scalars[key]), 0.0))
         for key, component in LOSSES.items():

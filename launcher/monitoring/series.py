@@ -1,6 +1,7 @@
 """The exporter's metric definitions: histogram buckets, which trainer scalar feeds which series and
 label, and :data:`METRIC_NAMES`, every family the exporter can emit (``deploy/`` may query nothing else);
-:func:`verification_figures`, how the exporter and the trackers read an evaluation's results.
+:func:`measured_phases`, which step phases a run's engine times; :func:`verification_figures`, how the
+exporter and the trackers read an evaluation's results.
 The families themselves are created per rank by :class:`launcher.monitoring.exporter.TrainingMetrics`."""
 
 from __future__ import annotations
@@ -15,6 +16,20 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 # trainer scalar -> step phase label
 PHASES = {"time_data_s": "data", "time_forward_s": "forward", "time_backward_s": "backward",
            "time_comm_s": "communication", "time_optimizer_s": "optimizer"}
+# Engines (``dist.engine``) whose gradient reductions are not timed: DeepSpeed runs them inside its engine,
+# where no comm hook reaches, and its comms logger would synchronise every collective to time them.
+_COMM_UNTIMED = frozenset({"deepspeed"})
+
+
+def measured_phases(engine: str) -> dict[str, str]:
+    """The step phases (trainer scalar -> phase label, as :data:`PHASES`) that a run on ``engine``
+    (``dist.engine``) times: all of them, less ``communication`` for an engine whose reductions are not
+    timed. A phase left out has no series at all: absent, not a 0 that would read as "no communication"."""
+    if engine in _COMM_UNTIMED:
+        return {k: v for k, v in PHASES.items() if k != "time_comm_s"}
+    return dict(PHASES)
+
+
 # trainer scalar -> loss component label
 LOSSES = {"loss": "total", "loss_softmax": "softmax", "loss_disc": "discface"}
 # discrepancy key -> (metric name, help, factor to base units)

@@ -32,7 +32,13 @@ def scale_embedding_grad(emb: torch.Tensor, world_size: int) -> torch.Tensor:
 
 class BackboneEngine(Protocol):
     module: nn.Module  # the bare backbone (what checkpoints and evaluation use)
-    comm: CommTimer
+
+    # read-only here, so that an engine's plain ``CommTimer`` attribute satisfies it
+    @property
+    def comm(self) -> CommTimer | None:
+        """Times the backbone's gradient reductions (the step's ``time_comm_s``). None means the engine's
+        reductions are not timed: the step then reports no communication time at all (absent, not 0)."""
+        ...
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...
     def no_sync(self, last_micro: bool) -> Any: ...
@@ -235,7 +241,9 @@ class DeepSpeedEngine:
         self.torch_opt = opt  # the optimizer DeepSpeed steps inside its own (ZeRO's) or directly (stage 0)
         self.device = ctx.device
         self.module = self.engine.module
-        self.comm = CommTimer()  # DeepSpeed's reductions run inside its engine and are not timed here
+        # DeepSpeed's reductions run inside its engine, out of reach of a comm hook, and its comms logger
+        # would synchronise every collective to time it: not timed, so None (absent), never a false 0.
+        self.comm: CommTimer | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images)

@@ -50,7 +50,8 @@ def backbone_autocast(cfg: Config, ctx: DistContext) -> Any:
 
 
 #: The step's phases and their keys among the step's scalars (``time_<phase>_s``). The communication time
-#: (``time_comm_s``) is the engine's own (``launcher.trainer.timing.CommTimer``): it overlaps the backward.
+#: (``time_comm_s``) is the engine's own (``launcher.trainer.timing.CommTimer``): it overlaps the backward,
+#: and is absent from the scalars when the engine does not time its reductions (DeepSpeed).
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -80,7 +81,9 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
                     b.copy_(saved)
         late["xi_norm"] = c.head.xi.detach().norm() if c.head.xi is not None else 0.0
     out.update({f"time_{phase}_s": s for phase, s in clock.seconds().items()})  # waits for the step's end
-    out.update(time_comm_s=c.engine.comm.take(), **read_late(late))
+    if c.engine.comm is not None:  # an engine that times nothing reports nothing, rather than a false 0
+        out["time_comm_s"] = c.engine.comm.take()
+    out.update(read_late(late))
     return out
 
 

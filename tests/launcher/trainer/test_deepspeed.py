@@ -38,9 +38,19 @@ def test_zero_matches_ddp(dataset, tmp_path, stage):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"backbone tensor {k}")
     ha, hb = _head_matrix(_latest(ddp_out)), _head_matrix(_latest(ds_out))
     torch.testing.assert_close(hb[0], ha[0], rtol=1e-4, atol=1e-6)
-    la = [json.loads(x)["loss"] for x in (ddp_out / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ds_out / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
+    ddp_rows, ds_rows = ([json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()]
+                         for o in (ddp_out, ds_out))
+    assert [r["loss"] for r in ddp_rows] == pytest.approx([r["loss"] for r in ds_rows], rel=1e-4)
+    _assert_comm_time_only_under_ddp(ddp_rows, ds_rows)
+
+
+def _assert_comm_time_only_under_ddp(ddp_rows: list[dict], ds_rows: list[dict]) -> None:
+    """The same 2-rank run's step rows: DDP's comm hook timed its all-reduces; DeepSpeed's reductions are
+    not timed, so its rows carry no ``time_comm_s`` at all (it used to log a false 0.0)."""
+    assert len(ddp_rows) == len(ds_rows) == 2  # log.every_steps=2 of 4 steps
+    assert all(r["time_comm_s"] > 0 for r in ddp_rows), [r.get("time_comm_s") for r in ddp_rows]
+    assert all("time_backward_s" in r for r in ds_rows)  # step rows, with the phases that are timed
+    assert [r for r in ds_rows if "time_comm_s" in r] == []
 
 
 @pytest.mark.parametrize(("stage", "extra"), [(0, {}), (1, {}), (2, {}),
