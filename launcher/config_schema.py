@@ -149,6 +149,12 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, lt=2**31)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    cudnn_benchmark: bool | None = Field(None, description="GPUs: cuDNN times its convolution algorithms once "
+                                         "for the run's fixed input shape and keeps the fastest (its picks may "
+                                         "differ between runs); unset: on unless train.deterministic")
+    deterministic: bool = Field(False, description="GPUs: deterministic kernels where torch has them (cuDNN, "
+                                "cuBLAS, the head's index_add_), a warning naming any op that has none; slower. "
+                                "CPU kernels are deterministic already")
     max_nonfinite_in_a_row: int = Field(10, ge=1)
     freeze_backbone_steps: int = Field(0, ge=0, description="fine-tuning: the first N steps train the head "
                                        "only (backbone weights, BN statistics and optimizer state untouched)")
@@ -160,6 +166,14 @@ class TrainConfig(Section):
                                 description="seconds torchrun waits for the ranks' stop checkpoint before "
                                 "SIGKILL; keep the cluster's grace period (Kubernetes "
                                 "terminationGracePeriodSeconds, compose stop_grace_period) above it")
+
+    @model_validator(mode="after")
+    def _deterministic_without_autotuner(self) -> TrainConfig:
+        if self.deterministic and self.cudnn_benchmark:
+            raise ValueError("train.cudnn_benchmark=true and train.deterministic=true: cuDNN's autotuner picks "
+                             "convolution algorithms by timing them, so two runs may differ; leave "
+                             "train.cudnn_benchmark unset (off when deterministic) or set it to false")
+        return self
 
     @field_validator("stop_signals")
     @classmethod

@@ -7,7 +7,7 @@ rest (its error goes into the JSON):
   env          python, torch, CUDA device, driver, free memory, cores
   pytest_gpu   the tests marked ``gpu`` (GPU_TEST_PATHS): equivalence law on CUDA, fp32 logits under
                autocast, fp16 scaler skip/recover, NCCL with one rank, checkpoints GPU <-> CPU, launches
-               flat in C, every head dtype and optimizer against float64, the CUDA RNG in checkpoints
+               flat in C, every dtype and optimizer vs float64, CUDA RNG in checkpoints, determinism
   bench_head   `pfc bench head` at C = 1M, 10M and the largest C `pfc plan` says fits (r = 0.1,
                D = 512, B = 512, W = 1): step, GEMM floor, ratio, memory vs weights + momentum and
                vs the planner's prediction

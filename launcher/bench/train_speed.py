@@ -46,7 +46,8 @@ def summarise(rows: list[dict[str, Any]], warmup: int, global_batch: int) -> dic
 def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dict[str, Any]:
     """The backbone's forward + backward alone, in this process, on the device the trainer would pick.
 
-    Same backbone, batch per rank, autocast dtype, channels_last and fp16 loss scaling as the run, on
+    Same backbone, batch per rank, autocast dtype, channels_last, kernel settings (``train.cudnn_benchmark``,
+    ``train.deterministic``) and fp16 loss scaling as the run, on
     one batch of uint8 pixels made on the device and normalised as the step does
     (:func:`launcher.trainer.batches.to_model_input`); the loss is a plain sum of the embeddings (no head, no
     optimizer step, no communication). ``images_per_s`` is the floor a whole training step is set
@@ -59,6 +60,7 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
     from launcher.bench.gemm_floor import sync
     from launcher.trainer.batches import to_model_input
     from launcher.trainer.components import backbone_config
+    from launcher.trainer.kernels import kernel_settings
     from launcher.trainer.step import backbone_autocast
 
     cfg = load_config(resolve_config_path(config), sets)
@@ -91,20 +93,21 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
         for p in net.parameters():
             p.grad = None
 
-    for _ in range(warmup):
-        step()
-    sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / steps
+    with kernel_settings(cfg, device) as kernels:  # the run's kernels (cuDNN's autotuner on by default), as the trainer's
+        for _ in range(warmup):
+            step()
+        sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        seconds = (time.perf_counter() - t0) / steps
     peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
     return {"step_s": seconds, "images_per_s": cfg.train.batch_size / seconds, "peak_memory_bytes": peak,
             "steps_timed": steps, "device": str(device), "amp": cfg.train.amp, "channels_last": channels_last,
-            "backbone": cfg.model.backbone, "image_size": s, "batch": cfg.train.batch_size}
+            "backbone": cfg.model.backbone, "image_size": s, "batch": cfg.train.batch_size, "kernels": kernels}
 
 
 def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: int, sets: list[str],

@@ -22,6 +22,7 @@ from launcher.trainer.callbacks import RunCallbacks
 from launcher.trainer.checkpointer import training_checkpointer
 from launcher.trainer.components import Components, build
 from launcher.trainer.finetune import adopt_init_backbone, set_backbone_mode
+from launcher.trainer.kernels import kernel_settings
 from launcher.trainer.preemption import StopRequest
 from launcher.trainer.run_folder import check_run_folder, resume_point
 from launcher.trainer.step import check_amp, train_one_step
@@ -37,13 +38,14 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
     own_stop = stop is None
     stop = StopRequest(cfg.train.stop_signals).install() if stop is None else stop
     try:
-        return _train(cfg, ctx, stop)
+        with kernel_settings(cfg, ctx.device) as kernels:  # before the run's first kernel: cuBLAS reads it once
+            return _train(cfg, ctx, stop, kernels)
     finally:
         if own_stop:
             stop.restore()
 
 
-def _train(cfg: Config, ctx: DistContext, stop: StopRequest) -> dict[str, Any]:
+def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, bool | None]) -> dict[str, Any]:
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     check_run_folder(cfg)
     check_amp(cfg, ctx.device)
@@ -62,6 +64,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest) -> dict[str, Any]:
     finally:
         data.close()
     summary = callbacks.summary(step, time.perf_counter() - t_start)
+    summary["kernels"] = kernels
     if ctx.is_main:
         atomic_write(Path(cfg.output) / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from launcher.bench.train_speed import summarise
 
@@ -53,3 +54,7 @@ def test_backbone_floor_times_forward_backward_on_device_made_batches():
     assert r["batch"] == 4 and r["image_size"] == 16 and r["amp"] == "bf16" and r["backbone"] == "tiny"
     # on the CPU: no CUDA allocator to read, channels_last and autocast stay off as in the trainer
     assert r["device"] == "cpu" and r["peak_memory_bytes"] is None and r["channels_last"] is False
+    assert r["kernels"] == {"deterministic": False, "cudnn_benchmark": None}  # the trainer's kernel settings
+    det = backbone_floor("demo_cpu", [*sets, "train.deterministic=true"], steps=1, warmup=0)
+    assert det["kernels"] == {"deterministic": True, "cudnn_benchmark": None}
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's own setting, back after it
