@@ -84,46 +84,34 @@ def _head_ratios(doc: dict[str, Any], key: str) -> str:
     return ", ".join(f"{s[key]:.2f}" if key in s else "failed" for s in shapes)
 
 
-def _train(doc: dict[str, Any], name: str, part: str | None, fmt: Callable[[dict[str, Any]], str]) -> str:
+def _figure(doc: dict[str, Any], name: str, key: str, fmt: Callable[[dict[str, Any]], str],
+            part: str | None = None) -> str:
+    """Step ``name``'s figure (its record, or its ``part``, formatted), or why the row has none: the step
+    did not run, it failed, or its record lacks ``key``."""
     rec, why = _step(doc, name)
     if rec is None:
         return why
     r = rec.get(part) if part else rec
     if r is None and rec.get("status") == "ok":
         return "not run" + (" (a dry run times bf16 only)" if doc.get("dry_run") else "")
-    if not r or "images_per_s" not in r:
+    if not r or key not in r:
         return _failed(r or rec)
     return fmt(r)
 
 
-def _gpu_tests(doc: dict[str, Any]) -> str:
-    rec, why = _step(doc, "pytest_gpu")
-    if rec is None:
-        return why
-    if "counts" not in rec:
-        return _failed(rec)
+def _gpu_tests(rec: dict[str, Any]) -> str:
     c = rec["counts"]
     text = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
     bad = [t["test"].rsplit("::", 1)[-1] for t in rec.get("tests", []) if t["outcome"] == "failed"]
     return text + (f" (failed: {', '.join(bad[:6])})" if bad else "")
 
 
-def _synth(doc: dict[str, Any]) -> str:
-    rec, why = _step(doc, "synth")
-    if rec is None:
-        return why
-    if rec.get("status") != "ok":
-        return _failed(rec)
+def _synth(rec: dict[str, Any]) -> str:
     return (f"{rec['images']:,} images in {rec['wall_s']} s ({rec['images_per_s']:.0f} images/s while writing, "
             f"workers: {rec['workers']})")
 
 
-def _e2e(doc: dict[str, Any]) -> str:
-    rec, why = _step(doc, "train_e2e")
-    if rec is None:
-        return why
-    if "first_run" not in rec:
-        return _failed(rec)
+def _e2e(rec: dict[str, Any]) -> str:
     fr, rr = rec["first_run"], rec["resumed_run"]
     evals: dict[str, dict[str, Any]] = fr.get("eval") or {}
     acc = next(iter(evals.values()), {}).get("accuracy")
@@ -139,20 +127,20 @@ def figures(doc: dict[str, Any]) -> list[str]:
         return f"{r['images_per_s']:.0f} images/s"
 
     return [
-        _gpu_tests(doc),
+        _figure(doc, "pytest_gpu", "counts", _gpu_tests),
         _head_step(doc, 0), _head_step(doc, 1), _head_step(doc, 2),
         _head_ratios(doc, "peak_over_weights_plus_momentum"), _head_ratios(doc, "measured_over_planned"),
-        _train(doc, "bench_train_device", "bf16",
-               lambda r: f"{ips(r)} ({r['batch_per_rank']} per step), peak {r['peak_memory_bytes'] / GIB:.1f} GiB"),
-        _train(doc, "bench_train_device", "bf16",
-               lambda r: f"{r['step_over_floor']:.2f} (floor {r['floor_images_per_s']:.0f} images/s)"
-               if "step_over_floor" in r else "failed: no floor recorded"),
-        _train(doc, "bench_train_device", "fp16",
-               lambda r: f"{ips(r)}, {r['step_over_floor']:.2f} of its floor ({r['floor_images_per_s']:.0f} images/s)"
-               if "step_over_floor" in r else ips(r)),
-        _train(doc, "bench_train_loader", None, lambda r: f"{ips(r)} (data.workers = {r['workers']})"),
-        _synth(doc),
-        _e2e(doc),
+        _figure(doc, "bench_train_device", "images_per_s", part="bf16",
+                fmt=lambda r: f"{ips(r)} ({r['batch_per_rank']} per step), "
+                f"peak {r['peak_memory_bytes'] / GIB:.1f} GiB"),
+        _figure(doc, "bench_train_device", "step_over_floor", part="bf16",
+                fmt=lambda r: f"{r['step_over_floor']:.2f} (floor {r['floor_images_per_s']:.0f} images/s)"),
+        _figure(doc, "bench_train_device", "images_per_s", part="fp16",
+                fmt=lambda r: f"{ips(r)}, {r['step_over_floor']:.2f} of its floor ({r['floor_images_per_s']:.0f} "
+                "images/s)" if "step_over_floor" in r else ips(r)),
+        _figure(doc, "bench_train_loader", "images_per_s", lambda r: f"{ips(r)} (data.workers = {r['workers']})"),
+        _figure(doc, "synth", "images_per_s", _synth),
+        _figure(doc, "train_e2e", "first_run", _e2e),
     ]
 
 
