@@ -125,9 +125,10 @@ def _write_head_files(head: PartialFC, optimizer: SparseHeadOptimizer | None, pa
     kind = optimizer.kind if optimizer is not None else "sgd"
     if head.end > head.start:
         # Without an optimizer the momentum is one zero expanded to the shard's shape, which the writer
-        # makes a piece at a time: materialised, it would cost the shard's size (on the host or the device).
+        # makes a piece at a time: materialised, it would cost the shard's size. On the host, so that a GPU
+        # shard's pieces of zeros are made where they are written (no device memory, no copy).
         state = (optimizer.row_state() if optimizer is not None
-                 else {"momentum": head.weight.new_zeros(()).expand(head.weight.shape)})
+                 else {"momentum": torch.zeros((), dtype=head.weight.dtype).expand(head.weight.shape)})
         tensors = {"weight": head.weight.detach(), **{k: v.detach() for k, v in state.items()}}
         meta = {"format": FORMAT, "start": str(head.start), "end": str(head.end),
                 "num_classes": str(head.num_classes), "optimizer": kind}

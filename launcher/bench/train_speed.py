@@ -93,7 +93,7 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
         for p in net.parameters():
             p.grad = None
 
-    with kernel_settings(cfg, device) as kernels:  # the run's kernels (cuDNN's autotuner on by default), as the trainer's
+    with kernel_settings(cfg, device) as kernels:  # the kernels the trainer runs (cuDNN autotuner by default)
         for _ in range(warmup):
             step()
         sync(device)

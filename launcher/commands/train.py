@@ -22,8 +22,10 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
 
     from launcher.trainer.data_paths import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
+    from launcher.trainer.kernels import set_cublas_workspace
     from launcher.trainer.step import check_amp
 
+    set_cublas_workspace(cfg)  # before this process's (and its ranks') first matrix product
     with user_errors("pfc", ValueError):
         cfg = adopt_init_backbone(cfg)
         check_amp(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

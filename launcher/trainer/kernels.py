@@ -1,54 +1,80 @@
 """Which kernels a run's device uses: cuDNN's autotuner (``train.cudnn_benchmark``) and deterministic
 kernels (``train.deterministic``), set for the run and put back after it.
 
-The input shape of a face-recognition run never changes (112 x 112, one batch size), so cuDNN's autotuner
-times its convolution algorithms once and keeps the fastest for the whole run; insightface's arcface_torch
-turns it on for every run, and so does this trainer unless told otherwise. Its picks depend on timings,
-so two GPU runs may differ in their last bits; so do the atomic adds of kernels such as the head's
-``index_add_``. ``train.deterministic`` asks torch for deterministic kernels where it has them (cuDNN's
-deterministic algorithms, cuBLAS with a fixed workspace, a deterministic ``index_add_``) with
-``warn_only``: an op that has none warns with its name instead of stopping a long run. CPU kernels are
-deterministic already (the CPU tests' bit-identical resumes rely on it); there both settings change nothing.
+A training run's input shape does not change (112 x 112, one batch size), so cuDNN's autotuner times its
+convolution algorithms once and keeps the fastest for the whole run; insightface's arcface_torch turns it
+on for every run, and so does this trainer unless told otherwise. (The evaluations inside a run bring a
+few more shapes, each timed once: their batch, each set's last partial batch.) Its picks depend on
+timings, so two GPU runs, or a run and its resume, may differ in their last bits; so do the atomic adds of
+kernels such as the head's ``index_add_``. ``train.deterministic`` asks torch for deterministic kernels
+where it has them (cuDNN's deterministic algorithms, cuBLAS with a fixed workspace, a deterministic
+``index_add_``) with ``warn_only``: an op that has none warns with its name instead of stopping a long run.
+CPU kernels are deterministic already (the CPU tests' bit-identical resumes rely on it); there both
+settings change nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
+import torch.utils.deterministic
 
 from launcher.config import Config
 
-__all__ = ["CUBLAS_WORKSPACE", "kernel_settings"]
+__all__ = ["CUBLAS_WORKSPACE", "kernel_settings", "set_cublas_workspace"]
 
-#: cuBLAS's workspace setting that makes its results deterministic (cuBLAS's documentation; torch says the
-#: same where it refuses a cuBLAS op under deterministic mode without it). Read when cuBLAS's handle is
-#: made, so it is set before the run's first matrix product.
+log = logging.getLogger("pfc")
+
+#: cuBLAS's workspace setting that makes its results deterministic (cuBLAS's documentation; torch names it
+#: where it warns about a cuBLAS op under deterministic mode). torch reads it once per process, when its
+#: first cuBLAS handle is made: `pfc train` sets it before any rank starts (:func:`set_cublas_workspace`).
 CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_cublas_workspace(cfg: Config) -> None:
+    """For ``train.deterministic``: :data:`CUBLAS_WORKSPACE` in this process's environment (which the ranks
+    torchrun starts inherit), unless the user set one. Call it before the process's first matrix product."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
 @contextlib.contextmanager
 def kernel_settings(cfg: Config, device: torch.device) -> Iterator[dict[str, bool | None]]:
-    """Within the block, the device's kernels follow ``cfg.train``; the process's own settings after it.
+    """Within the block, the device's kernels follow ``cfg.train``; the process's own settings after it,
+    also when the block raises.
 
     Yields what is in effect: ``deterministic``, and ``cudnn_benchmark`` (None on a device without cuDNN),
     which the run's summary records."""
     deterministic = cfg.train.deterministic
     benchmark = cfg.train.cudnn_benchmark if cfg.train.cudnn_benchmark is not None else not deterministic
+    fill = torch.utils.deterministic  # a module whose attribute is the setting (torch documents it so)
+    filling: bool = fill.fill_uninitialized_memory  # type: ignore[attr-defined]
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    torch.backends.cudnn.benchmark = benchmark
-    torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
-    if deterministic and saved[4] is None:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+             filling, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     try:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
+        # Deterministic mode also fills every torch.empty with NaN: an extra pass over the head's shard at
+        # start and over its logit gradients every step, for nothing here (every buffer is written before
+        # it is read), so that part stays off.
+        fill.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        if deterministic and saved[5] is None:
+            if device.type == "cuda" and torch.cuda.is_initialized():
+                log.warning("train.deterministic: CUBLAS_WORKSPACE_CONFIG is set after CUDA started in this "
+                            "process; if a matrix product ran before, cuBLAS keeps its old workspace. Set "
+                            "CUBLAS_WORKSPACE_CONFIG=%s before the process starts (pfc train does)",
+                            CUBLAS_WORKSPACE)
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
         yield {"deterministic": deterministic, "cudnn_benchmark": benchmark if device.type == "cuda" else None}
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
-        if saved[4] is None:
+        fill.fill_uninitialized_memory = saved[4]  # type: ignore[attr-defined]
+        if saved[5] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -44,8 +44,10 @@ def test_a_head_step_gives_the_same_bits_twice(dev: torch.device) -> None:
         assert torch.equal(a, b)
 
 
-def test_a_backbone_step_gives_the_same_bits_twice(dev: torch.device) -> None:
-    """iresnet18 at 112 px, channels-last under bf16 autocast as the trainer runs it on a GPU."""
+@pytest.mark.parametrize("backbone", ["iresnet18", "mobilefacenet", "vit_t"])
+def test_a_backbone_step_gives_the_same_bits_twice(dev: torch.device, backbone: str) -> None:
+    """Each backbone family at 112 px (convolutions, depthwise convolutions, the ViT's token masking and
+    attention), channels-last under bf16 autocast as the trainer runs them on a GPU."""
     cfg = load_config(None, ["train.deterministic=true"])
     n = 32 if dev.type == "cuda" else 4  # the CPU stand-in only keeps the code running
     x = torch.randn(n, 3, 112, 112, generator=torch.Generator().manual_seed(1)).to(dev)
@@ -54,7 +56,7 @@ def test_a_backbone_step_gives_the_same_bits_twice(dev: torch.device) -> None:
         warnings.simplefilter("always")
         for _ in range(2):
             torch.manual_seed(0)
-            net = get_backbone("iresnet18", embedding_size=512, image_size=112).to(dev).train()
+            net = get_backbone(backbone, embedding_size=512, image_size=112).to(dev).train()
             if dev.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -62,6 +64,6 @@ def test_a_backbone_step_gives_the_same_bits_twice(dev: torch.device) -> None:
             emb.float().square().sum().backward()
             grads.append([p.grad.detach().cpu() for p in net.parameters() if p.grad is not None])
     _no_nondeterministic_op(caught)
-    assert len(grads[0]) == len(grads[1]) > 50
+    assert len(grads[0]) == len(grads[1]) > 20
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)

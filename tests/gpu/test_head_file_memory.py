@@ -51,3 +51,19 @@ def test_a_gpu_shard_is_written_through_a_bounded_host_buffer(tmp_path: Path) ->
     whole = _peak_mib("cuda", "whole", tmp_path / "b.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert stream < 96 and whole >= 200, (stream, whole)
+
+
+def test_strided_device_tensors_pass_through_the_staging_buffer(dev: torch.device, tmp_path: Path) -> None:
+    """A transposed and an expanded tensor on the device (pieces of whole rows made contiguous there, then
+    copied through the pinned buffer) beside a contiguous one: ``save_file``'s bytes of their host copies."""
+    from safetensors.torch import save_file
+
+    from partialfc.safetensors_stream import save_file_streaming
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {"t": torch.randn(9, 5, generator=g).to(dev).t(), "w": torch.randn(7, 3, generator=g).to(dev),
+               "zero": torch.zeros((), device=dev).expand(13, 4), "host_zero": torch.zeros(()).expand(6, 2)}
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"))
+    for chunk in (7, 24, 1 << 20):
+        save_file_streaming(tensors, tmp_path / "mine.safetensors", chunk_bytes=chunk)
+        assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), chunk

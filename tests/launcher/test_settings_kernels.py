@@ -43,6 +43,35 @@ def test_flags_follow_the_config_inside_and_come_back_after(monkeypatch: pytest.
     assert _flags() == before
 
 
+def test_the_process_gets_its_own_back_when_the_run_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also what deterministic mode would add and the trainer keeps off: NaN-filling every ``torch.empty``
+    (an extra pass over the head's buffers; every one is written before it is read)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    fill = torch.utils.deterministic
+    before, filling = _flags(), fill.fill_uninitialized_memory  # type: ignore[attr-defined]
+    cfg = load_config(None, ["train.deterministic=true"])
+    with pytest.raises(RuntimeError, match="a failing run"), kernel_settings(cfg, CUDA):
+        assert _flags()[2] and fill.fill_uninitialized_memory is False  # type: ignore[attr-defined]
+        raise RuntimeError("a failing run")
+    assert _flags() == before and fill.fill_uninitialized_memory is filling  # type: ignore[attr-defined]
+
+
+def test_pfc_train_sets_cublas_workspace_before_the_ranks_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reads cuBLAS's workspace setting once per process, at its first matrix product: `pfc train`
+    puts it in the environment (which torchrun's ranks inherit) before anything runs, for deterministic
+    runs only, and keeps a user's own."""
+    from launcher.trainer.kernels import set_cublas_workspace
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    set_cublas_workspace(load_config(None, []))
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_cublas_workspace(load_config(None, ["train.deterministic=true"]))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_cublas_workspace(load_config(None, ["train.deterministic=true"]))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
 def test_a_users_own_cublas_setting_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # also deterministic, smaller workspace
     with kernel_settings(load_config(None, ["train.deterministic=true"]), CUDA):

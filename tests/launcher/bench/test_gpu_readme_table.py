@@ -59,7 +59,8 @@ def _gpu_doc() -> dict[str, Any]:
 
 def _block_rows(text: str) -> list[list[str]]:
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in rows]
+    return [[cell.strip().replace("\x00", "\\|") for cell in line.replace("\\|", "\x00").strip().strip("|").split("|")]
+            for line in rows]
 
 
 def test_rows_are_the_readmes() -> None:
@@ -103,13 +104,15 @@ def test_failures_read_as_failures_not_figures() -> None:
                         "skipped": 0}, "tests": [{"test": "tests.gpu.test_gpu::test_nccl", "outcome": "failed"}]}
     st["bench_head"]["shapes"]["C=10000000"] = {"num_classes": 10_000_000, "status": "failed",
                                                 "error": "RuntimeError: CUDA out of memory"}
-    st["bench_train_device"]["fp16"] = {"status": "failed", "error": "CalledProcessError: exit 1"}
+    st["bench_train_device"]["fp16"] = {"status": "failed", "error": "CalledProcessError: exit 1 | Killed | oom"}
     st["synth"] = {"status": "skipped", "error": "the time budget is spent"}
     del st["train_e2e"]
     figs = table.figures(doc)
     assert figs[0] == "24 passed, 1 failed, 0 skipped (failed: test_nccl)"
     assert figs[2] == "failed: RuntimeError: CUDA out of memory" and figs[4] == "1.11, failed, 1.11"
-    assert figs[8] == "failed: CalledProcessError: exit 1"
+    assert figs[8] == "failed: CalledProcessError: exit 1 | Killed | oom"
+    rows = _block_rows(table.block(doc))  # the "|" of an error message is escaped: every row keeps 3 cells
+    assert len(rows) == len(table.ROWS) and rows[8][2] == r"failed: CalledProcessError: exit 1 \| Killed \| oom"
     assert figs[10] == "not run (the time budget is spent)" and figs[11] == "not run"
 
 
