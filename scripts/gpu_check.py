@@ -212,7 +212,7 @@ class Check(Runner):
         rec = {"images_per_s": r["images_per_s"], "step_s": r["step_s"], "split_s": r["split_s"],
                "peak_memory_bytes": r["peak_memory_bytes_rank0"], "backbone": r["backbone"],
                "batch_per_rank": r["batch_per_rank"], "amp": r["amp"], "channels_last": r["channels_last"],
-               "loader": r["loader"], "workers": r["workers"]}
+               "loader": r["loader"], "workers": r["workers"], "kernels": r["kernels"]}
         if "backbone_floor" in r:
             fl = r["backbone_floor"]
             rec.update(floor_images_per_s=fl["images_per_s"], floor_peak_memory_bytes=fl["peak_memory_bytes"],

@@ -100,6 +100,12 @@ def _figure(doc: dict[str, Any], name: str, key: str, fmt: Callable[[dict[str, A
     return fmt(r)
 
 
+def _autotuner(r: dict[str, Any]) -> str:
+    """Whether the run had cuDNN's autotuner on (its summary's ``kernels``), where the record says."""
+    on = (r.get("kernels") or {}).get("cudnn_benchmark")
+    return "" if on is None else f", cuDNN autotuner {'on' if on else 'off'}"
+
+
 def _gpu_tests(rec: dict[str, Any]) -> str:
     c = rec["counts"]
     text = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
@@ -133,7 +139,7 @@ def figures(doc: dict[str, Any]) -> list[str]:
         _head_ratios(doc, "peak_over_weights_plus_momentum"), _head_ratios(doc, "measured_over_planned"),
         _figure(doc, "bench_train_device", "images_per_s", part="bf16",
                 fmt=lambda r: f"{ips(r)} ({r['batch_per_rank']} per step), "
-                f"peak {r['peak_memory_bytes'] / GIB:.1f} GiB"),
+                f"peak {r['peak_memory_bytes'] / GIB:.1f} GiB{_autotuner(r)}"),
         _figure(doc, "bench_train_device", "step_over_floor", part="bf16",
                 fmt=lambda r: f"{r['step_over_floor']:.2f} (floor {r['floor_images_per_s']:.0f} images/s)"),
         _figure(doc, "bench_train_device", "images_per_s", part="fp16",

@@ -147,6 +147,6 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     res.update(config=str(config), backbone=cfg.model.backbone, image_size=cfg.model.image_size,
                batch_per_rank=cfg.train.batch_size, world_size=nproc, data=data or "synthetic, on the device",
                amp=cfg.train.amp, channels_last=cfg.train.channels_last, loader=cfg.data.loader,
-               workers=cfg.data.workers,
+               workers=cfg.data.workers, kernels=json.loads((out / "summary.json").read_text()).get("kernels"),
                peak_memory_bytes_rank0=max(r["memory_bytes"] for r in rows))
     return res

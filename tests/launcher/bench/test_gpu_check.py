@@ -49,6 +49,7 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     assert plan_rank(c + 1000, 1, 32, 64, 0.1, "fp32", discface=False).total_bytes > budget
     bf16 = st["bench_train_device"]["bf16"]
     assert bf16["images_per_s"] > 0 and bf16["floor_images_per_s"] > 0 and bf16["step_over_floor"] > 0
+    assert bf16["kernels"] == {"deterministic": False, "cudnn_benchmark": None}  # the run's, from its summary
     assert st["bench_train_loader"]["images_per_s"] > 0 and st["bench_train_loader"]["loader"] == "torch"
     assert st["synth"]["images"] == 200 and st["synth"]["wall_s"] > 0
     e2e = st["train_e2e"]
