@@ -54,12 +54,18 @@ clean:
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/site
 GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-	typing-extensions==4.16.0
+	typing-extensions==4.16.0 \
+	einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 psutil==7.2.2 py-cpuinfo==9.0.0 tqdm==4.70.1
+GPU_DEEPSPEED := deepspeed==0.19.8
 
-gpu-wheels:
+# DeepSpeed (and, above, what it imports) for gpu-check's ZeRO step. It is published as source only, so it
+# is built here into a pure-Python wheel without its compiled ops (DS_BUILD_OPS=0: ZeRO-1/2 with torch's
+# optimizers needs none); its setup.py imports torch, hence this venv and no build isolation.
+gpu-wheels: $(STAMP)
 	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl $(GPU_DEEPSPEED)
 
 # On the GPU machine: install the carried wheels into $(GPU_SITE) (no index, no build), then run the
 # check with the repository on PYTHONPATH (the project itself is not installed there). Figures and

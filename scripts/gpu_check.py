@@ -17,6 +17,8 @@ rest (its error goes into the JSON):
   train_e2e    `pfc train` 200 steps (iresnet18, r = 0.1, DiscFace on, evaluation, checkpoint) in a
                one-rank process group (NCCL, DDP), then a resume for 50 more
   bench_train_loader  `pfc bench train` iresnet50 bf16 fed by the torch loader from that file
+  train_deepspeed  `pfc train` under DeepSpeed ZeRO-1 (iresnet18, bf16, NCCL): 30 steps and a checkpoint,
+               then a resume for 10 more (DeepSpeed from the carried wheels)
 
 Writes ``gpu_check.json`` (every figure, every error) and ``gpu_check.log`` (every command and its
 output) into --out (default $OUT, else runs/gpu-check) and prints a summary table last.
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError
+from gpu_check_summary import summary_rows
 
 sys.path.insert(0, str(REPO))
 
@@ -247,25 +250,29 @@ class Check(Runner):
                 "images_per_s": rep.get("images_per_s"), "workers": rep.get("workers"),
                 "rec_bytes": rep.get("rec_bytes"), "val_bin": rep.get("val_bin")}
 
-    def s_train_e2e(self) -> dict[str, Any]:
+    def _small_run_sets(self, total: int, first: int) -> list[str]:
+        """iresnet18 (tiny in the dry run), r = 0.1 with DiscFace, stopped at ``first`` of ``total`` steps with
+        a checkpoint there, in a process group of one rank (the agreements and gathers under NCCL)."""
+        return [f"model.backbone={'tiny' if self.dry else 'iresnet18'}",
+                f"model.image_size={32 if self.dry else 112}", f"model.embedding_size={64 if self.dry else 512}",
+                f"train.batch_size={16 if self.dry else 128}", "head.num_classes=null", "head.sample_rate=0.1",
+                "head.discface_lambda=0.1", f"train.steps={total}", f"train.stop_after={first}",
+                'train.amp="none"' if self.dry else 'train.amp="bf16"', "train.channels_last=true",
+                f"checkpoint.every_steps={first}", f"data.workers={1 if self.dry else 12}", 'data.loader="torch"',
+                "metrics.enabled=false", f"log.every_steps={2 if self.dry else 50}",
+                f"optim.warmup_steps={2 if self.dry else 20}", 'dist.backend="auto"', "dist.group_for_one_rank=true"]
+
+    def _train_and_resume(self, name: str, total: int, first: int, extra: list[str],
+                          val_bin: str | None) -> dict[str, Any]:
+        """`pfc train` to step ``first``, then the same command to ``total`` (it resumes from the checkpoint
+        at ``first``): both runs' figures, and what went wrong in ``error``."""
         prefix = self.result.get("synth_prefix")
         if not prefix:
             raise StepError("no record file: the synth step failed")
-        total, first = (6, 4) if self.dry else (250, 200)
-        run = self.work / "train_run"
-        val_bin = str(Path(prefix).parent / "synth_val.bin")
-        sets = ([f"model.backbone={'tiny' if self.dry else 'iresnet18'}",
-                 f"model.image_size={32 if self.dry else 112}", f"model.embedding_size={64 if self.dry else 512}",
-                 f"train.batch_size={16 if self.dry else 128}", "head.num_classes=null", "head.sample_rate=0.1",
-                 "head.discface_lambda=0.1", f"train.steps={total}", f"train.stop_after={first}",
-                 'train.amp="none"' if self.dry else 'train.amp="bf16"', "train.channels_last=true",
-                 f"checkpoint.every_steps={first}", f"eval.every_steps={first}", "eval.batch_size=256",
-                 f"data.workers={1 if self.dry else 12}", 'data.loader="torch"', "metrics.enabled=false",
-                 f"log.every_steps={2 if self.dry else 50}", f"optim.warmup_steps={2 if self.dry else 20}",
-                 # A process group of one rank: DDP, the agreements and the evaluation's gathers under NCCL.
-                 'dist.backend="auto"', "dist.group_for_one_rank=true"])
-        args = ["train", "ms1mv3_r50_pfc01_discface", "--data", prefix, "--val-bin", val_bin, "--output", str(run)]
-        for s in sets:
+        run = self.work / name
+        args = ["train", "ms1mv3_r50_pfc01_discface", "--data", prefix, "--output", str(run)]
+        args += ["--val-bin", val_bin] if val_bin else []
+        for s in [*self._small_run_sets(total, first), *extra]:
             args += ["--set", s]
         t0 = time.monotonic()
         self.pfc(*args)
@@ -281,14 +288,15 @@ class Check(Runner):
         resumed = "resumed from" in log2
         rec: dict[str, Any] = {
             "first_run": {"steps": s1["steps"], "wall_s": round(first_s, 1), "train_seconds": s1["seconds"],
-                          "eval": s1.get("eval"), "checkpoint": latest, "final": s1.get("final")},
+                          "eval": s1.get("eval"), "checkpoint": latest, "final": s1.get("final"),
+                          "kernels": s1.get("kernels")},
             "resumed_run": {"steps": s2["steps"], "wall_s": round(second_s, 1), "train_seconds": s2["seconds"],
                             "resumed": resumed, "final": s2.get("final")},
             "loss_first_last": [losses[0], losses[-1]] if losses else None}
         problems = []
         if s1["steps"] != first:
             problems.append(f"first run stopped at step {s1['steps']}, expected {first}")
-        if not s1.get("eval"):
+        if val_bin and not s1.get("eval"):
             problems.append("no evaluation result")
         if s2["steps"] != total or not resumed:
             problems.append(f"resume: ended at step {s2['steps']} (expected {total}), "
@@ -296,6 +304,25 @@ class Check(Runner):
         if problems:
             rec.update(status="failed", error="; ".join(problems))
         return rec
+
+    def s_train_e2e(self) -> dict[str, Any]:
+        """200 steps with an evaluation and a checkpoint (DDP over NCCL), then 50 more from it."""
+        total, first = (6, 4) if self.dry else (250, 200)
+        prefix = self.result.get("synth_prefix") or ""
+        return self._train_and_resume("train_run", total, first, [f"eval.every_steps={first}", "eval.batch_size=256"],
+                                      str(Path(prefix).parent / "synth_val.bin"))
+
+    def s_train_deepspeed(self) -> dict[str, Any]:
+        """DeepSpeed ZeRO-1 (NCCL on one GPU; gloo in the dry run): 30 steps and a ZeRO checkpoint, then 10 more
+        from it. DeepSpeed comes from the carried wheels (`make gpu-wheels`)."""
+        try:
+            self.sh([sys.executable, "-c", "import deepspeed; print('deepspeed', deepspeed.__version__)"])
+        except StepError as e:
+            raise StepError(f"deepspeed does not import (make gpu-wheels carries it): {e}") from None
+        total, first = (6, 4) if self.dry else (40, 30)
+        return self._train_and_resume("train_deepspeed_run", total, first,
+                                      ['dist.engine="deepspeed"', "dist.zero_stage=1", "data.val_bins=[]"],
+                                      None)
 
     def s_bench_train_loader(self) -> dict[str, Any]:
         prefix = self.result.get("synth_prefix")
@@ -308,51 +335,8 @@ class Check(Runner):
             sets += ["train.batch_size=8"]
         return self._bench_train("bf16", prefix, sets, "loader")
 
-    # -- the summary --------------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
-        def f(x: Any, fmt: str) -> str:
-            return format(x, fmt) if isinstance(x, int | float) else "-"
-
-        rows: list[tuple[str, str, str, str]] = []
-        steps = self.result["steps"]
-        for name, rec in steps.items():
-            st, secs = rec.get("status", "?"), f(rec.get("seconds"), ".0f")
-            detail = ""
-            if name == "env" and st == "ok":
-                e = self.result.get("env", {})
-                smi = (e.get("nvidia_smi") or "").split(",")
-                detail = (f"{e.get('device', 'no CUDA')}; torch {e.get('torch')}; driver "
-                          f"{smi[1].strip() if len(smi) > 1 else '-'}; {e.get('cpu_count')} cores")
-            elif name == "pytest_gpu" and "counts" in rec:
-                c = rec["counts"]
-                detail = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
-            rows.append((name, st, secs, detail or rec.get("error", "")[:90]))
-            if name == "bench_head":
-                for key, r in rec.get("shapes", {}).items():
-                    if "step_s" in r:
-                        rows.append((f"  head {key}", "ok", "", f"step {r['step_s'] * 1e3:.1f} ms = "
-                                     f"{r['ratio_to_floor']:.2f}x floor; mem "
-                                     f"{r['peak_over_weights_plus_momentum']:.2f}x W+mom; "
-                                     f"{r['measured_over_planned']:.2f}x plan; {r['launches_per_step']}"))
-                    else:
-                        rows.append((f"  head {key}", "failed", "", r.get("error", "")[:90]))
-            if name.startswith("bench_train"):
-                parts = {"bf16": rec.get("bf16"), "fp16": rec.get("fp16")} if name.endswith("device") \
-                    else {"loader": rec}
-                for k, r in parts.items():
-                    if r and "images_per_s" in r:
-                        fl = (f" = {r['step_over_floor']:.2f}x floor {r['floor_images_per_s']:.0f}/s"
-                              if "step_over_floor" in r else "")
-                        rows.append((f"  {k}", "ok", "", f"{r['images_per_s']:.0f} images/s{fl}; peak "
-                                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"))
-            if name == "train_e2e" and "first_run" in rec:
-                fr, rr = rec["first_run"], rec["resumed_run"]
-                evals: dict[str, Any] = fr.get("eval") or {}
-                first_eval: dict[str, Any] = next(iter(evals.values()), {})
-                acc = first_eval.get("accuracy")
-                rows.append(("  e2e", st, "", f"{fr['steps']} steps {fr['wall_s']} s, eval acc {f(acc, '.3f')}; "
-                             f"resumed to {rr['steps']} in {rr['wall_s']} s"))
-        return rows
+        return summary_rows(self.result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         ("synth", 45, chk.s_synth),
         ("train_e2e", 110, chk.s_train_e2e),
         ("bench_train_loader", 60, chk.s_bench_train_loader),
+        ("train_deepspeed", 70, chk.s_train_deepspeed),
     ]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - {p[0] for p in plan}

@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]  # tests/launcher/bench/ -> the repository
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-STEPS = ["env", "pytest_gpu", "bench_head", "bench_train_device", "synth", "train_e2e", "bench_train_loader"]
+STEPS = ["env", "pytest_gpu", "bench_head", "bench_train_device", "synth", "train_e2e", "bench_train_loader",
+         "train_deepspeed"]
 
 
 def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -55,8 +56,12 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     e2e = st["train_e2e"]
     assert e2e["first_run"]["steps"] == 4 and e2e["resumed_run"]["steps"] == 6 and e2e["resumed_run"]["resumed"]
     assert e2e["first_run"]["eval"]
+    ds = st["train_deepspeed"]  # ZeRO-1 under gloo here; its checkpoint at step 4 resumed to 6
+    assert ds["first_run"]["steps"] == 4 and ds["first_run"]["checkpoint"] == "step_00000004"
+    assert ds["resumed_run"]["steps"] == 6 and ds["resumed_run"]["resumed"]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "-m pytest -m gpu" in log and "bench head" in log and "resumed from" in log
+    assert 'dist.engine="deepspeed"' in log and "deepspeed 0." in log  # the ZeRO run, with DeepSpeed imported
     # the summary table comes last
     tail = proc.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(tail) if line.startswith("step ") and "status" in line)
@@ -66,7 +71,7 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     table = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_readme_table.py"),
                             str(tmp_path / "gpu_check.json")], capture_output=True, text=True, timeout=60)
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "| goal |" not in line]
-    assert table.returncode == 0 and len(rows) == 12 and "dry run on the CPU" in table.stdout, table.stdout
+    assert table.returncode == 0 and len(rows) == 13 and "dry run on the CPU" in table.stdout, table.stdout
     assert [r for r in rows if "failed" in r or "not run" in r] == [r for r in rows if "fp16" in r], rows
 
 

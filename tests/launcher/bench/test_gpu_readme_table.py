@@ -54,6 +54,8 @@ def _gpu_doc() -> dict[str, Any]:
                                                         "eval": {"synth_val.bin": {"accuracy": 0.871}}},
                           "resumed_run": {"steps": 250, "wall_s": 40.3}},
             "bench_train_loader": {"status": "ok", **_train(2400.0)},
+            "train_deepspeed": {"status": "ok", "resumed_run": {"steps": 40, "wall_s": 22.5},
+                                "first_run": {"steps": 30, "wall_s": 31.0, "checkpoint": "step_00000030"}},
         },
     }
 
@@ -97,6 +99,7 @@ def test_every_row_gets_its_figure_and_write_replaces_only_the_block(tmp_path: P
     assert figs[8].startswith("2900 images/s, 0.88 of its floor") and figs[9] == "2400 images/s (data.workers = 14)"
     assert figs[10].startswith("20,000 images in 41.5 s")
     assert figs[11].startswith("200 steps in 95.1 s, eval accuracy 0.871") and "resumed to step 250" in figs[11]
+    assert figs[12] == "30 steps in 31.0 s, checkpoint step_00000030; resumed to step 40 in 22.5 s"
 
 
 def test_failures_read_as_failures_not_figures() -> None:
@@ -109,6 +112,7 @@ def test_failures_read_as_failures_not_figures() -> None:
     st["bench_train_device"]["fp16"] = {"status": "failed", "error": "CalledProcessError: exit 1 | Killed | oom"}
     st["synth"] = {"status": "skipped", "error": "the time budget is spent"}
     del st["train_e2e"]
+    st["train_deepspeed"] = {"status": "failed", "error": "StepError: deepspeed does not import"}
     figs = table.figures(doc)
     assert figs[0] == "24 passed, 1 failed, 0 skipped (failed: test_nccl)"
     assert figs[2] == "failed: RuntimeError: CUDA out of memory" and figs[4] == "1.11, failed, 1.11"
@@ -116,6 +120,7 @@ def test_failures_read_as_failures_not_figures() -> None:
     rows = _block_rows(table.block(doc))  # the "|" of an error message is escaped: every row keeps 3 cells
     assert len(rows) == len(table.ROWS) and rows[8][2] == r"failed: CalledProcessError: exit 1 \| Killed \| oom"
     assert figs[10] == "not run (the time budget is spent)" and figs[11] == "not run"
+    assert figs[12] == "failed: StepError: deepspeed does not import"
 
 
 @pytest.mark.parametrize("bad", ["dry", "json", "markers"])
