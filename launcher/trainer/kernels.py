@@ -8,9 +8,10 @@ few more shapes, each timed once: their batch, each set's last partial batch.) I
 timings, so two GPU runs, or a run and its resume, may differ in their last bits; so do the atomic adds of
 kernels such as the head's ``index_add_``. ``train.deterministic`` asks torch for deterministic kernels
 where it has them (cuDNN's deterministic algorithms, cuBLAS with a fixed workspace, a deterministic
-``index_add_``) with ``warn_only``: an op that has none warns with its name instead of stopping a long run.
-CPU kernels are deterministic already (the CPU tests' bit-identical resumes rely on it); there both
-settings change nothing.
+``index_add_``) with ``warn_only``: an op that has none warns with its name instead of stopping a long run,
+and the run's summary lists those names (``nondeterministic_ops``: empty means every op that ran had a
+deterministic kernel). CPU kernels are deterministic already (the CPU tests' bit-identical resumes rely on
+it); there both settings change nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.utils.deterministic
@@ -42,13 +45,47 @@ def set_cublas_workspace(cfg: Config) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
+#: What torch's warning says after the op's name when the op has no deterministic kernel (warn_only).
+_NO_DETERMINISTIC = " does not have a deterministic implementation"
+
+
+class _OpsWithoutDeterministicKernel:
+    """Collects the names of the ops torch warns have no deterministic kernel, as Python shows its warnings
+    (each place once, under the default filters; a warning filtered out is not seen). It wraps
+    ``warnings.showwarning``, the hook every shown warning passes through, and passes each warning on."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+        self._shown = warnings.showwarning
+        self._hook = self._show  # one bound method: each attribute access makes a new one, never `is` equal
+
+    def __enter__(self) -> list[str]:
+        self._shown = warnings.showwarning
+        warnings.showwarning = self._hook
+        return self.ops
+
+    def __exit__(self, *exc: object) -> None:
+        if warnings.showwarning is self._hook:  # else someone wrapped it after us: theirs stays, and calls ours
+            warnings.showwarning = self._shown
+
+    def _show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              file: Any = None, line: str | None = None) -> None:
+        text = str(message)
+        if _NO_DETERMINISTIC in text:
+            op = text.split(_NO_DETERMINISTIC, 1)[0].strip()
+            if op not in self.ops:
+                self.ops.append(op)
+        self._shown(message, category, filename, lineno, file, line)
+
+
 @contextlib.contextmanager
-def kernel_settings(cfg: Config, device: torch.device) -> Iterator[dict[str, bool | None]]:
+def kernel_settings(cfg: Config, device: torch.device) -> Iterator[dict[str, Any]]:
     """Within the block, the device's kernels follow ``cfg.train``; the process's own settings after it,
     also when the block raises.
 
-    Yields what is in effect: ``deterministic``, and ``cudnn_benchmark`` (None on a device without cuDNN),
-    which the run's summary records."""
+    Yields what is in effect, which the run's summary records: ``deterministic``, ``cudnn_benchmark`` (None on
+    a device without cuDNN) and, when deterministic, ``nondeterministic_ops``: the ops that ran without a
+    deterministic kernel (filled in as they run)."""
     deterministic = cfg.train.deterministic
     benchmark = cfg.train.cudnn_benchmark if cfg.train.cudnn_benchmark is not None else not deterministic
     fill = torch.utils.deterministic  # a module whose attribute is the setting (torch documents it so)
@@ -56,6 +93,7 @@ def kernel_settings(cfg: Config, device: torch.device) -> Iterator[dict[str, boo
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              filling, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    watch = _OpsWithoutDeterministicKernel()
     try:
         torch.backends.cudnn.benchmark = benchmark
         torch.backends.cudnn.deterministic = deterministic
@@ -71,7 +109,13 @@ def kernel_settings(cfg: Config, device: torch.device) -> Iterator[dict[str, boo
                             "CUBLAS_WORKSPACE_CONFIG=%s before the process starts (pfc train does)",
                             CUBLAS_WORKSPACE)
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
-        yield {"deterministic": deterministic, "cudnn_benchmark": benchmark if device.type == "cuda" else None}
+        said: dict[str, Any] = {"deterministic": deterministic,
+                                "cudnn_benchmark": benchmark if device.type == "cuda" else None}
+        if not deterministic:
+            yield said
+            return
+        with watch as said["nondeterministic_ops"]:
+            yield said
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

@@ -45,7 +45,7 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
             stop.restore()
 
 
-def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, bool | None]) -> dict[str, Any]:
+def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, Any]) -> dict[str, Any]:
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
     check_run_folder(cfg)
     check_amp(cfg, ctx.device)

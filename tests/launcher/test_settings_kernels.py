@@ -39,7 +39,8 @@ def test_flags_follow_the_config_inside_and_come_back_after(monkeypatch: pytest.
     with kernel_settings(load_config(None, sets), device) as said:
         assert _flags() == (bench, det, det, CUBLAS_WORKSPACE if det else None)
         assert torch.is_deterministic_algorithms_warn_only_enabled() is det  # an op without one warns, not stops
-        assert said == {"deterministic": det, "cudnn_benchmark": bench if device.type == "cuda" else None}
+        assert said == {"deterministic": det, "cudnn_benchmark": bench if device.type == "cuda" else None,
+                        **({"nondeterministic_ops": []} if det else {})}
     assert _flags() == before
 
 
@@ -70,6 +71,21 @@ def test_pfc_train_sets_cublas_workspace_before_the_ranks_start(monkeypatch: pyt
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     set_cublas_workspace(load_config(None, ["train.deterministic=true"]))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_ops_without_a_deterministic_kernel_are_named_and_still_shown(recwarn: pytest.WarningsRecorder) -> None:
+    """Two real CPU ops torch has no deterministic kernel for (``max_unpool2d``, ``put_``): each warns, as
+    warn_only says, and the run's record names both, once; the hook is put back after the block."""
+    hook = __import__("warnings").showwarning
+    x = torch.randn(1, 1, 4, 4)
+    pooled, where = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+    with kernel_settings(load_config(None, ["train.deterministic=true"]), CPU) as said:
+        for _ in range(2):
+            torch.nn.functional.max_unpool2d(pooled, where, 2)
+            torch.zeros(5).put_(torch.tensor([0, 0, 1]), torch.ones(3))
+    assert said["nondeterministic_ops"] == ["max_unpooling2d_forward_out", "put_"]
+    assert sum("does not have a deterministic implementation" in str(w.message) for w in recwarn) >= 2
+    assert __import__("warnings").showwarning is hook
 
 
 def test_a_users_own_cublas_setting_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +131,8 @@ def test_a_run_applies_them_records_them_and_gives_the_process_its_own_back(
                                                                       "data.val_bins": [], "metrics.enabled": False})])
     before, stop = _flags(), _Watching()
     summary = train(cfg, DistContext.single_process(), stop)
-    assert summary["steps"] == 3 and summary["kernels"] == {"deterministic": True, "cudnn_benchmark": None}
+    assert summary["steps"] == 3
+    # every op of a CPU training step has a deterministic kernel: none named
+    assert summary["kernels"] == {"deterministic": True, "cudnn_benchmark": None, "nondeterministic_ops": []}
     assert stop.seen == {(False, True, True, CUBLAS_WORKSPACE)}
     assert _flags() == before

@@ -56,5 +56,5 @@ def test_backbone_floor_times_forward_backward_on_device_made_batches():
     assert r["device"] == "cpu" and r["peak_memory_bytes"] is None and r["channels_last"] is False
     assert r["kernels"] == {"deterministic": False, "cudnn_benchmark": None}  # the trainer's kernel settings
     det = backbone_floor("demo_cpu", [*sets, "train.deterministic=true"], steps=1, warmup=0)
-    assert det["kernels"] == {"deterministic": True, "cudnn_benchmark": None}
+    assert det["kernels"] == {"deterministic": True, "cudnn_benchmark": None, "nondeterministic_ops": []}
     assert not torch.are_deterministic_algorithms_enabled()  # the process's own setting, back after it
