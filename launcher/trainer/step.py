@@ -72,9 +72,13 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     # BatchNorm's running statistics move in the forward: a skipped step puts them back, so that it
     # leaves the model as it found it (an overflowing fp16 forward would make them NaN for good)
     buffers = [b.detach().clone() for b in c.engine.module.buffers()]
+    # The fp16 loss scale the step's backward uses (it moves only in the engine's step or skip): read here,
+    # where the device has only the buffers' copies queued (the last step ended with a wait), its read
+    # (GradScaler.get_scale, a host-device sync) costs next to nothing; after the backward it waits for it.
+    scale = c.engine.loss_scale()
     losses = forward_backward(c, data, cfg, ctx, step, clock)
     with clock.device("optimizer"):
-        out, late = optimizer_step(c, cfg, ctx, step, losses)
+        out, late = optimizer_step(c, cfg, ctx, step, losses, scale)
         if not out["finite"]:
             with torch.no_grad():
                 for b, saved in zip(c.engine.module.buffers(), buffers, strict=True):
@@ -166,16 +170,16 @@ def _to_host(scalars: list[torch.Tensor]) -> list[float]:
     return torch.stack([v.detach().double().reshape(()) for v in scalars]).tolist()
 
 
-def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int,
-                   losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor | float]]:
+def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, losses: dict[str, torch.Tensor],
+                   scale: float) -> tuple[dict[str, float], dict[str, torch.Tensor | float]]:
     """Step both optimizers, or skip the step on every rank when the loss or a gradient is non-finite on any.
 
-    ``losses``: :func:`forward_backward`'s, on the device. Returns the step's scalars: the losses, the
+    ``losses``: :func:`forward_backward`'s, on the device; ``scale``: the fp16 loss scale its backward used
+    (1 without a scaler). Returns the step's scalars: the losses, the
     gradient norm, the LR the step ran at, whether (and why not) the step was taken, and the fp16 loss
     scale after it (``scale_backoff``: the skip was a normal back-off of that scale); and the values still
     on the device, to read once the step is done (:func:`read_late`): under DeepSpeed the gradient norm."""
-    scale = c.engine.loss_scale()
-    unscale_head_grads(c.head, scale)  # before clip_and_norm's unscale changes the scale
+    unscale_head_grads(c.head, scale)
     grad_norm = _on(c.engine.clip_and_norm(), ctx.device)
     # Each value checked in the precision the check has always used: the loss and the backbone's norm in
     # float32 (a float64 value past float32's range counts as non-finite), the head's squared norm in float64
