@@ -85,6 +85,7 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
                     b.copy_(saved)
         late["xi_norm"] = c.head.xi.detach().norm() if c.head.xi is not None else 0.0
     out.update({f"time_{phase}_s": s for phase, s in clock.seconds().items()})  # waits for the step's end
+    out["loss_scale"] = c.engine.loss_scale()  # after the step's scaler update; the wait is over by now
     if c.engine.comm is not None:  # an engine that times nothing reports nothing, rather than a false 0
         out["time_comm_s"] = c.engine.comm.take()
     out.update(read_late(late))
@@ -176,8 +177,9 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
 
     ``losses``: :func:`forward_backward`'s, on the device; ``scale``: the fp16 loss scale its backward used
     (1 without a scaler). Returns the step's scalars: the losses, the
-    gradient norm, the LR the step ran at, whether (and why not) the step was taken, and the fp16 loss
-    scale after it (``scale_backoff``: the skip was a normal back-off of that scale); and the values still
+    gradient norm, the LR the step ran at, whether (and why not) the step was taken (``scale_backoff``: the
+    skip was a normal back-off of the fp16 loss scale; :func:`train_one_step` adds the scale after the
+    step, read once the step is done); and the values still
     on the device, to read once the step is done (:func:`read_late`): under DeepSpeed the gradient norm."""
     unscale_head_grads(c.head, scale)
     grad_norm = _on(c.engine.clip_and_norm(), ctx.device)
@@ -210,8 +212,7 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
                              else float(torch.tensor(after, dtype=torch.float32)))
     backoff = not ok and is_loss_scale_backoff(bad_loss, bad_backbone, bad_head, scale)
     out.update({"finite": float(ok), "nonfinite_loss": float(bad_loss),
-                "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff),
-                "loss_scale": c.engine.loss_scale(), "lr": lr})
+                "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff), "lr": lr})
     return out, late
 
 
