@@ -126,12 +126,13 @@ class TrainingMetrics:
     """One rank's exporter. The trainer calls every method on every rank; all are cheap (no I/O).
 
     With ``cfg.enabled`` false every method is a no-op. ``device`` replaces the GPU probe (tests);
-    by default it is the current CUDA device when CUDA is initialised, and nothing on CPUs. ``engine``:
-    the run's ``dist.engine``, which decides the step phases exported (:func:`measured_phases`).
+    by default it is the current CUDA device when CUDA is initialised, and nothing on CPUs. ``comm_timed``:
+    whether the run's engine times its gradient reductions, which decides the step phases exported
+    (:func:`measured_phases`).
     """
 
     def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, node: int, world_size: int,
-                 device: DeviceReading | None = None, run: str | None = None, engine: str = "ddp") -> None:
+                 device: DeviceReading | None = None, run: str | None = None, comm_timed: bool = True) -> None:
         self.cfg = cfg
         self.rank, self.local_rank, self.node, self.world_size = rank, local_rank, node, world_size
         self.enabled = bool(cfg.enabled)
@@ -144,7 +145,7 @@ class TrainingMetrics:
         self._gateway: str | None = None
         self._last_mark = time.perf_counter()
         self._skipped_records = 0
-        self._phases = measured_phases(engine)
+        self._phases = measured_phases(comm_timed)
         self.run = ""
         if not self.enabled:
             return

@@ -16,16 +16,14 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 # trainer scalar -> step phase label
 PHASES = {"time_data_s": "data", "time_forward_s": "forward", "time_backward_s": "backward",
            "time_comm_s": "communication", "time_optimizer_s": "optimizer"}
-# Engines (``dist.engine``) whose gradient reductions are not timed: DeepSpeed runs them inside its engine,
-# where no comm hook reaches, and its comms logger would synchronise every collective to time them.
-_COMM_UNTIMED = frozenset({"deepspeed"})
 
 
-def measured_phases(engine: str) -> dict[str, str]:
-    """The step phases (trainer scalar -> phase label, as :data:`PHASES`) that a run on ``engine``
-    (``dist.engine``) times: all of them, less ``communication`` for an engine whose reductions are not
-    timed. A phase left out has no series at all: absent, not a 0 that would read as "no communication"."""
-    if engine in _COMM_UNTIMED:
+def measured_phases(comm_timed: bool) -> dict[str, str]:
+    """The step phases (trainer scalar -> phase label, as :data:`PHASES`) a run times: all of them, less
+    ``communication`` when its engine does not time its gradient reductions (``comm_timed`` false: the
+    engine has no comm timer, as DeepSpeed, whose reductions run inside its engine). A phase left out has no
+    series at all: absent, not a 0 that would read as "no communication"."""
+    if not comm_timed:
         return {k: v for k, v in PHASES.items() if k != "time_comm_s"}
     return dict(PHASES)
 

@@ -69,7 +69,7 @@ class RunCallbacks:
         self.watchdog = watchdog
         out = Path(cfg.output)
         self.metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
-                                       world_size=ctx.world_size, engine=cfg.dist.engine,
+                                       world_size=ctx.world_size, comm_timed=c.engine.comm is not None,
                                        run=resolve_run_id(cfg.metrics, out, write=ctx.is_main))
         self.progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                                        ctx.device, out / "metrics.jsonl" if "jsonl" in cfg.log.backends else None,
