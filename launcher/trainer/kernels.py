@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -51,15 +52,27 @@ _NO_DETERMINISTIC = " does not have a deterministic implementation"
 
 class _OpsWithoutDeterministicKernel:
     """Collects the names of the ops torch warns have no deterministic kernel, as Python shows its warnings
-    (each place once, under the default filters; a warning filtered out is not seen). It wraps
-    ``warnings.showwarning``, the hook every shown warning passes through, and passes each warning on."""
+    (each place once, under the default filters). It wraps ``warnings.showwarning``, the hook every shown
+    warning passes through, and passes each warning on.
+
+    A warning the process's filters ignore (``python -W ignore``, ``PYTHONWARNINGS=ignore``) never reaches
+    that hook, and an empty record would then claim every op had a deterministic kernel. So when the filters
+    in force would ignore torch's warning, a filter of the block's own lets it through once per place, to be
+    recorded and not shown (as the user asked); the process's filters come back after the block."""
 
     def __init__(self) -> None:
         self.ops: list[str] = []
         self._shown = warnings.showwarning
         self._hook = self._show  # one bound method: each attribute access makes a new one, never `is` equal
+        self._pass_on = True
+        self._filters: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
     def __enter__(self) -> list[str]:
+        self._pass_on = _filters_show(_NO_DETERMINISTIC)
+        if not self._pass_on:
+            self._filters = warnings.catch_warnings()  # saves the process's filters, puts them back on exit
+            self._filters.__enter__()
+            warnings.filterwarnings("default", message=".*" + re.escape(_NO_DETERMINISTIC), category=UserWarning)
         self._shown = warnings.showwarning
         warnings.showwarning = self._hook
         return self.ops
@@ -67,6 +80,8 @@ class _OpsWithoutDeterministicKernel:
     def __exit__(self, *exc: object) -> None:
         if warnings.showwarning is self._hook:  # else someone wrapped it after us: theirs stays, and calls ours
             warnings.showwarning = self._shown
+        self._filters.__exit__(None, None, None)
+        self._filters = contextlib.nullcontext()
 
     def _show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
               file: Any = None, line: str | None = None) -> None:
@@ -75,7 +90,21 @@ class _OpsWithoutDeterministicKernel:
             op = text.split(_NO_DETERMINISTIC, 1)[0].strip()
             if op not in self.ops:
                 self.ops.append(op)
+            if not self._pass_on:
+                return
         self._shown(message, category, filename, lineno, file, line)
+
+
+def _filters_show(text: str) -> bool:
+    """Whether the warning filters in force let a UserWarning saying ``text`` through to be shown (false when
+    they ignore it). Asked of Python's own filter logic with a probe warning, recorded and not shown; a filter
+    that turns it into an error counts as shown (the op will raise, as the user asked)."""
+    with warnings.catch_warnings(record=True) as seen:  # keeps the filters in force; records instead of showing
+        try:
+            warnings.warn_explicit(f"probe{text}", UserWarning, "<pfc kernels>", 0, module="torch", registry={})
+        except UserWarning:
+            return True
+    return bool(seen)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ for its device's kernels, what the run's summary records, and the process's own 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def test_pfc_train_sets_cublas_workspace_before_the_ranks_start(monkeypatch: pyt
 def test_ops_without_a_deterministic_kernel_are_named_and_still_shown(recwarn: pytest.WarningsRecorder) -> None:
     """Two real CPU ops torch has no deterministic kernel for (``max_unpool2d``, ``put_``): each warns, as
     warn_only says, and the run's record names both, once; the hook is put back after the block."""
-    hook = __import__("warnings").showwarning
+    hook = warnings.showwarning
     x = torch.randn(1, 1, 4, 4)
     pooled, where = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
     with kernel_settings(load_config(None, ["train.deterministic=true"]), CPU) as said:
@@ -85,7 +86,31 @@ def test_ops_without_a_deterministic_kernel_are_named_and_still_shown(recwarn: p
             torch.zeros(5).put_(torch.tensor([0, 0, 1]), torch.ones(3))
     assert said["nondeterministic_ops"] == ["max_unpooling2d_forward_out", "put_"]
     assert sum("does not have a deterministic implementation" in str(w.message) for w in recwarn) >= 2
-    assert __import__("warnings").showwarning is hook
+    assert warnings.showwarning is hook
+
+
+def test_ops_are_named_also_when_the_users_filters_ignore_their_warnings() -> None:
+    """Under ``python -W ignore`` torch's warnings never reach the hook that records them: the run's record must
+    still name the ops (an empty one would claim all ran deterministically), and show nothing, as asked; the
+    user's filters are back after the block. A filter that makes the warning an error still raises."""
+    x = torch.randn(1, 1, 4, 4)
+    pooled, where = torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shown: list[object] = []
+        warnings.showwarning = lambda *a, **k: shown.append(a)
+        users = list(warnings.filters)
+        with kernel_settings(load_config(None, ["train.deterministic=true"]), CPU) as said:
+            for _ in range(2):
+                torch.nn.functional.max_unpool2d(pooled, where, 2)
+                torch.zeros(5).put_(torch.tensor([0, 0, 1]), torch.ones(3))
+        assert said["nondeterministic_ops"] == ["max_unpooling2d_forward_out", "put_"]
+        assert shown == []
+        assert warnings.filters == users
+        warnings.simplefilter("error")
+        with kernel_settings(load_config(None, ["train.deterministic=true"]), CPU) as said, \
+                pytest.raises(UserWarning, match="put_ does not have a deterministic implementation"):
+            torch.zeros(5).put_(torch.tensor([0, 0, 1]), torch.ones(3))
 
 
 def test_a_users_own_cublas_setting_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
