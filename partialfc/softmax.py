@@ -149,7 +149,11 @@ class ShardedMarginSoftmaxCE(torch.autograd.Function):
                                   ws)
         # dL/dz = G' W and B = G'^T z (= diag(inv) dL/dw_hat): the two GEMMs of the backward.
         grad_z = torch.mm(grad_logits, weight)
-        if ws is None:
+        # The weight gradient's buffer may become the leaf's .grad itself (autograd keeps the first gradient
+        # it is given): a second backward on a retained graph must not write into it again, or the leaf
+        # would hold twice the second gradient instead of the sum of both.
+        again, ctx.backward_ran = getattr(ctx, "backward_ran", False), True
+        if ws is None or again:
             grad_b = torch.mm(grad_logits.t(), z)
         else:
             grad_b = torch.mm(grad_logits.t(), z, out=ws.get(ctx.grad_name, weight.shape, z.dtype, z.device))

@@ -178,6 +178,25 @@ def test_reused_buffers_refuse_a_second_forward_before_backward() -> None:
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("reuse", [None, False], ids=["reused-buffers", "fresh-buffers"])
+def test_a_second_backward_on_a_retained_graph_adds_its_gradient(reuse: bool | None) -> None:
+    """backward(retain_graph=True) then another backward with a different upstream gradient: the rows'
+    gradient is the sum of both (3 G for loss then 2 loss). With reused buffers the first gradient's buffer
+    became the leaf's .grad; the second backward used to write over it (2 G, not 3 G)."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=g)
+    head = PartialFC(10, 6, sample_rate=1.0, seed=1, reuse_buffers=reuse).double()
+    loss = head(f, y)
+    loss.backward(retain_graph=True)
+    first = head.weight_grad()[1]
+    assert first is not None
+    first = first.clone()
+    (2 * loss).backward()
+    both = head.weight_grad()[1]
+    assert both is not None and torch.allclose(both, 3 * first, rtol=1e-12, atol=1e-15)
+
+
 def test_bf16_embeddings_give_fp32_logits_and_errors() -> None:
     head = PartialFC(9, 8, sample_rate=0.5, margin=(1.0, 0.5, 0.0))
     f = torch.randn(5, 8).bfloat16().requires_grad_()
