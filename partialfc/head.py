@@ -256,18 +256,17 @@ class PartialFC(nn.Module):
         step counter advances once per ``begin_step`` (in training mode), not per micro-batch.
         """
         parts = [labels] if isinstance(labels, torch.Tensor) else list(labels)
-        for t in parts:
-            if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
-                raise ValueError(f"PartialFC.begin_step: labels must be 1-D integer tensors, got {t.dtype} "
-                                 f"of shape {tuple(t.shape)}")
         device = self.weight.device
-        local = (torch.cat([t.to(device=device, dtype=torch.int64) for t in parts]) if parts
-                 else torch.empty(0, dtype=torch.int64, device=device))
-        bad = self._label_outside(local)
-        if bad is not None:
-            raise ValueError(f"PartialFC.begin_step: label {bad} outside [0, {self.num_classes}) "
-                             f"on rank {self.rank}")
-        sizes = gather_sizes(local.numel(), device, self.process_group)
+        problem = next((f"PartialFC.begin_step: labels must be 1-D integer tensors, got {t.dtype} of shape "
+                        f"{tuple(t.shape)}" for t in parts
+                        if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool), None)
+        local = torch.empty(0, dtype=torch.int64, device=device)
+        if problem is None and parts:
+            local = torch.cat([t.to(device=device, dtype=torch.int64) for t in parts])
+            bad = self._label_outside(local)
+            if bad is not None:
+                problem = f"PartialFC.begin_step: label {bad} outside [0, {self.num_classes}) on rank {self.rank}"
+        sizes = self._sizes_or_refuse(local.numel(), problem)
         all_labels = all_gather_rows_no_grad(local, sizes, self.process_group)
         sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
                                 step=self.step, rank=self.rank)
@@ -285,22 +284,37 @@ class PartialFC(nn.Module):
         self._open_step = False
         self._micro = 0
 
-    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """ValueError naming the problem unless embeddings are (B, d) and labels (B,) integer ids in [0, C)."""
+    def _input_problem(self, embeddings: torch.Tensor, labels: torch.Tensor) -> str | None:
+        """What is wrong with this rank's input, or None when embeddings are (B, d) and labels (B,) integer
+        ids in [0, C)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"PartialFC: embeddings must be (B, {self.embedding_size}), "
-                             f"got shape {tuple(embeddings.shape)}")
+            return f"PartialFC: embeddings must be (B, {self.embedding_size}), got shape {tuple(embeddings.shape)}"
         if labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"PartialFC: labels must be ({embeddings.shape[0]},) to match the embeddings, "
-                             f"got shape {tuple(labels.shape)}")
+            return (f"PartialFC: labels must be ({embeddings.shape[0]},) to match the embeddings, "
+                    f"got shape {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"PartialFC: labels must be an integer tensor, got {labels.dtype}")
+            return f"PartialFC: labels must be an integer tensor, got {labels.dtype}"
         if embeddings.device != self.weight.device:
-            raise ValueError(f"PartialFC: embeddings are on {embeddings.device} but the head's weights on "
-                             f"{self.weight.device}; move the embeddings (the head never moves itself)")
+            return (f"PartialFC: embeddings are on {embeddings.device} but the head's weights on "
+                    f"{self.weight.device}; move the embeddings (the head never moves itself)")
         bad = self._label_outside(labels)
         if bad is not None:
-            raise ValueError(f"PartialFC: label {bad} outside [0, {self.num_classes}) on rank {self.rank}")
+            return f"PartialFC: label {bad} outside [0, {self.num_classes}) on rank {self.rank}"
+        return None
+
+    def _sizes_or_refuse(self, n: int, problem: str | None) -> list[int]:
+        """Every rank's row count (:func:`gather_sizes`), with each rank's refusal of its input folded into
+        the same all-gather: a rank whose input is refused sends -1, and every rank raises here together,
+        instead of the others waiting in a collective the refusing rank never reaches. ValueError: this
+        rank's ``problem``, or which ranks refused theirs (each says why in its own error)."""
+        sizes = gather_sizes(-1 if problem is not None else n, self.weight.device, self.process_group)
+        if problem is not None:
+            raise ValueError(problem)
+        refused = [r for r, s in enumerate(sizes) if s < 0]
+        if refused:
+            raise ValueError(f"PartialFC: rank(s) {refused} refused their input (their own errors say why); "
+                             f"rank {self.rank} stops with them")
+        return sizes
 
     def _label_outside(self, labels: torch.Tensor) -> int | None:
         """The first label of ``labels`` outside [0, C), or None; one host-device round trip for both
@@ -357,12 +371,12 @@ class PartialFC(nn.Module):
         """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks).
 
         Also sets :attr:`record` (a :class:`~partialfc.step_record.StepRecord`) for logging."""
-        self._check_inputs(embeddings, labels)
+        problem = self._input_problem(embeddings, labels)
         group, device = self.process_group, self.weight.device
         # fp32 at least, fp64 if the head or the embeddings are fp64.
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
 
-        sizes = gather_sizes(embeddings.shape[0], device, group)
+        sizes = self._sizes_or_refuse(embeddings.shape[0] if problem is None else 0, problem)
         n = sum(sizes)
         if n == 0:
             raise ValueError("PartialFC: the global batch is empty on every rank")
