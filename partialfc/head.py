@@ -133,8 +133,11 @@ class PartialFC(nn.Module):
         # begin_step() state: a step whose sampled set and gradient span several micro-batches.
         self._open_step = False
         self._micro = 0
+        self._stepped = True
         self._open_positives = 0
         self._step_labels = torch.empty(0, dtype=torch.int64)
+        # Whether an optimizer step (end_step) came since the last forward drew its own rows.
+        self._stepped = True
         # What the last forward left for logging and diagnostics (None before the first forward).
         self.record: StepRecord | None = None
 
@@ -283,6 +286,7 @@ class PartialFC(nn.Module):
         forward samples on its own again."""
         self._open_step = False
         self._micro = 0
+        self._stepped = True
 
     def _input_problem(self, embeddings: torch.Tensor, labels: torch.Tensor) -> str | None:
         """What is wrong with this rank's input, or None when embeddings are (B, d) and labels (B,) integer
@@ -334,6 +338,16 @@ class PartialFC(nn.Module):
         draw); otherwise a fresh draw from ``(seed, step, rank)``.
         """
         if not self._open_step:
+            if self.training and not self._stepped and self._sub_weight is not None \
+                    and self._sub_weight.grad is not None:
+                # The new draw would replace the leaf whose .grad holds them: accumulation that silently
+                # keeps only the last micro-batch's head gradient (b's would still add up). A forward in
+                # eval mode is not a step's and may look (the gradients are lost to the optimizer then).
+                raise RuntimeError("PartialFC: the last forward's row gradients were not used by an optimizer "
+                                   "step, and this forward would discard them. To accumulate micro-batches, "
+                                   "open the step with begin_step(labels of every micro-batch); otherwise call "
+                                   "the head optimizer's step() or zero_grad() first")
+            self._stepped = False
             sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
                                     step=self.step, rank=self.rank)
             if self.training:

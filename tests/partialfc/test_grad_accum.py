@@ -179,3 +179,23 @@ def test_an_unannounced_label_is_refused_on_every_rank_without_a_hang() -> None:
         run_ranks(_unannounced, 2, timeout=60)
     assert set(err.value.failures) == {0, 1}
     assert all("label 17 is in this micro-batch" in tb for tb in err.value.failures.values())
+
+
+def test_a_second_forward_without_begin_step_does_not_drop_the_first_ones_gradient() -> None:
+    """Accumulating with two plain forwards would keep only the second micro-batch's row gradient (each
+    forward draws a new leaf) while b's gradient adds up: refused, pointing at begin_step. A step or
+    zero_grad in between, or a forward in eval mode, is fine."""
+    head = PartialFC(20, 4, sample_rate=0.5, discface_lambda=0.1)
+    opt = head.make_optimizer(lr=0.1)
+    f, y = torch.randn(3, 4), torch.tensor([1, 5, 12])
+    head(f, y).backward()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), \
+                pytest.raises(RuntimeError, match=r"begin_step\(labels of every micro-batch\)"):
+            head(f, y)
+    opt.step()
+    head(f, y).backward()
+    opt.zero_grad()
+    head(f, y).backward()
+    head.eval()
+    head(f, y)  # eval mode: not a training step's forward

@@ -143,6 +143,9 @@ def test_head_gradients_finite_differences_arcface() -> None:
     loss.backward()
     ids, wgrad = head.weight_grad()
     assert wgrad is not None and torch.equal(ids, torch.arange(7))
+    wgrad = wgrad.clone()
+    head.eval()  # the differences' forwards are no training step's (a train-mode one would refuse: see
+    # test_grad_accum's second-forward test)
     eps = 1e-6
     for row, col in [(0, 1), (3, 4), (6, 0), (2, 2)]:
         with torch.no_grad():
