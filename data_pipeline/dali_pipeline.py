@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -82,6 +82,22 @@ def chunked_order(block: np.ndarray, offsets: np.ndarray, chunk: int, start: int
     return out
 
 
+def _repeat_lone_last_line(f: IO[bytes], keys: np.ndarray, offsets: np.ndarray, last: np.ndarray, copy: int,
+                           fsize: int) -> None:
+    """Write the index's final line a second time when it is the only entry of its copy (copy > 0).
+
+    DALI's ``RecordIOLoader::ReadIndexFile`` (2.4) moves on to the next listed file only inside its
+    loop over the entries but the last; the last one keeps the file of the entry before it. Alone in
+    the last copy, it is then read from the copy before, at an offset past that file's end ("Invalid
+    seek"): with the default chunk of one batch whenever a rank's part is one more than a multiple of
+    the batch size, or where a segment ends one item into a chunk. Written twice, the first line goes
+    through the loop, which moves to the right file, and DALI drops the zero-size entry between the
+    two (the delivered order is unchanged).
+    """
+    if copy > 0 and len(last) == 1:
+        write_index_lines(f, keys[last], offsets[last] + copy * fsize)
+
+
 def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | os.PathLike[str], chunk: int,
                      start: int = 0, stop: int | None = None, *, rank: int = 0, epoch: int = 0) -> EpochIndex:
     """Write the virtual-offset index of (part of) one rank's block (see the module docstring), streamed.
@@ -100,6 +116,8 @@ def write_rank_index(reader: InsightFaceReader, block: np.ndarray, path: str | o
     with AtomicFile(path) as f:  # the loader's prefetch thread writes it while DALI may read the last one
         for copy, c in enumerate(chunks):
             write_index_lines(f, keys[c], offsets[c] + copy * fsize)
+        if chunks:
+            _repeat_lone_last_line(f, keys, offsets, chunks[-1], len(chunks) - 1, fsize)
     order = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)
     return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(len(chunks), 1), order={rank: order},
                       rank=rank, epoch=epoch, start=start)
@@ -117,6 +135,7 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
     fsize = int(reader.reader.file_size)
     rows: dict[int, np.ndarray] = {}
     copy = 0
+    last = np.empty(0, dtype=np.int64)
     with AtomicFile(path) as f:
         for rank, block in enumerate(plan):
             chunks = chunked_order(np.asarray(block, dtype=np.int64), offsets, chunk, start)
@@ -124,6 +143,9 @@ def write_epoch_index(reader: InsightFaceReader, plan: np.ndarray, path: str | o
             for c in chunks:
                 write_index_lines(f, keys[c], offsets[c] + copy * fsize)
                 copy += 1
+                last = c
+        if copy:
+            _repeat_lone_last_line(f, keys, offsets, last, copy - 1, fsize)
     path = Path(path)
     return EpochIndex(idx_path=path, rec_paths=[str(reader.rec_path)] * max(copy, 1), order=rows, start=start)
 
@@ -136,11 +158,12 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
     """The built DALI pipeline of one rank.
 
     Outputs per sample: image float32 (3, H, W) in [-1, 1] ((x - 127.5) / 127.5), mirrored where the
-    flips say; label int64 (1,). With ``uint8``: the decoded pixels (H, W, 3) uint8 as they are, the
-    label, and (when there are flips) a third output, the flip int32 () that says whether the consumer
-    should mirror the image: normalising and mirroring are left to the consumer's device (on the CPU
-    pipeline they are otherwise most of DALI's work besides decoding: the float conversion about
-    0.07 ms and ``fn.flip`` about 0.025 ms per 112x112 image, next to a 0.11 ms decode).
+    flips say; label int64 (1,) (of an array label the first value, as the torch path). With ``uint8``:
+    the decoded pixels (H, W, 3) uint8 as they are, the label, and (when there are flips) a third
+    output, the flip int32 () that says whether the consumer should mirror the image: normalising and
+    mirroring are left to the consumer's device (on the CPU pipeline they are otherwise most of DALI's
+    work besides decoding: the float conversion about 0.07 ms and ``fn.flip`` about 0.025 ms per
+    112x112 image, next to a 0.11 ms decode).
 
     ``flips``: called once per batch, in reading order, for the batch's flip decisions ((batch_size,)
     bool or int); None flips nothing. The loader feeds the epoch plan's, so that they depend on the
@@ -174,6 +197,9 @@ def build_pipeline(rec_paths: list[str], idx_path: str | os.PathLike[str], *, sh
         if not uint8:
             images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+        # a record with an array label (IRHeader flag > 0) comes out with all `flag` values: keep the
+        # first, the class id, as the torch path (and insightface) do; shape (1,) for every record
+        labels = labels[0:1]
         # labels come out as float32: exact for class ids < 2**24 (checked when the file is written)
         labels = fn.cast(labels, dtype=types.DALIDataType.INT64)
         if device_id is not None:

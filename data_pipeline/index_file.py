@@ -25,14 +25,15 @@ __all__ = ["format_index", "is_arange", "parse_index", "strictly_increasing", "w
 _IDX_BLOCK_BYTES = 16 << 20
 _WS = np.zeros(256, dtype=bool)
 _WS[[9, 10, 11, 12, 13, 32]] = True
+_INT64 = np.iinfo(np.int64)
 
 
 def _parse_idx_block(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
-    """``(n, 2)`` int64 [key, offset] of a block of whole lines, vectorised (no Python object per
-    line). The fast path takes MXNet's own format, ``key<TAB>offset<NEWLINE>`` per line (blank lines
-    allowed): the byte after the first token of each line is a tab or space, after the second a
-    newline. Anything else goes through the per-line path, which parses what it can and names the
-    first bad line."""
+    """``(n, 2)`` int64 [key, offset] of a block of whole lines (line ends already ``\\n``, see
+    :func:`_unify_line_ends`), vectorised (no Python object per line). The fast path takes MXNet's own
+    format, ``key<TAB>offset<NEWLINE>`` per line (blank lines allowed): the byte after the first token
+    of each line is a tab or space, after the second a newline. Anything else goes through the per-line
+    path, which parses what it can and names the first bad line."""
     if not data.strip():
         return np.empty((0, 2), dtype=np.int64)
     raw = np.frombuffer(data, dtype=np.uint8)
@@ -42,13 +43,17 @@ def _parse_idx_block(idx_path: Path, data: bytes, first_line: int) -> np.ndarray
     del ws
     if not _ws_last_ok(raw) or len(ends) % 2 or not (
             np.all((follower[0::2] == 9) | (follower[0::2] == 32))
-            and np.all((follower[1::2] == 10) | (follower[1::2] == 13))):
+            and np.all(follower[1::2] == 10)):
         return _parse_idx_slow(idx_path, data, first_line)
     try:
         values = np.fromstring(data, dtype=np.int64, sep=" ")  # whitespace-separated integers, in C
     except ValueError:
         values = np.empty(0, dtype=np.int64)
     if len(values) != len(ends):
+        return _parse_idx_slow(idx_path, data, first_line)
+    # fromstring clamps integers outside int64 to its bounds without a word: the per-line path
+    # range-checks them and names the line (a real key of exactly 2**63 - 1 just takes the slow path)
+    if np.any(values == _INT64.max) or np.any(values == _INT64.min):
         return _parse_idx_slow(idx_path, data, first_line)
     table = values.reshape(-1, 2)
     if np.any(table[:, 1] < 0):
@@ -74,11 +79,12 @@ def _parse_idx_slow(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
             if len(parts) != 2:
                 raise ValueError
             key, offset = int(parts[0]), int(parts[1])
-            if not (-(1 << 63) <= key < (1 << 63) and offset < (1 << 63)):
-                raise ValueError
         except ValueError:
             raise RecordIOError(f"line {lineno} is {raw[:80]!r}, expected 'key<TAB>offset' with two "
                                 "integers", path=idx_path) from None
+        if not (-(1 << 63) <= key < (1 << 63) and offset < (1 << 63)):
+            raise RecordIOError(f"line {lineno} is {raw[:80]!r}: a key or offset outside the 64-bit "
+                                "integer range", path=idx_path)
         if offset < 0:
             raise RecordIOError(f"line {lineno}: negative offset {offset}", path=idx_path, key=key,
                                 offset=offset)
@@ -86,14 +92,24 @@ def _parse_idx_slow(idx_path: Path, data: bytes, first_line: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
+def _unify_line_ends(data: bytes) -> bytes:
+    """CRLF and bare CR line ends as LF: MXNet reads ``.idx`` files with Python's text-mode
+    ``readlines()`` (universal newlines) and DALI with ``>>``, so both take them."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+
+
 def _count_lines(f: IO[bytes], size: int) -> int:
-    """Lines of the file (a cheap first pass), counting a last line without a newline."""
+    """Lines of the file (a cheap first pass), counting a last line without a line end. LF, CRLF and
+    bare CR each end a line; a CRLF split between two blocks counts twice (an upper bound is enough:
+    this only sizes the table)."""
     lines = 0
     last = b""
     while block := f.read(_IDX_BLOCK_BYTES):
         lines += block.count(b"\n")
+        if cr := block.count(b"\r"):
+            lines += cr - block.count(b"\r\n")
         last = block[-1:]
-    if lines and last not in (b"\n", b""):
+    if lines and last not in (b"\n", b"\r", b""):
         lines += 1
     elif not lines and size:
         lines = 1
@@ -130,16 +146,17 @@ def parse_index(idx_path: str | os.PathLike[str]) -> np.ndarray:
         rest = b""
         while True:
             block = f.read(_IDX_BLOCK_BYTES)
-            if not block:
-                data, rest = rest, b""
-            else:
-                data = rest + block
+            data = rest + block
+            # a CR that ends a block may be the first half of a CRLF: it waits for the next block
+            hold = len(data) - 1 if block and data.endswith(b"\r") else len(data)
+            data, rest = _unify_line_ends(data[:hold]), data[hold:]
+            if block:  # whole lines only; the partial last one waits too
                 cut = data.rfind(b"\n") + 1
-                data, rest = data[:cut], data[cut:]
+                data, rest = data[:cut], data[cut:] + rest
             if data:
                 rows = _parse_idx_block(idx_path, data, first_line)
-                if n + len(rows) > len(table):  # the file grew while being read
-                    table = np.concatenate([table[:n], np.empty((n + len(rows) - len(table), 2), np.int64)])
+                if n + len(rows) > len(table):  # the file grew while being read: room for these rows
+                    table = np.concatenate([table[:n], np.empty((len(rows), 2), np.int64)])
                 table[n:n + len(rows)] = rows
                 n += len(rows)
                 first_line += data.count(b"\n")

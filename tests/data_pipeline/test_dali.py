@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from data_pipeline.dali_iterator import DaliLoader, _to_torch, dali_available
-from data_pipeline.dali_pipeline import build_pipeline
-from data_pipeline.dataset import FaceDataset, shard_plan
+from data_pipeline.dali_pipeline import build_pipeline, write_epoch_index
+from data_pipeline.dataset import FaceDataset, build_dataloader, shard_plan
 from data_pipeline.insightface import InsightFaceReader
+from data_pipeline.property_file import write_property
+from data_pipeline.recordio import IRHeader, RecordWriter, pack
+from tests.data_pipeline.helpers import jpeg_bytes
 
 pytestmark = [
     pytest.mark.dali,
@@ -195,3 +198,69 @@ def test_each_rank_writes_only_its_block_in_segments_prefetched(small_dataset: P
     with pytest.raises(ValueError, match="multiple of batch_size"):
         DaliLoader(small_dataset, 4, 0, 1, segment=6)
     assert DaliLoader(small_dataset, 4, 0, 1, segment_samples=10).segment == 8  # rounded to whole batches
+
+
+def test_lone_record_in_the_last_copy_is_read_from_the_right_copy(odd_dataset: Path, tmp_path: Path) -> None:
+    """DALI takes the last index entry from the file of the entry before it: alone in the last copy
+    (a rank's part one more than a multiple of the chunk, or a segment ending one item into a chunk) it
+    was read past the end of the copy before ("Invalid seek"). Every image and label is checked."""
+    ds = FaceDataset(odd_dataset)
+    table = _index_of(ds)
+    for rank in range(2):   # 21 images, 2 ranks: 11 each = 5 + 5 + 1 with the default chunk (a batch)
+        loader = DaliLoader(odd_dataset, 5, rank, 2, seed=3, threads=1, flip=False, drop_last_batch=False)
+        loader.set_epoch(0)
+        idx, labels = _delivered(loader, table)
+        assert loader.last_index is not None and len(loader.last_index.rec_paths) == 3
+        assert idx == loader.last_index.order[rank].tolist() and len(idx) == 11
+        assert labels == ds.reader.labels[idx].tolist()
+        loader.close()
+    # a segment of 5 ending one item into a chunk of 4: copies of 4 and 1
+    seg = DaliLoader(odd_dataset, 5, 1, 2, seed=3, threads=1, flip=False, chunk=4, segment=5,
+                     drop_last_batch=False)
+    seg.set_epoch(1)
+    got, labels = _delivered(seg, table)
+    plan = shard_plan(len(ds), 2, 3, 1)[1]
+    assert sorted(got) == sorted(plan.tolist()) and labels == ds.reader.labels[got].tolist()
+    seg.close()
+    # the all-ranks index of write_epoch_index, read with DALI's own sharding
+    index = write_epoch_index(ds.reader, shard_plan(len(ds), 2, 3, 0), tmp_path / "all.idx", chunk=5)
+    for rank in range(2):
+        pipe = build_pipeline(index.rec_paths, index.idx_path, shard_id=rank, num_shards=2, batch_size=11,
+                              num_threads=1, device_id=None, seed=0)
+        images, out_labels = pipe.run()
+        x = _to_torch(images, torch.device("cpu"))
+        u8 = (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        idx = [table[img.tobytes()] for img in u8.numpy()]
+        assert idx == index.order[rank].tolist()
+        assert _to_torch(out_labels, torch.device("cpu")).reshape(-1).tolist() == ds.reader.labels[idx].tolist()
+        del pipe
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_array_labels_give_the_first_value_as_the_torch_path(tmp_path: Path, mixed: bool) -> None:
+    """Records whose label is an array (IRHeader flag > 0; insightface takes label[0]): DALI yields the
+    same (B,) labels as the torch loader: for [class, 0.0] pairs (all values were returned, flattened
+    into 2B labels) and for arrays of several lengths mixed with scalar labels."""
+    prefix = tmp_path / "train"
+    with RecordWriter(prefix.with_suffix(".rec"), prefix.with_suffix(".idx")) as w:
+        w.write(0, pack(IRHeader(0, [9.0, 12.0], 0, 0), b""))
+        for k in range(1, 9):
+            c = float((k - 1) // 3)
+            label = ([c, 7.0, -1.0][:1 + k % 3] if k % 2 else c) if mixed else [c, 0.0]
+            w.write(k, pack(IRHeader(0, label, k, 0), jpeg_bytes(k)))
+        for c, (a, b) in enumerate([(1, 4), (4, 7), (7, 9)]):
+            w.write(9 + c, pack(IRHeader(0, [float(a), float(b)], 9 + c, 0), b""))
+    write_property(tmp_path / "property", 3, (16, 16))
+    reader = InsightFaceReader(prefix)
+    torch_loader = build_dataloader(reader, 4, 0, 1, workers=0, shuffle=False, flip=False, uint8=True)
+    torch_loader.set_epoch(0)
+    want = [y.tolist() for _, y, _ in torch_loader]
+    assert want == [[0, 0, 0, 1], [1, 1, 2, 2]]
+    loader = DaliLoader(reader, 4, 0, 1, shuffle=False, flip=False, threads=1, uint8=True)
+    loader.set_epoch(0)
+    got = []
+    for x, y, _ in loader:
+        assert tuple(x.shape) == (4, 16, 16, 3) and y.dtype == torch.int64 and tuple(y.shape) == (4,)
+        got.append(y.tolist())
+    loader.close()
+    assert got == want
