@@ -41,6 +41,7 @@ from data_pipeline.recordio import RecordIOError
 from data_pipeline.worker_batches import (
     Batch,
     CorruptRecord,
+    Slot,
     collate,
     release_exited_rings,
     shared_uint8,
@@ -53,6 +54,9 @@ __all__ = ["Batch", "FaceDataset", "FaceLoader", "ShardedSampler", "build_datalo
            "shard_plan", "shared_uint8", "to_unit"]
 
 log = logging.getLogger(__name__)
+
+# SeedSequence stream word of the loader's worker seeds (epoch_plan draws the order with 0, the flips with 1).
+_WORKER_SEED_STREAM = 2
 
 
 def decode_rgb(payload: bytes, flip: bool = False) -> np.ndarray:
@@ -149,15 +153,27 @@ class FaceDataset(Dataset[tuple[torch.Tensor, int]]):
         The float conversion is left to the consumer (:func:`to_unit`, or the training step): handing
         over uint8 moves a quarter of the bytes between processes, and shared-memory page faults on a
         float batch cost about as much as decoding it (measured on the 2-core CPU box).
+
+        In a worker, a :class:`RecordIOError` (a corrupt record, without ``skip_corrupt``) comes back as a
+        batch that carries it (``Batch.error``), which :class:`FaceLoader` raises again: raised here, torch
+        would hand the training process a copy without file, key and offset, worded as a traceback.
         """
         h, w = self.image_size
         shape = (len(items), h, w, 3)
         # In a worker: written once, in shared memory (a buffer of the worker's ring), and not copied
         # again when sent on.
         if get_worker_info() is None:
-            pixels, slot = torch.empty(shape, dtype=torch.uint8), None
-        else:
-            pixels, slot = worker_buffer(shape, self.ring_slots)
+            return self._fetch(items, torch.empty(shape, dtype=torch.uint8), None)
+        pixels, slot = worker_buffer(shape, self.ring_slots)
+        try:
+            return self._fetch(items, pixels, slot)
+        except RecordIOError as exc:
+            if slot is not None:
+                slot.release()
+            return Batch.failed(exc, (h, w, 3))
+
+    def _fetch(self, items: Sequence[Item], pixels: torch.Tensor, slot: Slot | None) -> Batch:
+        """:meth:`__getitems__` into ``pixels`` (len(items), H, W, 3), the buffer of ring slot ``slot``."""
         buf = pixels.numpy()
         labels: list[int] = []
         flips: list[bool] = []
@@ -208,6 +224,12 @@ class FaceLoader:
     converts them on its device (``launcher.trainer.batches.to_model_input``), a quarter of the bytes
     to move and no pass over the pixels on the host. ``skipped`` counts the corrupt records skipped so
     far (``skip_corrupt=True``), ``skipped_records`` lists them.
+
+    The DataLoader draws its workers' base seed from a generator of its own (``loader.generator``), seeded
+    anew for each iterator from the sampler's (seed, rank, epoch): without one, every ``iter()`` draws it
+    from the global torch RNG, and a run resumed mid-epoch (a new iterator the uninterrupted run never
+    made, after the checkpoint's RNG state is restored) would shift everything drawn from it after, such
+    as dropout masks. The data itself draws nothing in the workers (order and flips come from the sampler).
     """
 
     def __init__(self, dataset: FaceDataset, sampler: ShardedSampler, loader: DataLoader[Any],
@@ -236,7 +258,12 @@ class FaceLoader:
         return self._batches()
 
     def _batches(self) -> Iterator[tuple[torch.Tensor | None, ...]]:
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(worker_base_seed(self.sampler.seed, self.sampler.rank,
+                                                               self.sampler.epoch))
         for batch in self.loader:
+            if batch.error is not None:  # a corrupt record in a worker: raised as it was raised there
+                raise batch.error.error()
             if batch.skipped:
                 self.skipped_records.extend(batch.skipped)
             labels = batch.labels if self.device is None else batch.labels.to(self.device, non_blocking=True)
@@ -249,6 +276,12 @@ class FaceLoader:
                 if batch.flips is not None:  # a dataset that left the mirror to us: same pixels as PIL's
                     pixels = torch.where(batch.flips.view(-1, 1, 1, 1), pixels.flip(2), pixels)
                 yield to_unit(pixels, self.device), labels
+
+
+def worker_base_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of the DataLoader generator that draws rank ``rank``'s worker seeds for epoch ``epoch``."""
+    state = np.random.SeedSequence([seed, rank, epoch, _WORKER_SEED_STREAM]).generate_state(1, dtype=np.uint64)
+    return int(state[0])
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -309,9 +342,10 @@ def build_dataloader(prefix: str | os.PathLike[str] | InsightFaceReader, batch_s
         if not _KILL_AT_EXIT_REGISTERED:
             atexit.register(_kill_leftover_workers)
             _KILL_AT_EXIT_REGISTERED = True
+    # a generator of its own (FaceLoader seeds it): an iterator draws nothing from the global torch RNG
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate, drop_last=drop_last_batch, pin_memory=pin_memory,
-                        worker_init_fn=ignore_stop_signals, **kwargs)
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator(), **kwargs)
     return FaceLoader(dataset, sampler, loader, device, uint8=uint8)
 
 

@@ -27,6 +27,11 @@ segment known the worker keeps sending it, so no message has to arrive for the p
 
 Labels and flips cross as numpy arrays inside the pickle (a few hundred bytes), not as tensors: a
 tensor sent by a worker gets a shared-memory segment and a descriptor hand-over of its own.
+
+A corrupt record that stops the run travels the same way: the worker puts the error's fields in the
+batch (:class:`WorkerError`) and the training process raises the error again, file, key and offset
+included. Raised in the worker, torch would re-raise it as ``RecordIOError(formatted traceback)``, with
+no file, key or offset and the worker's traceback for a message.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["Batch", "BatchRing", "CorruptRecord", "collate", "held_leases", "release_exited_rings", "ring_stats",
-           "shared_uint8", "worker_buffer"]
+from data_pipeline.record_format import RecordIOError
+
+__all__ = ["Batch", "BatchRing", "CorruptRecord", "WorkerError", "collate", "held_leases", "release_exited_rings",
+           "ring_stats", "shared_uint8", "worker_buffer"]
 
 
 @dataclass
@@ -52,27 +59,64 @@ class CorruptRecord:
 
 
 @dataclass(frozen=True)
+class WorkerError:
+    """A :class:`~data_pipeline.record_format.RecordIOError` raised in a worker, as its fields: what the
+    training process needs to raise it again (:meth:`error`) with its file, key and offset. Torch would
+    send the error itself as its class and formatted traceback, and the class's keyword-only fields
+    would be lost."""
+
+    kind: type[RecordIOError]
+    reason: str
+    path: str | None
+    key: int | None
+    offset: int | None
+
+    @classmethod
+    def of(cls, exc: RecordIOError) -> WorkerError:
+        return cls(type(exc), exc.reason, exc.path, None if exc.key is None else int(exc.key),
+                   None if exc.offset is None else int(exc.offset))
+
+    def error(self) -> RecordIOError:
+        return self.kind(self.reason, path=self.path, key=self.key, offset=self.offset)
+
+
+@dataclass(frozen=True)
 class Slot:
     """Slot ``index`` of the worker's ring ``ring`` (worker side)."""
 
     ring: BatchRing
     index: int
 
+    def release(self) -> None:
+        """Free the slot again (worker side), for a batch that is not sent after all."""
+        self.ring.release(self.index)
+
 
 @dataclass
 class Batch:
     """A worker's batch: pixels (B, H, W, 3) uint8 RGB, labels (B,) int64, the corrupt records it
     skipped, and ``flips`` (B,) bool still to mirror (None when the worker mirrored them itself).
-    ``slot``: the ring slot holding the pixels (worker side; None for a fresh segment)."""
+    ``slot``: the ring slot holding the pixels (worker side; None for a fresh segment). ``error``: the
+    corrupt record that stopped the worker's batch (the batch is then empty): the consumer raises it
+    (:meth:`WorkerError.error`)."""
 
     pixels: torch.Tensor
     labels: torch.Tensor
     skipped: list[CorruptRecord]
     flips: torch.Tensor | None = None
     slot: Slot | None = field(default=None, repr=False)
+    error: WorkerError | None = None
+
+    @classmethod
+    def failed(cls, exc: RecordIOError, image_shape: tuple[int, ...]) -> Batch:
+        """An empty batch that carries ``exc`` to the training process."""
+        return cls(torch.empty((0, *image_shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), [],
+                   error=WorkerError.of(exc))
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True): a pinned copy; the shared batch, and its slot, are released."""
+        if self.error is not None:  # nothing to pin: the consumer raises the error
+            return self
         flips = None if self.flips is None else self.flips.pin_memory()
         return Batch(self.pixels.pin_memory(), self.labels.pin_memory(), self.skipped, flips)
 
@@ -80,16 +124,17 @@ class Batch:
         flips = None if self.flips is None else self.flips.numpy()
         labels = self.labels.numpy()
         if self.slot is None:
-            return _rebuild_batch, (self.pixels, labels, flips, self.skipped)
+            return _rebuild_batch, (self.pixels, labels, flips, self.skipped, self.error)
         ring = self.slot.ring
         return _rebuild_ring_batch, (ring.reference(self.slot.index), tuple(self.pixels.shape), labels, flips,
                                      self.skipped)
 
 
 def _rebuild_batch(pixels: torch.Tensor, labels: np.ndarray, flips: np.ndarray | None,
-                   skipped: list[CorruptRecord]) -> Batch:
+                   skipped: list[CorruptRecord], error: WorkerError | None = None) -> Batch:
     """Unpickling a batch in a fresh segment (no ring)."""
-    return Batch(pixels, torch.from_numpy(labels), skipped, None if flips is None else torch.from_numpy(flips))
+    return Batch(pixels, torch.from_numpy(labels), skipped, None if flips is None else torch.from_numpy(flips),
+                 error=error)
 
 
 @dataclass(frozen=True)
@@ -241,6 +286,10 @@ class BatchRing:
             busy[k] = 1
             return self.buffers[k], Slot(self, k)
         return shared_uint8(shape), None
+
+    def release(self, index: int) -> None:
+        """Slot ``index`` is free again: its batch was never sent."""
+        self._flags[index] = 0
 
     def reference(self, index: int) -> RingRef:
         """How slot `index` travels: the flags and the segment only until the training process knows them."""

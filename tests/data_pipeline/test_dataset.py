@@ -125,11 +125,32 @@ def test_corrupt_record_stops_with_file_key_offset(small_dataset: Path, tmp_path
     assert "byte offset" in str(err.value) and "image" in str(err.value)
     with pytest.raises(RecordIOError, match=f"key {bad_magic}"):
         ds.decode(8)
-    # through a DataLoader worker process the run stops with the same message
-    loader = build_dataloader(prefix, 4, 0, 1, seed=0, workers=1, shuffle=False)
-    loader.set_epoch(0)
-    with pytest.raises(RecordIOError, match=f"key {bad_payload}.*byte offset"):
-        list(loader)
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_record_in_a_worker_stops_with_file_key_offset(small_dataset: Path, tmp_path: Path, workers: int,
+                                                               uint8: bool) -> None:
+    """Through DataLoader worker processes the run stops with the error the record raised: its type, file,
+    key and offset, and a one-line message (not torch's re-raise of the worker's traceback)."""
+    from launcher.errors import one_line
+
+    prefix, bad_payload, bad_magic = _corrupt_copy(small_dataset, tmp_path / "bad")
+    ds = FaceDataset(prefix)
+    rec = str(ds.reader.rec_path)
+    # file order, batches of 4: batch 0 holds the undecodable payload (image 3), batch 2 the broken magic (image 8)
+    for start, key, what in [(0, bad_payload, "not a decodable image"), (8, bad_magic, "bad magic")]:
+        loader = build_dataloader(prefix, 4, 0, 1, seed=0, workers=workers, shuffle=False, uint8=uint8)
+        loader.set_epoch(0, start)
+        with pytest.raises(RecordIOError) as err:
+            list(loader)
+        assert type(err.value) is RecordIOError
+        assert (err.value.path, err.value.key, err.value.offset) == (rec, key, ds.reader.offset(key))
+        assert what in err.value.reason
+        line = one_line(err.value)
+        assert line == str(err.value) == f"{rec}, record key {key}, byte offset {ds.reader.offset(key)}: " \
+                                         f"{err.value.reason}"
+        assert "Traceback" not in line and "worker process" not in line
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -145,6 +166,19 @@ def test_corrupt_records_skipped_and_counted(small_dataset: Path, tmp_path: Path
     expected = [ds[i][1] for i in range(len(ds)) if i not in (3, 8)]
     assert y.tolist() == expected
     assert x.shape == (len(expected), 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_draws_nothing_from_the_global_rng(small_dataset: Path, workers: int) -> None:
+    """The DataLoader's worker seeds come from a generator of its own: a new iterator (a resume mid-epoch
+    makes one the uninterrupted run does not) leaves the global torch RNG, which dropout draws from, alone."""
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    x, y = _collect(build_dataloader(small_dataset, 8, 1, 2, seed=4, workers=workers), epoch=1, start=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    # and the batches are the plan's, as they were
+    x_all, y_all = _collect(build_dataloader(small_dataset, 8, 1, 2, seed=4, workers=0), epoch=1)
+    assert torch.equal(x, x_all[8:]) and torch.equal(y, y_all[8:])
 
 
 def test_default_prefix(small_dataset: Path) -> None:
