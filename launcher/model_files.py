@@ -130,6 +130,10 @@ def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> 
 
 
 
+class OnnxOpsetError(ValueError):
+    """The ONNX opset asked for is one torch's exporters do not write, or onnxruntime cannot run."""
+
+
 @dataclass
 class OnnxExportResult:
     """What :func:`export_onnx` did: where, how, and how close onnxruntime is to torch."""
@@ -205,7 +209,13 @@ def export_onnx(
     The legacy TorchScript-tracing exporter is tried first (lighter, no torch.export); the dynamo
     exporter is the fallback.
     """
+    import onnx
+
     out = Path(out_path)
+    if opset > onnx.defs.onnx_opset_version():
+        raise OnnxOpsetError(f"{out}: ONNX opset {opset} does not exist yet (the installed onnx "
+                             f"{onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}); "
+                             "choose another --opset (default 17)")
     out.parent.mkdir(parents=True, exist_ok=True)
     h, w = _image_size_of(model, image_size)
     m = _export_copy(model)
@@ -220,16 +230,44 @@ def export_onnx(
         except Exception as dynamo_error:
             raise RuntimeError(f"ONNX export failed with both exporters: torchscript: {legacy_error!r}; "
                                f"dynamo: {dynamo_error!r}") from dynamo_error
+    written = _file_opset(out)
+    if written != opset:
+        # the dynamo exporter writes its own opset when it cannot convert to the one asked for, and says
+        # so only in its log: a file of another opset than asked is not kept
+        out.unlink()
+        raise OnnxOpsetError(f"{out}: asked for ONNX opset {opset}, but torch's exporters could not write it "
+                             f"(the {exporter} exporter wrote opset {written}; the file is not kept); "
+                             "choose another --opset (default 17)")
     with torch.no_grad():
         embedding_size = int(m(example[:1]).shape[1])
     result = OnnxExportResult(path=str(out), opset=opset, exporter=exporter, image_size=(h, w),
                               embedding_size=embedding_size)
     if check:
-        diff, scale = compare_onnx(m, out, (h, w), batch_sizes=batch_sizes, seed=seed)
+        try:
+            diff, scale = compare_onnx(m, out, (h, w), batch_sizes=batch_sizes, seed=seed)
+        except Exception as e:  # onnxruntime's own errors (its pybind types): an op it has no kernel for
+            if type(e).__module__.startswith("onnxruntime"):
+                out.unlink()
+                raise OnnxOpsetError(f"{out}: onnxruntime cannot run this opset-{opset} file ({one_line_of(e)}; "
+                                     "the file is not kept); choose another --opset (default 17)") from e
+            raise
         result.batch_sizes = [int(b) for b in batch_sizes]
         result.max_abs_diff = diff
         result.max_abs_output = scale
     return result
+
+
+def _file_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file imports."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def one_line_of(error: BaseException) -> str:
+    """The first line of an error's message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def compare_onnx(

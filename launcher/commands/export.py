@@ -30,17 +30,18 @@ def _load(model: Path) -> nn.Module:
 def onnx_cmd(
     model: Path = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Argument(..., help="The .onnx file to write."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    opset: int = typer.Option(17, "--opset", min=1, help="ONNX opset version."),
     tolerance: float = typer.Option(1e-4, "--tolerance",
                                     help="Exit 1 when max |torch - onnxruntime| on random input is above."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Export a backbone to ONNX with a dynamic batch axis, checked against onnxruntime."""
-    from launcher.model_files import export_onnx
+    from launcher.model_files import OnnxOpsetError, export_onnx
 
     net = _load(model)
     start = time.perf_counter()
-    result = export_onnx(net, out, opset=opset)
+    with user_errors("pfc", OnnxOpsetError):
+        result = export_onnx(net, out, opset=opset)
     seconds = time.perf_counter() - start
     h, w = result.image_size
     diff = result.max_abs_diff if result.max_abs_diff is not None else float("nan")

@@ -187,3 +187,22 @@ def test_cli_errors_name_the_file(tmp_path):
     res = runner.invoke(app, ["export", "onnx", str(tmp_path), str(tmp_path / "m.onnx")])
     assert res.exit_code == 2
     assert "holds no checkpoint" in res.output
+
+
+@pytest.mark.parametrize(("opset", "says"), [
+    (99, "ONNX opset 99 does not exist yet"),
+    (3, "asked for ONNX opset 3, but torch's exporters could not write it (the dynamo exporter wrote opset"),
+    (6, "onnxruntime cannot run this opset-6 file"),
+])
+def test_cli_refuses_an_opset_it_cannot_deliver(tmp_path, opset, says):
+    """An opset torch's exporters do not write used to give a file of another opset reported as the one
+    asked for (99 -> an opset-18 file, exit 0), or onnxruntime's traceback (6): now one line, exit 2, and
+    no file left behind."""
+    torch.manual_seed(0)
+    weights = save_backbone(get_backbone("tiny", embedding_size=8, image_size=16, width=0.5),
+                            tmp_path / "backbone.safetensors", write=atomic_write)
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(app, ["export", "onnx", str(weights), str(out), "--opset", str(opset)])
+    assert res.exit_code == 2, res.output
+    assert f"pfc: {out}: {says}" in res.output and "choose another --opset" in res.output
+    assert not out.exists()
