@@ -15,18 +15,20 @@ from launcher.config import Config, build_overrides
 
 
 def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
-    """Before any rank starts: the init_backbone file read, a setting this machine's device cannot run
-    (train.amp=fp16 without CUDA), the data found (an image folder packed once, so ranks that torchrun
-    starts find it packed); a bad path, file or setting is one line, exit 2."""
+    """Before any rank starts: the tracking backends usable, the init_backbone file read, a setting this
+    machine's device cannot run (train.amp=fp16 without CUDA), the data found (an image folder packed once,
+    so ranks that torchrun starts find it packed); a bad path, file or setting is one line, exit 2."""
     import torch
 
+    from launcher.monitoring.trackers import TrackerError, check_backends
     from launcher.trainer.data_paths import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
     from launcher.trainer.kernels import set_cublas_workspace
     from launcher.trainer.step import check_amp
 
     set_cublas_workspace(cfg)  # before this process's (and its ranks') first matrix product
-    with user_errors("pfc", ValueError):
+    with user_errors("pfc", ValueError, TrackerError):
+        check_backends(cfg.log.backends, cfg.log.wandb_mode)
         cfg = adopt_init_backbone(cfg)
         check_amp(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if cfg.data.prefix:

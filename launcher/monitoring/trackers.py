@@ -22,24 +22,30 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from launcher.errors import UserError
 from launcher.monitoring.series import verification_figures
 
 # keys of a progress record that are not scalars of the run
 _NOT_SCALARS = ("step", "time")
 
 
+class TrackerError(UserError, RuntimeError):
+    """A tracking backend the run cannot use: its package is missing, or online W&B has no API key."""
+
+
 def check_backends(backends: list[str], wandb_mode: Literal["offline", "online"] = "offline") -> None:
-    """Every rank calls this before training: a missing package (or, for ``wandb_mode=online``, a missing
-    ``WANDB_API_KEY``) stops all ranks alike, with one line."""
+    """`pfc train` calls this before any rank starts, and every rank again before training: a missing
+    package (or, for ``wandb_mode=online``, a missing ``WANDB_API_KEY``) stops the run with one line
+    (:class:`TrackerError`, a user error)."""
     if "tensorboard" in backends and importlib.util.find_spec("tensorboard") is None:
-        raise RuntimeError("log.backends includes tensorboard, but the tensorboard package is not installed "
+        raise TrackerError("log.backends includes tensorboard, but the tensorboard package is not installed "
                            "(pip install 'partialfc-discface[tensorboard]')")
     if "wandb" in backends:
         if importlib.util.find_spec("wandb") is None:
-            raise RuntimeError("log.backends includes wandb, but the wandb package is not installed "
+            raise TrackerError("log.backends includes wandb, but the wandb package is not installed "
                                "(pip install 'partialfc-discface[tracking]')")
         if wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise RuntimeError("log.wandb_mode=online needs WANDB_API_KEY in the environment (the run never "
+            raise TrackerError("log.wandb_mode=online needs WANDB_API_KEY in the environment (the run never "
                                "prompts for a login); use log.wandb_mode=offline and `wandb sync` later")
 
 

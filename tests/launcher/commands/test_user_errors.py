@@ -125,3 +125,16 @@ def test_deepspeed_without_nproc_per_node_runs_single_process(dataset, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_online_wandb_without_a_key_stops_before_anything_runs(tmp_path, monkeypatch):
+    """A tracking backend the run cannot use is refused before any rank starts or any data is read (the data
+    path here does not exist): one line, exit 2. It used to be a RuntimeError traceback after the data, the
+    model and the resume."""
+    pytest.importorskip("wandb", reason="the tracking extra is not installed (CI installs it)")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    r = _pfc(_train_args(tmp_path / "nowhere" / "train", tmp_path / "run",
+                         **{"log.backends": ["jsonl", "wandb"], "log.wandb_mode": "online"}), timeout=240)
+    assert r.returncode == 2, r.stderr[-4000:]
+    assert "log.wandb_mode=online needs WANDB_API_KEY" in _one_line(r.stderr)
+    assert not (tmp_path / "run").exists()
