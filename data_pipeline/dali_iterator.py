@@ -38,6 +38,7 @@ import torch
 from data_pipeline.dali_pipeline import EpochIndex, build_pipeline, write_rank_index
 from data_pipeline.epoch_plan import flip_probability, rank_block, rank_flips
 from data_pipeline.insightface import InsightFaceReader
+from data_pipeline.recordio import RecordIOError
 
 
 def dali_available() -> bool:
@@ -220,7 +221,10 @@ class DaliLoader:
             seg_steps = steps - done if last else n_items // self.batch_size
             try:
                 for k in range(seg_steps):
-                    outs = pipe.run()
+                    try:
+                        outs = pipe.run()
+                    except RuntimeError as e:  # DALI's own: its operator's error and a C++ context
+                        raise self._read_error(e, index, k) from None
                     x = _to_torch(outs[0], self.device)
                     y = _to_torch(outs[1], self.device).reshape(-1)
                     f = _to_torch(outs[2], self.device).reshape(-1).bool() if len(outs) > 2 else None
@@ -235,6 +239,28 @@ class DaliLoader:
             finally:
                 del pipe
             done += seg_steps
+
+    def _read_error(self, error: RuntimeError, index: EpochIndex, k: int) -> RecordIOError:
+        """What stopped DALI in batch ``k`` of a segment, said as the torch path says it: the first record
+        of the batches DALI may have been reading (it runs ``prefetch_queue_depth`` batches ahead) that the
+        Python reader cannot read or decode, whose :class:`RecordIOError` names file, key and byte offset;
+        failing that, DALI's own line about the file."""
+        from data_pipeline.dataset import FaceDataset
+
+        order = index.order.get(self.rank, np.empty(0, dtype=np.int64))
+        lo = k * self.batch_size
+        ds = FaceDataset(self.reader)
+        for i in order[lo: lo + (1 + self.prefetch_queue_depth) * self.batch_size]:
+            try:
+                ds.decode(int(i))
+            except RecordIOError as bad:
+                return bad
+        lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+        said = next((lines[j + 1] for j, x in enumerate(lines[:-1]) if x == "encountered:"), lines[0] if lines
+                    else type(error).__name__)
+        return RecordIOError(f"DALI stopped reading ({said}); `pfc data inspect` checks every record, and "
+                             "data.loader=torch with data.skip_corrupt=true skips corrupt ones",
+                             path=self.reader.rec_path)
 
     def close(self) -> None:
         """Stop the background index writer; remove the index files this loader wrote (when it made

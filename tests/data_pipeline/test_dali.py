@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from data_pipeline.dali_pipeline import build_pipeline, write_epoch_index
 from data_pipeline.dataset import FaceDataset, build_dataloader, shard_plan
 from data_pipeline.insightface import InsightFaceReader
 from data_pipeline.property_file import write_property
-from data_pipeline.recordio import IRHeader, RecordWriter, pack
+from data_pipeline.recordio import IRHeader, RecordIOError, RecordWriter, pack
 from tests.data_pipeline.helpers import jpeg_bytes
 
 pytestmark = [
@@ -264,3 +265,49 @@ def test_array_labels_give_the_first_value_as_the_torch_path(tmp_path: Path, mix
         got.append(y.tolist())
     loader.close()
     assert got == want
+
+
+def _one_corrupt_record(src: Path, dst: Path, which: str) -> tuple[Path, int, int]:
+    """A copy of the dataset whose 4th image record is broken: its JPEG (``payload``) or its magic."""
+    dst.mkdir()
+    for f in src.parent.iterdir():
+        shutil.copy(f, dst / f.name)
+    prefix = dst / src.name
+    reader = InsightFaceReader(prefix)
+    key = reader.image_keys[3]
+    offset = reader.offset(key)
+    reader.close()
+    with open(f"{prefix}.rec", "r+b") as f:
+        f.seek(offset + 8 + 24 if which == "payload" else offset)  # magic, lrec, IRHeader: then the JPEG
+        f.write(b"\x00" * 64 if which == "payload" else b"\xde\xad\xbe\xef")
+    return prefix, key, offset
+
+
+@pytest.mark.parametrize("which", ["payload", "magic"])
+def test_a_corrupt_record_stops_dali_with_file_key_offset(small_dataset: Path, tmp_path: Path, which: str) -> None:
+    """DALI stops at a corrupt record with its own multi-line error (operator, C++ context); the loader
+    names the record as the torch path does (file, key, byte offset), so the user gets one line."""
+    prefix, key, offset = _one_corrupt_record(small_dataset, tmp_path / "bad", which)
+    loader = DaliLoader(prefix, 8, shuffle=False, flip=False, index_dir=tmp_path / "idx")
+    loader.set_epoch(0)
+    with pytest.raises(RecordIOError) as err:
+        for _ in loader:
+            pass
+    loader.close()
+    assert (str(err.value.path), err.value.key, err.value.offset) == (f"{prefix}.rec", key, offset)
+    assert ("not a decodable image" if which == "payload" else "bad magic") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_dali_error_the_python_reader_cannot_find_keeps_dalis_line(small_dataset: Path, tmp_path: Path) -> None:
+    """When every record DALI may have been reading decodes in Python, the error names the file and DALI's
+    own line (the one after "encountered:"), not its C++ context."""
+    loader = DaliLoader(small_dataset, 8, shuffle=False, flip=False, index_dir=tmp_path / "idx")
+    loader.set_epoch(0)
+    index = loader.segment_index(0, 8)
+    said = RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n\n"
+                        "encountered:\n\nnvImageCodec failure: '#4'\nCurrent pipeline object is no longer valid.")
+    err = loader._read_error(said, index, 0)
+    loader.close()
+    assert isinstance(err, RecordIOError) and str(err.path) == f"{small_dataset}.rec" and err.key is None
+    assert "DALI stopped reading (nvImageCodec failure: '#4')" in str(err) and "\n" not in str(err)
