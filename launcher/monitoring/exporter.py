@@ -224,9 +224,11 @@ class TrainingMetrics:
         if self._server is None:
             hint = ("set metrics.port_base to a free range or metrics.port_policy=next-free"
                     if policy == "fail" else f"tried {len(tries)} ports with stride {stride}")
+            why = (str(last_err) if last_err is not None
+                   else f"port {port} is past 65535 (metrics.port_base {self.cfg.port_base} + local rank)")
             raise MetricsPortError(
                 f"rank {self.rank} (local rank {self.local_rank}): cannot serve metrics on {host}:{port}: "
-                f"{last_err}; {hint}") from last_err
+                f"{why}; {hint}") from last_err
         if self.port != port:
             log.warning(f"metrics: {host}:{port} is taken, rank {self.rank} serves on {host}:{self.port} instead")
         log.info(f"metrics: rank {self.rank} serves http://{host}:{self.port}/metrics")

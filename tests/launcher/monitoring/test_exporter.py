@@ -301,3 +301,11 @@ def test_run_identity_labels_every_series_and_is_written_to_the_run_folder(monke
     finally:
         m.close()
     assert s and all(dict(labels).get("run") == "exp-1" for (_, labels) in s), sorted(s)[:3]
+
+
+def test_a_port_past_65535_says_so() -> None:
+    """port_base + local_rank beyond the last port: the error says why (it used to read ": None")."""
+    m = _exporter(65535, local_rank=1)
+    with pytest.raises(MetricsPortError, match=r":65536: port 65536 is past 65535 \(metrics\.port_base 65535"):
+        m.start()
+    m.close()
