@@ -128,6 +128,29 @@ class BestKeeper:
             if saved.get("metric") == self.spec:
                 self.best = float(saved["value"])
                 self.history = list(saved.get("history", []))
+        kept = self._kept_value()
+        if kept is not None and (self.best is None or kept > self.best):
+            # the backbone is written before best.json: a run stopped between the two left a better
+            # backbone than the record says, which only a better one may replace
+            self.best = kept
+
+    def _kept_value(self) -> float | None:
+        """The metric value the kept backbone was saved with (its safetensors metadata, read without its
+        tensors), or None when there is none for this run's ``keep_best``."""
+        from safetensors import safe_open
+
+        from partialfc.backbones import METADATA_KEY
+
+        weights = self.folder / "backbone.safetensors"
+        if not self.spec or not weights.is_file():
+            return None
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                config = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError):
+            return None  # unreadable: the next best replaces it
+        value = config.get("value") if isinstance(config, dict) and config.get("keep_best") == self.spec else None
+        return float(value) if isinstance(value, int | float) else None
 
     def observe(self, step: int, evals: dict[str, Any] | None, backbone: Any,
                 backbone_config: dict[str, Any]) -> bool:

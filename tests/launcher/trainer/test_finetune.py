@@ -267,3 +267,24 @@ def test_keep_best_survives_a_write_that_fails_on_a_file_size_limit(tmp_path):
     kept = load_file(str(tmp_path / "best" / "backbone.safetensors"))
     assert all(torch.equal(kept[k], v) for k, v in get_backbone("tiny", embedding_size=8, image_size=16)
                .state_dict().items())
+
+
+def test_a_run_stopped_between_the_best_backbone_and_its_record_keeps_the_better_one(tmp_path):
+    """The backbone is written first, best.json second: a run stopped between them leaves a backbone saved
+    at a better value than the record says (the files as that stop leaves them, made here by writing only
+    the backbone of the second best). The resumed keeper must not replace it with a value in between."""
+    cfg = load_config(None, [f"output={tmp_path}", "data.val_bins=[x/lfw.bin]", "checkpoint.keep_best=lfw:tar@1e-3"])
+    keeper = BestKeeper(cfg, is_main=True)
+    torch.manual_seed(1)
+    first = get_backbone("tiny", embedding_size=8, image_size=16)
+    keeper.observe(1, _evals(0.9, 0.5), first, first.backbone_config)
+    torch.manual_seed(2)
+    better = get_backbone("tiny", embedding_size=8, image_size=16)
+    save_backbone(better, tmp_path / "best" / "backbone.safetensors",
+                  config={**better.backbone_config, "step": 2, "keep_best": cfg.checkpoint.keep_best, "value": 0.7},
+                  write=atomic_write)  # ... and the run stops before best.json says step 2
+    again = BestKeeper(cfg, is_main=True)
+    assert again.best == 0.7
+    assert not again.observe(3, _evals(0.9, 0.6), first, first.backbone_config)
+    kept = load_file(str(tmp_path / "best" / "backbone.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in better.state_dict().items())
