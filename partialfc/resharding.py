@@ -81,9 +81,14 @@ def save_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
     """Write this rank's shard (and, on rank 0, the metadata and b) into ``path_dir``; see module doc."""
     group = process_group if process_group is not None else head.process_group
     path = Path(path_dir)
-    path.mkdir(parents=True, exist_ok=True)
     error: Exception | None = None
-    if head.rank == 0:
+    try:
+        # on every rank (a node-local folder may fail on one node only): inside the error handling, so that
+        # a rank that cannot make it still reaches the barrier and the agreement below
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = e
+    if head.rank == 0 and error is None:
         try:
             # Shard files of an earlier save with another world size would overlap this save's ranges.
             mine = {shard_filename(*class_range(head.num_classes, head.world_size, k))
