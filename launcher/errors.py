@@ -35,6 +35,11 @@ class RunFolderError(UserError):
     """The output folder holds another run that this one would overwrite."""
 
 
+class ResumeError(UserError, ValueError):
+    """The checkpoint a run would resume from cannot be: a setting its state is tied to changed, or one of
+    its files is damaged (a truncated copy) or holds more than tensors and plain data (pickled code)."""
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (long messages are kept whole; only newlines are folded)."""
     text = " ".join(part.strip() for part in str(error).strip().splitlines() if part.strip())

@@ -23,21 +23,32 @@ A failure of any kind while writing any part (a full disk raises ``OSError`` fro
 every rank (an all-reduce after each phase; the first phase has two: rank 0 made the folder, every rank
 sees it) and raised everywhere as :class:`CheckpointWriteError`, after rank 0 has removed the partial
 folder. No rank skips a collective because of its own failure: it only acts on one after an agreement.
+A failure once ``latest`` already names the new save (the fsync of the checkpoints folder that follows
+its rename) keeps the save, which is complete, and is logged: undoing it would leave ``latest`` naming a
+deleted folder.
 
 ``latest`` holds one folder name (``step_NNNNNNNN``) of its own checkpoints folder; anything else
 (a path, ``..``) is refused when read. Pruning (``keep_last``) never deletes the save just written nor
 what ``latest`` names, and only considers saves numbered below the one just written.
+
+Reading a save back (:func:`load_checkpoint`, and the parts' own files through :func:`reading`), a file
+that is there but cannot be parsed (truncated by an interrupted copy, overwritten) or that holds more than
+tensors and plain data (pickled code, never run) ends the resume as a
+:class:`~launcher.errors.ResumeError` naming the file: a user error, one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import atomic_write, describe_error, fsync_dir
+from launcher.errors import ResumeError
 from launcher.trainer import faults
 from partialfc.collectives import any_rank, barrier, world
 
@@ -255,6 +267,17 @@ def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str,
         fsync_dir(paths.root)
         atomic_write(paths.root / LATEST, final.name)
     except Exception as e:
+        if moved and _names(paths, final):
+            # latest already names this save, which is complete: atomic_write fsyncs the folder AFTER its
+            # rename, so a failure can come once latest is replaced (or latest named this step before a
+            # second save of it). Undoing would leave latest naming a deleted folder; the save stays, and
+            # only whether the rename survives a power loss is in doubt. What is kept is decided by what
+            # latest holds on disk, not by guessing which call raised.
+            log.warning(f"checkpoint {final} written and named by {paths.root / LATEST}, but syncing "
+                        f"{paths.root} failed ({describe_error(e)}): after a power loss latest may name the "
+                        "previous save")
+            shutil.rmtree(replaced, ignore_errors=True)
+            return None
         # latest (written atomically, last) still names the previous save; put back what was moved.
         if moved and replaced.exists():
             shutil.rmtree(final, ignore_errors=True)
@@ -269,18 +292,67 @@ def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str,
     return None
 
 
+def _names(paths: CheckpointPaths, final: Path) -> bool:
+    """Whether ``latest`` (as it is on disk now) holds ``final``'s name."""
+    try:
+        return (paths.root / LATEST).read_text().strip() == final.name
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def damaged(f: Path, error: BaseException, save: Path) -> ResumeError:
+    """The refusal to resume from ``save``, whose file ``f`` is there but cannot be read (``error``)."""
+    reason = describe_error(error)
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    step = step_of(save) if _STEP_DIR.match(save.name) else 0
+    earlier = [p.name for p in CheckpointPaths(save.parent).complete_saves() if step_of(p) < step]
+    way_out = (f"point {save.parent / LATEST} at an earlier save ({', '.join(earlier[-3:])})" if earlier
+               else "start a new run (another output folder)")
+    return ResumeError(f"{f}: damaged ({reason}); {save.name} cannot be resumed from: restore the file, or "
+                       f"{way_out}")
+
+
+@contextlib.contextmanager
+def reading(f: Path, save: Path) -> Iterator[None]:
+    """Inside the block, file ``f`` of the save ``save`` is read: a file that cannot be parsed ends as
+    :func:`damaged`, one that holds more than tensors and plain data (``torch.load(weights_only=True)``
+    refuses it, running none of it) as a refusal naming it. A missing or unreadable file
+    (``FileNotFoundError``, ``PermissionError``) keeps its own error, which names it."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError, ResumeError):
+        raise
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"refusing to resume: {f} holds more than tensors and plain data (pickled code?) and "
+                          f"was not loaded: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    except Exception as e:  # json's ValueError, torch's RuntimeError or OSError, safetensors' SafetensorError
+        raise damaged(f, e, save) from e
+
+
+def _torch_load(f: Path, save: Path) -> Any:
+    # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
+    # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
+    # parameters' device, whatever it is.
+    with reading(f, save), warnings.catch_warnings():
+        # a file that is not torch.save's (a bare pickle) draws this warning before its refusal, which
+        # says all there is to say on one line
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(f, weights_only=True, map_location="cpu")
+
+
 def load_checkpoint(path: Path, rank: int, world_size: int) -> CheckpointContents:
     """What rank ``rank`` reads of a complete save: the mirror of what :func:`save_checkpoint` wrote.
 
     ``rank_state`` is None when the save was written on another world size (or the rank's file is
-    missing); the parts with files of their own read them from ``folder``."""
-    meta = json.loads((path / "meta.json").read_text())
-    # map_location: a save from a GPU run holds CUDA tensors (optimizer state), which a CPU-only
-    # process cannot materialise; loading on the CPU first lets load_state_dict move them to the
-    # parameters' device, whatever it is.
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    missing); the parts with files of their own read them from ``folder`` (through :func:`reading`).
+    A damaged file, or one holding pickled code, is a :class:`~launcher.errors.ResumeError` naming it."""
+    with reading(path / "meta.json", path):
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"holds a JSON {type(meta).__name__}, not an object")
+    trainer_state = _torch_load(path / "trainer_state.pt", path)
     rank_file = path / "rank" / f"rank_{rank:05d}.pt"
-    rank_state = (torch.load(rank_file, weights_only=True, map_location="cpu")
+    rank_state = (_torch_load(rank_file, path)
                   if meta.get("world_size") == world_size and rank_file.is_file() else None)
     return CheckpointContents(step=int(trainer_state["step"]), meta=meta, trainer_state=trainer_state,
                               rank_state=rank_state, folder=path)

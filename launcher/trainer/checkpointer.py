@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,12 +36,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from data_pipeline.atomic import atomic_write
 from launcher.config import Config
 from launcher.distributed import DistContext
-from launcher.trainer.checkpoint_files import CheckpointContents, load_checkpoint, save_checkpoint
+from launcher.trainer.checkpoint_files import CheckpointContents, damaged, load_checkpoint, reading, save_checkpoint
 from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
 from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
@@ -112,7 +112,10 @@ class HeadState:
     def load(self, saved: CheckpointContents) -> None:
         assert saved.folder is not None
         settings = hyperparameters(self.opt)
-        load_head(self.head, self.opt, saved.folder / "head")
+        try:
+            load_head(self.head, self.opt, saved.folder / "head")
+        except SafetensorError as e:  # a truncated shard or b file (load_head's own CheckpointError names its file)
+            raise damaged(_unreadable(saved.folder / "head"), e, saved.folder) from e
         reapply(self.opt, settings)  # the config's head LR and settings, not the checkpoint's
         schedule_at(self.sched, saved.step)
 
@@ -130,7 +133,9 @@ class BackboneWeights:
 
     def load(self, saved: CheckpointContents) -> None:
         assert saved.folder is not None
-        self.module.load_state_dict(load_file(str(saved.folder / "backbone.safetensors")))
+        with reading(saved.folder / "backbone.safetensors", saved.folder):
+            weights = load_file(str(saved.folder / "backbone.safetensors"))
+        self.module.load_state_dict(weights)
 
 
 @dataclass
@@ -215,11 +220,9 @@ class Checkpointer:
         return path
 
     def load(self, path: Path) -> CheckpointContents:
-        try:
-            saved = load_checkpoint(path, self.ctx.rank, self.ctx.world_size)
-        except pickle.UnpicklingError as e:
-            raise RuntimeError(f"refusing to resume: {_refused_file(path, self.ctx.rank)} holds more than tensors "
-                               f"and plain data (pickled code?) and was not loaded: {str(e).splitlines()[0]}") from None
+        """Read the save at ``path`` into every part. A damaged file, one holding pickled code, or a setting
+        the state is tied to that changed is a :class:`~launcher.errors.ResumeError` (one line)."""
+        saved = load_checkpoint(path, self.ctx.rank, self.ctx.world_size)
         for part in self.parts.values():
             part.load(saved)
         return saved
@@ -238,17 +241,15 @@ class Checkpointer:
         return saved.step
 
 
-def _refused_file(ckpt: Path, rank: int) -> Path | str:
-    """Which of a checkpoint's pickle files ``torch.load(weights_only=True)`` refuses (error path only)."""
-    for f in (ckpt / "trainer_state.pt", ckpt / "rank" / f"rank_{rank:05d}.pt"):
+def _unreadable(head: Path) -> Path:
+    """Which safetensors file of the head checkpoint ``head`` safetensors cannot open (error path only)."""
+    for f in sorted(head.glob("*.safetensors")):
         try:
-            if f.is_file():
-                # safe: the restricted unpickler runs no code; on the CPU, as the resume read it (a GPU-written
-                # file would otherwise fail here on a CPU-only machine and hide the refusal)
-                torch.load(f, weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except SafetensorError:
             return f
-    return f"a file of {ckpt}"
+    return head
 
 
 def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: TrainData | None = None) -> Checkpointer:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config
-from launcher.errors import RunFolderError
+from launcher.errors import ResumeError, RunFolderError
 from launcher.trainer.checkpoint_files import CheckpointPaths
+from partialfc.backbones.mobilefacenet import DEFAULT_BLOCKS
 
 
 def checkpoints_folder(cfg: Config) -> Path:
@@ -51,11 +52,21 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with MobileFaceNet's unset ``model.blocks`` (None) as the repeats it builds with, so that
+    naming the default explicitly on resume is no change."""
+    if flat.get("model.backbone") == "mobilefacenet" and flat.get("model.blocks") is None and "model.blocks" in flat:
+        return {**flat, "model.blocks": list(DEFAULT_BLOCKS)}
+    return flat
+
+
 # Settings the saved state is tied to (weight shapes, optimizer state layout, the head sampler's seed,
 # which the head checkpoint carries): another value cannot take effect on resume, so it is refused
-# rather than silently overridden by the checkpoint.
-_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "optim.name", "dist.engine",
-         "train.seed")
+# rather than silently overridden by the checkpoint. The model.* ones are every setting that shapes the
+# backbone's parameters (model.scale and model.blocks: MobileFaceNet's channels and depth); dropout,
+# drop_path and mask_ratio only regularise and may change.
+_TIED = ("model.backbone", "model.embedding_size", "model.image_size", "model.width", "model.scale",
+         "model.blocks", "optim.name", "dist.engine", "train.seed")
 _TIED_DEEPSPEED = ("dist.zero_stage",)  # the layout of ZeRO's partitioned optimizer state
 
 
@@ -65,7 +76,7 @@ def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> 
     Every other setting takes effect as configured: the LR schedule is rebuilt for the new
     ``train.steps``/``optim.*`` from the step reached, and the optimizers get the config's settings.
     Returns the changed settings (``name old -> new``) for the log."""
-    before, now = _flat(saved_config), _flat(cfg.model_dump(mode="json"))
+    before, now = _effective(_flat(saved_config)), _effective(_flat(cfg.model_dump(mode="json")))
     tied = _TIED + (_TIED_DEEPSPEED if cfg.dist.engine == "deepspeed" else ())
     bad = [f"{k} is {before[k]!r} in the checkpoint, {now[k]!r} now" for k in tied
            if k in before and before[k] != now[k]]
@@ -75,6 +86,6 @@ def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> 
                    "DiscFace's learned basis b exists only with lambda > 0, so turning DiscFace on or off is a "
                    "new run (fine-tune from the checkpoint's backbone with checkpoint.init_backbone)")
     if bad:
-        raise ValueError(f"refusing to resume from {latest}: " + "; ".join(bad)
-                         + ". Restore the checkpoint's values, or start a new run (another output folder)")
+        raise ResumeError(f"refusing to resume from {latest}: " + "; ".join(bad)
+                          + ". Restore the checkpoint's values, or start a new run (another output folder)")
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(now) if k in before and before[k] != now[k]]
