@@ -93,8 +93,51 @@ def test_kfold_matches_brute_force(seed: int) -> None:
     n = 300
     same = rng.random(n) < 0.5
     scores = np.round(np.where(same, rng.normal(0.5, 0.2, n), rng.normal(0.2, 0.2, n)), 2)  # with ties
-    accs, _ = kfold_accuracy(scores, same)
+    accs, _ = kfold_accuracy(scores, same, protocol="best_cut")
     np.testing.assert_allclose(accs, brute_kfold(scores, same), atol=1e-12)
+
+
+def insightface_kfold(e1: np.ndarray, e2: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """insightface's ``verification.py`` ``calculate_roc`` accuracy, its logic as written there: normalised
+    embeddings, squared distance, for each of 10 KFold folds every threshold of ``np.arange(0, 4, 0.01)``
+    tried on the training folds with ``dist < t``, the first argmax applied to the test fold."""
+    from sklearn.model_selection import KFold
+
+    a = e1 / np.linalg.norm(e1, axis=1, keepdims=True)
+    b = e2 / np.linalg.norm(e2, axis=1, keepdims=True)
+    dist = np.sum(np.square(a - b), 1)
+    thresholds = np.arange(0, 4, 0.01)
+
+    def accuracy(t: float, d: np.ndarray, y: np.ndarray) -> float:
+        pred = np.less(d, t)
+        tp = np.sum(np.logical_and(pred, y))
+        tn = np.sum(np.logical_and(np.logical_not(pred), np.logical_not(y)))
+        return float(tp + tn) / d.size
+
+    accs, ths = [], []
+    for train, test in KFold(n_splits=10, shuffle=False).split(np.arange(len(same))):
+        acc_train = np.array([accuracy(t, dist[train], same[train]) for t in thresholds])
+        best = int(np.argmax(acc_train))
+        accs.append(accuracy(thresholds[best], dist[test], same[test]))
+        ths.append(thresholds[best])
+    return np.array(accs), np.array(ths)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_accuracy_is_insightfaces_protocol(seed: int) -> None:
+    """The reported accuracy is the number insightface's own evaluation gives (its threshold grid on
+    squared distance, not the exact best cut, which differs by a pair or two per fold): comparable with
+    published LFW / CFP / AgeDB figures."""
+    rng = np.random.default_rng(seed)
+    n = 6000
+    same = np.tile([True, False], n // 2)
+    scores = np.clip(np.where(same, rng.normal(0.55, 0.15, n), rng.normal(0.1, 0.15, n)), -0.99, 0.99)
+    e1, e2 = pairs_with_scores(scores, seed=seed)
+    want, t = insightface_kfold(e1, e2, same)
+    m = verification_metrics(e1, e2, same)
+    np.testing.assert_allclose(m["fold_accuracies"], want, atol=1e-12)
+    assert m["accuracy"] == pytest.approx(float(want.mean()), abs=1e-12)
+    assert m["best_threshold"] == pytest.approx(float(np.mean(1 - t / 2)), abs=1e-12)
 
 
 def test_best_threshold_exact_and_ties() -> None:
