@@ -132,7 +132,7 @@ def _promtool(*args: str, cwd=PROM_DIR) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_config_and_rules():
     r = _promtool("check", "config", "prometheus.yml")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "8 rules found" in r.stdout, r.stdout
+    assert "9 rules found" in r.stdout, r.stdout
     r = _promtool("check", "rules", "alerts.yml")
     assert r.returncode == 0, r.stdout + r.stderr
     r = _promtool("check", "config", "prometheus-kubernetes.yml")
