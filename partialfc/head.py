@@ -45,10 +45,10 @@ from partialfc.collectives import (
     all_gather_rows_no_grad,
     all_reduce_sum,
     copy_to_all,
-    gather_sizes,
     world,
 )
 from partialfc.initial_weights import init_rows
+from partialfc.inputs import forward_problem, labels_problem, sizes_or_refuse
 from partialfc.partition import class_range, num_sample
 from partialfc.sampler import sample_classes
 from partialfc.softmax import Workspace, row_normalize, sharded_margin_softmax_ce
@@ -259,17 +259,8 @@ class PartialFC(nn.Module):
         step counter advances once per ``begin_step`` (in training mode), not per micro-batch.
         """
         parts = [labels] if isinstance(labels, torch.Tensor) else list(labels)
-        device = self.weight.device
-        problem = next((f"PartialFC.begin_step: labels must be 1-D integer tensors, got {t.dtype} of shape "
-                        f"{tuple(t.shape)}" for t in parts
-                        if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool), None)
-        local = torch.empty(0, dtype=torch.int64, device=device)
-        if problem is None and parts:
-            local = torch.cat([t.to(device=device, dtype=torch.int64) for t in parts])
-            bad = self._label_outside(local)
-            if bad is not None:
-                problem = f"PartialFC.begin_step: label {bad} outside [0, {self.num_classes}) on rank {self.rank}"
-        sizes = self._sizes_or_refuse(local.numel(), problem)
+        local, problem = labels_problem(parts, self.num_classes, self.weight.device, self.rank)
+        sizes = sizes_or_refuse(local.numel(), problem, self.weight.device, self.process_group, self.rank)
         all_labels = all_gather_rows_no_grad(local, sizes, self.process_group)
         sample = sample_classes(all_labels, self.start, self.end, self.sample_rate, seed=self.seed,
                                 step=self.step, rank=self.rank)
@@ -287,46 +278,6 @@ class PartialFC(nn.Module):
         self._open_step = False
         self._micro = 0
         self._stepped = True
-
-    def _input_problem(self, embeddings: torch.Tensor, labels: torch.Tensor) -> str | None:
-        """What is wrong with this rank's input, or None when embeddings are (B, d) and labels (B,) integer
-        ids in [0, C)."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            return f"PartialFC: embeddings must be (B, {self.embedding_size}), got shape {tuple(embeddings.shape)}"
-        if labels.shape != (embeddings.shape[0],):
-            return (f"PartialFC: labels must be ({embeddings.shape[0]},) to match the embeddings, "
-                    f"got shape {tuple(labels.shape)}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            return f"PartialFC: labels must be an integer tensor, got {labels.dtype}"
-        if embeddings.device != self.weight.device:
-            return (f"PartialFC: embeddings are on {embeddings.device} but the head's weights on "
-                    f"{self.weight.device}; move the embeddings (the head never moves itself)")
-        bad = self._label_outside(labels)
-        if bad is not None:
-            return f"PartialFC: label {bad} outside [0, {self.num_classes}) on rank {self.rank}"
-        return None
-
-    def _sizes_or_refuse(self, n: int, problem: str | None) -> list[int]:
-        """Every rank's row count (:func:`gather_sizes`), with each rank's refusal of its input folded into
-        the same all-gather: a rank whose input is refused sends -1, and every rank raises here together,
-        instead of the others waiting in a collective the refusing rank never reaches. ValueError: this
-        rank's ``problem``, or which ranks refused theirs (each says why in its own error)."""
-        sizes = gather_sizes(-1 if problem is not None else n, self.weight.device, self.process_group)
-        if problem is not None:
-            raise ValueError(problem)
-        refused = [r for r, s in enumerate(sizes) if s < 0]
-        if refused:
-            raise ValueError(f"PartialFC: rank(s) {refused} refused their input (their own errors say why); "
-                             f"rank {self.rank} stops with them")
-        return sizes
-
-    def _label_outside(self, labels: torch.Tensor) -> int | None:
-        """The first label of ``labels`` outside [0, C), or None; one host-device round trip for both
-        bounds when all are inside (on a GPU each is a wait for the queued work)."""
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist() if labels.numel() else (0, 0)
-        if lo >= 0 and hi < self.num_classes:
-            return None
-        return int(labels[(labels < 0) | (labels >= self.num_classes)][0])
 
     def _rows_for_step(self, all_labels: torch.Tensor,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, str]:
@@ -385,12 +336,12 @@ class PartialFC(nn.Module):
         """embeddings (B_k, d) any float dtype, labels (B_k,) global class ids -> scalar loss (all ranks).
 
         Also sets :attr:`record` (a :class:`~partialfc.step_record.StepRecord`) for logging."""
-        problem = self._input_problem(embeddings, labels)
         group, device = self.process_group, self.weight.device
+        problem = forward_problem(embeddings, labels, self.embedding_size, self.num_classes, device, self.rank)
         # fp32 at least, fp64 if the head or the embeddings are fp64.
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
 
-        sizes = self._sizes_or_refuse(embeddings.shape[0] if problem is None else 0, problem)
+        sizes = sizes_or_refuse(embeddings.shape[0] if problem is None else 0, problem, device, group, self.rank)
         n = sum(sizes)
         if n == 0:
             raise ValueError("PartialFC: the global batch is empty on every rank")
