@@ -9,6 +9,12 @@ equal), the blocks are disjoint apart from the at most W - 1 padding repeats, an
 the epoch. Each rank computes its own block alone, in O(L), from the shared (seed, epoch): no rank
 sends another its plan.
 
+An epoch resumed on another world size reads the rest of it, not a new plan: the positions of the
+order that the saving ranks had not read yet (:func:`unread`, a list of ranges) are split the same way,
+in W' contiguous equal parts padded by wrapping around (:func:`plan_block`). Each position keeps its
+image and its flip, so every image of the epoch is still read once (``ShardedSampler.set_epoch(...,
+plan=...)``; the epochs after it use the whole order again).
+
 Randomness lives here, not in the workers: the flip of each sample is drawn together with the order
 from ``(seed, epoch)`` and travels with the index as ``(index, flip)``, so results do not depend on the
 number of DataLoader workers or on which worker reads what.
@@ -16,19 +22,23 @@ number of DataLoader workers or on which worker reads what.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["Item", "ShardedSampler", "epoch_flips", "epoch_order", "flip_probability", "permute", "plan_length",
-           "rank_block", "rank_flips", "shard_plan"]
+__all__ = ["Item", "Plan", "ShardedSampler", "check_plan", "epoch_flips", "epoch_order", "flip_probability",
+           "flips_at", "permute", "plan_block", "plan_length", "plan_size", "rank_block", "rank_flips", "shard_plan",
+           "unread"]
 
 # Stream words so that order and flips are independent draws for the same (seed, epoch).
 _ORDER_STREAM = 0
 _FLIP_STREAM = 1
 
 Item = int | tuple[int, bool]
+# The rest of a resumed epoch: sorted, disjoint ranges [a, b) of positions of the epoch's order.
+Plan = list[tuple[int, int]]
 
 
 def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
@@ -158,14 +168,115 @@ def shard_plan(num_items: int, world_size: int, seed: int, epoch: int, shuffle: 
     return order.reshape(world_size, per_rank)
 
 
+def plan_size(plan: Plan) -> int:
+    """How many positions the ranges of ``plan`` hold."""
+    return sum(b - a for a, b in plan)
+
+
+def check_plan(plan: object, num_items: int) -> Plan:
+    """``plan`` (e.g. read back from JSON) as a :data:`Plan`: non-empty, sorted, disjoint ranges inside
+    [0, num_items); ValueError otherwise."""
+    if not isinstance(plan, (list, tuple)) or not plan:
+        raise ValueError(f"an epoch plan is a non-empty list of [start, stop) ranges, got {plan!r:.80}")
+    out: Plan = []
+    end = 0
+    for r in plan:
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(type(x) is int for x in r)):
+            raise ValueError(f"an epoch plan's ranges are [start, stop] integer pairs, got {r!r:.80}")
+        a, b = int(r[0]), int(r[1])
+        if not end <= a < b <= num_items:
+            raise ValueError(f"epoch plan range [{a}, {b}) is empty, unsorted, overlapping or outside the "
+                             f"{num_items} images")
+        out.append((a, b))
+        end = b
+    return out
+
+
+def _plan_positions(plan: Plan, idx: np.ndarray) -> np.ndarray:
+    """The positions at indices ``idx`` of the concatenation of ``plan``'s ranges: int64."""
+    starts = np.array([a for a, _ in plan], dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum([b - a for a, b in plan])]).astype(np.int64)
+    which = np.searchsorted(cum, idx, side="right") - 1
+    return starts[which] + (idx - cum[which])
+
+
+def _plan_ranges(plan: Plan, lo: int, hi: int) -> Plan:
+    """Indices [lo, hi) of the concatenation of ``plan``'s ranges, as ranges of positions."""
+    out: Plan = []
+    offset = 0
+    for a, b in plan:
+        n = b - a
+        if offset + n > lo and offset < hi:
+            out.append((a + max(lo - offset, 0), a + min(hi - offset, n)))
+        offset += n
+        if offset >= hi:
+            break
+    return out
+
+
+def plan_block(plan: Plan, world_size: int, rank: int, drop_last: bool = False, start: int = 0) -> np.ndarray:
+    """The positions rank ``rank`` reads of a resumed epoch's rest ``plan``, from its ``start``-th on: the
+    plan's positions cut into ``world_size`` contiguous equal parts as :func:`rank_block` cuts a whole
+    epoch (padded by wrapping around, or truncated with ``drop_last``). int64 (part length - start,)."""
+    size = plan_size(plan)
+    per_rank = plan_length(size, world_size, drop_last)
+    idx = np.arange(rank * per_rank + start, (rank + 1) * per_rank, dtype=np.int64)
+    if not drop_last:
+        idx %= size
+    return _plan_positions(plan, idx)
+
+
+def unread(num_items: int, world_size: int, start: int, plan: Plan | None = None,
+           drop_last: bool = False) -> Plan:
+    """The positions of an epoch's order not read yet once each of ``world_size`` ranks has read the first
+    ``start`` samples of its part (of :func:`rank_block`, or of :func:`plan_block` of ``plan`` for an epoch
+    that was itself resumed). A padding repeat read counts for its position: no image is read twice."""
+    size = num_items if plan is None else plan_size(plan)
+    per_rank = plan_length(size, world_size, drop_last)
+    read: list[tuple[int, int]] = []  # ranges of the (padded) order, folded back into [0, size)
+    for k in range(world_size):
+        a, b = k * per_rank, k * per_rank + min(start, per_rank)
+        while a < b:
+            lo = a % size
+            n = min(b - a, size - lo)
+            read.append((lo, lo + n))
+            a += n
+    rest: Plan = []
+    end = 0
+    for a, b in [*sorted(read), (size, size)]:
+        if a > end:
+            rest.append((end, a))
+        end = max(end, b)
+    if plan is not None:
+        rest = [r for a, b in rest for r in _plan_ranges(plan, a, b)]
+    merged: Plan = []
+    for a, b in rest:  # neighbours from two ranks' parts, or two ranges of a plan, become one
+        merged[-1:] = [(merged[-1][0], b)] if merged and merged[-1][1] == a else [*merged[-1:], (a, b)]
+    return merged
+
+
+def flips_at(positions: np.ndarray, seed: int, epoch: int, flip_prob: float) -> np.ndarray:
+    """The flips of the given positions of the epoch (as :func:`epoch_flips` draws them): bool, one
+    draw per run of consecutive positions."""
+    out = np.zeros(len(positions), dtype=bool)
+    if flip_prob <= 0.0 or not len(positions):
+        return out
+    cuts = [0, *(np.flatnonzero(np.diff(positions) != 1) + 1).tolist(), len(positions)]
+    for a, b in itertools.pairwise(cuts):
+        out[a:b] = epoch_flips(0, seed, epoch, flip_prob, int(positions[a]), b - a)
+    return out
+
+
 class ShardedSampler(Sampler[Item]):
     """Rank `rank`'s disjoint, equal-length part of each epoch; reproducible and resumable.
 
     Yields ``(index, flip)`` pairs (indices into the dataset's image list). Call
     ``set_epoch(epoch, start_index)`` before iterating: ``start_index`` is how many of this rank's
     samples of that epoch were already consumed (e.g. ``step_in_epoch * batch_size``), and iteration
-    resumes exactly after them. Exact resume needs the same world size, seed and dataset; the
-    position is per rank and the same on every rank because all ranks have equal-length parts.
+    resumes exactly after them. The position is per rank and the same on every rank because all ranks
+    have equal-length parts. An epoch resumed on another world size passes ``plan``, the part of the
+    epoch not read yet (:func:`unread`): this epoch then reads only those positions, split over the
+    ranks (:func:`plan_block`), each with its image and flip.
     """
 
     def __init__(self, num_items: int, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -183,25 +294,42 @@ class ShardedSampler(Sampler[Item]):
         self.flip_prob = flip_prob
         self.epoch = 0
         self.start_index = 0
+        self.plan: Plan | None = None
         self.per_rank = (num_items // world_size) if drop_last else -(-num_items // world_size)
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Select the epoch and the position (in this rank's samples) to start from."""
-        if not 0 <= start_index <= self.per_rank:
-            raise ValueError(f"start_index {start_index} is outside this rank's epoch of {self.per_rank} "
-                             "samples")
+    def set_epoch(self, epoch: int, start_index: int = 0, plan: Plan | None = None) -> None:
+        """Select the epoch and the position (in this rank's samples) to start from; ``plan``: read only
+        these positions of the epoch (the rest of an epoch resumed on another world size)."""
+        plan = None if plan is None else check_plan(plan, self.num_items)
+        length = self.per_rank if plan is None else plan_length(plan_size(plan), self.world_size, self.drop_last)
+        if not 0 <= start_index <= length:
+            raise ValueError(f"start_index {start_index} is outside this rank's epoch of {length} samples")
         self.epoch = epoch
         self.start_index = start_index
+        self.plan = plan
+
+    @property
+    def epoch_length(self) -> int:
+        """This rank's samples in the current epoch (``per_rank``, or its part of the plan)."""
+        if self.plan is None:
+            return self.per_rank
+        return plan_length(plan_size(self.plan), self.world_size, self.drop_last)
 
     def indices(self) -> np.ndarray:
         """This rank's remaining indices for the current epoch (int64), computed alone (O(L))."""
-        return rank_block(self.num_items, self.world_size, self.rank, self.seed, self.epoch, self.shuffle,
-                          self.drop_last, self.start_index)
+        if self.plan is None:
+            return rank_block(self.num_items, self.world_size, self.rank, self.seed, self.epoch, self.shuffle,
+                              self.drop_last, self.start_index)
+        pos = plan_block(self.plan, self.world_size, self.rank, self.drop_last, self.start_index)
+        return permute(pos, self.num_items, self.seed, self.epoch) if self.shuffle else pos
 
     def flips(self) -> np.ndarray:
         """Flip decisions aligned with :meth:`indices`."""
-        return rank_flips(self.per_rank, self.world_size, self.rank, self.seed, self.epoch, self.flip_prob,
-                          self.start_index, self.per_rank - self.start_index)
+        if self.plan is None:
+            return rank_flips(self.per_rank, self.world_size, self.rank, self.seed, self.epoch, self.flip_prob,
+                              self.start_index, self.per_rank - self.start_index)
+        pos = plan_block(self.plan, self.world_size, self.rank, self.drop_last, self.start_index)
+        return flips_at(pos, self.seed, self.epoch, self.flip_prob)
 
     def __iter__(self) -> Iterator[Item]:
         idx, flips = self.indices(), self.flips()
@@ -210,4 +338,4 @@ class ShardedSampler(Sampler[Item]):
             yield from zip(idx[a:a + 4096].tolist(), flips[a:a + 4096].tolist(), strict=True)
 
     def __len__(self) -> int:
-        return self.per_rank - self.start_index
+        return self.epoch_length - self.start_index

@@ -57,13 +57,20 @@ class ConfigError(ValueError):
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """One line for one error (a check across sections by its message alone), else one line per error."""
+    items = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if not e["loc"]:  # a check across sections (Config's own validators): the message names the fields
+            items.append(msg)
+            continue
+        field = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
-        lines.append(f"  {field} = {shown}: {e['msg']}")
-    return "\n".join(lines)
+        items.append(f"{field} = {shown}: {msg}")
+    if len(items) == 1:
+        return f"invalid configuration ({source}): {items[0]}"
+    return "\n".join([f"invalid configuration ({source}):", *(f"  {i}" for i in items)])
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

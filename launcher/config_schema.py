@@ -299,6 +299,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.data.loader == "synthetic" and self.head.num_classes is None:
+            raise ValueError("data.loader=synthetic makes random labels and reads no dataset to count the classes "
+                             "in, so the head's size must be given: set head.num_classes (e.g. "
+                             "--set head.num_classes=1000)")
         if self.dist.engine == "ddp" and self.dist.zero_stage:
             raise ValueError("dist.zero_stage applies to dist.engine=deepspeed only; set it to 0 for ddp")
         if self.dist.engine == "deepspeed" and self.train.amp == "fp16":

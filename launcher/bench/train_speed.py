@@ -118,8 +118,8 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     measured without any input pipeline; ``data`` is then ignored.
     """
     if device_data:
+        cfg0 = load_config(resolve_config_path(config), sets)  # (synthetic data needs head.num_classes set)
         sets = [*sets, 'data.loader="synthetic"']
-        cfg0 = load_config(resolve_config_path(config), sets)
         if cfg0.head.num_classes is None:
             sets.append("head.num_classes=2000")
     cfg = load_config(resolve_config_path(config), sets)

@@ -24,6 +24,7 @@ def eval_cmd(
     """10-fold verification accuracy, TAR@FAR (1e-4, 1e-3, 1e-2) and discrepancies on .bin pair sets."""
     import torch
 
+    from data_pipeline.verification import BinFormatError, check_decodable, load_bin
     from launcher.config import Config
     from launcher.distributed import DistContext
     from launcher.trainer.checkpoint_files import resolve_backbone_file
@@ -36,6 +37,9 @@ def eval_cmd(
     for b in bins:
         if not Path(b).is_file():
             fail(f"verification file {b} does not exist", "pfc eval")
+    with user_errors("pfc eval", BinFormatError):  # all checked before the first is embedded (minutes each)
+        for b in bins:
+            check_decodable(b, load_bin(b)[0])
     size = net.backbone_config["image_size"]
     size = size if isinstance(size, int) else int(size[0])
     cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
@@ -44,7 +48,8 @@ def eval_cmd(
     ctx = DistContext.single_process()
     if roc_dir is not None:
         roc_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate_bins(net, bins, cfg, ctx, roc_dir=roc_dir)
+    with user_errors("pfc eval", BinFormatError):
+        results = evaluate_bins(net, bins, cfg, ctx, roc_dir=roc_dir)
     typer.echo(f"model: {weights}")
     typer.echo(f"{'set':24s} {'accuracy':>16s} {'TAR@1e-4':>9s} {'TAR@1e-3':>9s} {'TAR@1e-2':>9s}")
     for name, r in results.items():

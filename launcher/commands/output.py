@@ -70,7 +70,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     Errors raised where ``launcher.errors`` is at hand (the rendezvous timeout, the trainer's non-finite
     stop) subclass :class:`launcher.errors.UserError` instead of being listed."""
     from data_pipeline.recordio import RecordIOError
-    from data_pipeline.verification import UnsafePickleError
+    from data_pipeline.verification import BinFormatError
     from launcher.model_files import ModelPathError
     from launcher.monitoring.exporter import MetricsPortError
     from launcher.monitoring.plots import ReportError
@@ -79,7 +79,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from partialfc.resharding import CheckpointError
 
     types: tuple[type[BaseException], ...] = (
-        errors.UserError, ConfigError, RecordIOError, UnsafePickleError, CheckpointError, BackboneFileError,
+        errors.UserError, ConfigError, RecordIOError, BinFormatError, CheckpointError, BackboneFileError,
         ModelPathError, ReportError, MetricsPortError, CheckpointWriteError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
     return types

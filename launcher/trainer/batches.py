@@ -2,9 +2,10 @@
 
 ``data.prefix`` (``--data``) is taken as users give it (``launcher.trainer.data_paths``).
 
-The data position is a pure function of the optimizer step (``step * grad_accum`` batches of this
-rank consumed), because every rank reads an equal-length, reproducible part of each epoch
-(``data_pipeline.dataset.shard_plan``). Resuming at step n therefore needs no loader state.
+Every rank reads an equal-length, reproducible part of each epoch (``data_pipeline.epoch_plan``), so
+the data position needs no loader state: from where the run started (the checkpoint's
+``data_position``, see :mod:`launcher.trainer.data_position`), each optimizer step reads ``grad_accum``
+batches more, and an epoch ends when a rank's part has less than a batch left.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import torch
 
 from data_pipeline.insightface import InsightFaceReader, property_path, read_property
 from data_pipeline.recordio import RecordIOError
+from data_pipeline.verification import BinFormatError, check_decodable, load_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.errors import DataError
 from launcher.trainer.augment import BatchAugment, build_augment
 from launcher.trainer.data_paths import resolve_prefix
+from launcher.trainer.data_position import EpochPosition, Layout, resume_position
 
 log = logging.getLogger("pfc")
 
@@ -107,7 +110,8 @@ class DeviceSyntheticLoader:
 
     def __iter__(self) -> Any:
         gen = torch.Generator(device=self.device)
-        for b in range(self.start // self.batch_size, self.per_rank // self.batch_size):
+        first = self.start // self.batch_size
+        for b in range(first, first + (self.per_rank - self.start) // self.batch_size):
             gen.manual_seed(hash((self.seed, self.rank, self.epoch, b)) & 0x7FFF_FFFF)
             s = self.image_size
             images = torch.randint(0, 256, (self.batch_size, s, s, 3), generator=gen, dtype=torch.uint8,
@@ -136,21 +140,32 @@ def choose_loader(requested: str, device: torch.device, skip_corrupt: bool = Fal
 
 class TrainData:
     """The rank's batches (:meth:`next_batch`), its position by step, and the batch augmentation of
-    each step (:meth:`augmentation`, None when ``data.augment`` is all off)."""
+    each step (:meth:`augmentation`, None when ``data.augment`` is all off).
+
+    Where a resume starts: the data position of the checkpoint it resumed from, handed over by
+    :meth:`restore` (the checkpointer's ``DataPosition`` part: ``launcher.trainer.data_position.position_of``
+    its meta.json)."""
 
     def __init__(self, loader: Any, batch_size: int, micro_per_step: int, num_classes: int, kind: str,
-                 augment: BatchAugment | None = None) -> None:
+                 augment: BatchAugment | None = None, world_size: int | None = None) -> None:
         self.loader = loader
         self.augment = augment
         self.batch_size = batch_size
         self.micro_per_step = micro_per_step
         self.num_classes = num_classes
         self.kind = kind
-        per_rank = loader.per_rank if hasattr(loader, "per_rank") else loader.sampler.per_rank
+        sampler: Any = getattr(loader, "sampler", None)
+        per_rank = loader.per_rank if hasattr(loader, "per_rank") else sampler.per_rank
         self.batches_per_epoch = per_rank // batch_size
         if self.batches_per_epoch < 1:
             raise DataError(f"each rank has {per_rank} images per epoch, fewer than one batch of {batch_size}: "
                             "lower train.batch_size or use more data")
+        replans = sampler is not None and hasattr(sampler, "epoch_length")  # the torch loader's ShardedSampler
+        self.layout = Layout(world_size or int(getattr(sampler or loader, "world_size", 1)), per_rank,
+                             getattr(sampler, "num_items", None) if replans else getattr(loader, "num_items", None),
+                             bool(getattr(sampler, "drop_last", False)), replans, getattr(loader, "chunk", None))
+        self._saved: dict[str, Any] | None = None
+        self._base, self._base_step = EpochPosition(0, 0), 0
         self.epoch = 0
         self._it: Any = None
 
@@ -159,15 +174,48 @@ class TrainData:
         micro and rank: an exact resume draws the same), for :func:`to_model_input`."""
         return None if self.augment is None else self.augment.at(step, micro)
 
-    def position(self, step: int) -> dict[str, int]:
-        consumed = step * self.micro_per_step
-        return {"epoch": consumed // self.batches_per_epoch,
-                "batch_in_epoch": consumed % self.batches_per_epoch, "batch_size": self.batch_size}
+    def _at(self, step: int) -> EpochPosition:
+        """Where the rank is after ``step``: ``grad_accum`` batches a step from where :meth:`seek` started."""
+        n = (step - self._base_step) * self.micro_per_step
+        if n < 0:  # before the start (not asked by the trainer): as if it had run from step 0 on these settings
+            n, base = step * self.micro_per_step, EpochPosition(0, 0)
+        else:
+            base = self._base
+        left = max(self.layout.length(base.plan) - base.start, 0) // self.batch_size  # batches of its epoch
+        if n < left:
+            return EpochPosition(base.epoch, base.start + n * self.batch_size, base.plan)
+        n -= left
+        return EpochPosition(base.epoch + 1 + n // self.batches_per_epoch,
+                             n % self.batches_per_epoch * self.batch_size)
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The data position after ``step`` (meta.json's ``data_position``)."""
+        return self.layout.record(self._at(step), self.batch_size)
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """The checkpoint's data position (``data_position.position_of`` its meta.json), for :meth:`seek`."""
+        self._saved = saved
 
     def seek(self, step: int) -> None:
-        pos = self.position(step)
-        self.epoch = pos["epoch"]
-        self.loader.set_epoch(self.epoch, pos["batch_in_epoch"] * self.batch_size)
+        """Start reading after ``step``: at the saved position when the checkpoint of ``step`` has one, else
+        at ``step`` times this run's batches."""
+        saved = self._saved
+        if step > 0 and saved is not None and saved.get("step", step) == step:
+            pos, line = resume_position(saved, self.layout, self.kind)
+            log.info(line)
+        else:
+            self._base, self._base_step = EpochPosition(0, 0), 0
+            pos = self._at(step)
+        self._base, self._base_step = pos, step
+        self._set_epoch(pos)
+
+    def _set_epoch(self, pos: EpochPosition) -> None:
+        self.epoch = pos.epoch
+        if pos.plan is None:
+            self.loader.set_epoch(pos.epoch, pos.start)
+        else:
+            self.loader.set_epoch(pos.epoch, 0)
+            self.loader.sampler.set_epoch(pos.epoch, pos.start, pos.plan)
         self._it = iter(self.loader)
 
     def next_batch(self) -> tuple[torch.Tensor | Pixels, torch.Tensor]:
@@ -178,9 +226,7 @@ class TrainData:
         try:
             batch = next(self._it)
         except StopIteration:
-            self.epoch += 1
-            self.loader.set_epoch(self.epoch, 0)
-            self._it = iter(self.loader)
+            self._set_epoch(EpochPosition(self.epoch + 1, 0))
             batch = next(self._it)
         if len(batch) == 3:
             return Pixels(batch[0], batch[2]), batch[1]
@@ -233,26 +279,35 @@ def open_checked(prefix: Path, samples: int = 8, seed: int = 0) -> InsightFaceRe
 
 
 def check_val_bins(cfg: Config) -> None:
-    """Missing verification sets are reported before training, not at the first evaluation."""
+    """Verification sets that are missing, are not verification .bin files, or hold an image that cannot be
+    decoded are reported before training, not at the first evaluation (each is read and decoded through,
+    as the evaluation will)."""
     missing = [b for b in cfg.data.val_bins if not Path(b).is_file()]
     if missing:
         raise FileNotFoundError(f"data.val_bins: no such file: {', '.join(missing)}")
+    for b in cfg.data.val_bins:
+        try:
+            check_decodable(b, load_bin(b)[0])
+        except BinFormatError as e:
+            raise DataError(f"data.val_bins: {e}") from None
 
 
 def load_data(cfg: Config, ctx: DistContext) -> TrainData:
+    check_val_bins(cfg)
     if cfg.data.loader == "synthetic":
-        if cfg.head.num_classes is None:
-            raise ValueError("data.loader=synthetic makes its own labels: set head.num_classes")
+        if cfg.head.num_classes is None:  # refused with the config already; a Config built past its checks
+            raise DataError("data.loader=synthetic makes random labels and reads no dataset to count classes "
+                            "in: set head.num_classes")
         synth = DeviceSyntheticLoader(cfg.train.batch_size, cfg.model.image_size, cfg.head.num_classes,
                                       ctx.rank, cfg.train.seed, ctx.device)
         log.info(f"data: random uint8 batches made on {ctx.device} ({cfg.head.num_classes} classes)")
         return TrainData(synth, cfg.train.batch_size, cfg.optim.grad_accum, cfg.head.num_classes, "synthetic",
-                         augment=build_augment(cfg.data.augment, cfg.train.seed, ctx.rank))
+                         augment=build_augment(cfg.data.augment, cfg.train.seed, ctx.rank),
+                         world_size=ctx.world_size)
     if not cfg.data.prefix:
         raise DataError("no training data: set data.prefix (or pass --data PREFIX); "
                         "`pfc data synth` makes a synthetic set")
     prefix = resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
-    check_val_bins(cfg)
     num_classes, h, w = read_property(prefix)
     if num_classes < 2:
         raise DataError(f"{property_path(prefix)}: the dataset {prefix} has {num_classes} identity; a classifier "
@@ -285,7 +340,8 @@ def load_data(cfg: Config, ctx: DistContext) -> TrainData:
     augment = build_augment(cfg.data.augment, cfg.train.seed, ctx.rank)
     if augment is not None:
         log.info(f"data: augmentation on {ctx.device} in the step: {describe_augment(cfg)}")
-    return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind, augment=augment)
+    return TrainData(loader, cfg.train.batch_size, cfg.optim.grad_accum, num_classes, kind, augment=augment,
+                     world_size=ctx.world_size)
 
 
 def describe_augment(cfg: Config) -> str:

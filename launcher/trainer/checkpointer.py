@@ -43,6 +43,7 @@ from data_pipeline.atomic import atomic_write
 from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.trainer.checkpoint_files import CheckpointContents, damaged, load_checkpoint, reading, save_checkpoint
+from launcher.trainer.data_position import position_of
 from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
 from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
@@ -82,8 +83,9 @@ class RunRecord:
 
 @dataclass
 class DataPosition:
-    """Where in the data the save was taken (meta.json). Nothing to load: the position follows from the step
-    (every rank reads a reproducible part of each epoch), the loop seeks there."""
+    """Where in the data the save was taken (meta.json's ``data_position``: the samples each rank had read
+    of its part of the epoch, on the world size that read them); handed to the data, which the loop then
+    seeks there (``launcher/trainer/data_position.py``: on any batch size and world size)."""
 
     data: TrainData
 
@@ -91,7 +93,7 @@ class DataPosition:
         into.meta["data_position"] = self.data.position(into.step)
 
     def load(self, saved: CheckpointContents) -> None:
-        pass
+        self.data.restore(position_of(saved.meta))
 
 
 @dataclass

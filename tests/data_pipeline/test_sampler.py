@@ -132,3 +132,57 @@ def test_rank_block_at_webface42m_scale_costs_only_its_block() -> None:
     assert peak < 32 * 2**20, peak  # a full int64 permutation alone is 336 MB
     # spread over the whole file, not a contiguous range
     assert np.histogram(block, bins=8, range=(0, 42_000_000))[0].min() > 656_250 // 8 * 0.9
+
+
+@pytest.mark.parametrize("n", [1, 10, 37])
+def test_unread_and_plan_block_split_the_rest_of_an_epoch(n: int) -> None:
+    """The rest of an epoch after each of w0 ranks read ``start`` samples (``unread``), re-split over w1 ranks
+    (``plan_block``): equal parts that cover exactly the positions not read, padding repeats aside; and a
+    rest of a rest (a second resume in the same epoch) likewise."""
+    from data_pipeline.epoch_plan import plan_block, plan_length, plan_size, unread
+
+    for w0 in range(1, 5):
+        blocks = shard_plan(n, w0, 0, 0, shuffle=False)  # positions (file order): row k is rank k's part
+        for start in range(blocks.shape[1] + 1):
+            read = {int(p) for p in blocks[:, :start].ravel()}
+            rest = unread(n, w0, start)
+            assert {p for a, b in rest for p in range(a, b)} == set(range(n)) - read
+            if not rest:
+                continue
+            for w1 in range(1, 5):
+                parts = [plan_block(rest, w1, r) for r in range(w1)]
+                per = plan_length(plan_size(rest), w1)
+                assert {len(p) for p in parts} == {per}
+                flat = Counter(int(p) for part in parts for p in part)
+                assert set(flat) == {p for a, b in rest for p in range(a, b)}
+                assert sum(flat.values()) - plan_size(rest) == per * w1 - plan_size(rest) < w1
+                again = unread(n, w1, 1, rest)  # each of the w1 ranks read one more
+                assert {p for a, b in again for p in range(a, b)} == \
+                    {p for a, b in rest for p in range(a, b)} - {int(part[0]) for part in parts}
+                assert plan_block(rest, w1, w1 - 1, start=1).tolist() == parts[-1][1:].tolist()
+
+
+def test_sampler_with_a_plan_reads_those_positions_with_their_images_and_flips() -> None:
+    from data_pipeline.epoch_plan import epoch_flips
+
+    n = 50
+    order, flips = epoch_order(n, 7, 2), epoch_flips(n, 7, 2, 0.5)
+    plan = [(3, 9), (20, 21), (40, 50)]
+    got = []
+    for r in range(3):
+        s = ShardedSampler(n, r, 3, seed=7, flip_prob=0.5)
+        s.set_epoch(2, 0, plan)
+        assert s.epoch_length == len(s) == 6
+        items = list(s)
+        s.set_epoch(2, 4, plan)
+        assert list(s) == items[4:] and len(s) == 2
+        got += items
+    want = [(int(order[p]), bool(flips[p])) for a, b in plan for p in range(a, b)]
+    assert got[:17] == want and got[17] == want[0]  # 17 positions on 3 x 6: one wraps around
+    s.set_epoch(3)  # the next epoch is a whole one again
+    assert s.plan is None and len(s) == 17
+    with pytest.raises(ValueError, match="start_index 7"):
+        s.set_epoch(2, 7, plan)
+    for bad in ([], [(5, 3)], [(0, 4), (2, 6)], [(0, 51)], [[0.5, 2]], "0-4"):
+        with pytest.raises(ValueError, match="plan"):
+            s.set_epoch(2, 0, bad)  # type: ignore[arg-type]

@@ -128,12 +128,19 @@ def test_device_synthetic_loader_is_reproducible_and_resumes() -> None:
 
 
 def test_synthetic_loader_needs_num_classes(tmp_path: Path) -> None:
-    from launcher.config import load_config
+    """Refused with the config, in one line that says why; a Config built past its checks is refused by
+    load_data with a user error (not a bare ValueError with a traceback)."""
+    from launcher.config import ConfigError, load_config
     from launcher.distributed import DistContext
+    from launcher.errors import DataError
     from launcher.trainer.batches import load_data
 
-    cfg = load_config(None, ['data.loader="synthetic"', f'output="{tmp_path}"'])
-    with pytest.raises(ValueError, match=r"data.loader=synthetic .*head.num_classes"):
+    with pytest.raises(ConfigError, match=r"data.loader=synthetic .*reads no dataset.*set head.num_classes") as e:
+        load_config(None, ['data.loader="synthetic"', f'output="{tmp_path}"'])
+    assert "\n" not in str(e.value)
+    cfg = load_config(None, [f'output="{tmp_path}"'])
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader": "synthetic"})})  # unchecked
+    with pytest.raises(DataError, match=r"data.loader=synthetic .*head.num_classes"):
         load_data(cfg, DistContext.single_process())
     cfg = load_config(None, ['data.loader="synthetic"', "head.num_classes=7", "train.batch_size=2",
                              "model.image_size=16"])

@@ -165,3 +165,28 @@ def test_make_pairs_from_dataset(tmp_path: Path) -> None:
     assert len(issame) == 9 and int(issame.sum()) == 4
     for i, same in enumerate(issame.tolist()):
         assert (owner[images[2 * i]] == owner[images[2 * i + 1]]) == same
+
+
+def test_a_file_that_is_not_a_verification_bin_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    """Garbage, a truncated copy, a pickle of no pairs: :class:`BinFormatError` (a user error of `pfc`: one
+    line, exit 2), naming the file; ``check_val_bins`` refuses such a ``data.val_bins`` before training."""
+    from data_pipeline.verification import BinFormatError
+    from launcher.commands.output import user_error_types
+    from launcher.config import load_config
+    from launcher.errors import DataError
+    from launcher.trainer.batches import check_val_bins
+
+    good = tmp_path / "good.bin"
+    save_bin(good, [b"a", b"b", b"c", b"d"], [True, False])
+    bad = {"garbage.bin": b"garbage\n", "truncated.bin": good.read_bytes()[:20],
+           "empty.bin": pickle.dumps(([], []))}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BinFormatError, match=str(tmp_path / name)) as err:
+            load_bin(tmp_path / name)
+        assert isinstance(err.value, user_error_types())
+        cfg = load_config(None, [f'data.val_bins=["{good}", "{tmp_path / name}"]'])
+        with pytest.raises(DataError, match=rf"data.val_bins: {tmp_path / name}: .*verification \.bin"):
+            check_val_bins(cfg)
+    check_val_bins(load_config(None, [f'data.val_bins=["{good}"]']))
+    assert issubclass(UnsafePickleError, BinFormatError)
