@@ -163,9 +163,10 @@ class TrainConfig(Section):
         description="signals on which every rank saves a checkpoint at the next step boundary and exits "
                     "76 (launcher/trainer/preemption.py); SIGUSR1 is the SLURM early warning of deploy/slurm")
     stop_grace_s: float = Field(300.0, ge=1.0, le=86400.0,
-                                description="seconds torchrun waits for the ranks' stop checkpoint before "
-                                "SIGKILL; keep the cluster's grace period (Kubernetes "
-                                "terminationGracePeriodSeconds, compose stop_grace_period) above it")
+                                description="seconds `pfc train --nproc-per-node` waits for the ranks' stop "
+                                "checkpoint before it SIGKILLs them and torchrun (exit 77); keep the cluster's "
+                                "grace period (Kubernetes terminationGracePeriodSeconds, compose "
+                                "stop_grace_period) above it")
 
     @model_validator(mode="after")
     def _deterministic_without_autotuner(self) -> TrainConfig:

@@ -8,8 +8,10 @@ Ctrl-C (SIGINT). What happens, end to end:
    left out of torchrun's ``--signals-to-handle``: torchrun's own handling would kill each rank's
    process group (DataLoader workers too) and SIGKILL the ranks 30 s later. Instead the launcher's
    :class:`SignalForwarder` sends the signal to every rank itself (repeating it each second until they
-   exit, SIGKILL after ``train.stop_grace_s``). A signal delivered to every process of the job (SLURM
-   signals a whole job step) reaches the ranks directly; torchrun ignores it.
+   exit). A signal delivered to every process of the job (SLURM signals a whole job step) reaches the
+   ranks directly; torchrun ignores it. Ranks still running after ``train.stop_grace_s`` are SIGKILLed
+   together with torchrun (so that ``--max-restarts`` cannot start a new attempt), and the launcher
+   exits :data:`STOP_KILLED_EXIT_CODE`.
 2. Each rank's :class:`StopRequest` handler only records the signal (nothing unsafe runs inside a
    signal handler). At each step boundary the ranks all-reduce the flag (MAX of the signal numbers,
    one 1-element collective), so they all stop after the same step even though the signal reaches
@@ -51,6 +53,14 @@ log = logging.getLogger("pfc")
 # is not finished: a scheduler must not treat it as done), not 128+N (that reads as "killed by signal N
 # without cleaning up"), and not the hang watchdog's 75.
 STOPPED_EXIT_CODE = 76
+# Exit code of a launch whose ranks had not stopped when train.stop_grace_s ran out after a stop signal:
+# the launcher SIGKILLed torchrun and every rank, so no checkpoint was saved at the step reached (the
+# newest is the last periodic one). Distinct from 76 (a scheduler must not take it as "saved": the SLURM
+# script requeues only on 76), from 0 (not finished), from 137 (the launcher itself SIGKILLed, e.g. by the
+# OOM killer or by a cluster whose own grace ran out first) and from the hang watchdog's 75. `pfc train`
+# still exits 76 if this launch's summary.json says the run stopped (the save was complete and only the
+# ranks' exit hung).
+STOP_KILLED_EXIT_CODE = 77
 
 # What torchrun handles by default; the stop signals are taken out of this list.
 TORCHRUN_DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -161,13 +171,39 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def _wait_stopped(pid: int, timeout_s: float, states: tuple[str, ...] = ("T", "t", "Z", "X")) -> None:
+    """Wait (at most ``timeout_s``) until ``pid`` is in one of ``states`` (default: stopped, a zombie) or
+    gone: after kill() returns, the process may still be running until the kernel next schedules it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in states:
+            return
+        time.sleep(0.01)
+
+
+def _kill_with_group(pid: int) -> None:
+    """SIGKILL ``pid`` and, when it leads its own process group, the whole group: torchrun starts each rank
+    in a new session, so the group holds the rank's DataLoader workers (which would keep torchrun's
+    stderr pipe, and so the launcher, open)."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
 class SignalForwarder:
     """In the launcher: on a stop signal, signal every rank (torchrun's children) and wait for them.
 
     The ranks get the signal again every second until they exit (a rank still starting up ignores it
-    until its handler is installed; a rank torchrun restarts meanwhile gets it too), and SIGKILL after
-    ``grace_s``. Repeated signals to the launcher only print a line. torchrun itself ignores stop signals
-    (:func:`torchrun_stop_setup`).
+    until its handler is installed; a rank torchrun restarts meanwhile gets it too). When ``grace_s`` runs
+    out, torchrun and every rank are SIGKILLed (:meth:`kill_launch`) and :meth:`wait` returns
+    :data:`STOP_KILLED_EXIT_CODE`. Repeated signals to the launcher only print a line during the grace
+    period; after it they kill again. torchrun itself ignores stop signals (:func:`torchrun_stop_setup`).
     """
 
     def __init__(self, proc: subprocess.Popen[Any], signals: Iterable[str], grace_s: float | None = None) -> None:
@@ -175,6 +211,7 @@ class SignalForwarder:
         self.signals = [parse_signal(s) for s in signals]
         self.grace_s = grace_s
         self.forwarded: int = 0
+        self.killed = False  # the grace period ran out: torchrun and the ranks were SIGKILLed
         self._previous: dict[signal.Signals, Any] = {}
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -192,10 +229,45 @@ class SignalForwarder:
         self._previous.clear()
 
     def wait(self) -> int:
-        return self.proc.wait()
+        """torchrun's exit code, or :data:`STOP_KILLED_EXIT_CODE` when the grace period ran out (torchrun
+        then died of our SIGKILL: -9, which as an exit status would read as 247)."""
+        code = self.proc.wait()
+        return STOP_KILLED_EXIT_CODE if self.killed else code
+
+    def kill_launch(self) -> None:
+        """SIGKILL torchrun and every rank (each with its process group). Safe to repeat.
+
+        Killing the ranks alone is not enough: torchrun's agent sees a failed worker group and, with
+        ``--max-restarts`` > 0, starts a new one whose ranks resume training and never get the signal.
+        So torchrun is frozen first (SIGSTOP cannot be ignored): it can then neither start a rank between
+        our listing its children and killing it, nor react to their deaths. torchrun is killed by pid, not
+        by process group: it shares the launcher's group (kept so that a terminal's SIGQUIT or hang-up
+        still reaches it), and its agent, rendezvous store and restart logic are all threads of it.
+        """
+        if self.proc.poll() is not None:
+            return
+        self.killed = True
+        with contextlib.suppress(OSError):
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        _wait_stopped(self.proc.pid, 1.0)
+        ranks = child_pids(self.proc.pid)  # listed before torchrun dies: its children are then reparented
+        for pid in ranks:
+            _kill_with_group(pid)
+        # torchrun last, once its ranks are dead (zombies it cannot reap while frozen): when wait() returns,
+        # no rank is left running
+        for pid in ranks:
+            _wait_stopped(pid, 1.0, states=("Z", "X"))
+        with contextlib.suppress(OSError):
+            os.kill(self.proc.pid, signal.SIGKILL)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if self.killed:
+            # Not swallowed: the stop is past its grace; kill again in case a process survived the first try.
+            sys.stderr.write(f"pfc: {name}: train.stop_grace_s ran out: killing torchrun and the ranks\n")
+            sys.stderr.flush()
+            self.kill_launch()
+            return
         if self.forwarded:
             sys.stderr.write(f"pfc: {name} ignored: already stopping on {signal.Signals(self.forwarded).name} "
                              "(the ranks are saving a checkpoint; SIGKILL ends at once)\n")
@@ -213,11 +285,16 @@ class SignalForwarder:
                 os.kill(pid, signum)
 
     def _keep_sending(self) -> None:
-        t0 = time.monotonic()
-        while not self._done.wait(1.0) and self.proc.poll() is None:
-            if self.grace_s is not None and time.monotonic() - t0 > self.grace_s:
+        deadline = None if self.grace_s is None else time.monotonic() + self.grace_s
+        # every second, and once exactly at the deadline
+        while not self._done.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))):
+            if self.proc.poll() is not None:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
                 sys.stderr.write(f"pfc: the ranks did not stop within train.stop_grace_s={self.grace_s:g} s: "
-                                 "killing them\n")
-                self._send(signal.SIGKILL)
+                                 "killing torchrun and every rank (no restart); no checkpoint at the step "
+                                 f"reached; exit code {STOP_KILLED_EXIT_CODE}\n")
+                sys.stderr.flush()
+                self.kill_launch()
                 return
             self._send(self.forwarded)

@@ -4,11 +4,13 @@
   checkpoint exists at that step, the launcher exits 76 within a bound, no rank outlives it, and the
   resumed run ends bit-identical to an uninterrupted one.
 * A configured signal (``train.stop_signals``) reaching one rank only: the all-reduce makes both stop.
-* ``train.stop_grace_s``: a rank that does not stop is killed after the grace period.
+* ``train.stop_grace_s``: ranks that do not stop are killed after the grace period, together with
+  torchrun: ``--max-restarts`` starts no new attempt, and the launcher exits 77.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from launcher.trainer.preemption import STOPPED_EXIT_CODE, SignalForwarder, child_pids, torchrun_stop_setup
+from launcher.trainer.preemption import (
+    STOP_KILLED_EXIT_CODE,
+    STOPPED_EXIT_CODE,
+    SignalForwarder,
+    child_pids,
+    torchrun_stop_setup,
+)
 from tests.support.distributed import run_ranks
 from tests.support.runs import _assert_same_run, _latest, _overrides, _train_args
 
@@ -172,7 +180,15 @@ print(child.wait(), flush=True)
 """
 
 
-def test_stop_grace_kills_ranks_that_do_not_stop_and_torchrun_ignores_the_signal():
+def _state(pid: int) -> str:
+    """``ps``'s state letter of ``pid``; "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def test_stop_grace_kills_torchrun_with_the_ranks_that_do_not_stop(capfd):
     setup = torchrun_stop_setup(["SIGTERM", "SIGUSR1"])
     assert setup.torchrun_args == ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"]
     proc = subprocess.Popen([sys.executable, "-c", _STUBBORN], stdout=subprocess.PIPE, text=True,
@@ -183,17 +199,93 @@ def test_stop_grace_kills_ranks_that_do_not_stop_and_torchrun_ignores_the_signal
         with SignalForwarder(proc, ["SIGTERM"], grace_s=1.5) as fwd:
             t0 = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)  # the launcher (this process) is signalled
+            os.kill(proc.pid, signal.SIGTERM)  # as SLURM does, to every process: the "torchrun" ignores it
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one during the grace: a line, no second stop
             code = fwd.wait()
             took = time.monotonic() - t0
         assert fwd.forwarded == signal.SIGTERM
-        # the "torchrun" ignored SIGTERM (preexec), outlived its rank and saw it SIGKILLed
-        assert code == 0 and proc.stdout.readline().strip() == str(-signal.SIGKILL)
+        # the "torchrun" ignored SIGTERM (preexec) and was SIGKILLed with its rank when the grace ran out
+        assert code == STOP_KILLED_EXIT_CODE and proc.returncode == -signal.SIGKILL
         assert 1.5 <= took < 10, took
-        assert rank not in child_pids(proc.pid)
+        assert _state(rank) in ("", "Z"), "the rank outlived the grace period"
+        err = capfd.readouterr().err
+        assert "SIGTERM ignored: already stopping on SIGTERM" in err, err
+        assert "did not stop within train.stop_grace_s=1.5 s: killing torchrun and every rank" in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _attempt(pid: int) -> str | None:
+    """torchrun's attempt number in the environment of ``pid`` (a rank), None for other processes."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"TORCHELASTIC_RESTART_COUNT="):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
+def test_a_stop_past_its_grace_ends_the_launch_and_max_restarts_starts_no_new_attempt(dataset, tmp_path):
+    """Ranks that cannot stop (rank 1 hangs, so rank 0 waits in an all-reduce and never reaches a step
+    boundary) under `pfc train --max-restarts 3`: when train.stop_grace_s runs out, torchrun is killed with
+    the ranks. Killing only the ranks made torchrun restart the group, whose new ranks trained on without the
+    signal, and the launcher exited 0."""
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    grace = 2
+    sets = {"train.steps": 400, "checkpoint.every_steps": 1000, "train.stop_grace_s": grace}
+    args = [*_train_args(prefix, out, **sets), "--nproc-per-node", "2", "--max-restarts", "3"]
+    env = _env()
+    env["PFC_FAULT"] = "stop:2:1"  # rank 1 SIGSTOPs itself after step 2 (on the first attempt only)
+    log = (tmp_path / "launch.log").open("w+")
+    # a session of its own: torchrun shares the launcher's process group, so `finally` can end both at once
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, text=True, start_new_session=True)
+    restarted: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(_state(p) == "T" for p in _processes_mentioning(str(out))):
+                break  # rank 1 hangs
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        ranks = [p for p in _processes_mentioning(str(out)) if _attempt(p) == "0"]
+        assert len(ranks) == 2, ranks
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # a second signal within the grace only prints a line
+        # Wait for the launcher; a rank of a later attempt ends the wait at once (the bug under test).
+        while proc.poll() is None and time.monotonic() - t0 < grace + 20 and not restarted:
+            restarted |= {p for p in _processes_mentioning(str(out)) if _attempt(p) not in (None, "0")}
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        code = proc.poll()
+        survivors = [p for p in _processes_mentioning(str(out)) if _state(p) not in ("", "Z")]
+    finally:
+        for pid in _processes_mentioning(str(out)):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # each rank leads a session of its own (DataLoader workers too)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.seek(0)
+    text = log.read()
+    assert not restarted, f"torchrun restarted the ranks after the grace period: new ranks {sorted(restarted)}"
+    assert code == STOP_KILLED_EXIT_CODE, f"launcher exit code {code} after {took:.1f}s\n" + text[-4000:]
+    assert grace <= took < grace + 15, f"the launcher needed {took:.1f}s to end (grace {grace} s)"
+    assert not survivors, f"processes of the run outlived the launcher: {survivors}"
+    assert "SIGTERM ignored: already stopping on SIGTERM" in text, text[-3000:]
+    assert f"did not stop within train.stop_grace_s={grace} s: killing torchrun" in text, text[-3000:]
+    assert not (out / "summary.json").exists()  # nothing was saved at the step reached
+    print(f"stop past its grace of {grace} s: launcher exited {code} after {took:.1f}s, no restart")
 
 
 def test_stop_handlers_are_given_back_when_the_process_group_cannot_start(tmp_path, monkeypatch):
