@@ -158,8 +158,18 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
-    node = rank // max(local_world, 1)
-    return DistContext(rank, world, local, local_world, node, device, used)
+    return DistContext(rank, world, local, local_world, node_index(rank, local_world), device, used)
+
+
+def node_index(rank: int, local_world: int) -> int:
+    """This process's node: torchrun's ``GROUP_RANK``, else SLURM's ``SLURM_NODEID``, else ``rank //
+    local_world`` (right only when every node runs as many ranks, which SLURM does not promise:
+    ``SLURM_TASKS_PER_NODE=2(x3),1``)."""
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        value = _env_int(name, default=None)
+        if value is not None:
+            return value
+    return rank // max(local_world, 1)
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -169,6 +179,25 @@ def shutdown(ctx: DistContext) -> None:
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def default_rdzv_id(endpoint: str, argv: list[str]) -> str:
+    """The rendezvous id of a multi-node launch given none (``--rdzv-id``): the same on every node, which
+    runs the same command against the same endpoint, and another for another run. torchrun hands it to the
+    ranks as ``TORCHELASTIC_RUN_ID``, which names the run in the metrics (``run``): one fixed default made
+    every such run the same run there (an accuracy alert compared a new run with an old run's best)."""
+    import hashlib
+
+    return "pfc-" + hashlib.sha1("\0".join([endpoint, *argv]).encode()).hexdigest()[:12]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: what SLURM, taskset or a container's cpuset gave
+    it), not every CPU of the host, which ``os.cpu_count()`` counts."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call (macOS)
+        return os.cpu_count() or 1
 
 
 class RendezvousTimeout(errors.UserError, RuntimeError):
@@ -191,7 +220,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
            f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                f"--rdzv-id={run_id or 'pfc'}"]
+                f"--rdzv-id={run_id or default_rdzv_id(rdzv_endpoint, argv)}"]
         if node_rank is not None:
             cmd.append(f"--node-rank={node_rank}")
         if rdzv_timeout is not None:
@@ -204,7 +233,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     cmd += stop.torchrun_args
     cmd += ["-m", "launcher.cli", *argv]
     env = dict(os.environ, **stop.env)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc_per_node)))
     # Ranks that stop on a user error write their one line here (launcher.errors); the first is printed in
     # place of torchrun's own failure report (a traceback of the agent and a table per rank).
     with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:

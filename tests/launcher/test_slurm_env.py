@@ -75,3 +75,40 @@ def test_two_ranks_started_like_srun_join_one_group():
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert sorted(o.strip() for o, _ in outs) == ["rank 0 of 2 local_world 2 sum 3", "rank 1 of 2 local_world 2 sum 3"]
+
+
+def test_the_node_index_comes_from_the_launcher_not_from_equal_rank_counts(monkeypatch):
+    """With uneven SLURM layouts (``2(x3),1``) rank 6 is on node 3, not 6 // 1: the node label of the
+    metrics comes from torchrun's GROUP_RANK or SLURM_NODEID; rank // local_world only without either."""
+    from launcher.distributed import node_index
+
+    _slurm_env(monkeypatch, SLURM_NODEID="3")
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+    assert node_index(6, 1) == 3
+    monkeypatch.setenv("GROUP_RANK", "2")  # torchrun's node rank wins when torchrun started the rank
+    assert node_index(6, 1) == 2
+    monkeypatch.delenv("GROUP_RANK")
+    monkeypatch.delenv("SLURM_NODEID")
+    assert node_index(6, 2) == 3
+
+
+def test_threads_per_rank_count_the_cpus_this_process_may_use():
+    """Under a CPU binding (taskset, SLURM's cpuset) the host's CPU count would oversubscribe the binding:
+    the launcher divides the CPUs of its affinity among the ranks."""
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs an affinity call and at least 2 usable CPUs")
+    code = "import os; from launcher.distributed import usable_cpus; print(usable_cpus(), os.cpu_count())"
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert int(out[0]) == 1 and int(out[1]) >= 2, out
+
+
+def test_a_multi_node_launch_without_an_id_gets_one_of_its_own():
+    """The rendezvous id, which names the run in the metrics, is the same for the same command and endpoint
+    (every node of one launch) and another for another run; it used to be 'pfc' for every run."""
+    from launcher.distributed import default_rdzv_id
+
+    a = default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/a"'])
+    assert a == default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/a"'])
+    assert a != default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/b"'])
+    assert a.startswith("pfc-") and a != "pfc"
