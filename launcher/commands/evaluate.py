@@ -23,6 +23,7 @@ def eval_cmd(
 ) -> None:
     """10-fold verification accuracy, TAR@FAR (1e-4, 1e-3, 1e-2) and discrepancies on .bin pair sets."""
     import torch
+    from pydantic import ValidationError
 
     from data_pipeline.verification import BinFormatError, check_decodable, load_bin
     from launcher.config import Config
@@ -41,10 +42,17 @@ def eval_cmd(
         for b in bins:
             check_decodable(b, load_bin(b)[0])
     size = net.backbone_config["image_size"]
-    size = size if isinstance(size, int) else int(size[0])
-    cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
-                                           "embedding_size": net.backbone_config["embedding_size"]},
-                                 "eval": {"batch_size": batch_size}})
+    if not isinstance(size, int):
+        if len(set(size)) != 1:
+            fail(f"{weights}: a backbone built for {size[0]}x{size[1]} images; pfc eval embeds the square "
+                 "images of a verification .bin (model.image_size)", "pfc eval")
+        size = int(size[0])
+    try:
+        cfg = Config.model_validate({"model": {"backbone": net.backbone_config["name"], "image_size": size,
+                                               "embedding_size": net.backbone_config["embedding_size"]},
+                                     "eval": {"batch_size": batch_size}})
+    except ValidationError as e:  # a backbone the library can build but a training config cannot describe
+        fail(f"{weights}: pfc eval cannot evaluate this backbone ({e.errors()[0]['msg']})", "pfc eval")
     ctx = DistContext.single_process()
     if roc_dir is not None:
         roc_dir.mkdir(parents=True, exist_ok=True)

@@ -206,3 +206,28 @@ def test_cli_refuses_an_opset_it_cannot_deliver(tmp_path, opset, says):
     assert res.exit_code == 2, res.output
     assert f"pfc: {out}: {says}" in res.output and "choose another --opset" in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    (dict(name="tiny", image_size=(32, 48)), "a backbone built for 32x48 images"),
+    (dict(name="tiny", image_size=24), "pfc eval cannot evaluate this backbone"),
+])
+def test_eval_refuses_a_backbone_no_training_config_describes_in_one_line(tmp_path, kwargs, says):
+    """Backbones the library builds but a training config cannot describe (rectangular, 24 px): one line,
+    exit 2 (it was the model's input-shape traceback, or pydantic's)."""
+    import io
+    import pickle
+
+    blobs = []
+    for shade in (10, 200):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (shade, shade, shade)).save(buf, format="JPEG")
+        blobs.append(buf.getvalue())
+    pairs = tmp_path / "pairs.bin"
+    pairs.write_bytes(pickle.dumps((blobs * 10, [True, False] * 5)))
+    name = kwargs.pop("name")
+    weights = save_backbone(get_backbone(name, embedding_size=8, **kwargs), tmp_path / "b.safetensors",
+                            write=atomic_write)
+    res = CliRunner().invoke(app, ["eval", str(weights), "--bin", str(pairs)])
+    assert res.exit_code == 2, res.output
+    assert f"pfc eval: {weights}: {says}" in res.output
