@@ -61,6 +61,10 @@ def train_cmd(
     from launcher.trainer.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
     from launcher.trainer.progress import setup_logging
 
+    if nproc_per_node is not None and nnodes not in ("1", "1:1") and not rdzv_endpoint:
+        # torchrun would start --standalone, whose rendezvous no other node can join: it waits forever
+        fail(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins, e.g. the "
+             "first node's address and a free port)")
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = config_or_exit(config, overrides)
     _prepare_or_exit(cfg)

@@ -138,3 +138,12 @@ def test_online_wandb_without_a_key_stops_before_anything_runs(tmp_path, monkeyp
     assert r.returncode == 2, r.stderr[-4000:]
     assert "log.wandb_mode=online needs WANDB_API_KEY" in _one_line(r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_several_nodes_without_a_rendezvous_endpoint_is_refused_at_once(tmp_path):
+    """torchrun would start --standalone, whose rendezvous no other node can join, and wait forever."""
+    r = _pfc(["train", "demo_cpu", "--nproc-per-node", "2", "--nnodes", "2", "--output", str(tmp_path / "run")],
+             timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in _one_line(r.stderr)
+    assert not (tmp_path / "run").exists()
