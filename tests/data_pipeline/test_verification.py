@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipeline.insightface import InsightFaceWriter
 from data_pipeline.verification import UnsafePickleError, load_bin, make_pairs, save_bin
@@ -177,7 +179,12 @@ def test_a_file_that_is_not_a_verification_bin_is_a_user_error_naming_it(tmp_pat
     from launcher.trainer.batches import check_val_bins
 
     good = tmp_path / "good.bin"
-    save_bin(good, [b"a", b"b", b"c", b"d"], [True, False])
+    images = []
+    for shade in (0, 80, 160, 240):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (shade, shade, shade)).save(buf, format="JPEG")
+        images.append(buf.getvalue())
+    save_bin(good, images, [True, False])
     bad = {"garbage.bin": b"garbage\n", "truncated.bin": good.read_bytes()[:20],
            "empty.bin": pickle.dumps(([], []))}
     for name, data in bad.items():
