@@ -133,10 +133,9 @@ class PartialFC(nn.Module):
         # begin_step() state: a step whose sampled set and gradient span several micro-batches.
         self._open_step = False
         self._micro = 0
-        self._stepped = True
         self._open_positives = 0
         self._step_labels = torch.empty(0, dtype=torch.int64)
-        # Whether an optimizer step (end_step) came since the last forward drew its own rows.
+        # Whether an optimizer step or zero_grad (rows_released) came since the last forward drew its rows.
         self._stepped = True
         # What the last forward left for logging and diagnostics (None before the first forward).
         self.record: StepRecord | None = None
@@ -277,6 +276,11 @@ class PartialFC(nn.Module):
         forward samples on its own again."""
         self._open_step = False
         self._micro = 0
+        self._stepped = True
+
+    def rows_released(self) -> None:
+        """The sampled rows' gradient was used or cleared (the optimizer's ``zero_grad`` calls it, also when
+        it zeroes in place): the next train-mode forward may draw new rows."""
         self._stepped = True
 
     def _rows_for_step(self, all_labels: torch.Tensor,

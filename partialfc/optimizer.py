@@ -137,6 +137,7 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
                 sub.grad = None
             else:
                 sub.grad.zero_()
+        self.head.rows_released()
         super().zero_grad(set_to_none=set_to_none)
 
 

@@ -197,5 +197,7 @@ def test_a_second_forward_without_begin_step_does_not_drop_the_first_ones_gradie
     head(f, y).backward()
     opt.zero_grad()
     head(f, y).backward()
+    opt.zero_grad(set_to_none=False)  # zeroed in place: released as well
+    head(f, y).backward()
     head.eval()
     head(f, y)  # eval mode: not a training step's forward
