@@ -181,14 +181,15 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def default_rdzv_id(endpoint: str, argv: list[str]) -> str:
-    """The rendezvous id of a multi-node launch given none (``--rdzv-id``): the same on every node, which
-    runs the same command against the same endpoint, and another for another run. torchrun hands it to the
-    ranks as ``TORCHELASTIC_RUN_ID``, which names the run in the metrics (``run``): one fixed default made
-    every such run the same run there (an accuracy alert compared a new run with an old run's best)."""
+def default_rdzv_id(endpoint: str, output: str) -> str:
+    """The rendezvous id of a multi-node launch given none (``--rdzv-id``), from what every node of one launch
+    shares: the rendezvous endpoint and the run folder (shared storage; the data may be a node-local copy
+    under another path, so the rest of the command does not count). torchrun hands it to the ranks as
+    ``TORCHELASTIC_RUN_ID``, which names the run in the metrics (``run``): one fixed default made every such
+    run the same run there (an accuracy alert compared a new run with an old run's best)."""
     import hashlib
 
-    return "pfc-" + hashlib.sha1("\0".join([endpoint, *argv]).encode()).hexdigest()[:12]
+    return "pfc-" + hashlib.sha1(f"{endpoint}\0{output}".encode()).hexdigest()[:12]
 
 
 def usable_cpus() -> int:
@@ -220,7 +221,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
            f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                f"--rdzv-id={run_id or default_rdzv_id(rdzv_endpoint, argv)}"]
+                f"--rdzv-id={run_id or default_rdzv_id(rdzv_endpoint, '')}"]
         if node_rank is not None:
             cmd.append(f"--node-rank={node_rank}")
         if rdzv_timeout is not None:

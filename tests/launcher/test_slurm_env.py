@@ -104,11 +104,12 @@ def test_threads_per_rank_count_the_cpus_this_process_may_use():
 
 
 def test_a_multi_node_launch_without_an_id_gets_one_of_its_own():
-    """The rendezvous id, which names the run in the metrics, is the same for the same command and endpoint
-    (every node of one launch) and another for another run; it used to be 'pfc' for every run."""
+    """The rendezvous id, which names the run in the metrics, is the same on every node of one launch (same
+    endpoint and run folder, whatever else differs: a node-local copy of the data) and another for another
+    run; it used to be 'pfc' for every run."""
     from launcher.distributed import default_rdzv_id
 
-    a = default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/a"'])
-    assert a == default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/a"'])
-    assert a != default_rdzv_id("head:29500", ["train", "r50", "--set", 'output="runs/b"'])
+    a = default_rdzv_id("head:29500", "runs/a")
+    assert a == default_rdzv_id("head:29500", "runs/a")
+    assert a != default_rdzv_id("head:29500", "runs/b") and a != default_rdzv_id("other:29500", "runs/a")
     assert a.startswith("pfc-") and a != "pfc"
