@@ -45,12 +45,14 @@ FP32 = 4
 #   with gradient accumulation, for the later micro-batches), the S x D fp32 copy of the sampled rows
 #   (for a bf16/fp16 head too: upcast into the same reused buffer), and chunks of the optimizer's update;
 LOGIT_BUFFERS = 2
-# * the sampler's scratch during the forward, at most one int64 per class of the shard
-#   (partialfc/sampler.py: one permutation of the shard's negatives when r >= ~0.2, the index
-#   arange(shard) at r = 1, and O(S) int64 for small r: i.i.d. draws and their unique). Until issue 18 this
-#   was 18 bytes, the count of the sampler before issue 12 (a permutation, two bool masks, the filtered
-#   permutation).
+# * the sampler's scratch during the forward (partialfc/sampler.py): the index arange(shard) at r = 1 and
+#   O(S) int64 for r < 1/4 (i.i.d. draws and their unique): at most one int64 per class of the shard; for
+#   1/4 <= r < 1 a permutation of the shard's negatives (m random sort keys, argsort's scratch and its
+#   int64 output). Measured (resident-set peak of sample_classes alone, CPU, 10M-row shard, 2026-12-03):
+#   6.8 bytes/row at r = 0.1, 48.0 at r = 0.3, 8.1 at r = 1. Until issue 18 this was 18 bytes, the count
+#   of the sampler before issue 12 (a permutation, two bool masks, the filtered permutation).
 SAMPLER_BYTES_PER_ROW = 8
+SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 # * the optimizer's chunks (min(S, blocking.update_rows) rows each: 512 on the CPU, 64k on a GPU,
 #   partialfc.blocking) and, in the backward, the row dot products' scratch block (1 MiB on the CPU,
 #   128 MiB on a GPU): SGD gathers its momentum into an fp32 chunk; a head
@@ -222,7 +224,10 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
         "sampled_weights": sd_f,
         "optimizer_chunks": opt_chunks,
     }
-    sampler = SAMPLER_BYTES_PER_ROW * rows
+    # the permutation path (partialfc.sampler._draw_negatives): when the negatives drawn are a quarter of
+    # the shard or more
+    permutation = s < rows and 4 * s >= rows
+    sampler = (SAMPLER_PERMUTATION_BYTES_PER_ROW if permutation else SAMPLER_BYTES_PER_ROW) * rows
     phases: dict[str, dict[str, int]] = {
         # (a bf16/fp16 head gathers its sampled rows into the bytes of the weight-gradient buffer)
         "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
