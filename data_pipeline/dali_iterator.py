@@ -24,6 +24,7 @@ pauses training for a whole epoch's index at once. While a segment runs, the nex
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import tempfile
@@ -221,10 +222,21 @@ class DaliLoader:
             seg_steps = steps - done if last else n_items // self.batch_size
             try:
                 for k in range(seg_steps):
+                    dali_said: str | None = None
                     try:
                         outs = pipe.run()
                     except RuntimeError as e:  # DALI's own: its operator's error and a C++ context
-                        raise self._read_error(e, index, k) from None
+                        dali_said = str(e)
+                    if dali_said is not None:
+                        # Outside the except block, keeping only DALI's message: an error raised while DALI's
+                        # is handled (the Python reader's RecordIOError) would keep it as its __context__, and
+                        # DALI's error holds its pipeline in a reference cycle (its traceback's frames, one kept
+                        # in a closure cell). That cycle is collected now, in this process, where DALI's threads
+                        # are: left to a later collection, it may be collected in a forked process (a
+                        # DataLoader worker), where DALI's shutdown deadlocks.
+                        pipe = None
+                        gc.collect()
+                        raise self._read_error(dali_said, index, k)
                     x = _to_torch(outs[0], self.device)
                     y = _to_torch(outs[1], self.device).reshape(-1)
                     f = _to_torch(outs[2], self.device).reshape(-1).bool() if len(outs) > 2 else None
@@ -237,14 +249,14 @@ class DaliLoader:
                     else:
                         yield x, y
             finally:
-                del pipe
+                pipe = None
             done += seg_steps
 
-    def _read_error(self, error: RuntimeError, index: EpochIndex, k: int) -> RecordIOError:
-        """What stopped DALI in batch ``k`` of a segment, said as the torch path says it: the first record
-        of the batches DALI may have been reading (it runs ``prefetch_queue_depth`` batches ahead) that the
-        Python reader cannot read or decode, whose :class:`RecordIOError` names file, key and byte offset;
-        failing that, DALI's own line about the file."""
+    def _read_error(self, dali_said: str, index: EpochIndex, k: int) -> RecordIOError:
+        """What stopped DALI in batch ``k`` of a segment (``dali_said``: its error's message), said as the torch
+        path says it: the first record of the batches DALI may have been reading (it runs
+        ``prefetch_queue_depth`` batches ahead) that the Python reader cannot read or decode, whose
+        :class:`RecordIOError` names file, key and byte offset; failing that, DALI's own line about the file."""
         from data_pipeline.dataset import FaceDataset
 
         order = index.order.get(self.rank, np.empty(0, dtype=np.int64))
@@ -255,9 +267,9 @@ class DaliLoader:
                 ds.decode(int(i))
             except RecordIOError as bad:
                 return bad
-        lines = [x.strip() for x in str(error).splitlines() if x.strip()]
-        said = next((lines[j + 1] for j, x in enumerate(lines[:-1]) if x == "encountered:"), lines[0] if lines
-                    else type(error).__name__)
+        lines = [x.strip() for x in dali_said.splitlines() if x.strip()]
+        said = next((lines[j + 1] for j, x in enumerate(lines[:-1]) if x == "encountered:"),
+                    lines[0] if lines else "no message")
         return RecordIOError(f"DALI stopped reading ({said}); `pfc data inspect` checks every record, and "
                              "data.loader=torch with data.skip_corrupt=true skips corrupt ones",
                              path=self.reader.rec_path)
