@@ -154,10 +154,14 @@ def builtin_config(name: str) -> Path:
 
 
 def resolve_config_path(arg: str) -> Path:
-    """A path to a YAML file, or the name of a built-in recipe (``demo_cpu``)."""
+    """A path to a YAML file, or the name of a built-in recipe (``demo_cpu``). A path with a folder in it
+    names a file only: a missing one is an error, never the built-in recipe of the same name (a typo in the
+    path to an edited copy would otherwise train the stock recipe)."""
     p = Path(arg)
     if p.is_file():
         return p
+    if len(p.parts) > 1:
+        raise ConfigError(f"config file {p} does not exist")
     try:
         return builtin_config(p.name)
     except ConfigError as e:

@@ -144,6 +144,11 @@ def test_builtin_recipes_validate():
     assert resolve_config_path("demo_cpu").name == "demo_cpu.yaml"
     with pytest.raises(ConfigError, match="built-in recipes"):
         resolve_config_path("nope")
+    # a path names a file only: a typo in the path to an edited copy is not the stock recipe of that name
+    with pytest.raises(ConfigError, match=r"config file /no/such/dir/demo_cpu.yaml does not exist$"):
+        resolve_config_path("/no/such/dir/demo_cpu.yaml")
+    with pytest.raises(ConfigError, match=r"does not exist$"):
+        resolve_config_path("configs/demo_cpu.yaml")
 
 
 # -- issue 13, item 7: values of the wrong type, warm-up longer than the run, ZeRO-3 -------------------
