@@ -196,3 +196,19 @@ def test_fp16_with_deepspeed_is_refused_naming_what_to_use_instead():
     assert "train.amp=fp16 with dist.engine=ddp" in line, line
     assert load_config(None, ["dist.engine=deepspeed", "train.amp=bf16"]).train.amp == "bf16"
     assert load_config(None, ["dist.engine=ddp", "train.amp=fp16"]).train.amp == "fp16"
+
+
+@pytest.mark.parametrize(("name", "ranks", "images"), [
+    ("ms1mv3_r50_pfc01_discface", 8, 5_179_510),
+    ("webface42m_r100_pfc02", 64, 42_474_557),
+])
+def test_large_recipes_train_twenty_epochs_as_arcface_torch(name: str, ranks: int, images: int) -> None:
+    """The recipes' lengths on the world sizes their comments name: 20 epochs, as arcface_torch's (the WebFace42M
+    one was 400,000 steps, about 77 epochs, with ArcFace where arcface_torch trains WebFace42M with CosFace)."""
+    cfg = load_config(builtin_config(name))
+    epochs = cfg.train.steps * cfg.train.batch_size * ranks / images
+    assert 19.5 <= epochs <= 20.5, (name, epochs)
+    assert str(ranks) in builtin_config(name).read_text().splitlines()[1]
+    if name.startswith("webface42m"):
+        assert tuple(cfg.head.margin) == (1.0, 0.0, 0.4) and cfg.optim.lr == 0.6
+        assert 3.9 <= cfg.optim.warmup_steps * cfg.train.batch_size * ranks / images <= 4.1
