@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 
 from launcher.commands.groups import bench_app
 from launcher.commands.output import fail, user_errors, write_json
+
+T = TypeVar("T", int, float)
 
 _BENCH_DATA = "pfc bench data"  # how its user errors begin
 
@@ -17,6 +20,15 @@ _BENCH_DATA = "pfc bench data"  # how its user errors begin
 class LoaderKind(str, Enum):
     dali = "dali"
     torch = "torch"
+
+
+def _comma_list(text: str, kind: type[T], option: str) -> list[T]:
+    """A comma-separated option as a list of ``kind``; a bad item is typer's usage error naming the option."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]  # type: ignore[call-arg]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
+                                 param_hint=option) from None
 
 
 @bench_app.command("data")
@@ -198,7 +210,7 @@ def bench_discface_cmd(
     """DiscFace off vs on, same seeds: held-out verification and both discrepancies."""
     from launcher.bench.discface_study import discface_study, format_study
 
-    lams = [float(x) for x in lambdas.split(",") if x.strip()]
+    lams = _comma_list(lambdas, float, "--lambdas")
     res = discface_study(output.resolve(), config=config, lambdas=lams, identities=identities,
                          images_per_identity=images_per_identity, heldout_identities=heldout_identities,
                          steps=steps, nproc=nproc, sets=list(sets or []), hard=hard)
@@ -226,7 +238,7 @@ def bench_augment_cmd(
     """Augmentation off vs on (data.augment), same data and seeds: verification on unseen identities."""
     from launcher.bench.augment_study import augment_study, format_augment_study
 
-    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    seed_list = _comma_list(seeds, int, "--seeds")
     if not seed_list:
         raise typer.BadParameter("give at least one seed", param_hint="--seeds")
     res = augment_study(output.resolve(), config=config, seeds=seed_list, identities=identities,
