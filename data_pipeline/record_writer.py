@@ -1,16 +1,19 @@
 """``RecordWriter``: a ``.rec`` and its ``.idx``, byte-identical to MXNet's ``MXIndexedRecordIO``.
 
 Both files are written under temporary names (:mod:`data_pipeline.atomic`) and appear only when the
-write completes. One writer per dataset, in one process (the packer, the synthetic generator): ranks
-never write datasets. Imported through :mod:`data_pipeline.recordio`, the interface.
+write completes (what overwriting a dataset guarantees: :meth:`RecordWriter.close`). One writer per
+dataset, in one process (the packer, the synthetic generator): ranks never write datasets. Imported
+through :mod:`data_pipeline.recordio`, the interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from data_pipeline.atomic import AtomicFile, CommitOrAbort
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, fsync_dir
 from data_pipeline.record_chunks import encoded_size
 from data_pipeline.record_format import encode_record
 from data_pipeline.written_keys import WrittenKeys
@@ -25,8 +28,8 @@ class RecordWriter(CommitOrAbort):
     (like ``MXRecordIO``). ``write`` returns the record's byte offset.
 
     Both files are written under temporary names (``data_pipeline.atomic``) and appear under their own
-    names, fsync-ed, only when :meth:`close` ends a complete write (the ``.rec`` first, then the ``.idx``
-    that points into it); :meth:`abort` (or an exception leaving the ``with`` block) removes them.
+    names, fsync-ed, only when :meth:`close` ends a complete write; :meth:`abort` (or an exception leaving
+    the ``with`` block) removes them. What a failure or a crash during :meth:`close` leaves: see there.
     """
 
     def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
@@ -76,9 +79,32 @@ class RecordWriter(CommitOrAbort):
         self._rec.write(data)
         self._rec.seek(self._pos)
 
-    def close(self) -> None:
-        """Finish: both files are synced and renamed into place (``.rec`` before ``.idx``)."""
+    def close(self, *, remove_first: Sequence[Path] = ()) -> None:
+        """Finish: sync both files, then move them into place. On any failure (an exception, Ctrl-C) the
+        temporary files are removed and the exception propagates.
+
+        What the final names hold when an existing ``.rec``/``.idx`` is overwritten:
+
+        * a failure while flushing or syncing (a full disk, a file-size limit) comes before anything is
+          removed or renamed: the old files are untouched;
+        * then the files named in ``remove_first`` (a caller's companion file that belongs to the old
+          dataset, e.g. its property file) and the old ``.idx`` are removed, and the ``.rec``, then the
+          ``.idx`` renamed into place, each step made durable (directory ``fsync``) before the next. A crash
+          or a failure during these steps leaves the old pair with its ``remove_first`` files, or a
+          ``.rec`` (old or new) with no ``.idx``, or the new pair: never the new ``.rec`` with the old
+          ``.idx`` (whose offsets point into another file, which could still read as a dataset), and
+          never a ``remove_first`` file beside a new or incomplete pair.
+        """
+        if self._rec_file.done:  # closed or aborted already
+            return
         try:
+            # everything that can fail on a full disk, before the first removal or rename
+            for f in (self._rec, self._idx):
+                if f is not None:
+                    f.flush()
+                    os.fsync(f.fileno())
+            for old in (*remove_first, *([] if self.idx_path is None else [self.idx_path])):
+                _remove_durably(old)
             self._rec_file.commit()
             if self._idx_file is not None:
                 self._idx_file.commit()
@@ -91,3 +117,10 @@ class RecordWriter(CommitOrAbort):
         self._rec_file.discard()
         if self._idx_file is not None:
             self._idx_file.discard()
+
+
+def _remove_durably(path: Path) -> None:
+    """Remove ``path`` if it exists and make that survive a power loss before the next rename."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        fsync_dir(path.parent)
