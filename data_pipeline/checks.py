@@ -3,15 +3,17 @@
 By default every record listed by the ``.idx`` (or found by scanning the ``.rec``) is checked from
 its *head*: the chunk magic, the cflag, that the record ends inside the file, the IRHeader and its
 labels, the insightface header and identity records (exact key ranges, see
-:mod:`data_pipeline.insightface`), and that every image's label agrees with the identity record
-covering it. Heads are read vectorised (:meth:`RecordReader.iter_heads`: one positioned read per
-64 MiB run of the file, numpy for the rest), so 42M records take seconds, not minutes. Split
+:mod:`data_pipeline.insightface`), that the index holds every image key ``[1, id_start)`` and every key
+an identity range covers (binary searches over the sorted keys, so also cheap at 42M), and that every
+image's label agrees with the identity record covering it. Heads are read vectorised
+(:meth:`RecordReader.iter_heads`: one positioned read per 64 MiB run of the file, numpy for the rest), so
+42M records take seconds, not minutes. Split
 records (rare) are read whole. ``deep`` also reads every image record whole and decodes it;
 ``sample`` (``--quick``) checks the header, every identity record and a random sample of image
 records, and derives the counts from the index and the identity records.
 
 Problems with one record are listed by key and byte offset; problems with the dataset as a whole (a
-missing property file, an unreadable index) are listed as errors.
+missing property file, an unreadable index, image keys missing from the index) are listed as errors.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def decode_check(payload: bytes) -> tuple[int, int]:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
         raise ValueError(f"payload of {len(payload)} bytes is not a decodable image "
                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _first_absent(sorted_keys: np.ndarray, lo: int, hi: int) -> int:
+    """The smallest key in ``[lo, hi)`` that ``sorted_keys`` (ascending, unique) lacks; the caller knows one
+    is missing. Binary search: the keys from ``lo`` on equal ``lo, lo + 1, ...`` exactly up to the first gap,
+    so ~26 probes find it among 42M keys, with no array the size of the range."""
+    base = int(np.searchsorted(sorted_keys, lo))
+    left, right = 0, hi - lo
+    while left < right:
+        mid = (left + right) // 2
+        if base + mid < len(sorted_keys) and int(sorted_keys[base + mid]) == lo + mid:
+            left = mid + 1
+        else:
+            right = mid
+    return lo + left
 
 
 def _corrupt(key: int, offset: int | None, error: str) -> dict[str, Any]:
@@ -180,6 +197,8 @@ class _Inspection:
             report["warnings"].append(f"header record lists {header[1] - header[0]} identity records "
                                       f"([{header[0]}, {header[1]})) but the property says {self.num_classes} "
                                       "classes")
+        if header is not None:
+            self.missing_images(header[0])
         ranges = self.identities(header) if header is not None else None
         counts = self.images(header, ranges)
         present = counts[counts > 0]
@@ -190,6 +209,22 @@ class _Inspection:
         if self.num_classes is not None and present.size < self.num_classes:
             report["warnings"].append(f"{self.num_classes - int(present.size)} of {self.num_classes} classes "
                                       "have no images")
+
+    def missing_images(self, id_start: int) -> None:
+        """Every key in ``[1, id_start)`` must be in the index: insightface's own loader (arcface_torch's
+        MXFaceDataset) reads each of ``range(1, header.label[0])`` and stops with a KeyError at the first
+        gap, however sound the records that are there. Counted with two binary searches (keys are unique)."""
+        sk = self.reader.sorted_keys
+        lo, hi = (int(x) for x in np.searchsorted(sk, [1, id_start]))
+        absent = (id_start - 1) - (hi - lo)
+        if absent <= 0:
+            return
+        first = _first_absent(sk, 1, id_start)
+        where = self.report["idx"] or f"{self.rec_path} (scanned)"
+        self.report["errors"].append(
+            f"{where}: {absent} of the image keys [1, {id_start}) that the header record implies are not in the "
+            f"index, the first is key {first} (insightface's loader reads every key below id_start={id_start} "
+            "and fails on a missing one)")
 
     def identities(self, header: tuple[int, int]) -> dict[str, np.ndarray]:
         """Check the identity records; their exact ranges (sorted by first key) for the image pass."""
@@ -226,6 +261,22 @@ class _Inspection:
                 self.flag_corrupt(int(k[i]), int(offs[i]), f"{self.where(int(k[i]), int(offs[i]))}: identity "
                                   f"record range [{int(a[i])}, {int(b[i])}) is not inside the image keys [1, {s})")
             ok &= inside
+            # the keys a range covers must all be in the index, or a reader walking the class's range
+            # meets a missing record; for a legacy range (float32-rounded) only the part every exact
+            # range it could round from covers is checked
+            first = np.maximum(a + sa, 1)
+            end = np.maximum(np.minimum(b - sb, s), first)  # that part may be empty (a 1-image class)
+            span = end - first
+            have = np.searchsorted(sk, end) - np.searchsorted(sk, first)
+            gap = ok & (have < span)
+            for i in np.flatnonzero(gap).tolist():
+                lo_i, hi_i = int(first[i]), int(end[i])
+                self.flag_corrupt(int(k[i]), int(offs[i]), f"{self.where(int(k[i]), int(offs[i]))}: identity "
+                                  f"record for class {int(k[i]) - s} covers image keys [{int(a[i])}, {int(b[i])}) "
+                                  f"but the index lacks {int(span[i] - have[i])} of them, the first is key "
+                                  f"{_first_absent(sk, lo_i, hi_i)}")
+            # the range itself stays in use: the labels of the images that are there are still checked
+            # against it, and --quick counts the class's images from it
             cls_l.append(k[ok] - s)
             a_l.append(a[ok])
             b_l.append(b[ok])

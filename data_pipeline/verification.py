@@ -153,7 +153,7 @@ def _payload(reader: Any, key: int) -> bytes:
     return bytes(reader.read_image(key)[1])
 
 
-def _identities_from(src: Path) -> list[list[Callable[[], bytes]]]:
+def _identities_from(src: Path) -> list[list[functools.partial[bytes]]]:
     """Per identity, loaders of its encoded images (from an image folder or a dataset prefix)."""
     if src.is_dir():
         from data_pipeline.pack import list_folder
@@ -162,10 +162,77 @@ def _identities_from(src: Path) -> list[list[Callable[[], bytes]]]:
     from data_pipeline.insightface import InsightFaceReader
 
     reader = InsightFaceReader(src)
-    groups: dict[int, list[Callable[[], bytes]]] = {}
+    groups: dict[int, list[functools.partial[bytes]]] = {}
     for key, cid in zip(reader.image_keys, reader.labels.tolist(), strict=True):
         groups.setdefault(int(cid), []).append(functools.partial(_payload, reader, key))
     return [groups[c] for c in sorted(groups)]
+
+
+def _source_name(load: functools.partial[bytes]) -> str:
+    """The file or record a loader of :func:`_identities_from` reads, for messages (made only when needed:
+    a name per image would cost gigabytes on a 42M-image prefix)."""
+    if load.func is _payload:
+        reader, key = load.args
+        return f"{reader.rec_path} record key {key}"
+    return str(load.args[0])
+
+
+def _decode_error(blob: bytes) -> str | None:
+    """Why Pillow cannot decode ``blob`` (None if it can): the same decode as :func:`check_decodable`, which
+    ``pfc train --val-bin`` and ``pfc eval`` run on the .bin, catching at least the errors it refuses."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+    except UnidentifiedImageError:
+        # its message names the BytesIO object (an address), not the file, which the caller names
+        return "UnidentifiedImageError: not an image format Pillow can read"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+Pair = tuple[int, int, int, int]  # (identity, image, identity, image)
+
+
+def _choose_pairs(sizes: list[int], pairs: int, seed: int, src: str | os.PathLike[str]
+                  ) -> list[tuple[Pair, bool]]:
+    """The labelled pairs of :func:`make_pairs`, in their final order, over identities of ``sizes`` images."""
+    n_genuine, n_impostor = pairs // 2, pairs - pairs // 2
+    multi = [i for i, n in enumerate(sizes) if n >= 2]
+    if len(sizes) < 2:
+        raise ValueError(f"{src}: impostor pairs need at least 2 identities, found {len(sizes)}")
+    max_genuine = sum(sizes[i] * (sizes[i] - 1) // 2 for i in multi)
+    if n_genuine > max_genuine:
+        raise ValueError(f"{src}: {n_genuine} genuine pairs requested but only {max_genuine} distinct ones "
+                         "exist (identities need at least two images)")
+    rng = np.random.default_rng(seed)
+    chosen: set[Pair] = set()
+    genuine: list[Pair] = []
+    # weight identities by their number of possible pairs, so that small ones are not exhausted first
+    weights = np.array([sizes[i] * (sizes[i] - 1) / 2 for i in multi], dtype=np.float64)
+    weights /= weights.sum() if len(weights) else 1.0
+    while len(genuine) < n_genuine:
+        i = multi[int(rng.choice(len(multi), p=weights))]
+        a, b = sorted(rng.choice(sizes[i], size=2, replace=False).tolist())
+        if (i, a, i, b) not in chosen:
+            chosen.add((i, a, i, b))
+            genuine.append((i, a, i, b))
+    total_images = sum(sizes)
+    max_impostor = (total_images * total_images - sum(n ** 2 for n in sizes)) // 2
+    if n_impostor > max_impostor:
+        raise ValueError(f"{src}: {n_impostor} impostor pairs requested but only {max_impostor} exist")
+    impostor: list[Pair] = []
+    while len(impostor) < n_impostor:
+        i, j = sorted(rng.choice(len(sizes), size=2, replace=False).tolist())
+        a, b = int(rng.integers(sizes[i])), int(rng.integers(sizes[j]))
+        if (i, a, j, b) not in chosen:
+            chosen.add((i, a, j, b))
+            impostor.append((i, a, j, b))
+    labelled = [(p, True) for p in genuine] + [(p, False) for p in impostor]
+    order = rng.permutation(len(labelled))
+    return [labelled[n] for n in order.tolist()]
 
 
 def make_pairs(src: str | os.PathLike[str], out: str | os.PathLike[str], *, pairs: int = 600,
@@ -175,60 +242,50 @@ def make_pairs(src: str | os.PathLike[str], out: str | os.PathLike[str], *, pair
     without repeated pairs, shuffled; all reproducible from ``seed``.
 
     ``src`` is an image folder (one subfolder per identity) or a dataset prefix (``PREFIX.rec``).
-    Images are stored as they are encoded in the source. Returns a summary dict.
+    Images are stored as they are encoded in the source, and each one written is decoded first: one that
+    does not decode is skipped, as ``pfc data pack`` skips it, and listed in the summary's ``skipped``
+    (``{"path", "error"}``); the pairs are then exactly those of the source without it. Returns a summary
+    dict.
     """
     if pairs < 2:
         raise ValueError(f"need at least 2 pairs (one genuine, one impostor), got {pairs}")
-    src_path = Path(src)
-    ids = _identities_from(src_path)
-    n_genuine, n_impostor = pairs // 2, pairs - pairs // 2
-    multi = [i for i, imgs in enumerate(ids) if len(imgs) >= 2]
-    if len(ids) < 2:
-        raise ValueError(f"{src}: impostor pairs need at least 2 identities, found {len(ids)}")
-    max_genuine = sum(len(ids[i]) * (len(ids[i]) - 1) // 2 for i in multi)
-    if n_genuine > max_genuine:
-        raise ValueError(f"{src}: {n_genuine} genuine pairs requested but only {max_genuine} distinct ones "
-                         "exist (identities need at least two images)")
-    rng = np.random.default_rng(seed)
-    chosen: set[tuple[int, int, int, int]] = set()
-    genuine: list[tuple[int, int, int, int]] = []
-    # weight identities by their number of possible pairs, so that small ones are not exhausted first
-    weights = np.array([len(ids[i]) * (len(ids[i]) - 1) / 2 for i in multi], dtype=np.float64)
-    weights /= weights.sum() if len(weights) else 1.0
-    while len(genuine) < n_genuine:
-        i = multi[int(rng.choice(len(multi), p=weights))]
-        a, b = sorted(rng.choice(len(ids[i]), size=2, replace=False).tolist())
-        if (i, a, i, b) not in chosen:
-            chosen.add((i, a, i, b))
-            genuine.append((i, a, i, b))
-    total_images = sum(len(imgs) for imgs in ids)
-    max_impostor = (total_images * total_images - sum(len(g) ** 2 for g in ids)) // 2
-    if n_impostor > max_impostor:
-        raise ValueError(f"{src}: {n_impostor} impostor pairs requested but only {max_impostor} exist")
-    impostor: list[tuple[int, int, int, int]] = []
-    while len(impostor) < n_impostor:
-        i, j = sorted(rng.choice(len(ids), size=2, replace=False).tolist())
-        a, b = int(rng.integers(len(ids[i]))), int(rng.integers(len(ids[j])))
-        if (i, a, j, b) not in chosen:
-            chosen.add((i, a, j, b))
-            impostor.append((i, a, j, b))
-    labelled = [(p, True) for p in genuine] + [(p, False) for p in impostor]
-    order = rng.permutation(len(labelled))
-    cache: dict[tuple[int, int], bytes] = {}
-
-    def image(i: int, a: int) -> bytes:
-        if (i, a) not in cache:
-            cache[(i, a)] = ids[i][a]()
-        return cache[(i, a)]
-
+    found = _identities_from(Path(src))
+    good: dict[functools.partial[bytes], bytes] = {}  # loaders are hashed by identity: one per image
+    bad: dict[functools.partial[bytes], str] = {}
+    # Only the images the pairs use are read (a dataset prefix may hold 42M), so an unreadable one is found
+    # only once chosen. It is then dropped and the pairs are chosen again from the same seed: the result is
+    # what the source without it gives, and each round drops at least one image, so this ends.
+    while True:
+        # an identity left with no readable image is dropped, as pack drops it
+        ids = found if not bad else [kept for imgs in found if (kept := [im for im in imgs if im not in bad])]
+        try:
+            labelled = _choose_pairs([len(imgs) for imgs in ids], pairs, seed, src)
+        except ValueError as exc:
+            if not bad:
+                raise
+            first, why = next(iter(bad.items()))
+            raise ValueError(f"{exc} (after skipping {len(bad)} unreadable images, the first "
+                             f"{_source_name(first)}: {why})") from None
+        used = dict.fromkeys(ia for (i, a, j, b), _ in labelled for ia in ((i, a), (j, b)))
+        for i, a in used:
+            load = ids[i][a]
+            if load not in good and load not in bad:
+                blob = load()
+                err = _decode_error(blob)
+                if err is None:
+                    good[load] = blob
+                else:
+                    bad[load] = err
+        if all(ids[i][a] in good for i, a in used):
+            break
     images: list[bytes] = []
     issame: list[bool] = []
-    for n in order.tolist():
-        (i, a, j, b), same = labelled[n]
-        images += [image(i, a), image(j, b)]
+    for (i, a, j, b), same in labelled:
+        images += [good[ids[i][a]], good[ids[j][b]]]
         issame.append(same)
     save_bin(out, images, issame)
+    n_genuine = sum(issame)
     return {"source": str(src), "out": str(out), "pairs": len(issame), "genuine": n_genuine,
-            "impostor": n_impostor, "identities": len(ids), "identities_used":
-            len({p[0] for p, _ in labelled} | {p[2] for p, _ in labelled}), "distinct_images": len(cache),
-            "seed": seed}
+            "impostor": len(issame) - n_genuine, "identities": len(ids), "identities_used":
+            len({p[0] for p, _ in labelled} | {p[2] for p, _ in labelled}), "distinct_images": len(used),
+            "seed": seed, "skipped": [{"path": _source_name(load), "error": err} for load, err in bad.items()]}

@@ -86,6 +86,10 @@ def pairs_cmd(
                f"{summary['impostor']} impostor) from {summary['identities_used']} of "
                f"{summary['identities']} identities, "
                f"{summary['distinct_images']} distinct images -> {summary['out']} (seed {seed})")
+    if summary["skipped"]:  # reported as `pfc data pack` reports the files it skips
+        typer.echo(f"  skipped {len(summary['skipped'])} unreadable files:", err=True)
+        for s in summary["skipped"][:20]:
+            typer.echo(f"    {s['path']}: {s['error']}", err=True)
     write_json(json_path, summary)
 
 

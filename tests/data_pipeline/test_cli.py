@@ -67,3 +67,32 @@ def test_pack_and_pairs_report_bad_sources(tmp_path: Path) -> None:
     src = make_image_folder(tmp_path / "one", n_ids=1, per_id=3, size=(8, 8))
     res = runner.invoke(app, ["data", "pairs", str(src), str(tmp_path / "v.bin")])
     assert res.exit_code == 2 and "at least 2 identities" in res.output
+
+
+def test_inspect_fails_on_image_key_missing_from_index(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "imgs", n_ids=2, per_id=2, size=(20, 20))
+    prefix = tmp_path / "ds"
+    assert runner.invoke(app, ["data", "pack", str(src), str(prefix), "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["data", "inspect", str(prefix)]).exit_code == 0
+    idx = Path(f"{prefix}.idx")
+    idx.write_text("".join(ln for ln in idx.read_text().splitlines(keepends=True) if not ln.startswith("3\t")))
+    res = runner.invoke(app, ["data", "inspect", str(prefix)])
+    assert res.exit_code == 1, res.output
+    assert "1 of the image keys [1, 5)" in res.output and "the first is key 3" in res.output
+    assert "status      FAILED" in res.output
+
+
+def test_pairs_skips_and_names_an_unreadable_image(tmp_path: Path) -> None:
+    from data_pipeline.verification import check_decodable
+
+    src = make_image_folder(tmp_path / "imgs", n_ids=5, per_id=3, size=(12, 12))
+    bad = src / "person_000" / "zz_bad.jpg"
+    bad.write_bytes(b"junk\n")
+    res = runner.invoke(app, ["data", "pairs", str(src), str(tmp_path / "v.bin"), "--pairs", "30",
+                              "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    images, _ = load_bin(tmp_path / "v.bin")
+    check_decodable(tmp_path / "v.bin", images)
+    assert "wrote 30 pairs" in res.output and "15 distinct images" in res.output
+    assert "skipped 1 unreadable files" in res.output and f"{bad}: UnidentifiedImageError" in res.output
+    assert json.loads((tmp_path / "p.json").read_text())["skipped"][0]["path"] == str(bad)

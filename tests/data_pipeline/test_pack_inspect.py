@@ -223,3 +223,68 @@ def test_pack_output_does_not_depend_on_threads(tmp_path: Path) -> None:
     assert one["images"] == three["images"] == 12 and len(three["skipped"]) == 1
     for suffix in (".rec", ".idx", ".property"):
         assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"three{suffix}").read_bytes()
+
+
+def _packed(tmp_path: Path) -> Path:
+    """A real packed dataset: 3 identities x 3 images, image keys 1..9, identity records 10..12."""
+    src = make_image_folder(tmp_path / "imgs", n_ids=3, per_id=3, size=(16, 16))
+    prefix = tmp_path / "out" / "ds"
+    pack_dataset(src, prefix, resize=False, progress=False)
+    return prefix
+
+
+def _drop_from_idx(prefix: Path, keys: set[int]) -> None:
+    idx = Path(f"{prefix}.idx")
+    lines = [ln for ln in idx.read_text().splitlines() if int(ln.split("\t")[0]) not in keys]
+    idx.write_text("\n".join(lines) + "\n")
+
+
+def test_inspect_packed_dataset_is_ok(tmp_path: Path) -> None:
+    prefix = _packed(tmp_path)
+    for sample in (None, 4):
+        rep = inspect_dataset(prefix, sample=sample)
+        assert rep["ok"] and not rep["errors"] and not rep["corrupt"], rep
+        assert rep["header"] == [10, 13] and rep["images"] == 9
+
+
+@pytest.mark.parametrize("sample", [None, 4])
+def test_inspect_image_key_missing_from_index(tmp_path: Path, sample: int | None) -> None:
+    # insightface's MXFaceDataset reads every key in range(1, id_start): a gap in the index is fatal
+    # to it even though every record that is there is sound
+    prefix = _packed(tmp_path)
+    _drop_from_idx(prefix, {5})
+    rep = inspect_dataset(prefix, sample=sample)
+    assert not rep["ok"]
+    assert [e for e in rep["errors"] if "1 of the image keys [1, 10)" in e and "the first is key 5" in e
+            and f"{prefix}.idx" in e], rep["errors"]
+    # key 5 is class 1's (identity record 11, range [4, 7))
+    rec = Path(f"{prefix}.rec")
+    _expect_one(rep, 11, RecordReader(rec, f"{prefix}.idx").offset(11), rec,
+                "class 1 covers image keys [4, 7) but the index lacks 1 of them, the first is key 5")
+    assert len(rep["corrupt"]) == 1
+    assert "FAILED" in format_report(rep) and "the first is key 5" in format_report(rep)
+
+
+def test_inspect_identity_range_past_image_keys(tmp_path: Path) -> None:
+    # the last class's images are gone from the index (a truncated pack): its identity record still
+    # points at keys 7..9, which no longer exist
+    prefix = _packed(tmp_path)
+    _drop_from_idx(prefix, {7, 8, 9})
+    rep = inspect_dataset(prefix)
+    assert not rep["ok"]
+    assert [e for e in rep["errors"] if "3 of the image keys [1, 10)" in e and "the first is key 7" in e]
+    rec = Path(f"{prefix}.rec")
+    _expect_one(rep, 12, RecordReader(rec, f"{prefix}.idx").offset(12), rec,
+                "class 2 covers image keys [7, 10) but the index lacks 3 of them, the first is key 7")
+
+
+def test_first_absent() -> None:
+    from data_pipeline.checks import _first_absent
+
+    keys = np.array([0, 1, 2, 4, 5, 9, 10], dtype=np.int64)
+    assert _first_absent(keys, 1, 11) == 3
+    assert _first_absent(keys, 4, 11) == 6
+    assert _first_absent(keys, 9, 12) == 11
+    assert _first_absent(np.empty(0, np.int64), 1, 5) == 1
+    big = np.delete(np.arange(0, 1 << 20, dtype=np.int64), [777_777, 900_000])
+    assert _first_absent(big, 1, 1 << 20) == 777_777

@@ -58,6 +58,15 @@ def test_scale_writer_is_byte_identical_to_insightface_writer(tmp_path: Path) ->
         assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes(), suffix
 
 
+def _only_the_sparse_gap(rep: dict) -> None:
+    """The sparse fixture's image keys start at 2**24 - 61 (writing 16M records would take minutes), so
+    inspect rightly reports keys 1 .. 2**24 - 62 as missing from the index (insightface's loader reads
+    every key below id_start); that must be the only finding."""
+    assert not rep["ok"] and not rep["corrupt"], format_report(rep)
+    (err,) = rep["errors"]
+    assert f"{B - 62} of the image keys [1, {B + 42})" in err and "the first is key 1 (" in err, err
+
+
 def test_float32_preimage_and_exact_range() -> None:
     assert float32_preimage(5.0).tolist() == [5]
     # 2**24 + 1 rounds to 2**24 (ties to even), 2**24 + 3 to 2**24 + 4
@@ -85,7 +94,7 @@ def test_keys_around_2_24_read_exactly(tmp_path: Path) -> None:
     for i in (6, 7, 36, 37, 38, 61, 62, 101, 102):  # images on both sides of every class boundary
         assert r.read_image(int(r.image_key_array[i]))[0] == expected[i]
     rep = inspect_dataset(prefix)
-    assert rep["ok"], format_report(rep)
+    _only_the_sparse_gap(rep)
     assert (rep["records"], rep["images"], rep["identities"]) == (1 + 103 + 6, 103, 6)
     assert rep["header"] == [B + 42, B + 48]
     assert rep["images_per_identity"]["min"] == 1 and rep["images_per_identity"]["max"] == 40
@@ -103,7 +112,7 @@ def test_legacy_file_past_2_24_uses_the_idx_and_image_headers(tmp_path: Path) ->
     assert r.identity_ranges() is None  # rounded ranges are only hints
     assert r.labels.tolist() == _expected_labels(sizes).tolist()
     rep = inspect_dataset(prefix)
-    assert rep["ok"], format_report(rep)
+    _only_the_sparse_gap(rep)
     assert (rep["images"], rep["identities"]) == (103, 6)
 
 
@@ -161,7 +170,8 @@ def test_identity_record_mismatch_past_2_24_is_reported(tmp_path: Path) -> None:
 def test_quick_inspect_samples_but_counts_exactly(tmp_path: Path) -> None:
     prefix, _, _ = _sparse(tmp_path)
     rep = inspect_dataset(prefix, sample=10, seed=3)
-    assert rep["ok"] and rep["checked"] == 10 and rep["sampled"] == 10
+    _only_the_sparse_gap(rep)
+    assert rep["checked"] == 10 and rep["sampled"] == 10
     assert (rep["images"], rep["identities"]) == (103, 6)
     assert rep["images_per_identity"]["max"] == 40
     assert "10 sampled records checked" in format_report(rep)

@@ -169,6 +169,38 @@ def test_make_pairs_from_dataset(tmp_path: Path) -> None:
         assert (owner[images[2 * i]] == owner[images[2 * i + 1]]) == same
 
 
+def test_make_pairs_skips_an_unreadable_image(tmp_path: Path) -> None:
+    """A file that does not decode never reaches the .bin (which `pfc train --val-bin` / `pfc eval` would
+    refuse): it is skipped and named, as `pfc data pack` skips it, and the pairs are those of the folder
+    without it."""
+    from data_pipeline.verification import check_decodable
+
+    clean = make_image_folder(tmp_path / "clean", n_ids=5, per_id=3, size=(8, 8))
+    make_pairs(clean, tmp_path / "clean.bin", pairs=30, seed=0)
+    src = make_image_folder(tmp_path / "imgs", n_ids=5, per_id=3, size=(8, 8))
+    bad = src / "person_000" / "zz_bad.jpg"
+    bad.write_bytes(b"junk\n")
+    truncated = src / "person_002" / "zz_cut.png"
+    truncated.write_bytes((src / "person_002" / "0.png").read_bytes()[:60])
+    summary = make_pairs(src, tmp_path / "p.bin", pairs=30, seed=0)
+    images, issame = load_bin(tmp_path / "p.bin")
+    check_decodable(tmp_path / "p.bin", images)
+    assert sorted(s["path"] for s in summary["skipped"]) == [str(bad), str(truncated)]
+    assert all(s["error"] for s in summary["skipped"])
+    assert b"junk\n" not in images and len(issame) == 30 and summary["distinct_images"] == 15
+    assert (tmp_path / "p.bin").read_bytes() == (tmp_path / "clean.bin").read_bytes()
+    # from a dataset prefix too: an undecodable record is named by its key
+    with InsightFaceWriter(tmp_path / "ds") as w:
+        w.add_identity([jpeg_bytes(0), b"\xff\xd8 not a JPEG", jpeg_bytes(1)])
+        w.add_identity([jpeg_bytes(2), jpeg_bytes(3)])
+    summary = make_pairs(tmp_path / "ds", tmp_path / "d.bin", pairs=4, seed=0)
+    assert [s["path"] for s in summary["skipped"]] == [f"{tmp_path / 'ds'}.rec record key 2"]
+    check_decodable(tmp_path / "d.bin", load_bin(tmp_path / "d.bin")[0])
+    # nothing readable left for the pairs asked: the error says what was skipped
+    with pytest.raises(ValueError, match=r"after skipping 1 unreadable images, the first .*record key 2"):
+        make_pairs(tmp_path / "ds", tmp_path / "e.bin", pairs=6, seed=0)
+
+
 def test_a_file_that_is_not_a_verification_bin_is_a_user_error_naming_it(tmp_path: Path) -> None:
     """Garbage, a truncated copy, a pickle of no pairs: :class:`BinFormatError` (a user error of `pfc`: one
     line, exit 2), naming the file; ``check_val_bins`` refuses such a ``data.val_bins`` before training."""
