@@ -1,65 +1,41 @@
 """Dataset integrity check behind ``pfc data inspect``.
 
-By default every record listed by the ``.idx`` (or found by scanning the ``.rec``) is checked from
-its *head*: the chunk magic, the cflag, that the record ends inside the file, the IRHeader and its
-labels, the insightface header and identity records (exact key ranges, see
-:mod:`data_pipeline.insightface`), that the index holds every image key ``[1, id_start)`` and every key
-an identity range covers (binary searches over the sorted keys, so also cheap at 42M), and that every
-image's label agrees with the identity record covering it. Heads are read vectorised
-(:meth:`RecordReader.iter_heads`: one positioned read per 64 MiB run of the file, numpy for the rest), so
-42M records take seconds, not minutes. Split
-records (rare) are read whole. ``deep`` also reads every image record whole and decodes it;
-``sample`` (``--quick``) checks the header, every identity record and a random sample of image
-records, and derives the counts from the index and the identity records.
-
-Problems with one record are listed by key and byte offset; problems with the dataset as a whole (a
-missing property file, an unreadable index, image keys missing from the index) are listed as errors.
+By default every record listed by the ``.idx`` (or found by scanning the ``.rec``) is checked from its
+*head*: the chunk magic, the cflag, that the record ends inside the file, the IRHeader and its labels, the
+insightface header and identity records (exact key ranges, :mod:`data_pipeline.insightface`), that the index
+holds every image key ``[1, id_start)`` and every key an identity range covers (binary searches over the
+sorted keys), and that every image's label agrees with the identity record covering it. Heads are read
+vectorised (:meth:`RecordReader.iter_heads`: one positioned read per 64 MiB run, numpy for the rest), so 42M
+records take seconds; split records (rare) are read whole. ``deep`` also decodes every image record;
+``sample`` (``--quick``) checks the header, every identity record and a random sample of image records,
+and derives the counts from the index and the identity records. Problems with one record are listed by key
+and byte offset; problems with the dataset as a whole (a missing property file, an unreadable index, image
+keys missing from it) as errors.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.inspect_report import format_report
-from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, exact_range, resolve_header, valid_class_ids
+from data_pipeline.inspect_report import format_report, note_image_sizes
+from data_pipeline.key_ranges import (
+    FLOAT32_EXACT_LIMIT,
+    absent_keys,
+    exact_range,
+    first_absent_key,
+    resolve_header,
+    valid_class_ids,
+)
 from data_pipeline.progress_bar import progress_bar
 from data_pipeline.property_file import prefix_path, read_property
 from data_pipeline.record_format import LEN_MASK, MAGIC, RecordIOError, unpack
 from data_pipeline.recordio import RecordReader
+from data_pipeline.verification import decode_check
 
 __all__ = ["decode_check", "format_report", "inspect_dataset"]
-
-
-def decode_check(payload: bytes) -> tuple[int, int]:
-    """Fully decode an encoded image with Pillow; returns (h, w). Raises ValueError if it does not decode."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(payload)) as im:
-            im.load()  # open() only parses the header; load() runs the whole decoder
-            return im.height, im.width
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
-        raise ValueError(f"payload of {len(payload)} bytes is not a decodable image "
-                         f"({type(exc).__name__}: {exc})") from None
-
-
-def _first_absent(sorted_keys: np.ndarray, lo: int, hi: int) -> int:
-    """The smallest key in ``[lo, hi)`` that ``sorted_keys`` (ascending, unique) lacks; the caller knows one
-    is missing. Binary search: the keys from ``lo`` on equal ``lo, lo + 1, ...`` exactly up to the first gap,
-    so ~26 probes find it among 42M keys, with no array the size of the range."""
-    base = int(np.searchsorted(sorted_keys, lo))
-    left, right = 0, hi - lo
-    while left < right:
-        mid = (left + right) // 2
-        if base + mid < len(sorted_keys) and int(sorted_keys[base + mid]) == lo + mid:
-            left = mid + 1
-        else:
-            right = mid
-    return lo + left
 
 
 def _corrupt(key: int, offset: int | None, error: str) -> dict[str, Any]:
@@ -214,17 +190,12 @@ class _Inspection:
         """Every key in ``[1, id_start)`` must be in the index: insightface's own loader (arcface_torch's
         MXFaceDataset) reads each of ``range(1, header.label[0])`` and stops with a KeyError at the first
         gap, however sound the records that are there. Counted with two binary searches (keys are unique)."""
-        sk = self.reader.sorted_keys
-        lo, hi = (int(x) for x in np.searchsorted(sk, [1, id_start]))
-        absent = (id_start - 1) - (hi - lo)
-        if absent <= 0:
-            return
-        first = _first_absent(sk, 1, id_start)
-        where = self.report["idx"] or f"{self.rec_path} (scanned)"
-        self.report["errors"].append(
-            f"{where}: {absent} of the image keys [1, {id_start}) that the header record implies are not in the "
-            f"index, the first is key {first} (insightface's loader reads every key below id_start={id_start} "
-            "and fails on a missing one)")
+        sk, where = self.reader.sorted_keys, self.report["idx"] or f"{self.rec_path} (scanned)"
+        if (absent := int(absent_keys(sk, 1, id_start))) > 0:
+            self.report["errors"].append(
+                f"{where}: {absent} of the image keys [1, {id_start}) that the header record implies are not in "
+                f"the index, the first is key {first_absent_key(sk, 1, id_start)} (insightface's loader reads "
+                f"every key below id_start={id_start} and fails on a missing one)")
 
     def identities(self, header: tuple[int, int]) -> dict[str, np.ndarray]:
         """Check the identity records; their exact ranges (sorted by first key) for the image pass."""
@@ -266,15 +237,12 @@ class _Inspection:
             # range it could round from covers is checked
             first = np.maximum(a + sa, 1)
             end = np.maximum(np.minimum(b - sb, s), first)  # that part may be empty (a 1-image class)
-            span = end - first
-            have = np.searchsorted(sk, end) - np.searchsorted(sk, first)
-            gap = ok & (have < span)
-            for i in np.flatnonzero(gap).tolist():
-                lo_i, hi_i = int(first[i]), int(end[i])
+            lacking = absent_keys(sk, first, end)
+            for i in np.flatnonzero(ok & (lacking > 0)).tolist():
                 self.flag_corrupt(int(k[i]), int(offs[i]), f"{self.where(int(k[i]), int(offs[i]))}: identity "
                                   f"record for class {int(k[i]) - s} covers image keys [{int(a[i])}, {int(b[i])}) "
-                                  f"but the index lacks {int(span[i] - have[i])} of them, the first is key "
-                                  f"{_first_absent(sk, lo_i, hi_i)}")
+                                  f"but the index lacks {int(lacking[i])} of them, the first is key "
+                                  f"{first_absent_key(sk, int(first[i]), int(end[i]))}")
             # the range itself stays in use: the labels of the images that are there are still checked
             # against it, and --quick counts the class's images from it
             cls_l.append(k[ok] - s)
@@ -399,13 +367,7 @@ class _Inspection:
                 continue
             self.report["decoded"] += 1
             sizes[f"{hh}x{ww}"] = sizes.get(f"{hh}x{ww}", 0) + 1
-        if self.report["image_size"] is not None and sizes:
-            want = f"{self.report['image_size'][0]}x{self.report['image_size'][1]}"
-            other = sum(v for s, v in sizes.items() if s != want)
-            msg = [w for w in self.report["warnings"] if not w.endswith("as the property file says")]
-            if other:
-                msg.append(f"{other} images are not {want} as the property file says")
-            self.report["warnings"][:] = msg
+        note_image_sizes(self.report)
         return good
 
     def _sampled(self, image_pos: np.ndarray | None, lo: int, n_img: int, ranges: dict[str, np.ndarray] | None,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import CommitOrAbort, fsync_dir, temp_name
+from data_pipeline.atomic import CommitOrAbort, fsync_dir, fsync_file, temp_name
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
-from data_pipeline.property_file import prefix_path, write_property
+from data_pipeline.property_file import prefix_path, property_text
 from data_pipeline.record_format import IRHeader, pack
 from data_pipeline.record_writer import RecordWriter
 
@@ -95,7 +95,8 @@ class InsightFaceWriter(CommitOrAbort):
                 self._writer.write(key, pack(range_header(a, b, key), b""))
             id_end = id_start + self._num_classes
             self._writer.patch(self._header_offset, pack(range_header(id_start, id_end, 0), b""))
-            write_property(staged, self._num_classes, self.image_size)
+            staged.write_text(property_text(self._num_classes, self.image_size))  # staged: already a temporary
+            fsync_file(staged)
             self._writer.close(remove_first=[self.property_path])
             os.replace(staged, self.property_path)
             fsync_dir(self.property_path.parent)

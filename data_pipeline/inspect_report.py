@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report"]
+__all__ = ["format_report", "note_image_sizes"]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -45,3 +45,17 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("status      " + ("OK" if report["ok"] else "FAILED"))
     return "\n".join(lines)
 
+
+
+def note_image_sizes(report: dict[str, Any]) -> None:
+    """``--deep``: the warning that decoded images are not the property file's size (replacing an earlier
+    one), from the report's ``image_sizes`` counts."""
+    sizes: dict[str, int] = report["image_sizes"]
+    if report["image_size"] is None or not sizes:
+        return
+    want = f"{report['image_size'][0]}x{report['image_size'][1]}"
+    other = sum(v for s, v in sizes.items() if s != want)
+    msg = [w for w in report["warnings"] if not w.endswith("as the property file says")]
+    if other:
+        msg.append(f"{other} images are not {want} as the property file says")
+    report["warnings"][:] = msg

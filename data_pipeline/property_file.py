@@ -13,7 +13,7 @@ from data_pipeline.atomic import atomic_write
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT
 from data_pipeline.record_format import RecordIOError
 
-__all__ = ["prefix_path", "property_path", "read_property", "write_property"]
+__all__ = ["prefix_path", "property_path", "property_text", "read_property", "write_property"]
 
 
 def prefix_path(prefix: str | os.PathLike[str], suffix: str) -> Path:
@@ -57,7 +57,12 @@ def read_property(prefix: str | os.PathLike[str]) -> tuple[int, int, int]:
 
 
 
+def property_text(num_classes: int, image_size: tuple[int, int]) -> str:
+    """A property file's content: ``num_classes,height,width`` and a newline."""
+    return f"{num_classes},{image_size[0]},{image_size[1]}\n"
+
+
 def write_property(path: str | os.PathLike[str], num_classes: int, image_size: tuple[int, int]) -> Path:
     """Write ``num_classes,height,width`` to the property file ``path`` (atomically: a dataset's property
     appears last, so a half-written dataset has none)."""
-    return atomic_write(path, f"{num_classes},{image_size[0]},{image_size[1]}\n")
+    return atomic_write(path, property_text(num_classes, image_size))

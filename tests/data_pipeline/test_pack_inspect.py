@@ -279,7 +279,7 @@ def test_inspect_identity_range_past_image_keys(tmp_path: Path) -> None:
 
 
 def test_first_absent() -> None:
-    from data_pipeline.checks import _first_absent
+    from data_pipeline.key_ranges import first_absent_key as _first_absent
 
     keys = np.array([0, 1, 2, 4, 5, 9, 10], dtype=np.int64)
     assert _first_absent(keys, 1, 11) == 3
