@@ -299,7 +299,7 @@ def test_a_corrupt_record_stops_dali_with_file_key_offset(small_dataset: Path, t
     # DALI's shutdown deadlocks (seen in CI: the next test's workers hung)
     from nvidia.dali.pipeline import Pipeline
 
-    assert [o for o in gc.get_objects() if isinstance(o, Pipeline)] == []
+    assert [o for o in gc.get_objects() if issubclass(type(o), Pipeline)] == []  # type(): no __class__ hooks
     assert (str(err.value.path), err.value.key, err.value.offset) == (f"{prefix}.rec", key, offset)
     assert ("not a decodable image" if which == "payload" else "bad magic") in str(err.value)
     assert "\n" not in str(err.value)
