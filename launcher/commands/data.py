@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from launcher.commands.groups import data_app
-from launcher.commands.output import user_errors, write_json
+from launcher.commands.output import fail, user_errors, write_json
 
 
 @data_app.command("pack")
@@ -47,9 +47,23 @@ def pack_cmd(
     write_json(json_path, summary)
 
 
+def _dataset_prefix(arg: Path, command: str) -> Path:
+    """A packed dataset's PREFIX from a PREFIX, its ``.rec``/``.idx`` file or a folder holding ``train.rec`` (the
+    forms ``--data`` takes, but no image folder: nothing is packed here); none there is one line, exit 2."""
+    if arg.suffix in (".rec", ".idx"):
+        arg = arg.with_suffix("")
+    elif not Path(f"{arg}.rec").is_file() and arg.is_dir() and (arg / "train.rec").is_file():
+        arg = arg / "train"
+    if not Path(f"{arg}.rec").is_file():
+        fail(f"{arg}.rec: no such record file; give a packed dataset: its PREFIX (PREFIX.rec, PREFIX.idx, "
+             "property), its .rec or .idx file, or a folder holding train.rec (`pfc data pack` makes one)", command)
+    return arg
+
+
 @data_app.command("inspect")
 def inspect_cmd(
-    prefix: Path = typer.Argument(..., help="Dataset prefix (PREFIX.rec, PREFIX.idx, property)."),
+    prefix: Path = typer.Argument(..., help="Dataset prefix (PREFIX.rec, PREFIX.idx, property), its .rec or .idx "
+                                  "file, or a folder holding train.rec."),
     deep: bool = typer.Option(False, "--deep", help="Also read every image record whole and decode it "
                               "(default: record heads only: structure, labels, key ranges)."),
     quick: bool = typer.Option(False, "--quick", help="Check the header and identity records and a random "
@@ -62,6 +76,7 @@ def inspect_cmd(
     """Check every record of a dataset and print statistics (exit code 1 when anything is corrupt)."""
     from data_pipeline.checks import format_report, inspect_dataset
 
+    prefix = _dataset_prefix(prefix, "pfc data inspect")
     report = inspect_dataset(prefix, deep=deep, progress=progress, sample=sample if quick else None, seed=seed)
     typer.echo(format_report(report))
     write_json(json_path, report)

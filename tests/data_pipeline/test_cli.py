@@ -97,3 +97,18 @@ def test_pairs_skips_and_names_an_unreadable_image(tmp_path: Path) -> None:
     assert "skipped 1 unreadable files" in res.output
     assert f"{bad}: payload of " in res.output and "(UnidentifiedImageError: not an image format" in res.output
     assert json.loads((tmp_path / "p.json").read_text())["skipped"][0]["path"] == str(bad)
+
+
+def test_inspect_takes_the_forms_data_takes_and_a_missing_dataset_is_one_line(tmp_path: Path) -> None:
+    """A PREFIX, its .rec or .idx, or a folder holding train.rec; nothing there: one line, exit 2 (it printed a
+    FAILED report of 0 records, exit 1, as if a dataset had been checked)."""
+    src = make_image_folder(tmp_path / "imgs", n_ids=3, per_id=2, size=(16, 16))
+    prefix = tmp_path / "ds" / "train"
+    assert runner.invoke(app, ["data", "pack", str(src), str(prefix), "--no-progress"]).exit_code == 0
+    for given in (prefix, f"{prefix}.rec", f"{prefix}.idx", prefix.parent):
+        res = runner.invoke(app, ["data", "inspect", str(given)])
+        assert res.exit_code == 0 and "status      OK" in res.output, (given, res.output)
+    res = runner.invoke(app, ["data", "inspect", str(tmp_path / "nowhere" / "train")])
+    assert res.exit_code == 2, res.output
+    assert f"pfc data inspect: {tmp_path / 'nowhere' / 'train'}.rec: no such record file" in " ".join(
+        res.output.split())
