@@ -41,15 +41,16 @@ Functions for the trainer:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from partialfc.collectives import Group, any_rank, barrier
 from partialfc.partition import class_range
@@ -70,6 +71,24 @@ _SHARD_RE = re.compile(r"^head_shard_(\d+)_(\d+)\.safetensors$")
 
 class CheckpointError(ValueError):
     """A head checkpoint that is missing, incomplete or does not fit the head it is loaded into."""
+
+
+class UnreadableHeadFile(CheckpointError):
+    """A safetensors file of the head checkpoint that safetensors cannot read (truncated by an interrupted
+    copy, overwritten): ``path``, and the reader's own ``error``."""
+
+    def __init__(self, path: Path, error: Exception) -> None:
+        super().__init__(f"{path}: unreadable ({type(error).__name__}: {error})")
+        self.path, self.error = path, error
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Inside the block ``path`` is read with safetensors: its failure to read it names the file."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise UnreadableHeadFile(path, e) from e
 
 
 def shard_filename(start: int, end: int) -> str:
@@ -218,7 +237,7 @@ def load_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
             lo, hi = max(start, head.start), min(end, head.end)
             if lo >= hi:
                 continue
-            with safe_open(str(f), framework="pt") as fh:
+            with _reading(f), safe_open(str(f), framework="pt") as fh:
                 keys = set(fh.keys())
                 for key, dst in targets.items():
                     if key not in keys:
@@ -237,7 +256,7 @@ def load_head(head: PartialFC, optimizer: SparseHeadOptimizer | None, path_dir: 
             dpath = path / DISCFACE
             if not dpath.is_file():
                 raise CheckpointError(f"{dpath}: missing, but the head has DiscFace on")
-            with safe_open(str(dpath), framework="pt") as fh:
+            with _reading(dpath), safe_open(str(dpath), framework="pt") as fh:
                 head.b.copy_(fh.get_tensor("b"))
                 if optimizer is not None:
                     names = optimizer.b_state().keys()

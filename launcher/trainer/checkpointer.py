@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from data_pipeline.atomic import atomic_write
@@ -48,7 +47,7 @@ from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, s
 from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
 from partialfc.backbones import save_backbone
-from partialfc.resharding import load_head, save_head
+from partialfc.resharding import UnreadableHeadFile, load_head, save_head
 
 if TYPE_CHECKING:
     from launcher.trainer.batches import TrainData
@@ -116,8 +115,8 @@ class HeadState:
         settings = hyperparameters(self.opt)
         try:
             load_head(self.head, self.opt, saved.folder / "head")
-        except SafetensorError as e:  # a truncated shard or b file (load_head's own CheckpointError names its file)
-            raise damaged(_unreadable(saved.folder / "head"), e, saved.folder) from e
+        except UnreadableHeadFile as e:  # a truncated shard or b file
+            raise damaged(e.path, e.error, saved.folder) from e
         reapply(self.opt, settings)  # the config's head LR and settings, not the checkpoint's
         schedule_at(self.sched, saved.step)
 
@@ -241,17 +240,6 @@ class Checkpointer:
             log.info(f"settings changed since the checkpoint, in effect from step {saved.step + 1}: "
                      f"{', '.join(run.changed)}")
         return saved.step
-
-
-def _unreadable(head: Path) -> Path:
-    """Which safetensors file of the head checkpoint ``head`` safetensors cannot open (error path only)."""
-    for f in sorted(head.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except SafetensorError:
-            return f
-    return head
 
 
 def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: TrainData | None = None) -> Checkpointer:
