@@ -26,8 +26,8 @@ import numpy as np
 
 from data_pipeline.atomic import atomic_write
 
-__all__ = ["BinFormatError", "UnsafePickleError", "check_decodable", "decode_check", "load_bin", "make_pairs",
-           "save_bin"]
+__all__ = ["BinFormatError", "UnsafePickleError", "check_bin", "check_decodable", "decode_check", "load_bin",
+           "make_pairs", "save_bin"]
 
 
 class BinFormatError(ValueError):
@@ -115,6 +115,12 @@ def check_decodable(path: str | os.PathLike[str], images: Sequence[bytes]) -> No
             decode_check(blob)
         except ValueError as exc:
             raise BinFormatError(f"{path}: image {i} of {len(images)} cannot be decoded ({exc})") from None
+
+
+def check_bin(path: str | os.PathLike[str]) -> None:
+    """:class:`BinFormatError` naming ``path`` unless it is a verification ``.bin`` whose every image decodes:
+    read through as an evaluation will read it, so that a bad one is refused before the run, not in it."""
+    check_decodable(path, load_bin(path)[0])
 
 
 def load_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:

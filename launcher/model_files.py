@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.atomic import describe_error
 from data_pipeline.dataset import to_unit
 from partialfc.backbones import BackboneFileError, load_backbone, unwrap
 from partialfc.metrics import flip_embed
@@ -248,7 +249,7 @@ def export_onnx(
         except Exception as e:  # onnxruntime's own errors (its pybind types): an op it has no kernel for
             if type(e).__module__.startswith("onnxruntime"):
                 out.unlink()
-                raise OnnxOpsetError(f"{out}: onnxruntime cannot run this opset-{opset} file ({one_line_of(e)}; "
+                raise OnnxOpsetError(f"{out}: onnxruntime cannot run this opset-{opset} file ({describe_error(e)}; "
                                      "the file is not kept); choose another --opset (default 17)") from e
             raise
         result.batch_sizes = [int(b) for b in batch_sizes]
@@ -263,11 +264,6 @@ def _file_opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def one_line_of(error: BaseException) -> str:
-    """The first line of an error's message."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def compare_onnx(

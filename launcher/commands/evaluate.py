@@ -25,7 +25,7 @@ def eval_cmd(
     import torch
     from pydantic import ValidationError
 
-    from data_pipeline.verification import BinFormatError, check_decodable, load_bin
+    from data_pipeline.verification import BinFormatError, check_bin
     from launcher.config import Config
     from launcher.distributed import DistContext
     from launcher.trainer.checkpoint_files import resolve_backbone_file
@@ -40,7 +40,7 @@ def eval_cmd(
             fail(f"verification file {b} does not exist", "pfc eval")
     with user_errors("pfc eval", BinFormatError):  # all checked before the first is embedded (minutes each)
         for b in bins:
-            check_decodable(b, load_bin(b)[0])
+            check_bin(b)
     size = net.backbone_config["image_size"]
     if not isinstance(size, int):
         if len(set(size)) != 1:

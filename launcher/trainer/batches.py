@@ -21,7 +21,7 @@ import torch
 
 from data_pipeline.insightface import InsightFaceReader, property_path, read_property
 from data_pipeline.recordio import RecordIOError
-from data_pipeline.verification import BinFormatError, check_decodable, load_bin
+from data_pipeline.verification import BinFormatError, check_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
 from launcher.errors import DataError
@@ -287,7 +287,7 @@ def check_val_bins(cfg: Config) -> None:
         raise FileNotFoundError(f"data.val_bins: no such file: {', '.join(missing)}")
     for b in cfg.data.val_bins:
         try:
-            check_decodable(b, load_bin(b)[0])
+            check_bin(b)
         except BinFormatError as e:
             raise DataError(f"data.val_bins: {e}") from None
 

@@ -324,7 +324,7 @@ def reading(f: Path, save: Path) -> Iterator[None]:
         raise
     except pickle.UnpicklingError as e:
         raise ResumeError(f"refusing to resume: {f} holds more than tensors and plain data (pickled code?) and "
-                          f"was not loaded: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                          f"was not loaded: {describe_error(e)}") from None
     except Exception as e:  # json's ValueError, torch's RuntimeError or OSError, safetensors' SafetensorError
         raise damaged(f, e, save) from e
 
