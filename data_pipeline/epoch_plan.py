@@ -29,8 +29,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 __all__ = ["Item", "Plan", "ShardedSampler", "check_plan", "epoch_flips", "epoch_order", "flip_probability",
-           "flips_at", "permute", "plan_block", "plan_length", "plan_size", "rank_block", "rank_flips", "shard_plan",
-           "unread"]
+           "flips_at", "part_length", "permute", "plan_block", "plan_length", "plan_size", "rank_block",
+           "rank_flips", "shard_plan", "unread"]
 
 # Stream words so that order and flips are independent draws for the same (seed, epoch).
 _ORDER_STREAM = 0
@@ -173,6 +173,11 @@ def plan_size(plan: Plan) -> int:
     return sum(b - a for a, b in plan)
 
 
+def part_length(per_rank: int, plan: Plan | None, world_size: int, drop_last: bool = False) -> int:
+    """Each rank's samples in an epoch: ``per_rank`` of a whole one, its part of ``plan`` of a resumed one."""
+    return per_rank if plan is None else plan_length(plan_size(plan), world_size, drop_last)
+
+
 def check_plan(plan: object, num_items: int) -> Plan:
     """``plan`` (e.g. read back from JSON) as a :data:`Plan`: non-empty, sorted, disjoint ranges inside
     [0, num_items); ValueError otherwise."""
@@ -301,7 +306,7 @@ class ShardedSampler(Sampler[Item]):
         """Select the epoch and the position (in this rank's samples) to start from; ``plan``: read only
         these positions of the epoch (the rest of an epoch resumed on another world size)."""
         plan = None if plan is None else check_plan(plan, self.num_items)
-        length = self.per_rank if plan is None else plan_length(plan_size(plan), self.world_size, self.drop_last)
+        length = part_length(self.per_rank, plan, self.world_size, self.drop_last)
         if not 0 <= start_index <= length:
             raise ValueError(f"start_index {start_index} is outside this rank's epoch of {length} samples")
         self.epoch = epoch
@@ -311,9 +316,7 @@ class ShardedSampler(Sampler[Item]):
     @property
     def epoch_length(self) -> int:
         """This rank's samples in the current epoch (``per_rank``, or its part of the plan)."""
-        if self.plan is None:
-            return self.per_rank
-        return plan_length(plan_size(self.plan), self.world_size, self.drop_last)
+        return part_length(self.per_rank, self.plan, self.world_size, self.drop_last)
 
     def indices(self) -> np.ndarray:
         """This rank's remaining indices for the current epoch (int64), computed alone (O(L))."""

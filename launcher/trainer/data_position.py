@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline.epoch_plan import Plan, check_plan, plan_length, plan_size, unread
+from data_pipeline.epoch_plan import Plan, check_plan, part_length, plan_size, unread
 from launcher.errors import DataError
 
 
@@ -54,7 +54,7 @@ class Layout:
 
     def length(self, plan: Plan | None) -> int:
         """Each rank's samples in an epoch that reads ``plan`` (None: a whole epoch)."""
-        return self.per_rank if plan is None else plan_length(plan_size(plan), self.world_size, self.drop_last)
+        return part_length(self.per_rank, plan, self.world_size, self.drop_last)
 
     def record(self, pos: EpochPosition, batch_size: int) -> dict[str, Any]:
         """``pos`` as meta.json's ``data_position``."""
