@@ -208,10 +208,12 @@ class RendezvousTimeout(errors.UserError, RuntimeError):
 def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
              rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None,
              rdzv_timeout: float | None = None, stop_signals: list[str] | None = None,
-             stop_grace_s: float | None = None) -> int:
+             stop_grace_s: float | None = None, output: str = "") -> int:
     """Start ``python -m torch.distributed.run ... -m launcher.cli <argv>`` and wait for it.
 
     ``argv`` is the ``pfc`` command line to run on every rank (it sees torchrun's environment).
+    ``run_id``: the rendezvous id of a multi-node launch (``rdzv_endpoint``); none given,
+    :func:`default_rdzv_id` of the endpoint and the run folder ``output``.
     ``rdzv_timeout`` (seconds) bounds the wait for the other nodes (torchrun's ``join_timeout``,
     default 600 s); when it runs out :class:`RendezvousTimeout` names the endpoint and the timeout.
     ``stop_signals`` (names) go to the ranks, not to torchrun (see ``launcher/trainer/preemption.py``): torchrun
@@ -221,7 +223,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
            f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                f"--rdzv-id={run_id or default_rdzv_id(rdzv_endpoint, '')}"]
+                f"--rdzv-id={run_id or default_rdzv_id(rdzv_endpoint, output)}"]
         if node_rank is not None:
             cmd.append(f"--node-rank={node_rank}")
         if rdzv_timeout is not None:

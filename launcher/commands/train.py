@@ -57,14 +57,7 @@ def train_cmd(
                                               "(default 600)"),
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
-    from launcher.distributed import (
-        RendezvousTimeout,
-        default_rdzv_id,
-        init_distributed,
-        shutdown,
-        torchrun,
-        under_launcher,
-    )
+    from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
     from launcher.trainer.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
     from launcher.trainer.progress import setup_logging
 
@@ -80,9 +73,7 @@ def train_cmd(
         started = time.time()
         try:
             code = torchrun(argv, nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                            max_restarts=max_restarts,
-                            run_id=rdzv_id or (default_rdzv_id(rdzv_endpoint, cfg.output) if rdzv_endpoint else None),
-                            rdzv_timeout=rdzv_timeout,
+                            max_restarts=max_restarts, run_id=rdzv_id, rdzv_timeout=rdzv_timeout, output=cfg.output,
                             stop_signals=cfg.train.stop_signals, stop_grace_s=cfg.train.stop_grace_s)
         except RendezvousTimeout as e:
             fail(str(e), code=3)
