@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from launcher.config_augment import (
     AugmentConfig,
@@ -27,6 +27,7 @@ from launcher.config_augment import (
     RotationAugment,
     ShiftAugment,
 )
+from launcher.config_base import Section
 from launcher.config_schema import (
     KEEP_BEST_METRICS,
     VIT_BACKBONES,
@@ -90,12 +91,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def _apply(tree: dict[str, Any], path: list[str], value: Any, item: str) -> None:
     node = tree
-    for p in path[:-1]:
+    for i, p in enumerate(path[:-1]):
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} holds {nxt!r}, not a section of fields")
         node = nxt
     node[path[-1]] = value
+
+
+def _null_sections_to_defaults(tree: dict[str, Any], model: type[BaseModel] = Config) -> None:
+    """In place: a section given as null becomes ``{}``, that is its defaults, at any depth.
+
+    YAML reads ``optim:`` with every key under it commented out as ``optim: null`` (JSON writes it
+    ``"optim": null``); users mean "the defaults", not a type error or, with ``--set optim.lr=...``,
+    a claim that ``optim`` is no section. Only fields typed as a section are touched: a null plain field
+    stays for validation to name."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if name not in tree or not (isinstance(section, type) and issubclass(section, Section)):
+            continue
+        if tree[name] is None:
+            tree[name] = {}
+        elif isinstance(tree[name], dict):
+            _null_sections_to_defaults(tree[name], section)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -114,9 +132,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
         tree = loaded
         source = str(p)
+    _null_sections_to_defaults(tree)
     for item in overrides or []:
         keys, value = parse_override(item)
         _apply(tree, keys, value, item)
+        _null_sections_to_defaults(tree)  # `--set optim=null`, as in a file, is the section's defaults
     if overrides:
         source += " + --set " + " ".join(overrides)
     try:

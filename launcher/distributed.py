@@ -31,6 +31,41 @@ class BackendUnavailable(errors.UserError, RuntimeError):
     """``dist.backend`` names a backend this machine cannot run (NCCL without a visible GPU)."""
 
 
+class TooFewGpus(errors.UserError, RuntimeError):
+    """More ranks on a node than CUDA devices visible to them: two ranks would share one GPU."""
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int, own_gpus: bool = False) -> int:
+    """The CUDA device (index among the ``visible`` ones) of local rank ``local_rank`` of the
+    ``local_world_size`` ranks on its node: its own, ``local_rank``.
+
+    ``own_gpus``: the visible devices are this rank's alone (SLURM's per-task binding, see
+    :func:`gpus_bound_per_task`), so fewer of them than ranks on the node is no sharing: the first.
+    Otherwise, with fewer devices than ranks two ranks would share a GPU (each at half speed; NCCL refuses
+    two ranks of one communicator on one device, or hangs): :class:`TooFewGpus`, one line naming both counts.
+    """
+    if not 0 <= local_rank < local_world_size:
+        raise RuntimeError(f"local rank {local_rank} is outside 0..{local_world_size - 1} (LOCAL_RANK and "
+                           "LOCAL_WORLD_SIZE disagree)")
+    if local_world_size <= visible:
+        return local_rank
+    if own_gpus and visible > 0:
+        return 0
+    raise TooFewGpus(f"{local_world_size} ranks on this node (LOCAL_WORLD_SIZE, --nproc-per-node) need one GPU "
+                     f"per rank, but {visible} CUDA device(s) are visible: start at most {visible} ranks per "
+                     "node, or train on CPUs (CUDA_VISIBLE_DEVICES= makes dist.backend=auto take gloo)")
+
+
+def gpus_bound_per_task() -> bool:
+    """Whether SLURM started this rank itself (no torchrun) and gave each task its own GPUs
+    (``--gpus-per-task``, whose default binding shows a task only its own GPUs, so that the other tasks
+    of the node do not compete for the ones it sees)."""
+    # not under_launcher(): rank_environment sets RANK and WORLD_SIZE from SLURM's; torchrun always sets this
+    if "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_PROCID" not in os.environ:
+        return False
+    return bool(os.environ.get("SLURM_GPUS_PER_TASK")) or "gpu" in os.environ.get("SLURM_TRES_PER_TASK", "")
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -135,8 +170,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
         raise BackendUnavailable("dist.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPUs)")
-    device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if cuda:
+        index = cuda_device_index(local, local_world, torch.cuda.device_count(), own_gpus=gpus_bound_per_task())
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     used: str | None = None
     if world > 1:

@@ -5,7 +5,8 @@
 
 Every backbone takes ``(B, 3, H, W)`` float input in [-1, 1] (H, W fixed at construction) and returns
 ``(B, embedding_size)`` float32 features, not normalised. ``fp16=True`` runs the convolutional trunk
-under float16 autocast (on the input's device type) while the FC + BN1d output stays float32; bf16
+under float16 autocast (on the input's device type) while the FC + BN1d output stays float32
+(MobileFaceNet: its ``conv_sep`` and GDC too, as arcface_torch); bf16
 is left to the caller's own ``torch.autocast``. The modules never move themselves to a device and
 work in channels-last memory format (``model.to(memory_format=torch.channels_last)``).
 

@@ -203,10 +203,9 @@ class GDC(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](x)
-        # FC + BN1d in float32 even under a caller's autocast, as the other backbones
+        # all of it in float32 even under a caller's autocast (see MobileFaceNet.forward)
         with float32_region(x):
-            return self.layers[3](self.layers[2](self.layers[1](widen(x))))
+            return self.layers(widen(x))
 
 
 class MobileFaceNet(Backbone):
@@ -217,7 +216,8 @@ class MobileFaceNet(Backbone):
         image_size: input size (int or (h, w)), each divisible by 16; sets the GDC kernel.
         width: multiplier on every channel count (also the expansion widths and the 512 of conv_sep).
         dropout: dropout probability before the FC.
-        fp16: run the trunk under float16 autocast; the features are float32 either way.
+        fp16: run the trunk (``layers``) under float16 autocast, as arcface_torch; ``conv_sep`` and the
+            GDC run in float32 either way, under a caller's own autocast too.
         scale: integer multiplier on the trunk's 64/128 channels only, expansion widths unchanged:
             insightface's ``mbf`` is scale 2, ``mbf_large`` scale 4; scale 1 is the paper's network.
         blocks: residual repeats per stage (see :data:`DEFAULT_BLOCKS`); ``mbf_large`` is (2, 8, 12, 4).
@@ -291,8 +291,7 @@ class MobileFaceNet(Backbone):
         with trunk_autocast(x, self.fp16):
             for layer in self.layers:
                 x = layer(x)
-            x = self.conv_sep(x)
-            x = self.features.layers[0](x)  # the GDC conv: still part of the trunk's precision
+        # conv_sep and the GDC in float32, as arcface_torch (``conv_sep(x.float())``), also under a caller's
+        # autocast: the reduced-precision part is the same whichever of the two asked for it
         with float32_region(x):
-            gdc = self.features.layers
-            return gdc[3](gdc[2](gdc[1](widen(x))))
+            return self.features(self.conv_sep(widen(x)))

@@ -117,6 +117,38 @@ def test_precedence_defaults_then_file_then_set(tmp_path):
     assert cfg.optim.lr == 0.05 and cfg.train.steps == 9 and cfg.optim.momentum == 0.9
 
 
+@pytest.mark.parametrize("text", ["output: runs/x\noptim:\n  # lr: 0.05\ntrain:\n  steps: 7\n",
+                                  '{"output": "runs/x", "optim": null, "train": {"steps": 7}}'],
+                         ids=["yaml-keys-commented-out", "json-null"])
+@pytest.mark.parametrize("sets", [[], ["optim.lr=0.05"]], ids=["file-only", "with-set"])
+def test_a_null_section_means_its_defaults(tmp_path, text, sets):
+    """A section left empty (YAML reads ``optim:`` with its keys commented out as null) is its defaults,
+    alone and under ``--set optim.lr=...``; the rest of the file still applies."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    cfg = load_config(f, sets)
+    assert cfg.optim.lr == (0.05 if sets else Config().optim.lr)
+    assert cfg.optim.momentum == 0.9 and cfg.train.steps == 7 and cfg.output == "runs/x"
+
+
+def test_a_null_nested_section_and_a_set_to_null_are_defaults_too(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  augment:\n    color:\n")
+    cfg = load_config(f, ["data.augment.color.p=0.8"])
+    assert cfg.data.augment.color.p == 0.8
+    assert cfg.data.augment.color.brightness == Config().data.augment.color.brightness
+    assert load_config(None, ["optim.lr=0.05", "optim=null"]).optim == Config().optim
+
+
+def test_a_set_below_a_plain_field_names_the_field_and_its_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  prefix:\n")
+    with pytest.raises(ConfigError, match=r"^override 'data\.prefix\.x=1': data\.prefix holds None, not a section"):
+        load_config(f, ["data.prefix.x=1"])
+    with pytest.raises(ConfigError, match=r"optim\.lr holds 0\.05, not a section"):
+        load_config(None, ["optim.lr=0.05", "optim.lr.x=1"])
+
+
 def test_unknown_field_and_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lrr"):
         load_config(None, ["optim.lrr=0.1"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launcher import errors
-from launcher.distributed import init_distributed
+from launcher.distributed import TooFewGpus, cuda_device_index, gpus_bound_per_task, init_distributed
 from tests.support.runs import _pfc, refused_in_one_line
 
 IMAGE = 16
@@ -38,3 +38,52 @@ def test_pfc_train_with_nccl_on_a_cpu_is_one_line(tmp_path: Path) -> None:
               "--set", "dist.backend=nccl"], timeout=120)
     assert refused_in_one_line(r) == "pfc: dist.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPUs)"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ranks, gpus", [(1, 1), (4, 4), (4, 8), (8, 8)])
+def test_each_local_rank_takes_its_own_gpu(ranks: int, gpus: int) -> None:
+    assert [cuda_device_index(r, ranks, gpus) for r in range(ranks)] == list(range(ranks))
+
+
+@pytest.mark.parametrize("ranks, gpus", [(8, 4), (2, 1), (3, 2), (1, 0)])
+def test_more_ranks_on_a_node_than_gpus_is_refused_naming_both_counts(ranks: int, gpus: int) -> None:
+    """`--nproc-per-node 8` on a node with 4 visible GPUs: every rank refuses (two would share a GPU,
+    silently, at half speed, or NCCL fails), the first as the last, in one line that says what to do."""
+    for r in range(ranks):
+        with pytest.raises(TooFewGpus) as e:
+            cuda_device_index(r, ranks, gpus)
+        line = str(e.value)
+        assert line == (f"{ranks} ranks on this node (LOCAL_WORLD_SIZE, --nproc-per-node) need one GPU per rank, "
+                        f"but {gpus} CUDA device(s) are visible: start at most {gpus} ranks per node, or train "
+                        "on CPUs (CUDA_VISIBLE_DEVICES= makes dist.backend=auto take gloo)")
+        assert isinstance(e.value, errors.UserError)
+
+
+def test_gpus_slurm_binds_per_task_are_the_ranks_own() -> None:
+    """`srun --ntasks-per-node 4 --gpus-per-task 1`: each task sees one GPU, its own: device 0, no refusal."""
+    assert [cuda_device_index(r, 4, 1, own_gpus=True) for r in range(4)] == [0, 0, 0, 0]
+    assert [cuda_device_index(r, 2, 2, own_gpus=True) for r in range(2)] == [0, 1]
+    with pytest.raises(TooFewGpus):
+        cuda_device_index(0, 2, 0, own_gpus=True)
+
+
+def test_a_local_rank_outside_the_local_world_is_named() -> None:
+    with pytest.raises(RuntimeError, match=r"local rank 4 is outside 0\.\.3"):
+        cuda_device_index(4, 4, 8)
+
+
+@pytest.mark.parametrize("env, bound", [
+    ({"SLURM_PROCID": "3", "SLURM_GPUS_PER_TASK": "1"}, True),
+    ({"SLURM_PROCID": "3", "SLURM_TRES_PER_TASK": "cpu=4,gres/gpu=1"}, True),
+    ({"SLURM_PROCID": "3", "SLURM_TRES_PER_TASK": "cpu=4"}, False),
+    ({"SLURM_PROCID": "3"}, False),
+    ({"SLURM_PROCID": "0", "SLURM_GPUS_PER_TASK": "8", "TORCHELASTIC_RUN_ID": "r"}, False),  # torchrun's ranks
+    ({"SLURM_GPUS_PER_TASK": "1"}, False),
+])
+def test_per_task_binding_is_read_from_slurm_without_torchrun(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                              bound: bool) -> None:
+    for k in ("SLURM_PROCID", "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert gpus_bound_per_task() is bound

@@ -206,3 +206,27 @@ def test_caller_bfloat16_autocast_is_respected_and_output_is_float32():
         y = model(torch.rand(2, 3, 16, 16))
     assert conv_seen == [torch.bfloat16]
     assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fp16, outer", [(True, None), (False, torch.bfloat16), (False, torch.float16)],
+                         ids=["backbone-fp16", "caller-bf16", "caller-fp16"])
+def test_mobilefacenet_runs_conv_sep_and_the_gdc_in_float32_as_arcface_torch(fp16, outer):
+    """arcface_torch's MobileFaceNet autocasts ``layers`` only, then ``conv_sep(x.float())`` and the GDC in
+    float32. The same split holds under a caller's autocast (train.amp) instead of the backbone's flag."""
+    model = calibrated(get_backbone("mobilefacenet", embedding_size=16, fp16=fp16, **SMALL["mobilefacenet"]), (32, 32))
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name):
+        return lambda _m, args, out: seen.update({f"{name} in": args[0].dtype, f"{name} out": out.dtype})
+
+    model.layers[-1].register_forward_hook(record("trunk"))
+    model.conv_sep.layers[0].register_forward_hook(record("conv_sep"))
+    model.features.layers[0].layers[0].register_forward_hook(record("gdc conv"))
+    model.fc.register_forward_hook(record("fc"))
+    reduced = outer or torch.float16
+    with torch.no_grad(), torch.autocast("cpu", dtype=reduced, enabled=outer is not None):
+        y = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert seen["trunk out"] == reduced  # the trunk still ran in reduced precision
+    for name in ("conv_sep", "gdc conv", "fc"):
+        assert (seen[f"{name} in"], seen[f"{name} out"]) == (torch.float32, torch.float32), name
+    assert y.dtype == torch.float32
