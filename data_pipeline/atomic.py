@@ -18,6 +18,8 @@ itself: its head checkpoint and backbone files take the writer from their caller
 * :class:`AtomicFile` -- a file object for streaming writers (``commit()`` renames into place,
   ``discard()`` removes the temporary file).
 * :func:`fsync_dir` -- make a rename or an unlink inside ``path`` durable.
+* :func:`leftover_temps` -- the temporary files of a final name that a killed writer (SIGKILL, a power
+  loss: no ``except`` ran) left behind, each with whether its writer is known to be gone.
 
 A failure at any point (a full disk, a file-size limit) removes the temporary file and re-raises the
 original exception unchanged; the final name is untouched.
@@ -26,12 +28,17 @@ original exception unchanged; the final name is untouched.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["AtomicFile", "CommitOrAbort", "atomic_write", "describe_error", "fsync_dir", "fsync_file", "temp_name"]
+__all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "describe_error", "fsync_dir", "fsync_file",
+           "leftover_temps", "temp_name"]
 
 
 def _fsync_path(path: str | os.PathLike[str]) -> None:
@@ -60,11 +67,93 @@ def describe_error(error: BaseException) -> str:
     return text if isinstance(error, OSError) else f"{type(error).__name__}: {text}"
 
 
+def _host() -> str:
+    # the host goes into a file name: keep it to characters every filesystem takes
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "host"
+
+
 def temp_name(path: str | os.PathLike[str]) -> Path:
     """The temporary name ``path`` is written under: hidden, in the same directory (so the rename stays on
-    one filesystem), and per process (two ranks writing the same name never share a temporary file)."""
+    one filesystem), and per process (two ranks writing the same name never share a temporary file):
+    ``.NAME.tmp-HOST-PID``. The host and pid say whose it is when a killed writer leaves it behind."""
     p = Path(path)
-    return p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    return p.with_name(f".{p.name}.tmp-{_host()}-{os.getpid()}")
+
+
+# HOST-PID, or PID alone (the names before the host was added)
+_TEMP_SUFFIX = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A temporary file of a final name, left by a writer that did not finish (or is still writing).
+
+    ``host`` is None for a name without one. ``gone``: its writer is known not to be running: it was on
+    this host, and its pid is not running, or is a process started after the file was last written (the
+    pid was reused, e.g. after a reboot). Anything else (another host sharing the storage, a live pid,
+    no host in the name) may still be writing it."""
+
+    path: Path
+    size: int
+    host: str | None
+    pid: int
+    gone: bool
+
+    def describe(self) -> str:
+        """``PATH (SIZE, pid P on HOST)`` for a log line or an inspect warning."""
+        return f"{self.path} ({_size_text(self.size)}, pid {self.pid} on {self.host or 'an unknown host'})"
+
+
+def leftover_temps(path: str | os.PathLike[str]) -> list[Leftover]:
+    """The temporary files (:func:`temp_name`) of ``path`` in its folder, other than this process's own."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        return []
+    out = []
+    for tmp in sorted(p.parent.glob(f".{glob.escape(p.name)}.tmp-*")):
+        m = _TEMP_SUFFIX.fullmatch(tmp.name[len(p.name) + 1:])
+        if m is None or tmp == temp_name(p):
+            continue
+        try:
+            st = tmp.stat()
+        except FileNotFoundError:  # its writer committed or removed it meanwhile
+            continue
+        host, pid = m["host"], int(m["pid"])
+        gone = host == _host() and not _writer_may_run(pid, st.st_mtime)
+        out.append(Leftover(tmp, st.st_size, host, pid, gone))
+    return out
+
+
+def _writer_may_run(pid: int, mtime: float) -> bool:
+    """Whether process ``pid`` on this host may be the writer of a file last written at ``mtime``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        pass
+    started = _start_time(pid)
+    return started is None or started <= mtime + 1.0  # 1 s: /proc start times are in clock ticks
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from Linux's /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, counted after the command name
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _size_text(size: int) -> str:
+    value, units = float(size), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{size} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
 
 
 def _remove(tmp: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.inspect_report import format_report, note_image_sizes
+from data_pipeline.inspect_report import format_report, leftover_warnings, note_image_sizes
 from data_pipeline.key_ranges import (
     FLOAT32_EXACT_LIMIT,
     absent_keys,
@@ -74,6 +74,7 @@ def inspect_dataset(prefix: str | os.PathLike[str], deep: bool = False, progress
         report["num_classes"], report["image_size"] = num_classes, [h, w]
     except RecordIOError as exc:
         errors.append(str(exc))
+    warnings.extend(leftover_warnings(prefix))
     if not idx_path.is_file():
         warnings.append(f"{idx_path} not found: scanned {rec_path} (keys are record numbers)")
     try:

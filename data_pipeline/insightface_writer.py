@@ -4,19 +4,46 @@ re-exports :class:`InsightFaceWriter`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import CommitOrAbort, fsync_dir, fsync_file, temp_name
+from data_pipeline.atomic import CommitOrAbort, Leftover, fsync_dir, fsync_file, leftover_temps, temp_name
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
-from data_pipeline.property_file import prefix_path, property_text
+from data_pipeline.property_file import (
+    dataset_files,
+    other_property_path,
+    prefix_path,
+    property_text,
+    written_property_path,
+)
 from data_pipeline.record_format import IRHeader, pack
 from data_pipeline.record_writer import RecordWriter
 
-__all__ = ["InsightFaceWriter"]
+__all__ = ["InsightFaceWriter", "remove_leftovers"]
+
+log = logging.getLogger(__name__)
+
+
+def remove_leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
+    """Remove the temporary files of ``prefix``'s dataset names that a killed writer left (a ``.rec``
+    can be hundreds of GiB) when their writer is known to be gone (this host, pid not running: see
+    :class:`Leftover`), saying so in a log line; the others may belong to a write in progress (another
+    host, a live pid) and are only named. Returns the ones removed."""
+    removed = []
+    for left in (t for name in dataset_files(prefix) for t in leftover_temps(name)):
+        if not left.gone:
+            log.warning("kept %s: the write that made it may still be running; delete it once it is not",
+                        left.describe())
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            left.path.unlink()
+            removed.append(left)
+            log.warning("removed %s, left by an earlier write of %s that did not finish", left.describe(), prefix)
+    return removed
 
 
 class InsightFaceWriter(CommitOrAbort):
@@ -24,8 +51,10 @@ class InsightFaceWriter(CommitOrAbort):
 
     ``add_identity(jpegs)`` appends the images of one class and returns its class id (0, 1, ...).
     ``close()`` fills in the header record 0, appends the identity records, and writes the property
-    file: ``<dir>/property`` when the prefix's name is ``train`` (MS1M convention), else
-    ``PREFIX.property``. Byte-identical to the same records written by MXNet.
+    file: ``<dir>/property`` when the prefix's name is ``train`` (MS1M convention; a ``train.property``,
+    which the reader would take first, goes with the old dataset), else ``PREFIX.property``.
+    Byte-identical to the same records written by MXNet. Temporary files an earlier write of the same
+    names left when it was killed are removed first (:func:`remove_leftovers`).
 
     Overwriting a dataset: any failure (a full disk, Ctrl-C) before ``close()`` returns removes the new
     files and re-raises; the old dataset stays whole when it happens before the first rename or removal,
@@ -40,9 +69,9 @@ class InsightFaceWriter(CommitOrAbort):
         self.rec_path = prefix_path(prefix, ".rec")
         self.idx_path = prefix_path(prefix, ".idx")
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.property_path = (self.prefix.parent / "property" if self.prefix.name == "train"
-                              else prefix_path(prefix, ".property"))
+        self.property_path = written_property_path(prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(prefix)
         self._writer = RecordWriter(self.rec_path, self.idx_path)
         # header placeholder: same encoded size as the final one, patched in close()
         self._header_offset = self._writer.write(0, pack(IRHeader(0, [0.0, 0.0], 0, 0), b""))
@@ -97,7 +126,9 @@ class InsightFaceWriter(CommitOrAbort):
             self._writer.patch(self._header_offset, pack(range_header(id_start, id_end, 0), b""))
             staged.write_text(property_text(self._num_classes, self.image_size))  # staged: already a temporary
             fsync_file(staged)
-            self._writer.close(remove_first=[self.property_path])
+            # a stale train.property would shadow the new <dir>/property: it goes with the old dataset
+            other = other_property_path(self.prefix)
+            self._writer.close(remove_first=[self.property_path, *([other] if other is not None else [])])
             os.replace(staged, self.property_path)
             fsync_dir(self.property_path.parent)
         except BaseException:

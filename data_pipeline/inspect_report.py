@@ -6,9 +6,13 @@ formats it, one aligned line per fact, the first 50 corrupt records listed by ke
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ["format_report", "note_image_sizes"]
+from data_pipeline.atomic import leftover_temps
+from data_pipeline.property_file import dataset_files
+
+__all__ = ["format_report", "leftover_warnings", "note_image_sizes"]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -45,6 +49,18 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("status      " + ("OK" if report["ok"] else "FAILED"))
     return "\n".join(lines)
 
+
+
+def leftover_warnings(prefix: str | os.PathLike[str]) -> list[str]:
+    """One warning per temporary file of the dataset's names that a write which did not finish left
+    (a killed ``pfc data pack``), with its size and whether the next pack to ``prefix`` removes it."""
+    out = []
+    for left in (t for name in dataset_files(prefix) for t in leftover_temps(name)):
+        fate = ("its writer is gone: the next `pfc data pack` to this prefix removes it, or delete it"
+                if left.gone else "its writer may still be running (a live pid or another host): delete it "
+                "once no write of this dataset runs")
+        out.append(f"leftover temporary file {left.describe()} from a write that did not finish; {fate}")
+    return out
 
 
 def note_image_sizes(report: dict[str, Any]) -> None:

@@ -7,8 +7,9 @@ Sources:
   relative to the ``.lst``'s folder (or ``root``); the first label is the class id, and class ids
   are renumbered densely (0..C-1 in sorted order) when they are not already.
 
-Every image is decoded with Pillow, converted to RGB, optionally resized to 112x112 and encoded as
-JPEG (quality 95 by default). Unreadable images are skipped and listed in the summary.
+Every image is decoded with Pillow, converted to RGB, optionally resized to 112x112 (:data:`RESAMPLE`,
+bilinear) and encoded as JPEG (quality 95 by default). Unreadable images are skipped and listed in the
+summary.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from PIL import Image, UnidentifiedImageError
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
 from data_pipeline.progress_bar import progress_bar
 
-__all__ = ["IMAGE_EXTENSIONS", "encode_image", "list_sources", "pack_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "RESAMPLE", "encode_image", "list_sources", "pack_dataset"]
+
+# Pillow's bilinear (antialiased when shrinking): what the verification .bin images (pfc train's evaluation,
+# pfc eval) and embed_images' image files are resized with, so a model is evaluated on faces resized as its
+# training faces were; insightface's packers (im2rec, face2rec2's alignment) resize with OpenCV's bilinear too.
+RESAMPLE = Image.Resampling.BILINEAR
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
@@ -88,7 +94,7 @@ def encode_image(path: Path, *, size: tuple[int, int] | None, quality: int) -> t
     with Image.open(path) as im:
         rgb = im.convert("RGB")
     if size is not None and (rgb.height, rgb.width) != size:
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        rgb = rgb.resize((size[1], size[0]), RESAMPLE)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), (rgb.height, rgb.width)

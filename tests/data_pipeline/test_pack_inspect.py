@@ -13,7 +13,8 @@ from PIL import Image
 from data_pipeline.checks import format_report, inspect_dataset
 from data_pipeline.insightface import InsightFaceReader, InsightFaceWriter
 from data_pipeline.pack import pack_dataset
-from data_pipeline.recordio import IRHeader, RecordReader, pack
+from data_pipeline.property_file import read_property
+from data_pipeline.recordio import IRHeader, RecordIOError, RecordReader, pack
 from tests.data_pipeline.helpers import jpeg_bytes, make_image_folder
 
 
@@ -36,7 +37,7 @@ def test_pack_folder(tmp_path: Path) -> None:
     assert _decode(img).shape == (112, 112, 3)
     # pixels survive: the packed image is the source resized, up to JPEG-95 error
     src_img = Image.open(sorted((src / "person_001").glob("*.png"))[0]).convert("RGB")
-    want = np.asarray(src_img.resize((112, 112), Image.Resampling.BICUBIC)).astype(int)
+    want = np.asarray(src_img.resize((112, 112), Image.Resampling.BILINEAR)).astype(int)
     assert np.abs(_decode(img).astype(int) - want).mean() < 12
 
 
@@ -288,3 +289,61 @@ def test_first_absent() -> None:
     assert _first_absent(np.empty(0, np.int64), 1, 5) == 1
     big = np.delete(np.arange(0, 1 << 20, dtype=np.int64), [777_777, 900_000])
     assert _first_absent(big, 1, 1 << 20) == 777_777
+
+
+def test_pack_train_replaces_a_stale_train_property(tmp_path: Path) -> None:
+    """A ``train.property`` from an earlier pack, a copy or another tool beside a ``train`` prefix: the
+    reader takes it first, so the pack must not leave it there (it did: the reader and inspect took its
+    num_classes and image size, silently, over the <dir>/property the pack had just written)."""
+    src = make_image_folder(tmp_path / "imgs", n_ids=4, per_id=2, size=(16, 16))
+    prefix = tmp_path / "out" / "train"
+    prefix.parent.mkdir()
+    stale = tmp_path / "out" / "train.property"
+    stale.write_text("9999,64,64\n")
+    summary = pack_dataset(src, prefix, progress=False, workers=1)
+    assert summary["property"] == str(tmp_path / "out" / "property")
+    assert not stale.exists()
+    assert read_property(prefix) == (4, 112, 112)
+    rep = inspect_dataset(prefix)
+    assert rep["ok"] and (rep["num_classes"], rep["image_size"]) == (4, [112, 112]) and not rep["warnings"]
+
+
+def test_two_disagreeing_property_files_are_refused(tmp_path: Path) -> None:
+    """A ``train`` prefix with ``train.property`` and ``<dir>/property`` that disagree: which one is stale
+    cannot be told, so the reader names both instead of taking ``train.property`` silently; agreeing
+    ones, and ``<dir>/property`` beside another prefix (the MS1M dataset next to it), are fine."""
+    src = make_image_folder(tmp_path / "imgs", n_ids=3, per_id=2, size=(16, 16))
+    prefix = tmp_path / "out" / "train"
+    pack_dataset(src, prefix, progress=False, workers=1)
+    other = tmp_path / "out" / "train.property"
+    other.write_text("3,112,112\n")  # another tool's copy, in agreement
+    assert read_property(prefix) == (3, 112, 112)
+    other.write_text("85742,112,112\n")
+    with pytest.raises(RecordIOError) as err:
+        read_property(prefix)
+    msg = str(err.value)
+    assert f"{other} says '85742,112,112'" in msg and f"{tmp_path / 'out' / 'property'} says '3,112,112'" in msg
+    rep = inspect_dataset(prefix)
+    assert not rep["ok"] and any("two property files disagree" in e for e in rep["errors"])
+    # another prefix in the MS1M folder reads its own property; the folder's `property` is train's
+    pack_dataset(src, tmp_path / "out" / "faces", resize=False, progress=False, workers=1)
+    assert read_property(tmp_path / "out" / "faces") == (3, 16, 16)
+
+
+def test_pack_resizes_as_evaluation_does(tmp_path: Path) -> None:
+    """The faces a model trains on (packed by ``pfc data pack``) and the faces it is evaluated on (a
+    verification .bin's images, resized by the evaluation) are resized with the same filter: a model
+    trained on bicubic-resized faces was measured on bilinear-resized ones (a shift of ~8 grey levels
+    per pixel on this image). Grey pixels and quality 100 keep JPEG's own error under one level."""
+    from launcher.trainer.evaluation import decode_images
+
+    grey = np.random.default_rng(0).integers(0, 256, (150, 130), dtype=np.uint8)
+    person = tmp_path / "imgs" / "person_000"
+    person.mkdir(parents=True)
+    Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(person / "0.png")
+    pack_dataset(tmp_path / "imgs", tmp_path / "faces", quality=100, progress=False, workers=1)
+    r = InsightFaceReader(tmp_path / "faces")
+    trained_on = _decode(r.read_image(r.image_keys[0])[1]).astype(float)
+    evaluated_on = (decode_images([(person / "0.png").read_bytes()], 112)[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert trained_on.shape == evaluated_on.shape == (112, 112, 3)
+    assert np.abs(trained_on - evaluated_on).mean() < 1.0
