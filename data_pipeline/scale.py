@@ -25,7 +25,7 @@ import numpy as np
 from data_pipeline.atomic import AtomicFile
 from data_pipeline.index_file import write_index_lines
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
-from data_pipeline.property_file import prefix_path, write_property
+from data_pipeline.property_file import prefix_path, write_property, written_property_path
 from data_pipeline.record_format import HEAD_DTYPE, MAGIC, IRHeader, encode_record, pack
 
 __all__ = ["identity_sizes", "write_scale_dataset"]
@@ -88,7 +88,8 @@ def _identity_blocks(starts: np.ndarray, sizes: np.ndarray, id_start: int, exact
 def write_scale_dataset(prefix: str | os.PathLike[str], sizes: np.ndarray, *, first_key: int = 1,
                         payload: bytes = TINY_PAYLOAD, exact_ids: bool = True, image_size: tuple[int, int] = (112, 112),
                         block: int = 1 << 20) -> dict[str, Any]:
-    """Write ``PREFIX.rec/.idx`` and ``PREFIX.property`` for identities of ``sizes[c]`` images each.
+    """Write ``PREFIX.rec/.idx`` and the property file (where ``InsightFaceWriter`` writes it: ``<dir>/property``
+    for a prefix named ``train``) for identities of ``sizes[c]`` images each.
 
     ``exact_ids`` False writes what MXNet's tools write (id = key, id2 = 0 in header and identity
     records: past 2**24 only the rounded float32 ranges), for testing legacy files. Returns a summary
@@ -121,6 +122,6 @@ def write_scale_dataset(prefix: str | os.PathLike[str], sizes: np.ndarray, *, fi
             rec.write(arr.tobytes())
             write_index_lines(idx, keys, pos + np.arange(len(arr), dtype=np.int64) * arr.dtype.itemsize)
             pos += arr.nbytes
-    prop = write_property(prefix_path(prefix, ".property"), n_ids, image_size)
+    prop = write_property(written_property_path(prefix), n_ids, image_size)
     return {"images": n_img, "identities": n_ids, "records": 1 + n_img + n_ids, "id_start": id_start,
             "id_end": id_end, "rec_bytes": pos, "rec": str(rec_path), "idx": str(idx_path), "property": str(prop)}

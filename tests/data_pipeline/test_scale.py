@@ -58,6 +58,19 @@ def test_scale_writer_is_byte_identical_to_insightface_writer(tmp_path: Path) ->
         assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes(), suffix
 
 
+def test_scale_writer_puts_the_property_where_insightface_writer_does(tmp_path: Path) -> None:
+    """A ``train`` prefix (MS1M layout): ``<dir>/property``, so a scale file beside another dataset's
+    ``property`` neither leaves that one stale nor makes the reader refuse two that disagree."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    write_scale_dataset(tmp_path / "a" / "train", np.array([2, 3]), image_size=(16, 16))
+    with InsightFaceWriter(tmp_path / "b" / "train", image_size=(16, 16)) as w:
+        for n in (2, 3):
+            w.add_identity([b"\xff\xd8\xff\xd9"] * n)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert (tmp_path / "a" / "property").read_bytes() == (tmp_path / "b" / "property").read_bytes()
+
+
 def _only_the_sparse_gap(rep: dict) -> None:
     """The sparse fixture's image keys start at 2**24 - 61 (writing 16M records would take minutes), so
     inspect rightly reports keys 1 .. 2**24 - 62 as missing from the index (insightface's loader reads
