@@ -183,6 +183,8 @@ def bench_scale(images: int, identities: int | None = None, workdir: str | os.Pa
             if own:
                 shutil.rmtree(root, ignore_errors=True)
             else:
-                for suffix in (".rec", ".idx", ".idx.npy", ".property"):
-                    Path(prefix + suffix).unlink(missing_ok=True)
+                from data_pipeline.property_file import dataset_files
+
+                for name in dataset_files(prefix):
+                    name.unlink(missing_ok=True)
     return out
