@@ -12,8 +12,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU-only machines: take the CPU build first so the torch range never resolves to a CUDA build.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	# CPU-only machines: take the CPU build first (PyPI's torch is the multi-GB CUDA build), from torch's CPU
+	# index; where that index cannot be reached (an offline mirror), from the configured index. The short
+	# timeout keeps an unreachable index from costing minutes.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q --timeout 15 --retries 1 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 || \
+	  $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
