@@ -7,9 +7,10 @@ Sources:
   relative to the ``.lst``'s folder (or ``root``); the first label is the class id, and class ids
   are renumbered densely (0..C-1 in sorted order) when they are not already.
 
-Every image is decoded with Pillow, converted to RGB, optionally resized to 112x112 (:data:`RESAMPLE`,
-bilinear) and encoded as JPEG (quality 95 by default). Unreadable images are skipped and listed in the
-summary.
+Every image is decoded with Pillow, converted to RGB, optionally resized to ``image_size`` (112x112 by
+default; ``pfc data pack --image-size N``, and ``model.image_size`` when a run packs an image folder;
+:data:`RESAMPLE`, bilinear) and encoded as JPEG (quality 95 by default). Unreadable images are skipped
+and listed in the summary.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from discface.margins import validate_margin
 from launcher.config_augment import AugmentConfig
 from launcher.config_base import Section
+from partialfc.backbones import IResNet, MobileFaceNet, TinyNet
+from partialfc.backbones.vit import PATCH_SIZE
+
+#: the total stride of each convolutional backbone that is not an IResNet (model.image_size a multiple of it)
+_STRIDES = {"mobilefacenet": MobileFaceNet.reduction, "tiny": TinyNet.reduction}
 
 
 class DataConfig(Section):
@@ -50,7 +55,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     backbone: str = "iresnet50"
     embedding_size: int = Field(512, ge=2, le=8192)
-    image_size: int = Field(112, ge=16, le=448)
+    image_size: int = Field(112, ge=min(PATCH_SIZE, *_STRIDES.values()), le=448,
+                            description="Side of the square input in pixels: a multiple of the backbone's stride "
+                            "(16; tiny: 8); vit_*: at least the patch size 9")
     width: float = Field(1.0, gt=0.0, le=8.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     scale: int = Field(1, ge=1, le=8, description="mobilefacenet only: trunk channel multiplier "
@@ -88,11 +95,20 @@ class ModelConfig(Section):
 
     @field_validator("image_size")
     @classmethod
-    def _divisible(cls, v: int, info: ValidationInfo) -> int:
-        # the convolutional backbones halve the resolution 4 times; a ViT cuts 9 x 9 patches (floored)
-        if info.data.get("backbone") not in VIT_BACKBONES and v % 16:
-            raise ValueError(f"image_size {v} must be a multiple of 16 (the convolutional backbones downsample "
-                             "by 16; the vit_* backbones take any size)")
+    def _fits_backbone(cls, v: int, info: ValidationInfo) -> int:
+        # what the backbone's constructor accepts, said here with the field's name before any is built: the
+        # convolutional trunks downsample by their stride; a ViT cuts 9 x 9 patches (the grid floors)
+        backbone = info.data.get("backbone")
+        if backbone in VIT_BACKBONES:
+            if v < PATCH_SIZE:
+                raise ValueError(f"image_size {v} is smaller than one {PATCH_SIZE}x{PATCH_SIZE} patch of {backbone}: "
+                                 f"give at least {PATCH_SIZE}")
+            return v
+        stride = _STRIDES.get(str(backbone), IResNet.reduction)
+        if v % stride:
+            raise ValueError(f"image_size {v} must be a multiple of {stride} for {backbone or 'this backbone'} (its "
+                             f"trunk downsamples by {stride}; the vit_* backbones take any size of at least "
+                             f"{PATCH_SIZE})")
         return v
 
     @field_validator("backbone")
@@ -315,9 +331,10 @@ class Config(Section):
             wanted = self.checkpoint.keep_best.rpartition(":")[0]
             names = {n for b in self.data.val_bins for n in (Path(b).name, Path(b).stem)}
             if not self.data.val_bins or (wanted and wanted not in names):
-                which = "are " + ", ".join(sorted(names)) if names else "has none: add --val-bin"
-                raise ValueError(f"checkpoint.keep_best ranks by {wanted or 'the first'!r} of data.val_bins, "
-                                 f"which {which}")
+                which = ("are " + ", ".join(sorted(names)) if names else "has none: add --val-bin FILE (pfc train, "
+                         "pfc config show) or set data.val_bins, or set checkpoint.keep_best=null")
+                ranked = repr(wanted) if wanted else "the first"
+                raise ValueError(f"checkpoint.keep_best ranks by {ranked} of data.val_bins, which {which}")
         if self.optim.name == "adamw" and self.optim.momentum != 0.9:
             raise ValueError(f"optim.momentum={self.optim.momentum} has no effect with optim.name=adamw (AdamW "
                              "uses betas (0.9, 0.999) for backbone and head); remove it or use optim.name=sgd")

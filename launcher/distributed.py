@@ -24,6 +24,8 @@ from launcher import errors
 log = logging.getLogger("pfc")
 # torchrun's agent logs a failed worker (or its SIGTERM to the others) before its own traceback
 _TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|closing signal)|ChildFailedError")
+# the frame of torchrun's main module, first in a traceback of torchrun itself (its agent, its rendezvous)
+_TORCHRUN_MAIN = re.compile(r'File ".*torch/distributed/run\.py"')
 _SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
@@ -242,6 +244,69 @@ class RendezvousTimeout(errors.UserError, RuntimeError):
     """The other nodes did not join torchrun's rendezvous in time."""
 
 
+class _StderrRelay:
+    """torchrun's stderr on its way to ours: passed through line by line, except torchrun's own failure
+    report, which is held (:attr:`held`) from its first line until torchrun exits, for the caller to print
+    or to replace by the one line that says it all (a rank's user error, a rendezvous timeout).
+
+    The report starts at torchrun's line about a failed worker or at the traceback of torchrun itself
+    (:attr:`agent_traceback_at` in :attr:`held`), told from a rank's traceback by its first frames (a
+    rank's pass on at once). ``hold=False`` (``--debug``): everything is passed on as it comes."""
+
+    def __init__(self, hold: bool) -> None:
+        self.hold = hold
+        self.held: list[str] = []
+        self.agent_traceback_at = 0
+        self._undecided: list[str] = []  # a traceback's first lines, until a frame says whose it is
+
+    def feed(self, line: str) -> None:
+        if not self.hold:
+            _write_now(line)
+        elif self.held:
+            self.held.append(line)
+        elif self._undecided or line.startswith("Traceback (most recent call last)"):
+            self._undecided.append(line)
+            self._decide()
+        elif _TORCHRUN_FAILURE.search(line):
+            self.held.append(line)
+        else:
+            _write_now(line)
+
+    def _decide(self) -> None:
+        agent = _torchrun_traceback(self._undecided)
+        if agent is None:
+            return
+        lines, self._undecided = self._undecided, []
+        if agent:
+            self.agent_traceback_at = len(self.held)
+            self.held += lines
+        else:
+            _write_now("".join(lines))
+
+    def finish(self) -> None:
+        """torchrun exited: a traceback it ended on, still undecided, is held."""
+        if self._undecided:
+            self.agent_traceback_at = len(self.held)
+            self.held += self._undecided
+            self._undecided = []
+
+
+def _torchrun_traceback(lines: list[str]) -> bool | None:
+    """Whether the traceback starting ``lines`` is torchrun's own (its first frame past runpy's is
+    torch/distributed/run.py; a rank's is launcher/cli.py); None while its first lines cannot tell."""
+    for line in lines[1:]:
+        if _TORCHRUN_MAIN.search(line):
+            return True
+        if line.lstrip().startswith('File "') and "runpy" not in line:
+            return False
+    return False if len(lines) > 8 else None
+
+
+def _write_now(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
              rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None,
              rdzv_timeout: float | None = None, stop_signals: list[str] | None = None,
@@ -278,25 +343,20 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     # place of torchrun's own failure report (a traceback of the agent and a table per rank).
     with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:
         env[errors.ERROR_DIR_ENV] = error_dir
-        # stderr is passed through line by line; from torchrun's first report of a failed worker on, lines
-        # are held back until it exits, then dropped if a rank reported a user error, else printed.
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                                 preexec_fn=stop.preexec)
         tail: collections.deque[str] = collections.deque(maxlen=400)
-        held: list[str] = []
+        relay = _StderrRelay(hold=not errors.debug())
         assert proc.stderr is not None
         with SignalForwarder(proc, stop_signals or [], stop_grace_s) as fwd:
             try:
                 for line in proc.stderr:
                     tail.append(line)
-                    if held or (_TORCHRUN_FAILURE.search(line) and not errors.debug()):
-                        held.append(line)
-                        continue
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
+                    relay.feed(line)
                 code = fwd.wait()
             except KeyboardInterrupt:  # no stop signals set up: torchrun got the same SIGINT and stops its workers
                 code = proc.wait()
+        relay.finish()
         reported = errors.first_reported(Path(error_dir)) if code else None
     if reported is not None:
         rank, message = reported
@@ -304,9 +364,11 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
                          f"{message}\n")
         sys.stderr.flush()
         return errors.EXIT_USER_ERROR
-    sys.stderr.writelines(held)
+    timed_out = bool(code and rdzv_endpoint and any("RendezvousTimeoutError" in line for line in tail))
+    # a rendezvous timeout's own line says what torchrun's traceback of it says; a failure before it does not
+    sys.stderr.writelines(relay.held[:relay.agent_traceback_at] if timed_out else relay.held)
     sys.stderr.flush()
-    if code and rdzv_endpoint and any("RendezvousTimeoutError" in line for line in tail):
+    if timed_out:
         waited = f"{int(rdzv_timeout)} s" if rdzv_timeout is not None else "600 s (torchrun's default)"
         raise RendezvousTimeout(f"rendezvous at {rdzv_endpoint} timed out after {waited}: not all {nnodes} "
                                 "nodes joined (is every node started, with the same --rdzv-endpoint and "

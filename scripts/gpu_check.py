@@ -45,12 +45,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError
+from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError, StepTimeout
 from gpu_check_summary import summary_rows
 
 sys.path.insert(0, str(REPO))
 
 
+# Seconds before its budget ends that the pytest step interrupts pytest, which then writes its report.
+PYTEST_INTERRUPT_S = 15.0
 # Where the tests marked ``gpu`` live (collecting the whole suite would import what this machine lacks).
 GPU_TEST_PATHS = ("tests/gpu", "tests/partialfc/test_head_cuda.py", "tests/launcher/trainer/test_checkpoint_devices.py",
                   "tests/launcher/test_settings_train.py")
@@ -125,13 +127,22 @@ class Check(Runner):
 
     def s_pytest(self) -> dict[str, Any]:
         junit = self.work / "junit_gpu.xml"
-        out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", *GPU_TEST_PATHS, "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={junit}", "-o", "timeout=60"], check=False)
+        late = ""
+        try:
+            # Interrupted (SIGINT) before the budget ends, pytest still writes the report of the tests it
+            # finished: a run that runs out of time keeps their results instead of losing every one.
+            out = self.sh([sys.executable, "-m", "pytest", "-m", "gpu", *GPU_TEST_PATHS, "-q", "-p",
+                           "no:cacheprovider", f"--junitxml={junit}", "-o", "timeout=60"], check=False,
+                          interrupt_s=PYTEST_INTERRUPT_S)
+        except StepTimeout as e:
+            out, late = "", str(e)
         if not junit.is_file():
-            raise StepError("pytest wrote no report: " + " | ".join(out.strip().splitlines()[-3:]))
+            raise StepError(late or "pytest wrote no report: " + " | ".join(out.strip().splitlines()[-3:]))
         root = ET.parse(junit).getroot()
         cases = []
         for tc in root.iter("testcase"):
+            if not tc.get("name"):  # the test an interrupt stopped: pytest reports it without a name
+                continue
             outcome, msg = "passed", ""
             for tag in ("failure", "error", "skipped"):
                 el = tc.find(tag)
@@ -142,7 +153,9 @@ class Check(Runner):
                           "seconds": float(tc.get("time", 0.0)), **({"message": msg} if msg else {})})
         counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "skipped")}
         rec: dict[str, Any] = {"counts": counts, "tests": cases}
-        if counts["failed"] or not cases or not counts["passed"]:
+        if late:
+            rec.update(status="failed", error=f"{late} (interrupted; {len(cases)} test(s) reported)")
+        elif counts["failed"] or not cases or not counts["passed"]:
             rec["status"] = "failed"
             rec["error"] = (f"{counts['failed']} gpu test(s) failed" if counts["failed"] else
                             "no gpu test passed (all skipped)" if cases else "no gpu test collected")

@@ -34,6 +34,10 @@ class StepError(RuntimeError):
     """A step's command failed; the message says which and how."""
 
 
+class StepTimeout(StepError):
+    """A step's command ran out of the step's budget and was ended (what it printed is in the log)."""
+
+
 def _descendants(pid: int) -> set[int]:
     """Every live descendant of ``pid``, from /proc's parent links (Linux; empty elsewhere)."""
     children: dict[int, list[int]] = {}
@@ -73,6 +77,25 @@ def _kill_tree(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
     proc.wait()
 
 
+def _end_late(proc: subprocess.Popen[str], interrupt_s: float) -> str:
+    """End a command that ran out of time; returns what it printed. With ``interrupt_s`` > 0 it is first
+    sent SIGINT and given that long to exit by itself (pytest then stops at the test it is in and still
+    writes its report of the tests it finished); then its whole tree is ended (:func:`_kill_tree`)."""
+    out = None
+    if interrupt_s > 0:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            out, _ = proc.communicate(timeout=interrupt_s)
+    _kill_tree(proc)
+    if out is None:
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # something that left the tree still holds the pipe
+            out = "[its output is lost: a process outside its tree holds the pipe]"
+    return out or ""
+
+
 class Runner:
     """Budgets, logging and the JSON record of a gpu-check run; the steps are a subclass's methods."""
 
@@ -103,12 +126,15 @@ class Runner:
         self.log.flush()
 
     def sh(self, args: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
-           check: bool = True) -> str:
-        """Run a command, its output into the log; returns the output. Bounded by the step's deadline."""
+           check: bool = True, interrupt_s: float = 0.0) -> str:
+        """Run a command, its output into the log; returns the output. Bounded by the step's deadline:
+        past it, :class:`StepTimeout`. ``interrupt_s``: that many seconds before the deadline the command
+        is sent SIGINT, to stop by itself (see :func:`_end_late`); its tree is ended at the deadline."""
         left = self.step_deadline - time.monotonic()
         limit = min(left, timeout) if timeout is not None else left
         if limit < 3:
             raise StepError(f"no time left in this step's budget for: {shlex.join(args[:6])} ...")
+        grace = min(interrupt_s, limit / 4)
         self.write(f"\n$ {shlex.join(args)}   # timeout {limit:.0f} s\n")
         t0 = time.monotonic()
         # Its own session (process group), so that a timeout ends the whole tree: torchrun's ranks, the
@@ -117,15 +143,13 @@ class Runner:
         proc = subprocess.Popen(args, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         try:
-            out, _ = proc.communicate(timeout=limit)
+            out, _ = proc.communicate(timeout=limit - grace)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            try:
-                out, _ = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:  # something that left the tree still holds the pipe
-                out = "[its output is lost: a process outside its tree holds the pipe]"
-            self.write((out or "") + f"\n[timed out after {limit:.0f} s; its process tree ended]\n")
-            raise StepError(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
+            out = _end_late(proc, grace)
+            how = f"interrupted {grace:.0f} s before, then its process tree ended" if grace else \
+                "its process tree ended"
+            self.write(out + f"\n[timed out after {limit:.0f} s; {how}]\n")
+            raise StepTimeout(f"timed out after {limit:.0f} s: {shlex.join(args[:8])}") from None
         self.write(out + f"[exit {proc.returncode} after {time.monotonic() - t0:.1f} s]\n")
         if check and proc.returncode != 0:
             tail = " | ".join(out.strip().splitlines()[-3:])[-600:]

@@ -10,13 +10,18 @@ import typer
 from launcher.commands.groups import data_app
 from launcher.commands.output import fail, user_errors, write_json
 
+#: `pfc data pack`'s image side without --image-size: insightface's aligned faces (112x112)
+DEFAULT_PACK_SIZE = 112
+
 
 @data_app.command("pack")
 def pack_cmd(
     src: Path = typer.Argument(..., help="Image folder (one subfolder per identity) or an im2rec .lst file."),
     out_prefix: Path = typer.Argument(..., help="Output prefix: writes PREFIX.rec, PREFIX.idx and the "
                                       "property file (<dir>/property when the name is 'train')."),
-    resize: bool = typer.Option(True, "--resize/--no-resize", help="Resize every image to 112x112."),
+    resize: bool = typer.Option(True, "--resize/--no-resize", help="Resize every image to --image-size."),
+    image_size: int | None = typer.Option(None, "--image-size", min=8, help="Side in pixels of the square images "
+                                          "written (default 112); a run trains on it with model.image_size N."),
     quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG quality."),
     root: Path | None = typer.Option(None, "--root", help="Base folder of the paths in a .lst "
                                      "(default: the .lst's folder)."),
@@ -28,18 +33,22 @@ def pack_cmd(
     """Pack an image folder or .lst into MS1M-layout RecordIO."""
     from data_pipeline.pack import pack_dataset
 
+    if image_size is not None and not resize:
+        fail(f"--image-size {image_size} resizes every image; it cannot go with --no-resize, which keeps their "
+             "sizes (drop one)", "pfc data pack")
+    side = image_size or DEFAULT_PACK_SIZE
     with user_errors("pfc data pack", ValueError, OSError):
-        summary = pack_dataset(src, out_prefix, resize=resize, quality=quality, progress=progress, root=root,
-                               workers=workers)
+        summary = pack_dataset(src, out_prefix, resize=resize, quality=quality, image_size=(side, side),
+                               progress=progress, root=root, workers=workers)
     ipi = summary["images_per_identity"]
     typer.echo(f"packed {summary['images']} images of {summary['identities']} identities "
                f"in {summary['seconds']:.1f} s -> {summary['rec']}")
     typer.echo(f"  index {summary['idx']}, property {summary['property']} "
                f"({summary['identities']},{summary['image_size'][0]},{summary['image_size'][1]})")
     typer.echo(f"  images per identity: min {ipi['min']}, max {ipi['max']}, mean {ipi['mean']:.2f}; "
-               f"JPEG quality {summary['quality']}" + (", resized to 112x112" if summary["resized"] else ""))
+               f"JPEG quality {summary['quality']}" + (f", resized to {side}x{side}" if summary["resized"] else ""))
     if summary["mixed_sizes"]:
-        typer.echo("  warning: images have different sizes (use --resize for a fixed 112x112)", err=True)
+        typer.echo("  warning: images have different sizes (use --resize for one size, --image-size N)", err=True)
     if summary["skipped"]:
         typer.echo(f"  skipped {len(summary['skipped'])} unreadable files:", err=True)
         for s in summary["skipped"][:20]:

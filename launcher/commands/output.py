@@ -3,8 +3,8 @@
 * :func:`write_json` -- the ``--json PATH`` of a command: the payload, indented, written atomically (the
   parent folder created); :func:`print_json` -- a command's ``--json`` flag that prints instead.
 * :func:`fail` and :func:`user_errors` -- a user error inside a command: one line ``<command>: <message>``
-  on stderr and exit code 2 (:data:`launcher.errors.EXIT_USER_ERROR`); :func:`config_or_exit` -- the
-  config a command names, or that line.
+  on stderr and exit code 2 (:data:`launcher.errors.EXIT_USER_ERROR`), after its traceback under
+  ``--debug``; :func:`config_or_exit` -- the config a command names, or that line.
 * :func:`end_on_error` -- the same for an error that reaches ``pfc``'s entry point (:mod:`launcher.cli`),
   with the rules of a multi-rank run (``launcher.errors``).
 """
@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,9 +43,21 @@ def print_json(payload: Any) -> None:
 
 
 def fail(message: str, command: str = "pfc", code: int = errors.EXIT_USER_ERROR) -> NoReturn:
-    """End the command on a user error: ``<command>: <message>`` on stderr, exit ``code`` (2)."""
+    """End the command on a user error: ``<command>: <message>`` on stderr, exit ``code`` (2). Under
+    ``--debug`` (``PFC_DEBUG=1``) the traceback comes first, the exit code stays."""
+    if errors.debug():
+        sys.stderr.write(_traceback_text())
     typer.echo(f"{command}: {message}", err=True)
     raise typer.Exit(code=code)
+
+
+def _traceback_text() -> str:
+    """The traceback of the exception being handled (the user error :func:`user_errors` caught), else of
+    the call to :func:`fail` (a check that raised nothing); the one line that follows ends it."""
+    if sys.exc_info()[1] is not None:
+        return traceback.format_exc()
+    frames = traceback.format_stack()[:-2]  # not this function nor fail's call of it
+    return "Traceback (most recent call last):\n" + "".join(frames)
 
 
 @contextlib.contextmanager

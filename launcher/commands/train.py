@@ -20,10 +20,12 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
     so ranks that torchrun starts find it packed); a bad path, file or setting is one line, exit 2."""
     import torch
 
+    from launcher.errors import rank_from_env
     from launcher.monitoring.trackers import TrackerError, check_backends
     from launcher.trainer.data_paths import resolve_prefix
     from launcher.trainer.finetune import adopt_init_backbone
     from launcher.trainer.kernels import set_cublas_workspace
+    from launcher.trainer.progress import setup_logging
     from launcher.trainer.step import check_amp
 
     set_cublas_workspace(cfg)  # before this process's (and its ranks') first matrix product
@@ -32,6 +34,9 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
         cfg = adopt_init_backbone(cfg)
         check_amp(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if cfg.data.prefix:
+            # logging first: packing an image folder (minutes) reports what it packs and how long it took; a
+            # rank sets it up again once the process group has given it its rank
+            setup_logging(rank_from_env() or 0)
             resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
 
 

@@ -25,6 +25,9 @@ DATA_CACHE = "data_cache"
 #: a pack lock not touched for this long belongs to a process that is gone
 PACK_LOCK_STALE_S = 60.0
 _HEARTBEAT_S = 5.0
+#: caches this process packed or found (resolved paths), said once: pfc train looks one up (and packs it)
+#: before its trainer looks it up again
+_KNOWN_HERE: set[Path] = set()
 
 
 def _is_image_folder(p: Path) -> bool:
@@ -72,6 +75,36 @@ def _fingerprint(src: Path, image_size: int) -> dict[str, Any]:
             "mtime_ns": max((st.st_mtime_ns for st in stats), default=0), "image_size": image_size}
 
 
+def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two :func:`_fingerprint` records, each as ``what: <then> then, <now> now``."""
+    changes = []
+    for key, saved_value in saved.items():
+        value = now.get(key)
+        if value != saved_value:
+            what, show = _FINGERPRINT_FIELDS.get(key, (key, repr))
+            changes.append(f"{what}: {show(saved_value)} then, {show(value)} now")
+    changes += [f"{key}: none then, {now[key]!r} now" for key in now if key not in saved]
+    return "; ".join(changes)
+
+
+def _mtime(ns: Any) -> str:
+    import datetime
+
+    if not isinstance(ns, int):
+        return repr(ns)
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="microseconds")
+
+
+#: fingerprint key -> (its name in a message, how its value is shown)
+_FINGERPRINT_FIELDS: dict[str, tuple[str, Any]] = {
+    "source": ("folder", str),
+    "files": ("images", str),
+    "bytes": ("bytes of images", str),
+    "mtime_ns": ("newest image modified", _mtime),
+    "image_size": ("image size (model.image_size)", lambda v: f"{v} px"),
+}
+
+
 def _heartbeat(lock: Path, stop: threading.Event) -> None:
     while not stop.wait(_HEARTBEAT_S):
         try:
@@ -97,12 +130,13 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
         if record.is_file():
             saved = json.loads(record.read_text())
             if saved == want:
-                log.info(f"data: {src} already packed in {cache}")
+                if cache.resolve() not in _KNOWN_HERE:
+                    log.info(f"data: {src} already packed in {cache}")
+                    _KNOWN_HERE.add(cache.resolve())
                 return prefix
-            raise ValueError(f"data.prefix {src}: the run's data cache {cache} was packed from {saved.get('source')} "
-                             f"({saved.get('files')} images, {saved.get('image_size')} px), not from this folder as "
-                             f"it is now ({want['files']} images, {image_size} px): delete {cache} to repack it, "
-                             "or train into another --output")
+            raise ValueError(f"data.prefix {src}: the run's data cache {cache} was packed from another folder or "
+                             f"from this one before it changed ({describe_changes(saved, want)}): delete {cache} to "
+                             "repack it, or train into another --output")
         try:
             lock.mkdir(parents=True)
         except FileExistsError:
@@ -139,6 +173,7 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
         os.replace(tmp, cache)
         log.info(f"data: packed {summary['images']} images of {summary['identities']} identities in "
                  f"{summary['seconds']:.1f} s")
+        _KNOWN_HERE.add(cache.resolve())
     finally:
         stop.set()
         beat.join()

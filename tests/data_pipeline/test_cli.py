@@ -112,3 +112,40 @@ def test_inspect_takes_the_forms_data_takes_and_a_missing_dataset_is_one_line(tm
     assert res.exit_code == 2, res.output
     assert f"pfc data inspect: {tmp_path / 'nowhere' / 'train'}.rec: no such record file" in " ".join(
         res.output.split())
+
+
+def test_pack_image_size_writes_that_size_and_a_recipe_of_that_size_trains_on_it(tmp_path: Path) -> None:
+    """README: `pfc data pack faces/ data/train` shares one pack between runs; the demo recipe trains at
+    32 px, so the pack must be able to hold 32x32 images (it always wrote 112x112)."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    src = make_image_folder(tmp_path / "faces", n_ids=4, per_id=4, size=(40, 30))
+    prefix = tmp_path / "data" / "train"
+    res = runner.invoke(app, ["data", "pack", str(src), str(prefix), "--image-size", "32", "--no-progress",
+                              "--json", str(tmp_path / "pack.json")])
+    assert res.exit_code == 0, res.output
+    assert "resized to 32x32" in res.output and "(4,32,32)" in res.output
+    assert (tmp_path / "data" / "property").read_text() == "4,32,32\n"
+    assert json.loads((tmp_path / "pack.json").read_text())["image_size"] == [32, 32]
+    reader = InsightFaceReader(prefix)
+    assert all(Image.open(io.BytesIO(reader.read_image(k)[1])).size == (32, 32) for k in reader.image_keys)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "demo_cpu", "--data", str(prefix),
+                        "--output", str(tmp_path / "run"), "--set", "train.steps=1", "--set", "optim.warmup_steps=0",
+                        "--set", "train.batch_size=8", "--set", "data.workers=0"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+def test_pack_image_size_cannot_go_with_no_resize(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "faces", n_ids=2, per_id=2, size=(20, 20))
+    res = runner.invoke(app, ["data", "pack", str(src), str(tmp_path / "o"), "--image-size", "32", "--no-resize",
+                              "--no-progress"])
+    assert res.exit_code == 2
+    assert "pfc data pack: --image-size 32 resizes every image; it cannot go with --no-resize" in res.output
+    assert not (tmp_path / "o.rec").exists()

@@ -1,5 +1,6 @@
 """The device every ``gpu`` test runs on: CUDA when there is one, else the CPU stand-in under
-``PFC_GPU_TESTS_ON_CPU=1`` (what ``scripts/gpu_check.py --dry-run`` sets), else the test skips."""
+``PFC_GPU_TESTS_ON_CPU=1`` (what ``scripts/gpu_check.py --dry-run`` sets), else the test skips
+(:func:`tests.gpu.device.gpu_test_device`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import os
 import pytest
 import torch
 
+from launcher.trainer.kernels import CUBLAS_WORKSPACE
+from tests.gpu.device import gpu_test_device
+
+# cuBLAS reads its workspace setting once per process, at its first call: train.deterministic's tests
+# (test_deterministic.py) hold only if it is set before any test of this process runs a matmul on CUDA
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
 
 @pytest.fixture
 def dev() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if os.environ.get("PFC_GPU_TESTS_ON_CPU") == "1":
-        return torch.device("cpu")
-    pytest.skip("needs a CUDA device (PFC_GPU_TESTS_ON_CPU=1 runs the CPU stand-in, as gpu_check --dry-run does)")
+    return gpu_test_device()

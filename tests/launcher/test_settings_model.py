@@ -1,7 +1,10 @@
 """``model.dropout`` (the one ``model`` field no other test pinned to a behaviour): set on a convolutional
-backbone through the trainer's build, it drops activations before the FC in training and not in eval."""
+backbone through the trainer's build, it drops activations before the FC in training and not in eval. And
+``model.image_size``: what each backbone takes, no more, no less."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -37,3 +40,27 @@ def test_model_dropout_drops_in_training_only() -> None:
     assert p0 == 0.0 and torch.equal(a0, b0)
     _, _, _, c2 = _forwards(0.4)
     assert torch.equal(c, c2)  # eval mode: no dropout, the same weights (same seed) give the same output
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("vit_t", 20), ("vit_t", 9), ("tiny", 24)])
+def test_model_image_size_takes_what_the_backbone_takes(backbone: str, size: int) -> None:
+    """README: the ViTs take any ``model.image_size`` of at least 9 (patch 9, the grid floors), tiny any
+    multiple of its stride 8; the config let neither through (16 and a multiple of 16 for all). The built
+    backbone embeds a batch of that size."""
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.image_size={size}", "model.embedding_size=8"])
+    net = build(cfg, DistContext.single_process(), 10).engine.module.eval()
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, size, size)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(("backbone", "size", "says"), [
+    ("vit_s", 8, "image_size 8 is smaller than one 9x9 patch of vit_s: give at least 9"),
+    ("tiny", 20, "image_size 20 must be a multiple of 8 for tiny"),
+    ("iresnet50", 24, "image_size 24 must be a multiple of 16 for iresnet50"),
+    ("mobilefacenet", 8, "image_size 8 must be a multiple of 16 for mobilefacenet"),
+])
+def test_model_image_size_a_backbone_cannot_take_is_refused_naming_it(backbone: str, size: int, says: str) -> None:
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model\.image_size = {size}: {re.escape(says)}"):
+        load_config(None, [f"model.backbone={backbone}", f"model.image_size={size}"])

@@ -34,8 +34,11 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     assert not bad, bad
     st = doc["steps"]
     assert doc["env"]["cuda_available"] is False and doc["env"]["pydantic"]
-    # the gpu tests ran through their CPU stand-in (only the CUDA-only scaler test skips)
+    # the gpu tests ran through their CPU stand-in (those only CUDA can show skip), the head's every dtype
+    # and optimizer against float64 (tests/partialfc/test_head_cuda.py) among them
     assert st["pytest_gpu"]["counts"]["failed"] == 0 and st["pytest_gpu"]["counts"]["passed"] >= 8
+    head_steps = [t["outcome"] for t in st["pytest_gpu"]["tests"] if "test_head_cuda" in t["test"]]
+    assert head_steps == ["passed"] * 6, head_steps
     shapes = list(st["bench_head"]["shapes"].values())
     assert len(shapes) == 3 and shapes[-1]["largest_that_fits"] and shapes[-1]["num_classes"] > shapes[1]["num_classes"]
     for s in shapes:
@@ -141,3 +144,28 @@ def test_a_real_run_without_cuda_stops_after_the_env_step(tmp_path: Path) -> Non
     assert doc["steps"]["env"]["status"] == "failed" and "sees no CUDA device" in doc["steps"]["env"]["error"]
     assert {k: v["status"] for k, v in doc["steps"].items() if k != "env"} == {"bench_head": "skipped",
                                                                                 "synth": "skipped"}
+
+
+def test_a_pytest_step_out_of_time_keeps_the_tests_it_finished(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gpu tests' step runs out of its budget in a slow test: pytest, interrupted before the budget
+    ends, still writes its report, so the tests it finished are recorded (not lost with the step)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\nimport pytest\npytestmark = pytest.mark.gpu\n"
+                     "def test_a():\n    pass\ndef test_b():\n    assert False\n"
+                     "def test_slow():\n    time.sleep(300)\n")
+    monkeypatch.setattr(gpu_check, "GPU_TEST_PATHS", (str(tests),))
+    out = tmp_path / "out"
+    out.mkdir()
+    check = gpu_check.Check(out, dry=False, total_budget_s=60)
+    t0 = time.monotonic()
+    check.step("pytest_gpu", 12, check.s_pytest)
+    check.log.close()
+    rec = check.result["steps"]["pytest_gpu"]
+    assert time.monotonic() - t0 < 30
+    assert rec["status"] == "failed" and "timed out" in rec["error"] and "2 test(s) reported" in rec["error"]
+    assert rec["counts"] == {"passed": 1, "failed": 1, "skipped": 0}
+    assert [t["test"].split("::")[1] for t in rec["tests"]] == ["test_a", "test_b"]

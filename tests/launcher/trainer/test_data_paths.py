@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,11 +75,57 @@ def test_image_folder_is_packed_once_into_the_run_cache_and_reused(tmp_path):
     # the folder changed (a new image), or another size is wanted: refused, not silently stale
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(src / "id_0" / "new.png")
     with pytest.raises(ValueError, match=rf"data\.prefix {src}: the run's data cache {out / DATA_CACHE} was packed "
-                                         r"from .* \(6 images, 32 px\), not from this folder as it is now \(7 images, "
-                                         r"32 px\): delete .* to repack"):
+                                         r"from another folder or from this one before it changed \(images: 6 "
+                                         r"then, 7 now; "
+                                         r"bytes of images: \d+ then, \d+ now; newest image modified: .* then, .* "
+                                         r"now\): delete .* to repack"):
         resolve_prefix(str(src), out, 32)
-    with pytest.raises(ValueError, match=r"\(7 images, 48 px\)"):
+    with pytest.raises(ValueError, match=r"image size \(model\.image_size\): 32 px then, 48 px now"):
         resolve_prefix(str(src), out, 48)
+
+
+def test_a_touched_image_is_named_as_what_changed(tmp_path):
+    """A file touched (same count, same bytes): the two descriptions used to read the same, "(6 images,
+    32 px)" twice; now the newest modification time is named, then and now."""
+    src = _folder(tmp_path / "faces", identities=3, per_identity=2, size=40)
+    out = tmp_path / "run"
+    resolve_prefix(str(src), out, 32)
+    touched = src / "id_1" / "0.png"
+    before = touched.stat().st_mtime_ns
+    os.utime(touched, ns=(before + 5_000_000_000, before + 5_000_000_000))
+    with pytest.raises(ValueError) as info:
+        resolve_prefix(str(src), out, 32)
+    changes = str(info.value).split("before it changed (", 1)[1].split("): delete", 1)[0]
+    then, now = re.fullmatch(r"newest image modified: (.+) then, (.+) now", changes).groups()
+    assert then != now and now > then, changes
+    # content rewritten, same count: the bytes are named too
+    Image.fromarray(np.zeros((80, 80, 3), dtype=np.uint8)).save(touched)
+    with pytest.raises(ValueError, match=r"\(bytes of images: \d+ then, \d+ now; newest image modified: "):
+        resolve_prefix(str(src), out, 32)
+
+
+def _train_on_folder(src: Path, out: Path, steps: int) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "demo_cpu", "--data", str(src), "--output",
+                        str(out), "--set", f"train.steps={steps}", "--set", "optim.warmup_steps=0", "--set",
+                        "train.batch_size=8", "--set", "data.workers=0"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_first_run_on_an_image_folder_shows_the_packing_and_the_next_says_it_is_packed(tmp_path):
+    """`pfc train` packs before the trainer runs (so that torchrun's ranks find the pack): that pack's
+    lines were lost (logging was set up later) and the trainer's second look said "already packed"."""
+    src = _folder(tmp_path / "faces", identities=4, per_identity=4, size=40)
+    out = tmp_path / "run"
+    first = _train_on_folder(src, out, 1)
+    assert f"data: packing image folder {src} (16 images) into {out / DATA_CACHE} at 32x32" in first, first
+    assert "data: packed 16 images of 4 identities in " in first, first
+    assert "already packed" not in first, first
+    second = _train_on_folder(src, out, 2)
+    assert second.count(f"data: {src} already packed in {out / DATA_CACHE}") == 1, second
+    assert "packing image folder" not in second, second
 
 
 def _resolve_on_rank(rank: int, world_size: int, src: str, out: str) -> tuple[str, int]:
