@@ -305,12 +305,14 @@ def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
     """One image file -> (3, h, w) float32 RGB in [-1, 1], resized (bilinear) to ``image_size``."""
     from PIL import Image, UnidentifiedImageError
 
+    from data_pipeline.pack import RESAMPLE
+
     h, w = image_size
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
             if rgb.size != (w, h):
-                rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+                rgb = rgb.resize((w, h), RESAMPLE)  # as pack and the evaluation resize
             pixels = np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: cannot read as an image ({exc})") from exc

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from data_pipeline.pack import RESAMPLE
 from data_pipeline.verification import load_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
@@ -32,7 +33,7 @@ def decode_images(blobs: list[bytes], image_size: int) -> torch.Tensor:
     for i, b in enumerate(blobs):
         img = Image.open(io.BytesIO(b)).convert("RGB")
         if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = img.resize((image_size, image_size), RESAMPLE)  # as pack resized the training images
         out[i] = np.asarray(img)
     t = torch.from_numpy(out).permute(0, 3, 1, 2).float()
     return t.div_(127.5).sub_(1.0)
@@ -104,8 +105,9 @@ def evaluate_bins(model: torch.nn.Module, bins: list[str], cfg: Config, ctx: Dis
         results[name] = verification_metrics(emb[0::2], emb[1::2], np.asarray(issame, dtype=bool),
                                              roc_png=roc_png)
         r = results[name]
+        tar = r["tar_at_far"]["1e-3"]  # None when the set has too few impostor pairs for that FAR
         log.info(f"eval {name}: accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f}  "
-                 f"TAR@FAR=1e-3 {r['tar_at_far']['1e-3']}")
+                 f"TAR@FAR=1e-3 {'n/a' if tar is None else f'{tar:.4f}'}")
     model.train(was_training)
     return results
 

@@ -60,6 +60,17 @@ def test_eval_batch_size_is_the_images_per_forward(small: tuple[Path, Path]) -> 
         assert model.batches == [n for n in chunks for _ in (0, 1)], (size, model.batches)
 
 
+def test_eval_log_line_says_n_a_for_a_tar_the_set_cannot_show(small: tuple[Path, Path], caplog) -> None:
+    """12 pairs hold too few impostor pairs for FAR=1e-3: the log line says n/a, not Python's None."""
+    _, val_bin = small
+    cfg = load_config(None, [f"model.image_size={IMAGE}"])
+    with caplog.at_level("INFO", logger="pfc"):
+        result = evaluate_bins(_Counting(), [str(val_bin)], cfg, DistContext.single_process())
+    assert next(iter(result.values()))["tar_at_far"]["1e-3"] is None
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval ")]
+    assert line.endswith("TAR@FAR=1e-3 n/a") and "None" not in line, line
+
+
 def _logged_keys(out: Path) -> dict[int, set[str]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: set(r) for r in rows if "loss" in r}
