@@ -100,8 +100,9 @@ def _scale(images: int, identities: int | None, world_size: int, workdir: Path |
         fail(f"--identities {identities} is more than --scale {images} images", _BENCH_DATA)
     res = bench_scale(images, identities, workdir, world_size, keep, dali=dali_available())
     b, ic, ih = res["build"], res["inspect_cold"], res["inspect_cached"]
+    load = res["load_average_start"]  # None where the OS does not report it
     typer.echo(f"{images} images, {res['identities']} identities on {res['cpu_count']} CPUs ({res['cpu']}), "
-               f"load average {res['load_average_start']}")
+               f"load average {'n/a' if load is None else f'{load:.2f}'}")
     typer.echo(f"  build           {b['seconds']:8.1f} s  ({b['rec_bytes'] / 2**30:.2f} GiB .rec)")
     for name, r in (("inspect (cold)", ic), ("inspect (cache)", ih)):
         typer.echo(f"  {name:15s} {r['seconds']:8.1f} s  peak {r['peak_rss_mib']:7.0f} MiB  "
