@@ -58,6 +58,18 @@ def cuda_device_index(local_rank: int, local_world_size: int, visible: int, own_
                      "node, or train on CPUs (CUDA_VISIBLE_DEVICES= makes dist.backend=auto take gloo)")
 
 
+def ranks_known_on_node(local_rank: int, local_world_size: int) -> int:
+    """How many ranks this node is known to hold, for the GPU count check: ``local_world_size`` when the
+    launcher said (torchrun's LOCAL_WORLD_SIZE, SLURM's task counts, one process), else ``local_rank + 1``.
+
+    A launcher that sets RANK and WORLD_SIZE but no LOCAL_WORLD_SIZE (a Kubeflow PyTorchJob running one
+    process per pod without torchrun) makes :func:`rank_environment` take the whole world for this node,
+    which would refuse 16 one-GPU pods as 16 ranks on one GPU."""
+    if under_launcher() and "LOCAL_WORLD_SIZE" not in os.environ:
+        return local_rank + 1
+    return local_world_size
+
+
 def gpus_bound_per_task() -> bool:
     """Whether SLURM started this rank itself (no torchrun) and gave each task its own GPUs
     (``--gpus-per-task``, whose default binding shows a task only its own GPUs, so that the other tasks
@@ -174,7 +186,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
         raise BackendUnavailable("dist.backend=nccl needs CUDA GPUs; none is visible (use gloo on CPUs)")
     device = torch.device("cpu")
     if cuda:
-        index = cuda_device_index(local, local_world, torch.cuda.device_count(), own_gpus=gpus_bound_per_task())
+        index = cuda_device_index(local, ranks_known_on_node(local, local_world), torch.cuda.device_count(),
+                                  own_gpus=gpus_bound_per_task())
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     used: str | None = None

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from launcher import errors
-from launcher.distributed import TooFewGpus, cuda_device_index, gpus_bound_per_task, init_distributed
+from launcher.distributed import (
+    TooFewGpus,
+    cuda_device_index,
+    gpus_bound_per_task,
+    init_distributed,
+    rank_environment,
+    ranks_known_on_node,
+)
 from tests.support.runs import _pfc, refused_in_one_line
 
 IMAGE = 16
@@ -87,3 +94,21 @@ def test_per_task_binding_is_read_from_slurm_without_torchrun(monkeypatch: pytes
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert gpus_bound_per_task() is bound
+
+
+def test_a_launcher_that_does_not_say_how_many_ranks_a_node_holds_is_not_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PyTorchJob of one-GPU pods without torchrun sets RANK/WORLD_SIZE only: each pod holds one rank
+    (local rank 0), which its one GPU serves; with LOCAL_WORLD_SIZE set the count is the launcher's."""
+    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    rank, world, local, local_world = rank_environment()
+    assert (rank, world, local, local_world) == (5, 16, 0, 16)  # the whole world taken for this node
+    with pytest.raises(TooFewGpus):  # what checking that count would wrongly say
+        cuda_device_index(local, local_world, 1)
+    assert cuda_device_index(local, ranks_known_on_node(local, local_world), 1) == 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert ranks_known_on_node(*rank_environment()[2:]) == 8
