@@ -20,12 +20,9 @@ import torch
 import torch.distributed as dist
 
 from launcher import errors
+from launcher.torchrun_stderr import StderrRelay
 
 log = logging.getLogger("pfc")
-# torchrun's agent logs a failed worker (or its SIGTERM to the others) before its own traceback
-_TORCHRUN_FAILURE = re.compile(r"torch/distributed/elastic/.*(failed \(exitcode|closing signal)|ChildFailedError")
-# the frame of torchrun's main module, first in a traceback of torchrun itself (its agent, its rendezvous)
-_TORCHRUN_MAIN = re.compile(r'File ".*torch/distributed/run\.py"')
 _SLURM_ITEM = re.compile(r"(\d+)(?:\(x(\d+)\))?")
 
 
@@ -37,12 +34,14 @@ class TooFewGpus(errors.UserError, RuntimeError):
     """More ranks on a node than CUDA devices visible to them: two ranks would share one GPU."""
 
 
-def cuda_device_index(local_rank: int, local_world_size: int, visible: int, own_gpus: bool = False) -> int:
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int, own_gpus: bool = False,
+                      backend: str = "nccl") -> int:
     """The CUDA device (index among the ``visible`` ones) of local rank ``local_rank`` of the
     ``local_world_size`` ranks on its node: its own, ``local_rank``.
 
     ``own_gpus``: the visible devices are this rank's alone (SLURM's per-task binding, see
     :func:`gpus_bound_per_task`), so fewer of them than ranks on the node is no sharing: the first.
+    ``backend`` ``gloo`` (chosen in the config, as ``pfc demo``'s recipe does): ranks may share a GPU, in turn.
     Otherwise, with fewer devices than ranks two ranks would share a GPU (each at half speed; NCCL refuses
     two ranks of one communicator on one device, or hangs): :class:`TooFewGpus`, one line naming both counts.
     """
@@ -53,6 +52,10 @@ def cuda_device_index(local_rank: int, local_world_size: int, visible: int, own_
         return local_rank
     if own_gpus and visible > 0:
         return 0
+    if backend == "gloo" and visible > 0:
+        # gloo runs any number of ranks on one device; pfc demo's and pfc bench train's 2 ranks ran so on a
+        # one-GPU machine before this check, and must still
+        return local_rank % visible
     raise TooFewGpus(f"{local_world_size} ranks on this node (LOCAL_WORLD_SIZE, --nproc-per-node) need one GPU "
                      f"per rank, but {visible} CUDA device(s) are visible: start at most {visible} ranks per "
                      "node, or train on CPUs (CUDA_VISIBLE_DEVICES= makes dist.backend=auto take gloo)")
@@ -161,7 +164,10 @@ def rank_environment() -> tuple[int, int, int, int]:
             node_id = _env_int("SLURM_NODEID", default=0)
             assert node_id is not None
             local_world = slurm_tasks_on_node(os.environ.get("SLURM_TASKS_PER_NODE", ""), node_id, world or 1)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        # LOCAL_WORLD_SIZE too: without it a later reader (ranks_known_on_node, this function again) would
+        # take RANK/WORLD_SIZE for a launcher that did not say how many ranks the node holds
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+                          LOCAL_WORLD_SIZE=str(local_world))
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("running under SLURM without torchrun: set MASTER_ADDR and MASTER_PORT "
                                "(deploy/slurm/train.sbatch does) or launch torchrun per node via srun")
@@ -187,7 +193,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
     device = torch.device("cpu")
     if cuda:
         index = cuda_device_index(local, ranks_known_on_node(local, local_world), torch.cuda.device_count(),
-                                  own_gpus=gpus_bound_per_task())
+                                  own_gpus=gpus_bound_per_task(), backend=backend)
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     used: str | None = None
@@ -257,69 +263,6 @@ class RendezvousTimeout(errors.UserError, RuntimeError):
     """The other nodes did not join torchrun's rendezvous in time."""
 
 
-class _StderrRelay:
-    """torchrun's stderr on its way to ours: passed through line by line, except torchrun's own failure
-    report, which is held (:attr:`held`) from its first line until torchrun exits, for the caller to print
-    or to replace by the one line that says it all (a rank's user error, a rendezvous timeout).
-
-    The report starts at torchrun's line about a failed worker or at the traceback of torchrun itself
-    (:attr:`agent_traceback_at` in :attr:`held`), told from a rank's traceback by its first frames (a
-    rank's pass on at once). ``hold=False`` (``--debug``): everything is passed on as it comes."""
-
-    def __init__(self, hold: bool) -> None:
-        self.hold = hold
-        self.held: list[str] = []
-        self.agent_traceback_at = 0
-        self._undecided: list[str] = []  # a traceback's first lines, until a frame says whose it is
-
-    def feed(self, line: str) -> None:
-        if not self.hold:
-            _write_now(line)
-        elif self.held:
-            self.held.append(line)
-        elif self._undecided or line.startswith("Traceback (most recent call last)"):
-            self._undecided.append(line)
-            self._decide()
-        elif _TORCHRUN_FAILURE.search(line):
-            self.held.append(line)
-        else:
-            _write_now(line)
-
-    def _decide(self) -> None:
-        agent = _torchrun_traceback(self._undecided)
-        if agent is None:
-            return
-        lines, self._undecided = self._undecided, []
-        if agent:
-            self.agent_traceback_at = len(self.held)
-            self.held += lines
-        else:
-            _write_now("".join(lines))
-
-    def finish(self) -> None:
-        """torchrun exited: a traceback it ended on, still undecided, is held."""
-        if self._undecided:
-            self.agent_traceback_at = len(self.held)
-            self.held += self._undecided
-            self._undecided = []
-
-
-def _torchrun_traceback(lines: list[str]) -> bool | None:
-    """Whether the traceback starting ``lines`` is torchrun's own (its first frame past runpy's is
-    torch/distributed/run.py; a rank's is launcher/cli.py); None while its first lines cannot tell."""
-    for line in lines[1:]:
-        if _TORCHRUN_MAIN.search(line):
-            return True
-        if line.lstrip().startswith('File "') and "runpy" not in line:
-            return False
-    return False if len(lines) > 8 else None
-
-
-def _write_now(text: str) -> None:
-    sys.stderr.write(text)
-    sys.stderr.flush()
-
-
 def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
              rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None,
              rdzv_timeout: float | None = None, stop_signals: list[str] | None = None,
@@ -359,7 +302,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                                 preexec_fn=stop.preexec)
         tail: collections.deque[str] = collections.deque(maxlen=400)
-        relay = _StderrRelay(hold=not errors.debug())
+        relay = StderrRelay(hold=not errors.debug())
         assert proc.stderr is not None
         with SignalForwarder(proc, stop_signals or [], stop_grace_s) as fwd:
             try:

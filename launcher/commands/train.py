@@ -40,17 +40,18 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
             resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
 
 
-def _check_gpus_or_exit(nproc_per_node: int) -> None:
+def _check_gpus_or_exit(nproc_per_node: int, backend: str) -> None:
     """Before torchrun starts: with CUDA visible, ``--nproc-per-node`` ranks need that many GPUs on this
-    node, one each. Every rank would refuse anyway (``init_distributed``), but only after torchrun started
-    them all, and after an image folder was packed; here it is one line, exit 2, nothing started."""
+    node, one each, unless ``backend`` (``dist.backend``) is gloo, which lets ranks share one. Every rank
+    would refuse anyway (``init_distributed``), but only after torchrun started them all, and after an
+    image folder was packed; here it is one line, exit 2, nothing started."""
     import torch
 
     from launcher.distributed import TooFewGpus, cuda_device_index
 
     if torch.cuda.is_available():
         with user_errors("pfc", TooFewGpus):
-            cuda_device_index(nproc_per_node - 1, nproc_per_node, torch.cuda.device_count())
+            cuda_device_index(nproc_per_node - 1, nproc_per_node, torch.cuda.device_count(), backend=backend)
 
 
 @app.command("train", context_settings={"allow_extra_args": False})
@@ -83,10 +84,10 @@ def train_cmd(
         # torchrun would start --standalone, whose rendezvous no other node can join: it waits forever
         fail(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins, e.g. the "
              "first node's address and a free port)")
-    if nproc_per_node is not None and not under_launcher():
-        _check_gpus_or_exit(nproc_per_node)
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = config_or_exit(config, overrides)
+    if nproc_per_node is not None and not under_launcher():
+        _check_gpus_or_exit(nproc_per_node, cfg.dist.backend)
     _prepare_or_exit(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
