@@ -54,6 +54,37 @@ def _check_gpus_or_exit(nproc_per_node: int, backend: str) -> None:
             cuda_device_index(nproc_per_node - 1, nproc_per_node, torch.cuda.device_count(), backend=backend)
 
 
+def _check_torchrun_options_or_exit(nproc_per_node: int | None, nnodes: str, rdzv_endpoint: str | None,
+                                    max_restarts: int) -> None:
+    """torchrun's options need ``--nproc-per-node``: without it ``pfc train`` runs as this one process (or
+    as a rank of an outside launcher) and starts no torchrun, so they would be silently dropped."""
+    if nproc_per_node is not None:
+        return
+    given = [f"{name} {value}" for name, value, unset in (("--nnodes", nnodes, nnodes in ("1", "1:1")),
+                                                          ("--rdzv-endpoint", rdzv_endpoint, not rdzv_endpoint),
+                                                          ("--max-restarts", max_restarts, max_restarts == 0))
+             if not unset]
+    if given:
+        fail(f"{', '.join(given)} is torchrun's and needs --nproc-per-node N (the ranks pfc train starts on this "
+             "node through torchrun); without it pfc train runs as this one process and ignores it")
+
+
+def _check_rendezvous_options_or_exit(rdzv_endpoint: str | None, rdzv_id: str | None, node_rank: int | None,
+                                      rdzv_timeout: float | None) -> None:
+    """The options that only a multi-node rendezvous reads need its ``--rdzv-endpoint``: without one,
+    torchrun starts ``--standalone`` with a rendezvous id of its own, so they would be silently dropped
+    (``--rdzv-id`` is the run's label in the metrics)."""
+    if rdzv_endpoint:
+        return
+    given = [f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+             for name, value in (("--rdzv-id", rdzv_id), ("--node-rank", node_rank), ("--rdzv-timeout", rdzv_timeout))
+             if value is not None]
+    if given:
+        fail(f"{', '.join(given)} applies to a multi-node launch and needs --rdzv-endpoint HOST:PORT (the "
+             "rendezvous every node joins); without it torchrun starts --standalone, which ignores it (to name "
+             "the run in the metrics, use --set metrics.run_id=ID)")
+
+
 @app.command("train", context_settings={"allow_extra_args": False})
 def train_cmd(
     config: str = typer.Argument(..., help="YAML file, or a built-in recipe name such as demo_cpu"),
@@ -66,11 +97,11 @@ def train_cmd(
     nproc_per_node: int | None = typer.Option(None, "--nproc-per-node", min=1,
                                               help="start torchrun with this many ranks per node"),
     nnodes: str = typer.Option("1", "--nnodes", help="number of nodes (or MIN:MAX) for torchrun"),
-    node_rank: int | None = typer.Option(None, "--node-rank", min=0),
+    node_rank: int | None = typer.Option(None, "--node-rank", min=0, help="with --rdzv-endpoint: this node's rank"),
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of c10d rendezvous"),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts after a failure"),
-    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="rendezvous id shared by all nodes of one job "
-                                       "(e.g. the SLURM job id)"),
+    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="with --rdzv-endpoint: rendezvous id shared by "
+                                       "all nodes of one job (e.g. the SLURM job id)"),
     rdzv_timeout: float | None = typer.Option(None, "--rdzv-timeout", min=1,
                                               help="with --rdzv-endpoint: seconds to wait for all nodes to join "
                                               "(default 600)"),
@@ -84,6 +115,8 @@ def train_cmd(
         # torchrun would start --standalone, whose rendezvous no other node can join: it waits forever
         fail(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins, e.g. the "
              "first node's address and a free port)")
+    _check_torchrun_options_or_exit(nproc_per_node, nnodes, rdzv_endpoint, max_restarts)
+    _check_rendezvous_options_or_exit(rdzv_endpoint, rdzv_id, node_rank, rdzv_timeout)
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = config_or_exit(config, overrides)
     if nproc_per_node is not None and not under_launcher():

@@ -64,3 +64,27 @@ def test_model_image_size_a_backbone_cannot_take_is_refused_naming_it(backbone: 
 
     with pytest.raises(ConfigError, match=rf"model\.image_size = {size}: {re.escape(says)}"):
         load_config(None, [f"model.backbone={backbone}", f"model.image_size={size}"])
+
+
+def _mobilefacenet(*sets: str) -> torch.nn.Module:
+    cfg = load_config(None, ["model.backbone=mobilefacenet", "model.image_size=16", "model.embedding_size=8",
+                             "model.width=0.25", *sets])
+    return build(cfg, DistContext.single_process(), 10).engine.module
+
+
+def _depthwise_blocks(net: torch.nn.Module) -> int:
+    """The inverted-residual (DepthWise) blocks: the 3 strided ones plus the stages' repeats."""
+    return sum(1 for m in net.modules() if type(m).__name__ == "DepthWise")
+
+
+def test_model_scale_and_blocks_shape_the_built_mobilefacenet() -> None:
+    """``model.scale=2`` doubles the trunk's channels of the MobileFaceNet the trainer builds (the first
+    convolution: 64 x width x scale), ``model.blocks=[1,2,2,1]`` builds 3 + 2+2+1 depthwise blocks instead
+    of the default 3 + 4+6+2, and ``model.width=0.25`` narrows it (16 channels at scale 1)."""
+    default, wide, short = _mobilefacenet(), _mobilefacenet("model.scale=2"), _mobilefacenet("model.blocks=[1,2,2,1]")
+    first = [next(m for m in n.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+             for n in (default, wide, short)]
+    assert first == [16, 32, 16]
+    assert [_depthwise_blocks(n) for n in (default, wide, short)] == [15, 15, 8]
+    with torch.no_grad():
+        assert short.eval()(torch.zeros(2, 3, 16, 16)).shape == (2, 8)

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -85,3 +86,30 @@ def test_traffic_flat_in_classes_and_memory_matches_planner() -> None:
     ratio = m["planner"]["measured_over_planned_memory"]
     assert 0.85 <= ratio <= 1.15, (ratio, m["head_peak_bytes_per_rank"], m["planner"])
     assert m["head_peak_bytes_per_rank"] >= m["shard_weights_plus_momentum_bytes"]
+
+
+def _bench_head_cli(out: Path, *options: str) -> dict:
+    """The JSON result (written to ``out``) of a tiny `pfc bench head` run (2 ranks, one timed step) in a fresh
+    process."""
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "head", "--classes", "200", "--dim", "8",
+                          "--batch", "4", "--sample-rate", "0.5", "--world-size", "2", "--steps", "1", "--warmup", "0",
+                          *options, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.multiprocess
+def test_cli_discface_floor_threads_and_profile_options(tmp_path) -> None:
+    """``pfc bench head --discface-lambda 0.1``: DiscFace's all-reduces are sent (the planner's bytes with
+    DiscFace, more than without); ``--floor after``: the floor is timed after the steps (interleaved by
+    default); ``--threads 3``: each rank's torch threads; ``--profile DIR``: a profile table and trace per
+    rank."""
+    doc = _bench_head_cli(tmp_path / "bench.json", "--discface-lambda", "0.1", "--floor", "after", "--threads", "3")
+    with_disc = plan_rank(200, 2, 4, 8, 0.5, discface=True).comm_bytes_per_step
+    assert doc["bytes_sent_per_step_per_rank"] == with_disc > plan_rank(200, 2, 4, 8, 0.5,
+                                                                        discface=False).comm_bytes_per_step
+    assert doc["gemm_floor_mode"] == "after"
+    assert [r["threads"] for r in doc["per_rank"]] == [3, 3]
+    _bench_head_cli(tmp_path / "profiled.json", "--profile", str(tmp_path / "prof"))
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["profile_rank0.txt", "profile_rank1.txt",
+                                                          "trace_rank0.json", "trace_rank1.json"]
