@@ -210,10 +210,9 @@ def test_cli_refuses_an_opset_it_cannot_deliver(tmp_path, opset, says):
 
 @pytest.mark.parametrize(("kwargs", "says"), [
     (dict(name="tiny", image_size=(32, 48)), "a backbone built for 32x48 images"),
-    (dict(name="tiny", image_size=24), "pfc eval cannot evaluate this backbone"),
 ])
 def test_eval_refuses_a_backbone_no_training_config_describes_in_one_line(tmp_path, kwargs, says):
-    """Backbones the library builds but a training config cannot describe (rectangular, 24 px): one line,
+    """Backbones the library builds but a training config cannot describe (rectangular): one line,
     exit 2 (it was the model's input-shape traceback, or pydantic's)."""
     import io
     import pickle
