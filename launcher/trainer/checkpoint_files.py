@@ -190,7 +190,8 @@ def _save_checkpoint(paths: CheckpointPaths, step: int, contents: CheckpointCont
         # exists), then every rank checks that it sees it: a checkpoints folder not shared across nodes.
         _agree(_make_partial(paths, partial) if rank == 0 else None, group, step, paths.root, rank)
         seen = None if partial.is_dir() else FileNotFoundError(
-            f"{partial}, made by rank 0, is not visible on this rank (checkpoint.dir must be shared by all nodes)")
+            f"{partial}, made by rank 0, is not visible on this rank (the output folder, --output, must be on "
+            "storage every node shares)")
         _agree(seen, group, step, paths.root, rank)
         # Phase 2 (every rank): its parts.
         _agree(_write_parts(contents, partial, step, rank), group, step, paths.root, rank)
