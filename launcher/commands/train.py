@@ -14,10 +14,11 @@ from launcher.commands.output import config_or_exit, fail, user_errors
 from launcher.config import Config, build_overrides
 
 
-def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
+def _prepare_or_exit(cfg) -> Path | None:  # type: ignore[no-untyped-def]
     """Before any rank starts: the tracking backends usable, the init_backbone file read, a setting this
-    machine's device cannot run (train.amp=fp16 without CUDA), the data found (an image folder packed once,
-    so ranks that torchrun starts find it packed); a bad path, file or setting is one line, exit 2."""
+    machine's device cannot run (train.amp=fp16 without CUDA), the data found (an image folder packed once);
+    a bad path, file or setting is one line, exit 2. Returns the dataset PREFIX that ``data.prefix`` resolved
+    to (None: no data.prefix), which :func:`with_resolved_data` hands to the trainer and torchrun's ranks."""
     import torch
 
     from launcher.errors import rank_from_env
@@ -37,7 +38,17 @@ def _prepare_or_exit(cfg) -> None:  # type: ignore[no-untyped-def]
             # logging first: packing an image folder (minutes) reports what it packs and how long it took; a
             # rank sets it up again once the process group has given it its rank
             setup_logging(rank_from_env() or 0)
-            resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
+            return resolve_prefix(cfg.data.prefix, cfg.output, cfg.model.image_size)
+    return None
+
+
+def with_resolved_data(config: str, overrides: list[str], cfg: Config, prefix: Path | None) -> tuple[list[str], Config]:
+    """``overrides`` and ``cfg`` with ``data.prefix`` set to the dataset PREFIX it resolved to, last so it wins:
+    the trainer (here or on torchrun's ranks) opens the packed PREFIX instead of walking an image folder again."""
+    if prefix is None or str(prefix) == cfg.data.prefix:
+        return overrides, cfg
+    overrides = [*overrides, f"data.prefix={json.dumps(str(prefix))}"]
+    return overrides, config_or_exit(config, overrides)
 
 
 def _check_gpus_or_exit(nproc_per_node: int, backend: str) -> None:
@@ -121,7 +132,7 @@ def train_cmd(
     cfg = config_or_exit(config, overrides)
     if nproc_per_node is not None and not under_launcher():
         _check_gpus_or_exit(nproc_per_node, cfg.dist.backend)
-    _prepare_or_exit(cfg)
+    overrides, cfg = with_resolved_data(config, overrides, cfg, _prepare_or_exit(cfg))
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         started = time.time()

@@ -10,8 +10,10 @@ part                  state                                                  whe
 ====================  =====================================================  ===========================
 ``run``               the resolved config, the world size (a resume with a   meta.json
                       setting the state is tied to changed is refused)
-``data``              the data position (epoch, batch): informational, the   meta.json
-                      position is a function of the step (``batches``)
+``data``              the data position: the epoch and the samples each      meta.json
+                      rank had read of its part, on the world size that
+                      read them; a resume starts the data there, on any
+                      batch size and world size (``data_position``)
 ``head``              this rank's class-weight shard, its optimizer state,   head/ (every rank);
                       b (xi); the head's LR schedule and settings            trainer_state.pt
 ``backbone``          the backbone's weights and architecture                backbone.safetensors

@@ -3,7 +3,8 @@
 Accepted: a dataset PREFIX, a ``.rec``/``.idx`` path, a folder holding ``train.rec`` (insightface's layout),
 or an image folder with one subfolder per identity, which is packed once (``pfc data pack`` semantics,
 resized to ``model.image_size``) into the run's data cache ``OUTPUT/data_cache/train`` and reused while
-the folder is unchanged.
+the folder is unchanged. ``pfc train`` resolves it once, before any rank starts, and hands the resolved
+PREFIX on as ``data.prefix``; a rank started by another launcher (srun, a PyTorchJob) resolves it itself.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ DATA_CACHE = "data_cache"
 #: a pack lock not touched for this long belongs to a process that is gone
 PACK_LOCK_STALE_S = 60.0
 _HEARTBEAT_S = 5.0
-#: caches this process packed or found (resolved paths), said once: pfc train looks one up (and packs it)
-#: before its trainer looks it up again
-_KNOWN_HERE: set[Path] = set()
 
 
 def _is_image_folder(p: Path) -> bool:
@@ -130,9 +128,7 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
         if record.is_file():
             saved = json.loads(record.read_text())
             if saved == want:
-                if cache.resolve() not in _KNOWN_HERE:
-                    log.info(f"data: {src} already packed in {cache}")
-                    _KNOWN_HERE.add(cache.resolve())
+                log.info(f"data: {src} already packed in {cache}")
                 return prefix
             raise ValueError(f"data.prefix {src}: the run's data cache {cache} was packed from another folder or "
                              f"from this one before it changed ({describe_changes(saved, want)}): delete {cache} to "
@@ -173,7 +169,6 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
         os.replace(tmp, cache)
         log.info(f"data: packed {summary['images']} images of {summary['identities']} identities in "
                  f"{summary['seconds']:.1f} s")
-        _KNOWN_HERE.add(cache.resolve())
     finally:
         stop.set()
         beat.join()
