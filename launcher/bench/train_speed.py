@@ -28,7 +28,8 @@ SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "tim
 
 
 def summarise(rows: list[dict[str, Any]], warmup: int, global_batch: int) -> dict[str, Any]:
-    """Median step time (from consecutive log times) and median split over the steps after warm-up.
+    """Median step time (from consecutive log times) and median split over the steps after warm-up;
+    ``warmup_steps`` and ``timed_step_range`` (first and last step timed) say which steps those were.
 
     A phase no timed row carries (``time_comm_s`` under DeepSpeed, whose reductions are not timed) is left
     out of ``split_s`` and ``split_fraction``: absent, not a median of zeros read as "no communication"."""
@@ -40,7 +41,8 @@ def summarise(rows: list[dict[str, Any]], warmup: int, global_batch: int) -> dic
     step_s = statistics.median(gaps)
     split = {k: statistics.median(r.get(k, 0.0) for r in timed) for k in SPLIT if any(k in r for r in timed)}
     return {"step_s": step_s, "images_per_s": global_batch / step_s, "split_s": split,
-            "split_fraction": {k: v / step_s for k, v in split.items()}, "steps_timed": len(gaps)}
+            "split_fraction": {k: v / step_s for k, v in split.items()}, "steps_timed": len(gaps),
+            "warmup_steps": warmup, "timed_step_range": [timed[0]["step"], timed[-1]["step"]]}
 
 
 def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dict[str, Any]:
@@ -110,6 +112,14 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
             "backbone": cfg.model.backbone, "image_size": s, "batch": cfg.train.batch_size, "kernels": kernels}
 
 
+def trainer_device() -> str:
+    """The device type the run's ranks train on: the trainer's rule (CUDA wherever it is visible,
+    :func:`launcher.distributed.init_distributed`), and its ranks see this process's devices."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: int, sets: list[str],
                 workdir: Path | None = None, device_data: bool = False) -> dict[str, Any]:
     """Run the trainer for ``warmup + steps`` steps on ``nproc`` ranks and summarise its metrics.
@@ -144,9 +154,10 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     rows = metrics_rows(out)
     global_batch = cfg.train.batch_size * nproc * cfg.optim.grad_accum
     res = summarise(rows, warmup, global_batch)
-    res.update(config=str(config), backbone=cfg.model.backbone, image_size=cfg.model.image_size,
-               batch_per_rank=cfg.train.batch_size, world_size=nproc, data=data or "synthetic, on the device",
-               amp=cfg.train.amp, channels_last=cfg.train.channels_last, loader=cfg.data.loader,
-               workers=cfg.data.workers, kernels=json.loads((out / "summary.json").read_text()).get("kernels"),
+    res.update(config=str(config), device=trainer_device(), backbone=cfg.model.backbone,
+               image_size=cfg.model.image_size, batch_per_rank=cfg.train.batch_size, world_size=nproc,
+               data=data or "synthetic, on the device", amp=cfg.train.amp, channels_last=cfg.train.channels_last,
+               loader=cfg.data.loader, workers=cfg.data.workers,
+               kernels=json.loads((out / "summary.json").read_text()).get("kernels"),
                peak_memory_bytes_rank0=max(r["memory_bytes"] for r in rows))
     return res

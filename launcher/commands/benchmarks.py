@@ -41,7 +41,7 @@ def bench_data_cmd(
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
     seconds: float = typer.Option(10.0, "--seconds", min=0.1, help="Measured seconds for each of the loader "
                                   "and the decode ceiling."),
-    device_id: int | None = typer.Option(None, "--device-id", help="DALI on this GPU (mixed decode); "
+    device_id: int | None = typer.Option(None, "--device-id", min=0, help="DALI on this GPU (mixed decode); "
                                          "default CPU."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Alternate loader and ceiling this many times "
                                "(fair on a machine shared with other work)."),
@@ -64,6 +64,7 @@ def bench_data_cmd(
     from data_pipeline.dataset import default_prefix
     from data_pipeline.loader_bench import bench_data
 
+    _check_device_id(device_id, loader, scale)
     if scale is not None:
         _scale(scale, identities, world_size, workdir, keep, loader is LoaderKind.dali, json_path)
         return
@@ -89,6 +90,24 @@ def bench_data_cmd(
                f"{res.ceiling_cpu_ms_per_image:.3f} ms, ratio {res.cpu_ratio:.3f}"
                + (f"  (load average {res.load_average:.1f} on {res.cpu_count} CPUs)" if res.load_average else ""))
     write_json(json_path, res.to_dict())
+
+
+def _check_device_id(device_id: int | None, loader: LoaderKind, scale: int | None) -> None:
+    """``--device-id`` is the GPU of DALI's mixed decode: refused where nothing would use it (the torch
+    loader and ``--scale`` decode on the CPU, and the result said "on cpu" as if the option were not
+    given) and where that GPU is not visible (DALI's own error is a traceback)."""
+    if device_id is None:
+        return
+    if scale is not None or loader is not LoaderKind.dali:
+        used_by = "--scale" if scale is not None else "--loader torch"
+        fail(f"--device-id {device_id} is for --loader dali's GPU decode; {used_by} decodes on the CPU "
+             "(leave --device-id out)", _BENCH_DATA)
+    import torch
+
+    visible = torch.cuda.device_count()
+    if device_id >= visible:
+        fail(f"--device-id {device_id}: no such CUDA device ({visible} visible); leave it out to decode "
+             "on the CPU", _BENCH_DATA)
 
 
 def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool, dali: bool,
@@ -178,7 +197,8 @@ def bench_train_cmd(
     from launcher.bench.train_speed import backbone_floor, bench_train
 
     res = bench_train(config, data, steps, warmup, nproc, list(sets or []), device_data=device_data)
-    typer.echo(f"{res['backbone']} {res['image_size']}px, {res['world_size']} rank(s) x {res['batch_per_rank']}: "
+    typer.echo(f"{res['backbone']} {res['image_size']}px on {res['device']}, {res['world_size']} rank(s) x "
+               f"{res['batch_per_rank']} (steps {res['timed_step_range'][0]}-{res['timed_step_range'][1]} timed): "
                f"{res['images_per_s']:.1f} images/s, step {res['step_s'] * 1e3:.1f} ms, "
                f"peak memory rank 0 {res['peak_memory_bytes_rank0'] / 2**20:.0f} MiB")
     for k, v in res["split_s"].items():

@@ -1,0 +1,141 @@
+"""`pfc bench` options set to a non-default value reach what the benchmark does: `bench train --config FILE
+--device-data --warmup`, `bench discface --hard`, `bench augment --config FILE --nproc 2`, and `bench data
+--device-id` refused in one line where nothing would decode on that GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import launcher.cli  # noqa: F401  (registers every command on the app)
+from launcher.commands.groups import app
+from tests.support.runs import _pfc, refused_in_one_line
+
+# A config file whose values differ from demo_cpu's (the options' default), so that each can be traced.
+TINY_YAML = {
+    "model": {"backbone": "tiny", "embedding_size": 24, "image_size": 16},
+    "train": {"batch_size": 4, "seed": 0},
+    "head": {"sample_rate": 1.0},
+    "data": {"workers": 0},
+    "dist": {"backend": "gloo"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `pfc` processes too: tiny tensors on a shared 2-core machine, where spinning intra-op threads
+    made a run 2-3x slower (as the conftest's fixture says for this process)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_YAML))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_rec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset PREFIX of 4 identities x 2 images at 16 px."""
+    from data_pipeline.synth import generate
+
+    prefix = tmp_path_factory.mktemp("tiny") / "train"
+    generate(prefix, 4, 2, image_size=16, val_identities=0, seed=0, workers=1)
+    return prefix
+
+
+def _run_config(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+@pytest.mark.multiprocess
+def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config FILE``: the file's model and batch are what ran; ``--device-data`` on a CPU: batches made
+    on the CPU, no dataset written; ``--warmup 3 --steps 2``: 5 steps ran, steps 4-5 timed, said in the JSON."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the benchmark's scratch folder, to look into
+    out = tmp_path / "r.json"
+    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "3",
+              "--steps", "2", "--nproc", "1", "--json", str(out)], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert (res["backbone"], res["image_size"], res["batch_per_rank"]) == ("tiny", 16, 4)
+    assert res["warmup_steps"] == 3 and res["timed_step_range"] == [4, 5] and res["steps_timed"] == 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert res["device"] == device and res["loader"] == "synthetic" and res["data"] == "synthetic, on the device"
+    assert f"tiny 16px on {device}, 1 rank(s) x 4 (steps 4-5 timed)" in r.stdout
+    (scratch,) = tmp_path.glob("pfc-bench-train-*")
+    assert not (scratch / "data").exists()  # no input pipeline: nothing was generated to read
+    ran = _run_config(scratch / "run")
+    assert ran["model"]["embedding_size"] == 24 and ran["data"]["loader"] == "synthetic"
+    assert json.loads((scratch / "run" / "summary.json").read_text())["steps"] == 5
+
+
+@pytest.mark.multiprocess
+def test_bench_discface_hard_trains_on_the_hard_nuisance(tmp_path: Path) -> None:
+    """``--hard``: the study's images are the ones drawn with HARD_JITTER (not the default nuisance)."""
+    from data_pipeline.synth import DEFAULT_JITTER, HARD_JITTER, generate
+
+    out, doc = tmp_path / "study", tmp_path / "r.json"
+    r = _pfc(["bench", "discface", "--output", str(out), "--hard", "--lambdas", "0", "--identities", "10",
+              "--images-per-identity", "2", "--heldout-identities", "2", "--steps", "1", "--nproc", "1",
+              "--set", "train.batch_size=4", "--set", "model.image_size=16", "--set", "model.embedding_size=16",
+              "--set", "head.sample_rate=1.0", "--set", "data.workers=0", "--json", str(doc)], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads(doc.read_text())["hard_jitter"] is True
+    # the held-out set again, as the study draws it (seed 0 + 7919), under each nuisance
+    study = (out / "data" / "heldout.rec").read_bytes()
+    for name, jitter in (("hard", HARD_JITTER), ("default", DEFAULT_JITTER)):
+        generate(tmp_path / name / "heldout", 2, 2, image_size=16, val_identities=0, seed=7919, workers=1,
+                 jitter=jitter)
+    assert study == (tmp_path / "hard" / "heldout.rec").read_bytes()
+    assert study != (tmp_path / "default" / "heldout.rec").read_bytes()
+
+
+@pytest.mark.multiprocess
+def test_bench_augment_config_file_and_two_ranks(tmp_path: Path) -> None:
+    """``--config FILE --nproc 2``: both runs train the file's model on two ranks (two head shards each)."""
+    out, doc = tmp_path / "study", tmp_path / "r.json"
+    r = _pfc(["bench", "augment", "--output", str(out), "--config", str(_config_file(tmp_path)), "--nproc", "2",
+              "--seeds", "0", "--identities", "4", "--images-per-identity", "2", "--val-identities", "2",
+              "--val-pairs", "20", "--steps", "1", "--augment", "data.augment.grayscale.p=1.0",
+              "--json", str(doc)], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(doc.read_text())
+    assert res["world_size"] == 2 and res["config"] == str(tmp_path / "tiny.yaml")
+    for name in ("off_seed0", "on_seed0"):
+        run = out / name
+        assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+        assert len(list(run.glob("checkpoints/step_*/head/head_shard_*.safetensors"))) == 2
+        model = _run_config(run)["model"]
+        assert (model["embedding_size"], model["image_size"]) == (24, 16)
+
+
+@pytest.mark.parametrize(("loader", "extra", "says"), [
+    ("torch", [], "--device-id 0 is for --loader dali's GPU decode; --loader torch decodes on the CPU"),
+    ("dali", ["--scale", "100"], "--device-id 0 is for --loader dali's GPU decode; --scale decodes on the CPU"),
+], ids=["torch", "scale"])
+def test_bench_data_device_id_where_nothing_decodes_on_a_gpu_is_refused(
+        tiny_rec: Path, tmp_path: Path, loader: str, extra: list[str], says: str) -> None:
+    """The torch loader (and --scale) decode on the CPU: the result used to say "on cpu" as if the option
+    had not been given."""
+    res = CliRunner().invoke(app, ["bench", "data", str(tiny_rec), "--loader", loader, "--device-id", "0",
+                                   "--batch", "4", "--seconds", "0.2", "--rounds", "1", "--workdir", str(tmp_path),
+                                   *extra])
+    assert res.exit_code == 2 and res.output.strip() == f"pfc bench data: {says} (leave --device-id out)"
+    assert not list(tmp_path.iterdir())  # refused before anything ran (--scale builds its file here)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 8, reason="a machine with more than 8 GPUs")
+def test_bench_data_device_id_of_a_gpu_that_is_not_there_is_one_line(tiny_rec: Path) -> None:
+    """``--loader dali --device-id 8`` without that GPU: one line before DALI starts (its error was a
+    traceback from the pipeline's build)."""
+    n = torch.cuda.device_count()
+    r = _pfc(["bench", "data", str(tiny_rec), "--loader", "dali", "--device-id", "8", "--batch", "4",
+              "--seconds", "0.2", "--rounds", "1"], timeout=120)
+    assert refused_in_one_line(r) == (f"pfc bench data: --device-id 8: no such CUDA device ({n} visible); "
+                                      "leave it out to decode on the CPU")
