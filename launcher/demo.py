@@ -1,9 +1,9 @@
 """`pfc demo`: the built-in end-to-end job on a fresh machine.
 
-Synthetic identities (``data_pipeline.synth``) -> ``pfc train demo_cpu`` on N CPU ranks under torchrun
-(Partial FC with r < 1, CosFace, DiscFace on) -> evaluation of the final checkpoint on unseen
-identities, compared with the same network untrained -> a report folder: config, metrics JSON,
-loss-curve and ROC PNGs, the final checkpoint.
+Synthetic identities (``data_pipeline.synth``) -> ``pfc train demo_cpu`` on N ranks under torchrun, on the
+CPU or, where CUDA is visible, on the GPU(s) as the trainer picks (Partial FC with r < 1, CosFace, DiscFace
+on) -> evaluation of the final checkpoint on unseen identities, compared with the same network untrained
+-> a report folder: config, metrics JSON, loss-curve and ROC PNGs, the final checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from launcher.distributed import DistContext, torchrun
 from launcher.monitoring.plots import plot_losses
 
 log = logging.getLogger("pfc")
+
+
+def ranks_device() -> str:
+    """The device the demo's ranks will train on, as the log line names it: ``CUDA`` wherever CUDA is visible
+    (the trainer's rule, :func:`launcher.distributed.init_distributed`; torchrun's ranks see this process's
+    devices, and the recipe's gloo backend does not keep them off the GPU), else ``CPU``."""
+    return "CUDA" if torch.cuda.is_available() else "CPU"
 
 
 def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int | None, nproc: int,
@@ -60,7 +67,8 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
                              image_size=cfg.model.image_size, width=cfg.model.width)
     before = evaluate_bins(untrained, [str(val_bin)], cfg, DistContext.single_process())
 
-    log.info(f"training on {nproc} CPU rank(s): pfc train demo_cpu " + " ".join(f"--set {s}" for s in sets))
+    command = "pfc train demo_cpu " + " ".join(f"--set {s}" for s in sets)
+    log.info(f"training on {nproc} {ranks_device()} rank(s): {command}")
     code = torchrun(["train", "demo_cpu", *[a for s in sets for a in ("--set", s)]], nproc)
     if code:
         log.error(f"training failed with exit code {code}")

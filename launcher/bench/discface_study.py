@@ -65,8 +65,11 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
 
 
 def format_study(results: dict[str, Any]) -> str:
-    """The table printed by `pfc bench discface`: one row per lambda."""
-    lines = [f"{'lambda':>7s} {'accuracy':>16s} {'TAR@1e-3':>9s} {'TAR@1e-2':>9s} {'AUC':>7s} "
+    """The table printed by `pfc bench discface`: which synthetic nuisance the study drew (``--hard``), then
+    one row per lambda."""
+    nuisance = "hard (--hard: pose, light, noise)" if results["hard_jitter"] else "default (no --hard)"
+    lines = [f"synthetic nuisance: {nuisance}",
+             f"{'lambda':>7s} {'accuracy':>16s} {'TAR@1e-3':>9s} {'TAR@1e-2':>9s} {'AUC':>7s} "
              f"{'dir(deg)':>9s} {'radial cv':>9s} {'train dir':>9s} {'train cv':>9s}"]
     for key, r in results["runs"].items():
         h, t = r["heldout_discrepancy"], r["train_discrepancy"]

@@ -13,6 +13,7 @@ input pipeline, head or optimizer can make faster, so images/s over it says what
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -112,36 +113,60 @@ def backbone_floor(config: str, sets: list[str], steps: int, warmup: int) -> dic
             "backbone": cfg.model.backbone, "image_size": s, "batch": cfg.train.batch_size, "kernels": kernels}
 
 
-def trainer_device() -> str:
-    """The device type the run's ranks train on: the trainer's rule (CUDA wherever it is visible,
-    :func:`launcher.distributed.init_distributed`), and its ranks see this process's devices."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: int, sets: list[str],
-                workdir: Path | None = None, device_data: bool = False) -> dict[str, Any]:
+                workdir: Path | None = None, device_data: bool = False, keep: bool = False) -> dict[str, Any]:
     """Run the trainer for ``warmup + steps`` steps on ``nproc`` ranks and summarise its metrics.
 
     ``device_data``: batches made on the device (``data.loader=synthetic``), so that the step is
-    measured without any input pipeline; ``data`` is then ignored.
+    measured without any input pipeline; ``data`` is then ignored. The generated data and the run folder
+    go to ``workdir`` (default a temporary folder) and are deleted when the bench ends, also when it
+    fails, unless ``keep`` (the result's ``workdir`` then says where they are).
     """
+    own = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="pfc-bench-train-")) if workdir is None else Path(workdir)
+    made: list[Path] = [root] if own else [root / "run"]
+    try:
+        res = _timed_run(config, data, steps, warmup, nproc, sets, root, device_data, made, keep)
+    finally:
+        if not keep:
+            _remove(made)
+    res["workdir"] = str(root) if keep else None
+    return res
+
+
+def _remove(made: list[Path]) -> None:
+    """Delete the folders and files the bench made (a given ``--workdir`` itself stays, as its other files)."""
+    for path in made:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for parent in {p.parent for p in made if p.parent.name == "data"}:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty: the user's own files in it stay
+
+
+def _timed_run(config: str, data: str | None, steps: int, warmup: int, nproc: int, sets: list[str], root: Path,
+               device_data: bool, made: list[Path], keep: bool) -> dict[str, Any]:
+    """:func:`bench_train`'s run in ``root``; what it writes there is added to ``made``."""
+    from data_pipeline.property_file import dataset_files
+
     if device_data:
         cfg0 = load_config(resolve_config_path(config), sets)  # (synthetic data needs head.num_classes set)
         sets = [*sets, 'data.loader="synthetic"']
         if cfg0.head.num_classes is None:
             sets.append("head.num_classes=2000")
     cfg = load_config(resolve_config_path(config), sets)
-    tmp = Path(workdir or tempfile.mkdtemp(prefix="pfc-bench-train-"))
     if device_data:
         data = ""
     elif data is None:
-        prefix = tmp / "data" / "train"
+        prefix = root / "data" / "train"
+        if not prefix.with_suffix(".rec").is_file():  # a kept --workdir's data is used again, and stays
+            made += dataset_files(prefix)
         generate_once(prefix, 200, 10, needs_val_bin=False, image_size=cfg.model.image_size, val_identities=0,
                       seed=cfg.train.seed)
         data = str(prefix)
-    out = tmp / "run"
+    out = root / "run"
     total = warmup + steps
     run_sets = [*sets, f"data.prefix={json.dumps(data or None)}", f"output={json.dumps(str(out))}", "data.val_bins=[]",
                 f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
@@ -150,14 +175,16 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
     shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: resume=false refuses a used one
     code = run_training(config, run_sets, nproc)
     if code:
-        raise RuntimeError(f"the benchmark's training run failed with exit code {code} (output in {out})")
+        where = f"output in {out}" if keep else "its run folder is deleted; --keep keeps it"
+        raise RuntimeError(f"the benchmark's training run failed with exit code {code} ({where})")
     rows = metrics_rows(out)
     global_batch = cfg.train.batch_size * nproc * cfg.optim.grad_accum
     res = summarise(rows, warmup, global_batch)
-    res.update(config=str(config), device=trainer_device(), backbone=cfg.model.backbone,
+    summary = json.loads((out / "summary.json").read_text())
+    ran_on = summary["device"]  # rank 0's, as the trainer picked it
+    res.update(config=str(config), device=ran_on["type"], device_name=ran_on["name"], backbone=cfg.model.backbone,
                image_size=cfg.model.image_size, batch_per_rank=cfg.train.batch_size, world_size=nproc,
                data=data or "synthetic, on the device", amp=cfg.train.amp, channels_last=cfg.train.channels_last,
-               loader=cfg.data.loader, workers=cfg.data.workers,
-               kernels=json.loads((out / "summary.json").read_text()).get("kernels"),
+               loader=cfg.data.loader, workers=cfg.data.workers, kernels=summary.get("kernels"),
                peak_memory_bytes_rank0=max(r["memory_bytes"] for r in rows))
     return res

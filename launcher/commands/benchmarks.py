@@ -33,9 +33,12 @@ def _comma_list(text: str, kind: type[T], option: str) -> list[T]:
 
 @bench_app.command("data")
 def bench_data_cmd(
+    ctx: typer.Context,
     prefix: Path | None = typer.Argument(None, help="Dataset prefix (PREFIX.rec, PREFIX.idx, property), a "
                                          "folder holding train.rec, or PREFIX.rec (not with --scale)."),
-    loader: LoaderKind = typer.Option(LoaderKind.torch, "--loader", help="Which loader to measure."),
+    loader: LoaderKind | None = typer.Option(None, "--loader", help="Which loader to measure (default torch). "
+                                             "With --scale: dali adds the DALI step (needs DALI), torch leaves "
+                                             "it out; default: the DALI step where DALI imports."),
     threads: int = typer.Option(2, "--threads", min=0, help="DataLoader workers (torch) or DALI threads; "
                                 "the decode ceiling uses the same number."),
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
@@ -66,11 +69,12 @@ def bench_data_cmd(
 
     _check_device_id(device_id, loader, scale)
     if scale is not None:
-        _scale(scale, identities, world_size, workdir, keep, loader is LoaderKind.dali, json_path)
+        _refuse_loader_options(ctx, prefix)
+        _scale(scale, identities, world_size, workdir, keep, loader, json_path)
         return
     if prefix is None:
         fail("give a dataset PREFIX (or --scale N)", _BENCH_DATA)
-
+    loader = loader or LoaderKind.torch
     if loader is LoaderKind.dali:
         from data_pipeline.dali_iterator import dali_available
 
@@ -92,7 +96,7 @@ def bench_data_cmd(
     write_json(json_path, res.to_dict())
 
 
-def _check_device_id(device_id: int | None, loader: LoaderKind, scale: int | None) -> None:
+def _check_device_id(device_id: int | None, loader: LoaderKind | None, scale: int | None) -> None:
     """``--device-id`` is the GPU of DALI's mixed decode: refused where nothing would use it (the torch
     loader and ``--scale`` decode on the CPU, and the result said "on cpu" as if the option were not
     given) and where that GPU is not visible (DALI's own error is a traceback)."""
@@ -110,14 +114,40 @@ def _check_device_id(device_id: int | None, loader: LoaderKind, scale: int | Non
              "on the CPU", _BENCH_DATA)
 
 
-def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool, dali: bool,
-           json_path: Path | None) -> None:
+# The options of the loader's throughput measurement: --scale builds its own file, decodes nothing and times
+# fixed steps (the DALI step's batch and threads are its own), so each would be silently ignored there.
+_LOADER_ONLY = {"threads": "--threads", "batch": "--batch", "seconds": "--seconds", "rounds": "--rounds",
+                "as_float": "--float"}
+
+
+def _refuse_loader_options(ctx: typer.Context, prefix: Path | None) -> None:
+    """With ``--scale``: one line for a PREFIX or a loader-throughput option the user gave (on the command
+    line: ``--threads 2`` is refused as much as ``--threads 3``)."""
+    def on_command_line(name: str) -> bool:
+        source = ctx.get_parameter_source(name)  # typer's own copy of click's ParameterSource: by name
+        return source is not None and source.name == "COMMANDLINE"
+
+    given = (["PREFIX"] if prefix is not None else []) + [f for n, f in _LOADER_ONLY.items() if on_command_line(n)]
+    if given:
+        fail(f"{', '.join(given)}: for the loader's throughput on a PREFIX; --scale N times its own file's inspect, "
+             f"opening and DALI epoch boundary, decoding nothing (leave {'it' if len(given) == 1 else 'them'} out)",
+             _BENCH_DATA)
+
+
+def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool,
+           loader: LoaderKind | None, json_path: Path | None) -> None:
+    """``--scale``: the DALI step runs with ``--loader dali`` (refused in one line without DALI), not with
+    ``--loader torch``, and where DALI imports when ``--loader`` is not given."""
     from data_pipeline.dali_iterator import dali_available
     from data_pipeline.scale_bench import bench_scale
 
     if identities is not None and identities > images:
         fail(f"--identities {identities} is more than --scale {images} images", _BENCH_DATA)
-    res = bench_scale(images, identities, workdir, world_size, keep, dali=dali_available())
+    dali = None if loader is None else loader is LoaderKind.dali
+    if dali and not dali_available():
+        fail("--loader dali needs NVIDIA DALI (pip install 'partialfc-discface[dali]'); leave --loader out to "
+             "skip the DALI step", _BENCH_DATA)
+    res = bench_scale(images, identities, workdir, world_size, keep, dali=dali)
     b, ic, ih = res["build"], res["inspect_cold"], res["inspect_cached"]
     load = res["load_average_start"]  # None where the OS does not report it
     typer.echo(f"{images} images, {res['identities']} identities on {res['cpu_count']} CPUs ({res['cpu']}), "
@@ -135,6 +165,8 @@ def _scale(images: int, identities: int | None, world_size: int, workdir: Path |
         typer.echo(f"  DALI            boundary {d['epoch_boundary_seconds']:.2f} s per rank; per segment of "
                    f"{d['segment_samples']}: index {d['segment_index_seconds']:.2f} s, build "
                    f"{d['segment_build_seconds']:.2f} s ({d['segments']} segments per epoch)")
+    else:
+        typer.echo(f"  DALI            not measured ({'--loader torch' if dali is False else 'DALI does not import'})")
     write_json(json_path, res)
 
 
@@ -192,12 +224,17 @@ def bench_train_cmd(
     floor: bool = typer.Option(False, "--floor", help="also time the backbone's forward + backward alone "
                                "(one rank, this process) and report the step against it"),
     json_path: Path | None = typer.Option(None, "--json", help="write the result here"),
+    workdir: Path | None = typer.Option(None, "--workdir", help="where the generated data and the run folder go "
+                                        "(default a temporary folder); they are deleted afterwards unless --keep"),
+    keep: bool = typer.Option(False, "--keep", help="keep the generated data and the run folder"),
 ) -> None:
     """Training throughput and step-time split (data wait, forward, backward, communication, optimizer)."""
     from launcher.bench.train_speed import backbone_floor, bench_train
 
-    res = bench_train(config, data, steps, warmup, nproc, list(sets or []), device_data=device_data)
-    typer.echo(f"{res['backbone']} {res['image_size']}px on {res['device']}, {res['world_size']} rank(s) x "
+    res = bench_train(config, data, steps, warmup, nproc, list(sets or []), workdir=workdir, device_data=device_data,
+                      keep=keep)
+    card = f" ({res['device_name']})" if res["device_name"] else ""
+    typer.echo(f"{res['backbone']} {res['image_size']}px on {res['device']}{card}, {res['world_size']} rank(s) x "
                f"{res['batch_per_rank']} (steps {res['timed_step_range'][0]}-{res['timed_step_range'][1]} timed): "
                f"{res['images_per_s']:.1f} images/s, step {res['step_s'] * 1e3:.1f} ms, "
                f"peak memory rank 0 {res['peak_memory_bytes_rank0'] / 2**20:.0f} MiB")
@@ -211,6 +248,8 @@ def bench_train_cmd(
         mem = f", peak memory {fl['peak_memory_bytes'] / 2**20:.0f} MiB" if fl["peak_memory_bytes"] else ""
         typer.echo(f"backbone forward + backward alone: {fl['images_per_s']:.1f} images/s{mem}; the whole step "
                    f"reaches {res['step_over_floor_images_per_s']:.2f} of it (per rank)")
+    if res["workdir"]:
+        typer.echo(f"the run folder (and any data generated) kept in {res['workdir']}")
     write_json(json_path, res)
 
 

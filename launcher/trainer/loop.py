@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from data_pipeline.atomic import atomic_write
 from launcher.config import Config, dump_config
 from launcher.distributed import DistContext
@@ -30,7 +32,8 @@ from launcher.trainer.watchdog import HangWatchdog, watching
 
 
 def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dict[str, Any]:
-    """Run the configured training on this rank; returns the run summary (same on every rank).
+    """Run the configured training on this rank; returns the run summary (same on every rank, but for
+    ``device``: each rank's own; rank 0's is the one in ``summary.json``).
 
     ``stop``: the stop-signal handlers (installed here from ``train.stop_signals`` when not given); a
     stop signal ends the run after a checkpoint, with ``summary["stopped"]`` set.
@@ -65,9 +68,17 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, 
         data.close()
     summary = callbacks.summary(step, time.perf_counter() - t_start)
     summary["kernels"] = kernels
+    summary["device"] = device_record(ctx.device)
     if ctx.is_main:
         atomic_write(Path(cfg.output) / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def device_record(device: torch.device) -> dict[str, Any]:
+    """What ``summary.json``'s ``device`` holds: the device ``type`` this rank trained on (``cuda``, ``cpu``)
+    and, on CUDA, the card's ``name`` (None elsewhere). Rank 0 writes the summary, so it is rank 0's."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"type": device.type, "name": name}
 
 
 def write_run_config(cfg: Config, ctx: DistContext) -> None:

@@ -1,9 +1,12 @@
 """`pfc bench` options set to a non-default value reach what the benchmark does: `bench train --config FILE
---device-data --warmup`, `bench discface --hard`, `bench augment --config FILE --nproc 2`, and `bench data
---device-id` refused in one line where nothing would decode on that GPU."""
+--device-data --warmup --workdir --keep`, `bench discface --hard`, `bench augment --config FILE --nproc 2`,
+`bench data --scale --loader torch`; `bench data --device-id` refused in one line where nothing would decode
+on that GPU, and the loader's options refused with `--scale`. `bench train` without `--keep` leaves no
+scratch folder behind, also when its run fails."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -54,25 +57,54 @@ def _run_config(run: Path) -> dict:
 
 
 @pytest.mark.multiprocess
-def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path) -> None:
     """``--config FILE``: the file's model and batch are what ran; ``--device-data`` on a CPU: batches made
-    on the CPU, no dataset written; ``--warmup 3 --steps 2``: 5 steps ran, steps 4-5 timed, said in the JSON."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the benchmark's scratch folder, to look into
-    out = tmp_path / "r.json"
+    on the CPU, no dataset written; ``--warmup 3 --steps 2``: 5 steps ran, steps 4-5 timed, said in the JSON;
+    ``--workdir W --keep``: the run folder kept in W. The device is the one the run's summary.json names."""
+    scratch, out = tmp_path / "w", tmp_path / "r.json"
     r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "3",
-              "--steps", "2", "--nproc", "1", "--json", str(out)], timeout=300)
+              "--steps", "2", "--nproc", "1", "--workdir", str(scratch), "--keep", "--json", str(out)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(out.read_text())
     assert (res["backbone"], res["image_size"], res["batch_per_rank"]) == ("tiny", 16, 4)
     assert res["warmup_steps"] == 3 and res["timed_step_range"] == [4, 5] and res["steps_timed"] == 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert res["device"] == device and res["loader"] == "synthetic" and res["data"] == "synthetic, on the device"
-    assert f"tiny 16px on {device}, 1 rank(s) x 4 (steps 4-5 timed)" in r.stdout
-    (scratch,) = tmp_path.glob("pfc-bench-train-*")
+    cuda = torch.cuda.is_available()
+    device, card = ("cuda", torch.cuda.get_device_name()) if cuda else ("cpu", None)
+    summary = json.loads((scratch / "run" / "summary.json").read_text())
+    assert summary["device"] == {"type": device, "name": card} and summary["steps"] == 5
+    assert (res["device"], res["device_name"]) == (device, card)
+    assert res["loader"] == "synthetic" and res["data"] == "synthetic, on the device"
+    on = f"{device} ({card})" if card else device
+    assert f"tiny 16px on {on}, 1 rank(s) x 4 (steps 4-5 timed)" in r.stdout
+    assert res["workdir"] == str(scratch) and f"kept in {scratch}" in r.stdout
     assert not (scratch / "data").exists()  # no input pipeline: nothing was generated to read
     ran = _run_config(scratch / "run")
     assert ran["model"]["embedding_size"] == 24 and ran["data"]["loader"] == "synthetic"
-    assert json.loads((scratch / "run" / "summary.json").read_text())["steps"] == 5
+
+
+@pytest.mark.multiprocess
+def test_bench_train_leaves_no_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --keep the temporary folder (the run's checkpoint) is deleted when the bench ends."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
+              "--steps", "2", "--nproc", "1", "--json", str(tmp_path / "r.json")], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((tmp_path / "r.json").read_text())["workdir"] is None
+    assert not list(tmp_path.glob("pfc-bench-train-*"))
+
+
+@pytest.mark.multiprocess
+def test_bench_train_whose_rank_is_killed_deletes_what_it_wrote(tmp_path: Path) -> None:
+    """A rank SIGKILLed after step 1: the bench fails, and the data it generated and the run folder are
+    deleted from --workdir, whose other files stay."""
+    work = tmp_path / "w"
+    (work / "data").mkdir(parents=True)
+    (work / "mine.txt").write_text("the user's")
+    (work / "data" / "notes.txt").write_text("the user's")
+    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--warmup", "0", "--steps", "2",
+              "--nproc", "1", "--workdir", str(work)], fault="kill:1", timeout=300)
+    assert r.returncode != 0 and "--keep keeps it" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == ["data", "data/notes.txt", "mine.txt"]
 
 
 @pytest.mark.multiprocess
@@ -87,6 +119,7 @@ def test_bench_discface_hard_trains_on_the_hard_nuisance(tmp_path: Path) -> None
               "--set", "head.sample_rate=1.0", "--set", "data.workers=0", "--json", str(doc)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert json.loads(doc.read_text())["hard_jitter"] is True
+    assert "synthetic nuisance: hard (--hard" in r.stdout  # the table says it, not only the JSON
     # the held-out set again, as the study draws it (seed 0 + 7919), under each nuisance
     study = (out / "data" / "heldout.rec").read_bytes()
     for name, jitter in (("hard", HARD_JITTER), ("default", DEFAULT_JITTER)):
@@ -128,6 +161,39 @@ def test_bench_data_device_id_where_nothing_decodes_on_a_gpu_is_refused(
                                    *extra])
     assert res.exit_code == 2 and res.output.strip() == f"pfc bench data: {says} (leave --device-id out)"
     assert not list(tmp_path.iterdir())  # refused before anything ran (--scale builds its file here)
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    (["--threads", "2"], "--threads: for the loader's throughput on a PREFIX"),  # its default, given
+    (["--batch", "4", "--float"], "--batch, --float: for the loader's throughput on a PREFIX"),
+    (["--seconds", "1", "--rounds", "1"], "--seconds, --rounds: for the loader's throughput on a PREFIX"),
+    (["PREFIX"], "PREFIX: for the loader's throughput on a PREFIX"),
+], ids=["threads", "batch-float", "seconds-rounds", "prefix"])
+def test_bench_data_scale_refuses_the_loaders_options(tiny_rec: Path, tmp_path: Path, given: list[str],
+                                                      says: str) -> None:
+    """--scale decodes nothing: the options of the loader's throughput were silently ignored there."""
+    given = [str(tiny_rec) if g == "PREFIX" else g for g in given]
+    res = CliRunner().invoke(app, ["bench", "data", *given, "--scale", "100", "--workdir", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.startswith(f"pfc bench data: {says}; --scale N times"), res.output
+    assert len(res.output.strip().splitlines()) == 1 and res.output.strip().endswith(" out)")
+    assert not list(tmp_path.iterdir())  # refused before the file was built
+
+
+def test_bench_data_scale_loader_torch_leaves_the_dali_step_out(tmp_path: Path) -> None:
+    """``--scale --loader torch``: no DALI step (it ran wherever DALI imports, whatever --loader said)."""
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["bench", "data", "--scale", "100", "--world-size", "1", "--loader", "torch",
+                                   "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "dali" not in json.loads(out.read_text()) and "DALI            not measured (--loader torch)" in res.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is not None,  # (importing DALI takes seconds)
+                    reason="DALI is installed here")
+def test_bench_data_scale_loader_dali_without_dali_is_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", "data", "--scale", "100", "--loader", "dali", "--workdir", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.startswith("pfc bench data: --loader dali needs NVIDIA DALI"), res.output
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 8, reason="a machine with more than 8 GPUs")

@@ -22,6 +22,7 @@ def test_bench_discface_trains_off_and_on_and_reports(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert set(doc["runs"]) == {"0", "0.1"}
+    assert "synthetic nuisance: default (no --hard)" in proc.stdout
     for run in doc["runs"].values():
         assert 0.0 <= run["accuracy"] <= 1.0 and "heldout_discrepancy" in run
     # the recipe's 20-step warm-up was fitted into the 2-step runs

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.runs import _pfc
 
@@ -18,9 +19,20 @@ def test_demo_nproc_one_trains_on_one_rank(tmp_path: Path, monkeypatch: pytest.M
               "--steps", "2", "--set", "train.batch_size=4", "--set", "model.image_size=16",
               "--set", "model.embedding_size=16", "--set", "data.workers=0"], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "training on 1 CPU rank(s)" in r.stdout + r.stderr  # the log goes to stdout
+    device = "CUDA" if torch.cuda.is_available() else "CPU"  # the trainer's: CUDA wherever it is visible
+    assert f"training on 1 {device} rank(s)" in r.stdout + r.stderr  # the log goes to stdout
     assert json.loads((out / "summary.json").read_text())["world_size"] == 1
     # Partial FC shards the class weights over the ranks: one rank holds all 10 classes
     (shard,) = (out / "checkpoints").glob("step_*/head/head_shard_*.safetensors")
     assert shard.name == "head_shard_0000000000_0000000010.safetensors"
     assert "trained" in r.stdout and (out / "eval.json").is_file()
+
+
+def test_demo_names_the_device_its_ranks_train_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log line follows the trainer's rule (CUDA wherever it is visible, whatever the recipe's gloo
+    backend); it said "CPU" on a GPU machine. No GPU is needed: the rule's input is what is set here."""
+    from launcher.demo import ranks_device
+
+    for visible, device in ((True, "CUDA"), (False, "CPU")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=visible: v)
+        assert ranks_device() == device
