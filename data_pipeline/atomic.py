@@ -16,10 +16,12 @@ itself: its head checkpoint and backbone files take the writer from their caller
 * :func:`atomic_write` ``(path, data_or_writer)`` -- ``bytes``/``str`` content, or a callable that writes
   the temporary file given its path (``safetensors.torch.save_file``, ``torch.save``...).
 * :class:`AtomicFile` -- a file object for streaming writers (``commit()`` renames into place,
-  ``discard()`` removes the temporary file).
+  ``discard()`` removes the temporary file). It holds an exclusive ``flock`` on its temporary file while
+  open, so that a leftover check elsewhere can tell that its writer is alive.
 * :func:`fsync_dir` -- make a rename or an unlink inside ``path`` durable.
 * :func:`leftover_temps` -- the temporary files of a final name that a killed writer (SIGKILL, a power
-  loss: no ``except`` ran) left behind, each with whether its writer is known to be gone.
+  loss: no ``except`` ran) left behind, and the backups (:func:`backup_name`) an overwrite killed while it
+  swapped a dataset's files left, each with whether its writer is known to be gone.
 
 A failure at any point (a full disk, a file-size limit) removes the temporary file and re-raises the
 original exception unchanged; the final name is untouched.
@@ -28,6 +30,8 @@ original exception unchanged; the final name is untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import os
 import re
@@ -37,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "describe_error", "fsync_dir", "fsync_file",
-           "leftover_temps", "temp_name"]
+__all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "backup_name", "describe_error", "fsync_dir",
+           "fsync_file", "leftover_temps", "temp_name"]
 
 
 def _fsync_path(path: str | os.PathLike[str]) -> None:
@@ -80,48 +84,86 @@ def temp_name(path: str | os.PathLike[str]) -> Path:
     return p.with_name(f".{p.name}.tmp-{_host()}-{os.getpid()}")
 
 
-# HOST-PID, or PID alone (the names before the host was added)
-_TEMP_SUFFIX = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>[0-9]+)$")
+def backup_name(path: str | os.PathLike[str]) -> Path:
+    """Where an overwrite sets the old file at ``path`` aside until the new one is in place (so that a
+    failure can put it back): ``.NAME.old-HOST-PID``, named like :func:`temp_name`."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.old-{_host()}-{os.getpid()}")
+
+
+# tmp (a temporary file) or old (a backup), then HOST-PID, or PID alone (the names before the host was added)
+_LEFT_SUFFIX = re.compile(r"\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>[0-9]+)$")
 
 
 @dataclass(frozen=True)
 class Leftover:
-    """A temporary file of a final name, left by a writer that did not finish (or is still writing).
+    """A temporary file of the final name ``final``, left by a writer that did not finish (or is still
+    writing), or (``backup``) the old file at ``final`` that an overwrite set aside and did not get to
+    remove or put back (:func:`backup_name`).
 
     ``host`` is None for a name without one. ``gone``: its writer is known not to be running: it was on
-    this host, and its pid is not running, or is a process started after the file was last written (the
-    pid was reused, e.g. after a reboot). Anything else (another host sharing the storage, a live pid,
-    no host in the name) may still be writing it."""
+    this host, its pid is not running, or is a process started after the file was last written (a
+    backup: renamed) -- the pid was reused, e.g. after a reboot -- and no process holds the ``flock``
+    an :class:`AtomicFile` keeps on its temporary file (a writer in another pid namespace with the same
+    host name: a container). Anything else (another host sharing the storage, a live pid, no host in the
+    name) may still be writing it."""
 
     path: Path
     size: int
     host: str | None
     pid: int
     gone: bool
+    final: Path | None = None
+    backup: bool = False
 
-    def describe(self) -> str:
-        """``PATH (SIZE, pid P on HOST)`` for a log line or an inspect warning."""
-        return f"{self.path} ({_size_text(self.size)}, pid {self.pid} on {self.host or 'an unknown host'})"
+    def describe(self, note: str = "") -> str:
+        """``PATH (SIZE, pid P on HOST)`` for a log line or an inspect warning; ``note`` goes inside the
+        parentheses, after a comma."""
+        return (f"{self.path} ({_size_text(self.size)}, pid {self.pid} on {self.host or 'an unknown host'}"
+                f"{', ' + note if note else ''})")
 
 
 def leftover_temps(path: str | os.PathLike[str]) -> list[Leftover]:
-    """The temporary files (:func:`temp_name`) of ``path`` in its folder, other than this process's own."""
+    """The temporary files (:func:`temp_name`) and backups (:func:`backup_name`) of ``path`` in its folder,
+    other than this process's own."""
     p = Path(path)
     if not p.parent.is_dir():
         return []
     out = []
-    for tmp in sorted(p.parent.glob(f".{glob.escape(p.name)}.tmp-*")):
-        m = _TEMP_SUFFIX.fullmatch(tmp.name[len(p.name) + 1:])
-        if m is None or tmp == temp_name(p):
+    names = (f".{glob.escape(p.name)}.{kind}-*" for kind in ("tmp", "old"))
+    for tmp in sorted(t for pattern in names for t in p.parent.glob(pattern)):
+        m = _LEFT_SUFFIX.fullmatch(tmp.name[len(p.name) + 1:])
+        if m is None or tmp in (temp_name(p), backup_name(p)):
             continue
         try:
             st = tmp.stat()
         except FileNotFoundError:  # its writer committed or removed it meanwhile
             continue
-        host, pid = m["host"], int(m["pid"])
-        gone = host == _host() and not _writer_may_run(pid, st.st_mtime)
-        out.append(Leftover(tmp, st.st_size, host, pid, gone))
+        host, pid, backup = m["host"], int(m["pid"]), m["kind"] == "old"
+        # a backup keeps the old file's mtime; its rename (the writer's last act on it) set its ctime
+        written = st.st_ctime if backup else st.st_mtime
+        gone = host == _host() and not _writer_may_run(pid, written) and not _held(tmp)
+        out.append(Leftover(tmp, st.st_size, host, pid, gone, p, backup))
     return out
+
+
+def _held(path: Path) -> bool:
+    """Whether a process holds a ``flock`` on ``path`` (an open :class:`AtomicFile`, whichever pid
+    namespace it runs in: the lock belongs to the kernel's open file, not to a pid). False where that
+    cannot be told (unreadable, a filesystem without flock): the pid rule decides alone, as it did."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock it may have taken
+    return False
 
 
 def _writer_may_run(pid: int, mtime: float) -> bool:
@@ -166,6 +208,29 @@ def _commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _open_locked(tmp: Path, mode: str, **open_kwargs: Any) -> IO[Any]:
+    """Open ``tmp`` for writing, emptied, holding an exclusive ``flock`` on it until it is closed."""
+    # not truncated before the lock is ours: a writer with the same temporary name (the same host name
+    # and pid in another pid namespace) may be writing it
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(errno.EEXIST, "another writer holds this temporary file (one with the same host "
+                              "name and pid: another container? or an unclosed writer of this process); it was "
+                              "left as it is", str(tmp)) from None
+    except OSError:  # a filesystem without flock: liveness falls back to the pid in the name
+        pass
+    try:
+        os.ftruncate(fd, 0)
+        return open(fd, mode, **open_kwargs)
+    except BaseException:
+        os.close(fd)
+        _remove(tmp)
+        raise
+
+
 def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[Path], Any]) -> Path:
     """Write ``content`` to ``path`` atomically and durably; returns ``path``.
 
@@ -179,6 +244,9 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[
             f.write(content.encode() if isinstance(content, str) else bytes(content))
         return path
     tmp = temp_name(path)
+    # not locked as AtomicFile's are: the callable creates and closes the file itself (torch.save,
+    # safetensors), so no descriptor of ours is open while it writes; its leftover keeps the pid rule.
+    # No dataset file (what leftover_temps is asked about) is written this way.
     try:
         content(tmp)
         fsync_file(tmp)
@@ -194,7 +262,9 @@ class AtomicFile:
     ``path`` on :meth:`commit`; :meth:`discard` (or leaving a ``with`` block by an exception) drops it.
 
     ``AtomicFile(path, "wb").file`` is the open file object; ``with AtomicFile(p) as f: f.write(...)``
-    commits when the block ends normally.
+    commits when the block ends normally. While open it holds an exclusive ``flock`` on the temporary
+    file (what :func:`leftover_temps` checks); a temporary file of the same name another process holds
+    locked is refused (``FileExistsError``) without touching it.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> None:
@@ -202,35 +272,51 @@ class AtomicFile:
             raise ValueError(f"AtomicFile: mode {mode!r}; expected 'wb', 'w+b' or 'w'")
         self.path = Path(path)
         self.tmp = temp_name(self.path)
-        self.file: IO[Any] = open(self.tmp, mode, **open_kwargs)  # noqa: SIM115 (closed by commit/discard)
+        self.file: IO[Any] = _open_locked(self.tmp, mode, **open_kwargs)
         self.done = False
+        self.placed = False
+
+    def sync(self) -> None:
+        """Flush and fsync what was written (the file stays open)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def place(self) -> None:
+        """Rename the (synced) temporary file into place and fsync the directory; the file stays open,
+        and locked, until :meth:`commit`. ``placed`` is set as soon as the rename is done."""
+        os.replace(self.tmp, self.path)
+        self.placed = True
+        fsync_dir(self.path.parent)
 
     def commit(self) -> Path:
-        """Flush, fsync, close, rename into place, fsync the directory. On failure the temporary file
-        is removed and the exception propagates."""
+        """Flush, fsync, rename into place (unless :meth:`place` did), fsync the directory, close. On
+        failure the temporary file is removed and the exception propagates."""
         if self.done:
             return self.path
         self.done = True
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            if not self.placed:
+                self.sync()
+                self.place()  # before close: the lock is held until the file has its final name
             self.file.close()
-            _commit(self.tmp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
                 self.file.close()
-            _remove(self.tmp)
+            if not self.placed:
+                _remove(self.tmp)
             raise
         return self.path
 
     def discard(self) -> None:
-        """Close and remove the temporary file; ``path`` is untouched."""
+        """Close and remove the temporary file; ``path`` is untouched (once :meth:`place` renamed it there,
+        removing it is the caller's: see ``RecordWriter.close``)."""
         if self.done:
             return
         self.done = True
         with contextlib.suppress(OSError):
             self.file.close()
-        _remove(self.tmp)
+        if not self.placed:
+            _remove(self.tmp)
 
     def __enter__(self) -> IO[Any]:
         return self.file

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import CommitOrAbort, Leftover, fsync_dir, fsync_file, leftover_temps, temp_name
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, Leftover, leftover_temps
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
 from data_pipeline.property_file import (
     dataset_files,
@@ -30,19 +30,20 @@ log = logging.getLogger(__name__)
 
 def remove_leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
     """Remove the temporary files of ``prefix``'s dataset names that a killed writer left (a ``.rec``
-    can be hundreds of GiB) when their writer is known to be gone (this host, pid not running: see
-    :class:`Leftover`), saying so in a log line; the others may belong to a write in progress (another
-    host, a live pid) and are only named. Returns the ones removed."""
+    can be hundreds of GiB), and the old files a killed overwrite had set aside (backups), when their
+    writer is known to be gone (this host, pid not running, no lock held: see :class:`Leftover`), saying
+    so in a log line; the others may belong to a write in progress (another host, a live pid) and are
+    only named. Returns the ones removed."""
     removed = []
     for left in (t for name in dataset_files(prefix) for t in leftover_temps(name)):
+        what = f"{left.describe()}{' (a backup of the old ' + str(left.final) + ')' if left.backup else ''}"
         if not left.gone:
-            log.warning("kept %s: the write that made it may still be running; delete it once it is not",
-                        left.describe())
+            log.warning("kept %s: the write that made it may still be running; delete it once it is not", what)
             continue
         with contextlib.suppress(FileNotFoundError):
             left.path.unlink()
             removed.append(left)
-            log.warning("removed %s, left by an earlier write of %s that did not finish", left.describe(), prefix)
+            log.warning("removed %s, left by an earlier write of %s that did not finish", what, prefix)
     return removed
 
 
@@ -56,12 +57,14 @@ class InsightFaceWriter(CommitOrAbort):
     Byte-identical to the same records written by MXNet. Temporary files an earlier write of the same
     names left when it was killed are removed first (:func:`remove_leftovers`).
 
-    Overwriting a dataset: any failure (a full disk, Ctrl-C) before ``close()`` returns removes the new
-    files and re-raises; the old dataset stays whole when it happens before the first rename or removal,
-    which comes only once every record, the header and the property are written and synced. From there
-    on the old property goes first and the new one appears last, so a crash in between leaves a
-    dataset with no property file, which ``pfc data inspect`` and the readers refuse, never old and new
-    files mixed under a property (the order: :meth:`RecordWriter.close`).
+    Overwriting a dataset: any failure (a full disk, Ctrl-C, a rename that fails) before ``close()``
+    returns removes the new files, puts the old ones back and re-raises: the old dataset stays whole. The
+    first rename comes only once every record, the header and the property are written and synced; from
+    there on the old files are set aside under backup names (the property first) and the new property
+    appears last, so a crash in between leaves a dataset with no property file, which ``pfc data inspect``
+    and the readers refuse, with the old files under their backup names, never old and new files mixed
+    under a property (the order: :meth:`RecordWriter.close`). The next write removes backups whose
+    writer is gone, as it removes temporary files (:func:`remove_leftovers`).
     """
 
     def __init__(self, prefix: str | os.PathLike[str], image_size: tuple[int, int] = (112, 112)):
@@ -115,8 +118,8 @@ class InsightFaceWriter(CommitOrAbort):
             return
         self._closed = True
         # the property is written and synced under a temporary name of its own with the .rec and .idx,
-        # and renamed into place last
-        staged = temp_name(self.property_path)
+        # and renamed into place last, by the writer's close, which puts the old one back on a failure
+        prop: AtomicFile | None = None
         try:
             id_start = self._next_key
             for c, (a, b) in enumerate(self._ranges[:self._num_classes].tolist()):
@@ -124,19 +127,17 @@ class InsightFaceWriter(CommitOrAbort):
                 self._writer.write(key, pack(range_header(a, b, key), b""))
             id_end = id_start + self._num_classes
             self._writer.patch(self._header_offset, pack(range_header(id_start, id_end, 0), b""))
-            staged.write_text(property_text(self._num_classes, self.image_size))  # staged: already a temporary
-            fsync_file(staged)
+            prop = AtomicFile(self.property_path, "w")
+            prop.file.write(property_text(self._num_classes, self.image_size))
             # a stale train.property would shadow the new <dir>/property: it goes with the old dataset
             other = other_property_path(self.prefix)
-            self._writer.close(remove_first=[self.property_path, *([other] if other is not None else [])])
-            os.replace(staged, self.property_path)
-            fsync_dir(self.property_path.parent)
+            self._writer.close(remove_first=[other] if other is not None else [], then=[prop])
         except BaseException:
             # nothing may be committed unless every record is written: a header record 0 still [0, 0]
             # would replace a good dataset with an unreadable one
             self._writer.abort()
-            with contextlib.suppress(OSError):
-                staged.unlink()
+            if prop is not None:
+                prop.discard()
             raise
 
     def abort(self) -> None:

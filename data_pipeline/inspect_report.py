@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from data_pipeline.atomic import leftover_temps
+from data_pipeline.atomic import Leftover, leftover_temps
 from data_pipeline.property_file import dataset_files
 
-__all__ = ["format_report", "leftover_warnings", "note_image_sizes"]
+__all__ = ["format_report", "leftover_note", "leftover_warnings", "note_image_sizes"]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -53,14 +53,35 @@ def format_report(report: dict[str, Any]) -> str:
 
 def leftover_warnings(prefix: str | os.PathLike[str]) -> list[str]:
     """One warning per temporary file of the dataset's names that a write which did not finish left
-    (a killed ``pfc data pack``), with its size and whether the next pack to ``prefix`` removes it."""
+    (a killed ``pfc data pack``), and per old file a killed overwrite left set aside (a backup), with
+    its size and whether the next pack to ``prefix`` removes it."""
     out = []
-    for left in (t for name in dataset_files(prefix) for t in leftover_temps(name)):
+    for left in _leftovers(prefix):
         fate = ("its writer is gone: the next `pfc data pack` to this prefix removes it, or delete it"
                 if left.gone else "its writer may still be running (a live pid or another host): delete it "
                 "once no write of this dataset runs")
-        out.append(f"leftover temporary file {left.describe()} from a write that did not finish; {fate}")
+        if left.backup:
+            out.append(f"backup {left.describe()} of the old {left.final}, set aside by an overwrite that did not "
+                       f"finish (renamed back to {left.final} with the other backups, it is the old dataset's "
+                       f"file); {fate}")
+        else:
+            out.append(f"leftover temporary file {left.describe()} from a write that did not finish; {fate}")
     return out
+
+
+def leftover_note(prefix: str | os.PathLike[str]) -> str:
+    """The leftovers of ``prefix``'s names in one clause for an error line (where there is no dataset to
+    inspect: a killed first pack), each with whether its writer is gone; "" when there are none."""
+    found = [left.describe(f"{f'a backup of the old {left.final}, ' if left.backup else ''}its writer "
+                           f"{'is gone' if left.gone else 'may still be running'}") for left in _leftovers(prefix)]
+    if not found:
+        return ""
+    return (f"; a write to {prefix} that did not finish left " + ", ".join(found)
+            + ": the next `pfc data pack` to this prefix removes those whose writer is gone")
+
+
+def _leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
+    return [t for name in dataset_files(prefix) for t in leftover_temps(name)]
 
 
 def note_image_sizes(report: dict[str, Any]) -> None:

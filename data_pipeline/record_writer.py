@@ -9,11 +9,13 @@ through :mod:`data_pipeline.recordio`, the interface.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data_pipeline.atomic import AtomicFile, CommitOrAbort, fsync_dir
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, backup_name, fsync_dir
 from data_pipeline.record_chunks import encoded_size
 from data_pipeline.record_format import encode_record
 from data_pipeline.written_keys import WrittenKeys
@@ -79,38 +81,54 @@ class RecordWriter(CommitOrAbort):
         self._rec.write(data)
         self._rec.seek(self._pos)
 
-    def close(self, *, remove_first: Sequence[Path] = ()) -> None:
-        """Finish: sync both files, then move them into place. On any failure (an exception, Ctrl-C) the
-        temporary files are removed and the exception propagates.
+    def close(self, *, remove_first: Sequence[Path] = (), then: Sequence[AtomicFile] = ()) -> None:
+        """Finish: sync both files (and ``then``), then move them into place. ``remove_first``: a caller's
+        files that belong to the old dataset and go with it (e.g. a stale ``train.property``); ``then``: the
+        caller's own new files (written, not yet committed: e.g. the property file), placed after the pair
+        under the same rules. On any failure (an exception, Ctrl-C) the new files are removed, the old
+        ones put back, and the exception propagates.
 
-        What the final names hold when an existing ``.rec``/``.idx`` is overwritten:
+        Overwriting an existing ``.rec``/``.idx``, step by step, each made durable (directory ``fsync``)
+        before the next; what a crash (SIGKILL, a power loss) after each step leaves under the final names:
 
-        * a failure while flushing or syncing (a full disk, a file-size limit) comes before anything is
-          removed or renamed: the old files are untouched;
-        * then the files named in ``remove_first`` (a caller's companion file that belongs to the old
-          dataset, e.g. its property file) and the old ``.idx`` are removed, and the ``.rec``, then the
-          ``.idx`` renamed into place, each step made durable (directory ``fsync``) before the next. A crash
-          or a failure during these steps leaves the old pair with its ``remove_first`` files, or a
-          ``.rec`` (old or new) with no ``.idx``, or the new pair: never the new ``.rec`` with the old
-          ``.idx`` (whose offsets point into another file, which could still read as a dataset), and
-          never a ``remove_first`` file beside a new or incomplete pair.
+        1. flush and fsync the new files (a full disk or a file-size limit fails here): nothing changed;
+        2. set the old ``remove_first`` files and the old files ``then`` replaces aside, renamed to their
+           :func:`~data_pipeline.atomic.backup_name` (``.NAME.old-HOST-PID``): the old pair with no
+           property file, which ``pfc data inspect`` and the readers refuse;
+        3. set the old ``.idx`` aside: the old ``.rec`` alone; 4. the old ``.rec``: no dataset file;
+        5. rename the new ``.rec`` into place: the new ``.rec`` alone; 6. the new ``.idx``: the new pair;
+        7. the ``then`` files: the new dataset, whole;
+        8. remove the backups.
+
+        Never the new ``.rec`` with the old ``.idx`` (whose offsets point into another file, which could
+        still read as a dataset), never an old ``remove_first`` or property file beside a new or incomplete
+        pair. Until step 8 the old files are under their backup names: a crash leaves them there (inspect
+        names them; renamed back, they are the old dataset; the next pack removes them). A failure
+        (an exception) in steps 2-7 undoes the steps done, in reverse order (the same states again): the
+        old files, complete, are back under their names; a second failure during that undo leaves what a
+        crash there would.
         """
         if self._rec_file.done:  # closed or aborted already
             return
+        files = [f for f in (self._rec_file, self._idx_file, *then) if f is not None]
+        swap = _Swap()
         try:
-            # everything that can fail on a full disk, before the first removal or rename
-            for f in (self._rec, self._idx):
-                if f is not None:
-                    f.flush()
-                    os.fsync(f.fileno())
-            for old in (*remove_first, *([] if self.idx_path is None else [self.idx_path])):
-                _remove_durably(old)
-            self._rec_file.commit()
-            if self._idx_file is not None:
-                self._idx_file.commit()
+            for f in files:  # everything that can fail on a full disk, before the first rename
+                f.sync()
+            for old in (*remove_first, *(f.path for f in then), *([] if self.idx_path is None else [self.idx_path]),
+                        self.rec_path):
+                swap.set_aside(old)
+            for f in files:
+                swap.place(f)
         except BaseException:
+            swap.undo()
             self.abort()
+            for f in then:
+                f.discard()
             raise
+        for f in files:
+            f.commit()  # placed already: closes it, releasing its lock
+        swap.drop_backups()
 
     def abort(self) -> None:
         """Stop without finishing: the temporary files are removed, nothing appears under the final names."""
@@ -119,8 +137,54 @@ class RecordWriter(CommitOrAbort):
             self._idx_file.discard()
 
 
-def _remove_durably(path: Path) -> None:
-    """Remove ``path`` if it exists and make that survive a power loss before the next rename."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+class _Swap:
+    """The renames of one :meth:`RecordWriter.close`: the old files set aside under their backup names and
+    the new files placed, each made durable before the next, remembered so that :meth:`undo` can reverse
+    them."""
+
+    def __init__(self) -> None:
+        self.aside: list[tuple[Path, Path]] = []  # (final name, the backup holding its old file)
+        self.placing: list[AtomicFile] = []
+
+    def set_aside(self, path: Path) -> None:
+        """Rename the old file at ``path`` (if any) to its backup name."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(mode):  # a rename would move it, and nothing could remove the backup
+            raise IsADirectoryError(errno.EISDIR, "a folder where a dataset file goes; expected a file", str(path))
+        backup = backup_name(path)
+        os.replace(path, backup)
+        self.aside.append((path, backup))
         fsync_dir(path.parent)
+
+    def place(self, f: AtomicFile) -> None:
+        self.placing.append(f)
+        f.place()
+
+    def undo(self) -> None:
+        """Remove the new files placed (the last first), then put the old ones back (the last first): the
+        reverse order keeps the new ``.rec`` from ever meeting the old ``.idx``."""
+        for f in reversed(self.placing):
+            if f.placed:
+                _quietly(os.unlink, f.path)
+        for path, backup in reversed(self.aside):
+            _quietly(os.replace, backup, path)
+
+    def drop_backups(self) -> None:
+        """The new files are in place: remove the old ones."""
+        for _, backup in self.aside:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
+        for folder in {path.parent for path, _ in self.aside}:
+            with contextlib.suppress(OSError):
+                fsync_dir(folder)
+
+
+def _quietly(step: Callable[..., None], *paths: Path) -> None:
+    """One step of an undo, made durable; an error there must not hide the failure being undone (what it
+    leaves is what a crash at that step leaves)."""
+    with contextlib.suppress(OSError):
+        step(*paths)
+        fsync_dir(paths[-1].parent)

@@ -64,8 +64,13 @@ def _dataset_prefix(arg: Path, command: str) -> Path:
     elif not Path(f"{arg}.rec").is_file() and arg.is_dir() and (arg / "train.rec").is_file():
         arg = arg / "train"
     if not Path(f"{arg}.rec").is_file():
+        from data_pipeline.inspect_report import leftover_note
+
+        # a pack killed before its first dataset was whole leaves only temporary files: say so
+        left = "".join(leftover_note(p) for p in (arg, *([arg / "train"] if arg.is_dir() else [])))
         fail(f"{arg}.rec: no such record file; give a packed dataset: its PREFIX (PREFIX.rec, PREFIX.idx, "
-             "property), its .rec or .idx file, or a folder holding train.rec (`pfc data pack` makes one)", command)
+             f"property), its .rec or .idx file, or a folder holding train.rec (`pfc data pack` makes one){left}",
+             command)
     return arg
 
 

@@ -120,3 +120,23 @@ def test_leftovers_a_write_may_still_be_making_are_kept(tmp_path: Path, caplog: 
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_inspect_after_a_killed_first_pack_names_its_leftovers(tmp_path: Path) -> None:
+    """The first pack to a prefix SIGKILLed: there is no dataset, and `pfc data inspect` of the prefix (or
+    of its folder, for a `train` prefix) says so in one line naming each temporary file it left and that
+    its writer is gone (it said only "no such record file")."""
+    prefix = tmp_path / "out" / "train"
+    src = make_image_folder(tmp_path / "imgs", n_ids=60, per_id=25, size=(64, 64))
+    _, left = _kill_pack_mid_write(src, prefix)
+    assert left and not Path(f"{prefix}.rec").exists(), left
+    for arg in (prefix, prefix.parent):
+        r = subprocess.run([*PFC, "data", "inspect", str(arg)], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"pfc data inspect: {arg}.rec: no such record file"), line
+        for t in left:
+            assert re.search(re.escape(str(t)) + r" \([0-9.]+ (B|KiB|MiB), pid [0-9]+ on [^,]+, its writer is gone\)",
+                             line), (t, line)
+        assert "the next `pfc data pack` to this prefix removes those whose writer is gone" in line
