@@ -72,6 +72,7 @@ def bench_data_cmd(
         _refuse_loader_options(ctx, prefix)
         _scale(scale, identities, world_size, workdir, keep, loader, json_path)
         return
+    _refuse_scale_options(ctx)
     if prefix is None:
         fail("give a dataset PREFIX (or --scale N)", _BENCH_DATA)
     loader = loader or LoaderKind.torch
@@ -118,20 +119,35 @@ def _check_device_id(device_id: int | None, loader: LoaderKind | None, scale: in
 # fixed steps (the DALI step's batch and threads are its own), so each would be silently ignored there.
 _LOADER_ONLY = {"threads": "--threads", "batch": "--batch", "seconds": "--seconds", "rounds": "--rounds",
                 "as_float": "--float"}
+# and the reverse: the options of --scale, which a measurement on a PREFIX would silently ignore
+_SCALE_ONLY = {"identities": "--identities", "world_size": "--world-size", "workdir": "--workdir", "keep": "--keep"}
 
 
-def _refuse_loader_options(ctx: typer.Context, prefix: Path | None) -> None:
-    """With ``--scale``: one line for a PREFIX or a loader-throughput option the user gave (on the command
-    line: ``--threads 2`` is refused as much as ``--threads 3``)."""
+def _given(ctx: typer.Context, options: dict[str, str]) -> list[str]:
+    """The ``options`` (parameter name: flag) the user gave on the command line (``--threads 2`` as much as
+    ``--threads 3``: a default typed out is still a request)."""
     def on_command_line(name: str) -> bool:
         source = ctx.get_parameter_source(name)  # typer's own copy of click's ParameterSource: by name
         return source is not None and source.name == "COMMANDLINE"
 
-    given = (["PREFIX"] if prefix is not None else []) + [f for n, f in _LOADER_ONLY.items() if on_command_line(n)]
+    return [flag for name, flag in options.items() if on_command_line(name)]
+
+
+def _refuse_loader_options(ctx: typer.Context, prefix: Path | None) -> None:
+    """With ``--scale``: one line for a PREFIX or a loader-throughput option the user gave."""
+    given = (["PREFIX"] if prefix is not None else []) + _given(ctx, _LOADER_ONLY)
     if given:
         fail(f"{', '.join(given)}: for the loader's throughput on a PREFIX; --scale N times its own file's inspect, "
              f"opening and DALI epoch boundary, decoding nothing (leave {'it' if len(given) == 1 else 'them'} out)",
              _BENCH_DATA)
+
+
+def _refuse_scale_options(ctx: typer.Context) -> None:
+    """Without ``--scale``: one line for an option only ``--scale`` uses."""
+    given = _given(ctx, _SCALE_ONLY)
+    if given:
+        fail(f"{', '.join(given)}: only with --scale N (the synthetic N-image file); the loader's throughput on a "
+             f"PREFIX reads that dataset as it is (leave {'it' if len(given) == 1 else 'them'} out)", _BENCH_DATA)
 
 
 def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool,

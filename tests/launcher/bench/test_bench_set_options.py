@@ -179,6 +179,24 @@ def test_bench_data_scale_refuses_the_loaders_options(tiny_rec: Path, tmp_path: 
     assert not list(tmp_path.iterdir())  # refused before the file was built
 
 
+@pytest.mark.parametrize(("given", "says"), [
+    (["--world-size", "2"], "--world-size"),  # its default, given
+    (["--identities", "3", "--keep"], "--identities, --keep"),
+    (["--workdir", "W"], "--workdir"),
+], ids=["world-size", "identities-keep", "workdir"])
+def test_bench_data_on_a_prefix_refuses_the_scale_options(tiny_rec: Path, tmp_path: Path, given: list[str],
+                                                           says: str) -> None:
+    """Without --scale the options of the synthetic file were silently ignored (the loader ran anyway)."""
+    given = [str(tmp_path / "w") if g == "W" else g for g in given]
+    res = CliRunner().invoke(app, ["bench", "data", str(tiny_rec), "--batch", "4", "--seconds", "0.2",
+                                   "--rounds", "1", *given])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        f"pfc bench data: {says}: only with --scale N (the synthetic N-image file); the loader's throughput on a "
+        f"PREFIX reads that dataset as it is (leave {'it' if ',' not in says else 'them'} out)"]
+    assert not (tmp_path / "w").exists()
+
+
 def test_bench_data_scale_loader_torch_leaves_the_dali_step_out(tmp_path: Path) -> None:
     """``--scale --loader torch``: no DALI step (it ran wherever DALI imports, whatever --loader said)."""
     out = tmp_path / "r.json"
