@@ -35,6 +35,11 @@ class RunFolderError(UserError):
     """The output folder holds another run that this one would overwrite."""
 
 
+class TrainingRunFailed(UserError):
+    """A training run that a command started (a benchmark's, a study's) exited non-zero. Its ranks have
+    printed why (their own line, or a bug's traceback) above; the command's own traceback would add nothing."""
+
+
 class ResumeError(UserError, ValueError):
     """The checkpoint a run would resume from cannot be: a setting its state is tied to changed, or one of
     its files is damaged (a truncated copy) or holds more than tensors and plain data (pickled code)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from data_pipeline.atomic import atomic_write
 from launcher.config import load_config
 from launcher.distributed import torchrun
+from launcher.errors import TrainingRunFailed
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +98,7 @@ def train_and_verify(recipe: Path, sets: list[str], run_sets: list[str], steps: 
             run_sets.append(fitted_warmup(load_config(recipe, sets), steps))
     code = run_training(recipe, run_sets, nproc)
     if code:
-        raise RuntimeError(f"training {what} failed (exit code {code}); see {run}")
+        raise TrainingRunFailed(f"training {what} failed (exit code {code}); see {run}")
     cfg = load_config(recipe, run_sets)
     latest = CheckpointPaths(run / "checkpoints").latest()
     assert latest is not None

@@ -24,6 +24,7 @@ from typing import Any
 
 from launcher.bench.study_runs import fitted_warmup, generate_once, metrics_rows, run_training
 from launcher.config import load_config, resolve_config_path
+from launcher.errors import TrainingRunFailed
 
 SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s")
 
@@ -176,7 +177,7 @@ def _timed_run(config: str, data: str | None, steps: int, warmup: int, nproc: in
     code = run_training(config, run_sets, nproc)
     if code:
         where = f"output in {out}" if keep else "its run folder is deleted; --keep keeps it"
-        raise RuntimeError(f"the benchmark's training run failed with exit code {code} ({where})")
+        raise TrainingRunFailed(f"the benchmark's training run failed with exit code {code} ({where})")
     rows = metrics_rows(out)
     global_batch = cfg.train.batch_size * nproc * cfg.optim.grad_accum
     res = summarise(rows, warmup, global_batch)

@@ -104,6 +104,10 @@ def test_bench_train_whose_rank_is_killed_deletes_what_it_wrote(tmp_path: Path) 
     r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--warmup", "0", "--steps", "2",
               "--nproc", "1", "--workdir", str(work)], fault="kill:1", timeout=300)
     assert r.returncode != 0 and "--keep keeps it" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    # the ranks said why; the bench's own ending is one line, not its traceback
+    assert r.stderr.rstrip().splitlines()[-1] == ("pfc: the benchmark's training run failed with exit "
+                                                  "code 1 (its run folder is deleted; --keep keeps it)")
+    assert "bench_train" not in r.stderr
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == ["data", "data/notes.txt", "mine.txt"]
 
 
