@@ -10,7 +10,8 @@ import os
 from typing import Any
 
 from data_pipeline.atomic import Leftover, leftover_temps
-from data_pipeline.property_file import dataset_files
+from data_pipeline.property_file import dataset_files, prefix_path, read_property
+from data_pipeline.recordio import RecordIOError
 
 __all__ = ["format_report", "leftover_note", "leftover_warnings", "note_image_sizes"]
 
@@ -56,17 +57,36 @@ def leftover_warnings(prefix: str | os.PathLike[str]) -> list[str]:
     (a killed ``pfc data pack``), and per old file a killed overwrite left set aside (a backup), with
     its size and whether the next pack to ``prefix`` removes it."""
     out = []
+    swapped = _new_dataset_placed(prefix)
     for left in _leftovers(prefix):
         fate = ("its writer is gone: the next `pfc data pack` to this prefix removes it, or delete it"
                 if left.gone else "its writer may still be running (a live pid or another host): delete it "
                 "once no write of this dataset runs")
-        if left.backup:
+        if left.backup and swapped:
+            out.append(f"backup {left.describe()} of the old {left.final}, left by an overwrite that had put the new "
+                       f"dataset in place (its .rec, .idx and property): delete it, do not rename it back (the "
+                       f"other backups may be gone already: the old files would meet the new ones); {fate}")
+        elif left.backup:
             out.append(f"backup {left.describe()} of the old {left.final}, set aside by an overwrite that did not "
                        f"finish (renamed back to {left.final} with the other backups, it is the old dataset's "
                        f"file); {fate}")
         else:
             out.append(f"leftover temporary file {left.describe()} from a write that did not finish; {fate}")
     return out
+
+
+def _new_dataset_placed(prefix: str | os.PathLike[str]) -> bool:
+    """Whether the final names hold a ``.rec``, an ``.idx`` and a readable property file. An overwrite sets
+    the old property aside before the old pair and places the new one after the new pair
+    (``RecordWriter.close``): while backups exist, that is only so once the new dataset is whole, when the
+    backups are being removed, some may be gone, and renaming the rest back would mix old and new."""
+    if not (prefix_path(prefix, ".rec").is_file() and prefix_path(prefix, ".idx").is_file()):
+        return False
+    try:
+        read_property(prefix)
+    except (RecordIOError, OSError, ValueError):
+        return False
+    return True
 
 
 def leftover_note(prefix: str | os.PathLike[str]) -> str:

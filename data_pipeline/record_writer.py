@@ -38,7 +38,11 @@ class RecordWriter(CommitOrAbort):
         self.rec_path = Path(rec_path)
         self.idx_path = None if idx_path is None else Path(idx_path)
         self._rec_file = AtomicFile(self.rec_path, "w+b")  # read back by the writer's own checks
-        self._idx_file = None if self.idx_path is None else AtomicFile(self.idx_path, "w", newline="\n")
+        try:
+            self._idx_file = None if self.idx_path is None else AtomicFile(self.idx_path, "w", newline="\n")
+        except BaseException:  # e.g. its temporary name held by another writer: the .rec's goes too
+            self._rec_file.discard()
+            raise
         self._rec = self._rec_file.file
         self._idx = None if self._idx_file is None else self._idx_file.file
         self._pos = 0
@@ -103,7 +107,9 @@ class RecordWriter(CommitOrAbort):
         Never the new ``.rec`` with the old ``.idx`` (whose offsets point into another file, which could
         still read as a dataset), never an old ``remove_first`` or property file beside a new or incomplete
         pair. Until step 8 the old files are under their backup names: a crash leaves them there (inspect
-        names them; renamed back, they are the old dataset; the next pack removes them). A failure
+        names them; renamed back, they are the old dataset; the next pack removes them). A crash during step 8
+        leaves some of the backups beside the new dataset, whole: delete them, never rename them back (the old
+        ``.rec`` back alone would meet the new ``.idx``). A failure
         (an exception) in steps 2-7 undoes the steps done, in reverse order (the same states again): the
         old files, complete, are back under their names; a second failure during that undo leaves what a
         crash there would.

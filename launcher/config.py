@@ -11,7 +11,6 @@ built-in recipes, and every name the rest of the code imports from ``launcher.co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -145,17 +144,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
+def set_value(value: str | list[str] | None) -> str:
+    """``value`` as the right-hand side of a ``--set key=VALUE``, which is read back as YAML: strings
+    double-quoted with YAML's own escapes (``json.dumps`` writes a character beyond U+FFFF as a surrogate
+    pair, which YAML reads back as two lone surrogates: a path no file system takes), on one line."""
+    if value is None:
+        return "null"
+    return str(yaml.safe_dump(value, default_flow_style=True, default_style='"', width=float("inf"))).rstrip("\n")
+
+
 def build_overrides(data: str | None, val_bin: list[str] | None, output: str | None,
                     sets: list[str] | None) -> list[str]:
     """`pfc train`'s short flags (``--data``, ``--val-bin``, ``--output``) as ``--set`` items, for anything
     that starts a run with those three; explicit ``sets`` come last and win."""
     out: list[str] = []
     if data is not None:
-        out.append(f"data.prefix={json.dumps(data)}")
+        out.append(f"data.prefix={set_value(data)}")
     if val_bin:
-        out.append(f"data.val_bins={json.dumps(list(val_bin))}")
+        out.append(f"data.val_bins={set_value(list(val_bin))}")
     if output is not None:
-        out.append(f"output={json.dumps(output)}")
+        out.append(f"output={set_value(output)}")
     return out + list(sets or [])
 
 

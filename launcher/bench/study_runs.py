@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_pipeline.atomic import atomic_write
-from launcher.config import load_config
+from launcher.config import load_config, set_value
 from launcher.distributed import torchrun
 from launcher.errors import TrainingRunFailed
 
@@ -58,8 +58,8 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
 def study_sets(sets: list[str], prefix: Path, val_bin: Path, run: Path, *extra: str) -> list[str]:
     """The ``--set``s of one study run: the user's ``sets``, the run's own ``extra`` (what differs
     between the runs), then the study's dataset, verification set and run folder."""
-    return [*sets, *extra, f"data.prefix={json.dumps(str(prefix))}", f"data.val_bins={json.dumps([str(val_bin)])}",
-            f"output={json.dumps(str(run))}"]
+    return [*sets, *extra, f"data.prefix={set_value(str(prefix))}", f"data.val_bins={set_value([str(val_bin)])}",
+            f"output={set_value(str(run))}"]
 
 
 @dataclass

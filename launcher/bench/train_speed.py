@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.bench.study_runs import fitted_warmup, generate_once, metrics_rows, run_training
-from launcher.config import load_config, resolve_config_path
+from launcher.config import load_config, resolve_config_path, set_value
 from launcher.errors import TrainingRunFailed
 
 SPLIT = ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s")
@@ -130,19 +130,21 @@ def bench_train(config: str, data: str | None, steps: int, warmup: int, nproc: i
         res = _timed_run(config, data, steps, warmup, nproc, sets, root, device_data, made, keep)
     finally:
         if not keep:
-            _remove(made)
+            _remove(made, root)
     res["workdir"] = str(root) if keep else None
     return res
 
 
-def _remove(made: list[Path]) -> None:
-    """Delete the folders and files the bench made (a given ``--workdir`` itself stays, as its other files)."""
+def _remove(made: list[Path], root: Path) -> None:
+    """Delete the folders and files the bench made, then the folders they leave empty inside ``root`` (a given
+    ``--workdir`` itself stays, as its other files)."""
     for path in made:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    for parent in {p.parent for p in made if p.parent.name == "data"}:
+    # by place, not by name: a --workdir may itself be called "data"
+    for parent in {p.parent for p in made if p.parent != root and p.parent.parent == root}:
         with contextlib.suppress(OSError):
             parent.rmdir()  # only when empty: the user's own files in it stay
 
@@ -169,7 +171,7 @@ def _timed_run(config: str, data: str | None, steps: int, warmup: int, nproc: in
         data = str(prefix)
     out = root / "run"
     total = warmup + steps
-    run_sets = [*sets, f"data.prefix={json.dumps(data or None)}", f"output={json.dumps(str(out))}", "data.val_bins=[]",
+    run_sets = [*sets, f"data.prefix={set_value(data or None)}", f"output={set_value(str(out))}", "data.val_bins=[]",
                 f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
                 "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}",
                 fitted_warmup(cfg, total)]

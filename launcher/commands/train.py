@@ -11,7 +11,7 @@ import typer
 
 from launcher.commands.groups import app
 from launcher.commands.output import config_or_exit, fail, user_errors
-from launcher.config import Config, build_overrides
+from launcher.config import Config, build_overrides, set_value
 
 
 def _prepare_or_exit(cfg) -> Path | None:  # type: ignore[no-untyped-def]
@@ -47,7 +47,7 @@ def with_resolved_data(config: str, overrides: list[str], cfg: Config, prefix: P
     the trainer (here or on torchrun's ranks) opens the packed PREFIX instead of walking an image folder again."""
     if prefix is None or str(prefix) == cfg.data.prefix:
         return overrides, cfg
-    overrides = [*overrides, f"data.prefix={json.dumps(str(prefix))}"]
+    overrides = [*overrides, f"data.prefix={set_value(str(prefix))}"]
     return overrides, config_or_exit(config, overrides)
 
 
@@ -192,10 +192,12 @@ def demo_cmd(
     identities: int = typer.Option(300, "--identities", min=10),
     images_per_identity: int = typer.Option(12, "--images-per-identity", min=2),
     steps: int | None = typer.Option(None, "--steps", min=1, help="override train.steps"),
-    nproc: int = typer.Option(2, "--nproc", min=1, help="CPU ranks"),
+    nproc: int = typer.Option(2, "--nproc", min=1,
+                              help="ranks: on the CPU, or on the GPU(s) where CUDA is visible"),
     sets: list[str] | None = typer.Option(None, "--set", help="extra config overrides"),
 ) -> None:
-    """Synthetic identities -> 2 CPU ranks of Partial FC + DiscFace -> evaluation on unseen identities."""
+    """Synthetic identities -> 2 ranks (on the CPU, or the GPU(s) where CUDA is visible) of Partial FC +
+    DiscFace -> evaluation on unseen identities."""
     from launcher.demo import run_demo
 
     code = run_demo(Path(output), identities=identities, images_per_identity=images_per_identity,

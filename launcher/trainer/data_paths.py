@@ -73,6 +73,31 @@ def _fingerprint(src: Path, image_size: int) -> dict[str, Any]:
             "mtime_ns": max((st.st_mtime_ns for st in stats), default=0), "image_size": image_size}
 
 
+def packed_from(prefix: str) -> str | None:
+    """The image folder (resolved) the run's data cache PREFIX ``OUTPUT/data_cache/train`` was packed from,
+    from its ``source.json``; None for any other PREFIX (or a cache without a readable record)."""
+    p = Path(prefix)
+    if p.name != "train" or p.parent.name != DATA_CACHE:
+        return None
+    try:
+        source = json.loads((p.parent / "source.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def same_data(before: str | None, now: str | None) -> bool:
+    """Whether two ``data.prefix`` values name the same data: equal, or an image folder and the data cache
+    packed from it (``pfc train`` hands its ranks the cache, so a run started with the folder resumes with
+    the cache's PREFIX, and the reverse for a run started by another launcher)."""
+    if before == now:
+        return True
+    if before is None or now is None:
+        return False
+    return any(src is not None and src == str(Path(other).resolve())
+               for src, other in ((packed_from(now), before), (packed_from(before), now)))
+
+
 def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """What differs between two :func:`_fingerprint` records, each as ``what: <then> then, <now> now``."""
     changes = []

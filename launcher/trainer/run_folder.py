@@ -11,6 +11,7 @@ from typing import Any
 from launcher.config import Config
 from launcher.errors import ResumeError, RunFolderError
 from launcher.trainer.checkpoint_files import CheckpointPaths
+from launcher.trainer.data_paths import same_data
 from partialfc.backbones.mobilefacenet import DEFAULT_BLOCKS
 
 
@@ -88,4 +89,6 @@ def check_resumable(saved_config: dict[str, Any], cfg: Config, latest: Path) -> 
     if bad:
         raise ResumeError(f"refusing to resume from {latest}: " + "; ".join(bad)
                           + ". Restore the checkpoint's values, or start a new run (another output folder)")
-    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(now) if k in before and before[k] != now[k]]
+    # data.prefix: a run started with an image folder resumes with the PREFIX of the pack pfc train made of it
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(now) if k in before and before[k] != now[k]
+            and not (k == "data.prefix" and same_data(before[k], now[k]))]

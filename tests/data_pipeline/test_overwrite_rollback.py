@@ -144,7 +144,12 @@ def test_a_kill_at_every_step_of_the_swap_keeps_the_old_dataset_recoverable(tmp_
         assert not (state[0] != old[0] and state[0] is not None and state[1] == old[1]), f"{k}: new .rec, old .idx"
         if state != old and state[2] is not None:  # a property with anything but the old files: the new ones
             new = new or state
-            assert state == new and inspect_dataset(prefix)["ok"], k
+            report = inspect_dataset(prefix)
+            assert state == new and report["ok"], k
+            # some backups may be gone already: renaming the rest back would mix old files with new ones
+            backups = [b.path for n in dataset_files(prefix) for b in leftover_temps(n) if b.backup]
+            said = [w for w in report["warnings"] if "backup" in w]
+            assert len(said) == len(backups) and all("do not rename it back" in w for w in said), (k, said)
         else:
             assert _restored(prefix, names) == old, f"kill at step {k}: the old dataset cannot be put back"
             backups = [b.path for n in dataset_files(prefix) for b in leftover_temps(n) if b.backup]

@@ -112,6 +112,18 @@ def test_bench_train_whose_rank_is_killed_deletes_what_it_wrote(tmp_path: Path) 
 
 
 @pytest.mark.multiprocess
+def test_bench_train_keeps_a_given_workdir_whatever_its_name(tmp_path: Path) -> None:
+    """A --workdir named ``data`` (empty, the bench's own folders in it deleted): the folder stays, as any given
+    --workdir does (it was removed: taken for the data folder the bench makes inside its workdir)."""
+    work = tmp_path / "data"
+    work.mkdir()
+    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
+              "--steps", "2", "--nproc", "1", "--workdir", str(work)], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert work.is_dir() and not list(work.iterdir())
+
+
+@pytest.mark.multiprocess
 def test_bench_discface_hard_trains_on_the_hard_nuisance(tmp_path: Path) -> None:
     """``--hard``: the study's images are the ones drawn with HARD_JITTER (not the default nuisance)."""
     from data_pipeline.synth import DEFAULT_JITTER, HARD_JITTER, generate

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 import launcher.cli  # noqa: F401  (registers every command)
@@ -50,3 +51,11 @@ def test_help_names_every_benchmark():
     bench = _words(res.output).split(" bench ", 1)[1].split(" export ", 1)[0]
     for name in ("head", "data loader", "training step", "DiscFace off vs on", "augmentation off vs on"):
         assert name in bench, bench
+
+
+@pytest.mark.parametrize("name", ["faces 😀", 'q"uo\\te', "ünï\x7f", "null", "#x: y"])
+def test_short_flags_reach_the_config_whatever_their_characters(name: str) -> None:
+    """``--data``/``--val-bin``/``--output`` become ``--set`` values read back as YAML: a character beyond
+    U+FFFF written by json.dumps came back as two lone surrogates (no file system takes that path)."""
+    cfg = load_config(builtin_config("demo_cpu"), build_overrides(f"d/{name}", [f"v/{name}.bin"], f"o/{name}", None))
+    assert (cfg.data.prefix, cfg.data.val_bins, cfg.output) == (f"d/{name}", [f"v/{name}.bin"], f"o/{name}")

@@ -36,3 +36,26 @@ def test_demo_names_the_device_its_ranks_train_on(monkeypatch: pytest.MonkeyPatc
     for visible, device in ((True, "CUDA"), (False, "CPU")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda v=visible: v)
         assert ranks_device() == device
+
+
+def test_demo_help_says_where_its_ranks_train() -> None:
+    """`pfc demo --help` (and `pfc --help`'s line for it) called the ranks "CPU ranks", while on a machine
+    where CUDA is visible they train on the GPU, as the demo's log line and the README say."""
+    import re
+
+    from typer.testing import CliRunner
+
+    import launcher.cli  # noqa: F401  (registers every command on the app)
+    from launcher.commands.groups import app
+
+    def words(args: list[str]) -> str:
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        return " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())
+
+    own = words(["demo", "--help"])
+    line = words(["--help"]).split(" demo ", 1)[1].split(" data Datasets:", 1)[0]  # its line, up to the next
+    for text in (own, line):
+        assert "CPU rank" not in text, text
+    assert "the GPU(s) where CUDA is visible" in own, own
+    assert "--nproc <int range> [x>=1] ranks: on the CPU, or on the GPU(s) where CUDA is visible" in own, own

@@ -152,3 +152,19 @@ def test_ranks_started_without_pfc_trains_torchrun_resolve_and_pack_the_folder_o
     assert packer in {p.pid for p in procs}
     assert "run finished: 1 steps" in logs[0], logs[0]
     assert not list(out.glob(f"{DATA_CACHE}.lock")) and not list(out.glob(f".{DATA_CACHE}.partial-*"))
+
+
+def test_the_resolved_prefix_reaches_the_trainer_whatever_its_characters(tmp_path):
+    """The PREFIX the command resolved goes to the trainer as a --set item, which is read as YAML: written
+    with json.dumps, a character outside the BMP (an emoji in the run folder's name, given with --set) came
+    back as two lone surrogates, and the trainer stopped on a UnicodeEncodeError traceback for the cache the
+    command had just packed (it trained when the trainer resolved the image folder itself)."""
+    import yaml
+
+    src, out = _folder(tmp_path / "faces"), tmp_path / "run \U0001f600 ünï"
+    cmd = [*_train_cmd(src, tmp_path / "unused"), "--set", f'output="{out}"']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_clean_env())
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "run finished: 1 steps" in r.stdout + r.stderr
+    ran = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert ran["data"]["prefix"] == str(out / DATA_CACHE / "train"), ran["data"]

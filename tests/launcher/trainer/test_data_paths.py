@@ -180,3 +180,24 @@ def test_pfc_train_names_a_bad_data_path_in_one_line(tmp_path):
         "expected a dataset PREFIX (PREFIX.rec, PREFIX.idx, property), a .rec/.idx file, a folder holding "
         "train.rec, or an image folder with one subfolder per identity"]
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_the_pack_of_the_folder_the_run_started_with_is_no_settings_change(tmp_path: Path) -> None:
+    """``pfc train --data FOLDER`` hands its ranks the pack's PREFIX: a checkpoint saved with the folder
+    (before that change, or by another launcher's ranks) and resumed with the pack (or the reverse) changed
+    no setting, and the resume logged one ("data.prefix 'faces' -> '.../data_cache/train'")."""
+    from launcher.config import builtin_config, load_config
+    from launcher.trainer.run_folder import check_resumable
+
+    folder, out = _folder(tmp_path / "faces", size=16), tmp_path / "run"
+    packed = resolve_prefix(str(folder), str(out), 16)
+    other = _folder(tmp_path / "others", size=16)
+
+    def cfg(prefix: Path):  # type: ignore[no-untyped-def]
+        return load_config(builtin_config("demo_cpu"), [f"data.prefix={json.dumps(str(prefix))}",
+                                                          f"output={json.dumps(str(out))}"])
+
+    for before, now in ((folder, packed), (packed, folder)):
+        assert check_resumable(cfg(before).model_dump(mode="json"), cfg(now), out) == []
+    changed = check_resumable(cfg(other).model_dump(mode="json"), cfg(packed), out)
+    assert changed == [f"data.prefix {str(other)!r} -> {str(packed)!r}"]  # another folder: said
