@@ -65,7 +65,9 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     reach the host to decide (:func:`agree_on_step`, which brings every value the decision needs and the
     losses back in one transfer), and the end of the step, when the phase times and the values that only
     exist after the optimizers' step (xi, DeepSpeed's gradient norm) are read. Every other wait would
-    leave the GPU idle while the host queues the next work."""
+    leave the GPU idle while the host queues the next work. fp16's GradScaler reads the device twice more,
+    each time with nothing queued, so neither costs a stall: the loss scale at the start (the last step
+    ended with a wait) and ``scaler.step``'s own read of its overflow flag, right after the agreement."""
     clock = PhaseClock(ctx.device, PHASES)
     c.engine.zero_grad()
     c.head_opt.zero_grad()
