@@ -124,28 +124,6 @@ def test_bench_train_keeps_a_given_workdir_whatever_its_name(tmp_path: Path) -> 
 
 
 @pytest.mark.multiprocess
-def test_bench_discface_hard_trains_on_the_hard_nuisance(tmp_path: Path) -> None:
-    """``--hard``: the study's images are the ones drawn with HARD_JITTER (not the default nuisance)."""
-    from data_pipeline.synth import DEFAULT_JITTER, HARD_JITTER, generate
-
-    out, doc = tmp_path / "study", tmp_path / "r.json"
-    r = _pfc(["bench", "discface", "--output", str(out), "--hard", "--lambdas", "0", "--identities", "10",
-              "--images-per-identity", "2", "--heldout-identities", "2", "--steps", "1", "--nproc", "1",
-              "--set", "train.batch_size=4", "--set", "model.image_size=16", "--set", "model.embedding_size=16",
-              "--set", "head.sample_rate=1.0", "--set", "data.workers=0", "--json", str(doc)], timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert json.loads(doc.read_text())["hard_jitter"] is True
-    assert "synthetic nuisance: hard (--hard" in r.stdout  # the table says it, not only the JSON
-    # the held-out set again, as the study draws it (seed 0 + 7919), under each nuisance
-    study = (out / "data" / "heldout.rec").read_bytes()
-    for name, jitter in (("hard", HARD_JITTER), ("default", DEFAULT_JITTER)):
-        generate(tmp_path / name / "heldout", 2, 2, image_size=16, val_identities=0, seed=7919, workers=1,
-                 jitter=jitter)
-    assert study == (tmp_path / "hard" / "heldout.rec").read_bytes()
-    assert study != (tmp_path / "default" / "heldout.rec").read_bytes()
-
-
-@pytest.mark.multiprocess
 def test_bench_augment_config_file_and_two_ranks(tmp_path: Path) -> None:
     """``--config FILE --nproc 2``: both runs train the file's model on two ranks (two head shards each)."""
     out, doc = tmp_path / "study", tmp_path / "r.json"
@@ -162,6 +140,16 @@ def test_bench_augment_config_file_and_two_ranks(tmp_path: Path) -> None:
         assert len(list(run.glob("checkpoints/step_*/head/head_shard_*.safetensors"))) == 2
         model = _run_config(run)["model"]
         assert (model["embedding_size"], model["image_size"]) == (24, 16)
+    # the study itself (this run is also test_augment's end-to-end check of `pfc bench augment`): one seed,
+    # off and on, the same data and seed, only the 'on' run augmented, evaluated on unseen identities
+    assert set(res["runs"]) == {"off_seed0", "on_seed0"} and res["hard_jitter"] and res["identities"] == 4
+    assert res["augment_sets"] == ["data.augment.grayscale.p=1.0"]
+    for run in res["runs"].values():
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["accuracy_std"] >= 0.0
+    on, off = _run_config(out / "on_seed0"), _run_config(out / "off_seed0")
+    assert on["data"]["augment"]["grayscale"]["p"] == 1.0 and off["data"]["augment"]["grayscale"]["p"] == 0.0
+    assert on["train"]["seed"] == off["train"]["seed"] == 0 and on["data"]["prefix"] == off["data"]["prefix"]
+    assert "mean accuracy over seeds [0]" in r.stdout
 
 
 @pytest.mark.parametrize(("loader", "extra", "says"), [

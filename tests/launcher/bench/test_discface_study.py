@@ -16,14 +16,31 @@ def test_bench_discface_trains_off_and_on_and_reports(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "bench", "discface", "--output", str(out), "--lambdas", "0,0.1",
          "--identities", "10", "--images-per-identity", "3", "--heldout-identities", "4", "--steps", "2",
-         "--nproc", "1", "--set", "train.batch_size=6", "--set", "model.image_size=16",
+         "--nproc", "1", "--hard", "--set", "train.batch_size=6", "--set", "model.image_size=16",
          "--set", "head.sample_rate=1.0", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert set(doc["runs"]) == {"0", "0.1"}
-    assert "synthetic nuisance: default (no --hard)" in proc.stdout
+    assert doc["hard_jitter"] is True
+    assert "synthetic nuisance: hard (--hard" in proc.stdout  # the table says it, not only the JSON
     for run in doc["runs"].values():
         assert 0.0 <= run["accuracy"] <= 1.0 and "heldout_discrepancy" in run
     # the recipe's 20-step warm-up was fitted into the 2-step runs
     assert "warmup_steps: 2" in (out / "lambda_0" / "config.yaml").read_text()
+    # --hard: the held-out set is the one drawn with HARD_JITTER (seed 0 + 7919), not the default nuisance
+    from data_pipeline.synth import DEFAULT_JITTER, HARD_JITTER, generate
+
+    study = (out / "data" / "heldout.rec").read_bytes()
+    for name, jitter in (("hard", HARD_JITTER), ("default", DEFAULT_JITTER)):
+        generate(tmp_path / name / "heldout", 4, 3, image_size=16, val_identities=0, seed=7919, workers=1,
+                 jitter=jitter)
+    assert study == (tmp_path / "hard" / "heldout.rec").read_bytes()
+    assert study != (tmp_path / "default" / "heldout.rec").read_bytes()
+
+
+def test_the_study_table_says_which_nuisance_it_drew() -> None:
+    from launcher.bench.discface_study import format_study
+
+    for hard, says in ((False, "synthetic nuisance: default (no --hard)"), (True, "synthetic nuisance: hard (--hard")):
+        assert format_study({"hard_jitter": hard, "runs": {}}).splitlines()[0].startswith(says)

@@ -422,30 +422,3 @@ def test_resume_with_augmentation_is_bit_identical_on_two_ranks(tmp_path: Path) 
     for name in shards:
         ha, hb = load_file(str(a / "head" / name)), load_file(str(b / "head" / name))
         assert all(torch.equal(ha[k], hb[k]) for k in ha)
-
-
-@pytest.mark.multiprocess
-def test_bench_augment_trains_off_and_on_with_the_same_seed(tmp_path: Path) -> None:
-    """`pfc bench augment` on a tiny budget: one seed, off and on, evaluated on unseen identities."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "study"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "bench", "augment", "--output", str(out), "--seeds", "3",
-         "--identities", "6", "--images-per-identity", "3", "--val-identities", "4", "--val-pairs", "40",
-         "--steps", "2", "--set", "train.batch_size=6", "--set", "model.image_size=16",
-         "--set", "head.sample_rate=1.0", "--augment", "data.augment.grayscale.p=1.0",
-         "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "r.json").read_text())
-    assert set(res["runs"]) == {"off_seed3", "on_seed3"} and res["hard_jitter"] and res["identities"] == 6
-    assert res["augment_sets"] == ["data.augment.grayscale.p=1.0"]
-    for run in res["runs"].values():
-        assert 0.0 <= run["accuracy"] <= 1.0 and run["accuracy_std"] >= 0.0
-    on = load_config(out / "on_seed3" / "config.yaml")
-    off = load_config(out / "off_seed3" / "config.yaml")
-    assert on.data.augment.grayscale.p == 1.0 and not enabled(off.data.augment)
-    assert on.train.seed == off.train.seed == 3 and on.data.prefix == off.data.prefix
-    assert "mean accuracy over seeds [3]" in proc.stdout
