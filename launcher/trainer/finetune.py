@@ -51,7 +51,14 @@ def adopt_init_backbone(cfg: Config) -> Config:
     try:
         path = resolve_backbone_file(init)
         file_cfg = read_backbone_config(path)
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
+        # a resume never reads the file (the checkpoint's weights win): a fine-tune whose pretrained file
+        # is gone (a scratch disk, another node) still resumes, with the model its checkpoint was saved with
+        resumed = _resumed_model(cfg)
+        if resumed is None:
+            raise ValueError(f"checkpoint.init_backbone: {exc}") from None
+        return _adopt_resumed(cfg, *resumed, exc)
+    except ValueError as exc:
         raise ValueError(f"checkpoint.init_backbone: {exc}") from None
     size = file_cfg["image_size"]
     if not isinstance(size, int):
@@ -77,6 +84,31 @@ def adopt_init_backbone(cfg: Config) -> Config:
     if changed:
         log.info(f"model from checkpoint.init_backbone {path}: {', '.join(changed)}")
     return adopted
+
+
+def _resumed_model(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint this run resumes from and the ``model`` section it was saved with (None: no resume)."""
+    from launcher.trainer.run_folder import resume_point
+
+    latest = resume_point(cfg)
+    if latest is None:
+        return None
+    try:
+        model = json.loads((latest / "meta.json").read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable save: the resume itself names what is wrong with it
+    return (latest, model) if isinstance(model, dict) else None
+
+
+def _adopt_resumed(cfg: Config, latest: Path, saved: dict[str, Any], missing: FileNotFoundError) -> Config:
+    """``cfg`` with every architecture field it leaves unset taken from the checkpoint it resumes from; one
+    it sets is kept (the resume refuses it, naming both values, if it differs from the checkpoint's)."""
+    explicit = cfg.model.model_fields_set
+    wanted = {n: (tuple(saved[n]) if n == "blocks" and saved[n] is not None else saved[n])
+              for n in _ARCH_FIELDS if n in saved and n not in explicit}
+    log.info(f"checkpoint.init_backbone: {missing}; resuming from {latest}, whose weights a resume loads "
+             f"instead: model from its config ({', '.join(f'{n}={v!r}' for n, v in wanted.items())})")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=wanted)})
 
 
 def backbone_frozen(cfg: Config, step: int) -> bool:

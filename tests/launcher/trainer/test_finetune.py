@@ -57,6 +57,28 @@ def test_init_backbone_takes_pth_and_run_folders_and_sets_the_model(tmp_path):
         adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={tmp_path / 'nowhere'}"]))
 
 
+def test_a_fine_tune_whose_init_backbone_file_is_gone_resumes_with_its_checkpoints_model(tmp_path):
+    """A resume never reads checkpoint.init_backbone (the checkpoint's weights win), yet the run stopped in
+    one line when the pretrained file was gone (a scratch disk): the model now comes from the checkpoint."""
+    run, gone = tmp_path / "run", tmp_path / "scratch" / "r18.pth"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    saved = load_config(None, ["model.backbone=mobilefacenet", "model.embedding_size=24", "model.image_size=32",
+                               "model.scale=2", "model.blocks=[1,2,2,1]", "model.width=0.25"])
+    (ckpt / "meta.json").write_text(json.dumps({"config": saved.model_dump(mode="json")}))
+    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    sets = [f"checkpoint.init_backbone={gone}", f"output={run}"]
+    m = adopt_init_backbone(load_config(None, sets)).model
+    assert (m.backbone, m.embedding_size, m.image_size, m.scale, m.blocks, m.width) == (
+        "mobilefacenet", 24, 32, 2, (1, 2, 2, 1), 0.25)
+    # a field the config sets is kept (the resume then refuses it if it differs from the checkpoint's)
+    assert adopt_init_backbone(load_config(None, [*sets, "model.embedding_size=8"])).model.embedding_size == 8
+    # no resume (a fresh start, or resume=false): the file is needed, and its absence is the one-line error
+    for extra in (["checkpoint.resume=false"], [f"output={tmp_path / 'fresh'}"]):
+        with pytest.raises(ValueError, match=r"checkpoint\.init_backbone: .*r18\.pth: no such file or directory"):
+            adopt_init_backbone(load_config(None, [*sets, *extra]))
+
+
 def test_config_refusals_name_the_field():
     with pytest.raises(ConfigError, match=r"checkpoint\.keep_best.*must look like '<bin>:<metric>'"):
         load_config(None, ["checkpoint.keep_best=lfw:recall", "data.val_bins=[lfw.bin]"])
@@ -200,6 +222,14 @@ def test_readme_two_command_fine_tune_of_an_insightface_pth(tmp_path):
     first, last = (load_file(str(out / "checkpoints" / f"step_{s:08d}" / "backbone.safetensors")) for s in (2, 4))
     assert all(torch.equal(first[k], original[k]) for k in original)
     assert not torch.equal(last["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])
+    # the pretrained file gone (a scratch disk), the same command with more steps resumes from step 4
+    pth.unlink()
+    small["train.steps"] = 6
+    r = _pfc("train", "finetune_small", "--data", str(faces), "--val-bin", str(tmp_path / "val.bin"),
+             "--set", f"checkpoint.init_backbone={pth}", *[a for k, v in small.items() for a in ("--set", f"{k}={v}")])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resuming from" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert (out / "checkpoints" / "step_00000006" / "meta.json").is_file()
 
 
 def test_an_insightface_mbf_file_builds_the_training_network(tmp_path):
