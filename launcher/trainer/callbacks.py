@@ -5,7 +5,8 @@ export the step's values (:meth:`observe`), evaluate on the verification sets an
 (:meth:`evaluate_every`), save a checkpoint (:meth:`checkpoint_every`). A stop signal that every rank
 agreed on ends the run through :meth:`save_on_stop`. The callbacks own the run's outputs besides the
 checkpoints: the Prometheus exporter, ``metrics.jsonl`` and the console, the trackers, ``best/``.
-Evaluations and saves tell the hang watchdog at their start and end (:meth:`long_phase`).
+Evaluations and saves tell the hang watchdog at their start and end (:meth:`long_phase`); their time, and
+the discrepancy measurements', is no step's time (images/s and the step-time histogram leave it out).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class RunCallbacks:
         self.best = BestKeeper(cfg, ctx.is_main)
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_a_row)
         self.ckpt_failures = 0
+        self.skipped_seen = data.skipped_records  # corrupt records skipped before the last observed step
         self.saved_step = -1  # step of the last successful save of this run
         self.evals: dict[str, Any] | None = None  # the last evaluation
         self.stopped: dict[str, Any] | None = None  # set when a stop signal ended the run
@@ -94,6 +96,7 @@ class RunCallbacks:
             self.watchdog.progress(step)
         faults.maybe_slow_phase(step, self.ctx.rank)
         yield
+        self.progress.not_step_time()  # images/s is the steps'; the ETA still counts this time
         if self.watchdog is not None:
             self.watchdog.progress(step)
 
@@ -122,16 +125,25 @@ class RunCallbacks:
     def observe(self, step: int, scalars: dict[str, float]) -> None:
         """The step's values to the exporter, and every ``log.every_steps`` to the log and the trackers."""
         cfg, head = self.cfg, self.c.head
-        self.metrics.observe_step(step, scalars, images=cfg.train.batch_size * cfg.optim.grad_accum,
+        self.metrics.observe_step(step, scalars, images=self.images_read(),
                                   sampled_classes=head.record.num_sampled if head.record else 0,
                                   skipped_records=self.data.skipped_records)
         if step % cfg.eval.discrepancy_every_steps == 0:
             disc = owned_discrepancy(head)
-            self.progress.update(**disc)
+            self.progress.latest.update(disc)  # the last measured values, as the exporter's
             self.metrics.observe_discrepancy(disc)
+            self.progress.not_step_time()
         if due(step, cfg.log.every_steps, self.last_step):
-            logged = self.progress.emit(step, {k: scalars[k] for k in _LOGGED if k in scalars})
+            # xi_norm is 0.0 with DiscFace off: no xi then, left out rather than logged as a norm of 0
+            logged = self.progress.emit(step, {k: scalars[k] for k in _LOGGED
+                                               if k in scalars and (k != "xi_norm" or head.xi is not None)})
             self.trackers.scalars(step, logged)
+
+    def images_read(self) -> int:
+        """Images this rank trained on in the step just taken: ``grad_accum`` batches, each short by the
+        corrupt records its loader skipped (``data.skip_corrupt``)."""
+        skipped, self.skipped_seen = self.data.skipped_records - self.skipped_seen, self.data.skipped_records
+        return self.cfg.train.batch_size * self.cfg.optim.grad_accum - skipped
 
     def evaluate_every(self, step: int) -> None:
         """Every ``eval.every_steps`` and at ``train.steps``: the verification sets (collective), best/."""

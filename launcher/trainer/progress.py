@@ -69,6 +69,11 @@ class SmoothedValue:
 
 
 class ProgressLogger:
+    """Rank 0's progress: ``step_time``, the wall time of the last steps (what ``images_per_s`` reads),
+    without the evaluations, saves and discrepancy measurements between them (``overhead_s``, which the
+    ETA spreads over the steps); ``meters``, values smoothed over the last 20 updates (``loss_avg``);
+    ``latest``, values logged as last measured (the discrepancies)."""
+
     def __init__(self, total_steps: int, global_batch: int, device: torch.device, jsonl: Path | None,
                  enabled: bool) -> None:
         self.total_steps = total_steps
@@ -76,7 +81,9 @@ class ProgressLogger:
         self.device = device
         self.enabled = enabled
         self.meters: dict[str, SmoothedValue] = {}
+        self.latest: dict[str, float] = {}
         self.step_time = SmoothedValue(window=20)
+        self.overhead_s = 0.0
         self.jsonl = open(jsonl, "a") if (jsonl is not None and enabled) else None  # noqa: SIM115
         self._last = time.perf_counter()
         self.last: dict[str, Any] = {}
@@ -86,26 +93,42 @@ class ProgressLogger:
             self.meters.setdefault(k, SmoothedValue()).update(float(v))
 
     def tick(self) -> float:
+        """A step ended: the time since the last tick (or the last :meth:`not_step_time`) was the step's."""
         now = time.perf_counter()
         dt = now - self._last
         self._last = now
         self.step_time.update(dt)
         return dt
 
+    def not_step_time(self) -> None:
+        """The time since the last tick was no step's (an evaluation, a save): kept out of the step time, so
+        that images/s is the training's, and counted in ``overhead_s`` for the ETA."""
+        now = time.perf_counter()
+        self.overhead_s += now - self._last
+        self._last = now
+
     def images_per_s(self) -> float:
         avg = self.step_time.avg
         return self.global_batch / avg if avg and avg > 0 else float("nan")
+
+    def eta_s(self, step: int) -> float:
+        """Seconds until ``total_steps``: the recent step time plus the evaluations' and saves' time so far
+        per step, for each step left (a window of steps alone forgets an evaluation 20 steps on)."""
+        per_step = self.step_time.avg or 0.0
+        if self.step_time.count:
+            per_step += self.overhead_s / self.step_time.count
+        return (self.total_steps - step) * per_step
 
     def emit(self, step: int, extra: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": step, "time": time.time(), "images_per_s": self.images_per_s(),
                                "memory_bytes": memory_bytes(self.device)}
         rec.update({k: m.avg for k, m in self.meters.items()})
+        rec.update(self.latest)
         rec.update(extra or {})
         # the newest value of every key (an evaluation's record, emitted after the step's, keeps its loss)
         self.last = {**self.last, **rec}
         if self.enabled and not quiet:
-            remaining = (self.total_steps - step) * (self.step_time.avg or 0.0)
-            eta = format_eta(remaining)
+            eta = format_eta(self.eta_s(step))
             losses = "  ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("loss"))
             log.info(f"step {step}/{self.total_steps}  {rec['images_per_s']:.1f} img/s  eta {eta}  "
                      f"{losses}  lr {rec.get('lr', float('nan')):.5f}  "
