@@ -320,6 +320,11 @@ class TrainingMetrics:
         self.eval_ts.labels(**lab).set_to_current_time()
         self._last_mark = time.perf_counter()  # evaluation time is not step time
 
+    def not_step_time(self) -> None:
+        """The time since the last step ended was no step's (an evaluation, a save, a failed save): the next
+        step's duration starts now."""
+        self._last_mark = time.perf_counter()
+
     def observe_checkpoint(self, seconds: float) -> None:
         if not self.enabled:
             return

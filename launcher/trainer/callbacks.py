@@ -94,9 +94,12 @@ class RunCallbacks:
         system, many verification sets). Each phase alone must still, as each collective in it must."""
         if self.watchdog is not None:
             self.watchdog.progress(step)
-        faults.maybe_slow_phase(step, self.ctx.rank)
-        yield
-        self.progress.not_step_time()  # images/s is the steps'; the ETA still counts this time
+        try:
+            faults.maybe_slow_phase(step, self.ctx.rank)
+            yield
+        finally:  # also after a failed save (a full disk), which the run survives: its time was no step's
+            self.progress.not_step_time()  # images/s is the steps'; the ETA still counts this time
+            self.metrics.not_step_time()
         if self.watchdog is not None:
             self.watchdog.progress(step)
 

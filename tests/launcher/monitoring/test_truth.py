@@ -194,3 +194,27 @@ def test_eta_counts_the_evaluations_the_step_window_forgot():
         p.tick()
     assert p.step_time.avg < 0.05 and p.images_per_s() > 8 / 0.05
     assert p.eta_s(25) >= 75 * 0.5 / 25
+
+
+def test_a_failed_save_is_no_steps_time_for_the_log_or_the_exporter():
+    """A save that fails (a full disk: the run logs it and goes on) took its time outside any step, as a
+    save that succeeds does; it was counted in the next step's duration (images/s, the step histogram)."""
+    import types
+
+    from launcher.config import MetricsConfig
+    from launcher.monitoring.exporter import TrainingMetrics
+    from launcher.trainer.callbacks import RunCallbacks
+    from launcher.trainer.checkpoint_files import CheckpointWriteError
+
+    progress = ProgressLogger(total_steps=10, global_batch=8, device=torch.device("cpu"), jsonl=None, enabled=False)
+    metrics = TrainingMetrics(MetricsConfig(enabled=True), rank=0, local_rank=0, node=0, world_size=1)
+    calls = types.SimpleNamespace(watchdog=None, ctx=types.SimpleNamespace(rank=0), progress=progress,
+                                  metrics=metrics)
+    progress.tick()
+    with pytest.raises(CheckpointWriteError), RunCallbacks.long_phase(calls, 2):
+        time.sleep(0.3)
+        raise CheckpointWriteError("checkpoint for step 2 was not written: [Errno 28] No space left on device")
+    assert progress.tick() < 0.1
+    metrics.observe_step(3, {}, images=8, sampled_classes=0, skipped_records=0)
+    took = [s.value for m in metrics.registry.collect() for s in m.samples if s.name == "pfc_step_duration_seconds_sum"]
+    assert len(took) == 1 and took[0] < 0.1
