@@ -33,7 +33,7 @@ from launcher.trainer.components import Components
 from launcher.trainer.evaluation import evaluate_bins
 from launcher.trainer.finetune import BestKeeper
 from launcher.trainer.progress import ProgressLogger
-from launcher.trainer.step import NonFiniteSteps
+from launcher.trainer.step import NonFiniteError, NonFiniteSteps
 from launcher.trainer.watchdog import HangWatchdog
 from partialfc import PartialFC
 
@@ -114,7 +114,11 @@ class RunCallbacks:
 
     def after_step(self, step: int, scalars: dict[str, float]) -> None:
         """Everything after optimizer step ``step`` (``scalars``: :func:`~launcher.trainer.step.train_one_step`'s)."""
-        self.account(step, scalars)
+        try:
+            self.account(step, scalars)
+        except NonFiniteError:  # the step that stops the run is its last: exported and logged, as a last step is
+            self.observe(step, scalars, last=True)
+            raise
         self.observe(step, scalars)
         self.evaluate_every(step)
         self.checkpoint_every(step)
@@ -125,8 +129,9 @@ class RunCallbacks:
         if scalars["finite"]:
             self.progress.update(loss_avg=scalars["loss"])  # smoothed over the last steps of this process
 
-    def observe(self, step: int, scalars: dict[str, float]) -> None:
-        """The step's values to the exporter, and every ``log.every_steps`` to the log and the trackers."""
+    def observe(self, step: int, scalars: dict[str, float], last: bool = False) -> None:
+        """The step's values to the exporter, and every ``log.every_steps`` (and a ``last`` step) to the log and the
+        trackers."""
         cfg, head = self.cfg, self.c.head
         self.metrics.observe_step(step, scalars, images=self.images_read(),
                                   sampled_classes=head.record.num_sampled if head.record else 0,
@@ -136,7 +141,7 @@ class RunCallbacks:
             self.progress.latest.update(disc)  # the last measured values, as the exporter's
             self.metrics.observe_discrepancy(disc)
             self.progress.not_step_time()
-        if due(step, cfg.log.every_steps, self.last_step):
+        if last or due(step, cfg.log.every_steps, self.last_step):
             # xi_norm is 0.0 with DiscFace off: no xi then, left out rather than logged as a norm of 0
             logged = self.progress.emit(step, {k: scalars[k] for k in _LOGGED
                                                if k in scalars and (k != "xi_norm" or head.xi is not None)})
