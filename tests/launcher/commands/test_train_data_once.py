@@ -22,12 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from data_pipeline.pack import list_folder
 from launcher.trainer.data_paths import DATA_CACHE, resolve_prefix
+from tests.support.images import identity_folder
 
 IN_OPEN, IN_CLOSE_NOWRITE = 0x20, 0x10
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then len bytes of name)
@@ -69,13 +68,7 @@ class FolderOpens:
 
 
 def _folder(root: Path, identities: int = 4, per_identity: int = 4, size: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(identities):
-        d = root / f"id_{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_identity):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{j}.png")
-    return root
+    return identity_folder(root, identities, per_identity, size)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:

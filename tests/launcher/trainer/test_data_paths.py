@@ -21,16 +21,9 @@ from data_pipeline.insightface import read_property
 from data_pipeline.pack import pack_dataset
 from launcher.trainer.data_paths import DATA_CACHE, resolve_prefix
 from tests.support.distributed import run_ranks
+from tests.support.images import identity_folder
 
-
-def _folder(root: Path, identities: int = 3, per_identity: int = 2, size: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for i in range(identities):
-        d = root / f"id_{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        for j in range(per_identity):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{j}.png")
-    return root
+_folder = identity_folder
 
 
 @pytest.fixture()
