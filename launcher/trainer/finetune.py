@@ -54,10 +54,12 @@ def adopt_init_backbone(cfg: Config) -> Config:
     except FileNotFoundError as exc:
         # a resume never reads the file (the checkpoint's weights win): a fine-tune whose pretrained file
         # is gone (a scratch disk, another node) still resumes, with the model its checkpoint was saved with
-        resumed = _resumed_model(cfg)
-        if resumed is None:
+        from launcher.trainer.run_folder import resume_point
+
+        latest = resume_point(cfg)
+        if latest is None:
             raise ValueError(f"checkpoint.init_backbone: {exc}") from None
-        return _adopt_resumed(cfg, *resumed, exc)
+        return _adopt_resumed(cfg, latest, _saved_model(latest, exc), exc)
     except ValueError as exc:
         raise ValueError(f"checkpoint.init_backbone: {exc}") from None
     size = file_cfg["image_size"]
@@ -86,18 +88,18 @@ def adopt_init_backbone(cfg: Config) -> Config:
     return adopted
 
 
-def _resumed_model(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint this run resumes from and the ``model`` section it was saved with (None: no resume)."""
-    from launcher.trainer.run_folder import resume_point
-
-    latest = resume_point(cfg)
-    if latest is None:
-        return None
+def _saved_model(latest: Path, missing: FileNotFoundError) -> dict[str, Any]:
+    """The ``model`` section the checkpoint ``latest`` was saved with. Unreadable, the run can neither start
+    (no pretrained file) nor resume: the error says both, since restoring the file alone would not do."""
     try:
         model = json.loads((latest / "meta.json").read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # an unreadable save: the resume itself names what is wrong with it
-    return (latest, model) if isinstance(model, dict) else None
+        if not isinstance(model, dict):
+            raise TypeError(f"config.model is {type(model).__name__}, expected a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint.init_backbone: {missing}; and the checkpoint the run would resume from "
+                         f"instead, {latest}, has no readable model config in its meta.json ({type(err).__name__}: "
+                         f"{err})") from None
+    return model
 
 
 def _adopt_resumed(cfg: Config, latest: Path, saved: dict[str, Any], missing: FileNotFoundError) -> Config:

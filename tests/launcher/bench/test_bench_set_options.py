@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 import launcher.cli  # noqa: F401  (registers every command on the app)
 from launcher.commands.groups import app
+from launcher.config import load_config
+from launcher.trainer.augment import enabled
 from tests.support.runs import _pfc, refused_in_one_line
 
 # A config file whose values differ from demo_cpu's (the options' default), so that each can be traced.
@@ -128,28 +130,29 @@ def test_bench_augment_config_file_and_two_ranks(tmp_path: Path) -> None:
     """``--config FILE --nproc 2``: both runs train the file's model on two ranks (two head shards each)."""
     out, doc = tmp_path / "study", tmp_path / "r.json"
     r = _pfc(["bench", "augment", "--output", str(out), "--config", str(_config_file(tmp_path)), "--nproc", "2",
-              "--seeds", "0", "--identities", "4", "--images-per-identity", "2", "--val-identities", "2",
+              "--seeds", "3", "--identities", "4", "--images-per-identity", "2", "--val-identities", "2",
               "--val-pairs", "20", "--steps", "1", "--augment", "data.augment.grayscale.p=1.0",
               "--json", str(doc)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(doc.read_text())
     assert res["world_size"] == 2 and res["config"] == str(tmp_path / "tiny.yaml")
-    for name in ("off_seed0", "on_seed0"):
+    for name in ("off_seed3", "on_seed3"):
         run = out / name
         assert json.loads((run / "summary.json").read_text())["world_size"] == 2
         assert len(list(run.glob("checkpoints/step_*/head/head_shard_*.safetensors"))) == 2
         model = _run_config(run)["model"]
         assert (model["embedding_size"], model["image_size"]) == (24, 16)
     # the study itself (this run is also test_augment's end-to-end check of `pfc bench augment`): one seed,
-    # off and on, the same data and seed, only the 'on' run augmented, evaluated on unseen identities
-    assert set(res["runs"]) == {"off_seed0", "on_seed0"} and res["hard_jitter"] and res["identities"] == 4
+    # off and on, the same data and seed, only the 'on' run augmented, evaluated on unseen identities; seed 3,
+    # not the file's train.seed (0), so that the runs' seed can only come from --seeds
+    assert set(res["runs"]) == {"off_seed3", "on_seed3"} and res["hard_jitter"] and res["identities"] == 4
     assert res["augment_sets"] == ["data.augment.grayscale.p=1.0"]
     for run in res["runs"].values():
         assert 0.0 <= run["accuracy"] <= 1.0 and run["accuracy_std"] >= 0.0
-    on, off = _run_config(out / "on_seed0"), _run_config(out / "off_seed0")
-    assert on["data"]["augment"]["grayscale"]["p"] == 1.0 and off["data"]["augment"]["grayscale"]["p"] == 0.0
-    assert on["train"]["seed"] == off["train"]["seed"] == 0 and on["data"]["prefix"] == off["data"]["prefix"]
-    assert "mean accuracy over seeds [0]" in r.stdout
+    on, off = (load_config(out / f"{name}_seed3" / "config.yaml") for name in ("on", "off"))
+    assert on.data.augment.grayscale.p == 1.0 and not enabled(off.data.augment)
+    assert on.train.seed == off.train.seed == 3 and on.data.prefix == off.data.prefix
+    assert "mean accuracy over seeds [3]" in r.stdout
 
 
 @pytest.mark.parametrize(("loader", "extra", "says"), [

@@ -44,3 +44,18 @@ def test_the_study_table_says_which_nuisance_it_drew() -> None:
 
     for hard, says in ((False, "synthetic nuisance: default (no --hard)"), (True, "synthetic nuisance: hard (--hard")):
         assert format_study({"hard_jitter": hard, "runs": {}}).splitlines()[0].startswith(says)
+
+
+def test_the_training_discrepancy_is_the_mean_of_the_last_measurements(tmp_path: Path) -> None:
+    """metrics.jsonl carries the last measured discrepancy on every row: the study averages the rows of the
+    steps that measured (one measurement alone is noise at the scale the study compares)."""
+    from launcher.bench.discface_study import _last_train_discrepancy
+    from launcher.config import dump_config, load_config
+
+    (tmp_path / "config.yaml").write_text(dump_config(load_config(None, ["eval.discrepancy_every_steps=2"])))
+    measured = {2: 10.0, 4: 20.0, 6: 60.0}
+    rows = [{"step": s, "loss": 1.0, "discrepancy_directional_deg": measured[s - s % 2] if s >= 2 else None,
+             "discrepancy_radial_cv": 0.5} for s in range(2, 8)]  # step 7 repeats step 6's measurement
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _last_train_discrepancy(tmp_path) == {"directional_deg": 30.0, "radial_cv": 0.5}
+    assert _last_train_discrepancy(tmp_path, window=2)["directional_deg"] == 40.0

@@ -170,8 +170,14 @@ def test_one_rank_with_corrupt_records_discface_off_and_a_slow_evaluation(datase
     rows = [json.loads(x) for x in (tmp_path / "one" / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in rows if "loss" in r}
     assert sorted(steps) == list(range(1, STEPS + 1))
-    # images/s of the steps: the 5 s evaluation after step 2 is no step's time
-    assert BATCH * ACCUM / steps[STEPS]["images_per_s"] < SLOW_PHASE_S / STEPS, steps[STEPS]
+    # images/s of the steps: the 5 s evaluation after step 2 is no step's time. Each row's images/s is over
+    # the steps so far (fewer than the 20-step window), so rows 2 and 3 give step 3's own wall time; less its
+    # timed phases, what is left is the untimed rest of the step, which would hold the whole 5 s sleep. (Not
+    # a bound on the steps' own time: on a loaded 2-core machine four of them took 5.7 s.)
+    mean = {s: BATCH * ACCUM / r["images_per_s"] for s, r in steps.items()}
+    step3 = 3 * mean[3] - 2 * mean[2]
+    untimed = step3 - sum(v for k, v in steps[3].items() if k.startswith("time_") and k != "time_comm_s")
+    assert untimed < SLOW_PHASE_S, (step3, steps[3])
     # the discrepancies are the last measured, as the exporter's (they change from step to step)
     logged = [steps[s]["discrepancy_directional_deg"] for s in sorted(steps) if "discrepancy_directional_deg"
               in steps[s]]
@@ -189,11 +195,13 @@ def test_eta_counts_the_evaluations_the_step_window_forgot():
     p = ProgressLogger(total_steps=100, global_batch=8, device=torch.device("cpu"), jsonl=None, enabled=False)
     p.tick()
     time.sleep(0.5)
+    evaluated = time.perf_counter()
     p.not_step_time()  # the evaluation's end
-    for _ in range(24):
+    # the next step's time starts after the evaluation (no bound on how long a step takes on a loaded machine)
+    assert p.tick() <= time.perf_counter() - evaluated
+    for _ in range(23):
         p.tick()
-    assert p.step_time.avg < 0.05 and p.images_per_s() > 8 / 0.05
-    assert p.eta_s(25) >= 75 * 0.5 / 25
+    assert p.overhead_s >= 0.5 and p.eta_s(25) >= 75 * 0.5 / 25
 
 
 def test_a_failed_save_is_no_steps_time_for_the_log_or_the_exporter():
@@ -213,8 +221,10 @@ def test_a_failed_save_is_no_steps_time_for_the_log_or_the_exporter():
     progress.tick()
     with pytest.raises(CheckpointWriteError), RunCallbacks.long_phase(calls, 2):
         time.sleep(0.3)
+        failed = time.perf_counter()
         raise CheckpointWriteError("checkpoint for step 2 was not written: [Errno 28] No space left on device")
-    assert progress.tick() < 0.1
+    # the next step's time starts after the failed save, not before its 0.3 s (whatever a step takes under load)
+    assert progress.tick() <= time.perf_counter() - failed
     metrics.observe_step(3, {}, images=8, sampled_classes=0, skipped_records=0)
     took = [s.value for m in metrics.registry.collect() for s in m.samples if s.name == "pfc_step_duration_seconds_sum"]
-    assert len(took) == 1 and took[0] < 0.1
+    assert len(took) == 1 and took[0] <= time.perf_counter() - failed

@@ -79,6 +79,22 @@ def test_a_fine_tune_whose_init_backbone_file_is_gone_resumes_with_its_checkpoin
             adopt_init_backbone(load_config(None, [*sets, *extra]))
 
 
+def test_a_gone_init_backbone_and_a_damaged_save_to_resume_from_are_named_together(tmp_path):
+    """The pretrained file gone, and the save the run would resume from instead truncated (an interrupted
+    copy): the one line names both, since restoring the file alone would not get the run going again."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    saved = json.dumps({"config": load_config(None, ["model.backbone=tiny"]).model_dump(mode="json")})
+    (ckpt / "meta.json").write_text(saved[:40])  # cut mid-file
+    (run / "checkpoints" / "latest").write_text(ckpt.name)
+    cfg = load_config(None, [f"checkpoint.init_backbone={tmp_path / 'r18.pth'}", f"output={run}"])
+    with pytest.raises(ValueError, match=r"checkpoint\.init_backbone: .*r18\.pth: no such file or directory.*; and "
+                       r"the checkpoint the run would resume from instead, .*step_00000004, has no readable model "
+                       r"config in its meta\.json \(JSONDecodeError"):
+        adopt_init_backbone(cfg)
+
+
 def test_config_refusals_name_the_field():
     with pytest.raises(ConfigError, match=r"checkpoint\.keep_best.*must look like '<bin>:<metric>'"):
         load_config(None, ["checkpoint.keep_best=lfw:recall", "data.val_bins=[lfw.bin]"])
