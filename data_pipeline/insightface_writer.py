@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import AtomicFile, CommitOrAbort, Leftover, leftover_temps
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, Leftover
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
 from data_pipeline.property_file import (
-    dataset_files,
+    dataset_leftovers,
     other_property_path,
     prefix_path,
     property_text,
@@ -35,7 +35,7 @@ def remove_leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
     so in a log line; the others may belong to a write in progress (another host, a live pid) and are
     only named. Returns the ones removed."""
     removed = []
-    for left in (t for name in dataset_files(prefix) for t in leftover_temps(name)):
+    for left in dataset_leftovers(prefix):
         what = f"{left.describe()}{' (a backup of the old ' + str(left.final) + ')' if left.backup else ''}"
         if not left.gone:
             log.warning("kept %s: the write that made it may still be running; delete it once it is not", what)

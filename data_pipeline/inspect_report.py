@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from data_pipeline.atomic import Leftover, leftover_temps
-from data_pipeline.property_file import dataset_files, prefix_path, read_property
+from data_pipeline.property_file import dataset_leftovers, prefix_path, read_property
 from data_pipeline.recordio import RecordIOError
 
 __all__ = ["format_report", "leftover_note", "leftover_warnings", "note_image_sizes"]
@@ -58,7 +57,7 @@ def leftover_warnings(prefix: str | os.PathLike[str]) -> list[str]:
     its size and whether the next pack to ``prefix`` removes it."""
     out = []
     swapped = _new_dataset_placed(prefix)
-    for left in _leftovers(prefix):
+    for left in dataset_leftovers(prefix):
         fate = ("its writer is gone: the next `pfc data pack` to this prefix removes it, or delete it"
                 if left.gone else "its writer may still be running (a live pid or another host): delete it "
                 "once no write of this dataset runs")
@@ -93,15 +92,12 @@ def leftover_note(prefix: str | os.PathLike[str]) -> str:
     """The leftovers of ``prefix``'s names in one clause for an error line (where there is no dataset to
     inspect: a killed first pack), each with whether its writer is gone; "" when there are none."""
     found = [left.describe(f"{f'a backup of the old {left.final}, ' if left.backup else ''}its writer "
-                           f"{'is gone' if left.gone else 'may still be running'}") for left in _leftovers(prefix)]
+                           f"{'is gone' if left.gone else 'may still be running'}")
+             for left in dataset_leftovers(prefix)]
     if not found:
         return ""
     return (f"; a write to {prefix} that did not finish left " + ", ".join(found)
             + ": the next `pfc data pack` to this prefix removes those whose writer is gone")
-
-
-def _leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
-    return [t for name in dataset_files(prefix) for t in leftover_temps(name)]
 
 
 def note_image_sizes(report: dict[str, Any]) -> None:

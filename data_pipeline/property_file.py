@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_write
+from data_pipeline.atomic import Leftover, atomic_write, leftover_temps
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT
 from data_pipeline.record_format import RecordIOError
 
-__all__ = ["dataset_files", "other_property_path", "prefix_path", "property_path", "property_text", "read_property",
-           "write_property", "written_property_path"]
+__all__ = ["dataset_files", "dataset_leftovers", "other_property_path", "prefix_path", "property_path",
+           "property_text", "read_property", "write_property", "written_property_path"]
 
 # the prefix name whose property file is ``<dir>/property`` (insightface's MS1M layout)
 MS1M_NAME = "train"
@@ -54,6 +54,12 @@ def dataset_files(prefix: str | os.PathLike[str]) -> list[Path]:
     property file(s); what its writers' temporary files are named after."""
     names = [prefix_path(prefix, s) for s in (".rec", ".idx", ".idx.npy", ".property")]
     return names + ([written_property_path(prefix)] if Path(prefix).name == MS1M_NAME else [])
+
+
+def dataset_leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
+    """The temporary files and backups (:func:`~data_pipeline.atomic.leftover_temps`) of every file name of
+    the dataset ``prefix``: what a killed write or overwrite of it left."""
+    return [left for name in dataset_files(prefix) for left in leftover_temps(name)]
 
 
 def read_property(prefix: str | os.PathLike[str]) -> tuple[int, int, int]:

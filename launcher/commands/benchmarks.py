@@ -133,21 +133,23 @@ def _given(ctx: typer.Context, options: dict[str, str]) -> list[str]:
     return [flag for name, flag in options.items() if on_command_line(name)]
 
 
+def _refuse(given: list[str], why: str) -> None:
+    """One line naming the ``given`` options that the measurement asked for would ignore, and ``why``."""
+    if given:
+        fail(f"{', '.join(given)}: {why} (leave {'it' if len(given) == 1 else 'them'} out)", _BENCH_DATA)
+
+
 def _refuse_loader_options(ctx: typer.Context, prefix: Path | None) -> None:
     """With ``--scale``: one line for a PREFIX or a loader-throughput option the user gave."""
-    given = (["PREFIX"] if prefix is not None else []) + _given(ctx, _LOADER_ONLY)
-    if given:
-        fail(f"{', '.join(given)}: for the loader's throughput on a PREFIX; --scale N times its own file's inspect, "
-             f"opening and DALI epoch boundary, decoding nothing (leave {'it' if len(given) == 1 else 'them'} out)",
-             _BENCH_DATA)
+    _refuse((["PREFIX"] if prefix is not None else []) + _given(ctx, _LOADER_ONLY),
+            "for the loader's throughput on a PREFIX; --scale N times its own file's inspect, opening and DALI "
+            "epoch boundary, decoding nothing")
 
 
 def _refuse_scale_options(ctx: typer.Context) -> None:
     """Without ``--scale``: one line for an option only ``--scale`` uses."""
-    given = _given(ctx, _SCALE_ONLY)
-    if given:
-        fail(f"{', '.join(given)}: only with --scale N (the synthetic N-image file); the loader's throughput on a "
-             f"PREFIX reads that dataset as it is (leave {'it' if len(given) == 1 else 'them'} out)", _BENCH_DATA)
+    _refuse(_given(ctx, _SCALE_ONLY), "only with --scale N (the synthetic N-image file); the loader's throughput "
+            "on a PREFIX reads that dataset as it is")
 
 
 def _scale(images: int, identities: int | None, world_size: int, workdir: Path | None, keep: bool,

@@ -23,6 +23,8 @@ log = logging.getLogger("pfc")
 
 #: the run's data cache: image folders given as data.prefix are packed here (OUTPUT/data_cache/train)
 DATA_CACHE = "data_cache"
+#: in the data cache: the packed dataset's PREFIX name, and the record of what it was packed from (written last)
+_PACKED, _SOURCE = "train", "source.json"
 #: a pack lock not touched for this long belongs to a process that is gone
 PACK_LOCK_STALE_S = 60.0
 _HEARTBEAT_S = 5.0
@@ -77,10 +79,10 @@ def packed_from(prefix: str) -> str | None:
     """The image folder (resolved) the run's data cache PREFIX ``OUTPUT/data_cache/train`` was packed from,
     from its ``source.json``; None for any other PREFIX (or a cache without a readable record)."""
     p = Path(prefix)
-    if p.name != "train" or p.parent.name != DATA_CACHE:
+    if p.name != _PACKED or p.parent.name != DATA_CACHE:
         return None
     try:
-        source = json.loads((p.parent / "source.json").read_text()).get("source")
+        source = json.loads((p.parent / _SOURCE).read_text()).get("source")
     except (OSError, ValueError, AttributeError):
         return None
     return source if isinstance(source, str) else None
@@ -145,8 +147,8 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
     cache packed from another folder, or from this one before its files changed, is refused (delete it
     to repack). A lock untouched for :data:`PACK_LOCK_STALE_S` means the packer died: refused, naming it.
     """
-    prefix = cache / "train"
-    record = cache / "source.json"
+    prefix = cache / _PACKED
+    record = cache / _SOURCE
     lock = cache.with_name(cache.name + ".lock")
     want = _fingerprint(src, image_size)
     while True:
@@ -182,13 +184,13 @@ def pack_into_cache(src: Path, cache: Path, image_size: int) -> Path:
             shutil.rmtree(left, ignore_errors=True)
         log.info(f"data: packing image folder {src} ({want['files']} images) into {cache} at "
                  f"{image_size}x{image_size} (once; `pfc data pack` semantics)")
-        summary = pack_dataset(src, tmp / "train", resize=True, image_size=(image_size, image_size),
+        summary = pack_dataset(src, tmp / _PACKED, resize=True, image_size=(image_size, image_size),
                                progress=False)
         if summary["skipped"]:
             log.warning(f"data: {len(summary['skipped'])} unreadable images skipped while packing {src}, "
                         f"first: {summary['skipped'][0]['path']}: {summary['skipped'][0]['error']}")
         (tmp / "pack.json").write_text(json.dumps({**summary, "packed_by_pid": os.getpid()}, indent=2) + "\n")
-        (tmp / "source.json").write_text(json.dumps(want) + "\n")  # last: marks the pack complete
+        (tmp / _SOURCE).write_text(json.dumps(want) + "\n")  # last: marks the pack complete
         if cache.exists():  # a leftover without source.json (see the loop above): incomplete, replace it
             shutil.rmtree(cache)
         os.replace(tmp, cache)

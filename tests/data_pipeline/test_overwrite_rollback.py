@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.atomic import leftover_temps, temp_name
+from data_pipeline.atomic import temp_name
 from data_pipeline.checks import inspect_dataset
 from data_pipeline.insightface import InsightFaceWriter
 from data_pipeline.inspect_report import leftover_note
-from data_pipeline.property_file import dataset_files
+from data_pipeline.property_file import dataset_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ def _state(prefix: Path, names: tuple[Path, ...]) -> tuple[bytes | None, ...]:
 
 def _restored(prefix: Path, names: tuple[Path, ...]) -> tuple[bytes | None, ...]:
     """What the final names hold once every backup left is renamed back (what inspect tells the user)."""
-    backups = {b.final: b.path for n in dataset_files(prefix) for b in leftover_temps(n) if b.backup}
+    backups = {b.final: b.path for b in dataset_leftovers(prefix) if b.backup}
     return tuple(backups[p].read_bytes() if p in backups else (p.read_bytes() if p.exists() else None)
                  for p in names)
 
@@ -147,12 +147,12 @@ def test_a_kill_at_every_step_of_the_swap_keeps_the_old_dataset_recoverable(tmp_
             report = inspect_dataset(prefix)
             assert state == new and report["ok"], k
             # some backups may be gone already: renaming the rest back would mix old files with new ones
-            backups = [b.path for n in dataset_files(prefix) for b in leftover_temps(n) if b.backup]
+            backups = [b.path for b in dataset_leftovers(prefix) if b.backup]
             said = [w for w in report["warnings"] if "backup" in w]
             assert len(said) == len(backups) and all("do not rename it back" in w for w in said), (k, said)
         else:
             assert _restored(prefix, names) == old, f"kill at step {k}: the old dataset cannot be put back"
-            backups = [b.path for n in dataset_files(prefix) for b in leftover_temps(n) if b.backup]
+            backups = [b.path for b in dataset_leftovers(prefix) if b.backup]
             said = (" ".join(inspect_dataset(prefix)["warnings"]) if names[0].exists()
                     else leftover_note(prefix))
             assert all(str(b) in said for b in backups), (k, said)
