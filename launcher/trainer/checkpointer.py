@@ -46,6 +46,7 @@ from launcher.distributed import DistContext
 from launcher.trainer.checkpoint_files import CheckpointContents, damaged, load_checkpoint, reading, save_checkpoint
 from launcher.trainer.data_position import position_of
 from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
+from launcher.trainer.rank_rng import rank_stream_seed, seed_rank_streams
 from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
 from partialfc.backbones import save_backbone
@@ -172,14 +173,17 @@ class EngineState:
 @dataclass
 class RandomState:
     """This rank's torch, numpy and python RNG states, and on a GPU its CUDA generator's (rank/; restored on
-    the same world size only).
+    the same world size only: on another, every rank's torch streams are reseeded for the step reached,
+    :mod:`launcher.trainer.rank_rng`).
 
     The CUDA generator drives the randomness drawn on the device (dropout, the ViTs' drop_path and token
     masking): without it a resumed run would replay those draws from the seed. A state saved on a GPU
     loads in a CPU-only process, which has no CUDA generator to restore (the entry is left unused), and a
-    CPU-written state loads on a GPU, whose generator then keeps its seeded state."""
+    CPU-written state loads on a GPU, whose generator is then seeded for the step reached."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0  # train.seed
+    rank: int = 0
 
     def save(self, into: CheckpointContents) -> None:
         assert into.rank_state is not None
@@ -195,6 +199,7 @@ class RandomState:
 
     def load(self, saved: CheckpointContents) -> None:
         if saved.rank_state is None:
+            seed_rank_streams(self.seed, self.rank, saved.step)
             return
         state = saved.rank_state["rng"]
         torch.set_rng_state(state["torch"])
@@ -203,6 +208,9 @@ class RandomState:
         random.setstate(ast.literal_eval(state["python"]))
         if self.device.type == "cuda" and state.get("cuda") is not None:
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
+        elif self.device.type == "cuda":  # a CPU-written state: the device's stream is keyed by the step
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(rank_stream_seed(self.seed, self.rank, saved.step))
 
 
 class Checkpointer:
@@ -252,7 +260,7 @@ def training_checkpointer(c: Components, cfg: Config, ctx: DistContext, data: Tr
     parts.update(head=HeadState(c.head, c.head_opt, c.head_sched),
                  backbone=BackboneWeights(c.engine.module, c.backbone_config),
                  engine=EngineState(c.engine, per_rank=cfg.dist.engine == "deepspeed"),
-                 rng=RandomState(ctx.device))
+                 rng=RandomState(ctx.device, cfg.train.seed, ctx.rank))
     return Checkpointer(checkpoints_folder(cfg), parts, ctx, cfg.checkpoint.keep_last)
 
 

@@ -13,6 +13,7 @@ import torch
 from launcher.config import Config, HeadConfig
 from launcher.distributed import DistContext
 from launcher.trainer.engines import BackboneEngine, lr_schedule, make_engine
+from launcher.trainer.rank_rng import seed_rank_streams
 from launcher.trainer.run_folder import resume_point
 from partialfc import PartialFC
 from partialfc.backbones import get_backbone, load_backbone_weights
@@ -79,4 +80,5 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     # The optimizer the user chose (issue 12): SGD, or a lazy AdamW with the backbone's betas and eps.
     head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                    name=o.name)
+    seed_rank_streams(cfg.train.seed, ctx.rank)  # dropout / drop_path masks differ between ranks
     return Components(engine, head, head_opt, lr_schedule(head_opt, cfg), bcfg)

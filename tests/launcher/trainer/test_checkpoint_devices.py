@@ -13,6 +13,7 @@ import torch
 
 from launcher.trainer.checkpoint_files import CheckpointContents
 from launcher.trainer.checkpointer import RandomState
+from launcher.trainer.rank_rng import rank_stream_seed
 from tests.support.runs import _latest, _pfc, _train_args
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -84,8 +85,10 @@ def test_cuda_rng_state_is_saved_and_restored_on_the_gpu():
     expected = torch.rand(4, device=dev)
     RandomState(dev).load(saved)
     assert torch.equal(torch.rand(4, device=dev), expected), "the CUDA generator was not restored"
-    # a CPU-written state (no CUDA entry) loads on a GPU: the CUDA generator keeps its state
+    # a CPU-written state (no CUDA entry) loads on a GPU: the CUDA generator takes the rank's stream for
+    # the step reached (not the seeded state of step 0, whose draws it would replay)
     del saved.rank_state["rng"]["cuda"]
-    before = torch.cuda.get_rng_state(dev)
-    RandomState(dev).load(saved)
-    assert torch.equal(torch.cuda.get_rng_state(dev), before)
+    RandomState(dev, seed=7, rank=1).load(saved)
+    loaded = torch.cuda.get_rng_state(dev)
+    torch.cuda.manual_seed(rank_stream_seed(7, 1, saved.step))
+    assert torch.equal(loaded, torch.cuda.get_rng_state(dev))
