@@ -133,6 +133,8 @@ def train_cmd(
     if nproc_per_node is not None and not under_launcher():
         _check_gpus_or_exit(nproc_per_node, cfg.dist.backend)
     overrides, cfg = with_resolved_data(config, overrides, cfg, _prepare_or_exit(cfg))
+    if not under_launcher() and not rdzv_endpoint:
+        keep_run_label(cfg)
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         started = time.time()
@@ -169,6 +171,24 @@ def train_cmd(
         raise typer.Exit(code=rank_stopped_exit_code())
     if ctx.is_main:
         typer.echo(f"run finished: {summary['steps']} steps in {summary['seconds']:.1f}s -> {cfg.output}")
+
+
+def keep_run_label(cfg: Config) -> None:
+    """A resume started here (in this process, or by torchrun ``--standalone``, whose rendezvous id is new
+    at every launch) keeps the ``run`` label of the launch it resumes, read from ``<output>/run_id``: the
+    dashboards and the alerts that compare a run with its own past (``PfcVerificationAccuracyFell``: a bad
+    resume) see one run, as under SLURM, Kubernetes or a multi-node rendezvous, whose ids survive a resume.
+    A fresh start (nothing to resume) gets a new id; an id set by the config or the environment wins."""
+    import os
+
+    from launcher.monitoring.exporter import kept_run_id
+    from launcher.trainer.run_folder import resume_point
+
+    if cfg.metrics.run_id or any(os.environ.get(k) for k in ("SLURM_JOB_ID", "PFC_RUN_ID")):
+        return
+    kept = kept_run_id(cfg.output) if resume_point(cfg) is not None else None
+    if kept:
+        os.environ["PFC_RUN_ID"] = kept  # torchrun's ranks inherit it; resolve_run_id reads it
 
 
 def wants_one_rank_group(cfg: Config) -> bool:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -86,9 +87,11 @@ from launcher.monitoring.series import (
 )
 
 __all__ = ["METRIC_NAMES", "CudaReading", "DeviceReading", "MetricsPortError", "TrainingMetrics",
-           "resolve_run_id", "rss_bytes"]
+           "kept_run_id", "resolve_run_id", "rss_bytes"]
 
 log = logging.getLogger("pfc")
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # as metrics.run_id
 
 
 def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
@@ -115,6 +118,16 @@ def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = 
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "run_id").write_text(run + "\n")
     return run
+
+
+def kept_run_id(run_dir: str | os.PathLike[str]) -> str | None:
+    """The run id a previous launch wrote to ``<run_dir>/run_id`` (None: none, or not an id: the file is
+    read from disk, so what is kept must be a label value, not any text)."""
+    try:
+        text = (Path(run_dir) / "run_id").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _RUN_ID.fullmatch(text) else None
 
 
 class MetricsPortError(RuntimeError):

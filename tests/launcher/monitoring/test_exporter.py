@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -291,6 +293,28 @@ def test_run_identity_labels_every_series_and_is_written_to_the_run_folder(monke
     assert resolve_run_id(MetricsConfig(run_id="exp-1")) == "exp-1"  # the config wins
     with pytest.raises(ValueError, match="run_id"):
         MetricsConfig(run_id="two words")
+
+
+def test_a_resume_started_here_keeps_the_run_label_and_a_fresh_start_does_not(monkeypatch, tmp_path):
+    from launcher.commands.train import keep_run_label
+    from launcher.config import load_config
+    from launcher.monitoring.exporter import kept_run_id
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("PFC_RUN_ID", "")  # empty, as unset; the test's end puts the environment back
+    cfg = load_config(None, [f"output={json.dumps(str(tmp_path))}"])
+    (tmp_path / "run_id").write_text("3f2a-first-launch\n")
+    keep_run_label(cfg)  # the folder has no checkpoint: a fresh start, a new id
+    assert not os.environ["PFC_RUN_ID"]
+    save = tmp_path / "checkpoints" / "step_00000002"
+    save.mkdir(parents=True)
+    (save / "meta.json").write_text("{}")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
+    keep_run_label(cfg)
+    assert os.environ.get("PFC_RUN_ID") == "3f2a-first-launch"
+    for text in ("two words", "x" * 129, "../../etc"):  # a file's text that is no label value is not kept
+        (tmp_path / "run_id").write_text(text)
+        assert kept_run_id(tmp_path) is None, text
 
     base = free_port(2)
     m = _exporter(base, {"run_id": "exp-1"})

@@ -44,6 +44,9 @@ def test_resume_is_bit_identical_with(dataset, tmp_path, name):
     run(straight)
     run(resumed, **{"train.stop_after": 2})
     assert _latest(resumed).name == "step_00000002"
+    first_label = (resumed / "run_id").read_text()
     run(resumed)
+    if common.get("data.workers"):  # torchrun --standalone: a new rendezvous id per launch, one run label
+        assert (resumed / "run_id").read_text() == first_label != (straight / "run_id").read_text()
     assert _latest(straight).name == _latest(resumed).name == "step_00000004"
     _assert_same_tensors(_latest(straight), _latest(resumed))
