@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_pipeline.atomic import atomic_write
+from launcher import strict_json
 from launcher.config import load_config, set_value
 from launcher.distributed import torchrun
 from launcher.errors import TrainingRunFailed
@@ -51,8 +52,10 @@ def generate_once(prefix: Path, identities: int, images_per_identity: int, *, ne
 
 
 def metrics_rows(run: Path) -> list[dict[str, Any]]:
-    """The records of ``run/metrics.jsonl``, in the order they were logged."""
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    """The records of ``run/metrics.jsonl``, in the order they were logged (a null value, not a finite
+    number, as NaN)."""
+    return [strict_json.nan_for_null(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()
+            if x.strip()]
 
 
 def study_sets(sets: list[str], prefix: Path, val_bin: Path, run: Path, *extra: str) -> list[str]:
@@ -76,7 +79,7 @@ class StudyRun:
         return {k: self.verification[k] for k in SCORES}
 
     def final_loss(self) -> float | None:
-        """The loss at the run's last step, from ``summary.json``."""
+        """The loss at the run's last step, from ``summary.json`` (None when it was not finite)."""
         loss: float | None = json.loads((self.run / "summary.json").read_text())["final"].get("loss")
         return loss
 
@@ -108,8 +111,9 @@ def train_and_verify(recipe: Path, sets: list[str], run_sets: list[str], steps: 
 
 
 def write_study(path: Path, results: dict[str, Any]) -> None:
-    """A study's results as indented JSON, written atomically (NumPy scalars as floats)."""
-    atomic_write(path, json.dumps(results, indent=2, default=float))
+    """A study's results as indented JSON, written atomically (NumPy scalars as floats; strict JSON: a
+    value that is not a finite number, as the held-out ``xi_angle_deg`` without xi, is null)."""
+    atomic_write(path, strict_json.dumps(results, indent=2))
 
 
 def fmt(value: Any, spec: str = ".4f") -> str:

@@ -23,16 +23,17 @@ from typing import Any, NoReturn
 import typer
 
 from data_pipeline.atomic import atomic_write
-from launcher import errors
+from launcher import errors, strict_json
 from launcher.config import Config, ConfigError, load_config, resolve_config_path
 
 
 def write_json(path: Path | None, payload: Any, *, announce: bool = False) -> None:
-    """A command's ``--json PATH``: nothing when ``path`` is None; ``announce`` echoes ``wrote PATH``."""
+    """A command's ``--json PATH``: nothing when ``path`` is None; ``announce`` echoes ``wrote PATH``. Strict
+    JSON: a value that is not a finite number (a run's NaN loss in `pfc report`'s ``last``) is ``null``."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(payload, indent=2, default=float) + "\n")
+    atomic_write(path, strict_json.dumps(payload, indent=2) + "\n")
     if announce:
         typer.echo(f"wrote {path}")
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.strict_json import nan_for_null
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -30,7 +32,8 @@ class ReportError(ValueError):
 def load_metrics(path: Path) -> Series:
     """``{key: [(step, value), ...]}`` sorted by step, one value per step (the last one logged).
 
-    Non-numeric fields (and ``step``/``time``) are left out; non-finite values are kept (a gap).
+    Non-numeric fields (and ``step``/``time``) are left out; non-finite values (``null``, or ``NaN`` in a
+    file written before the trainer wrote strict JSON) are kept as NaN (a gap).
     """
     if not path.is_file():
         raise ReportError(f"{path}: no such file (expected the metrics.jsonl that `pfc train` writes in "
@@ -46,7 +49,7 @@ def load_metrics(path: Path) -> Series:
                 raise ReportError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
                 raise ReportError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
-            for k, v in rec.items():
+            for k, v in nan_for_null(rec).items():
                 if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, int | float):
                     continue
                 by_key.setdefault(k, {})[rec["step"]] = float(v)

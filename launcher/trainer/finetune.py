@@ -28,6 +28,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from data_pipeline.atomic import atomic_write
+from launcher import strict_json
 from launcher.config import Config
 
 log = logging.getLogger("pfc")
@@ -160,7 +161,8 @@ class BestKeeper:
         if self.spec and record.is_file():  # resumed run: only something better replaces it
             saved = json.loads(record.read_text())
             if saved.get("metric") == self.spec:
-                self.best = float(saved["value"])
+                # null: no evaluation so far gave a finite value (a TAR the set has too few pairs for)
+                self.best = None if saved.get("value") is None else float(saved["value"])
                 self.history = list(saved.get("history", []))
         kept = self._kept_value()
         if kept is not None and (self.best is None or kept > self.best):
@@ -221,4 +223,4 @@ class BestKeeper:
         payload = {"metric": self.spec, "value": self.best,
                    "step": step if step is not None else old.get("step"), "history": self.history}
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(record, json.dumps(payload, indent=2) + "\n")
+        atomic_write(record, strict_json.dumps(payload, indent=2) + "\n")  # an undefined metric as null

@@ -8,7 +8,6 @@ do: check the run, load the data, build the model (``components``), resume (``ch
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from data_pipeline.atomic import atomic_write
+from launcher import strict_json
 from launcher.config import Config, dump_config
 from launcher.distributed import DistContext
 from launcher.trainer import faults
@@ -70,7 +70,8 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, 
     summary["kernels"] = kernels
     summary["device"] = device_record(ctx.device)
     if ctx.is_main:
-        atomic_write(Path(cfg.output) / "summary.json", json.dumps(summary, indent=2, default=float))
+        # strict JSON: the last loss of a run that ended on a skipped step is null, not NaN
+        atomic_write(Path(cfg.output) / "summary.json", strict_json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,12 +1,12 @@
 """Progress on rank 0: throughput, ETA, loss by component, LR and memory, in one log line per k steps.
 
 Modelled on torchvision's reference ``MetricLogger``: smoothed values over a window, plus a JSON
-lines file in the run folder that ``pfc report`` and the tests read.
+lines file in the run folder that ``pfc report`` and the tests read (strict JSON: a value that is not a
+finite number, the loss of a skipped step, is ``null``; see :mod:`launcher.strict_json`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from launcher import strict_json
 
 log = logging.getLogger("pfc")
 
@@ -134,7 +136,7 @@ class ProgressLogger:
                      f"{losses}  lr {rec.get('lr', float('nan')):.5f}  "
                      f"mem {rec['memory_bytes'] / 2**20:.0f} MiB")
         if self.enabled and self.jsonl is not None:
-            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.write(strict_json.dumps(rec) + "\n")  # a skipped step's NaN loss as null
             self.jsonl.flush()
         return rec
 
