@@ -64,7 +64,7 @@ class RunCallbacks:
     """The loop's hooks and the run's outputs; a context manager that closes them (every rank)."""
 
     def __init__(self, c: Components, cfg: Config, ctx: DistContext, data: TrainData, checkpointer: Checkpointer,
-                 last_step: int, watchdog: HangWatchdog | None = None) -> None:
+                 last_step: int, watchdog: HangWatchdog | None = None, start_step: int = 0) -> None:
         self.c, self.cfg, self.ctx, self.data, self.checkpointer = c, cfg, ctx, data, checkpointer
         self.last_step = last_step
         self.watchdog = watchdog
@@ -77,7 +77,7 @@ class RunCallbacks:
                                        enabled=ctx.is_main)
         self.trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main, wandb_project=cfg.log.wandb_project,
                                  wandb_mode=cfg.log.wandb_mode, run_config=cfg.model_dump(mode="json"))
-        self.best = BestKeeper(cfg, ctx.is_main)
+        self.best = BestKeeper(cfg, ctx.is_main, resumed_at=start_step)
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_a_row)
         self.ckpt_failures = 0
         self.skipped_seen = data.skipped_records  # corrupt records skipped before the last observed step

@@ -151,7 +151,10 @@ def _metric_value(evals: dict[str, Any], spec: str) -> float:
 class BestKeeper:
     """Keeps ``OUTPUT/best`` = the backbone with the highest ``checkpoint.keep_best`` metric so far."""
 
-    def __init__(self, cfg: Config, is_main: bool) -> None:
+    def __init__(self, cfg: Config, is_main: bool, resumed_at: int | None = None) -> None:
+        """``resumed_at``: the step the run resumes from; the record's evaluations after it (of the run's
+        lost stretch, which the resumed run repeats) leave the history. The best value and backbone stay:
+        they were measured, and only a better one replaces them."""
         self.spec = cfg.checkpoint.keep_best
         self.folder = Path(cfg.output) / "best"
         self.is_main = is_main
@@ -163,7 +166,8 @@ class BestKeeper:
             if saved.get("metric") == self.spec:
                 # null: no evaluation so far gave a finite value (a TAR the set has too few pairs for)
                 self.best = None if saved.get("value") is None else float(saved["value"])
-                self.history = list(saved.get("history", []))
+                self.history = [h for h in saved.get("history", [])
+                                if resumed_at is None or h.get("step", 0) <= resumed_at]
         kept = self._kept_value()
         if kept is not None and (self.best is None or kept > self.best):
             # the backbone is written before best.json: a run stopped between the two left a better

@@ -62,7 +62,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, 
     t_start = time.perf_counter()
     try:
         with watching(ctx, cfg.dist.timeout_s) as watchdog, \
-                RunCallbacks(c, cfg, ctx, data, checkpointer, last_step, watchdog) as callbacks:
+                RunCallbacks(c, cfg, ctx, data, checkpointer, last_step, watchdog, step) as callbacks:
             step = train_steps(c, data, cfg, ctx, step, callbacks, stop, watchdog)
     finally:
         data.close()
