@@ -10,7 +10,7 @@ Sources:
 Every image is decoded with Pillow, converted to RGB, optionally resized to ``image_size`` (112x112 by
 default; ``pfc data pack --image-size N``, and ``model.image_size`` when a run packs an image folder;
 :data:`RESAMPLE`, bilinear) and encoded as JPEG (quality 95 by default). Unreadable images are skipped
-and listed in the summary.
+and listed in the summary; 16-bit grey images are scaled to 8 bits (:func:`rgb8`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
 from data_pipeline.progress_bar import progress_bar
 
-__all__ = ["IMAGE_EXTENSIONS", "RESAMPLE", "encode_image", "list_sources", "pack_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "RESAMPLE", "encode_image", "list_sources", "pack_dataset", "rgb8"]
 
 # Pillow's bilinear (antialiased when shrinking): what the verification .bin images (pfc train's evaluation,
 # pfc eval) and embed_images' image files are resized with, so a model is evaluated on faces resized as its
@@ -90,10 +91,26 @@ def check_pack_size(src: str | os.PathLike[str], identities: int) -> None:
                          f"labels, exact only up to 2**24 = {FLOAT32_EXACT_LIMIT} classes")
 
 
+def rgb8(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
+    """A PIL image as 8-bit RGB. 16-bit grey (PNG, TIFF: mode I;16; PGM: I) is scaled to 8 bits, which
+    Pillow's convert("RGB") does not do: it clips at 255, so a 16-bit face would come out nearly white.
+    A floating-point image, or integers outside 0..65535, is a ValueError naming ``path``."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img, dtype=np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{path}: {img.mode} pixel values {grey.min()}..{grey.max()}; expected an 8- or "
+                             "16-bit image (0..65535)")
+        img = Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError(f"{path}: a floating-point image (mode F); expected an 8- or 16-bit image")
+    return img.convert("RGB")
+
+
 def encode_image(path: Path, *, size: tuple[int, int] | None, quality: int) -> tuple[bytes, tuple[int, int]]:
-    """JPEG bytes of one image (RGB, optionally resized to ``size`` = (h, w)) and its final (h, w)."""
+    """JPEG bytes of one image (8-bit RGB, :func:`rgb8`; optionally resized to ``size`` = (h, w)) and its
+    final (h, w)."""
     with Image.open(path) as im:
-        rgb = im.convert("RGB")
+        rgb = rgb8(im, path)
     if size is not None and (rgb.height, rgb.width) != size:
         rgb = rgb.resize((size[1], size[0]), RESAMPLE)
     buf = io.BytesIO()

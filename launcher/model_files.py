@@ -26,7 +26,7 @@ from torch import nn
 
 from data_pipeline.atomic import describe_error
 from data_pipeline.dataset import to_unit
-from partialfc.backbones import BackboneFileError, load_backbone, unwrap
+from partialfc.backbones import BackboneFileError, load_backbone, portable_state_dict, unwrap
 from partialfc.metrics import flip_embed
 
 INPUT_NAME = "input"
@@ -73,9 +73,10 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     """Write ``model``'s state_dict as a ``torch.save`` file in insightface arcface_torch's format.
 
     The keys and shapes are those of arcface_torch's iresnet / MobileFaceNet / ViT (the same modules here), so
-    ``backbone.load_state_dict(torch.load(out_path))`` works on their side. Written to a temporary name
-    and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes`` (what their code needs
-    to build the matching network: e.g. ``get_model("r50", num_features=512)``).
+    ``backbone.load_state_dict(torch.load(out_path))`` works on their side; the config rides along
+    (:func:`partialfc.backbones.portable_state_dict`), so that pfc reads the file back as this network.
+    Written to a temporary name and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes``
+    (what their code needs to build the matching network: e.g. ``get_model("r50", num_features=512)``).
     Raises ValueError for a backbone insightface does not have (``tiny``).
     """
     net = unwrap(model)
@@ -86,7 +87,12 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
                          f"takes {', '.join(sorted(INSIGHTFACE_NAMES))} (use `pfc export onnx` for any backbone)")
     notes: list[str] = []
     size = config.get("image_size")
-    if size not in (112, [112, 112], (112, 112)):
+    if size not in (112, [112, 112], (112, 112)) and str(name).startswith("vit_"):
+        # their get_model builds every ViT at 112 px, whose 12 x 12 tokens a ViT at 108 px also has: the weights
+        # would load there, and the network would be fed images of another size than it was trained on
+        notes.append(f"image size {size}: insightface's get_model builds its ViTs for 112 px; build their "
+                     f"VisionTransformer(img_size={size}, patch_size=9, ...) instead")
+    elif size not in (112, [112, 112], (112, 112)):
         notes.append(f"image size {size}: insightface's code builds its FC / GDC for 112 x 112 only")
     vit_l = name == "vit_b" and float(config.get("width", 1.0)) == 1.5  # arcface_torch's vit_l: D 768, depth 24
     if float(config.get("width", 1.0)) != 1.0 and not vit_l:
@@ -107,8 +113,7 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     else:
         notes.append(f"insightface: get_model('r{str(name)[len('iresnet'):]}', "
                      f"num_features={config.get('embedding_size')})")
-    state = {k: v.detach().to("cpu").float().contiguous() if v.is_floating_point() else v.detach().cpu()
-             for k, v in net.state_dict().items()}
+    state = portable_state_dict(net)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -302,15 +307,16 @@ def compare_onnx(
 
 
 def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
-    """One image file -> (3, h, w) float32 RGB in [-1, 1], resized (bilinear) to ``image_size``."""
+    """One image file -> (3, h, w) float32 RGB in [-1, 1], resized (bilinear) to ``image_size``; 16-bit
+    grey images are scaled to 8 bits first."""
     from PIL import Image, UnidentifiedImageError
 
-    from data_pipeline.pack import RESAMPLE
+    from data_pipeline.pack import RESAMPLE, rgb8
 
     h, w = image_size
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = rgb8(img, path)
             if rgb.size != (w, h):
                 rgb = rgb.resize((w, h), RESAMPLE)  # as pack and the evaluation resize
             pixels = np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)

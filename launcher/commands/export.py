@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 MODEL_HELP = "Run folder, checkpoint folder, backbone .safetensors or insightface .pth file."
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _load(model: Path) -> nn.Module:
@@ -47,8 +46,8 @@ def onnx_cmd(
     diff = result.max_abs_diff if result.max_abs_diff is not None else float("nan")
     ok = diff <= tolerance
     typer.echo(f"exported {model} -> {out}  (opset {opset}, {result.exporter} exporter, {seconds:.1f} s)")
-    typer.echo(f"input 'input' (batch, 3, {h}, {w}) float32 in [-1, 1]; output 'embedding' "
-               f"(batch, {result.embedding_size}); batch axis dynamic")
+    typer.echo(f"input 'input' (batch, 3, {h}, {w}) float32, RGB (not BGR), (pixel / 255 - 0.5) / 0.5 in [-1, 1]; "
+               f"output 'embedding' (batch, {result.embedding_size}), not L2-normalised; batch axis dynamic")
     typer.echo(f"onnxruntime vs torch on random input, batches {result.batch_sizes}: max abs diff {diff:.3e} "
                f"(outputs up to {result.max_abs_output:.3g}); tolerance {tolerance:g}: "
                f"{'OK' if ok else 'EXCEEDED'}")
@@ -65,15 +64,17 @@ def order_file(out: Path) -> Path:
 
 def _expand(images: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its image files and those of its subfolders (one per
-    identity, as `pfc data pack` reads them), sorted by path relative to it."""
+    identity, as `pfc data pack` reads them: the same suffixes), sorted by path relative to it."""
+    from data_pipeline.pack import IMAGE_EXTENSIONS  # the suffixes pack takes (a .pgm face was skipped here)
+
     paths: list[Path] = []
     for p in images:
         if p.is_dir():
-            found = sorted((q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES),
+            found = sorted((q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS),
                            key=lambda q: q.relative_to(p).parts)
             if not found:
                 fail(f"{p}: directory holds no image files, nor do its subfolders "
-                      f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                      f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
             paths += found
         elif p.is_file():
             paths.append(p)

@@ -21,14 +21,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from partialfc.backbones._common import Backbone
-from partialfc.backbones.arcface_weights import StateFileError, describe, first_mismatch, infer_config, read_state_file
+from partialfc.backbones.arcface_weights import (
+    METADATA_KEY,
+    StateFileError,
+    describe,
+    first_mismatch,
+    infer_config,
+    read_state_file,
+)
 from partialfc.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from partialfc.backbones.mobilefacenet import MobileFaceNet, upgrade_legacy_state
 from partialfc.backbones.tiny import TinyNet
@@ -48,6 +57,7 @@ __all__ = [
     "load_backbone",
     "load_backbone_weights",
     "parameter_count",
+    "portable_state_dict",
     "read_backbone_config",
     "save_backbone",
 ]
@@ -79,9 +89,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "tiny": TinyNet,
     **{name: _vit_builder(name) for name in VIT_ARCH},
 }
-
-#: the safetensors metadata key holding the JSON config
-METADATA_KEY = "pfc_backbone"
 
 
 def get_backbone(
@@ -211,6 +218,28 @@ def save_backbone(model: nn.Module, path: str | Path, config: Mapping[str, Any] 
     write(path, lambda tmp: save_file(tensors, str(tmp),
                                       metadata={METADATA_KEY: json.dumps(dict(config)), "format": "pt"}))
     return path
+
+
+def portable_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """``model``'s state_dict as insightface's ``backbone.pth`` holds it (CPU; floating tensors float32), with
+    the config that rebuilds it (name, embedding_size, image_size, width[, scale, blocks]) as JSON under
+    ``_metadata[METADATA_KEY]["config"]``: :func:`load_backbone` reads it back from a ``torch.save`` of it.
+
+    Wrappers are unwrapped. torch's ``load_state_dict`` reads only its modules' entries of ``_metadata``,
+    so insightface's code loads the file as any other.
+    """
+    net = unwrap(model)
+    config = getattr(net, "backbone_config", None)
+    if not isinstance(config, Mapping):
+        raise ValueError("portable_state_dict: the model has no backbone_config (build it with get_backbone)")
+    own = net.state_dict()
+    state = OrderedDict((k, v.detach().to("cpu").float().contiguous() if v.is_floating_point()
+                         else v.detach().cpu()) for k, v in own.items())
+    # the shapes alone do not give every image size back (a ViT at 96 px reads as 90 px)
+    arch = {k: config[k] for k in (*_CONFIG_KEYS, *_ARCH_KEYS) if k in config}
+    state._metadata = OrderedDict({**getattr(own, "_metadata", {}),  # type: ignore[attr-defined]
+                                   METADATA_KEY: {"config": json.dumps(arch)}})
+    return state
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:

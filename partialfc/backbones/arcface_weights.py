@@ -18,8 +18,12 @@ how wide, which embedding and image size -- is read off the keys and shapes here
   has no weights of its own and is not in the file.
 
 Files are read with ``torch.load(weights_only=True)`` (a file that holds anything but tensors and
-plain containers is refused unread) or safetensors. The preprocessing both projects use is RGB,
-``(pixel / 255 - 0.5) / 0.5``.
+plain containers is refused unread) or safetensors. A ``.pth`` that ``pfc export torch`` wrote also
+carries the backbone config, under ``METADATA_KEY`` of the state_dict's ``_metadata`` (where torch keeps
+its modules' versions; ``load_state_dict`` reads only its modules' entries there, so insightface's code
+loads the file as any other): the shapes do not give back every image size (a ViT at 96 px has the
+10 x 10 tokens of 90 px, an iresnet at 256 x 64 the 64 cells of 128 x 128). The preprocessing both
+projects use is RGB, ``(pixel / 255 - 0.5) / 0.5``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import torch
 from partialfc.backbones.iresnet import IRESNET_LAYERS
 from partialfc.backbones.vit import PATCH_SIZE, VIT_ARCH
 
+#: the safetensors metadata key (and the ``_metadata`` entry of an exported ``.pth``) holding the JSON config
+METADATA_KEY = "pfc_backbone"
 #: the first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a bare pickle
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
@@ -58,7 +64,8 @@ def is_torch_file(path: Path) -> bool:
 
 
 def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, safetensors metadata)`` of a weight file; metadata is empty for torch files.
+    """``(state_dict, metadata)`` of a weight file: the safetensors metadata, or for a torch file the config
+    `pfc export torch` stored in it (:func:`_exported_config`; empty for insightface's own files).
 
     Accepts a torch ``.pth``/``.pt`` (read with ``weights_only=True``; a dict of tensors, or a dict
     holding one under ``"state_dict"``) or a safetensors file. DDP's ``module.`` prefix is dropped.
@@ -79,7 +86,7 @@ def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise StateFileError(f"holds a {type(obj).__name__} that is not a state_dict; expected a dict of "
                                  "parameter name -> tensor (insightface's backbone.pth)")
-        state, metadata = dict(obj), {}
+        state, metadata = dict(obj), _exported_config(obj)
     else:
         from safetensors import safe_open
 
@@ -93,6 +100,14 @@ def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state, metadata
+
+
+def _exported_config(state: Mapping[str, Any]) -> dict[str, str]:
+    """``{METADATA_KEY: JSON config}`` from the ``_metadata`` of a state_dict `pfc export torch` wrote, else {}."""
+    extra = getattr(state, "_metadata", None)
+    entry = extra.get(METADATA_KEY) if isinstance(extra, Mapping) else None
+    config = entry.get("config") if isinstance(entry, Mapping) else None
+    return {METADATA_KEY: config} if isinstance(config, str) else {}
 
 
 def _count(state: Mapping[str, Any], prefix: str) -> int:
