@@ -10,7 +10,7 @@ Sources:
 Every image is decoded with Pillow, converted to RGB, optionally resized to ``image_size`` (112x112 by
 default; ``pfc data pack --image-size N``, and ``model.image_size`` when a run packs an image folder;
 :data:`RESAMPLE`, bilinear) and encoded as JPEG (quality 95 by default). Unreadable images are skipped
-and listed in the summary; 16-bit grey images are scaled to 8 bits (:func:`rgb8`).
+and listed in the summary; 16-bit grey images are scaled to 8 bits and an EXIF orientation is applied (:func:`rgb8`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
 from data_pipeline.progress_bar import progress_bar
@@ -92,9 +92,12 @@ def check_pack_size(src: str | os.PathLike[str], identities: int) -> None:
 
 
 def rgb8(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
-    """A PIL image as 8-bit RGB. 16-bit grey (PNG, TIFF: mode I;16; PGM: I) is scaled to 8 bits, which
-    Pillow's convert("RGB") does not do: it clips at 255, so a 16-bit face would come out nearly white.
-    A floating-point image, or integers outside 0..65535, is a ValueError naming ``path``."""
+    """A PIL image as 8-bit RGB, upright. 16-bit grey (PNG, TIFF: mode I;16; PGM: I) is scaled to 8 bits,
+    which Pillow's convert("RGB") does not do: it clips at 255, so a 16-bit face would come out nearly
+    white. An EXIF orientation (a phone's photo) is applied, as image viewers and OpenCV's imread (which
+    insightface's tools read with) do. A floating-point image, or integers outside 0..65535, is a
+    ValueError naming ``path``."""
+    img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I;16") or img.mode == "I":
         grey = np.asarray(img, dtype=np.int64)
         if grey.size and (grey.min() < 0 or grey.max() > 65535):

@@ -86,3 +86,20 @@ def test_pack_encodes_16_bit_grey_as_its_8_bit_picture_and_skips_a_float_image(t
     assert summary["images"] == 2
     assert [s["path"] for s in summary["skipped"]] == [str(src / "2.tif")]
     assert "a floating-point image (mode F)" in summary["skipped"][0]["error"]
+
+
+def test_an_exif_orientation_is_applied_by_pack_and_embed(weights, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation: viewers and OpenCV's imread show it upright;
+    pack and embed read it sideways."""
+    from data_pipeline.pack import encode_image
+
+    pixels = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels, -1))).save(tmp_path / "upright.png")
+    assert (encode_image(tmp_path / "sideways.png", size=None, quality=95)[0]
+            == encode_image(tmp_path / "upright.png", size=None, quality=95)[0])
+    res, emb = _embed(weights, tmp_path, tmp_path / "sideways.png", tmp_path / "upright.png")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(emb[0], emb[1])
