@@ -20,6 +20,10 @@ STEPS = ["env", "pytest_gpu", "bench_head", "bench_train_device", "synth", "trai
 def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("OUT", None)
+    # One intra-op thread in every step's process (torchrun's ranks keep a set value), as tests/conftest.py
+    # has the tests: the dry run's tensors are tiny, and on a shared 2-core machine a second thread only spins
+    # (the whole dry run: 82 s with two, 63 s with one, at a load of 2).
+    env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

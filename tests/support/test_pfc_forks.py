@@ -1,0 +1,56 @@
+"""tests/support/pfc_forks.py: a `pfc` command forked from the helper ends as the same command run as a new
+interpreter does (exit code, stdout, stderr, a traceback under --debug), and a command past its timeout is
+killed without taking the helper with it."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.pfc_forks import PfcForks
+from tests.support.runs import _pfc, _train_args
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def pfc() -> Iterator[PfcForks]:
+    with PfcForks() as forks:
+        yield forks
+
+
+def _last_line(text: str) -> str:
+    return [x for x in text.splitlines() if x.strip()][-1]
+
+
+def test_a_forked_command_ends_as_a_new_interpreter_does(dataset, pfc, tmp_path):
+    prefix, _ = dataset
+    mismatch = _train_args(prefix, tmp_path / "a", **{"model.image_size": 64})
+    # what it prints on stdout (through the os._exit that ends the child) and a refusal on stderr
+    for args in (["plan", "--classes", "1000", "--world-size", "2", "--batch", "8", "--dim", "16"], mismatch):
+        forked, real = pfc.run(args, timeout=120), _pfc(args, timeout=240)
+        assert forked.returncode == real.returncode, (args, forked.stderr[-2000:], real.stderr[-2000:])
+        assert forked.stdout == real.stdout and forked.stderr == real.stderr, args
+    # an uncaught exception: its traceback, exit 1
+    r = pfc.run(["--debug", *mismatch], timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("Traceback"), r.stderr[-2000:]
+    assert _last_line(r.stderr).startswith("launcher.errors.DataError: model.image_size=64 but"), r.stderr[-2000:]
+
+
+def test_a_command_past_its_timeout_is_killed_and_the_helper_goes_on(dataset, pfc, tmp_path):
+    prefix, _ = dataset
+    with pytest.raises(subprocess.TimeoutExpired):
+        pfc.run(_train_args(prefix, tmp_path / "run", **{"train.steps": 100000}), timeout=1)
+    assert pfc.last_pid is not None and not _alive(pfc.last_pid), "the timed-out command is still running"
+    r = pfc.run(["nope"], timeout=60)
+    assert r.returncode == 2 and "No such command" in r.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
