@@ -10,10 +10,12 @@ Standard library only: this process never touches the GPU (or imports torch) its
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +106,7 @@ class Runner:
         self.dry = dry
         self.device = "cpu" if dry else "cuda"  # what the planner plans for (the head's scratch differs)
         self.work = Path(tempfile.mkdtemp(prefix="pfc-gpu-check-"))
+        atexit.register(shutil.rmtree, self.work, ignore_errors=True)  # its files' figures are in the JSON
         self.t0 = time.monotonic()
         self.total = total_budget_s
         self.log_path = out / "gpu_check.log"

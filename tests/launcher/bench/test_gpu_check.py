@@ -24,6 +24,8 @@ def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[s
     # has the tests: the dry run's tensors are tiny, and on a shared 2-core machine a second thread only spins
     # (the whole dry run: 82 s with two, 63 s with one, at a load of 2).
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["TMPDIR"] = str(out / "tmp")  # the script's scratch folder: removed when it ends
+    (out / "tmp").mkdir(parents=True, exist_ok=True)
     return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -73,7 +75,8 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     tail = proc.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(tail) if line.startswith("step ") and "status" in line)
     assert [line.split()[0] for line in tail[header + 1:] if not line.startswith(" ")] == STEPS
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log", "tmp"]
+    assert not list((tmp_path / "tmp").glob("pfc-gpu-check-*")), "the scratch folder was left behind"
     # the README's table is made from this JSON: every row has its figure (fp16 is not timed on a CPU)
     table = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_readme_table.py"),
                             str(tmp_path / "gpu_check.json")], capture_output=True, text=True, timeout=60)
