@@ -292,13 +292,15 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
 
     stop = torchrun_stop_setup(stop_signals or [])
     cmd += stop.torchrun_args
-    cmd += ["-m", "launcher.cli", *argv]
     env = dict(os.environ, **stop.env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc_per_node)))
     # Ranks that stop on a user error write their one line here (launcher.errors); the first is printed in
     # place of torchrun's own failure report (a traceback of the agent and a table per rank).
     with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:
         env[errors.ERROR_DIR_ENV] = error_dir
+        # torchrun's own log folder (empty unless it redirects the ranks' output) goes with this one: by
+        # default it makes a torchelastic_* folder in /tmp per launch and never removes it
+        cmd += [f"--log-dir={Path(error_dir) / 'torchrun'}", "-m", "launcher.cli", *argv]
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                                 preexec_fn=stop.preexec)
         tail: collections.deque[str] = collections.deque(maxlen=400)

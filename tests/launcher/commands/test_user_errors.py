@@ -42,10 +42,17 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_dataset_smaller_than_one_batch_per_rank_is_one_line(dataset, pfc, tmp_path, nproc):  # noqa: F811
+def test_dataset_smaller_than_one_batch_per_rank_is_one_line(dataset, pfc, tmp_path, nproc,  # noqa: F811
+                                                             monkeypatch):
     prefix, _ = dataset  # 48 identities x 8 images = 384 images
     args = _train_args(prefix, tmp_path / "run", **{"train.batch_size": 400, "train.steps": 2})
+    scratch = tmp_path / "tmpdir"  # the launcher's and torchrun's temporary folders: none is left behind
+    # (torchinductor_<user> is torch's compile cache, kept across processes by design)
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     r = _pfc([*args, "--nproc-per-node", str(nproc)], timeout=240) if nproc > 1 else pfc.run(args, timeout=240)
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert not left, left
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     line = _one_line(r.stderr)
     assert "fewer than one batch of 400" in line and "train.batch_size" in line, line
