@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -118,9 +120,7 @@ def train_cmd(
                                               "(default 600)"),
 ) -> None:
     """Train from a config, under torchrun (reading its environment) or starting torchrun itself."""
-    from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
-    from launcher.trainer.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
-    from launcher.trainer.progress import setup_logging
+    from launcher.distributed import under_launcher
 
     if nproc_per_node is not None and nnodes not in ("1", "1:1") and not rdzv_endpoint:
         # torchrun would start --standalone, whose rendezvous no other node can join: it waits forever
@@ -133,8 +133,21 @@ def train_cmd(
     if nproc_per_node is not None and not under_launcher():
         _check_gpus_or_exit(nproc_per_node, cfg.dist.backend)
     overrides, cfg = with_resolved_data(config, overrides, cfg, _prepare_or_exit(cfg))
-    if not under_launcher() and not rdzv_endpoint:
-        keep_run_label(cfg)
+    with kept_run_label(cfg, under_launcher() or bool(rdzv_endpoint)):
+        _launch_or_train(cfg, config, overrides, nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                         rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, rdzv_id=rdzv_id,
+                         rdzv_timeout=rdzv_timeout)
+
+
+def _launch_or_train(cfg: Config, config: str, overrides: list[str], nproc_per_node: int | None, *, nnodes: str,
+                     node_rank: int | None, rdzv_endpoint: str | None, max_restarts: int, rdzv_id: str | None,
+                     rdzv_timeout: float | None) -> None:
+    """Start torchrun with ``nproc_per_node`` ranks (the other options: its own), or train in this process
+    (one rank, or a rank torchrun started)."""
+    from launcher.distributed import RendezvousTimeout, init_distributed, shutdown, torchrun, under_launcher
+    from launcher.trainer.preemption import STOPPED_EXIT_CODE, StopRequest, rank_stopped_exit_code
+    from launcher.trainer.progress import setup_logging
+
     if nproc_per_node is not None and not under_launcher():
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         started = time.time()
@@ -173,22 +186,35 @@ def train_cmd(
         typer.echo(f"run finished: {summary['steps']} steps in {summary['seconds']:.1f}s -> {cfg.output}")
 
 
-def keep_run_label(cfg: Config) -> None:
+@contextlib.contextmanager
+def kept_run_label(cfg: Config, elsewhere: bool) -> Iterator[None]:
     """A resume started here (in this process, or by torchrun ``--standalone``, whose rendezvous id is new
     at every launch) keeps the ``run`` label of the launch it resumes, read from ``<output>/run_id``: the
     dashboards and the alerts that compare a run with its own past (``PfcVerificationAccuracyFell``: a bad
     resume) see one run, as under SLURM, Kubernetes or a multi-node rendezvous, whose ids survive a resume.
-    A fresh start (nothing to resume) gets a new id; an id set by the config or the environment wins."""
+    A fresh start (nothing to resume) gets a new id; an id set by the config or the environment wins, and so
+    does a rendezvous id (``elsewhere``: torchrun started by hand, or a multi-node rendezvous). Within the
+    block ``PFC_RUN_ID`` holds the kept id (torchrun's ranks inherit it; ``resolve_run_id`` reads it); the
+    process's environment is put back after it (`pfc train` inside another process)."""
     import os
 
     from launcher.monitoring.exporter import kept_run_id
     from launcher.trainer.run_folder import resume_point
 
-    if cfg.metrics.run_id or any(os.environ.get(k) for k in ("SLURM_JOB_ID", "PFC_RUN_ID")):
+    taken = elsewhere or cfg.metrics.run_id or any(os.environ.get(k) for k in ("SLURM_JOB_ID", "PFC_RUN_ID"))
+    kept = kept_run_id(cfg.output) if not taken and resume_point(cfg) is not None else None
+    if not kept:
+        yield
         return
-    kept = kept_run_id(cfg.output) if resume_point(cfg) is not None else None
-    if kept:
-        os.environ["PFC_RUN_ID"] = kept  # torchrun's ranks inherit it; resolve_run_id reads it
+    before = os.environ.get("PFC_RUN_ID")  # unset or empty
+    os.environ["PFC_RUN_ID"] = kept
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PFC_RUN_ID"]
+        else:
+            os.environ["PFC_RUN_ID"] = before
 
 
 def wants_one_rank_group(cfg: Config) -> bool:

@@ -296,7 +296,7 @@ def test_run_identity_labels_every_series_and_is_written_to_the_run_folder(monke
 
 
 def test_a_resume_started_here_keeps_the_run_label_and_a_fresh_start_does_not(monkeypatch, tmp_path):
-    from launcher.commands.train import keep_run_label
+    from launcher.commands.train import kept_run_label
     from launcher.config import load_config
     from launcher.monitoring.exporter import kept_run_id
 
@@ -304,27 +304,20 @@ def test_a_resume_started_here_keeps_the_run_label_and_a_fresh_start_does_not(mo
     monkeypatch.setenv("PFC_RUN_ID", "")  # empty, as unset; the test's end puts the environment back
     cfg = load_config(None, [f"output={json.dumps(str(tmp_path))}"])
     (tmp_path / "run_id").write_text("3f2a-first-launch\n")
-    keep_run_label(cfg)  # the folder has no checkpoint: a fresh start, a new id
-    assert not os.environ["PFC_RUN_ID"]
+    with kept_run_label(cfg, elsewhere=False):  # the folder has no checkpoint: a fresh start, a new id
+        assert not os.environ["PFC_RUN_ID"]
     save = tmp_path / "checkpoints" / "step_00000002"
     save.mkdir(parents=True)
     (save / "meta.json").write_text("{}")
     (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
-    keep_run_label(cfg)
-    assert os.environ.get("PFC_RUN_ID") == "3f2a-first-launch"
+    with kept_run_label(cfg, elsewhere=True):  # a rendezvous id of the user's (torchrun by hand, multi-node)
+        assert not os.environ["PFC_RUN_ID"]
+    with kept_run_label(cfg, elsewhere=False):
+        assert os.environ["PFC_RUN_ID"] == "3f2a-first-launch"
+    assert os.environ["PFC_RUN_ID"] == ""  # put back: `pfc train` inside another process leaves no id behind
     for text in ("two words", "x" * 129, "../../etc"):  # a file's text that is no label value is not kept
         (tmp_path / "run_id").write_text(text)
         assert kept_run_id(tmp_path) is None, text
-
-    base = free_port(2)
-    m = _exporter(base, {"run_id": "exp-1"})
-    m.start()
-    try:
-        fake_run(m, steps=2)
-        s = _scrape(base + 1)
-    finally:
-        m.close()
-    assert s and all(dict(labels).get("run") == "exp-1" for (_, labels) in s), sorted(s)[:3]
 
 
 def test_a_port_past_65535_says_so() -> None:
