@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.insightface import FLOAT32_EXACT_LIMIT, InsightFaceWriter
 from data_pipeline.progress_bar import progress_bar
@@ -91,15 +91,33 @@ def check_pack_size(src: str | os.PathLike[str], identities: int) -> None:
                          f"labels, exact only up to 2**24 = {FLOAT32_EXACT_LIMIT} classes")
 
 
+# EXIF orientation -> the transpose that shows the image upright (EXIF 2.3, tag 0x0112)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says. Not Pillow's ``ImageOps.exif_transpose``: it also
+    rewrites the EXIF block, and a tag of an unexpected type in a camera's block makes that raise
+    (struct.error, TypeError, ZeroDivisionError), which would stop a whole pack for one photo's metadata."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed block raises many types: the pixels as stored
+        return img
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
+
+
 def rgb8(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
     """A PIL image as 8-bit RGB, upright. 16-bit grey (PNG, TIFF: mode I;16; PGM: I) is scaled to 8 bits,
     which Pillow's convert("RGB") does not do: it clips at 255, so a 16-bit face would come out nearly
     white. An EXIF orientation (a phone's photo) is applied, as image viewers and OpenCV's imread (which
     insightface's tools read with) do. A floating-point image, or integers outside 0..65535, is a
     ValueError naming ``path``."""
-    img = ImageOps.exif_transpose(img)
+    img = _upright(img)
     if img.mode.startswith("I;16") or img.mode == "I":
-        grey = np.asarray(img, dtype=np.int64)
+        grey = np.asarray(img, dtype=np.int32)  # 16-bit values and their * 255 fit
         if grey.size and (grey.min() < 0 or grey.max() > 65535):
             raise ValueError(f"{path}: {img.mode} pixel values {grey.min()}..{grey.max()}; expected an 8- or "
                              "16-bit image (0..65535)")

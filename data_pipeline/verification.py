@@ -94,10 +94,13 @@ def decode_check(payload: bytes) -> tuple[int, int]:
     decode (what `pfc data inspect --deep`, `pfc data pairs` and the .bin checks before training share)."""
     from PIL import Image, UnidentifiedImageError
 
+    from data_pipeline.pack import rgb8
+
     try:
         with Image.open(io.BytesIO(payload)) as im:
             im.load()  # open() only parses the header; load() runs the whole decoder
-            return im.height, im.width
+            upright = rgb8(im, "payload")  # as the evaluation reads it (a floating-point image is refused)
+            return upright.height, upright.width
     except UnidentifiedImageError:
         # its own message names the BytesIO object's address, not the file, which the caller names
         why = "UnidentifiedImageError: not an image format Pillow can read"

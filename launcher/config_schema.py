@@ -274,7 +274,7 @@ class MetricsConfig(Section):
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
         description="label `run` on every series; None: SLURM job id, else PFC_RUN_ID (the Kubernetes "
                     "job name in deploy/k8s), else torchrun's rendezvous id, else generated; written "
-                    "to <output>/run_id")
+                    "to <output>/run_id, which a resume pfc train starts itself without --rdzv-endpoint keeps")
 
 
 class DistConfig(Section):

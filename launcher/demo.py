@@ -8,7 +8,6 @@ on) -> evaluation of the final checkpoint on unseen identities, compared with th
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from data_pipeline.atomic import atomic_write
+from launcher import strict_json
 from launcher.bench.study_runs import fmt
 from launcher.config import build_overrides, builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
@@ -86,7 +86,7 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
     loss_png = plot_losses(out / "metrics.jsonl", out / "loss.png")
     report: dict[str, Any] = {"checkpoint": str(latest), "untrained": before, "trained": after,
                               "loss_curve": str(loss_png) if loss_png else None}
-    atomic_write(out / "eval.json", json.dumps(report, indent=2, default=float))
+    atomic_write(out / "eval.json", strict_json.dumps(report, indent=2))
     name = val_bin.name
     print(f"\nverification on {cfg.data.val_bins[0]} (identities never seen in training):")
     print(f"{'':12s} {'accuracy':>10s} {'TAR@FAR=1e-3':>14s} {'TAR@FAR=1e-2':>14s}")

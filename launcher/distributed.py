@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -263,6 +264,16 @@ class RendezvousTimeout(errors.UserError, RuntimeError):
     """The other nodes did not join torchrun's rendezvous in time."""
 
 
+def torchrun_log_dir(env: Mapping[str, str], folder: Path) -> list[str]:
+    """torchrun's ``--log-dir``: ``folder`` (removed with the launch), as torchrun's own default makes a
+    ``torchelastic_*`` folder in /tmp per launch and never removes it; none when the user set where torchrun
+    logs (``PET_LOG_DIR``) or asked it to keep the ranks' output (``PET_REDIRECTS``, ``PET_TEE``): those
+    files must outlive the launch."""
+    if any(env.get(k) for k in ("PET_LOG_DIR", "PET_REDIRECTS", "PET_TEE")):
+        return []
+    return [f"--log-dir={folder}"]
+
+
 def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
              rdzv_endpoint: str | None = None, max_restarts: int = 0, run_id: str | None = None,
              rdzv_timeout: float | None = None, stop_signals: list[str] | None = None,
@@ -298,9 +309,7 @@ def torchrun(argv: list[str], nproc_per_node: int, nnodes: str = "1", node_rank:
     # place of torchrun's own failure report (a traceback of the agent and a table per rank).
     with tempfile.TemporaryDirectory(prefix="pfc-errors-") as error_dir:
         env[errors.ERROR_DIR_ENV] = error_dir
-        # torchrun's own log folder (empty unless it redirects the ranks' output) goes with this one: by
-        # default it makes a torchelastic_* folder in /tmp per launch and never removes it
-        cmd += [f"--log-dir={Path(error_dir) / 'torchrun'}", "-m", "launcher.cli", *argv]
+        cmd += [*torchrun_log_dir(env, Path(error_dir) / "torchrun"), "-m", "launcher.cli", *argv]
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                                 preexec_fn=stop.preexec)
         tail: collections.deque[str] = collections.deque(maxlen=400)

@@ -1,4 +1,6 @@
-"""The JSON the project writes is strict JSON (RFC 8259), with ``null`` for a number that is not finite.
+"""Strict JSON (RFC 8259), with ``null`` for a number that is not finite: what the files a run or a command
+writes for other programs are (``metrics.jsonl``, ``summary.json``, ``best.json``, ``eval.json``, every
+``--json PATH``, the studies' results; docs/formats.md).
 
 Python's ``json`` writes NaN and infinities as the bare tokens ``NaN`` and ``Infinity``, which are no JSON:
 jq, JavaScript's ``JSON.parse``, Go and log shippers reject the whole document (or line of

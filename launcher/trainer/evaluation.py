@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data_pipeline.pack import RESAMPLE
+from data_pipeline.pack import RESAMPLE, rgb8
 from data_pipeline.verification import load_bin
 from launcher.config import Config
 from launcher.distributed import DistContext
@@ -28,10 +28,13 @@ log = logging.getLogger("pfc")
 
 
 def decode_images(blobs: list[bytes], image_size: int) -> torch.Tensor:
-    """Encoded images -> (n, 3, S, S) float32 in [-1, 1] (RGB)."""
+    """Encoded images -> (n, 3, S, S) float32 in [-1, 1] (RGB), read as pack and `pfc embed` read a file
+    (:func:`~data_pipeline.pack.rgb8`: upright, 16-bit grey scaled), so that a .bin that `pfc data pairs`
+    made of a folder is seen as training saw the same folder."""
     out = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
     for i, b in enumerate(blobs):
-        img = Image.open(io.BytesIO(b)).convert("RGB")
+        with Image.open(io.BytesIO(b)) as encoded:
+            img = rgb8(encoded, f"image {i}")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), RESAMPLE)  # as pack resized the training images
         out[i] = np.asarray(img)

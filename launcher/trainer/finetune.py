@@ -166,8 +166,8 @@ class BestKeeper:
             if saved.get("metric") == self.spec:
                 # null: no evaluation so far gave a finite value (a TAR the set has too few pairs for)
                 self.best = None if saved.get("value") is None else float(saved["value"])
-                self.history = [h for h in saved.get("history", [])
-                                if resumed_at is None or h.get("step", 0) <= resumed_at]
+                self.history = [h for h in saved.get("history", []) if not isinstance(h, dict)
+                                or resumed_at is None or h.get("step", 0) <= resumed_at]
         kept = self._kept_value()
         if kept is not None and (self.best is None or kept > self.best):
             # the backbone is written before best.json: a run stopped between the two left a better

@@ -6,9 +6,10 @@ the launcher before it reads its first setting; a test that checks ten refusals 
 for each command forks a child that runs what the installed ``pfc`` script runs
 (``sys.exit(launcher.cli.main())`` with the command's argv). Each command is still a process of its own:
 its exit status, everything written to its file descriptors 1 and 2 (warnings and C-level output too),
-its interpreter shutdown. Only the imported code is shared, so an environment variable that a module reads
-at import time is the helper's (started with :func:`pfc_env`); commands under torchrun start fresh
-interpreters for their ranks anyway and gain nothing here.
+its interpreter shutdown, its environment (:func:`pfc_env` of the test's at the call) and working folder
+(the test's at the call). Only the imported code is shared, so an environment variable that a module reads
+at import time is the one the helper started with; commands under torchrun start fresh interpreters for
+their ranks anyway and gain nothing here.
 
 Standard library only at import: the helper process imports this file as its main script.
 """
@@ -79,7 +80,9 @@ class PfcForks:
         assert self._proc.stdin is not None
         with tempfile.TemporaryDirectory(prefix="pfc-fork-") as d:
             out, err = Path(d, "stdout"), Path(d, "stderr")
-            self._proc.stdin.write(json.dumps({"argv": args, "stdout": str(out), "stderr": str(err)}) + "\n")
+            # the test's environment and folder now (monkeypatch may have changed them since the helper started)
+            request = {"argv": args, "stdout": str(out), "stderr": str(err), "env": pfc_env(), "cwd": os.getcwd()}
+            self._proc.stdin.write(json.dumps(request) + "\n")
             self._proc.stdin.flush()
             pid = self.last_pid = self._reply(30)["pid"]
             try:
@@ -132,6 +135,10 @@ def _become_pfc(request: dict[str, Any]) -> None:
     streams flushed; the exit code of its SystemExit, or 1 after an uncaught exception's traceback) but
     without tearing down the thousands of modules inherited from the helper, which touches (and so copies)
     most of its memory page by page: 1 s a command instead of 0.1 s."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # chosen again from TMPDIR, as a new interpreter would
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -40,6 +40,19 @@ def test_a_forked_command_ends_as_a_new_interpreter_does(dataset, pfc, tmp_path)
     assert _last_line(r.stderr).startswith("launcher.errors.DataError: model.image_size=64 but"), r.stderr[-2000:]
 
 
+def test_a_forked_command_takes_the_tests_environment_and_folder_at_the_call(pfc, tmp_path, monkeypatch):
+    """monkeypatch changes them after the helper started: the command must see the change, as a new
+    interpreter started then would."""
+    monkeypatch.setenv("PFC_DEBUG", "1")  # launcher.errors reads it when a command fails: a traceback
+    r = pfc.run(["data", "inspect", str(tmp_path / "no_such_prefix")], timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("Traceback"), r.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # a relative path is the test's folder's
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    r = pfc.run(["report", "run", "--out", "plots"], timeout=60)
+    assert r.returncode == 0 and (tmp_path / "plots" / "loss.png").is_file(), r.stderr[-2000:]
+
+
 def test_a_command_past_its_timeout_is_killed_and_the_helper_goes_on(dataset, pfc, tmp_path):
     prefix, _ = dataset
     with pytest.raises(subprocess.TimeoutExpired):

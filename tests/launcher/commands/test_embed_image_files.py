@@ -103,3 +103,55 @@ def test_an_exif_orientation_is_applied_by_pack_and_embed(weights, tmp_path):
     res, emb = _embed(weights, tmp_path, tmp_path / "sideways.png", tmp_path / "upright.png")
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(emb[0], emb[1])
+
+
+# A camera's EXIF block (orientation 6) with a tag of an unexpected type: Pillow's exif_transpose raised
+# struct.error rewriting it (one photo stopped a whole pack)
+BAD_EXIF = bytes.fromhex(
+    "4578696600004d4d002a000000080003014e00020000000600000032011200030000000100060000876900040000000100000038"
+    "000000006d616b657200000190030002000000140000004a00000000323032303a30313a30312030303a30303a303000")
+
+
+def test_a_malformed_exif_block_is_still_turned_upright_by_pack_and_embed(weights, tmp_path):
+    from data_pipeline.pack import pack_dataset
+
+    src = tmp_path / "src" / "alice"
+    src.mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(src / "camera.png", exif=BAD_EXIF)
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels, -1))).save(tmp_path / "upright.png")
+    summary = pack_dataset(tmp_path / "src", tmp_path / "train", image_size=(16, 16), progress=False)
+    assert summary["images"] == 1 and not summary["skipped"], summary["skipped"]
+    res, emb = _embed(weights, tmp_path, src / "camera.png", tmp_path / "upright.png")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(emb[0], emb[1])
+
+
+def test_evaluation_reads_a_bins_images_as_pack_and_embed_read_the_files(tmp_path):
+    """`pfc data pairs FOLDER` keeps each file's bytes: the evaluation decoded them without the EXIF turn and
+    the 16-bit scaling, so a model trained on upright faces was evaluated on sideways (and white) ones."""
+    from launcher.model_files import load_image
+    from launcher.trainer.evaluation import decode_images
+
+    rng = np.random.default_rng(4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "sideways.png", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    files = [tmp_path / "sideways.png", tmp_path / "grey16.png"]
+    seen = decode_images([f.read_bytes() for f in files], 16).numpy()
+    for row, f in zip(seen, files, strict=True):
+        np.testing.assert_array_equal(row, load_image(f, (16, 16)), err_msg=f.name)
+
+
+def test_the_bin_checks_refuse_what_the_evaluation_cannot_read_and_measure_it_upright(tmp_path):
+    """A float image in a .bin is refused by the checks before training, not mid-run by the evaluation."""
+    from data_pipeline.verification import decode_check
+
+    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(tmp_path / "depth.tif")
+    with pytest.raises(ValueError, match=r"floating-point image \(mode F\)"):
+        decode_check((tmp_path / "depth.tif").read_bytes())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((8, 16, 3), dtype=np.uint8)).save(tmp_path / "wide.png", exif=exif)
+    assert decode_check((tmp_path / "wide.png").read_bytes()) == (16, 8)  # (h, w) as shown

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterator
@@ -163,3 +164,21 @@ def test_several_nodes_without_a_rendezvous_endpoint_is_refused_at_once(pfc, tmp
     assert r.returncode == 2, r.stderr[-3000:]
     assert "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in _one_line(r.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_logs_where_the_user_asked_and_otherwise_in_the_launchs_folder(tmp_path):
+    """torchrun reads PET_* variables as its options: a user's PET_LOG_DIR, or ranks' output it was asked to
+    keep (PET_REDIRECTS, PET_TEE), must not go to a folder removed with the launch."""
+    from torch.distributed.run import parse_args
+
+    from launcher.distributed import torchrun_log_dir
+
+    folder = tmp_path / "launch" / "torchrun"
+    assert torchrun_log_dir({}, folder) == [f"--log-dir={folder}"]
+    for env in ({"PET_LOG_DIR": str(tmp_path / "mine")}, {"PET_TEE": "3"}, {"PET_REDIRECTS": "3"}):
+        assert torchrun_log_dir(env, folder) == [], env
+    # what torchrun then takes: the user's folder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PET_LOG_DIR", str(tmp_path / "mine"))
+        args = parse_args([*torchrun_log_dir(dict(os.environ), folder), "-m", "launcher.cli"])
+    assert args.log_dir == str(tmp_path / "mine")

@@ -294,6 +294,16 @@ def test_run_identity_labels_every_series_and_is_written_to_the_run_folder(monke
     with pytest.raises(ValueError, match="run_id"):
         MetricsConfig(run_id="two words")
 
+    base = free_port(2)
+    m = _exporter(base, {"run_id": "exp-1"})
+    m.start()
+    try:
+        fake_run(m, steps=2)
+        s = _scrape(base + 1)
+    finally:
+        m.close()
+    assert s and all(dict(labels).get("run") == "exp-1" for (_, labels) in s), sorted(s)[:3]
+
 
 def test_a_resume_started_here_keeps_the_run_label_and_a_fresh_start_does_not(monkeypatch, tmp_path):
     from launcher.commands.train import kept_run_label
