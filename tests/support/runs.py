@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.support.pfc_forks import PfcForks
 
 IMAGE = 32
 
@@ -25,6 +28,13 @@ def dataset(tmp_path_factory) -> tuple[Path, Path]:
     prefix = root / "train"
     generate(prefix, 48, 8, image_size=IMAGE, val_identities=40, val_pairs=400, seed=3, workers=1)
     return prefix, default_val_bin(prefix)
+
+
+@pytest.fixture(scope="module")
+def pfc() -> Iterator[PfcForks]:
+    """Single-process `pfc` commands as forks of one process that imported the launcher (pfc.run(args))."""
+    with PfcForks() as forks:
+        yield forks
 
 
 def _overrides(prefix: Path, out: Path, **extra: object) -> list[str]:

@@ -5,21 +5,13 @@ killed without taking the helper with it."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.pfc_forks import PfcForks
 from tests.support.runs import _pfc, _train_args
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def pfc() -> Iterator[PfcForks]:
-    with PfcForks() as forks:
-        yield forks
 
 
 def _last_line(text: str) -> str:

@@ -13,12 +13,10 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.pfc_forks import PfcForks
 from tests.support.runs import (
     _pfc,
     _train_args,
@@ -26,12 +24,6 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.multiprocess
-
-
-@pytest.fixture(scope="module")
-def pfc() -> Iterator[PfcForks]:
-    with PfcForks() as forks:
-        yield forks
 
 
 def _one_line(stderr: str) -> str:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.pfc_forks import PfcForks
 from tests.support.runs import _latest, _train_args, refused_in_one_line
 
 pytestmark = pytest.mark.multiprocess
@@ -25,12 +23,6 @@ pytestmark = pytest.mark.multiprocess
 MBF = {"model.backbone": "mobilefacenet", "head.discface_lambda": 0.0, "train.steps": 2,
        "checkpoint.every_steps": 2}
 TRAINED = {"train.steps": 4, "checkpoint.every_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def pfc() -> Iterator[PfcForks]:
-    with PfcForks() as forks:
-        yield forks
 
 
 @pytest.fixture(scope="module")
