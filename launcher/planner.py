@@ -6,18 +6,23 @@ global batch N = W * B, embedding dim D, sample rate r, element size e of the he
 
 * The class partition is torch.chunk's (ceil division), so the largest shard, which sets the peak,
   has ``rows = ceil(C / W)`` classes (:func:`partialfc.partition.shard_rows`, imported: the head's rule).
-* Each rank samples ``S = ceil(r * rows)`` classes (all of them when r = 1;
-  :func:`partialfc.partition.num_sample`, imported). When a step's positives
-  in a shard exceed that quota the head keeps all positives, so S can reach ``min(rows, N)``; the
-  plan reports that bound too (``num_sample_worst``) but sizes the buffers with the quota, which is
-  what every shape planned at scale has (N is thousands, the quota is tens of thousands or more).
+* Each rank samples ``ceil(r * rows)`` classes, its quota (all of them when r = 1;
+  :func:`partialfc.partition.num_sample`, imported). When a step's positives in a shard exceed the
+  quota the head keeps all positives: S is then the number of distinct labels of the step (k N of
+  them with k micro-batches) that fall in the shard. The plan sizes the buffers with
+  ``S = max(quota, P)``, P that count for labels drawn uniformly over the C classes (a shuffled
+  dataset with about as many images per identity) plus four standard deviations
+  (:func:`positives_bound`; ``num_sample_planned``); at scale the quota (``num_sample``) is the larger
+  (N is thousands, the quota tens of thousands or more). ``num_sample_worst = min(rows, k N)`` is the
+  bound for any labels.
 * Persistent state: the shard (rows x D) and its SGD momentum (rows x D), both in the head's dtype.
 * Per step the head works on S x D copies of the sampled rows (fp32 at least) and N x S fp32
   logits; most of these live in a workspace the head reuses from step to step. Which buffers are
   alive together depends on the phase of the step (forward, backward, optimizer step); the peak is
   the largest phase. The counts are those of partialfc/ as written (see the constants below),
   checked phase by phase against ``pfc bench head``; the gathered embeddings (N x D) and the local
-  ones (B x D) with their gradients are added where they are alive.
+  ones (B x D) with their gradients, and the owned samples' rows the head keeps for DiscFace and
+  logging, are added where they are alive.
 
 Traffic is the number of bytes this rank puts on the wire for ring algorithms (what NCCL uses at
 scale): an all-gather of n elements per rank sends (W - 1) n, an all-reduce of n elements sends
@@ -27,6 +32,7 @@ on C: the head never moves class weights, only embeddings and per-sample scalars
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -63,7 +69,15 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 #   into the bytes of the S x D gradient buffer (not yet written in the forward): nothing more;
 # * persistent optimizer state: SGD momentum in the head's dtype; AdamW: exp_avg and exp_avg_sq in fp32
 #   (fp64 for a float64 head) and an int64 per-row step count.
-# The fp16/bf16 and AdamW counts are read from the code, not measured: `pfc bench head` runs fp32 SGD.
+# * the owned samples' normalised embeddings and class rows (n x D each, n the global batch's samples whose
+#   class is in the shard), which head.record keeps from one forward to the next: the last step's pair and
+#   this step's are both alive at the end of a forward;
+# * on the CPU, when the positives decide S (which then moves from step to step), the workspace's S-sized
+#   buffers hold 5% more than the largest S asked for (partialfc.softmax.Workspace grows by 5% when it must).
+# The fp16/bf16, AdamW and accumulation counts were checked on 2026-12-03 with the benchmark's measurement
+# (`pfc bench head`'s head built in that dtype and optimizer): within 1.2% of the plan at D = 256-512.
+WORKSPACE_GROWTH = 20  # the workspace grows by 1/20 of a request it must grow for
+POSITIVES_SIGMAS = 4  # a shard's positives count is planned at its mean plus this many standard deviations
 OPTIMIZERS = ("sgd", "adamw")
 ROW_STEP_BYTES = 8
 OPTIMIZER_STATE_KEYS = ("momentum", "adamw_moments", "adamw_row_steps")
@@ -98,8 +112,8 @@ class RankPlan:
     dtype: str
     discface: bool
     shard_rows: int
-    num_sample: int
-    num_sample_worst: int
+    num_sample: int          # the quota, ceil(r * rows)
+    num_sample_worst: int    # S for the most unfavourable labels: up to min(rows, labels of a step)
     global_batch: int
     memory: dict[str, int] = field(default_factory=dict)
     comm: dict[str, float] = field(default_factory=dict)
@@ -108,6 +122,7 @@ class RankPlan:
 
     optimizer: str = "sgd"
     device: str = "cpu"
+    num_sample_planned: int = 0  # S the buffers are sized with: the quota, or the positives when more
 
     @property
     def shard_weights_plus_momentum_bytes(self) -> int:
@@ -172,19 +187,40 @@ def plan_rank(
     e = DTYPE_BYTES[dtype]
     f = max(e, FP32)  # the head computes in fp32 at least (fp64 for a float64 head)
     rows = shard_rows(num_classes, world_size)
-    s = num_sample(rows, sample_rate)
+    quota = num_sample(rows, sample_rate)
     n = world_size * local_batch
-    state, phases = _step_memory(rows, s, n, local_batch, dim, e, f, optimizer, grad_accum, device)
+    # The step's sampled set holds every positive of its k micro-batches (head.begin_step).
+    positives = positives_bound(rows, num_classes, grad_accum * n)
+    s = max(quota, positives)
+    # S then moves from step to step, and the CPU workspace keeps 5% over the largest.
+    s_buf = s + s // WORKSPACE_GROWTH if positives > quota and device == "cpu" else s
+    owned = positives_bound(rows, num_classes, n, distinct=False)
+    state, phases = _step_memory(rows, s_buf, n, local_batch, dim, e, f, optimizer, grad_accum, device, owned,
+                                 quota)
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
     comm = _traffic(world_size, local_batch, dim, f, discface, grad_accum)
     return RankPlan(
         num_classes=num_classes, world_size=world_size, local_batch=local_batch, dim=dim,
-        sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=s,
-        num_sample_worst=max(s, min(rows, n)), global_batch=n, memory=memory, comm=comm,
+        sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=quota,
+        num_sample_worst=max(s, min(rows, grad_accum * n)), global_batch=n, memory=memory, comm=comm,
         phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
-        device=device,
+        device=device, num_sample_planned=s,
     )
+
+
+def positives_bound(rows: int, num_classes: int, labels: int, distinct: bool = True) -> int:
+    """How many of ``labels`` labels, drawn uniformly over ``num_classes`` classes, land in a shard of ``rows``
+    classes: the mean plus :data:`POSITIVES_SIGMAS` standard deviations of the count (binomial), at most
+    ``min(rows, labels)`` when ``distinct`` (the distinct classes, what the sampler keeps), at most
+    ``labels`` otherwise (the samples, e.g. those whose class the shard owns)."""
+    p = rows / num_classes
+    spread = POSITIVES_SIGMAS * math.sqrt(labels * p * (1.0 - p))
+    if not distinct:
+        return min(labels, math.ceil(labels * p + spread))
+    # Expected distinct classes of the shard among the labels: rows (1 - (1 - 1/C)^labels).
+    hit = 1.0 if num_classes == 1 else -math.expm1(labels * math.log1p(-1.0 / num_classes))
+    return min(rows, labels, math.ceil(rows * hit + spread))
 
 
 def _check_plan_args(sample_rate: float, dtype: str, optimizer: str, grad_accum: int, local_batch: int,
@@ -202,9 +238,12 @@ def _check_plan_args(sample_rate: float, dtype: str, optimizer: str, grad_accum:
 
 
 def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, f: int, optimizer: str,
-                 grad_accum: int, device: str = "cpu") -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+                 grad_accum: int, device: str = "cpu", owned: int = 0,
+                 quota: int | None = None) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """``(persistent optimizer state, {phase: {buffer: bytes}})`` of a rank with ``rows`` classes sampling
-    ``s``, global batch ``n``; ``e`` the head's element size, ``f`` the compute dtype's."""
+    ``s`` (its quota ``quota``, default ``s``), global batch ``n`` of which ``owned`` samples have their class
+    in the shard; ``e`` the head's element size, ``f`` the compute dtype's."""
+    quota = s if quota is None else quota
     sd_f, ns_f = s * dim * f, n * s * f
     # The gathered batch z (N x D), its gradient and the padded copy the reduce-scatter sends, plus
     # the local embeddings and their gradient: small beside the rest.
@@ -226,14 +265,15 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
     }
     # the permutation path (partialfc.sampler._draw_negatives): when the negatives drawn are a quarter of
     # the shard or more
-    permutation = s < rows and 4 * s >= rows
+    permutation = quota < rows and 4 * quota >= rows
     sampler = (SAMPLER_PERMUTATION_BYTES_PER_ROW if permutation else SAMPLER_BYTES_PER_ROW) * rows
+    owned_rows = 2 * owned * dim * f  # head.record's owned embeddings and class rows
     phases: dict[str, dict[str, int]] = {
         # (a bf16/fp16 head gathers its sampled rows into the bytes of the weight-gradient buffer)
-        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings},
-        "backward": {**workspace, "embeddings": embeddings,
+        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings, "owned_samples": 2 * owned_rows},
+        "backward": {**workspace, "embeddings": embeddings, "owned_samples": owned_rows,
                      "row_dot_scratch": min(s, blocks.rows_per_dot_block(dim * f)) * dim * f},
-        "optimizer": dict(workspace),
+        "optimizer": {**workspace, "owned_samples": owned_rows},
     }
     return state, phases
 

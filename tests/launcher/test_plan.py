@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -42,21 +44,25 @@ def test_planner_rules_are_the_heads() -> None:
 
 
 def test_memory_hand_computed_fp32() -> None:
-    # C=10, W=3 -> 4 rows; r=0.5 -> S=2; B=2 -> N=6; D=4; fp32 (4 bytes).
-    p = plan_rank(10, 3, 2, 4, 0.5, "fp32", discface=True)
-    assert (p.shard_rows, p.num_sample, p.global_batch) == (4, 2, 6)
-    sd, ns = 2 * 4 * 4, 6 * 2 * 4                       # S x D fp32 = 32, N x S fp32 = 48
+    # C=1000, W=3 -> 334 rows; r=0.5 -> S=167 (a step's N=6 labels cannot outnumber the quota); B=2; D=4; fp32.
+    p = plan_rank(1000, 3, 2, 4, 0.5, "fp32", discface=True)
+    assert (p.shard_rows, p.num_sample, p.num_sample_planned, p.global_batch) == (334, 167, 167, 6)
+    sd, ns = 167 * 4 * 4, 6 * 167 * 4                   # S x D fp32 = 2672, N x S fp32 = 4008
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 4                 # 3 N x D fp32 + 2 B x D = 352
+    # head.record's owned samples, a z_hat and a w_hat row each: the shard expects 2 of the 6, plus four
+    # standard deviations, at most N = 6; the last step's and this step's at the end of a forward.
+    owned = 2 * 6 * 4 * 4
     # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
     # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 48 bytes per shard row (r = 0.5: a
     # permutation of the negatives); the backward's row-dot scratch block (min(S, 1 MiB of rows) = S x D here).
     ws = 2 * ns + 2 * sd + sd
-    assert p.phases == {"forward": ws + 48 * 4 + emb, "backward": ws + emb + sd, "optimizer": ws}
+    assert p.phases == {"forward": ws + 48 * 334 + emb + 2 * owned, "backward": ws + emb + owned + sd,
+                        "optimizer": ws + owned}
     assert p.peak_phase == "forward"
-    assert p.memory["shard_weights"] == p.memory["momentum"] == 4 * 4 * 4
-    assert p.shard_weights_plus_momentum_bytes == 128
-    assert p.total_bytes == 128 + 192 + 192 + 352 == 864
-    assert p.step_bytes == 736
+    assert p.memory["shard_weights"] == p.memory["momentum"] == 334 * 4 * 4
+    assert p.shard_weights_plus_momentum_bytes == 10_688
+    assert p.total_bytes == 10_688 + 16_032 + 16_032 + 352 + 384 == 43_488
+    assert p.step_bytes == 32_800
 
 
 def test_the_samplers_scratch_follows_its_path() -> None:
@@ -66,50 +72,106 @@ def test_the_samplers_scratch_follows_its_path() -> None:
     for r, per_row in ((0.1, 8), (0.3, 48), (0.5, 48), (1.0, 8)):
         p = plan_rank(2 * rows, 2, 8, 4, r, "fp32")
         assert p.shard_rows == rows
-        sampler = p.phases["forward"] - plan_rank(2 * rows, 2, 8, 4, r, "fp32").phases["optimizer"]
+        sampler = p.phases["forward"] - p.phases["optimizer"]
         emb = 3 * 16 * 4 * 4 + 2 * 8 * 4 * 4
-        assert sampler - emb == per_row * rows, (r, sampler - emb)
+        owned = 2 * 16 * 4 * 4  # the forward holds one more step's owned rows (all N = 16 at most)
+        assert sampler - emb - owned == per_row * rows, (r, sampler - emb - owned)
 
 
 def test_memory_large_logits_and_half_precision() -> None:
-    # N x S dominates when N is large; the momentum chunk is capped at 512 rows. The peak is the backward's:
-    # its row-dot scratch (S x D fp32 here) outweighs the forward's sampler (8 bytes per shard row).
+    # N x S dominates when N is large; the momentum chunk is capped at 512 rows. The peak is the forward's:
+    # the owned samples of two steps (4 x 1115 rows of D = 8) and the sampler's arange outweigh the backward's
+    # row-dot scratch (S x D). Owned: 1024 of the 2048 samples expected in the shard, plus four standard
+    # deviations (4 sqrt(2048 / 4) = 90.5).
     p = plan_rank(1000, 2, 1024, 8, 1.0, "fp32")
     s, n = 500, 2048
-    assert p.peak_phase == "backward"
-    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + s * 8 * 4 \
-        + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4
+    assert p.peak_phase == "forward"
+    assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 8 * 500 \
+        + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4 + 4 * 1115 * 8 * 4
     assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
     # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
     # (gathered in fp16 first, into the bytes of the not yet written fp32 gradient buffer: nothing more)
     # and updates in fp32 chunks staged through two fp16 chunks (momentum and weights).
-    h = plan_rank(10, 3, 2, 4, 0.5, "fp16")
-    sd_f, sd_e, ns = 32, 16, 48
-    ws = 2 * ns + sd_f + sd_f + (2 * 4 * 4 + 2 * 2 * 4 * 2)
+    h = plan_rank(1000, 3, 2, 4, 0.5, "fp16")
+    sd_f, sd_e, ns = 167 * 4 * 4, 167 * 4 * 2, 6 * 167 * 4
+    ws = 2 * ns + sd_f + sd_f + (sd_f + 2 * sd_e)
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
-    assert h.memory["shard_weights"] == h.memory["momentum"] == 4 * 4 * 2
+    owned = 2 * 6 * 4 * 4
+    assert h.memory["shard_weights"] == h.memory["momentum"] == 334 * 4 * 2
     assert sd_e == sd_f // 2  # the fp16 gather fits in the fp32 gradient buffer
-    assert h.phases == {"forward": ws + 48 * 4 + emb, "backward": ws + emb + sd_f, "optimizer": ws}  # r = 0.5
-    assert h.total_bytes == 64 + h.phases["forward"]
+    assert h.phases == {"forward": ws + 48 * 334 + emb + 2 * owned, "backward": ws + emb + owned + sd_f,
+                        "optimizer": ws + owned}  # r = 0.5
+    assert h.total_bytes == 2 * 334 * 4 * 2 + h.phases["forward"]
 
 
 def test_memory_adamw_and_grad_accum() -> None:
     # AdamW: fp32 moments (2 x rows x D x 4) and int64 per-row steps, even for a bf16 head; its chunks are
     # m, v and the denominator in fp32 plus one bf16 staging chunk for the weights.
-    a = plan_rank(10, 3, 2, 4, 0.5, "bf16", optimizer="adamw")
-    assert a.memory["adamw_moments"] == 2 * 4 * 4 * 4 and a.memory["adamw_row_steps"] == 4 * 8
+    a = plan_rank(1000, 3, 2, 4, 0.5, "bf16", optimizer="adamw")
+    assert a.memory["adamw_moments"] == 2 * 334 * 4 * 4 and a.memory["adamw_row_steps"] == 334 * 8
     assert "momentum" not in a.memory
-    assert a.shard_weights_plus_momentum_bytes == 4 * 4 * 2 + 2 * 4 * 4 * 4 + 4 * 8
-    assert a.memory["optimizer_chunks"] == 3 * 2 * 4 * 4 + 2 * 4 * 2
+    assert a.shard_weights_plus_momentum_bytes == 334 * 4 * 2 + 2 * 334 * 4 * 4 + 334 * 8
+    assert a.memory["optimizer_chunks"] == 3 * 167 * 4 * 4 + 167 * 4 * 2
     # SGD in bf16 is half the fp32 shard + momentum: twice the classes fit.
     assert plan_rank(10, 1, 2, 4, 1.0, "bf16").shard_weights_plus_momentum_bytes * 2 == \
         plan_rank(10, 1, 2, 4, 1.0, "fp32").shard_weights_plus_momentum_bytes
     # grad_accum = 3: a second S x D gradient buffer; traffic per micro-batch plus the step's labels once.
-    one, three = plan_rank(10, 2, 2, 4, 0.5), plan_rank(10, 2, 2, 4, 0.5, grad_accum=3)
+    one, three = plan_rank(1000, 2, 2, 4, 0.5), plan_rank(1000, 2, 2, 4, 0.5, grad_accum=3)
+    assert one.num_sample_planned == three.num_sample_planned == 250
     assert three.memory["sampled_weights_grad"] == 2 * one.memory["sampled_weights_grad"]
     assert three.comm_bytes_per_step == 3 * one.comm_bytes_per_step + 8 + 3 * 2 * 8
     with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
         plan_rank(10, 2, 2, 4, 0.5, optimizer="adam")
+
+
+def test_positives_above_the_quota_size_the_buffers() -> None:
+    """A step whose positives in a shard outnumber the quota keeps them all: the buffers hold that many rows.
+    `pfc bench head` (C = 200k, B = 2048, D = 512, r = 0.001, one rank) kept 2030-2045 classes against a quota of
+    200, and its peak was 6% above the plan sized with the quota (69% at B = 4096, D = 256, bf16)."""
+    # One rank owns all 1000 classes: the step's 100 labels, uniform over them, are 1000 (1 - 0.999^100) = 95.2
+    # distinct classes on average (no spread: every label lands in this shard); any labels could be 100.
+    p = plan_rank(1000, 1, 100, 4, 0.01, "fp32")
+    # S = 96 moves from step to step, and the CPU workspace keeps 5% over the largest it was asked for: 100 rows.
+    assert p.memory["logits_and_grad"] == 2 * 100 * 100 * 4
+    assert p.memory["sampled_weights"] == p.memory["sampled_weights_grad"] == 100 * 4 * 4
+    assert (p.num_sample_planned, p.num_sample_worst) == (96, 100) and p.num_sample == 10
+    # The owned samples: all 100 (one rank), a z_hat and a w_hat row each, two steps' at the forward's end.
+    assert p.peak_phase == "forward" and p.memory["owned_samples"] == 2 * 2 * 100 * 4 * 4
+    gpu = plan_rank(1000, 1, 100, 4, 0.01, "fp32", device="cuda")  # no reused workspace on a GPU
+    assert gpu.memory["logits_and_grad"] == 2 * 100 * 96 * 4
+    # Accumulation: ONE sampled set holds the positives of the step's 4 micro-batches, 400 labels:
+    # 1000 (1 - 0.999^400) = 329.8 distinct on average, up to 400 for any labels.
+    acc = plan_rank(1000, 1, 100, 4, 0.01, "fp32", grad_accum=4, device="cuda")
+    assert (acc.num_sample_planned, acc.num_sample_worst) == (330, 400)
+    assert acc.memory["logits_and_grad"] == 2 * 100 * 330 * 4
+    # Two ranks of 500 classes: the shard gets 200 / 2 labels on average, spread sqrt(200 / 4) = 7.07; planned
+    # at 500 (1 - 0.999^200) + 4 x 7.07 = 118.96 distinct classes.
+    two = plan_rank(1000, 2, 100, 4, 0.01, "fp32", device="cuda")
+    assert (two.num_sample_planned, two.num_sample_worst) == (119, 200) and two.num_sample == 5
+    # At scale the quota is far above a shard's positives: nothing changes.
+    big = plan_rank(2_000_000, 8, 128, 512, 0.1, "fp32", grad_accum=4, device="cuda")
+    assert big.num_sample_planned == big.num_sample == 25_000
+
+
+@pytest.mark.multiprocess
+def test_plan_meets_the_benchmark_when_positives_exceed_the_quota(tmp_path) -> None:
+    """Measured: `pfc bench head` (its own process, as users run it; ~4 s) on one rank of 50k classes with a
+    global batch of 4096 uniform labels and r = 0.001 keeps ~3930 classes a step against a quota of 50. The plan
+    sized with the quota was a third of the measured peak; sized with the positives it is within a few percent
+    (below by up to the 5% workspace slack that a short run may not reach)."""
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "bench", "head", "--classes", "50000", "--dim", "128",
+                          "--batch", "4096", "--sample-rate", "0.001", "--world-size", "1", "--steps", "2",
+                          "--warmup", "1", "--floor", "after", "--threads", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(out.read_text())
+    ratio = doc["planner"]["measured_over_planned_memory"]
+    assert 0.93 <= ratio <= 1.03, (ratio, doc["head_peak_bytes_per_rank"], doc["planner"])
+    kept = doc["num_sampled_per_rank"][0]
+    assert kept > 50 * 70, kept  # the positives, not the quota
+    planned = plan_rank(50_000, 1, 4096, 128, 0.001, discface=False).num_sample_planned
+    assert abs(planned - kept) < 0.02 * kept, (planned, kept)
 
 
 def test_traffic_hand_computed() -> None:
