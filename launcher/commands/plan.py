@@ -38,7 +38,7 @@ def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
         out.append([
             f"{p.world_size}{' *' if p.world_size == chosen else ''}",
             f"{p.shard_rows:,}",
-            f"{p.num_sample:,}",
+            f"{p.num_sample_planned or p.num_sample:,}",
             human_bytes(p.shard_weights_plus_momentum_bytes),
             human_bytes(rows_sd),
             human_bytes(logits),
@@ -51,11 +51,12 @@ def _table_rows(plans: list[RankPlan], chosen: int) -> list[list[str]]:
 
 
 _HEADERS = ["W", "rows", "sampled", "W+mom", "S x D bufs", "logits", "embeds", "total", "peak in", "sent/step"]
-_LEGEND = ("rows: classes in the largest shard; sampled: classes per step; W+mom: shard weights + momentum; "
-           "S x D bufs: the step's sampled rows and their gradient, the momentum chunk and the sampler's "
-           "scratch at the peak; logits: the N x sampled fp32 logits and their gradient; embeds: gathered and "
-           "local embeddings with gradients; peak in: the phase of the step that sets the peak; "
-           "sent/step: bytes this rank sends per step (ring algorithms)")
+_LEGEND = ("rows: classes in the largest shard; sampled: classes per step the buffers are sized for (the "
+           "quota, or the step's positives when they are more); W+mom: shard weights + momentum; "
+           "S x D bufs: the step's sampled rows and their gradient, the momentum chunk, the sampler's "
+           "scratch and the owned samples' rows at the peak; logits: the N x sampled fp32 logits and their "
+           "gradient; embeds: gathered and local embeddings with gradients; peak in: the phase of the step "
+           "that sets the peak; sent/step: bytes this rank sends per step (ring algorithms)")
 
 
 def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
@@ -87,10 +88,14 @@ def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
         across.add_row(*row)
     console.print(across)
     console.print(_LEGEND)
-    if plan.num_sample_worst > plan.num_sample:
-        console.print(f"note: N={plan.global_batch} exceeds the sampling quota {plan.num_sample}; if a "
-                      f"step's positives in one shard exceed it, up to {plan.num_sample_worst} classes "
-                      "are kept")
+    if plan.num_sample_planned > plan.num_sample:
+        console.print(f"note: a step's positives in the largest shard (about {plan.num_sample_planned} for "
+                      f"labels spread evenly over the classes) exceed the sampling quota {plan.num_sample}: "
+                      "every positive is kept, and the plan is sized for them")
+    if plan.num_sample_worst > max(plan.num_sample, plan.num_sample_planned):
+        console.print(f"note: labels that crowd into one shard (a dataset whose identities differ much in size) "
+                      f"can keep up to {plan.num_sample_worst} classes there, more than the "
+                      f"{max(plan.num_sample, plan.num_sample_planned)} planned")
 
 
 @app.command("plan")

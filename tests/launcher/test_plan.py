@@ -236,6 +236,21 @@ def test_cli_prints_table_and_writes_json(tmp_path) -> None:
     assert bad.exit_code != 0 and "dtype must be one of" in bad.output
 
 
+def test_cli_shows_the_classes_the_plan_is_sized_for_and_says_why() -> None:
+    res = CliRunner().invoke(app, ["plan", "--classes", "200000", "--world-size", "1", "--batch", "4096",
+                                   "--dim", "256", "--sample-rate", "0.001", "--worlds", "1"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    planned = plan_rank(200_000, 1, 4096, 256, 0.001, device="cuda").num_sample_planned
+    assert planned > 200 and f"{planned:,}" in res.output  # the table's "sampled" column: not the quota
+    text = " ".join(res.output.split())
+    assert (f"a step's positives in the largest shard (about {planned} for labels spread evenly over the "
+            "classes) exceed the sampling quota 200") in text, text
+    assert f"can keep up to 4096 classes there, more than the {planned} planned" in text, text
+    quiet = CliRunner().invoke(app, ["plan", "--classes", "1000000", "--world-size", "2", "--batch", "128",
+                                     "--dim", "512", "--sample-rate", "0.1"])
+    assert quiet.exit_code == 0 and "note:" not in quiet.output, quiet.output
+
+
 def test_cli_counts_the_head_optimizer_dtype_and_grad_accum(tmp_path) -> None:
     out = tmp_path / "plan.json"
     res = CliRunner().invoke(app, ["plan", "--classes", "1000000", "--world-size", "2", "--batch", "64",
