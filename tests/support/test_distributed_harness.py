@@ -73,6 +73,9 @@ def _die_on_rank_zero(rank: int, world_size: int) -> int:
 
 
 def test_a_rank_that_dies_is_reported_with_its_exit_code():
-    with pytest.raises(RankDied) as info:
+    with pytest.raises((RankDied, RankFailed)) as info:
         run_ranks(_die_on_rank_zero, 2, timeout=60)
-    assert info.value.dead == {0: 7}
+    # Rank 0 may die while rank 1 is still connecting its gloo mesh, which then raises first ("Connection
+    # closed by peer"): run_ranks then raises that failure with the death as its cause.
+    died = info.value if isinstance(info.value, RankDied) else info.value.__cause__
+    assert isinstance(died, RankDied) and died.dead == {0: 7}, info.value
