@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -91,9 +90,6 @@ __all__ = ["METRIC_NAMES", "CudaReading", "DeviceReading", "MetricsPortError", "
 
 log = logging.getLogger("pfc")
 
-_RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # as metrics.run_id
-
-
 def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
                    write: bool = False) -> str:
     """The run identity, the same on every rank of one launch: ``metrics.run_id``, else ``slurm-<job id>``,
@@ -127,7 +123,11 @@ def kept_run_id(run_dir: str | os.PathLike[str]) -> str | None:
         text = (Path(run_dir) / "run_id").read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return text if _RUN_ID.fullmatch(text) else None
+    try:  # the config's own rule for metrics.run_id, so the two cannot drift apart
+        MetricsConfig(run_id=text)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return None
+    return text
 
 
 class MetricsPortError(RuntimeError):

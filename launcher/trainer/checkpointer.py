@@ -46,7 +46,7 @@ from launcher.distributed import DistContext
 from launcher.trainer.checkpoint_files import CheckpointContents, damaged, load_checkpoint, reading, save_checkpoint
 from launcher.trainer.data_position import position_of
 from launcher.trainer.engines import BackboneEngine, hyperparameters, reapply, schedule_at
-from launcher.trainer.rank_rng import rank_stream_seed, seed_rank_streams
+from launcher.trainer.rank_rng import seed_device_stream, seed_rank_streams
 from launcher.trainer.run_folder import check_resumable, checkpoints_folder, resume_point
 from partialfc import PartialFC
 from partialfc.backbones import save_backbone
@@ -209,8 +209,7 @@ class RandomState:
         if self.device.type == "cuda" and state.get("cuda") is not None:
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
         elif self.device.type == "cuda":  # a CPU-written state: the device's stream is keyed by the step
-            with torch.cuda.device(self.device):
-                torch.cuda.manual_seed(rank_stream_seed(self.seed, self.rank, saved.step))
+            seed_device_stream(self.seed, self.rank, saved.step, self.device)
 
 
 class Checkpointer:

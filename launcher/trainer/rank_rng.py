@@ -29,3 +29,10 @@ def rank_stream_seed(seed: int, rank: int, step: int = 0) -> int:
 def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
     """Seed this process's global torch generator and its CUDA devices' with :func:`rank_stream_seed`."""
     torch.manual_seed(rank_stream_seed(seed, rank, step))
+
+
+def seed_device_stream(seed: int, rank: int, step: int, device: torch.device) -> None:
+    """Seed only ``device``'s CUDA generator with :func:`rank_stream_seed` (the CPU's state is restored from
+    a checkpoint written on a CPU, which holds no CUDA state)."""
+    with torch.cuda.device(device):
+        torch.cuda.manual_seed(rank_stream_seed(seed, rank, step))
