@@ -40,8 +40,8 @@ from partialfc import PartialFC
 log = logging.getLogger("pfc")
 
 # The step's own values (lr: the one the step ran at); loss_avg is the smoothed loss.
-_LOGGED = ("loss", "loss_softmax", "loss_disc", "lr", "grad_norm", "xi_norm", "time_data_s", "time_forward_s",
-           "time_backward_s", "time_comm_s", "time_optimizer_s")
+_LOGGED = ("loss", "loss_softmax", "loss_disc", "lr", "grad_norm", "xi_norm", "images", "time_data_s",
+           "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s")
 
 
 def due(step: int, every: int, end: int) -> bool:
@@ -124,7 +124,7 @@ class RunCallbacks:
         self.checkpoint_every(step)
 
     def account(self, step: int, scalars: dict[str, float]) -> None:
-        self.progress.tick()
+        self.progress.tick(scalars.get("images"))
         self.nonfinite.account(scalars, step)
         if scalars["finite"]:
             self.progress.update(loss_avg=scalars["loss"])  # smoothed over the last steps of this process

@@ -85,6 +85,7 @@ class ProgressLogger:
         self.meters: dict[str, SmoothedValue] = {}
         self.latest: dict[str, float] = {}
         self.step_time = SmoothedValue(window=20)
+        self.step_images = SmoothedValue(window=20)  # all ranks' images of each step in step_time's window
         self.overhead_s = 0.0
         self.jsonl = open(jsonl, "a") if (jsonl is not None and enabled) else None  # noqa: SIM115
         self._last = time.perf_counter()
@@ -94,12 +95,14 @@ class ProgressLogger:
         for k, v in values.items():
             self.meters.setdefault(k, SmoothedValue()).update(float(v))
 
-    def tick(self) -> float:
-        """A step ended: the time since the last tick (or the last :meth:`not_step_time`) was the step's."""
+    def tick(self, images: float | None = None) -> float:
+        """A step ended: the time since the last tick (or the last :meth:`not_step_time`) was the step's;
+        ``images``, all ranks' images of the step (None: the nominal global batch)."""
         now = time.perf_counter()
         dt = now - self._last
         self._last = now
         self.step_time.update(dt)
+        self.step_images.update(self.global_batch if images is None else images)
         return dt
 
     def not_step_time(self) -> None:
@@ -110,8 +113,10 @@ class ProgressLogger:
         self._last = now
 
     def images_per_s(self) -> float:
+        """The images the steps of the window trained on over their time (a step's batch is short by the
+        corrupt records skipped on any rank)."""
         avg = self.step_time.avg
-        return self.global_batch / avg if avg and avg > 0 else float("nan")
+        return self.step_images.avg / avg if avg and avg > 0 else float("nan")
 
     def eta_s(self, step: int) -> float:
         """Seconds until ``total_steps``: the recent step time plus the evaluations' and saves' time so far

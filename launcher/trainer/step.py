@@ -78,9 +78,9 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
     # where the device has only the buffers' copies queued (the last step ended with a wait), its read
     # (GradScaler.get_scale, a host-device sync) costs next to nothing; after the backward it waits for it.
     scale = c.engine.loss_scale()
-    losses = forward_backward(c, data, cfg, ctx, step, clock)
+    losses, images = forward_backward(c, data, cfg, ctx, step, clock)
     with clock.device("optimizer"):
-        out, late = optimizer_step(c, cfg, ctx, step, losses, scale)
+        out, late = optimizer_step(c, cfg, ctx, step, losses, scale, images)
         if not out["finite"]:
             with torch.no_grad():
                 for b, saved in zip(c.engine.module.buffers(), buffers, strict=True):
@@ -95,10 +95,11 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
 
 
 def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int,
-                     clock: PhaseClock) -> dict[str, torch.Tensor]:
+                     clock: PhaseClock) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward of the step's micro-batches, timed on ``clock``; their mean losses (``loss``,
     ``loss_softmax`` and, with DiscFace, ``loss_disc``) as float64 tensors on the device, left there: reading
-    each micro-batch's loss back would make the host wait for the device at every micro-batch.
+    each micro-batch's loss back would make the host wait for the device at every micro-batch; and the number
+    of images this rank trained on (a batch is short by the corrupt records its loader skipped).
 
     Phases: ``data`` is the loader's wait (host) plus the batch's copy to the device and its conversion
     there (uint8 to float, flips, augmentation: device work, timed on the device); ``forward`` is the
@@ -106,6 +107,7 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
     at its end)."""
     accum = cfg.optim.grad_accum
     sums: dict[str, torch.Tensor] = {}
+    trained = 0
     # Accumulation is exact (issue 12): the head needs every micro-batch's labels before the first forward
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
@@ -121,6 +123,7 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
         with clock.device("data"):
             images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda",
                                     augment=data.augmentation(step, micro))
+            trained += len(labels)
             labels = labels.to(ctx.device, non_blocking=True)
         last = micro == accum - 1
         with c.engine.no_sync(last):
@@ -141,22 +144,29 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
             # gave when they were read back one by one (bit for bit on the CPU)
             part = v.detach().double() / accum
             sums[k] = sums[k] + part if k in sums else part
-    return sums
+    return sums, trained
 
 
-def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor],
-                  ctx: DistContext) -> tuple[dict[str, float], list[bool]]:
+def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor], ctx: DistContext,
+                  totals: dict[str, int] | None = None) -> tuple[dict[str, float], list[bool]]:
     """The step's one read-back before its decision: ``values`` (logged) and, per tensor of ``checks``,
-    whether it is non-finite on any rank.
+    whether it is non-finite on any rank; ``totals``, this rank's counts, come back summed over the ranks.
 
     The flags are computed on the device and summed over the ranks with one small all-reduce (every rank
-    takes the same decision); then the values and the flags cross to the host together, in one transfer,
-    so the host waits for the device once here instead of once per value."""
+    takes the same decision), the totals riding in it (float64: exact for counts below 2**53); then the
+    values and the flags cross to the host together, in one transfer, so the host waits for the device once
+    here instead of once per value."""
+    totals = totals or {}
     flags = torch.stack([~torch.isfinite(v).all() for v in checks]).to(torch.float64)
+    if totals:
+        flags = torch.cat([flags, torch.tensor(list(totals.values()), dtype=torch.float64).to(flags.device)])
     if ctx.distributed:
         dist.all_reduce(flags)
     host = _to_host([*values.values(), *flags])
-    return dict(zip(values, host[:len(values)], strict=True)), [f > 0 for f in host[len(values):]]
+    out = dict(zip(values, host[:len(values)], strict=True))
+    summed = host[len(values) + len(checks):]
+    out.update(zip(totals, summed, strict=True))
+    return out, [f > 0 for f in host[len(values):len(values) + len(checks)]]
 
 
 def read_late(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
@@ -174,11 +184,12 @@ def _to_host(scalars: list[torch.Tensor]) -> list[float]:
 
 
 def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, losses: dict[str, torch.Tensor],
-                   scale: float) -> tuple[dict[str, float], dict[str, torch.Tensor | float]]:
+                   scale: float, images: int) -> tuple[dict[str, float], dict[str, torch.Tensor | float]]:
     """Step both optimizers, or skip the step on every rank when the loss or a gradient is non-finite on any.
 
     ``losses``: :func:`forward_backward`'s, on the device; ``scale``: the fp16 loss scale its backward used
-    (1 without a scaler). Returns the step's scalars: the losses, the
+    (1 without a scaler); ``images``: this rank's images of the step. Returns the step's scalars: the losses,
+    ``images`` (all ranks' images of the step: the global batch less the corrupt records skipped), the
     gradient norm, the LR the step ran at, whether (and why not) the step was taken (``scale_backoff``: the
     skip was a normal back-off of the fp16 loss scale; :func:`train_one_step` adds the scale after the
     step, read once the step is done); and the values still
@@ -189,7 +200,7 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
     # float32 (a float64 value past float32's range counts as non-finite), the head's squared norm in float64
     out, (bad_loss, bad_backbone, bad_head) = agree_on_step(
         {**losses, "grad_norm": grad_norm},
-        [losses["loss"].float(), grad_norm.float(), head_grad_sq_norm(c.head)], ctx)
+        [losses["loss"].float(), grad_norm.float(), head_grad_sq_norm(c.head)], ctx, {"images": images})
     ok = not (bad_loss or bad_backbone or bad_head)
     lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:

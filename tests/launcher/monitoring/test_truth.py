@@ -174,7 +174,11 @@ def test_one_rank_with_corrupt_records_discface_off_and_a_slow_evaluation(datase
     # the steps so far (fewer than the 20-step window), so rows 2 and 3 give step 3's own wall time; less its
     # timed phases, what is left is the untimed rest of the step, which would hold the whole 5 s sleep. (Not
     # a bound on the steps' own time: on a loaded 2-core machine four of them took 5.7 s.)
-    mean = {s: BATCH * ACCUM / r["images_per_s"] for s, r in steps.items()}
+    # each row's images: the step's batches less the records skipped (one rank here), summing to the counter's
+    assert sum(r["images"] for r in steps.values()) == result["images"]
+    assert min(r["images"] for r in steps.values()) < BATCH * ACCUM
+    seen = {s: sum(steps[k]["images"] for k in steps if k <= s) for s in steps}
+    mean = {s: seen[s] / s / r["images_per_s"] for s, r in steps.items()}
     step3 = 3 * mean[3] - 2 * mean[2]
     untimed = step3 - sum(v for k, v in steps[3].items() if k.startswith("time_") and k != "time_comm_s")
     assert untimed < SLOW_PHASE_S, (step3, steps[3])
@@ -202,6 +206,19 @@ def test_eta_counts_the_evaluations_the_step_window_forgot():
     for _ in range(23):
         p.tick()
     assert p.overhead_s >= 0.5 and p.eta_s(25) >= 75 * 0.5 / 25
+
+
+def test_images_per_s_counts_the_images_the_steps_trained_on(monkeypatch):
+    """A step short by skipped corrupt records (on any rank) trained on fewer images: images/s is the images
+    of the window's steps over their time, not the nominal global batch's."""
+    clock = iter([0.0, 1.0, 3.0, 4.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    p = ProgressLogger(total_steps=10, global_batch=16, device=torch.device("cpu"), jsonl=None, enabled=False)
+    p.tick(16)
+    p.tick(10)  # 6 records skipped: a 2 s step of 10 images
+    assert p.images_per_s() == pytest.approx(26 / 3)
+    p.tick()  # no count given: the nominal batch
+    assert p.images_per_s() == pytest.approx(42 / 4)
 
 
 def test_a_failed_save_is_no_steps_time_for_the_log_or_the_exporter():

@@ -71,8 +71,10 @@ def _plain_step(c: Components, data: _Batches, cfg: Config, ctx: DistContext, st
     batches = [data.next_batch() for _ in range(accum)] if accum > 1 else []
     if batches:
         c.head.begin_step([lab for _, lab in batches])
+    seen = torch.zeros((), dtype=torch.float64)
     for micro in range(accum):
         images, labels = batches[micro] if batches else data.next_batch()
+        seen += len(labels)
         images = to_model_input(images, ctx.device)
         last = micro == accum - 1
         with c.engine.no_sync(last):
@@ -102,6 +104,8 @@ def _plain_step(c: Components, data: _Batches, cfg: Config, ctx: DistContext, st
     flags = torch.tensor([0.0 if bool(torch.isfinite(v).all()) else 1.0 for v in checks])
     if ctx.distributed:
         dist.all_reduce(flags)
+        dist.all_reduce(seen)
+    out["images"] = float(seen)
     bad_loss, bad_backbone, bad_head = (bool(f > 0) for f in flags.tolist())
     ok = not (bad_loss or bad_backbone or bad_head)
     lr = c.engine.lr()
