@@ -296,9 +296,11 @@ class PartialFCAdamW(SparseHeadOptimizer):
             rows.mul_(1 - lr * wd)
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        tf = t.to(rows.dtype).unsqueeze(1)
-        bc1 = 1 - torch.pow(beta1, tf)
-        bc2_sqrt = (1 - torch.pow(beta2, tf)).sqrt_()
+        # the bias corrections in float64, as torch's AdamW takes them (Python floats): in float32,
+        # 1 - 0.999**t is off by ~1e-5 relative, and with it every step's size
+        tf = t.to(torch.float64).unsqueeze(1)
+        bc1 = (1 - torch.pow(beta1, tf)).to(v.dtype)
+        bc2_sqrt = (1 - torch.pow(beta2, tf)).sqrt_().to(v.dtype)
         denom = ws.get("adam_denom", tuple(v.shape), v.dtype, v.device)
         torch.sqrt(v, out=denom).div_(bc2_sqrt).add_(eps)
         rows.addcdiv_(m, denom.mul_(bc1), value=-lr)
