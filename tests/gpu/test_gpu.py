@@ -133,7 +133,7 @@ def _small_cfg(tmp: Path, **extra: Any) -> Any:
     sets = {"output": str(tmp), "model.backbone": "tiny", "model.image_size": 32, "model.embedding_size": 64,
             "train.batch_size": 32, "train.seed": 5, "head.sample_rate": 0.5, "head.margin": [1.0, 0.0, 0.3],
             "head.scale": 32.0, "head.discface_lambda": 0.1, "optim.lr": 0.05, "optim.warmup_steps": 0,
-            "optim.grad_clip": 0.0, "train.steps": 50, "data.loader": "torch"}
+            "optim.grad_clip": None, "train.steps": 50, "data.loader": "torch"}
     sets.update(extra)
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
@@ -177,13 +177,13 @@ def _state(c: Any) -> dict[str, torch.Tensor]:
 def test_fp16_scaler_skips_an_overflow_step_and_recovers(dev: torch.device, tmp_path: Path) -> None:
     """A loss scale that overflows fp16 gradients: the step is skipped (nothing moves, the scale halves),
     and training resumes with finite steps once the scale has come down."""
+    cfg = _small_cfg(tmp_path, **{"train.amp": "fp16"})  # before the skip: the dry run checks that it loads
     if dev.type != "cuda":
         pytest.skip("the gradient scaler runs on CUDA only (fp16 autocast is off on CPU)")
     from launcher.distributed import DistContext
     from launcher.trainer.components import build
     from launcher.trainer.step import train_one_step
 
-    cfg = _small_cfg(tmp_path, **{"train.amp": "fp16"})
     ctx = DistContext.single_process(dev)
     c = build(cfg, ctx, num_classes=100)
     data = _RandomBatches(32, 32, 100)
