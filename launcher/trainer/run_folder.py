@@ -20,9 +20,18 @@ def checkpoints_folder(cfg: Config) -> Path:
     return Path(cfg.output) / "checkpoints"
 
 
+def _restarted() -> bool:
+    """Whether this process is a torchrun restart (``--max-restarts``) of a failed attempt of this job."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+
+
 def resume_point(cfg: Config) -> Path | None:
-    """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start)."""
-    if not cfg.checkpoint.resume:
+    """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start).
+
+    With ``checkpoint.resume=false`` a first attempt starts fresh (:func:`check_run_folder` made sure the
+    folder held no run), but a torchrun restart resumes from the saves its failed attempt wrote: they are
+    this job's own, and starting over would throw its work away."""
+    if not cfg.checkpoint.resume and not _restarted():
         return None
     return CheckpointPaths(checkpoints_folder(cfg)).latest()
 
@@ -31,8 +40,8 @@ def check_run_folder(cfg: Config) -> None:
     """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
     ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
     Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
-    if cfg.checkpoint.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return  # (a torchrun restart of this same job starts over in its own folder)
+    if cfg.checkpoint.resume or _restarted():
+        return  # (a torchrun restart finds its own failed attempt's run there, and resumes it)
     out = Path(cfg.output)
     ckpts = checkpoints_folder(cfg)
     held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]

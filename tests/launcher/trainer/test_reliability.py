@@ -20,8 +20,10 @@ def test_rank_killed_mid_run_restarts_from_latest_and_matches_uninterrupted(data
     r = _pfc([*_train_args(prefix, clean, **common), "--nproc-per-node", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     t0 = time.monotonic()
-    r = _pfc([*_train_args(prefix, faulty, **common), "--nproc-per-node", "2", "--max-restarts", "1"],
-             fault="kill:5:1")
+    # checkpoint.resume=false: the restart still resumes from the saves its failed attempt wrote (it started
+    # over at step 1); the default's restart is the SLURM test's (tests/deploy/test_launch.py)
+    r = _pfc([*_train_args(prefix, faulty, **common, **{"checkpoint.resume": False}), "--nproc-per-node", "2",
+              "--max-restarts", "1"], fault="kill:5:1")
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
