@@ -29,6 +29,7 @@ projects use is RGB, ``(pixel / 255 - 0.5) / 0.5``.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -56,11 +57,23 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """Whether ``head`` (a file's first 9 bytes of ``size``) starts a safetensors file: a little-endian u64
+    header length that fits in the file, then the JSON header's ``{``."""
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def is_torch_file(path: Path) -> bool:
-    """True when the file starts like ``torch.save``'s output (zip or pickle), whatever its suffix."""
+    """True when the file starts like ``torch.save``'s output (zip or pickle), whatever its suffix.
+
+    A safetensors file whose header length is 128 mod 256 also starts with pickle's first byte (0x80): the
+    safetensors layout is checked first (a pickle's first 8 bytes read as a length far past its size)."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head == _ZIP_MAGIC or (len(head) > 0 and head[0] == _PICKLE_PROTO)
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if head[:4] == _ZIP_MAGIC:
+        return True
+    return len(head) > 0 and head[0] == _PICKLE_PROTO and not _is_safetensors(head, size)
 
 
 def read_state_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

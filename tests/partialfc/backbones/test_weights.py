@@ -161,3 +161,29 @@ def test_mobilefacenet_files_of_the_earlier_layout_still_load(tmp_path):
     fresh.load_state_dict(old.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), old(x), rtol=0, atol=0)
+
+
+def test_a_safetensors_file_that_starts_with_pickles_byte_loads_with_its_config(tmp_path):
+    """A safetensors header of length 128 mod 256 makes the file's first byte 0x80, pickle's PROTO: it was
+    taken for a torch pickle and read without its metadata (no config: 'fits no backbone'). A legacy
+    (non-zip) torch.save file still reads as torch's."""
+    torch.manual_seed(0)
+    net = get_backbone("tiny", embedding_size=8, image_size=16)
+    path = tmp_path / "b.safetensors"
+    for pad in range(256):  # the config's extra keys are kept: pad the header to each length mod 256
+        save_backbone(net, path, config={**net.backbone_config, "note": "x" * pad}, write=atomic_write)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length of 128 mod 256")
+    loaded = load_backbone(path)
+    assert read_backbone_config(path)["note"] == "x" * pad
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values(),
+                                                 strict=True))
+    legacy = tmp_path / "legacy.pth"
+    torch.save(net.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[0] == 0x80
+    torch.manual_seed(1)
+    fresh = load_backbone_weights(get_backbone("tiny", embedding_size=8, image_size=16), legacy)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(),
+                                                 strict=True))
