@@ -4,10 +4,13 @@ What is measured. :func:`run_bench` spawns W ranks of its own (gloo on CPU, NCCL
 rank when CUDA is there). Each rank (:func:`bench_on_rank`) feeds the head random embeddings
 (B x D, a leaf standing in for the backbone's output) with labels drawn uniformly over all C
 classes, and times forward + backward + the head optimizer's step; every step is bracketed by
-barriers, so that a step's time is that of the slowest rank.
+barriers, so that a step's time is that of the slowest rank. The head is built as training builds it,
+with the settings a run's config turns on (``head_dtype``, ``optimizer``, ``grad_accum``: K forward +
+backward micro-batches per timed optimizer step; :mod:`launcher.bench.head_build`).
 
 In the same run, on the same ranks and threads, each rank times its GEMM floor
-(:mod:`launcher.bench.gemm_floor`: the three matmuls a step cannot avoid over its sampled classes).
+(:mod:`launcher.bench.gemm_floor`: the three matmuls a step cannot avoid over its sampled classes, in
+the head's compute dtype, fp32 for a bf16/fp16 head too; a step of K micro-batches does them K times).
 By default one floor rep runs after every timed step (``floor="interleaved"``), so that a machine
 shared with other work loads both alike; ``floor="after"`` times it once the head is freed, for
 shapes tight on memory. Each rank also measures its own peak memory
@@ -33,6 +36,7 @@ from typing import Any
 
 from data_pipeline.loader_bench import load_average
 from launcher.bench.gemm_floor import GemmFloor, floor_after, sync
+from launcher.bench.head_build import build_head, one_step, setting_choices
 from launcher.bench.head_memory import PeakMemory, PhasePeaks, pin_mmap_threshold, tensor_bytes
 from launcher.bench.head_results import summarise
 from launcher.bench.launch_count import launches_in_one_step
@@ -56,8 +60,12 @@ class BenchConfig:
     floor: str = "interleaved"     # "interleaved": one floor rep after every timed step; "after"
     timeout_s: float = 1800.0
     profile_dir: str | None = None  # write a torch.profiler table per rank of the timed steps here
+    head_dtype: str = "fp32"     # head.dtype: the shard's and its SGD momentum's storage
+    optimizer: str = "sgd"       # optim.name, with the trainer's default hyper-parameters
+    grad_accum: int = 1          # optim.grad_accum: K micro-batches of ``batch`` per timed optimizer step
 
     def validate(self) -> None:
+        dtypes, optimizers = setting_choices()
         checks = [
             (self.num_classes >= 1, f"--classes must be >= 1, got {self.num_classes}"),
             (self.dim >= 1, f"--dim must be >= 1, got {self.dim}"),
@@ -69,6 +77,12 @@ class BenchConfig:
             (self.discface_lambda >= 0.0, f"--discface-lambda must be >= 0, got {self.discface_lambda}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
             (self.floor in ("interleaved", "after"), f"--floor must be interleaved or after, got {self.floor!r}"),
+            (self.head_dtype in dtypes, f"--dtype must be one of {', '.join(dtypes)} (head.dtype), got "
+                                        f"{self.head_dtype!r}"),
+            (self.optimizer in optimizers, f"--optimizer must be one of {', '.join(optimizers)} (optim.name), got "
+                                           f"{self.optimizer!r}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1 (micro-batches per optimizer step), got "
+                                   f"{self.grad_accum}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -96,30 +110,22 @@ class StepLog:
 
 
 def _build_head(cfg: BenchConfig, device: Any) -> tuple[Any, Any]:
-    """The head of this shape and its optimizer (SGD with momentum, as training uses)."""
-    from partialfc import PartialFC
-
-    # The head takes its device from the caller (library code never moves itself); building on the
-    # device directly avoids a CPU copy of the shard.
-    head = PartialFC(cfg.num_classes, cfg.dim, sample_rate=cfg.sample_rate,
-                     discface_lambda=cfg.discface_lambda, seed=cfg.seed, device=device)
-    return head, head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    """The head of this shape and settings, and its optimizer, as the trainer builds them."""
+    return build_head(cfg.num_classes, cfg.dim, cfg.sample_rate, cfg.discface_lambda, cfg.seed, cfg.head_dtype,
+                      cfg.optimizer, device)
 
 
 def _warm_up(cfg: BenchConfig, device: Any) -> None:
-    """Two steps of a tiny head (autograd engine, gloo/NCCL buffers, kernels, lazy imports), so that
-    the memory baseline already holds them and the measured peak is the head's own."""
+    """Two steps of a tiny head of the same settings (autograd engine, gloo/NCCL buffers, kernels, lazy
+    imports), so that the memory baseline already holds them and the measured peak is the head's own."""
     import torch
 
     tiny = replace(cfg, num_classes=4 * cfg.world_size, sample_rate=1.0)
     head, opt = _build_head(tiny, device)
     emb = torch.randn(cfg.batch, cfg.dim, device=device, requires_grad=True)
     for _ in range(2):
-        labels = torch.randint(0, tiny.num_classes, (cfg.batch,)).to(device)
-        head(emb, labels).backward()
-        head.weight_grad()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        one_step(head, opt, emb, torch.randint(0, tiny.num_classes, (cfg.grad_accum, cfg.batch)).to(device),
+                 None, device)
 
 
 def _start_profiler(device: Any) -> Any:
@@ -177,40 +183,11 @@ def _interleaved_floor(cfg: BenchConfig, rank: int, dtype: Any, device: Any,
     return floor
 
 
-def _one_step(head: Any, opt: Any, embeddings: Any, labels: Any, phases: PhasePeaks,
-              device: Any) -> tuple[float, float, float, float, int, float]:
-    """Forward, backward and the optimizer's step, each timed alone and its memory peak recorded.
-
-    Returns (forward s, backward s, optimizer s, CPU s of the three, sampled classes, loss).
-    """
-    c0, t0 = time.process_time(), time.perf_counter()
-    loss = head(embeddings, labels)
-    sync(device)
-    t1, c1 = time.perf_counter(), time.process_time()
-    phases.end("forward")
-    c2, t2 = time.process_time(), time.perf_counter()
-    loss.backward()
-    sync(device)
-    t3, c3 = time.perf_counter(), time.process_time()
-    phases.end("backward")
-    # Only the count: holding the returned gradient would keep an S x D buffer alive into the next step.
-    n_sampled = int(head.weight_grad()[0].numel())
-    c4, t4 = time.process_time(), time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    embeddings.grad = None
-    sync(device)
-    t5, c5 = time.perf_counter(), time.process_time()
-    phases.end("optimizer")
-    cpu = (c1 - c0) + (c3 - c2) + (c5 - c4)
-    return t1 - t0, t3 - t2, t5 - t4, cpu, n_sampled, float(loss.detach())
-
-
 def _timed_steps(cfg: BenchConfig, rank: int, head: Any, opt: Any, embeddings: Any, labels_all: Any,
                  floor: GemmFloor | None, phases: PhasePeaks, barrier: Callable[[], None],
                  device: Any) -> StepLog:
     """``cfg.warmup`` untimed steps, then ``cfg.steps`` timed ones (each followed by a floor rep when
-    the floor is interleaved); a non-finite loss stops the benchmark."""
+    the floor is interleaved); a non-finite loss stops the benchmark. ``labels_all`` (warmup + steps, K, B)."""
     from partialfc.collectives import comm_stats
 
     log = StepLog()
@@ -222,7 +199,7 @@ def _timed_steps(cfg: BenchConfig, rank: int, head: Any, opt: Any, embeddings: A
         barrier()
         comm_stats.reset()
         phases.mem.restart()
-        fwd, bwd, upd, cpu, n_sampled, loss = _one_step(head, opt, embeddings, labels, phases, device)
+        fwd, bwd, upd, cpu, n_sampled, loss = one_step(head, opt, embeddings, labels, phases, device)
         if not math.isfinite(loss):
             raise FloatingPointError(f"rank {rank}: loss is {loss} at step {step}")
         if step < cfg.warmup:
@@ -250,11 +227,15 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     import torch
     import torch.distributed as dist
 
+    from launcher.trainer.components import HEAD_DTYPES
+    from partialfc.optimizer import compute_dtype
+
     if world_size != cfg.world_size or dist.get_world_size() != world_size:
         raise ValueError(f"bench_on_rank: the process group has {dist.get_world_size()} ranks, the config "
                          f"says {cfg.world_size} and the caller {world_size}")
     device, barrier = _rank_device_and_barrier()
-    dtype = torch.float32
+    # The floor's matmuls run in the head's compute dtype (fp32 for a bf16/fp16 head too), as its own do.
+    dtype = compute_dtype(HEAD_DTYPES[cfg.head_dtype])
     pinned = device.type == "cpu" and pin_mmap_threshold()
     _warm_up(cfg, device)
     floor = _interleaved_floor(cfg, rank, dtype, device, barrier)
@@ -266,7 +247,8 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     # Inputs first, inside the measured region: the planner counts the local embeddings too.
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + rank)
     embeddings = torch.randn(cfg.batch, cfg.dim, generator=gen, dtype=dtype).to(device).requires_grad_()
-    labels_all = torch.randint(0, cfg.num_classes, (cfg.warmup + cfg.steps, cfg.batch), generator=gen)
+    labels_all = torch.randint(0, cfg.num_classes, (cfg.warmup + cfg.steps, cfg.grad_accum, cfg.batch),
+                               generator=gen)
     t_build = time.perf_counter()
     head, opt = _build_head(cfg, device)
     sync(device)
@@ -277,10 +259,18 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
     log = _timed_steps(cfg, rank, head, opt, embeddings, labels_all, floor, phases, barrier, device)
     resident = mem.current()
     barrier()
-    launches = launches_in_one_step(head, opt, embeddings, labels_all[-1].to(device), device)
+    # (one micro-batch's step, outside begin_step: the launches of a forward + backward + update)
+    launches = launches_in_one_step(head, opt, embeddings, labels_all[-1, 0].to(device), device)
     shard_rows = int(head.weight.shape[0])
     weight_bytes = head.weight.numel() * head.weight.element_size()
-    opt_state_bytes = tensor_bytes(opt.state_dict().get("state", {}))
+    weight_dtype = head.weight.dtype
+    # The shard's param group: what the optimizer runs with (AdamW's betas and eps included).
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "name")}
+    opt_state = opt.state_dict().get("state", {})
+    opt_state_bytes = tensor_bytes(opt_state)
+    # by state name (momentum_buffer; exp_avg, exp_avg_sq, row_step), over the shard and DiscFace's b
+    opt_state_parts = {name: sum(tensor_bytes(st.get(name)) for st in opt_state.values())
+                       for name in sorted({name for st in opt_state.values() for name in st})}
     del head, opt, embeddings
     barrier()
 
@@ -297,8 +287,11 @@ def bench_on_rank(rank: int, world_size: int, cfg: BenchConfig) -> dict[str, Any
         "head_peak_bytes": phases.max(), "phase_peak_bytes": phases.bytes,
         "resident_after_build_bytes": after_build, "resident_after_steps_bytes": resident,
         "weight_bytes": weight_bytes, "optimizer_state_bytes": opt_state_bytes,
+        "optimizer_state_parts_bytes": opt_state_parts,
         "gemm_floor": floor.result(), "gemm_floor_shape_nsd": floor.shape_nsd, "gemm_floor_mode": floor_mode,
         "memory_method": mem.method, "launches_per_step": launches,
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
+        "optimizer_hyper_parameters": hyper,
     }
 
 
@@ -356,7 +349,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     # torch op (no thread pools to inherit): ranks start in milliseconds instead of re-importing torch.
     # CUDA does not survive a fork: spawn there.
     start_method = "spawn" if backend == "nccl" or "fork" not in mp.get_all_start_methods() else "fork"
-    import partialfc.collectives  # imported once here, inherited by forked ranks
+    # Imported once here, inherited by forked ranks (components: the head's builder, head_build's).
+    import launcher.trainer.components  # noqa: F401
+    import partialfc.collectives
     import partialfc.head  # noqa: F401
     # The parent holds the store on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, cfg.world_size, is_master=True, wait_for_workers=False,

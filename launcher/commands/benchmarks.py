@@ -209,6 +209,12 @@ def bench_head_cmd(
         None, "--profile", help="Write a torch.profiler table and trace per rank of the timed steps into this "
                                 "folder (the profiler inflates the step times it reports; the floor is then "
                                 "timed after the steps)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Head weight dtype (head.dtype): fp32|bf16|fp16; bf16/fp16 "
+                                                      "store the shard and its SGD momentum in half the bytes."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="Head optimizer (optim.name): sgd|adamw, with the "
+                                                             "trainer's default hyper-parameters."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="K micro-batches of --batch per timed optimizer step "
+                                                           "(optim.grad_accum); the step time covers all K."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """Partial FC head step time against its GEMM floor, memory and traffic per rank."""
@@ -217,11 +223,12 @@ def bench_head_cmd(
 
     cfg = BenchConfig(num_classes=classes, dim=dim, batch=batch, sample_rate=sample_rate,
                       world_size=world_size, steps=steps, warmup=warmup, discface_lambda=discface_lambda,
-                      seed=seed, threads=threads, floor=floor, profile_dir=str(profile_dir) if profile_dir else None)
+                      seed=seed, threads=threads, floor=floor, profile_dir=str(profile_dir) if profile_dir else None,
+                      head_dtype=dtype, optimizer=optimizer, grad_accum=grad_accum)
     try:
         cfg.validate()
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        fail(str(err), "pfc bench head")
     result = run_bench(cfg)
     typer.echo(format_summary(result))
     if profile_dir is not None:
