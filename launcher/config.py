@@ -11,12 +11,15 @@ built-in recipes, and every name the rest of the code imports from ``launcher.co
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from launcher import errors
 from launcher.config_augment import (
     AugmentConfig,
     ColorAugment,
@@ -41,6 +44,7 @@ from launcher.config_schema import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    val_set_name,
 )
 
 __all__ = [
@@ -48,12 +52,53 @@ __all__ = [
     "ConfigError", "CropAugment", "DataConfig", "DistConfig", "ErasingAugment", "EvalConfig",
     "GrayscaleAugment", "HeadConfig", "LogConfig", "MetricsConfig", "ModelConfig", "OptimConfig",
     "RotationAugment", "ShiftAugment", "TrainConfig", "build_overrides", "builtin_config", "dump_config",
-    "load_config", "parse_override", "resolve_config_path",
+    "ignored_settings", "load_config", "parse_override", "resolve_config_path", "val_set_name",
+    "validate_tree",
 ]
+
+
+log = logging.getLogger("pfc")
 
 
 class ConfigError(ValueError):
     """A config that cannot be loaded or validated; the message names the field and the value."""
+
+
+#: metrics fields that only the exporter and the Pushgateway read. Not metrics.run_id: it is also the run
+#: identity written to <output>/run_id, which a resume keeps (launcher/commands/train.py kept_run_label)
+#: (nor metrics.host: deploy/slurm, deploy/k8s and docker/compose set it for every job, metrics on or off)
+_EXPORTER_ONLY = ("port_base", "port_policy", "pushgateway", "push_interval_s", "job")
+
+#: warnings already given by this process (`pfc train` loads its config again after packing an image folder)
+_warned: set[str] = set()
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """One line per group of settings that ``cfg`` gives but that have no effect. A field counts when the
+    config sets it (``model_fields_set``) to something other than its default: a run folder's config.yaml
+    sets every field, and passed back to `pfc train` must not warn about the defaults in it."""
+    m = cfg.metrics
+    if m.enabled:
+        return []
+    given = [f"metrics.{n}" for n in _EXPORTER_ONLY
+             if n in m.model_fields_set and getattr(m, n) != MetricsConfig.model_fields[n].default]
+    if not given:
+        return []
+    return [f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: metrics.enabled is false, so "
+            "no exporter serves and nothing is pushed; set metrics.enabled=true to use "
+            f"{'it' if len(given) == 1 else 'them'}"]
+
+
+def _warn_ignored(cfg: Config) -> None:
+    """Log :func:`ignored_settings` once per launch: in `pfc train`'s own process, not again in each of the
+    ranks it starts (they have ``PFC_ERROR_DIR``); rank 0 of an outside launcher (torchrun, srun) says it."""
+    rank = errors.rank_from_env()
+    if rank not in (None, 0) or (rank == 0 and os.environ.get(errors.ERROR_DIR_ENV)):
+        return
+    for line in ignored_settings(cfg):
+        if line not in _warned:
+            _warned.add(line)
+            log.warning(line)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -138,6 +183,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _null_sections_to_defaults(tree)  # `--set optim=null`, as in a file, is the section's defaults
     if overrides:
         source += " + --set " + " ".join(overrides)
+    cfg = validate_tree(tree, source)
+    _warn_ignored(cfg)
+    return cfg
+
+
+def validate_tree(tree: dict[str, Any], source: str) -> Config:
+    """``tree`` (sections of fields, as a YAML file holds them) validated; refused as a :class:`ConfigError`
+    whose message names ``source``, the field and the value."""
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -19,6 +19,27 @@ from partialfc.backbones.vit import PATCH_SIZE
 _STRIDES = {"mobilefacenet": MobileFaceNet.reduction, "tiny": TinyNet.reduction}
 
 
+def val_set_name(path: str | Path) -> str:
+    """The key of a verification set's results (``evaluate_bins``, ``checkpoint.keep_best``): its file name,
+    ``lfw.bin``; metrics.jsonl, the Prometheus ``dataset`` label, the trackers and the ROC files use its stem,
+    ``lfw`` (insightface's sets are named so: lfw, cfp_fp, agedb_30)."""
+    return Path(path).name
+
+
+def check_distinct_val_sets(paths: list[str]) -> None:
+    """Refuse (ValueError) two verification sets of one name: results are keyed by the set's name and logged
+    by its stem, so one result would silently replace the other's (and checkpoint.keep_best might rank the
+    other set)."""
+    seen: dict[str, str] = {}
+    for b in paths:
+        stem = Path(val_set_name(b)).stem
+        if stem in seen:
+            raise ValueError(f"{seen[stem]} and {b} are both the verification set {stem!r}: a set is named by "
+                             "its file name without the extension (as insightface's lfw, cfp_fp, agedb_30), "
+                             "and one's results would replace the other's; rename one")
+        seen[stem] = b
+
+
 class DataConfig(Section):
     prefix: str | None = Field(None, description="Training data: PREFIX of PREFIX.rec/.idx (insightface layout), "
                                "a .rec/.idx path, a folder holding train.rec, or an image folder (one "
@@ -37,6 +58,12 @@ class DataConfig(Section):
             raise ValueError(f"data.flip is false but data.augment.flip={self.augment.flip}: set data.flip=true "
                              "(or leave data.augment.flip unset) to flip")
         return self
+
+    @field_validator("val_bins")
+    @classmethod
+    def _distinct_val_sets(cls, v: list[str]) -> list[str]:
+        check_distinct_val_sets(v)
+        return v
 
     @model_validator(mode="after")
     def _skip_needs_torch(self) -> DataConfig:
@@ -76,14 +103,12 @@ class ModelConfig(Section):
             raise ValueError(f"blocks {list(v)} must be four positive repeat counts")
         return v
 
-    @model_validator(mode="after")
-    def _mobilefacenet_only(self) -> ModelConfig:
+    def check_backbone_options(self) -> None:
+        """Refuse an option the backbone does not have (ValueError naming the fields). Called by
+        :class:`Config`, which knows whether ``backbone`` is still to come from checkpoint.init_backbone's
+        file; then it runs once the file's backbone is adopted (launcher/trainer/finetune.py)."""
         if self.backbone != "mobilefacenet" and (self.scale != 1 or self.blocks is not None):
             raise ValueError(f"model.scale and model.blocks apply to mobilefacenet only, not {self.backbone}")
-        return self
-
-    @model_validator(mode="after")
-    def _vit_only(self) -> ModelConfig:
         vit = self.backbone in VIT_BACKBONES
         if not vit and (self.drop_path is not None or self.mask_ratio is not None):
             raise ValueError(f"model.drop_path and model.mask_ratio apply to {', '.join(VIT_BACKBONES)} only, "
@@ -91,7 +116,6 @@ class ModelConfig(Section):
         if vit and self.dropout != 0.0:
             raise ValueError(f"model.dropout must be 0 for {self.backbone} (the ViT has no dropout before its FC, "
                              "as in arcface_torch); regularise with model.drop_path / model.mask_ratio")
-        return self
 
     @field_validator("image_size")
     @classmethod
@@ -342,4 +366,16 @@ class Config(Section):
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is more than train.steps="
                              f"{self.train.steps}: the learning rate would still be warming up when the run "
                              "ends; set optim.warmup_steps <= train.steps")
+        if self.train.freeze_backbone_steps and self.train.freeze_backbone_steps >= self.train.steps:
+            raise ValueError(f"train.freeze_backbone_steps={self.train.freeze_backbone_steps} is not less than "
+                             f"train.steps={self.train.steps}: only the head would train and the backbone would "
+                             "end the run at its initial weights; set train.freeze_backbone_steps < train.steps")
+        return self
+
+    @model_validator(mode="after")
+    def _backbone_options(self) -> Config:
+        # with checkpoint.init_backbone and no model.backbone, the backbone is the file's, known only once
+        # the file is read: the check waits for it (adopt_init_backbone validates the adopted config again)
+        if not (self.checkpoint.init_backbone and "backbone" not in self.model.model_fields_set):
+            self.model.check_backbone_options()
         return self

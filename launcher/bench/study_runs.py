@@ -34,10 +34,15 @@ def run_training(config: str | Path, run_sets: list[str], nproc: int) -> int:
     return torchrun(["train", str(config), *[a for s in run_sets for a in ("--set", s)]], nproc)
 
 
-def fitted_warmup(cfg: Config, steps: int) -> str:
-    """The ``--set`` that fits the recipe's warm-up into a run of ``steps`` steps (the config refuses a
-    warm-up longer than the run, and a benchmark or study run may be shorter than the recipe's)."""
-    return f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}"
+def fitted_schedule(cfg: Config, steps: int) -> list[str]:
+    """The ``--set`` s that fit the recipe's warm-up and backbone freeze into a run of ``steps`` steps (the
+    config refuses a warm-up longer than the run and a freeze as long as it, and a benchmark or study run
+    may be shorter than the recipe's). A freeze that does not fit keeps its share of the recipe's steps."""
+    out = [f"optim.warmup_steps={min(cfg.optim.warmup_steps, steps)}"]
+    freeze = cfg.train.freeze_backbone_steps
+    if freeze >= steps:
+        out.append(f"train.freeze_backbone_steps={min(freeze * steps // cfg.train.steps, steps - 1)}")
+    return out
 
 
 def generate_once(prefix: Path, identities: int, images_per_identity: int, *, needs_val_bin: bool,
@@ -97,8 +102,8 @@ def train_and_verify(recipe: Path, sets: list[str], run_sets: list[str], steps: 
     run_sets = list(run_sets)
     if steps is not None:
         run_sets.append(f"train.steps={steps}")
-        if all(not x.startswith("optim.warmup_steps=") for x in sets):
-            run_sets.append(fitted_warmup(load_config(recipe, sets), steps))
+        run_sets += [x for x in fitted_schedule(load_config(recipe, sets), steps)
+                     if not any(u.startswith(x.split("=")[0] + "=") for u in sets)]
     code = run_training(recipe, run_sets, nproc)
     if code:
         raise TrainingRunFailed(f"training {what} failed (exit code {code}); see {run}")

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from launcher.bench.study_runs import fitted_warmup, generate_once, metrics_rows, run_training
+from launcher.bench.study_runs import fitted_schedule, generate_once, metrics_rows, run_training
 from launcher.config import load_config, resolve_config_path, set_value
 from launcher.errors import TrainingRunFailed
 
@@ -174,7 +174,7 @@ def _timed_run(config: str, data: str | None, steps: int, warmup: int, nproc: in
     run_sets = [*sets, f"data.prefix={set_value(data or None)}", f"output={set_value(str(out))}", "data.val_bins=[]",
                 f"train.steps={total}", "log.every_steps=1", f"checkpoint.every_steps={10**9}",
                 "checkpoint.resume=false", f"eval.every_steps={10**9}", f"eval.discrepancy_every_steps={10**9}",
-                fitted_warmup(cfg, total)]
+                *fitted_schedule(cfg, total)]
     shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run: resume=false refuses a used one
     code = run_training(config, run_sets, nproc)
     if code:

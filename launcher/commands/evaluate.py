@@ -27,6 +27,7 @@ def eval_cmd(
 
     from data_pipeline.verification import BinFormatError, check_bin
     from launcher.config import Config
+    from launcher.config_schema import check_distinct_val_sets
     from launcher.distributed import DistContext
     from launcher.trainer.checkpoint_files import resolve_backbone_file
     from launcher.trainer.evaluation import evaluate_bins
@@ -38,6 +39,10 @@ def eval_cmd(
     for b in bins:
         if not Path(b).is_file():
             fail(f"verification file {b} does not exist", "pfc eval")
+    try:
+        check_distinct_val_sets([str(b) for b in bins])
+    except ValueError as e:
+        fail(f"--bin: {e}", "pfc eval")
     with user_errors("pfc eval", BinFormatError):  # all checked before the first is embedded (minutes each)
         for b in bins:
             check_bin(b)

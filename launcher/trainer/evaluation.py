@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_pipeline.pack import RESAMPLE, rgb8
 from data_pipeline.verification import load_bin
-from launcher.config import Config
+from launcher.config import Config, val_set_name
 from launcher.distributed import DistContext
 from partialfc.metrics import flip_embed, verification_metrics
 
@@ -93,7 +93,8 @@ def take_rank0_state(model: torch.nn.Module, ctx: DistContext) -> None:
 
 def evaluate_bins(model: torch.nn.Module, bins: list[str], cfg: Config, ctx: DistContext,
                   roc_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Metrics per ``.bin`` file name (see ``partialfc.metrics.verification_metrics``); collective.
+    """Metrics per set name (``val_set_name``: the ``.bin`` file name; see
+    ``partialfc.metrics.verification_metrics``); collective.
 
     Measures rank 0's weights and buffers, the ones a checkpoint saves (:func:`take_rank0_state`)."""
     take_rank0_state(model, ctx)
@@ -103,8 +104,8 @@ def evaluate_bins(model: torch.nn.Module, bins: list[str], cfg: Config, ctx: Dis
     for path in bins:
         blobs, issame = load_bin(path)
         emb = embed_bin(model, blobs, cfg.model.image_size, cfg.eval.batch_size, ctx).cpu().numpy()
-        name = Path(path).name
-        roc_png = (roc_dir / f"roc_{Path(path).stem}.png") if (roc_dir is not None and ctx.is_main) else None
+        name = val_set_name(path)  # distinct per set: the config refuses two of one stem
+        roc_png = (roc_dir / f"roc_{Path(name).stem}.png") if (roc_dir is not None and ctx.is_main) else None
         results[name] = verification_metrics(emb[0::2], emb[1::2], np.asarray(issame, dtype=bool),
                                              roc_png=roc_png)
         r = results[name]

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 
 from data_pipeline.atomic import atomic_write
 from launcher import strict_json
-from launcher.config import Config
+from launcher.config import Config, validate_tree
 
 log = logging.getLogger("pfc")
 
@@ -80,9 +80,7 @@ def adopt_init_backbone(cfg: Config) -> Config:
             raise ValueError(f"model.{name}={have!r} but checkpoint.init_backbone {path} holds "
                              f"{name}={wanted[name]!r}: set model.{name}={wanted[name]!r} or leave it unset to take it "
                              "from the file")
-    model = cfg.model.model_copy(update=wanted)
-    checkpoint = cfg.checkpoint.model_copy(update={"init_backbone": str(path)})
-    adopted = cfg.model_copy(update={"model": model, "checkpoint": checkpoint})
+    adopted = _updated(cfg, wanted, f"model from checkpoint.init_backbone {path}", init_backbone=str(path))
     changed = [f"{n}={wanted[n]!r}" for n in _ARCH_FIELDS if getattr(cfg.model, n) != wanted[n]]
     if changed:
         log.info(f"model from checkpoint.init_backbone {path}: {', '.join(changed)}")
@@ -111,7 +109,19 @@ def _adopt_resumed(cfg: Config, latest: Path, saved: dict[str, Any], missing: Fi
               for n in _ARCH_FIELDS if n in saved and n not in explicit}
     log.info(f"checkpoint.init_backbone: {missing}; resuming from {latest}, whose weights a resume loads "
              f"instead: model from its config ({', '.join(f'{n}={v!r}' for n, v in wanted.items())})")
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update=wanted)})
+    return _updated(cfg, wanted, f"model from checkpoint {latest}")
+
+
+def _updated(cfg: Config, model: dict[str, Any], source: str, init_backbone: str | None = None) -> Config:
+    """``cfg`` with the ``model`` fields (and ``checkpoint.init_backbone``) replaced, validated again: the
+    config's rules for the model (model.dropout with a ViT, model.drop_path without one...) judge the adopted
+    backbone, and a refusal is one line naming ``source`` (a ConfigError, as any other config's). Fields
+    ``cfg`` leaves unset stay unset, but for those replaced (as ``model_copy(update=...)`` would)."""
+    tree = cfg.model_dump(exclude_unset=True)
+    tree["model"] = {**tree.get("model", {}), **model}
+    if init_backbone is not None:
+        tree["checkpoint"] = {**tree.get("checkpoint", {}), "init_backbone": init_backbone}
+    return validate_tree(tree, source)
 
 
 def backbone_frozen(cfg: Config, step: int) -> bool:

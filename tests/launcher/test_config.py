@@ -100,6 +100,8 @@ def test_random_in_range_numbers_accepted_out_of_range_refused(data):
         overrides.append("model.backbone=mobilefacenet")  # the scale of the other backbones is refused
     if field == "optim.warmup_steps":  # warm-up must fit in the run (refused otherwise)
         overrides.append(f"train.steps={max(good, 1)}")
+    if field == "train.freeze_backbone_steps":  # the backbone must train for a step at least (refused otherwise)
+        overrides.append(f"train.steps={good + 1}")
     cfg = load_config(None, overrides)
     section, name = field.rsplit(".", 1) if "." in field else ("", field)
     node = cfg
