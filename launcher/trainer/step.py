@@ -159,7 +159,8 @@ def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor], c
     totals = totals or {}
     flags = torch.stack([~torch.isfinite(v).all() for v in checks]).to(torch.float64)
     if totals:
-        flags = torch.cat([flags, torch.tensor(list(totals.values()), dtype=torch.float64).to(flags.device)])
+        # written on the device by fills (_on), not copied from host memory: that copy would wait for the stream
+        flags = torch.cat([flags, *(_on(float(n), flags.device).reshape(1) for n in totals.values())])
     if ctx.distributed:
         dist.all_reduce(flags)
     host = _to_host([*values.values(), *flags])
