@@ -77,16 +77,25 @@ def ignored_settings(cfg: Config) -> list[str]:
     """One line per group of settings that ``cfg`` gives but that have no effect. A field counts when the
     config sets it (``model_fields_set``) to something other than its default: a run folder's config.yaml
     sets every field, and passed back to `pfc train` must not warn about the defaults in it."""
+    lines = []
     m = cfg.metrics
-    if m.enabled:
-        return []
-    given = [f"metrics.{n}" for n in _EXPORTER_ONLY
-             if n in m.model_fields_set and getattr(m, n) != MetricsConfig.model_fields[n].default]
-    if not given:
-        return []
-    return [f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: metrics.enabled is false, so "
-            "no exporter serves and nothing is pushed; set metrics.enabled=true to use "
-            f"{'it' if len(given) == 1 else 'them'}"]
+    given = _changed(m, _EXPORTER_ONLY, "metrics")
+    if given and not m.enabled:
+        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: metrics.enabled is "
+                     "false, so no exporter serves and nothing is pushed; set metrics.enabled=true to use "
+                     f"{'it' if len(given) == 1 else 'them'}")
+    given = _changed(cfg.log, ("wandb_project", "wandb_mode"), "log")
+    if given and "wandb" not in cfg.log.backends:
+        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: log.backends "
+                     f"({', '.join(cfg.log.backends)}) has no wandb; add wandb to log.backends to log to W&B")
+    return lines
+
+
+def _changed(section: BaseModel, names: tuple[str, ...], prefix: str) -> list[str]:
+    """``prefix.name`` of the fields of ``names`` that ``section`` sets to other than their defaults."""
+    fields = type(section).model_fields
+    return [f"{prefix}.{n}" for n in names
+            if n in section.model_fields_set and getattr(section, n) != fields[n].default]
 
 
 def _warn_ignored(cfg: Config) -> None:

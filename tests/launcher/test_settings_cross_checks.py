@@ -196,3 +196,13 @@ def test_a_study_shorter_than_the_recipe_fits_its_freeze_and_warmup(steps):
     assert fitted.optim.warmup_steps == min(cfg.optim.warmup_steps, steps)
     share = cfg.train.freeze_backbone_steps * steps // cfg.train.steps
     assert fitted.train.freeze_backbone_steps == (cfg.train.freeze_backbone_steps if steps > 300 else share)
+
+
+def test_wandb_settings_without_the_wandb_backend_are_one_warning(fresh_warnings):
+    load_config(None, ["log.wandb_project=faces", "log.wandb_mode=online"])
+    assert _warnings(fresh_warnings) == ["log.wandb_project, log.wandb_mode have no effect: log.backends (jsonl) "
+                                         "has no wandb; add wandb to log.backends to log to W&B"]
+    fresh_warnings.clear()
+    load_config(None, ["log.wandb_project=faces", "log.backends=[jsonl, wandb]"])
+    load_config(None, ["log.wandb_mode=offline"])  # its default
+    assert _warnings(fresh_warnings) == []
