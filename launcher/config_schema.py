@@ -159,6 +159,10 @@ class HeadConfig(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="storage of the class weights and SGD momentum: bf16/fp16 halve them (twice the "
         "classes per rank); logits, gradients and the update run in fp32, rounded once per step")
+    rounding: Literal["stochastic", "nearest"] = Field(
+        "stochastic", description="how a bf16/fp16 head stores each step's fp32 update: stochastic (unbiased: "
+        "keeps changes below half an ulp, e.g. weight decay 5e-4 at lr 0.1, in expectation) or nearest (loses "
+        "them); no effect on an fp32 head")
 
     @field_validator("margin")
     @classmethod

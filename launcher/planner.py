@@ -63,8 +63,9 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 #   partialfc.blocking) and, in the backward, the row dot products' scratch block (1 MiB on the CPU,
 #   128 MiB on a GPU): SGD gathers its momentum into an fp32 chunk; a head
 #   stored below fp32 adds one chunk in its dtype for the momentum and one for the weights (the
-#   gather/scatter staging); AdamW's moments are fp32 (chunks m, v and the denominator) and only the
-#   weights need staging;
+#   gather/scatter staging) and one int32 chunk of stochastic-rounding noise (partialfc/rounding.py, the
+#   default; a head built with rounding="nearest" has none); AdamW's moments are fp32 (chunks m, v and the
+#   denominator) and only the weights need staging;
 # * for a head stored below fp32, the sampled rows gathered in the head's dtype before the upcast go
 #   into the bytes of the S x D gradient buffer (not yet written in the forward): nothing more;
 # * persistent optimizer state: SGD momentum in the head's dtype; AdamW: exp_avg and exp_avg_sq in fp32
@@ -76,6 +77,7 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 #   buffers hold 5% more than the largest S asked for (partialfc.softmax.Workspace grows by 5% when it must).
 # The fp16/bf16, AdamW and accumulation counts were checked on 2026-12-03 with the benchmark's measurement
 # (`pfc bench head`'s head built in that dtype and optimizer): within 1.2% of the plan at D = 256-512.
+ROUNDING_NOISE_BYTES = 4  # int32 per element of an optimizer chunk (bf16/fp16 heads)
 WORKSPACE_GROWTH = 20  # the workspace grows by 1/20 of a request it must grow for
 POSITIVES_SIGMAS = 4  # a shard's positives count is planned at its mean plus this many standard deviations
 OPTIMIZERS = ("sgd", "adamw")
@@ -251,11 +253,12 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
     blocks = blocking_for(device)
     chunk = min(s, blocks.update_rows) * dim
     staging = 0 if e == f else 1  # chunks in the head's dtype around the fp32 update
+    noise = staging * chunk * ROUNDING_NOISE_BYTES
     if optimizer == "sgd":
-        opt_chunks = chunk * f + 2 * staging * chunk * e
+        opt_chunks = chunk * f + 2 * staging * chunk * e + noise
         state = {"momentum": rows * dim * e}
     else:
-        opt_chunks = 3 * chunk * f + staging * chunk * e
+        opt_chunks = 3 * chunk * f + staging * chunk * e + noise
         state = {"adamw_moments": 2 * rows * dim * f, "adamw_row_steps": rows * ROW_STEP_BYTES}
     workspace = {
         "logits_and_grad": LOGIT_BUFFERS * ns_f,

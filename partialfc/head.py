@@ -50,6 +50,7 @@ from partialfc.collectives import (
 from partialfc.initial_weights import init_rows
 from partialfc.inputs import forward_problem, labels_problem, sizes_or_refuse
 from partialfc.partition import class_range, num_sample
+from partialfc.rounding import check_rounding
 from partialfc.sampler import sample_classes
 from partialfc.softmax import Workspace, row_normalize, sharded_margin_softmax_ce
 from partialfc.step_record import StepRecord
@@ -83,6 +84,9 @@ class PartialFC(nn.Module):
             e.g. ``torch.autograd.gradcheck``, which runs several forwards per backward. Default (None):
             on the CPU only (a GPU's caching allocator reuses freed memory at no cost, and kept buffers
             would hold memory through the backbone's passes); see :class:`~partialfc.softmax.Workspace`.
+        rounding: how the optimizer stores a bf16/fp16 shard's updates: "stochastic" (unbiased: keeps
+            changes below half an ulp, e.g. weight decay, in expectation) or "nearest"; see
+            :mod:`partialfc.rounding`. No effect on float32/float64 shards.
 
     Attributes:
         weight: (end - start, d) this rank's shard; a Parameter with ``requires_grad=False`` (it never
@@ -94,7 +98,7 @@ class PartialFC(nn.Module):
                  margin: Margin = (1.0, 0.0, 0.4), scale: float = 64.0, discface_lambda: float = 0.0,
                  process_group: Group = None, seed: int = 0, *, discface_cap: float = 0.05,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 init_std: float = 0.01, reuse_buffers: bool | None = None) -> None:
+                 init_std: float = 0.01, reuse_buffers: bool | None = None, rounding: str = "stochastic") -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
@@ -111,6 +115,7 @@ class PartialFC(nn.Module):
         self.discface_lambda = float(discface_lambda)
         self.process_group = process_group
         self.seed = int(seed)
+        self.rounding = check_rounding(rounding)
         self.rank, self.world_size = world(process_group)
         self.start, self.end = class_range(self.num_classes, self.world_size, self.rank)
         w = init_rows(self.start, self.end, self.embedding_size, self.seed, init_std, device=device,
@@ -192,16 +197,17 @@ class PartialFC(nn.Module):
 
     def make_optimizer(self, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
                        b_weight_decay: float = 0.0, *, name: str = "sgd",
-                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> SparseHeadOptimizer:
+                       betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                       rounding: str | None = None) -> SparseHeadOptimizer:
         """The head's sparse optimizer (only sampled rows move) with a dense one for b.
 
         name "sgd": :class:`~partialfc.optimizer.PartialFCSGD` (lr, momentum, weight_decay);
         "adamw": :class:`~partialfc.optimizer.PartialFCAdamW`, a lazy AdamW (lr, betas, eps,
-        weight_decay; ``momentum`` unused). See :mod:`partialfc.optimizer`."""
+        weight_decay; ``momentum`` unused); rounding: None = :attr:`rounding`. See :mod:`partialfc.optimizer`."""
         from partialfc.optimizer import make_head_optimizer
 
         return make_head_optimizer(self, name, lr, momentum=momentum, weight_decay=weight_decay,
-                                   b_weight_decay=b_weight_decay, betas=betas, eps=eps)
+                                   b_weight_decay=b_weight_decay, betas=betas, eps=eps, rounding=rounding)
 
     # -- the step -----------------------------------------------------------------------------
     def _take_rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -26,10 +26,13 @@ by about (1 - b1) of its proper step. The weight decay is lazy as well (unsample
 Precision: the update of each chunk of rows runs in the compute dtype (float32, float64 for a float64
 head) from the head's stored values and the float32 gradient, and the results are rounded once to the
 stored dtype. A bf16/fp16 head keeps its weights and SGD momentum in that dtype (half the memory of
-fp32, so twice the classes per rank); an update smaller than half a unit in the last place of a weight
-(2^-9 relative for bf16) is lost to rounding, so such heads need learning rates whose per-step change is
-above that. AdamW's moments are always kept in float32 at least (b2 = 0.999 moves v by 0.1% per step,
-below bf16's resolution).
+fp32, so twice the classes per rank). Rounded to nearest, an update smaller than half a unit in the last
+place of a weight (2^-9 relative for bf16) would be lost: weight decay at lr 0.1 x 5e-4 would be off and
+small steps would freeze elements. So by default (``rounding="stochastic"``, the head's) both are rounded
+stochastically (:mod:`partialfc.rounding`): the stored value is the float32 result in expectation, and
+decay and small steps are kept on average; ``rounding="nearest"`` stores the nearest value. AdamW's
+moments are always kept in float32 at least (b2 = 0.999 moves v by 0.1% per step, below bf16's
+resolution).
 
 Both are ``torch.optim.Optimizer`` s (param groups "head_shard" and "discface_b"), so LR schedulers work
 and ``state_dict()`` / ``load_state_dict()`` round-trip on the SAME world size; to move to another world
@@ -45,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from partialfc import blocking
+from partialfc.rounding import Noise, StepNoise, check_rounding, round_into, rounds_stochastically
 
 if TYPE_CHECKING:
     from partialfc.head import PartialFC
@@ -62,7 +66,10 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
 
     kind = ""
 
-    def __init__(self, head: PartialFC, defaults: dict[str, Any], b_weight_decay: float) -> None:
+    def __init__(self, head: PartialFC, defaults: dict[str, Any], b_weight_decay: float,
+                 rounding: str | None = None) -> None:
+        # how a bf16/fp16 shard stores its updates (partialfc.rounding); None: the head's choice
+        self.rounding = check_rounding(head.rounding if rounding is None else rounding)
         groups: list[dict[str, Any]] = [{"params": [head.weight], "name": "head_shard"}]
         if head.discface is not None:
             groups.append({"params": [head.discface.b], "name": "discface_b", "weight_decay": b_weight_decay})
@@ -115,15 +122,22 @@ class SparseHeadOptimizer(torch.optim.Optimizer):
         # each chunk's operations are kernel launches. Every chunk buffer comes from the head's
         # workspace: on the CPU a fresh 1 MiB tensor per chunk would be an mmap/munmap each.
         chunk = blocking.blocking_for(p.device.type).update_rows
+        head = self.head
+        # The step's rounding noise, keyed by (seed, rank, step): a resume (which restores head.step) draws it again.
+        noise = StepNoise(head.seed, head.rank, head.step, idx, p.shape[1], p.dtype) \
+            if rounds_stochastically(self.rounding, p.dtype) else None
         for lo in range(0, idx.numel(), chunk):
             ci = idx[lo: lo + chunk]
             r = rows[lo: lo + chunk]
-            self._update_rows(ci, r, grad[lo: lo + chunk], group)
+            cn = None if noise is None else noise.chunk(lo, lo + ci.numel())
+            self._update_rows(ci, r, grad[lo: lo + chunk], group, cn)
             # Scattered chunk by chunk, while the updated rows are still in cache.
-            _scatter(p, ci, r, ws, "weight_rows_store")
+            _scatter(p, ci, r, ws, "weight_rows_store", None if cn is None else cn("weight"))
 
-    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
-                     group: dict[str, Any]) -> None:
+    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                     noise: Callable[[str], Noise] | None) -> None:
+        """Update the chunk ``rows`` (rows ``ci`` of the shard) in place; ``noise(tensor)``: the chunk's
+        rounding noise for a bf16/fp16 state tensor it scatters (None: round to nearest)."""
         raise NotImplementedError
 
     def _dense_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -152,10 +166,16 @@ def _gather(src: torch.Tensor, ci: torch.Tensor, ws: Any, name: str, dtype: torc
     return out.copy_(store)
 
 
-def _scatter(dst: torch.Tensor, ci: torch.Tensor, rows: torch.Tensor, ws: Any, name: str) -> None:
-    """``dst[ci] = rows``, rounding once to ``dst``'s dtype (round to nearest) through a reused buffer."""
+def _scatter(dst: torch.Tensor, ci: torch.Tensor, rows: torch.Tensor, ws: Any, name: str,
+             noise: Noise | None = None) -> None:
+    """``dst[ci] = rows``, rounding once to ``dst``'s dtype through a reused buffer: to nearest, or
+    stochastically with ``noise`` (which overwrites ``rows`` with the stored values)."""
     if rows.dtype != dst.dtype:
-        rows = ws.get(name, tuple(rows.shape), dst.dtype, dst.device).copy_(rows)
+        store = ws.get(name, tuple(rows.shape), dst.dtype, dst.device)
+        if noise is None:
+            rows = store.copy_(rows)
+        else:  # one int32 noise chunk, shared by the weights' and the momentum's scatters
+            rows = round_into(rows, store, noise, ws.get("round_noise", tuple(rows.shape), torch.int32, dst.device))
     dst.index_copy_(0, ci, rows)
 
 
@@ -165,11 +185,12 @@ class PartialFCSGD(SparseHeadOptimizer):
     kind = "sgd"
 
     def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 b_weight_decay: float = 0.0) -> None:
+                 b_weight_decay: float = 0.0, rounding: str | None = None) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or b_weight_decay < 0:
             raise ValueError(f"lr, momentum and weight decays must be >= 0, got lr={lr}, momentum={momentum}, "
                              f"weight_decay={weight_decay}, b_weight_decay={b_weight_decay}")
-        super().__init__(head, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, b_weight_decay)
+        super().__init__(head, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, b_weight_decay,
+                         rounding)
         # Allocated up front (not lazily as torch's SGD does) so that it can be checkpointed and resharded
         # before the first step; zeros give the same first step as torch's "buf = grad". Stored in the
         # head's dtype (see the module docstring).
@@ -194,8 +215,8 @@ class PartialFCSGD(SparseHeadOptimizer):
         assert b is not None
         self.state[b]["momentum_buffer"] = tensors["momentum"].to(b)
 
-    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
-                     group: dict[str, Any]) -> None:
+    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                     noise: Callable[[str], Noise] | None) -> None:
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         if not mom:
             rows.add_(grad.add(rows, alpha=wd) if wd else grad, alpha=-lr)
@@ -208,7 +229,7 @@ class PartialFCSGD(SparseHeadOptimizer):
         if wd:
             b.add_(rows, alpha=wd)
         rows.add_(b, alpha=-lr)
-        _scatter(buf, ci, b, ws, "momentum_rows_store")
+        _scatter(buf, ci, b, ws, "momentum_rows_store", None if noise is None else noise("momentum"))
 
     def _dense_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -235,14 +256,14 @@ class PartialFCAdamW(SparseHeadOptimizer):
     kind = "adamw"
 
     def __init__(self, head: PartialFC, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, b_weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 1e-2, b_weight_decay: float = 0.0, rounding: str | None = None) -> None:
         if lr < 0 or weight_decay < 0 or b_weight_decay < 0 or not eps > 0:
             raise ValueError(f"lr and weight decays must be >= 0 and eps > 0, got lr={lr}, eps={eps}, "
                              f"weight_decay={weight_decay}, b_weight_decay={b_weight_decay}")
         if not all(0 <= b < 1 for b in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         super().__init__(head, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
-                         b_weight_decay)
+                         b_weight_decay, rounding)
         w = head.weight
         cdt = compute_dtype(w.dtype)
         st = self.state[w]
@@ -283,8 +304,9 @@ class PartialFCAdamW(SparseHeadOptimizer):
         st["exp_avg_sq"] = tensors["exp_avg_sq"].to(b)
         st["step"] = tensors["step"].reshape(()).to(torch.int64)
 
-    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor,
-                     group: dict[str, Any]) -> None:
+    def _update_rows(self, ci: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                     noise: Callable[[str], Noise] | None) -> None:
+        # (the moments are float32 at least: only the weights, scattered by the caller, are rounded)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         ws, st = self.head.workspace, self.state[self.head.weight]
         m = _gather(st["exp_avg"], ci, ws, "adam_m_rows", rows.dtype)
@@ -326,12 +348,14 @@ class PartialFCAdamW(SparseHeadOptimizer):
 
 def make_head_optimizer(head: PartialFC, name: str, lr: float, *, momentum: float = 0.9,
                         weight_decay: float = 5e-4, b_weight_decay: float = 0.0,
-                        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> SparseHeadOptimizer:
-    """The head's optimizer by name: "sgd" (momentum, weight_decay) or "adamw" (betas, eps, weight_decay)."""
+                        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                        rounding: str | None = None) -> SparseHeadOptimizer:
+    """The head's optimizer by name: "sgd" (momentum, weight_decay) or "adamw" (betas, eps, weight_decay);
+    ``rounding`` of a bf16/fp16 shard's stores, "stochastic" or "nearest" (None: ``head.rounding``)."""
     if name == "sgd":
         return PartialFCSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                            b_weight_decay=b_weight_decay)
+                            b_weight_decay=b_weight_decay, rounding=rounding)
     if name == "adamw":
         return PartialFCAdamW(head, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                              b_weight_decay=b_weight_decay)
+                              b_weight_decay=b_weight_decay, rounding=rounding)
     raise ValueError(f"head optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")

@@ -7,7 +7,8 @@ rest (its error goes into the JSON):
   env          python, torch, CUDA device, driver, free memory, cores
   pytest_gpu   the tests marked ``gpu`` (GPU_TEST_PATHS): equivalence law on CUDA, fp32 logits under
                autocast, fp16 scaler skip/recover, NCCL with one rank, checkpoints GPU <-> CPU, launches
-               flat in C, every dtype and optimizer vs float64, CUDA RNG in checkpoints, determinism
+               flat in C, every dtype and optimizer vs float64, CUDA RNG in checkpoints, determinism,
+               stochastic rounding's bits on the GPU equal the CPU's
   bench_head   `pfc bench head` at C = 1M, 10M and the largest C `pfc plan` says fits (r = 0.1,
                D = 512, B = 512, W = 1): step, GEMM floor, ratio, memory vs weights + momentum and
                vs the planner's prediction
@@ -55,7 +56,7 @@ sys.path.insert(0, str(REPO))
 PYTEST_INTERRUPT_S = 15.0
 # Where the tests marked ``gpu`` live (collecting the whole suite would import what this machine lacks).
 GPU_TEST_PATHS = ("tests/gpu", "tests/partialfc/test_head_cuda.py", "tests/launcher/trainer/test_checkpoint_devices.py",
-                  "tests/launcher/test_settings_train.py")
+                  "tests/launcher/test_settings_train.py", "tests/partialfc/test_stochastic_rounding.py")
 
 
 class Check(Runner):

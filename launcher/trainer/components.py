@@ -76,7 +76,8 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     # moved, a GPU's shard (and its momentum) would first take as much host memory and a copy.
     head = PartialFC(num_classes, cfg.model.embedding_size, sample_rate=h.sample_rate, margin=h.margin,
                      scale=h.scale, discface_lambda=h.discface_lambda, discface_cap=h.discface_cap,
-                     seed=cfg.train.seed, dtype=HEAD_DTYPES[h.dtype], device=ctx.device)
+                     seed=cfg.train.seed, dtype=HEAD_DTYPES[h.dtype], device=ctx.device,
+                     rounding=h.rounding)  # how a bf16/fp16 shard stores its updates (partialfc.rounding)
     # The optimizer the user chose (issue 12): SGD, or a lazy AdamW with the backbone's betas and eps.
     head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                    name=o.name)

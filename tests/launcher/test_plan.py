@@ -94,7 +94,8 @@ def test_memory_large_logits_and_half_precision() -> None:
     # and updates in fp32 chunks staged through two fp16 chunks (momentum and weights).
     h = plan_rank(1000, 3, 2, 4, 0.5, "fp16")
     sd_f, sd_e, ns = 167 * 4 * 4, 167 * 4 * 2, 6 * 167 * 4
-    ws = 2 * ns + sd_f + sd_f + (sd_f + 2 * sd_e)
+    noise = 167 * 4 * 4  # the int32 chunk of stochastic-rounding noise (a bf16/fp16 head's default)
+    ws = 2 * ns + sd_f + sd_f + (sd_f + 2 * sd_e + noise)
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     owned = 2 * 6 * 4 * 4
     assert h.memory["shard_weights"] == h.memory["momentum"] == 334 * 4 * 2
@@ -106,12 +107,13 @@ def test_memory_large_logits_and_half_precision() -> None:
 
 def test_memory_adamw_and_grad_accum() -> None:
     # AdamW: fp32 moments (2 x rows x D x 4) and int64 per-row steps, even for a bf16 head; its chunks are
-    # m, v and the denominator in fp32 plus one bf16 staging chunk for the weights.
+    # m, v and the denominator in fp32 plus one bf16 staging chunk for the weights and an int32 one of
+    # stochastic-rounding noise.
     a = plan_rank(1000, 3, 2, 4, 0.5, "bf16", optimizer="adamw")
     assert a.memory["adamw_moments"] == 2 * 334 * 4 * 4 and a.memory["adamw_row_steps"] == 334 * 8
     assert "momentum" not in a.memory
     assert a.shard_weights_plus_momentum_bytes == 334 * 4 * 2 + 2 * 334 * 4 * 4 + 334 * 8
-    assert a.memory["optimizer_chunks"] == 3 * 167 * 4 * 4 + 167 * 4 * 2
+    assert a.memory["optimizer_chunks"] == 3 * 167 * 4 * 4 + 167 * 4 * 2 + 167 * 4 * 4
     # SGD in bf16 is half the fp32 shard + momentum: twice the classes fit.
     assert plan_rank(10, 1, 2, 4, 1.0, "bf16").shard_weights_plus_momentum_bytes * 2 == \
         plan_rank(10, 1, 2, 4, 1.0, "fp32").shard_weights_plus_momentum_bytes
