@@ -149,6 +149,11 @@ def _launch_or_train(cfg: Config, config: str, overrides: list[str], nproc_per_n
     from launcher.trainer.progress import setup_logging
 
     if nproc_per_node is not None and not under_launcher():
+        from launcher.trainer.run_folder import check_run_folder
+
+        # here, before torchrun: refused in a rank, it would restart the rank (--max-restarts) with the refusal
+        # buried in its log
+        check_run_folder(cfg)
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         started = time.time()
         try:

@@ -53,9 +53,10 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
         # The run's own checkpoint is newer than the weights it started from: resuming wins.
         resuming = resume_point(cfg)
         if resuming is not None:
+            how = ("" if not cfg.checkpoint.resume  # a torchrun restart of this run: resume=false is set already
+                   else " (set checkpoint.resume=false and a new output to fine-tune)")
             log.info(f"checkpoint.init_backbone={cfg.checkpoint.init_backbone} is not loaded: the run resumes "
-                     f"from its own checkpoint {resuming} (set checkpoint.resume=false and a new output to "
-                     "fine-tune)")
+                     f"from its own checkpoint {resuming}{how}")
         else:
             load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
             log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.atomic import atomic_write
 from launcher.config import Config
 from launcher.errors import ResumeError, RunFolderError
 from launcher.trainer.checkpoint_files import CheckpointPaths
@@ -20,28 +21,51 @@ def checkpoints_folder(cfg: Config) -> Path:
     return Path(cfg.output) / "checkpoints"
 
 
-def _restarted() -> bool:
-    """Whether this process is a torchrun restart (``--max-restarts``) of a failed attempt of this job."""
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+#: ``<output>/.launch``: the torchrun launch (its rendezvous id) that started a ``checkpoint.resume=false``
+#: run in this folder, so that a restart of that launch knows the saves there for its own
+LAUNCH_FILE = ".launch"
+
+
+def _launch_id() -> str | None:
+    """This torchrun launch's id (the same in every attempt of it), None outside torchrun."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run if run not in (None, "", "none") else None
+
+
+def _own_restart(cfg: Config) -> bool:
+    """Whether this process is a torchrun restart (``--max-restarts``) of the launch that started the run in
+    ``cfg.output``: its first attempt checked the folder and wrote :data:`LAUNCH_FILE`."""
+    launch = _launch_id()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" or launch is None:
+        return False
+    try:
+        return (Path(cfg.output) / LAUNCH_FILE).read_text().strip() == launch
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def resume_point(cfg: Config) -> Path | None:
     """The checkpoint this run resumes from: the run folder's latest complete save (None: a fresh start).
 
     With ``checkpoint.resume=false`` a first attempt starts fresh (:func:`check_run_folder` made sure the
-    folder held no run), but a torchrun restart resumes from the saves its failed attempt wrote: they are
-    this job's own, and starting over would throw its work away."""
-    if not cfg.checkpoint.resume and not _restarted():
+    folder held no run), but a torchrun restart of that launch resumes from the saves its failed attempt
+    wrote: they are its own, and starting over would throw their work away."""
+    if not cfg.checkpoint.resume and not _own_restart(cfg):
         return None
     return CheckpointPaths(checkpoints_folder(cfg)).latest()
 
 
-def check_run_folder(cfg: Config) -> None:
+def check_run_folder(cfg: Config, write: bool = False) -> None:
     """With ``checkpoint.resume=false``, refuse an output folder that holds a run (its checkpoints or its
     ``metrics.jsonl``): starting over there would append to its metrics and overwrite or prune its saves.
-    Every rank checks before any collective and before rank 0 writes anything, so all refuse alike."""
-    if cfg.checkpoint.resume or _restarted():
-        return  # (a torchrun restart finds its own failed attempt's run there, and resumes it)
+    Every rank checks before any collective and before rank 0 writes anything, so all refuse alike.
+
+    A torchrun restart of the launch that started the run there passes (it resumes its own saves); any
+    other attempt is checked, a restart too: torchrun restarts a first attempt that was refused, and that
+    restart must not take another run's saves for its own. With ``write`` (rank 0), a folder that passes
+    records the launch (:data:`LAUNCH_FILE`) for its restarts."""
+    if cfg.checkpoint.resume or _own_restart(cfg):
+        return
     out = Path(cfg.output)
     ckpts = checkpoints_folder(cfg)
     held = [p.name for p in (ckpts / "latest", out / "metrics.jsonl") if p.exists()]
@@ -50,6 +74,10 @@ def check_run_folder(cfg: Config) -> None:
         raise RunFolderError(f"output folder {out} holds a run ({', '.join(held)}) and checkpoint.resume=false "
                              "would overwrite it: set checkpoint.resume=true to continue that run, or choose "
                              "another output (or delete the folder) to start a new one")
+    launch = _launch_id()
+    if write and launch is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / LAUNCH_FILE, launch + "\n")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,12 +79,24 @@ def test_resume_false_into_a_folder_holding_a_run_is_refused(dataset, pfc, tmp_p
     before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
     assert metrics and before
     for nproc in (1, 2):
-        r = _pfc([*args, "--nproc-per-node", "2"], timeout=240) if nproc > 1 else pfc.run(args, timeout=240)
+        # --max-restarts: torchrun would restart a refused rank, and the restart took the run for its own
+        r = (_pfc([*args, "--nproc-per-node", "2", "--max-restarts", "1"], timeout=240) if nproc > 1
+             else pfc.run(args, timeout=240))
         assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
         line = _one_line(r.stderr)
         assert f"output folder {out} holds a run" in line and "checkpoint.resume=false" in line, line
         assert (out / "metrics.jsonl").read_text() == metrics, "metrics.jsonl was appended to"
         assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
+    # torchrun started by hand (as the PyTorchJob does): the first attempt refuses in the rank, and its restart
+    # refuses too (it resumed the other run's saves: exit 0)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                        "--max-restarts", "1", "-m", "launcher", *args], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0 and "resumed from" not in log, log[-3000:]
+    assert log.count(f"output folder {out} holds a run") >= 2, log[-3000:]  # both attempts refused
+    assert (out / "metrics.jsonl").read_text() == metrics, "metrics.jsonl was appended to"
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
 
 
 def _copy(prefix: Path, dst: Path) -> Path:
