@@ -86,8 +86,9 @@ def ignored_settings(cfg: Config) -> list[str]:
                      f"{'it' if len(given) == 1 else 'them'}")
     given = _changed(cfg.log, ("wandb_project", "wandb_mode"), "log")
     if given and "wandb" not in cfg.log.backends:
-        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: log.backends "
-                     f"({', '.join(cfg.log.backends)}) has no wandb; add wandb to log.backends to log to W&B")
+        backends = f"log.backends ({', '.join(cfg.log.backends)}) has" if cfg.log.backends else "log.backends is empty:"
+        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: {backends} no wandb; "
+                     "add wandb to log.backends to log to W&B")
     return lines
 
 

@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline.atomic import atomic_write
 from launcher import strict_json
-from launcher.bench.study_runs import fmt
+from launcher.bench.study_runs import fitted_schedule, fmt
 from launcher.config import build_overrides, builtin_config, load_config
 from launcher.distributed import DistContext, torchrun
 from launcher.monitoring.plots import plot_losses
@@ -56,8 +56,8 @@ def run_demo(out: Path, *, identities: int, images_per_identity: int, steps: int
     sets = build_overrides(str(prefix), [str(val_bin)], str(out), None)
     if steps is not None:
         sets.append(f"train.steps={steps}")
-        # a short demo may be shorter than the recipe's warm-up (refused by the config otherwise)
-        sets.append(f"optim.warmup_steps={min(base.optim.warmup_steps, steps)}")
+        # a short demo may be shorter than the recipe's warm-up or freeze (refused by the config otherwise)
+        sets += fitted_schedule(base, steps)
     sets += extra_sets
     cfg = load_config(recipe, sets)
 

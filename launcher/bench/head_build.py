@@ -31,12 +31,11 @@ def setting_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def optimizer_hyper_parameters(name: str) -> dict[str, Any]:
     """The keyword arguments the trainer gives ``head.make_optimizer`` under the config's defaults
-    (``optim.head_lr or optim.lr``, ``optim.momentum``, ``optim.weight_decay``; AdamW's betas and eps
-    are make_optimizer's defaults, which the trainer does not override)."""
+    (:func:`launcher.trainer.components.head_optimizer_kwargs`)."""
     from launcher.config_schema import OptimConfig
+    from launcher.trainer.components import head_optimizer_kwargs
 
-    o = OptimConfig(name=name)  # type: ignore[arg-type]  # checked against setting_choices() first
-    return {"lr": o.head_lr or o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "name": o.name}
+    return head_optimizer_kwargs(OptimConfig(name=name))  # type: ignore[arg-type]  # checked against setting_choices()
 
 
 def build_head(num_classes: int, dim: int, sample_rate: float, discface_lambda: float, seed: int,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import Config, HeadConfig
+from launcher.config import Config, HeadConfig, OptimConfig
 from launcher.distributed import DistContext
 from launcher.trainer.engines import BackboneEngine, lr_schedule, make_engine
 from launcher.trainer.rank_rng import seed_rank_streams
@@ -41,6 +41,13 @@ def backbone_config(cfg: Config) -> dict[str, Any]:
     # the ViTs' training regularisers (no weights; None keeps arcface_torch's defaults)
     out.update({k: v for k, v in (("drop_path", m.drop_path), ("mask_ratio", m.mask_ratio)) if v is not None})
     return out
+
+
+def head_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
+    """The keyword arguments of ``head.make_optimizer`` for the config's ``optim`` section (also what
+    `pfc bench head` builds): the head's LR (``optim.head_lr``, else ``optim.lr``), momentum, weight decay,
+    and the optimizer's name; AdamW's betas and eps are make_optimizer's defaults."""
+    return {"lr": o.head_lr or o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "name": o.name}
 
 
 def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
@@ -80,7 +87,6 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
                      seed=cfg.train.seed, dtype=HEAD_DTYPES[h.dtype], device=ctx.device,
                      rounding=h.rounding)  # how a bf16/fp16 shard stores its updates (partialfc.rounding)
     # The optimizer the user chose (issue 12): SGD, or a lazy AdamW with the backbone's betas and eps.
-    head_opt = head.make_optimizer(lr=o.head_lr or o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                   name=o.name)
+    head_opt = head.make_optimizer(**head_optimizer_kwargs(o))
     seed_rank_streams(cfg.train.seed, ctx.rank)  # dropout / drop_path masks differ between ranks
     return Components(engine, head, head_opt, lr_schedule(head_opt, cfg), bcfg)

@@ -206,3 +206,6 @@ def test_wandb_settings_without_the_wandb_backend_are_one_warning(fresh_warnings
     load_config(None, ["log.wandb_project=faces", "log.backends=[jsonl, wandb]"])
     load_config(None, ["log.wandb_mode=offline"])  # its default
     assert _warnings(fresh_warnings) == []
+    load_config(None, ["log.backends=[]", "log.wandb_mode=online"])
+    assert _warnings(fresh_warnings) == ["log.wandb_mode has no effect: log.backends is empty: no wandb; add wandb "
+                                         "to log.backends to log to W&B"]
