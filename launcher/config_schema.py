@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from discface.margins import validate_margin
 from launcher.config_augment import AugmentConfig
@@ -116,24 +116,17 @@ class ModelConfig(Section):
         if vit and self.dropout != 0.0:
             raise ValueError(f"model.dropout must be 0 for {self.backbone} (the ViT has no dropout before its FC, "
                              "as in arcface_torch); regularise with model.drop_path / model.mask_ratio")
-
-    @field_validator("image_size")
-    @classmethod
-    def _fits_backbone(cls, v: int, info: ValidationInfo) -> int:
-        # what the backbone's constructor accepts, said here with the field's name before any is built: the
+        # what the backbone's constructor accepts, said with the field's name before any is built: the
         # convolutional trunks downsample by their stride; a ViT cuts 9 x 9 patches (the grid floors)
-        backbone = info.data.get("backbone")
-        if backbone in VIT_BACKBONES:
-            if v < PATCH_SIZE:
-                raise ValueError(f"image_size {v} is smaller than one {PATCH_SIZE}x{PATCH_SIZE} patch of {backbone}: "
-                                 f"give at least {PATCH_SIZE}")
-            return v
-        stride = _STRIDES.get(str(backbone), IResNet.reduction)
-        if v % stride:
-            raise ValueError(f"image_size {v} must be a multiple of {stride} for {backbone or 'this backbone'} (its "
-                             f"trunk downsamples by {stride}; the vit_* backbones take any size of at least "
-                             f"{PATCH_SIZE})")
-        return v
+        v = self.image_size
+        if vit and v < PATCH_SIZE:
+            raise ValueError(f"model.image_size = {v}: image_size {v} is smaller than one {PATCH_SIZE}x{PATCH_SIZE} "
+                             f"patch of {self.backbone}: give at least {PATCH_SIZE}")
+        stride = _STRIDES.get(self.backbone, IResNet.reduction)
+        if not vit and v % stride:
+            raise ValueError(f"model.image_size = {v}: image_size {v} must be a multiple of {stride} for "
+                             f"{self.backbone} (its trunk downsamples by {stride}; the vit_* backbones take any "
+                             f"size of at least {PATCH_SIZE})")
 
     @field_validator("backbone")
     @classmethod

@@ -174,6 +174,20 @@ def test_vit_options_are_judged_against_the_files_backbone(tmp_path):
         load_config(None, ["model.drop_path=0.05"])
 
 
+def test_an_image_size_is_judged_against_the_files_backbone(tmp_path):
+    """A ViT file at 18 px (no multiple of iresnet50's 16) with model.image_size=18 given: it was refused as
+    'a multiple of 16 for iresnet50', the default backbone, before the file's was adopted."""
+    net = get_backbone("vit_t", embedding_size=8, image_size=18, width=0.125)
+    vit = save_backbone(net, tmp_path / "vit18.safetensors", write=atomic_write)
+    cfg = adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={vit}", "model.image_size=18"]))
+    assert (cfg.model.backbone, cfg.model.image_size) == ("vit_t", 18)
+    tiny = _backbone_file(tmp_path / "tiny.safetensors", "tiny")  # 16 px: 18 is neither its size nor its stride's
+    with pytest.raises(ValueError, match=r"model\.image_size=18 but checkpoint\.init_backbone"):
+        adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={tiny}", "model.image_size=18"]))
+    with pytest.raises(ConfigError, match=r"image_size 18 must be a multiple of 16 for iresnet50"):
+        load_config(None, ["model.image_size=18"])  # without a file: the default backbone, at load
+
+
 def test_mobilefacenet_options_are_judged_against_the_files_backbone(tmp_path):
     mbf = _backbone_file(tmp_path / "mbf.safetensors", "mobilefacenet", scale=2, blocks=(1, 2, 2, 1))
     cfg = adopt_init_backbone(load_config(None, [f"checkpoint.init_backbone={mbf}", "model.scale=2",
