@@ -50,7 +50,7 @@ def train(cfg: Config, ctx: DistContext, stop: StopRequest | None = None) -> dic
 
 def _train(cfg: Config, ctx: DistContext, stop: StopRequest, kernels: dict[str, Any]) -> dict[str, Any]:
     cfg = adopt_init_backbone(cfg)  # the architecture of checkpoint.init_backbone's file
-    check_run_folder(cfg, write=ctx.is_main)
+    check_run_folder(cfg, write=ctx.local_rank == 0)
     check_amp(cfg, ctx.device)
     data = load_data(cfg, ctx)
     c = build(cfg, ctx, data.num_classes)

@@ -5,6 +5,7 @@ change, and the refusal to start a new run over another one.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +22,37 @@ def checkpoints_folder(cfg: Config) -> Path:
     return Path(cfg.output) / "checkpoints"
 
 
-#: ``<output>/.launch``: the torchrun launch (its rendezvous id) that started a ``checkpoint.resume=false``
-#: run in this folder, so that a restart of that launch knows the saves there for its own
-LAUNCH_FILE = ".launch"
+#: ``<output>/.launch/``: one file per torchrun agent (``HOST-PID``, holding the agent's start time) that
+#: started a ``checkpoint.resume=false`` run in this folder, so that its restarts know the saves for their own
+LAUNCH_FOLDER = ".launch"
 
 
-def _launch_id() -> str | None:
-    """This torchrun launch's id (the same in every attempt of it), None outside torchrun."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
-    return run if run not in (None, "", "none") else None
+def _agent() -> tuple[str, str] | None:
+    """(file name, content) naming this rank's torchrun agent: its host, pid and start time (the kernel's
+    clock ticks since boot), the same in every attempt of a launch and different in the next launch on any
+    host. torchrun's run id cannot serve: it is "none" under a static rendezvous (--master-addr) and under
+    c10d without --rdzv-id (the PyTorchJob's), and a fixed --rdzv-id repeats across launches. None outside
+    torchrun, or where /proc cannot tell (then a restart is checked as a first attempt: refused, not
+    resumed, on a folder holding a run)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    ppid = os.getppid()
+    try:
+        stat = Path(f"/proc/{ppid}/stat").read_text()
+    except OSError:
+        return None
+    start = stat[stat.rindex(")") + 2:].split()[19]  # field 22, counted after the command name's ")"
+    return f"{socket.gethostname()}-{ppid}", start
 
 
 def _own_restart(cfg: Config) -> bool:
     """Whether this process is a torchrun restart (``--max-restarts``) of the launch that started the run in
-    ``cfg.output``: its first attempt checked the folder and wrote :data:`LAUNCH_FILE`."""
-    launch = _launch_id()
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" or launch is None:
+    ``cfg.output``: its agent's first attempt checked the folder and wrote its file in :data:`LAUNCH_FOLDER`."""
+    agent = _agent()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" or agent is None:
         return False
     try:
-        return (Path(cfg.output) / LAUNCH_FILE).read_text().strip() == launch
+        return (Path(cfg.output) / LAUNCH_FOLDER / agent[0]).read_text().strip() == agent[1]
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -62,8 +75,8 @@ def check_run_folder(cfg: Config, write: bool = False) -> None:
 
     A torchrun restart of the launch that started the run there passes (it resumes its own saves); any
     other attempt is checked, a restart too: torchrun restarts a first attempt that was refused, and that
-    restart must not take another run's saves for its own. With ``write`` (rank 0), a folder that passes
-    records the launch (:data:`LAUNCH_FILE`) for its restarts."""
+    restart must not take another run's saves for its own. With ``write`` (each node's first rank), a folder
+    that passes records the node's torchrun agent (:data:`LAUNCH_FOLDER`) for its restarts."""
     if cfg.checkpoint.resume or _own_restart(cfg):
         return
     out = Path(cfg.output)
@@ -74,10 +87,10 @@ def check_run_folder(cfg: Config, write: bool = False) -> None:
         raise RunFolderError(f"output folder {out} holds a run ({', '.join(held)}) and checkpoint.resume=false "
                              "would overwrite it: set checkpoint.resume=true to continue that run, or choose "
                              "another output (or delete the folder) to start a new one")
-    launch = _launch_id()
-    if write and launch is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / LAUNCH_FILE, launch + "\n")
+    agent = _agent()
+    if write and agent is not None:  # each node's first rank: its agent's restarts read it
+        (out / LAUNCH_FOLDER).mkdir(parents=True, exist_ok=True)
+        atomic_write(out / LAUNCH_FOLDER / agent[0], agent[1] + "\n")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

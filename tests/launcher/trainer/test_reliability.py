@@ -93,3 +93,27 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(dataset, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out2 / "summary.json").read_text())
     assert summary["skipped_nonfinite"] == 1 and summary["steps"] == 6
+
+
+def test_a_static_rendezvous_restart_of_a_resume_false_run_resumes_its_own_saves(dataset, tmp_path):
+    """torchrun started by hand with --master-addr/--master-port (a static rendezvous: its run id is "none",
+    as under c10d without --rdzv-id, the PyTorchJob's): rank 0 is killed at step 5 of a checkpoint.resume=false
+    run; the restart resumes the saves its first attempt wrote (it was refused: 'holds a run')."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.deploy.guide import free_port
+
+    prefix, _ = dataset
+    out = tmp_path / "run"
+    args = _train_args(prefix, out, **{"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.resume": False})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1",
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--max-restarts", "1",
+                        "-m", "launcher", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**env, "PFC_FAULT": "kill:5:0"})
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "step_00000004" in log and "holds a run" not in log, log[-3000:]
+    assert _latest(out).name == "step_00000006"
