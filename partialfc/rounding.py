@@ -12,10 +12,14 @@ zero): add a uniform integer in ``[0, K)`` (K = 2^16 for bf16, 2^13 for fp16) to
 low ``log2 K`` bits. The magnitude rounds up exactly when the dropped bits plus the noise carry, with
 probability (dropped bits) / K; sign-magnitude makes it the same for negative values, an exactly
 representable value (dropped bits 0) never moves, and the result converts to the stored dtype without
-a second rounding. Only a finite value past the dtype's largest can round to inf (as it can to nearest);
-a quiet NaN (every arithmetic result) stays NaN: positive NaN payloads are clamped so that the add cannot
-carry into the sign bit (CUDA's NaN is 0x7FFFFFFF); a signaling NaN with its payload in the dropped bits
-only would come out as inf.
+a second rounding. A finite value past the dtype's largest rounds to inf with probability by its distance
+(to nearest, only from half an ulp past it);
+an arithmetic NaN stays NaN: positive NaN payloads are clamped so that the add cannot carry into the
+sign bit (CUDA's NaN is 0x7FFFFFFF), and on a GPU the negative NaNs whose add would wrap past zero
+(0xFFFFFFFF, CUDA's NaN negated) are moved below the band; the CPU's arithmetic NaNs (0x7FC00000,
+0xFFC00000) are outside it, but a hand-made negative NaN with only its low bits set would come out as 0
+there, and a signaling NaN with its payload in the dropped bits only as inf. (The trainer never stores a
+non-finite step: it skips it.)
 
 The noise is ``a_row XOR b_col`` (16 bits; 13 for fp16): ``a`` one value per sampled row, ``b`` one per
 column, both from :mod:`partialfc.counter_random` keyed by (head seed, rank, head step); the weights and
@@ -127,9 +131,16 @@ def round_into(x: torch.Tensor, out: torch.Tensor, noise: Noise, scratch: torch.
     a, b = noise
     torch.bitwise_xor(a.unsqueeze(1), b.unsqueeze(0), out=scratch)
     if out.dtype == torch.float16:
-        x.mul_(1.0 / _FP16_SCALE)  # exact: a power of two (float32 subnormals below fp16's normal range)
+        # a power of two: exact down to fp16's normal range; below it the float32 subnormal rounds to nearest
+        # first, so E[stored] is off by at most 2^-38 there (fp16's subnormal step is 2^-24)
+        x.mul_(1.0 / _FP16_SCALE)
     xi = x.view(torch.int32)
     xi.clamp_(max=top)  # only NaNs lie above top (CUDA's NaN is 0x7FFFFFFF); they stay NaNs
+    if xi.is_cuda:
+        # its negation, 0xFFFFFFFF (a NaN gradient times -lr), and any NaN in (-K, 0) would wrap past 0 to +0:
+        # kept a NaN. (On the CPU, arithmetic NaNs are 0x7FC00000 and 0xFFC00000, outside that band, and the
+        # two extra passes and their masks would cost every chunk.)
+        xi.masked_fill_((xi < 0) & (xi > -k), -k)
     xi.add_(scratch)  # in [0, K): -0.0's bits (INT32_MIN) cannot wrap
     xi.bitwise_and_(-k)
     if out.dtype == torch.float16:
