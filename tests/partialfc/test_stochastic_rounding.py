@@ -94,13 +94,14 @@ def test_non_finite_values_stay_and_finite_ones_stay_finite(dtype: torch.dtype) 
         assert got[0, 6] == big and got[0, 7] == -big and bool(got[0, 8].isfinite())
 
 
-def _decay_run(rounding: str, steps: int, lr: float, wd: float, mom: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _decay_run(rounding: str, steps: int, lr: float, wd: float, mom: float,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(initial, final) float64 weights of a bf16 SGD head of 64 x 32 stepped with a zero gradient (every
     row sampled, r = 1): pure weight decay through momentum."""
-    head = PartialFC(64, 32, 1.0, margin=MARGIN, seed=2, dtype=torch.bfloat16, rounding=rounding)
+    head = PartialFC(64, 32, 1.0, margin=MARGIN, seed=2, dtype=torch.bfloat16, rounding=rounding, device=device)
     opt = head.make_optimizer(lr=lr, momentum=mom, weight_decay=wd)
-    w0 = head.weight.detach().double().clone()
-    labels = torch.arange(8)
+    w0 = head.weight.detach().double().cpu().clone()
+    labels = torch.arange(8, device=device)
     for _ in range(steps):
         head.begin_step(labels)  # draws the step's rows (all 64) and advances head.step
         sampled = head.sampled_rows
@@ -108,7 +109,28 @@ def _decay_run(rounding: str, steps: int, lr: float, wd: float, mom: float) -> t
         sampled[1].grad = torch.zeros_like(sampled[1])
         opt.step()
         opt.zero_grad()
-    return w0, head.weight.detach().double()
+    return w0, head.weight.detach().double().cpu()
+
+
+def _float64_decay(steps: int, lr: float, wd: float, mom: float) -> float:
+    # every element follows the same linear recurrence, so the kept factor is one number
+    w, buf = 1.0, 0.0
+    for _ in range(steps):
+        buf = mom * buf + wd * w
+        w -= lr * buf
+    return 1.0 - w
+
+
+@pytest.mark.gpu
+def test_weight_decay_below_half_an_ulp_is_kept_on_a_gpu() -> None:
+    """The optimizer's stochastic stores on the device (its 64k-row chunks): the decay is float64's."""
+    from tests.gpu.device import gpu_test_device
+
+    steps, lr, wd, mom = 250, 0.1, 5e-4, 0.9
+    w0, sr = _decay_run("stochastic", steps, lr, wd, mom, gpu_test_device())
+    kept = float((sr * w0).sum() / (w0 * w0).sum())
+    decay64 = _float64_decay(steps, lr, wd, mom)
+    assert abs((1.0 - kept) - decay64) < 0.02 * decay64, (1.0 - kept, decay64)
 
 
 def test_weight_decay_below_half_an_ulp_is_kept() -> None:
@@ -117,12 +139,7 @@ def test_weight_decay_below_half_an_ulp_is_kept() -> None:
     by 11.40%; stochastic rounding keeps that decay within 2% (measured 11.53%), rounding to nearest keeps
     every weight exactly where it was."""
     steps, lr, wd, mom = 250, 0.1, 5e-4, 0.9
-    # float64: every element follows the same linear recurrence, so the kept factor is one number.
-    w, buf = 1.0, 0.0
-    for _ in range(steps):
-        buf = mom * buf + wd * w
-        w -= lr * buf
-    decay64 = 1.0 - w
+    decay64 = _float64_decay(steps, lr, wd, mom)
     assert decay64 > 0.1
     w0, sr = _decay_run("stochastic", steps, lr, wd, mom)
     kept = float((sr * w0).sum() / (w0 * w0).sum())
