@@ -130,6 +130,12 @@ def train_cmd(
     _check_rendezvous_options_or_exit(rdzv_endpoint, rdzv_id, node_rank, rdzv_timeout)
     overrides = build_overrides(data, val_bin, output, sets)
     cfg = config_or_exit(config, overrides)
+    if not under_launcher():
+        from launcher.trainer.run_folder import check_run_folder
+
+        # here, before an image folder is packed into the output and before torchrun: refused in a rank, it
+        # would restart the rank (--max-restarts) with the refusal buried in its log
+        check_run_folder(cfg)
     if nproc_per_node is not None and not under_launcher():
         _check_gpus_or_exit(nproc_per_node, cfg.dist.backend)
     overrides, cfg = with_resolved_data(config, overrides, cfg, _prepare_or_exit(cfg))
@@ -149,11 +155,6 @@ def _launch_or_train(cfg: Config, config: str, overrides: list[str], nproc_per_n
     from launcher.trainer.progress import setup_logging
 
     if nproc_per_node is not None and not under_launcher():
-        from launcher.trainer.run_folder import check_run_folder
-
-        # here, before torchrun: refused in a rank, it would restart the rank (--max-restarts) with the refusal
-        # buried in its log
-        check_run_folder(cfg)
         argv = ["train", config] + [a for o in overrides for a in ("--set", o)]
         started = time.time()
         try:
