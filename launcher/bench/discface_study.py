@@ -20,6 +20,11 @@ from launcher.config import load_config, resolve_config_path
 
 # A fixed offset for the held-out identities' seed, so they share no template with training or val.
 _HELDOUT_SEED_OFFSET = 7919
+# The verification set: VAL_PAIRS pairs of at least VAL_MIN_IDENTITIES unseen identities (a third of the
+# training count if more). Module-level so that the end-to-end test can shrink them: decoding and embedding
+# 12000 images in each run and again in the study's own verification was most of that test's time.
+VAL_MIN_IDENTITIES = 100
+VAL_PAIRS = 6000
 
 
 def _last_train_discrepancy(run: Path, window: int = 20) -> dict[str, float]:
@@ -51,7 +56,7 @@ def discface_study(out: Path, *, config: str, lambdas: list[float], identities: 
     val_bin = default_val_bin(prefix)
     jitter: dict[str, Any] = {"jitter": HARD_JITTER} if hard else {}
     generate_once(prefix, identities, images_per_identity, needs_val_bin=True, image_size=size,
-                  val_identities=max(100, identities // 3), val_pairs=6000, seed=seed, **jitter)
+                  val_identities=max(VAL_MIN_IDENTITIES, identities // 3), val_pairs=VAL_PAIRS, seed=seed, **jitter)
     generate_once(heldout, heldout_identities, images_per_identity, needs_val_bin=False, image_size=size,
                   val_identities=0, seed=seed + _HELDOUT_SEED_OFFSET, **jitter)
     results: dict[str, Any] = {"config": str(recipe), "identities": identities, "hard_jitter": hard,

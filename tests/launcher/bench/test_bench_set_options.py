@@ -19,6 +19,7 @@ import launcher.cli  # noqa: F401  (registers every command on the app)
 from launcher.commands.groups import app
 from launcher.config import load_config
 from launcher.trainer.augment import enabled
+from tests.support.pfc_forks import PfcForks
 from tests.support.runs import _pfc, refused_in_one_line
 
 # A config file whose values differ from demo_cpu's (the options' default), so that each can be traced.
@@ -59,13 +60,13 @@ def _run_config(run: Path) -> dict:
 
 
 @pytest.mark.multiprocess
-def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path) -> None:
+def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path, pfc: PfcForks) -> None:
     """``--config FILE``: the file's model and batch are what ran; ``--device-data`` on a CPU: batches made
     on the CPU, no dataset written; ``--warmup 3 --steps 2``: 5 steps ran, steps 4-5 timed, said in the JSON;
     ``--workdir W --keep``: the run folder kept in W. The device is the one the run's summary.json names."""
     scratch, out = tmp_path / "w", tmp_path / "r.json"
-    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "3",
-              "--steps", "2", "--nproc", "1", "--workdir", str(scratch), "--keep", "--json", str(out)], timeout=300)
+    r = pfc.run(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "3",
+                 "--steps", "2", "--nproc", "1", "--workdir", str(scratch), "--keep", "--json", str(out)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(out.read_text())
     assert (res["backbone"], res["image_size"], res["batch_per_rank"]) == ("tiny", 16, 4)
@@ -85,11 +86,11 @@ def test_bench_train_config_file_device_data_and_warmup(tmp_path: Path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_bench_train_leaves_no_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_train_leaves_no_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pfc: PfcForks) -> None:
     """Without --keep the temporary folder (the run's checkpoint) is deleted when the bench ends."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
-              "--steps", "2", "--nproc", "1", "--json", str(tmp_path / "r.json")], timeout=300)
+    r = pfc.run(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
+                 "--steps", "2", "--nproc", "1", "--json", str(tmp_path / "r.json")], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["workdir"] is None
     assert not list(tmp_path.glob("pfc-bench-train-*"))
@@ -114,25 +115,25 @@ def test_bench_train_whose_rank_is_killed_deletes_what_it_wrote(tmp_path: Path) 
 
 
 @pytest.mark.multiprocess
-def test_bench_train_keeps_a_given_workdir_whatever_its_name(tmp_path: Path) -> None:
+def test_bench_train_keeps_a_given_workdir_whatever_its_name(tmp_path: Path, pfc: PfcForks) -> None:
     """A --workdir named ``data`` (empty, the bench's own folders in it deleted): the folder stays, as any given
     --workdir does (it was removed: taken for the data folder the bench makes inside its workdir)."""
     work = tmp_path / "data"
     work.mkdir()
-    r = _pfc(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
-              "--steps", "2", "--nproc", "1", "--workdir", str(work)], timeout=300)
+    r = pfc.run(["bench", "train", "--config", str(_config_file(tmp_path)), "--device-data", "--warmup", "0",
+                 "--steps", "2", "--nproc", "1", "--workdir", str(work)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert work.is_dir() and not list(work.iterdir())
 
 
 @pytest.mark.multiprocess
-def test_bench_augment_config_file_and_two_ranks(tmp_path: Path) -> None:
+def test_bench_augment_config_file_and_two_ranks(tmp_path: Path, pfc: PfcForks) -> None:
     """``--config FILE --nproc 2``: both runs train the file's model on two ranks (two head shards each)."""
     out, doc = tmp_path / "study", tmp_path / "r.json"
-    r = _pfc(["bench", "augment", "--output", str(out), "--config", str(_config_file(tmp_path)), "--nproc", "2",
-              "--seeds", "3", "--identities", "4", "--images-per-identity", "2", "--val-identities", "2",
-              "--val-pairs", "20", "--steps", "1", "--augment", "data.augment.grayscale.p=1.0",
-              "--json", str(doc)], timeout=300)
+    r = pfc.run(["bench", "augment", "--output", str(out), "--config", str(_config_file(tmp_path)), "--nproc", "2",
+                 "--seeds", "3", "--identities", "4", "--images-per-identity", "2", "--val-identities", "2",
+                 "--val-pairs", "20", "--steps", "1", "--augment", "data.augment.grayscale.p=1.0",
+                 "--json", str(doc)], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = json.loads(doc.read_text())
     assert res["world_size"] == 2 and res["config"] == str(tmp_path / "tiny.yaml")
@@ -222,11 +223,11 @@ def test_bench_data_scale_loader_dali_without_dali_is_one_line(tmp_path: Path) -
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 8, reason="a machine with more than 8 GPUs")
-def test_bench_data_device_id_of_a_gpu_that_is_not_there_is_one_line(tiny_rec: Path) -> None:
+def test_bench_data_device_id_of_a_gpu_that_is_not_there_is_one_line(tiny_rec: Path, pfc: PfcForks) -> None:
     """``--loader dali --device-id 8`` without that GPU: one line before DALI starts (its error was a
     traceback from the pipeline's build)."""
     n = torch.cuda.device_count()
-    r = _pfc(["bench", "data", str(tiny_rec), "--loader", "dali", "--device-id", "8", "--batch", "4",
-              "--seconds", "0.2", "--rounds", "1"], timeout=120)
+    r = pfc.run(["bench", "data", str(tiny_rec), "--loader", "dali", "--device-id", "8", "--batch", "4",
+                 "--seconds", "0.2", "--rounds", "1"], timeout=120)
     assert refused_in_one_line(r) == (f"pfc bench data: --device-id 8: no such CUDA device ({n} visible); "
                                       "leave it out to decode on the CPU")

@@ -21,6 +21,7 @@ from launcher.trainer.finetune import BestKeeper, adopt_init_backbone
 from partialfc.backbones import get_backbone, save_backbone
 from tests.partialfc.backbones.insightface_reference import RefIResNet, randomise
 from tests.support.distributed import run_ranks
+from tests.support.pfc_forks import PfcForks
 from tests.support.runs import _head_matrix, _overrides, _train
 
 
@@ -194,19 +195,19 @@ def _faces(root: Path, identities: int, per_identity: int, size: int = 112, seed
     return root
 
 
-def _pfc(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 @pytest.mark.multiprocess
-def test_readme_two_command_fine_tune_of_an_insightface_pth(tmp_path):
+def test_readme_two_command_fine_tune_of_an_insightface_pth(tmp_path, pfc: PfcForks):
     """README "Fine-tune insightface weights": the two commands, with --set only to make them small.
 
     The network is insightface's iresnet18 layout at 1/16 width for 32 px images (insightface's own
     are 112 px; the image size is read from the file either way), so the test takes seconds of CPU.
+    Each `pfc` command is a process of its own, forked from one that imported the launcher once
+    (``tests/support/pfc_forks.py``): four new interpreters' imports were most of the test's time.
     """
+
+    def _pfc(*args: str) -> subprocess.CompletedProcess[str]:
+        return pfc.run(list(args), timeout=400)
+
     pth = _r18_pth(tmp_path / "backbone.pth", image_size=32)
     faces = _faces(tmp_path / "faces", 12, 4, size=64)
     heldout = _faces(tmp_path / "heldout_faces", 6, 4, size=64, seed=1)
