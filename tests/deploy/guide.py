@@ -10,11 +10,12 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests.support.ports import free_port  # noqa: F401 (the tests of this folder import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "deploy.md"
@@ -85,12 +86,6 @@ def compose_binary() -> str | None:
             if binary.is_file():
                 return str(binary)
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shell_env(tmp: Path, **extra: str) -> dict[str, str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.ports import free_port  # noqa: F401 (the tests of this folder import it from here)
 
 REPO = Path(__file__).resolve().parents[3]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -128,27 +129,6 @@ def substitute(expr: str) -> str:
 def exposed_names(families: Any) -> set[str]:
     """Sample names as they appear on /metrics (``_total``, ``_bucket``, ``_sum``, ...)."""
     return {s.name for fam in families for s in fam.samples}
-
-
-def free_port(count: int = 1) -> int:
-    """A loopback port P such that P..P+count-1 were free a moment ago."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        ok = True
-        for p in range(base, base + count):
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range on loopback")
 
 
 def need_binary(name: str) -> str:
