@@ -81,15 +81,17 @@ def ignored_settings(cfg: Config) -> list[str]:
     m = cfg.metrics
     given = _changed(m, _EXPORTER_ONLY, "metrics")
     if given and not m.enabled:
-        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: metrics.enabled is "
-                     "false, so no exporter serves and nothing is pushed; set metrics.enabled=true to use "
-                     f"{'it' if len(given) == 1 else 'them'}")
+        lines.append(_no_effect(given, "metrics.enabled is false, so no exporter serves and nothing is pushed; "
+                                f"set metrics.enabled=true to use {'it' if len(given) == 1 else 'them'}"))
     given = _changed(cfg.log, ("wandb_project", "wandb_mode"), "log")
     if given and "wandb" not in cfg.log.backends:
         backends = f"log.backends ({', '.join(cfg.log.backends)}) has" if cfg.log.backends else "log.backends is empty:"
-        lines.append(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: {backends} no wandb; "
-                     "add wandb to log.backends to log to W&B")
+        lines.append(_no_effect(given, f"{backends} no wandb; add wandb to log.backends to log to W&B"))
     return lines
+
+
+def _no_effect(given: list[str], why: str) -> str:
+    return f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: {why}"
 
 
 def _changed(section: BaseModel, names: tuple[str, ...], prefix: str) -> list[str]:
