@@ -37,15 +37,39 @@ class ModelPathError(ValueError):
     """A MODEL argument that does not lead to a backbone weight file."""
 
 
+def resolve_backbone_file(model: str | Path) -> Path:
+    """MODEL as users give it -> the backbone weight file.
+
+    Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
+    (``step_*``), or a weight file itself: a backbone ``.safetensors`` or an insightface arcface_torch
+    ``.pth``/``.pt`` state_dict (whether the file fits a backbone is checked when it is loaded).
+    """
+    from launcher.trainer.checkpoint_files import LATEST, CheckpointPaths
+
+    p = Path(model)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
+                                "folder, a backbone .safetensors file or an insightface .pth file)")
+    if (p / "backbone.safetensors").is_file():
+        return p / "backbone.safetensors"
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).exists():
+            latest = CheckpointPaths(root).latest()
+            assert latest is not None
+            return latest / "backbone.safetensors"
+    raise FileNotFoundError(f"{p} holds no checkpoint: expected {p}/checkpoints/latest, {p}/latest or "
+                            f"{p}/backbone.safetensors")
+
+
 def resolve_weight_file(model_path: str | Path) -> Path:
     """The backbone weight file (safetensors) that ``model_path`` designates.
 
-    Accepts what :func:`launcher.trainer.checkpoint_files.resolve_backbone_file` accepts: a backbone
+    Accepts what :func:`resolve_backbone_file` accepts: a backbone
     ``.safetensors`` file, one checkpoint folder, a checkpoints folder or a run folder (their
     ``latest``). Anything else raises :class:`ModelPathError` (a ValueError) saying what is accepted.
     """
-    from launcher.trainer.checkpoint_files import resolve_backbone_file
-
     try:
         return resolve_backbone_file(model_path)
     except FileNotFoundError as exc:

@@ -29,7 +29,7 @@ def eval_cmd(
     from launcher.config import Config
     from launcher.config_schema import check_distinct_val_sets
     from launcher.distributed import DistContext
-    from launcher.trainer.checkpoint_files import resolve_backbone_file
+    from launcher.model_files import resolve_backbone_file
     from launcher.trainer.evaluation import evaluate_bins
     from partialfc.backbones import load_backbone
 

@@ -94,8 +94,9 @@ class CheckpointPointerError(FileNotFoundError):
 class CheckpointPaths:
     root: Path
 
-    def latest(self) -> Path | None:
-        """The newest complete save, or None when there is no ``latest``.
+    def latest(self, restore: bool = False) -> Path | None:
+        """The newest complete save, or None when there is no ``latest``. ``restore`` (the trainer, resuming:
+        no save of this folder can be under way) first puts back a save a killed re-save left aside.
 
         ``latest`` must hold the bare name of a ``step_*`` folder of this checkpoints folder; a path
         (``../../other_run/step_N``, ``/abs/path``), or a name whose folder is missing or incomplete, is an
@@ -111,6 +112,8 @@ class CheckpointPaths:
                 f"{self.root} (a path elsewhere is not followed); point it at one of: "
                 f"{', '.join(p.name for p in self.complete_saves()[-3:]) or 'no complete save here'}")
         path = self.root / name
+        if restore:
+            _restore_replaced(path)
         if path.is_symlink() or not (path / "meta.json").is_file():
             raise CheckpointPointerError(
                 f"{pointer} names {name!r}, but {path}/meta.json does not exist (or {path} is a link): "
@@ -122,6 +125,29 @@ class CheckpointPaths:
         return sorted((p for p in self.root.glob("step_*")
                        if _STEP_DIR.match(p.name) and not p.is_symlink() and (p / "meta.json").is_file()),
                       key=step_of)
+
+
+def _replaced(path: Path) -> Path:
+    """Where :func:`_publish` keeps a save while the same step is saved again."""
+    return path.with_name(f".{path.name}.replaced")
+
+
+def _restore_replaced(path: Path) -> None:
+    """Put a complete save back that a kill between :func:`_publish`'s two renames left aside (``latest``
+    names it, its folder is missing, its ``.replaced`` copy is whole). Only while no save is under way (a
+    save's own window between the renames looks the same); every rank may try: one rename wins."""
+    kept = _replaced(path)
+    if path.exists() or path.is_symlink() or kept.is_symlink() or not (kept / "meta.json").is_file():
+        return
+    # OSError: another rank's rename came first (path is now a non-empty folder), or kept is gone
+    with contextlib.suppress(OSError):
+        os.rename(kept, path)
+
+
+def _stale_replaced(paths: CheckpointPaths) -> list[Path]:
+    """``.step_N.replaced`` folders whose ``step_N`` is in place: a kill after the new copy's rename."""
+    return [p for p in paths.root.glob(".step_*.replaced")
+            if (paths.root / p.name[1:-len(".replaced")]).is_dir()]
 
 
 def prunable(saves: list[Path], just_written: Path, latest: Path | None, keep_last: int) -> list[Path]:
@@ -215,7 +241,9 @@ def _make_partial(paths: CheckpointPaths, partial: Path) -> Exception | None:
     """Rank 0: an empty ``.step_N.partial`` folder (stale ones of a crash during an earlier save removed)."""
     try:
         paths.root.mkdir(parents=True, exist_ok=True)
-        for stale in paths.root.glob(".*.partial"):
+        # what a killed save (.partial), prune (.pruned) or re-save of one step (.replaced, once its step is
+        # back in place: CheckpointPaths.latest) left
+        for stale in [*paths.root.glob(".*.partial"), *paths.root.glob(".*.pruned"), *_stale_replaced(paths)]:
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
         (partial / "rank").mkdir()
@@ -249,14 +277,18 @@ def _write_parts(contents: CheckpointContents, partial: Path, step: int, rank: i
 def _prune(paths: CheckpointPaths, final: Path, keep_last: int) -> None:
     try:
         for old in prunable(paths.complete_saves(), final, paths.latest(), keep_last):
-            shutil.rmtree(old, ignore_errors=True)
+            # hidden first: a kill during rmtree would leave a step_N folder that still holds its meta.json,
+            # listed as a complete save (an earlier save to resume from) with files missing
+            gone = old.with_name(f".{old.name}.pruned")
+            os.rename(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
     except Exception as e:  # the save itself is complete and named by latest: only log
         log.warning(f"checkpoint {final} written, but pruning older saves failed: {e}")
 
 
 def _publish(paths: CheckpointPaths, partial: Path, final: Path, meta: dict[str, Any]) -> Exception | None:
     """Rank 0: finish a save whose parts are all written. Returns the error, after undoing what it can."""
-    replaced = final.with_name(f".{final.name}.replaced")
+    replaced = _replaced(final)
     moved = False
     try:
         atomic_write(partial / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
@@ -358,26 +390,3 @@ def load_checkpoint(path: Path, rank: int, world_size: int) -> CheckpointContent
     return CheckpointContents(step=int(trainer_state["step"]), meta=meta, trainer_state=trainer_state,
                               rank_state=rank_state, folder=path)
 
-
-def resolve_backbone_file(model: str | Path) -> Path:
-    """MODEL as users give it -> the backbone weight file.
-
-    Accepts a run folder (its ``checkpoints/latest``), a checkpoints folder, one checkpoint
-    (``step_*``), or a weight file itself: a backbone ``.safetensors`` or an insightface arcface_torch
-    ``.pth``/``.pt`` state_dict (whether the file fits a backbone is checked when it is loaded).
-    """
-    p = Path(model)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such file or directory (expected a run folder, a checkpoint "
-                                "folder, a backbone .safetensors file or an insightface .pth file)")
-    if (p / "backbone.safetensors").is_file():
-        return p / "backbone.safetensors"
-    for root in (p / "checkpoints", p):
-        if (root / LATEST).exists():
-            latest = CheckpointPaths(root).latest()
-            assert latest is not None
-            return latest / "backbone.safetensors"
-    raise FileNotFoundError(f"{p} holds no checkpoint: expected {p}/checkpoints/latest, {p}/latest or "
-                            f"{p}/backbone.safetensors")

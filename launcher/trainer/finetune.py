@@ -46,7 +46,7 @@ def adopt_init_backbone(cfg: Config) -> Config:
     init = cfg.checkpoint.init_backbone
     if not init:
         return cfg
-    from launcher.trainer.checkpoint_files import resolve_backbone_file
+    from launcher.model_files import resolve_backbone_file
     from partialfc.backbones import read_backbone_config
 
     try:

@@ -65,7 +65,7 @@ def resume_point(cfg: Config) -> Path | None:
     wrote: they are its own, and starting over would throw their work away."""
     if not cfg.checkpoint.resume and not _own_restart(cfg):
         return None
-    return CheckpointPaths(checkpoints_folder(cfg)).latest()
+    return CheckpointPaths(checkpoints_folder(cfg)).latest(restore=True)
 
 
 def check_run_folder(cfg: Config, write: bool = False) -> None:

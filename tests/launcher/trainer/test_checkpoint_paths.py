@@ -114,8 +114,8 @@ def test_prunable_keeps_everything_while_fewer_than_keep_last_saves_exist():
 @pytest.mark.parametrize("pointer", ["../../other/checkpoints/step_00000001", "ABS", "step_00000001/../../x",
                                      "", "step_1"])
 def test_latest_is_only_followed_inside_its_own_folder(tmp_path, pointer):
-    from launcher.model_files import ModelPathError, resolve_weight_file
-    from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointPointerError, resolve_backbone_file
+    from launcher.model_files import ModelPathError, resolve_backbone_file, resolve_weight_file
+    from launcher.trainer.checkpoint_files import CheckpointPaths, CheckpointPointerError
 
     p = _parts(1)
     other = tmp_path / "other" / "checkpoints"
