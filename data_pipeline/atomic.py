@@ -36,13 +36,13 @@ import glob
 import os
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "backup_name", "describe_error", "fsync_dir",
-           "fsync_file", "leftover_temps", "temp_name"]
+__all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "backup_name", "describe_error", "folder_lock",
+           "fsync_dir", "fsync_file", "leftover_temps", "temp_name"]
 
 
 def _fsync_path(path: str | os.PathLike[str]) -> None:
@@ -61,6 +61,31 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """``fsync`` a file written (and closed) by someone else's writer."""
     _fsync_path(path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the directory ``folder`` for the block: what a dataset overwrite holds
+    while its old files are under backup names, and what a leftover sweep takes before judging backups.
+
+    Two overwrites of one dataset at once (two ``pfc data pack`` into one output) interleaved their renames:
+    one set the other's new ``.rec`` aside and the other then put its ``.idx`` over the first's, leaving a
+    ``.rec`` with another write's ``.idx``; and a sweep in another pid namespace took a live overwrite's
+    backups for a dead one's (the pid in their names not running there) and removed them. The lock belongs
+    to the kernel's open file, seen from every namespace, and goes with a killed holder. Held for renames
+    only (milliseconds), it serialises every dataset of the folder. A folder that cannot be locked (a
+    filesystem without flock) is used without it, as before."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # not BlockingIOError: this waits
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def describe_error(error: BaseException) -> str:

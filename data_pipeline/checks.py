@@ -26,6 +26,7 @@ from data_pipeline.key_ranges import (
     absent_keys,
     exact_range,
     first_absent_key,
+    header_record,
     resolve_header,
     valid_class_ids,
 )
@@ -158,8 +159,8 @@ class _Inspection:
         header: tuple[int, int] | None = None
         if 0 in reader:
             try:
-                head = reader.read_header(0)
-                if head.flag > 0 and np.asarray(head.label).size >= 2:
+                head = header_record(reader)
+                if head is not None and np.asarray(head.label).size >= 2:
                     header = resolve_header(reader, head, self.num_classes)
             except RecordIOError as exc:
                 self.flag_corrupt(0, reader.offset(0), str(exc.with_context(path=self.rec_path, key=0,

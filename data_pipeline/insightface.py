@@ -48,6 +48,7 @@ from data_pipeline.key_ranges import (
     class_id,
     exact_range,
     float32_preimage,
+    header_record,
     resolve_header,
     valid_class_ids,
 )
@@ -79,15 +80,13 @@ class InsightFaceReader:
         self._reader = RecordReader(self.rec_path, self.idx_path if self.idx_path.is_file() else None)
         keys = self._reader.key_array
         self.header: tuple[int, int] | None = None
-        if 0 in self._reader:
-            head = self._reader.read_header(0)
-            if head.flag > 0:
-                label = np.asarray(head.label)
-                if label.size < 2:
-                    raise RecordIOError(f"header record has flag {head.flag} but needs the label "
-                                        "[id_start, id_end]", path=self.rec_path, key=0,
-                                        offset=self._reader.offset(0))
-                self.header = self._resolve_header(head)
+        head = header_record(self._reader)
+        if head is not None:
+            if np.asarray(head.label).size < 2:
+                raise RecordIOError(f"header record has flag {head.flag} but needs the label "
+                                    "[id_start, id_end]", path=self.rec_path, key=0,
+                                    offset=self._reader.offset(0))
+            self.header = self._resolve_header(head)
         # image keys as a view of the reader's int64 keys where possible (no copy, nothing per record)
         self._image_keys: np.ndarray
         self._image_range: tuple[int, int] | None = None  # the images are keys[lo:hi] of the index

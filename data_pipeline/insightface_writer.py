@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import AtomicFile, CommitOrAbort, Leftover
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, Leftover, folder_lock
 from data_pipeline.key_ranges import FLOAT32_EXACT_LIMIT, range_header
 from data_pipeline.property_file import (
     dataset_leftovers,
@@ -35,15 +35,18 @@ def remove_leftovers(prefix: str | os.PathLike[str]) -> list[Leftover]:
     so in a log line; the others may belong to a write in progress (another host, a live pid) and are
     only named. Returns the ones removed."""
     removed = []
-    for left in dataset_leftovers(prefix):
-        what = f"{left.describe()}{' (a backup of the old ' + str(left.final) + ')' if left.backup else ''}"
-        if not left.gone:
-            log.warning("kept %s: the write that made it may still be running; delete it once it is not", what)
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            left.path.unlink()
-            removed.append(left)
-            log.warning("removed %s, left by an earlier write of %s that did not finish", what, prefix)
+    # under the folder's lock: a live overwrite (whichever pid namespace) finishes its renames first, so a
+    # backup seen here is a killed one's, never the old dataset of a swap in progress
+    with folder_lock(Path(prefix).parent):
+        for left in dataset_leftovers(prefix):
+            what = f"{left.describe()}{' (a backup of the old ' + str(left.final) + ')' if left.backup else ''}"
+            if not left.gone:
+                log.warning("kept %s: the write that made it may still be running; delete it once it is not", what)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                left.path.unlink()
+                removed.append(left)
+                log.warning("removed %s, left by an earlier write of %s that did not finish", what, prefix)
     return removed
 
 

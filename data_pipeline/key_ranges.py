@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from data_pipeline.recordio import RecordReader
 
 __all__ = ["FLOAT32_EXACT_LIMIT", "absent_keys", "class_id", "exact_range", "first_absent_key", "float32_preimage",
-           "range_header", "resolve_header", "valid_class_ids"]
+           "header_record", "range_header", "resolve_header", "valid_class_ids"]
 
 log = logging.getLogger("data_pipeline.insightface")  # the name its warnings always had
 
@@ -66,6 +66,21 @@ def exact_range(l0: np.ndarray, l1: np.ndarray, rid: np.ndarray, rid2: np.ndarra
     first = np.where(ids_exact, rid.astype(np.int64), safe0.astype(np.int64))
     end = np.where(ids_exact, rid2.astype(np.int64), safe1.astype(np.int64))
     return first, end, ids_exact | floats_exact
+
+
+def header_record(reader: RecordReader) -> IRHeader | None:
+    """The IRHeader of record 0 when it is insightface's header record: ``flag > 0`` (a label array) and
+    nothing after the labels. None otherwise: no key 0, a scalar label, or an image, which is what key 0 of
+    an im2rec ``--pack-label`` file is (label ``[class, ...]`` and the JPEG after it): taken for a header,
+    it named a "header label [0.0, ...]" and the whole file was refused. A malformed record 0 raises its
+    :class:`RecordIOError`."""
+    if 0 not in reader:
+        return None
+    head = reader.read_header(0)
+    if head.flag == 0:
+        return None
+    # a header is small; an image at key 0 is read once (a few KiB)
+    return head if len(reader.read(0)) == 24 + 4 * head.flag else None
 
 
 def resolve_header(reader: RecordReader, head: IRHeader, num_classes: int | None) -> tuple[int, int]:

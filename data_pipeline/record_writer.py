@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data_pipeline.atomic import AtomicFile, CommitOrAbort, backup_name, fsync_dir
+from data_pipeline.atomic import AtomicFile, CommitOrAbort, backup_name, folder_lock, fsync_dir
 from data_pipeline.record_chunks import encoded_size
 from data_pipeline.record_format import encode_record
 from data_pipeline.written_keys import WrittenKeys
@@ -121,20 +121,26 @@ class RecordWriter(CommitOrAbort):
         try:
             for f in files:  # everything that can fail on a full disk, before the first rename
                 f.sync()
-            for old in (*remove_first, *(f.path for f in then), *([] if self.idx_path is None else [self.idx_path]),
-                        self.rec_path):
-                swap.set_aside(old)
-            for f in files:
-                swap.place(f)
+            # steps 2-8 under the folder's lock: another overwrite's renames wait (never interleaved with
+            # ours), and no sweep removes our backups while they are the old dataset
+            with folder_lock(self.rec_path.parent):
+                try:
+                    for old in (*remove_first, *(f.path for f in then),
+                                *([] if self.idx_path is None else [self.idx_path]), self.rec_path):
+                        swap.set_aside(old)
+                    for f in files:
+                        swap.place(f)
+                except BaseException:
+                    swap.undo()
+                    raise
+                for f in files:
+                    f.commit()  # placed already: closes it, releasing its lock
+                swap.drop_backups()
         except BaseException:
-            swap.undo()
             self.abort()
             for f in then:
                 f.discard()
             raise
-        for f in files:
-            f.commit()  # placed already: closes it, releasing its lock
-        swap.drop_backups()
 
     def abort(self) -> None:
         """Stop without finishing: the temporary files are removed, nothing appears under the final names."""

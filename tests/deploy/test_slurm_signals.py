@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PENDING", "NODE_FAIL", 
 
 @pytest.fixture
 def submit(slurm_cluster, tmp_path) -> Iterator:  # noqa: F811
-    """``submit(save, *sbatch options) -> (job id, env)``: sbatch train.sbatch with the stand-in as PFC;
+    """``submit(save, *sbatch options, **environment) -> (job id, env)``: sbatch train.sbatch with the stand-in as PFC;
     every job submitted is cancelled afterwards (a requeued one would start again)."""
     fake = tmp_path / "fake-pfc"
     fake.write_text(FAKE_PFC)
@@ -56,9 +57,10 @@ def submit(slurm_cluster, tmp_path) -> Iterator:  # noqa: F811
                PFC_RDZV_PORT=str(free_port()))
     jobs: list[str] = []
 
-    def run(save: str, *options: str) -> tuple[str, dict[str, str]]:
+    def run(save: str, *options: str, **extra_env: str) -> tuple[str, dict[str, str]]:
         res = subprocess.run(["sbatch", *options, "--output", str(tmp_path / "slurm-%j.out"),
-                              "deploy/slurm/train.sbatch", "demo_cpu"], cwd=REPO, env=dict(env, FAKE_SAVE=save),
+                              "deploy/slurm/train.sbatch", "demo_cpu"], cwd=REPO,
+                             env=dict(env, FAKE_SAVE=save, **extra_env),
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
         m = re.search(r"Submitted batch job (\d+)", res.stdout)
@@ -134,3 +136,20 @@ def test_time_limit_reached_during_the_save_after_usr1_still_requeues(submit):
     assert "step finished with status 76" in out, out
     assert "requeueing job" in out, out
     assert _job_state(job, env)[1] >= 1, "not requeued"
+
+
+def test_term_before_srun_has_made_its_step_still_reaches_the_ranks(submit, tmp_path):
+    """A TERM to the batch script while srun is still making its step (here a real srun started 3 s late,
+    as a busy controller would make it): `scancel --signal` reaches only steps that exist, so the script
+    must wait for the step; otherwise the stop request is lost and the ranks train on."""
+    wrapper = tmp_path / "bin" / "srun"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/bash\nsleep 3\nexec {shutil.which("srun")} "$@"\n')
+    wrapper.chmod(0o755)
+    job, env = submit("1", "--ntasks=2", PATH=f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    _wait_for(lambda: "pfc-train: job" in _logs(job, env)[0], 30, "the batch script to start")
+    assert "start" not in _logs(job, env)[1], "the step started before the TERM: the test proves nothing"
+    _signal(job, env, "--signal=TERM", "--batch")
+    out, fake = _until_step_ends(job, env, 40)
+    assert "got TERM" in fake and "saved" in fake, f"the stop request was lost:\n{out}\n{fake}"
+    assert "step finished with status 76" in out and "requeueing job" not in out, out
