@@ -3,6 +3,7 @@ and :class:`Config`, which holds them and checks what spans two sections."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any, Literal
@@ -282,9 +283,21 @@ class LogConfig(Section):
         return list(dict.fromkeys(v))
 
 
+#: set to 1 by this project's images (docker/): the exporter's default address is then every interface
+CONTAINER_ENV = "PFC_CONTAINER"
+
+
+def default_metrics_host() -> str:
+    """Loopback, except inside this project's images, where a loopback exporter answers no one outside the
+    container (``docker run -p 9400:9400`` publishes the container's interface, not its loopback)."""
+    return "0.0.0.0" if os.environ.get(CONTAINER_ENV) == "1" else "127.0.0.1"
+
+
 class MetricsConfig(Section):
     enabled: bool = False
-    host: str = Field("127.0.0.1", description="bind address; loopback by default outside containers")
+    host: str = Field(default_factory=default_metrics_host,
+                      description="bind address; loopback (127.0.0.1) by default, 0.0.0.0 in this project's "
+                                  f"images ({CONTAINER_ENV}=1)")
     port_base: int = Field(9400, ge=1, le=65535)
     port_policy: Literal["fail", "next-free"] = Field(
         "fail", description="a taken port: stop with an error, or step by the local world size (logged)")

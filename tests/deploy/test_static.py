@@ -134,6 +134,9 @@ def _common_runtime_checks(ins: list[tuple[str, str]], port: int) -> None:
     assert ("ENTRYPOINT", '["tini", "--", "pfc"]') in final
     assert any(k == "RUN" and re.search(r"apt-get install[^&]*\btini\b", v) for k, v in final)
     assert any(k == "EXPOSE" and str(port) in v.split() for k, v in final), "the metrics port must be exposed"
+    # the exporter then binds every interface by default: a loopback one answers no published port
+    from launcher.config_schema import CONTAINER_ENV
+    assert any(k == "ENV" and f"{CONTAINER_ENV}=1" in v.split() for k, v in final), "the image must mark itself"
     # no HEALTHCHECK in the images: most containers of them (data, demo, eval) serve no metrics;
     # compose gives the trainers, which do, a health check of their own
     assert not [v for k, v in ins if k == "HEALTHCHECK"]

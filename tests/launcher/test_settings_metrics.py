@@ -9,13 +9,37 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import yaml
 
 from launcher.config import MetricsConfig
 from launcher.monitoring.exporter import TrainingMetrics
 from tests.launcher.monitoring.helpers import STEP_SCALARS, free_port
+
+
+def test_the_default_host_is_loopback_outside_this_projects_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """127.0.0.1 by default; 0.0.0.0 in the images (docker/ sets PFC_CONTAINER=1: a published port reaches the
+    container's interface, never its loopback); a given host wins either way; no recipe sets one (the
+    deploy scripts do, for their jobs)."""
+    from launcher.config import load_config
+    from launcher.config_schema import CONTAINER_ENV
+
+    monkeypatch.delenv(CONTAINER_ENV, raising=False)
+    assert MetricsConfig().host == "127.0.0.1"
+    assert load_config(None, []).metrics.host == "127.0.0.1"
+    recipes = sorted((REPO / "launcher" / "configs").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        assert "host" not in (yaml.safe_load(recipe.read_text()).get("metrics") or {}), recipe.name
+    monkeypatch.setenv(CONTAINER_ENV, "1")
+    assert load_config(None, []).metrics.host == "0.0.0.0"
+    assert load_config(None, ["metrics.host=127.0.0.2"]).metrics.host == "127.0.0.2"
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _exporter(**cfg: object) -> TrainingMetrics:
