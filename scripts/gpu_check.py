@@ -11,7 +11,8 @@ rest (its error goes into the JSON):
                stochastic rounding's bits on the GPU equal the CPU's
   bench_head   `pfc bench head` at C = 1M, 10M and the largest C `pfc plan` says fits (r = 0.1,
                D = 512, B = 512, W = 1): step, GEMM floor, ratio, memory vs weights + momentum and
-               vs the planner's prediction
+               vs the planner's prediction; and at 1M with the head stored in bf16 (``--dtype bf16``,
+               stochastic rounding of its updates), against the fp32 step
   bench_train_device  `pfc bench train` iresnet50 112x112, channels_last, batches made on the GPU,
                bf16 autocast and fp16 with the scaler, each against the backbone's forward + backward alone
   synth        `pfc data synth` of a small record file (its time is a figure too)
@@ -46,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpu_check_head import head_record, largest_c
 from gpu_check_runner import DRY_BUDGET_FACTOR, REPO, TOTAL_BUDGET_S, Runner, StepError, StepTimeout
 from gpu_check_summary import summary_rows
 
@@ -105,27 +107,6 @@ class Check(Runner):
                     f"(nvidia-smi: {info.get('nvidia_smi', 'no answer')}); nothing else is run"}
         return info
 
-    def _largest_c(self, batch: int, dim: int, rate: float) -> tuple[int, int]:
-        from launcher.planner import plan_rank
-
-        env = self.result.get("env", {})
-        mem = env.get("memory_free_bytes") or env.get("memory_total_bytes_assumed") or (16 << 20)
-        budget = int(0.85 * mem)  # the CUDA context, the allocator's rounding, the benchmark's own buffers
-
-        def fits(c: int) -> bool:
-            return plan_rank(c, 1, batch, dim, rate, "fp32", discface=False, device=self.device).total_bytes <= budget
-
-        lo, hi = 1, 1
-        while fits(hi * 2):
-            hi *= 2
-        hi *= 2
-        while hi - lo > 1:  # largest fitting C in [lo, hi)
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        # Round down to a multiple of 100k (1k in the dry run) for a readable figure.
-        unit = 1000 if self.dry else 100_000
-        return max(unit, lo // unit * unit), budget
-
     def s_pytest(self) -> dict[str, Any]:
         junit = self.work / "junit_gpu.xml"
         late = ""
@@ -162,45 +143,45 @@ class Check(Runner):
                             "no gpu test passed (all skipped)" if cases else "no gpu test collected")
         return rec
 
-    def s_bench_head(self) -> dict[str, Any]:
+    def _head_run(self, c: int, dtype: str, batch: int, dim: int, steps: int, warmup: int,
+                  floor_after: bool) -> dict[str, Any]:
+        """One `pfc bench head` (W = 1, r = 0.1) of ``c`` classes stored in ``dtype``, with the planner's
+        prediction of the same (`pfc plan ... --dtype DTYPE --device cuda`, cpu in the dry run; in this
+        process: the planner is plain Python)."""
         from launcher.planner import plan_rank
 
+        plan = plan_rank(c, 1, batch, dim, 0.1, dtype, discface=False, device=self.device).to_dict()
+        path = self.work / f"head_{c}_{dtype}.json"
+        args = ["bench", "head", "--classes", str(c), "--dim", str(dim), "--batch", str(batch), "--sample-rate",
+                "0.1", "--world-size", "1", "--steps", str(steps), "--warmup", str(warmup), "--dtype", dtype,
+                "--json", str(path)]
+        self.pfc(*args, *(["--floor", "after"] if floor_after else []))  # after: tight on memory, head freed
+        return head_record(c, json.loads(path.read_text()), plan["total_bytes"])
+
+    def s_bench_head(self) -> dict[str, Any]:
         if self.dry:
             batch, dim, steps, warmup, sizes = 32, 64, 2, 1, [1000, 4000]
         else:
             batch, dim, steps, warmup, sizes = 512, 512, 5, 2, [1_000_000, 10_000_000]
-        largest, budget = self._largest_c(batch, dim, 0.1)
+        largest, budget = largest_c(self.result.get("env", {}), self.dry, self.device, batch, dim, 0.1)
         runs: dict[str, Any] = {"largest_c_memory_budget_bytes": budget, "shapes": {}}
-        for c in [*sizes, largest]:
-            key = f"C={c}"
-            path = self.work / f"head_{c}.json"
+        # The bf16 head (its updates stored with stochastic rounding, the head's default) at the first C, right
+        # after the fp32 run of that C: a short run, not left to whatever time the largest C leaves.
+        order = [(sizes[0], "fp32"), (sizes[0], "bf16"), *((c, "fp32") for c in [*sizes[1:], largest])]
+        for c, dtype in order:
             try:
-                # `pfc plan --classes C --world-size 1 --batch B --dim D --sample-rate 0.1 --no-discface
-                # --device cuda` (cpu in the dry run),
-                # in this process (the planner is plain Python): its JSON document's "plan".
-                plan = plan_rank(c, 1, batch, dim, 0.1, "fp32", discface=False, device=self.device).to_dict()
-                args = ["bench", "head", "--classes", str(c), "--dim", str(dim), "--batch", str(batch),
-                        "--sample-rate", "0.1", "--world-size", "1", "--steps", str(steps), "--warmup", str(warmup),
-                        "--json", str(path)]
-                if c == largest:  # tight on memory: time the floor once the head is freed
-                    args += ["--floor", "after"]
-                self.pfc(*args)
-                r = json.loads(path.read_text())
-                runs["shapes"][key] = {
-                    "num_classes": c, "largest_that_fits": c == largest, "device": r["device"],
-                    "step_s": r["step_s"], "gemm_floor_s": r["gemm_floor_s"], "ratio_to_floor": r["ratio_to_floor"],
-                    "step_split_s": r["step_split_s"], "gemm_floor_parts_s": r["gemm_floor_parts_s"],
-                    "head_peak_bytes": r["head_peak_bytes_per_rank"],
-                    "weights_plus_momentum_bytes": r["shard_weights_plus_momentum_bytes"],
-                    "peak_over_weights_plus_momentum": r["peak_over_weights_plus_momentum"],
-                    "planned_peak_bytes": plan["total_bytes"],
-                    "measured_over_planned": r["head_peak_bytes_per_rank"] / plan["total_bytes"],
-                    "memory_method": r["memory_method"], "num_sampled": r["num_sampled_per_rank"],
-                    "launches_per_step": r["launches_per_step"],  # kernels (and syncs) of one step
-                }
+                rec = self._head_run(c, dtype, batch, dim, steps, warmup, floor_after=c == largest)
             except Exception as e:
-                runs["shapes"][key] = {"num_classes": c, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+                rec = {"num_classes": c, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if dtype == "fp32":
+                runs["shapes"][f"C={c}"] = {"largest_that_fits": c == largest, **rec}
+            else:
+                fp32 = runs["shapes"].get(f"C={c}", {})
+                if "step_s" in rec and "step_s" in fp32:
+                    rec["step_over_fp32_step"] = rec["step_s"] / fp32["step_s"]
+                runs[dtype] = {"rounding": "stochastic", **rec}
         failed = [k for k, v in runs["shapes"].items() if v.get("status") == "failed"]
+        failed += [f"bf16 C={sizes[0]}"] if runs["bf16"].get("status") == "failed" else []
         if failed:
             runs["status"] = "failed"
             runs["error"] = "failed at " + ", ".join(failed)
@@ -370,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
         ("env", 40, chk.s_env),
         ("pytest_gpu", 100, chk.s_pytest),
-        ("bench_head", 130, chk.s_bench_head),
+        ("bench_head", 150, chk.s_bench_head),  # 4 runs: 1M fp32 and bf16, 10M, the largest
         ("bench_train_device", 110, chk.s_bench_train_device),
         ("synth", 45, chk.s_synth),
         ("train_e2e", 110, chk.s_train_e2e),

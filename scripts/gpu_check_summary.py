@@ -34,6 +34,14 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                                  f"{r['measured_over_planned']:.2f}x plan; {r['launches_per_step']}"))
                 else:
                     rows.append((f"  head {key}", "failed", "", r.get("error", "")[:90]))
+            b = rec.get("bf16")
+            if b is not None:  # the head stored in bf16 (stochastic rounding) at the first C
+                key = f"  head C={b.get('num_classes')} bf16"
+                rows.append((key, "ok", "", f"step {b['step_s'] * 1e3:.1f} ms = {b['ratio_to_floor']:.2f}x floor"
+                             + (f" = {b['step_over_fp32_step']:.2f}x fp32" if "step_over_fp32_step" in b else "")
+                             + f"; mem {b['peak_over_weights_plus_momentum']:.2f}x W+mom; "
+                             f"{b['measured_over_planned']:.2f}x plan") if "step_s" in b else
+                            (key, "failed", "", b.get("error", "")[:90]))
         if name.startswith("bench_train"):
             parts = {"bf16": rec.get("bf16"), "fp16": rec.get("fp16")} if name.endswith("device") \
                 else {"loader": rec}

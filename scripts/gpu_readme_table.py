@@ -72,8 +72,23 @@ def _head_step(doc: dict[str, Any], i: int) -> str:
         return _failed(s)
     launches = s.get("launches_per_step") or {}
     extra = ", ".join(f"{v} {k}" for k, v in launches.items())
-    return (f"C = {s['num_classes']:,}: {s['ratio_to_floor']:.2f} (step {s['step_s'] * 1e3:.1f} ms, floor "
+    text = (f"C = {s['num_classes']:,}: {s['ratio_to_floor']:.2f} (step {s['step_s'] * 1e3:.1f} ms, floor "
             f"{s['gemm_floor_s'] * 1e3:.1f} ms{'; ' + extra + ' per step' if extra else ''})")
+    return text + (_bf16_head(rec) if i == 0 else "")
+
+
+def _bf16_head(rec: dict[str, Any]) -> str:
+    """The bf16 head's run at the first C (``--dtype bf16``, stochastic rounding), after that C's fp32 figure;
+    nothing where the record has none (a gpu_check.json from before the run was added)."""
+    b = rec.get("bf16")
+    if b is None:
+        return ""
+    if "ratio_to_floor" not in b:
+        return f"; bf16 head {_failed(b)}"
+    vs_fp32 = f" = {b['step_over_fp32_step']:.2f}x the fp32 step" if "step_over_fp32_step" in b else ""
+    return (f"; bf16 head ({b.get('rounding', 'stochastic')} rounding): {b['ratio_to_floor']:.2f} (step "
+            f"{b['step_s'] * 1e3:.1f} ms{vs_fp32}; memory {b['peak_over_weights_plus_momentum']:.2f}x its "
+            f"weights + momentum, {b['measured_over_planned']:.2f}x plan)")
 
 
 def _head_ratios(doc: dict[str, Any], key: str) -> str:

@@ -51,6 +51,14 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
         assert s["step_s"] > 0 and s["gemm_floor_s"] > 0 and s["ratio_to_floor"] > 0
         assert s["head_peak_bytes"] > 0 and s["planned_peak_bytes"] > 0 and s["weights_plus_momentum_bytes"] > 0
         assert s["launches_per_step"]["kernels"] > 0  # aten operators on the CPU (kernels and syncs on a GPU)
+    # the head stored in bf16 (stochastic rounding) at the first C, against that C's fp32 run
+    bf16 = st["bench_head"]["bf16"]
+    assert bf16["num_classes"] == shapes[0]["num_classes"] and bf16["rounding"] == "stochastic"
+    assert (bf16["head_dtype"], bf16["weight_dtype"], shapes[0]["weight_dtype"]) == ("bf16", "bfloat16", "float32")
+    assert bf16["step_s"] > 0 and bf16["ratio_to_floor"] > 0 and bf16["measured_over_planned"] > 0
+    assert bf16["step_over_fp32_step"] == pytest.approx(bf16["step_s"] / shapes[0]["step_s"])
+    assert bf16["weights_plus_momentum_bytes"] * 2 == shapes[0]["weights_plus_momentum_bytes"]
+    assert "--dtype bf16" in (tmp_path / "gpu_check.log").read_text()
     # the largest C is what the planner says fits the (pretend) device memory, and the next 1000 would not
     from launcher.planner import plan_rank
 
@@ -83,6 +91,8 @@ def test_dry_run_runs_every_step_and_writes_json_log_and_summary(tmp_path: Path)
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "| goal |" not in line]
     assert table.returncode == 0 and len(rows) == 13 and "dry run on the CPU" in table.stdout, table.stdout
     assert [r for r in rows if "failed" in r or "not run" in r] == [r for r in rows if "fp16" in r], rows
+    assert "; bf16 head (stochastic rounding): " in rows[1] and "x the fp32 step" in rows[1], rows[1]
+    assert any(line.startswith("  head C=1000 bf16") and " ok " in line for line in tail), tail
 
 
 def test_a_failed_step_is_recorded_and_the_budget_skips_the_rest(tmp_path: Path) -> None:
