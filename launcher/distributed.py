@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -93,6 +93,9 @@ class DistContext:
     node_rank: int
     device: torch.device
     backend: str | None  # None: single process, no process group
+    # the store the process group was made with (the hang watchdog's heartbeats); None when this process
+    # did not make the group
+    store: dist.Store | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def single_process(cls, device: torch.device | None = None) -> DistContext:
@@ -198,26 +201,28 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, single_ran
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     used: str | None = None
+    made: dist.Store | None = None
     if world > 1:
         if not dist.is_initialized():
             store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout_s)))
             # After a torchrun restart, keys of the failed attempt (its ranks' gloo addresses) can still
             # be in the store: a per-attempt prefix keeps the new ranks from dialling dead peers.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend, store=dist.PrefixStore(f"pfc/attempt_{attempt}", store), rank=rank,
+            made = dist.PrefixStore(f"pfc/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=made, rank=rank,
                                     world_size=world, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
     elif single_rank_group:
         if not dist.is_initialized():
             # The OS picks a free loopback port; DeepSpeed reads torch's variables, so they are set too.
-            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=timeout_s))
+            made = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=timeout_s))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(made.port))
+            dist.init_process_group(backend, store=made, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
                                     device_id=device if backend == "nccl" else None)
         used = backend
-    return DistContext(rank, world, local, local_world, node_index(rank, local_world), device, used)
+    return DistContext(rank, world, local, local_world, node_index(rank, local_world), device, used, made)
 
 
 def node_index(rank: int, local_world: int) -> int:

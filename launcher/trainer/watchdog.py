@@ -45,7 +45,7 @@ class HangWatchdog:
         # Fire a little before the backend's own collective timeout (the same dist.timeout_s), so the
         # user gets this message rather than gloo's, which does not say which rank is missing.
         self.deadline_s = max(timeout_s - 2 * self.interval_s, self.interval_s)
-        self.store = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.store = store if store is not None else ctx.store if ctx.store is not None else _group_store()
         self.step = 0
         self._progress_at = time.monotonic()
         # peer rank -> (last step, last beat, this process's monotonic time when that beat was first seen)
@@ -125,6 +125,13 @@ class HangWatchdog:
                 sys.stderr.write(f"pfc: {msg}\n")
                 sys.stderr.flush()
                 os._exit(self.EXIT_CODE)
+
+
+def _group_store() -> dist.Store:
+    """The default process group's store, for a group this process did not make (a library user's own
+    ``init_process_group``). torch has no public way to it; the private call is pinned by
+    tests/launcher/trainer/test_watchdog_store.py."""
+    return dist.distributed_c10d._get_default_store()
 
 
 @contextlib.contextmanager
