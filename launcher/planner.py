@@ -78,6 +78,14 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 # The fp16/bf16, AdamW and accumulation counts were checked on 2026-12-03 with the benchmark's measurement
 # (`pfc bench head`'s head built in that dtype and optimizer): within 1.2% of the plan at D = 256-512.
 ROUNDING_NOISE_BYTES = 4  # int32 per element of an optimizer chunk (bf16/fp16 heads)
+# * stochastic rounding's per-step draw (partialfc.rounding.StepNoise, at the optimizer step's first chunk):
+#   the counter-based stream over the S sampled rows runs in int64 with up to four S-sized temporaries alive,
+#   then keeps two (S,) int32 row noises (weights, momentum) through the step. Measured (resident-set peak of
+#   StepNoise's draw alone, CPU, S = 8M and 16M rows, bf16 and fp16, 2 cores): 32.0-32.3 bytes per row at
+#   the draw, 8 held after it; and as the difference of a bf16 head's optimizer-phase peaks, stochastic minus
+#   nearest (C = 2M, r = 1, D = 16): 32.0 bytes per sampled row.
+ROUNDING_DRAW_BYTES_PER_ROW = 32
+ROUNDINGS = ("stochastic", "nearest")  # partialfc.rounding.ROUNDINGS (that module imports torch)
 WORKSPACE_GROWTH = 20  # the workspace grows by 1/20 of a request it must grow for
 POSITIVES_SIGMAS = 4  # a shard's positives count is planned at its mean plus this many standard deviations
 OPTIMIZERS = ("sgd", "adamw")
@@ -125,6 +133,7 @@ class RankPlan:
     optimizer: str = "sgd"
     device: str = "cpu"
     num_sample_planned: int = 0  # S the buffers are sized with: the quota, or the positives when more
+    rounding: str = "stochastic"  # the head's; counted only for a bf16/fp16 head
 
     @property
     def shard_weights_plus_momentum_bytes(self) -> int:
@@ -165,6 +174,7 @@ def plan_rank(
     optimizer: str = "sgd",
     grad_accum: int = 1,
     device: str = "cpu",
+    rounding: str = "stochastic",
 ) -> RankPlan:
     """Memory per rank (the largest shard's) and bytes it sends per training step.
 
@@ -182,8 +192,12 @@ def plan_rank(
             micro-batch, plus one all-gather of the step's labels).
         device: "cpu" or "cuda" (any accelerator): the size of the head's scratch chunks
             (partialfc.blocking), a few MiB on the CPU and a few hundred on a GPU.
+        rounding: the head's (head.rounding), "stochastic" or "nearest": how a bf16/fp16 head stores its
+            updates; stochastic rounding adds its noise chunk and its per-step draw (none for fp32/fp64).
     """
     _check_plan_args(sample_rate, dtype, optimizer, grad_accum, local_batch, dim)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     e = DTYPE_BYTES[dtype]
@@ -198,7 +212,7 @@ def plan_rank(
     s_buf = s + s // WORKSPACE_GROWTH if positives > quota and device == "cpu" else s
     owned = positives_bound(rows, num_classes, n, distinct=False)
     state, phases = _step_memory(rows, s_buf, n, local_batch, dim, e, f, optimizer, grad_accum, device, owned,
-                                 quota)
+                                 quota, rounding)
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     memory = {"shard_weights": rows * dim * e, **state, **phases[peak_phase]}
     comm = _traffic(world_size, local_batch, dim, f, discface, grad_accum)
@@ -207,7 +221,7 @@ def plan_rank(
         sample_rate=sample_rate, dtype=dtype, discface=discface, shard_rows=rows, num_sample=quota,
         num_sample_worst=max(s, min(rows, grad_accum * n)), global_batch=n, memory=memory, comm=comm,
         phases={k: sum(v.values()) for k, v in phases.items()}, peak_phase=peak_phase, optimizer=optimizer,
-        device=device, num_sample_planned=s,
+        device=device, num_sample_planned=s, rounding=rounding,
     )
 
 
@@ -240,8 +254,8 @@ def _check_plan_args(sample_rate: float, dtype: str, optimizer: str, grad_accum:
 
 
 def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, f: int, optimizer: str,
-                 grad_accum: int, device: str = "cpu", owned: int = 0,
-                 quota: int | None = None) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+                 grad_accum: int, device: str = "cpu", owned: int = 0, quota: int | None = None,
+                 rounding: str = "stochastic") -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """``(persistent optimizer state, {phase: {buffer: bytes}})`` of a rank with ``rows`` classes sampling
     ``s`` (its quota ``quota``, default ``s``), global batch ``n`` of which ``owned`` samples have their class
     in the shard; ``e`` the head's element size, ``f`` the compute dtype's."""
@@ -253,7 +267,8 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
     blocks = blocking_for(device)
     chunk = min(s, blocks.update_rows) * dim
     staging = 0 if e == f else 1  # chunks in the head's dtype around the fp32 update
-    noise = staging * chunk * ROUNDING_NOISE_BYTES
+    stochastic = staging == 1 and rounding == "stochastic"  # partialfc.rounding.rounds_stochastically
+    noise = stochastic * chunk * ROUNDING_NOISE_BYTES
     if optimizer == "sgd":
         opt_chunks = chunk * f + 2 * staging * chunk * e + noise
         state = {"momentum": rows * dim * e}
@@ -276,7 +291,8 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
         "forward": {**workspace, "sampler": sampler, "embeddings": embeddings, "owned_samples": 2 * owned_rows},
         "backward": {**workspace, "embeddings": embeddings, "owned_samples": owned_rows,
                      "row_dot_scratch": min(s, blocks.rows_per_dot_block(dim * f)) * dim * f},
-        "optimizer": {**workspace, "owned_samples": owned_rows},
+        "optimizer": {**workspace, "owned_samples": owned_rows,
+                      **({"rounding_noise_draw": ROUNDING_DRAW_BYTES_PER_ROW * s} if stochastic else {})},
     }
     return state, phases
 
@@ -318,10 +334,11 @@ def plan_table(
     optimizer: str = "sgd",
     grad_accum: int = 1,
     device: str = "cpu",
+    rounding: str = "stochastic",
 ) -> list[RankPlan]:
     """One :class:`RankPlan` per world size (sorted, duplicates dropped)."""
     return [plan_rank(num_classes, w, local_batch, dim, sample_rate, dtype, discface, optimizer, grad_accum,
-                      device) for w in sorted(set(worlds))]
+                      device, rounding) for w in sorted(set(worlds))]
 
 
 def parse_worlds(text: str) -> list[int]:

@@ -58,6 +58,12 @@ from partialfc.step_record import StepRecord
 if TYPE_CHECKING:
     from partialfc.optimizer import SparseHeadOptimizer
 
+
+def _keep_sampler_state(head: PartialFC, state_dict: dict[str, object], prefix: str, *_: object) -> None:
+    # A state_dict of before the sampler state was in it loads (strict too) and leaves seed and step as they are.
+    state_dict.setdefault(prefix + "_extra_state", head.get_extra_state())
+
+
 class PartialFC(nn.Module):
     """Sharded, sampled margin-softmax head (see the module docstring).
 
@@ -91,7 +97,7 @@ class PartialFC(nn.Module):
     Attributes:
         weight: (end - start, d) this rank's shard; a Parameter with ``requires_grad=False`` (it never
             gets a dense gradient; :meth:`weight_grad` returns the sampled rows' gradient).
-        step: the sampler's step counter (advanced by every training-mode forward).
+        step: the sampler's step counter (advanced by every training-mode forward; in ``state_dict()``).
     """
 
     def __init__(self, num_classes: int, embedding_size: int, sample_rate: float = 1.0,
@@ -131,14 +137,13 @@ class PartialFC(nn.Module):
                                               dtype=torch.promote_types(dtype or torch.float32, torch.float32),
                                               device=device)
         self.step = 0
+        self.register_load_state_dict_pre_hook(_keep_sampler_state)
         # Reused S_k x d and N x S_k buffers (see partialfc.softmax.Workspace); part of the head's memory.
         self.workspace = Workspace(enabled=reuse_buffers)
         self._sub_weight: torch.Tensor | None = None
         self._sampled: torch.Tensor | None = None
         # begin_step() state: a step whose sampled set and gradient span several micro-batches.
-        self._open_step = False
-        self._micro = 0
-        self._open_positives = 0
+        self._open_step, self._micro, self._open_positives = False, 0, 0
         self._step_labels = torch.empty(0, dtype=torch.int64)
         # Whether an optimizer step or zero_grad (rows_released) came since the last forward drew its rows.
         self._stepped = True
@@ -374,6 +379,15 @@ class PartialFC(nn.Module):
             num_sampled=int(index.numel()), num_positive=num_positive, global_batch=n,
             owned_z_hat=z_own.detach(), owned_w_hat=w_own.detach(), owned_labels=all_labels.index_select(0, rows))
         return loss
+
+    def get_extra_state(self) -> dict[str, int]:
+        """state_dict's "_extra_state": the sampler's state (ints: no device sync per step; the same on every rank)."""
+        return {"seed": self.seed, "step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or not {"seed", "step"} <= state.keys():
+            raise ValueError(f"PartialFC state_dict: '_extra_state' must hold 'seed' and 'step', got {state!r}")
+        self.seed, self.step = int(state["seed"]), int(state["step"])
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

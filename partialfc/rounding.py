@@ -22,7 +22,9 @@ there, and a signaling NaN with its payload in the dropped bits only as inf. (Th
 non-finite step: it skips it.)
 
 The noise is ``a_row XOR b_col`` (16 bits; 13 for fp16): ``a`` one value per sampled row, ``b`` one per
-column, both from :mod:`partialfc.counter_random` keyed by (head seed, rank, head step); the weights and
+column, both from :mod:`partialfc.counter_random`, keyed by ``sampler.step_seed(head seed, head step, rank,
+domain)`` with a domain for the rows' stream and one for the columns' (apart from the sampler's keys, which
+have none, and from the initial weights'); the weights and
 the SGD momentum take different 16 bits of each 32-bit draw. For a fixed element it is uniform (a_row
 is); two elements' noises are pairwise independent (different rows: a differs; one row: b differs), so
 the rounding errors of a row add up as independent ones. Keyed by the local row
@@ -40,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from partialfc.counter_random import stream
+from partialfc.sampler import step_seed
 
 ROUNDINGS = ("stochastic", "nearest")
 # Per stored dtype: (K = 2^(dropped float32 mantissa bits), the largest int32 bit pattern the noise may
@@ -47,7 +50,9 @@ ROUNDINGS = ("stochastic", "nearest")
 _SPEC = {torch.bfloat16: (1 << 16, 0x7FFF0000), torch.float16: (1 << 13, 0x7FFFE000)}
 _FP16_SCALE = 2.0 ** 112  # fp16's smallest subnormal 2^-24 maps onto 2^-136 = 2^13 float32 subnormal steps
 _TENSORS = {"weight": 0, "momentum": 16}  # which 16 bits of the step's 32-bit draws each tensor takes
-_M64 = (1 << 64) - 1
+# step_seed's domains of the rounding's two streams (rows, columns): apart from the sampler's keys (no
+# domain) and from initial_weights' (rank slot 0x5EED, no domain).
+_ROWS, _COLS = 0x5D0C5E0F, 0x5D0CC015
 
 Noise = tuple[torch.Tensor, torch.Tensor]  # (rows,) and (d,) int32 in [0, K): the element (i, j) gets a[i] ^ b[j]
 
@@ -62,21 +67,6 @@ def rounds_stochastically(rounding: str, dtype: torch.dtype) -> bool:
     """Whether a shard stored in ``dtype`` gets stochastic rounding (only bf16/fp16: float32 and float64
     heads store the update as computed)."""
     return rounding == "stochastic" and dtype in _SPEC
-
-
-def _splitmix64(h: int) -> int:
-    h = (h + 0x9E3779B97F4A7C15) & _M64
-    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
-    return h ^ (h >> 31)
-
-
-def step_key(*parts: int) -> int:
-    """A 64-bit key from integers (seed, rank, step, tensor id): one splitmix64 round per part."""
-    h = 0x5D0C5E0F
-    for p in parts:
-        h = _splitmix64(h ^ (p & _M64))
-    return h
 
 
 def _noise(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,7 +87,7 @@ class StepNoise:
             raise RuntimeError("stochastic rounding of an fp16 head needs float32 subnormals, and they are "
                                "flushed to zero (torch.set_flush_denormal(True)); turn that off or build the "
                                "head with rounding='nearest'")
-        self._key = step_key(seed, rank, step)
+        self._keys = step_seed(seed, step, rank, _ROWS), step_seed(seed, step, rank, _COLS)
         self._index, self._dim, self._dtype = index, dim, dtype
         self._drawn: dict[str, Noise] = {}
 
@@ -105,7 +95,7 @@ class StepNoise:
         if not self._drawn:
             # One 32-bit draw per row (and per column) serves both tensors: 16 bits each.
             cols = torch.arange(self._dim, dtype=torch.int64, device=self._index.device)
-            rows, cols = stream(self._key, self._index), stream(step_key(self._key, 0xC015), cols)
+            rows, cols = stream(self._keys[0], self._index), stream(self._keys[1], cols)
             for name, shift in _TENSORS.items():
                 self._drawn[name] = (_noise(rows >> shift, self._dtype), _noise(cols >> shift, self._dtype))
         a, b = self._drawn[tensor]
@@ -148,4 +138,4 @@ def round_into(x: torch.Tensor, out: torch.Tensor, noise: Noise, scratch: torch.
     return out.copy_(x)  # exact: x is now representable in out's dtype
 
 
-__all__ = ["ROUNDINGS", "Noise", "StepNoise", "check_rounding", "round_into", "rounds_stochastically", "step_key"]
+__all__ = ["ROUNDINGS", "Noise", "StepNoise", "check_rounding", "round_into", "rounds_stochastically"]

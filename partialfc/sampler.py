@@ -30,9 +30,16 @@ from partialfc import counter_random
 from partialfc.partition import num_sample
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit generator seed derived from ``(seed, step, rank)``; stable across runs and platforms."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, step, rank), digest_size=8).digest()
+def step_seed(seed: int, step: int, rank: int, domain: int | None = None) -> int:
+    """A 63-bit generator seed derived from ``(seed, step, rank)``; stable across runs and platforms.
+
+    The one derivation of the project's random keys. ``domain`` (a constant of the consumer: the
+    stochastic rounding's rows and columns) keeps a consumer's keys apart from the sampler's, which pass
+    none: a domain makes the hashed message 32 bytes instead of 24, so no ``(seed, step, rank)`` of one
+    stream gives the key of another.
+    """
+    parts = (seed, step, rank) if domain is None else (seed, step, rank, domain)
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 

@@ -61,7 +61,8 @@ _LEGEND = ("rows: classes in the largest shard; sampled: classes per step the bu
 
 def _print_human(plan: RankPlan, table: list[RankPlan]) -> None:
     title = (f"C={plan.num_classes:,}  W={plan.world_size}  B={plan.local_batch}/rank (N={plan.global_batch})  "
-             f"D={plan.dim}  r={plan.sample_rate}  dtype={plan.dtype}  optimizer={plan.optimizer}")
+             f"D={plan.dim}  r={plan.sample_rate}  dtype={plan.dtype}  optimizer={plan.optimizer}"
+             + (f"  rounding={plan.rounding}" if plan.dtype in ("bf16", "fp16") else ""))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -115,15 +116,18 @@ def plan_cmd(
     device: str = typer.Option("cuda", "--device",
                                help="cuda|cpu: the device the ranks train on (the head's scratch chunks are a "
                                     "few hundred MiB on a GPU, a few MiB on the CPU)."),
+    rounding: str = typer.Option("stochastic", "--rounding",
+                                 help="stochastic|nearest (head.rounding): how a bf16/fp16 head stores its updates; "
+                                      "stochastic rounding's noise is counted."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON here."),
 ) -> None:
     """Memory and communication per rank for a run, across world sizes."""
     try:
         world_list = parse_worlds(worlds)
         plan = plan_rank(classes, world_size, batch, dim, sample_rate, dtype, discface, optimizer, grad_accum,
-                         device)
+                         device, rounding)
         table = plan_table(classes, [*world_list, world_size], batch, dim, sample_rate, dtype, discface,
-                           optimizer, grad_accum, device)
+                           optimizer, grad_accum, device, rounding)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     _print_human(plan, table)
