@@ -252,8 +252,9 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
-        # DeepSpeed divides by gradient_accumulation_steps itself; the trainer passes the undivided loss
-        # multiplied back, so the head (outside the engine) sees the same 1/accum scaling.
+        # DeepSpeed divides by gradient_accumulation_steps itself; multiplied back, the loss keeps the trainer's
+        # weighting (each micro-batch's mean over N / n_m, step.micro_shares), which the head outside the engine
+        # sees too.
         self.engine.backward(loss * self.engine.gradient_accumulation_steps())
         if not last_micro:
             # DeepSpeed counts micro-steps in engine.step(): one per micro-batch, the optimizer runs at the

@@ -96,8 +96,9 @@ def train_one_step(c: Components, data: TrainData, cfg: Config, ctx: DistContext
 
 def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistContext, step: int,
                      clock: PhaseClock) -> tuple[dict[str, torch.Tensor], int]:
-    """Forward and backward of the step's micro-batches, timed on ``clock``; their mean losses (``loss``,
-    ``loss_softmax`` and, with DiscFace, ``loss_disc``) as float64 tensors on the device, left there: reading
+    """Forward and backward of the step's micro-batches, timed on ``clock``; the step's losses (``loss``,
+    ``loss_softmax`` and, with DiscFace, ``loss_disc``: means over the step's images on all ranks, each
+    micro-batch weighed by its images, :func:`micro_shares`) as float64 tensors on the device, left there: reading
     each micro-batch's loss back would make the host wait for the device at every micro-batch; and the number
     of images this rank trained on (a batch is short by the corrupt records its loader skipped).
 
@@ -112,11 +113,13 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
     batches: list[tuple[torch.Tensor | Pixels, torch.Tensor]] = []
+    shares = [float(accum)] * accum  # micro-batch m's loss is divided by shares[m] (N / n_m: see micro_shares)
     if accum > 1:
         with clock.host("data"):
             batches = [data.next_batch() for _ in range(accum)]
         with clock.device("data"):
             c.head.begin_step([lab.to(ctx.device) for _, lab in batches])
+            shares = micro_shares([len(lab) for _, lab in batches], ctx)
     for micro in range(accum):
         with clock.host("data"):
             images, labels = batches[micro] if batches else data.next_batch()
@@ -138,13 +141,32 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
                 if faults.nan_loss(step, ctx.rank):
                     loss = loss * float("nan")
             with clock.device("backward"):
-                c.engine.backward(loss / accum, last)  # accumulation averages the loss
+                c.engine.backward(loss / shares[micro], last)  # the step's mean over its images
         for k, v in loss_components(c.head, loss).items():
-            # float64, summed from 0 in micro-batch order: the values the host's float sum of each part / accum
-            # gave when they were read back one by one (bit for bit on the CPU)
-            part = v.detach().double() / accum
+            # float64, summed from 0 in micro-batch order: with whole batches, the values the host's float sum
+            # of each part / accum gave when they were read back one by one (bit for bit on the CPU)
+            part = v.detach().double() / shares[micro]
             sums[k] = sums[k] + part if k in sums else part
     return sums, trained
+
+
+def micro_shares(counts: list[int], ctx: DistContext) -> list[float]:
+    """``N / n_m`` per micro-batch: ``counts`` are this rank's images in each of the step's micro-batches,
+    ``n_m`` micro-batch m's images on all ranks (one small all-reduce; the same list on every rank) and
+    ``N`` the step's. The head's loss of a micro-batch is the mean over its ``n_m`` images; divided by
+    ``N / n_m`` each image weighs ``1/N``, as in one step on the concatenated batch, also when a batch is
+    short by a corrupt record its loader skipped (``data.skip_corrupt``), on one rank or several. With
+    whole batches every share is ``accum`` exactly (so the loss is divided by ``accum``, bit for bit). Its
+    read-back follows ``head.begin_step``'s, which waits for the device already, so it adds no stall."""
+    sizes = [float(n) for n in counts]
+    if ctx.distributed:
+        summed = _on(0.0, ctx.device).repeat(len(counts))
+        for m, n in enumerate(counts):  # fills on the device: no copy from host memory (see _on)
+            summed[m].fill_(float(n))
+        dist.all_reduce(summed)
+        sizes = summed.tolist()
+    total = sum(sizes)
+    return [total / n if n > 0 else math.inf for n in sizes]
 
 
 def agree_on_step(values: dict[str, torch.Tensor], checks: list[torch.Tensor], ctx: DistContext,
