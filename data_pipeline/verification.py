@@ -6,7 +6,8 @@ booleans. Files from the Python 2 era hold the images as ``str``, which Python 3
 ``bytes`` with ``encoding="bytes"``.
 
 ``load_bin`` uses an unpickler that admits only the types such a file needs: containers and bytes
-are built by opcodes without any import, and the few imports allowed (numpy bool scalars, the
+are built by opcodes without any import, and the few imports allowed (numpy bool scalars, a 1-D numpy
+bool array for ``issame`` as ``pickle.dump((bins, np.array(issame)))`` writes it at any protocol, the
 ``_codecs.encode`` that Python 3 uses for bytes at protocol 2) are wrapped so that they refuse
 anything but those uses. Every other import, e.g. ``os.system`` in a ``__reduce__``, raises
 :class:`UnsafePickleError` before anything runs.
@@ -57,6 +58,55 @@ def _numpy_bool_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dty
     return np.dtype("b1", align=False, copy=True)
 
 
+class _NdarrayClass:
+    """What the unpickler hands out for ``numpy.ndarray``: only :func:`_numpy_reconstruct` accepts it (it is
+    neither callable nor a class, so no opcode can build anything from it, and has no attributes a BUILD
+    opcode could set)."""
+
+    __slots__ = ()
+
+
+_NDARRAY = _NdarrayClass()
+
+
+def _bool_vector(raw: Any, dtype: Any, shape: Any) -> np.ndarray:
+    """A 1-D bool array from its pickled parts, built here from the raw bytes (no numpy code is handed
+    anything from the file but bytes)."""
+    if not isinstance(dtype, np.dtype) or dtype != np.dtype(np.bool_):
+        raise UnsafePickleError(f"numpy array of dtype {dtype!r} is not allowed in a verification .bin "
+                                "(only a 1-D bool array for issame)")
+    if (not isinstance(shape, tuple) or len(shape) != 1 or type(shape[0]) is not int
+            or not isinstance(raw, (bytes, bytearray)) or len(raw) != shape[0]):
+        raise UnsafePickleError(f"numpy array of shape {shape!r} is not allowed in a verification .bin "
+                                "(only a 1-D bool array for issame)")
+    return np.frombuffer(bytes(raw), dtype=np.uint8) != 0
+
+
+class _BoolArrayState:
+    """The empty array ``numpy.core.multiarray._reconstruct`` makes at protocols 0-4; the BUILD opcode
+    that follows gives it ``(version, shape, dtype, is_fortran, raw bytes)``."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise UnsafePickleError("malformed numpy array state in a verification .bin")
+        _, shape, dtype, _, raw = state
+        self.array = _bool_vector(raw, dtype, shape)
+
+
+def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> _BoolArrayState:
+    if cls is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
+        raise UnsafePickleError("numpy _reconstruct is allowed in a verification .bin only for a plain ndarray")
+    return _BoolArrayState()
+
+
+def _numpy_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    # protocol 5's form of an array: _frombuffer(raw bytes, dtype, shape, order)
+    return _bool_vector(buf, dtype, shape)
+
+
 def _codecs_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     # Python 3 pickles bytes at protocol <= 2 as _codecs.encode(latin-1 text, "latin1")
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -64,10 +114,15 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -
     return text.encode("latin1")
 
 
-_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
+_ALLOWED: dict[tuple[str, str], Callable[..., Any] | _NdarrayClass] = {
     ("numpy.core.multiarray", "scalar"): _numpy_bool_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_bool_scalar,
     ("numpy", "dtype"): _numpy_bool_dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numpy_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numpy_frombuffer,
     ("_codecs", "encode"): _codecs_encode,
 }
 
@@ -137,14 +192,22 @@ def load_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
     with open(path, "rb") as f:
         try:
             obj = _RestrictedUnpickler(f, path).load()  # type: ignore[arg-type]
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as exc:
+            if str(path) in str(exc):
+                raise
+            raise UnsafePickleError(f"{path}: {exc}") from None  # the helpers above do not know the file
         except Exception as exc:
             raise BinFormatError(f"{path}: not a readable verification .bin pickle: "
                                  f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise BinFormatError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     images, issame = obj
+    if isinstance(issame, _BoolArrayState):
+        issame = issame.array
+        if issame is None:
+            raise BinFormatError(f"{path}: the second element is a numpy array without its data")
+    if isinstance(issame, np.ndarray):  # only a 1-D bool one gets here (see _bool_vector)
+        issame = [bool(b) for b in issame]
     if not isinstance(images, (list, tuple)) or not all(isinstance(b, (bytes, bytearray)) for b in images):
         raise BinFormatError(f"{path}: the first element must be a list of encoded images (bytes)")
     if not isinstance(issame, (list, tuple)) or not all(isinstance(b, (bool, np.bool_)) for b in issame):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.atomic import describe_error
+from data_pipeline.atomic import atomic_write, describe_error
 from data_pipeline.dataset import to_unit
 from partialfc.backbones import BackboneFileError, load_backbone, portable_state_dict, unwrap
 from partialfc.metrics import flip_embed
@@ -99,7 +99,7 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     The keys and shapes are those of arcface_torch's iresnet / MobileFaceNet / ViT (the same modules here), so
     ``backbone.load_state_dict(torch.load(out_path))`` works on their side; the config rides along
     (:func:`partialfc.backbones.portable_state_dict`), so that pfc reads the file back as this network.
-    Written to a temporary name and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes``
+    Written to a temporary name, synced and renamed. Returns a summary: ``path``, ``name``, ``tensors``, ``notes``
     (what their code needs to build the matching network: e.g. ``get_model("r50", num_features=512)``).
     Raises ValueError for a backbone insightface does not have (``tiny``).
     """
@@ -140,9 +140,7 @@ def export_torch(model: nn.Module, out_path: str | Path) -> dict[str, Any]:
     state = portable_state_dict(net)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: torch.save(state, tmp))  # synced before the rename: no torn file after a crash
     return {"path": str(out), "name": name, "tensors": len(state), "notes": notes}
 
 
@@ -156,8 +154,6 @@ def _image_size_of(model: nn.Module, image_size: int | Sequence[int] | None) -> 
         return (image_size, image_size)
     h, w = image_size
     return (int(h), int(w))
-
-
 
 
 class OnnxOpsetError(ValueError):
@@ -176,6 +172,8 @@ class OnnxExportResult:
     batch_sizes: list[int] = field(default_factory=list)
     max_abs_diff: float | None = None  # max over all checked batches of |torch - onnxruntime|
     max_abs_output: float | None = None  # scale of the outputs, to read the difference against
+    # max over all checked embeddings of ||onnxruntime - torch||_2 / ||torch||_2: what `--tolerance` bounds
+    max_rel_diff: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,7 +231,7 @@ def export_onnx(
         image_size: (h, w) or an int; defaults to the model's ``image_size``.
         opset: ONNX opset version.
         check: run onnxruntime on random inputs of each of ``batch_sizes`` and record the largest
-            absolute difference from torch in the result.
+            absolute and relative differences from torch in the result (:func:`compare_onnx`).
         seed: seed of the random check inputs.
 
     The legacy TorchScript-tracing exporter is tried first (lighter, no torch.export); the dynamo
@@ -274,7 +272,7 @@ def export_onnx(
                               embedding_size=embedding_size)
     if check:
         try:
-            diff, scale = compare_onnx(m, out, (h, w), batch_sizes=batch_sizes, seed=seed)
+            diff, scale, rel = compare_onnx(m, out, (h, w), batch_sizes=batch_sizes, seed=seed)
         except Exception as e:  # onnxruntime's own errors (its pybind types): an op it has no kernel for
             if type(e).__module__.startswith("onnxruntime"):
                 out.unlink()
@@ -284,6 +282,7 @@ def export_onnx(
         result.batch_sizes = [int(b) for b in batch_sizes]
         result.max_abs_diff = diff
         result.max_abs_output = scale
+        result.max_rel_diff = rel
     return result
 
 
@@ -301,11 +300,16 @@ def compare_onnx(
     image_size: int | Sequence[int] | None = None,
     batch_sizes: Sequence[int] = (1, 3),
     seed: int = 0,
-) -> tuple[float, float]:
-    """Max |torch(x) - onnxruntime(x)| over random inputs x ~ U[-1, 1] of each batch size.
+) -> tuple[float, float, float]:
+    """How far onnxruntime's embeddings are from torch's on random inputs x ~ U[-1, 1] of each batch size.
 
-    Returns ``(max_abs_diff, max_abs_output)``; the second is the torch outputs' largest magnitude,
-    the scale against which the difference reads. The torch side runs a float32 CPU eval copy.
+    Returns ``(max_abs_diff, max_abs_output, max_rel_diff)``: the largest |torch - onnxruntime| element,
+    the torch outputs' largest magnitude, and the largest per-embedding relative error
+    ``||onnxruntime_i - torch_i||_2 / ||torch_i||_2`` (float64). The relative one is the check: an absolute
+    bound means nothing without the scale of the outputs, which is ~1 for a trained iresnet but can be
+    ~1e-2 for tiny or MobileFaceNet, where an absolute 1e-4 lets a 1% error through. The relative error
+    of an embedding also bounds what it does to cosine scores (it is the distance between the two
+    embeddings after both are scaled by torch's norm). The torch side runs a float32 CPU eval copy.
     """
     import onnxruntime as ort
 
@@ -317,17 +321,25 @@ def compare_onnx(
     gen = torch.Generator().manual_seed(seed)
     max_diff = 0.0
     max_out = 0.0
+    max_rel = 0.0
     for b in batch_sizes:
         x = torch.rand(int(b), 3, h, w, generator=gen) * 2 - 1
         with torch.no_grad():
-            expected = m(x).numpy()
+            expected = m(x).numpy().astype(np.float64)
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
         if got.shape != expected.shape:
             raise RuntimeError(f"{onnx_path}: onnxruntime returned shape {got.shape} for batch {b}, "
                                f"torch {expected.shape}")
-        max_diff = max(max_diff, float(np.abs(got.astype(np.float64) - expected).max()))
+        err = got.astype(np.float64) - expected
+        max_diff = max(max_diff, float(np.abs(err).max()))
         max_out = max(max_out, float(np.abs(expected).max()))
-    return max_diff, max_out
+        # an all-zero torch embedding has no scale: any difference there counts as infinitely large
+        norms = np.linalg.norm(expected, axis=1)
+        err_norms = np.linalg.norm(err, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(norms > 0, err_norms / norms, np.where(err_norms > 0, np.inf, 0.0))
+        max_rel = max(max_rel, float(rel.max()))
+    return max_diff, max_out, max_rel
 
 
 def load_image(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
@@ -381,15 +393,5 @@ def embed_images(
     return np.concatenate(chunks, axis=0)
 
 
-__all__ = [
-    "BackboneFileError",
-    "ModelPathError",
-    "OnnxExportResult",
-    "compare_onnx",
-    "embed_images",
-    "export_onnx",
-    "export_torch",
-    "load_backbone_for_inference",
-    "load_image",
-    "resolve_weight_file",
-]
+__all__ = ["BackboneFileError", "ModelPathError", "OnnxExportResult", "compare_onnx", "embed_images", "export_onnx",
+           "export_torch", "load_backbone_for_inference", "load_image", "resolve_weight_file"]

@@ -10,7 +10,11 @@ from the grid's by a pair or two per fold, 0.01-0.3 pp of accuracy: ``kfold_accu
 protocol="best_cut")``.) The ROC comes from ``sklearn.metrics.roc_curve`` on all pairs; TAR at a FAR target is
 the largest TPR among ROC points whose FPR <= target (no interpolation between points, which would
 claim operating points no threshold achieves). When there are fewer than 1 / FAR impostor pairs, no
-threshold can show that FAR, and the TAR is reported as ``None`` with a note.
+threshold can show that FAR, and the TAR is reported as ``None`` with a note. Neither is an insightface
+figure, and both differ from it on purpose: its ``verification.py`` also computes a 10-fold VAL@FAR=1e-3
+(threshold interpolated on each training fold, over a 0.001 grid) that arcface_torch never reports, and
+its IJB evaluation takes the ROC point *nearest* the target FAR, which may lie above it; ours never claims
+a FAR above the target.
 
 Embeddings may be numpy arrays or torch tensors (any device/dtype); everything here runs in numpy
 float64 on the CPU. ``flip_embed`` computes the embeddings themselves (torch, on the input's device).

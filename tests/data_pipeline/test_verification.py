@@ -110,9 +110,32 @@ def test_numpy_non_bool_scalars_refused(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps(([b"a", b"b"], [np.float64(1.0)])))
     with pytest.raises(UnsafePickleError, match=r"dtype .* is not allowed in a verification \.bin"):
         load_bin(path)
-    path.write_bytes(pickle.dumps(([b"a", b"b"], [np.array([True])])))
-    with pytest.raises(UnsafePickleError, match="refusing to load"):
+    path.write_bytes(pickle.dumps(([b"a", b"b"], [np.array([True])])))  # a list of arrays is no issame
+    with pytest.raises(ValueError, match="must be a list of bools"):
         load_bin(path)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_issame_as_a_numpy_bool_array_is_accepted(tmp_path: Path, protocol: int) -> None:
+    """``pickle.dump((bins, np.array(issame)))``, as some converters write a .bin: numpy's _reconstruct at
+    protocols 0-4, its _frombuffer at 5. Refused as unsafe before; read as the list of bools it holds."""
+    images = [jpeg_bytes(i) for i in range(8)]
+    flags = np.array([True, False, False, True])
+    path = tmp_path / "a.bin"
+    path.write_bytes(pickle.dumps((images, flags), protocol=protocol))
+    got, issame = load_bin(path)
+    assert got == images and issame.dtype == bool and issame.tolist() == flags.tolist()
+
+
+@pytest.mark.parametrize("array", [np.array([1.0, 0.0]), np.array([1, 0]), np.array([True, False], dtype=object),
+                                   np.array([[True], [False]])])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_arrays_other_than_1d_bool_are_refused(tmp_path: Path, array: np.ndarray, protocol: int) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(pickle.dumps(([b"a", b"b", b"c", b"d"], array), protocol=protocol))
+    with pytest.raises(UnsafePickleError, match=r"not allowed in a verification \.bin|refusing to load") as err:
+        load_bin(path)
+    assert str(err.value).startswith(f"{path}: ")
 
 
 def test_wrong_structure(tmp_path: Path) -> None:

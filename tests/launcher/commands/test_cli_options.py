@@ -141,13 +141,13 @@ def test_eval_roc_dir_heldout_and_batch_size(synth: tuple[Path, Path], weights: 
 
 
 def test_export_onnx_tolerance_decides_the_exit_code(weights: Path, tmp_path: Path) -> None:
-    """``pfc export onnx --tolerance``: a difference above it exits 1 (EXCEEDED), one below it passes."""
+    """``pfc export onnx --tolerance``: a relative difference above it exits 1 (EXCEEDED), one below it passes."""
     pytest.importorskip("onnxruntime")
     out = tmp_path / "m.onnx"
     ok = CliRunner().invoke(app, ["export", "onnx", str(weights), str(out), "--tolerance", "1",
                                   "--json", str(tmp_path / "ok.json")])
-    assert ok.exit_code == 0 and "tolerance 1: OK" in ok.output, ok.output
-    diff = json.loads((tmp_path / "ok.json").read_text())["max_abs_diff"]
+    assert ok.exit_code == 0 and "tolerance 1 (relative): OK" in ok.output, ok.output
+    diff = json.loads((tmp_path / "ok.json").read_text())["max_rel_diff"]
     if diff == 0:
         pytest.skip("onnxruntime matched torch bit for bit: no tolerance below the difference to set")
     tight = CliRunner().invoke(app, ["export", "onnx", str(weights), str(out), "--tolerance", f"{diff / 2:g}"])
