@@ -302,7 +302,8 @@ class MetricsConfig(Section):
     port_policy: Literal["fail", "next-free"] = Field(
         "fail", description="a taken port: stop with an error, or step by the local world size (logged)")
     pushgateway: str | None = Field(None, description="Pushgateway URL for short jobs (host:port)")
-    push_interval_s: float = Field(15.0, gt=0.0, le=3600.0)
+    push_interval_s: float = Field(15.0, gt=0.0, le=3600.0, description="seconds between pushes (also one at the "
+                                   "start and one at the end)")
     job: str = Field("pfc", min_length=1, description="Pushgateway job name")
     run_id: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",

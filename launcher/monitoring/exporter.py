@@ -9,7 +9,8 @@ What is exported (all names start with ``pfc_``, values are in base units: secon
 radians, degrees Celsius); :data:`METRIC_NAMES` lists them and ``deploy/`` may query nothing else:
 
 * progress: ``pfc_steps_total``, ``pfc_samples_total`` (this rank's images), ``pfc_training_step``,
-  ``pfc_last_step_timestamp_seconds`` (hang detection), ``pfc_world_size``;
+  ``pfc_last_step_timestamp_seconds`` (hang detection), ``pfc_world_size``,
+  ``pfc_run_end_timestamp_seconds`` (set by :meth:`~TrainingMetrics.close`: this rank's training ended);
 * step time: ``pfc_step_duration_seconds`` (histogram of wall time between two steps, evaluation and
   checkpoint time excluded), ``pfc_step_last_duration_seconds`` and
   ``pfc_step_phase_seconds_total{phase=data|forward|backward|communication|optimizer}``
@@ -38,9 +39,12 @@ Settings (``metrics`` section of the config): ``host`` and ``port_base`` (rank k
 ``port_base + local_rank``); ``port_policy`` ``fail`` (default: a taken port is an error naming
 ``host:port``) or ``next-free`` (try ``port + k * LOCAL_WORLD_SIZE`` for k = 1..15, never another local
 rank's first choice, and log the port taken); ``pushgateway`` (``http://host:9091``: push this rank's
-registry every ``push_interval_s`` seconds under job ``job``, grouped by ``run``, ``node`` and ``rank``,
-for jobs too short to be scraped; on :meth:`close` the group is deleted, so a finished run's last values
-do not linger in the gateway and fire ``PfcStepHung``; push errors are logged, never raised).
+registry under job ``job``, grouped by ``run``, ``node`` and ``rank``, for jobs too short to be scraped:
+once right after :meth:`start`, then every ``push_interval_s`` seconds, and a last time from :meth:`close`
+with the final values and ``pfc_run_end_timestamp_seconds``, which tells the alerts (``PfcStepHung``,
+``PfcThroughputDrop``) and the dashboard that the rank ended rather than hangs. The group is kept: a
+Pushgateway never forgets, deleting groups is the operator's call (deploy/prometheus/README.md). Push
+errors are logged, never raised).
 
 Where it lives: the names, buckets and labels in :mod:`launcher.monitoring.series`; what is read at scrape
 time (memory, GPU) in :mod:`launcher.monitoring.scrape`; here, the families of one rank, serving, pushing
@@ -63,7 +67,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    delete_from_gateway,
     push_to_gateway,
     start_http_server,
 )
@@ -156,6 +159,7 @@ class TrainingMetrics:
         self._push_stop = threading.Event()
         self._push_thread: threading.Thread | None = None
         self._gateway: str | None = None
+        self._closed = False
         self._last_mark = time.perf_counter()
         self._skipped_records = 0
         self._phases = measured_phases(comm_timed)
@@ -212,6 +216,8 @@ class TrainingMetrics:
         self.eval_ts = gauge("pfc_last_eval_timestamp_seconds", "Unix time of the last evaluation")
         self.ckpt = gauge("pfc_checkpoint_duration_seconds", "Wall time of the last checkpoint save")
         self.ckpts = counter("pfc_checkpoints_total", "Checkpoints saved").labels(**labels)
+        self.ended = gauge("pfc_run_end_timestamp_seconds",
+                           "Unix time this rank's training ended (absent while it runs; a killed rank never sets it)")
         reg.register(ScrapeTimeCollector(labels, device if device is not None else default_device_reading()))
 
     # -- serving -----------------------------------------------------------------------------------
@@ -264,13 +270,10 @@ class TrainingMetrics:
     def _grouping(self) -> dict[str, str]:
         return {"run": self.run, "node": str(self.node), "rank": str(self.rank)}
 
-    def _delete_group(self, gateway: str) -> None:
-        try:
-            delete_from_gateway(gateway, job=self.cfg.job, grouping_key=self._grouping(), timeout=5)
-        except Exception as e:  # monitoring must never stop training
-            log.warning(f"metrics: deleting this rank's group from {gateway} failed: {e}")
-
     def _push_loop(self, gateway: str, interval: float) -> None:
+        # The first push at once: a job shorter than one interval must still reach the gateway, and a
+        # relaunch under the same run id replaces (PUT) the group its previous launch left marked as ended.
+        self._push(gateway)
         while not self._push_stop.wait(interval):
             self._push(gateway)
 
@@ -346,16 +349,19 @@ class TrainingMetrics:
         self._last_mark = time.perf_counter()  # checkpoint time is not step time
 
     def close(self) -> None:
-        """Stop serving (the port is free again); with a Pushgateway, delete this rank's group: the run is
-        over, and values left there would read as a rank that hangs (``PfcStepHung``)."""
-        if not self.enabled:
+        """Mark this rank's training as ended (``pfc_run_end_timestamp_seconds``), push its final values a
+        last time when a Pushgateway is set, and stop serving (the port is free again). The group stays in
+        the gateway with the end mark, which keeps ``PfcStepHung`` and ``PfcThroughputDrop`` quiet for it."""
+        if not self.enabled or self._closed:
             return
+        self._closed = True
         if self._push_thread is not None:
             self._push_stop.set()
             self._push_thread.join(timeout=10)
             self._push_thread = None
-            if self._gateway:
-                self._delete_group(self._gateway)
+        self.ended.labels(**self._labels).set_to_current_time()
+        if self._gateway:
+            self._push(self._gateway)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -55,7 +55,8 @@ GPU_METRICS = ("pfc_cuda_memory_allocated_bytes", "pfc_cuda_memory_reserved_byte
 #: in the exposition with their suffixes (``_total``, ``_bucket``/``_sum``/``_count``, ``_created``).
 METRIC_NAMES: tuple[str, ...] = (
     "pfc_world_size", "pfc_steps_total", "pfc_samples_total", "pfc_training_step",
-    "pfc_last_step_timestamp_seconds", "pfc_step_duration_seconds", "pfc_step_last_duration_seconds",
+    "pfc_last_step_timestamp_seconds", "pfc_run_end_timestamp_seconds", "pfc_step_duration_seconds",
+    "pfc_step_last_duration_seconds",
     "pfc_step_phase_seconds_total", "pfc_loss", "pfc_learning_rate", "pfc_grad_norm", "pfc_step_finite",
     "pfc_nonfinite_steps_total", "pfc_data_skipped_records_total", "pfc_head_sampled_classes",
     "pfc_discface_xi_norm", *(v[0] for v in DISCREPANCY.values()), "pfc_verification_accuracy",

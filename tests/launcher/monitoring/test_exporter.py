@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,7 +11,9 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,50 +183,88 @@ def test_taken_port_is_a_clear_error_and_next_free_is_explicit(monkeypatch, capl
         _exporter(base, {"port_policy": "random"}).start()
 
 
-def test_pushgateway_push_then_group_deleted_at_the_end_and_failures_do_not_stop_training(monkeypatch, caplog):
-    received: list[tuple[str, str, bytes]] = []
+class _Gateway(BaseHTTPRequestHandler):
+    """A Pushgateway stand-in: records (method, path, body, monotonic time) of every request."""
 
-    class Gateway(BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:
-            received.append(("PUT", self.path, self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
+    received: ClassVar[list[tuple[str, str, bytes, float]]] = []
 
-        def do_DELETE(self) -> None:
-            received.append(("DELETE", self.path, b""))
-            self.send_response(202)
-            self.end_headers()
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(("PUT", self.path, body, time.monotonic()))
+        self.send_response(200)
+        self.end_headers()
 
-        def log_message(self, *args: object) -> None:
-            pass
+    def do_DELETE(self) -> None:
+        self.received.append(("DELETE", self.path, b"", time.monotonic()))
+        self.send_response(202)
+        self.end_headers()
 
-    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _gateway() -> Iterator[tuple[str, list[tuple[str, str, bytes, float]]]]:
+    _Gateway.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Gateway)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        gateway = {"pushgateway": f"http://127.0.0.1:{server.server_address[1]}", "push_interval_s": 0.2,
-                   "run_id": "exp-7"}
-        m = _exporter(free_port(2), gateway)
-        m.start()
-        m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
-        deadline = time.monotonic() + 10
-        while not received and time.monotonic() < deadline:
-            time.sleep(0.05)
-        m.close()
+        yield f"http://127.0.0.1:{server.server_address[1]}", _Gateway.received
     finally:
         server.shutdown()
         server.server_close()
-    assert received and received[0][0] == "PUT"
-    _, path, body = received[0]
-    assert path == "/metrics/job/pfc/node/1/rank/3/run/exp-7"
-    assert b'pfc_samples_total{node="1",rank="3",run="exp-7"} 16.0' in body
-    # the run is over: its group is deleted (a pushed run's last values would read as a hung rank)
-    assert received[-1] == ("DELETE", path, b"")
-    # a gateway that is down: logged, not raised
+
+
+def _pushed(body: bytes) -> dict[str, float]:
+    return {s.name: s.value for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+
+
+def test_a_job_shorter_than_the_push_interval_is_pushed_at_start_and_at_its_end():
+    """push_interval_s 30 s, a run of one step that closes at once: a first push right after start (before
+    any interval), a last push from close() with the final values and the end mark, and no DELETE: the
+    group stays with the run's last values."""
+    with _gateway() as (url, received):
+        m = _exporter(free_port(2), {"pushgateway": url, "push_interval_s": 30, "run_id": "exp-7"})
+        t0 = time.monotonic()
+        m.start()
+        deadline = t0 + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert received, "no push right after start"
+        first = received[0]
+        m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
+        before_close = time.time()
+        m.close()
+        m.close()  # a second close pushes nothing more
+        got = list(received)
+    assert [r[:2] for r in got] == [("PUT", "/metrics/job/pfc/node/1/rank/3/run/exp-7")] * 2, got
+    assert first[3] - t0 < 5  # the first push did not wait an interval (30 s)
+    start_values, end_values = _pushed(got[0][2]), _pushed(got[-1][2])
+    assert start_values["pfc_world_size"] == 4 and "pfc_run_end_timestamp_seconds" not in start_values
+    assert start_values["pfc_samples_total"] == 0
+    assert end_values["pfc_samples_total"] == 16 and end_values["pfc_training_step"] == 1
+    ended = end_values["pfc_run_end_timestamp_seconds"]
+    assert before_close <= ended <= time.time()
+    assert ended >= end_values["pfc_last_step_timestamp_seconds"]
+
+
+def test_pushes_come_every_interval_and_a_gateway_that_is_down_never_stops_training(caplog):
+    with _gateway() as (url, received):
+        m = _exporter(free_port(2), {"pushgateway": url, "push_interval_s": 0.2, "run_id": "exp-7"})
+        m.start()
+        m.observe_step(1, STEP_SCALARS, images=16, sampled_classes=2, skipped_records=0)
+        deadline = time.monotonic() + 10
+        while len(received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m.close()
+    assert len(received) >= 4 and {r[0] for r in received} == {"PUT"}
+    assert b'pfc_samples_total{node="1",rank="3",run="exp-7"} 16.0' in received[-1][2]
+    # a gateway that is down: logged (the first push and the last), not raised
     m = _exporter(free_port(2), {"pushgateway": f"http://127.0.0.1:{free_port()}"})
     m.start()
     with caplog.at_level(logging.WARNING, logger="pfc"):
         m.close()
-    assert "group from http://127.0.0.1" in caplog.text and "failed" in caplog.text
+    assert "push to http://127.0.0.1" in caplog.text and "failed" in caplog.text
 
 
 def test_cuda_reading_uses_the_devices_uuid_and_base_units(monkeypatch):

@@ -44,6 +44,7 @@ def test_metric_name_lexer():
 def _emitted() -> set[str]:
     m = TrainingMetrics(MetricsConfig(enabled=True), rank=0, local_rank=0, node=0, world_size=2, device=FakeGpu())
     fake_run(m)
+    m.close()  # the end mark (pfc_run_end_timestamp_seconds) is set when the run ends
     return exposed_names(m.registry.collect())
 
 
