@@ -72,11 +72,12 @@ class RunCallbacks:
         self.metrics = TrainingMetrics(cfg.metrics, rank=ctx.rank, local_rank=ctx.local_rank, node=ctx.node_rank,
                                        world_size=ctx.world_size, comm_timed=c.engine.comm is not None,
                                        run=resolve_run_id(cfg.metrics, out, write=ctx.is_main))
+        # the trackers first: their start (wandb's, seconds) is no step's time, and the progress clock starts here
+        self.trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main, wandb_project=cfg.log.wandb_project,
+                                 wandb_mode=cfg.log.wandb_mode, run_config=cfg.model_dump(mode="json"))
         self.progress = ProgressLogger(cfg.train.steps, cfg.train.batch_size * ctx.world_size * cfg.optim.grad_accum,
                                        ctx.device, out / "metrics.jsonl" if "jsonl" in cfg.log.backends else None,
                                        enabled=ctx.is_main)
-        self.trackers = Trackers(cfg.log.backends, out, enabled=ctx.is_main, wandb_project=cfg.log.wandb_project,
-                                 wandb_mode=cfg.log.wandb_mode, run_config=cfg.model_dump(mode="json"))
         self.best = BestKeeper(cfg, ctx.is_main, resumed_at=start_step)
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_a_row)
         self.ckpt_failures = 0

@@ -11,6 +11,7 @@ import torch
 
 from partialfc import PartialFC
 from partialfc.optimizer import SparseHeadOptimizer
+from tests.partialfc.test_stochastic_rounding import _run as _steps  # the same 16-image steps, seeded by k
 
 MARGIN = (1.0, 0.5, 0.0)
 
@@ -20,14 +21,6 @@ def _make(seed: int = 9) -> tuple[PartialFC, SparseHeadOptimizer]:
     # depend on head.step
     head = PartialFC(120, 32, 0.4, margin=MARGIN, scale=32.0, seed=seed, dtype=torch.bfloat16)
     return head, head.make_optimizer(lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def _steps(head: PartialFC, opt: SparseHeadOptimizer, first: int, count: int) -> None:
-    for k in range(first, first + count):
-        g = torch.Generator().manual_seed(100 + k)
-        head(torch.randn(16, 32, generator=g), torch.randint(0, 120, (16,), generator=g)).backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def _bits(head: PartialFC, opt: SparseHeadOptimizer) -> list[torch.Tensor]:
