@@ -47,7 +47,8 @@ def _pfc_eval(model: Path, val_bin: Path, tmp: Path) -> dict:
     from launcher.cli import app
 
     res = tmp / f"eval_{model.name}.json"
-    result = CliRunner().invoke(app, ["eval", str(model), "--bin", str(val_bin), "--json", str(res)])
+    result = CliRunner().invoke(app, ["eval", str(model), "--bin", str(val_bin), "--json", str(res),
+                                         "--device", "cpu"])  # the device training evaluated on
     assert result.exit_code == 0, result.output
     return json.loads(res.read_text())[val_bin.name]
 

@@ -32,7 +32,8 @@ def test_two_ranks_learn_checkpoint_and_eval_reads_it(dataset, tmp_path):
     from launcher.cli import app
 
     res_json = tmp_path / "eval.json"
-    result = CliRunner().invoke(app, ["eval", str(out), "--bin", str(val_bin), "--json", str(res_json)])
+    result = CliRunner().invoke(app, ["eval", str(out), "--bin", str(val_bin), "--json", str(res_json),
+                                         "--device", "cpu"])
     assert result.exit_code == 0, result.output
     trained = json.loads(res_json.read_text())[val_bin.name]
     assert set(trained["tar_at_far"]) == {"1e-4", "1e-3", "1e-2"}
