@@ -7,7 +7,7 @@ discrepancy diagnostics. Every tensor is detached: reading the record never touc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +37,19 @@ class StepRecord:
     owned_z_hat: torch.Tensor
     owned_w_hat: torch.Tensor
     owned_labels: torch.Tensor
+
+
+    @staticmethod
+    def merged(records: list[StepRecord]) -> StepRecord:
+        """One record for the forwards of one optimizer step (its micro-batches, ``head.begin_step``): the owned
+        samples of them all, in order (their class weights did not move between them); the loss parts,
+        sampled count and batch are the last forward's."""
+        last = records[-1]
+        if len(records) == 1:
+            return last
+        return replace(last, owned_z_hat=torch.cat([r.owned_z_hat for r in records]),
+                                   owned_w_hat=torch.cat([r.owned_w_hat for r in records]),
+                                   owned_labels=torch.cat([r.owned_labels for r in records]))
 
 
 __all__ = ["StepRecord"]

@@ -26,6 +26,7 @@ from launcher.trainer.engines import scale_embedding_grad, schedule_next
 from launcher.trainer.finetune import backbone_frozen, skip_backbone_step
 from launcher.trainer.timing import PhaseClock
 from partialfc import PartialFC
+from partialfc.step_record import StepRecord
 
 log = logging.getLogger("pfc")
 
@@ -113,6 +114,9 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
     # (head.begin_step: ONE sampled set for the step, one accumulated gradient of its rows), so the step's
     # micro-batches are read up front (accum x one batch of images held at once).
     batches: list[tuple[torch.Tensor | Pixels, torch.Tensor]] = []
+    # The discrepancy measured after this step (RunCallbacks.observe) reads head.record: the owned samples of
+    # every micro-batch, not the last one's (1/accum of the step), kept only on the steps that measure it.
+    records: list[StepRecord] | None = [] if accum > 1 and step % cfg.eval.discrepancy_every_steps == 0 else None
     shares = [float(accum)] * accum  # micro-batch m's loss is divided by shares[m] (N / n_m: see micro_shares)
     if accum > 1:
         with clock.host("data"):
@@ -138,6 +142,8 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
                 if faults.nan_backbone_grad(step, ctx.rank) and emb.requires_grad:
                     emb.register_hook(lambda g: g * float("nan"))
                 loss = c.head(emb, labels)
+                if records is not None and c.head.record is not None:
+                    records.append(c.head.record)
                 if faults.nan_loss(step, ctx.rank):
                     loss = loss * float("nan")
             with clock.device("backward"):
@@ -147,6 +153,8 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
             # of each part / accum gave when they were read back one by one (bit for bit on the CPU)
             part = v.detach().double() / shares[micro]
             sums[k] = sums[k] + part if k in sums else part
+    if records:
+        c.head.record = StepRecord.merged(records)
     return sums, trained
 
 
