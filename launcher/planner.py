@@ -72,7 +72,9 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 #   (fp64 for a float64 head) and an int64 per-row step count.
 # * the owned samples' normalised embeddings and class rows (n x D each, n the global batch's samples whose
 #   class is in the shard), which head.record keeps from one forward to the next: the last step's pair and
-#   this step's are both alive at the end of a forward;
+#   this step's are both alive at the end of a forward (with k micro-batches, a step that measures the
+#   discrepancy keeps all k, launcher.trainer.step: k + 1 then);
+# * the sampled rows' local index (head._sampled, (S,) int64), kept from the forward to the next step;
 # * on the CPU, when the positives decide S (which then moves from step to step), the workspace's S-sized
 #   buffers hold 5% more than the largest S asked for (partialfc.softmax.Workspace grows by 5% when it must).
 # The fp16/bf16, AdamW and accumulation counts were checked on 2026-12-03 with the benchmark's measurement
@@ -90,6 +92,7 @@ WORKSPACE_GROWTH = 20  # the workspace grows by 1/20 of a request it must grow f
 POSITIVES_SIGMAS = 4  # a shard's positives count is planned at its mean plus this many standard deviations
 OPTIMIZERS = ("sgd", "adamw")
 ROW_STEP_BYTES = 8
+SAMPLED_INDEX_BYTES = 8
 OPTIMIZER_STATE_KEYS = ("momentum", "adamw_moments", "adamw_row_steps")
 
 DEFAULT_WORLDS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
@@ -285,13 +288,17 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
     # the shard or more
     permutation = quota < rows and 4 * quota >= rows
     sampler = (SAMPLER_PERMUTATION_BYTES_PER_ROW if permutation else SAMPLER_BYTES_PER_ROW) * rows
-    owned_rows = 2 * owned * dim * f  # head.record's owned embeddings and class rows
+    owned_rows = 2 * owned * dim * f  # head.record's owned embeddings and class rows (one micro-batch's)
+    # a step that measures the discrepancy keeps every micro-batch's (launcher.trainer.step), the last
+    # step's record alive until this step's first forward replaces it
+    held = grad_accum + 1 if grad_accum > 1 else 2
+    workspace["sampled_index"] = SAMPLED_INDEX_BYTES * s
     phases: dict[str, dict[str, int]] = {
         # (a bf16/fp16 head gathers its sampled rows into the bytes of the weight-gradient buffer)
-        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings, "owned_samples": 2 * owned_rows},
-        "backward": {**workspace, "embeddings": embeddings, "owned_samples": owned_rows,
+        "forward": {**workspace, "sampler": sampler, "embeddings": embeddings, "owned_samples": held * owned_rows},
+        "backward": {**workspace, "embeddings": embeddings, "owned_samples": grad_accum * owned_rows,
                      "row_dot_scratch": min(s, blocks.rows_per_dot_block(dim * f)) * dim * f},
-        "optimizer": {**workspace, "owned_samples": owned_rows,
+        "optimizer": {**workspace, "owned_samples": grad_accum * owned_rows,
                       **({"rounding_noise_draw": ROUNDING_DRAW_BYTES_PER_ROW * s} if stochastic else {})},
     }
     return state, phases

@@ -54,15 +54,16 @@ def test_memory_hand_computed_fp32() -> None:
     owned = 2 * 6 * 4 * 4
     # The reused workspace: logits and their gradient (2 N x S), the rows' copy and gradient (2 S x D)
     # and a momentum chunk (min(S, 512) rows = S x D here); the sampler's 48 bytes per shard row (r = 0.5: a
-    # permutation of the negatives); the backward's row-dot scratch block (min(S, 1 MiB of rows) = S x D here).
-    ws = 2 * ns + 2 * sd + sd
+    # permutation of the negatives); the backward's row-dot scratch block (min(S, 1 MiB of rows) = S x D here);
+    # the sampled rows' (S,) int64 local index.
+    ws = 2 * ns + 2 * sd + sd + 167 * 8
     assert p.phases == {"forward": ws + 48 * 334 + emb + 2 * owned, "backward": ws + emb + owned + sd,
                         "optimizer": ws + owned}
     assert p.peak_phase == "forward"
     assert p.memory["shard_weights"] == p.memory["momentum"] == 334 * 4 * 4
     assert p.shard_weights_plus_momentum_bytes == 10_688
-    assert p.total_bytes == 10_688 + 16_032 + 16_032 + 352 + 384 == 43_488
-    assert p.step_bytes == 32_800
+    assert p.total_bytes == 10_688 + 17_368 + 16_032 + 352 + 384 == 44_824
+    assert p.step_bytes == 34_136
 
 
 def test_the_samplers_scratch_follows_its_path() -> None:
@@ -87,7 +88,7 @@ def test_memory_large_logits_and_half_precision() -> None:
     s, n = 500, 2048
     assert p.peak_phase == "forward"
     assert p.total_bytes == 2 * 500 * 8 * 4 + 2 * n * s * 4 + 3 * s * 8 * 4 + 8 * 500 \
-        + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4 + 4 * 1115 * 8 * 4
+        + 3 * n * 8 * 4 + 2 * 1024 * 8 * 4 + 4 * 1115 * 8 * 4 + 8 * s  # (S,) int64 sampled index
     assert plan_rank(10_000_000, 2, 8, 4, 0.5).memory["optimizer_chunks"] == 512 * 4 * 4
     # fp16: the shard and its momentum halve; the head works on a reused fp32 copy of the sampled rows
     # (gathered in fp16 first, into the bytes of the not yet written fp32 gradient buffer: nothing more)
@@ -95,7 +96,7 @@ def test_memory_large_logits_and_half_precision() -> None:
     h = plan_rank(1000, 3, 2, 4, 0.5, "fp16")
     sd_f, sd_e, ns = 167 * 4 * 4, 167 * 4 * 2, 6 * 167 * 4
     noise = 167 * 4 * 4  # the int32 chunk of stochastic-rounding noise (a bf16/fp16 head's default)
-    ws = 2 * ns + sd_f + sd_f + (sd_f + 2 * sd_e + noise)
+    ws = 2 * ns + sd_f + sd_f + (sd_f + 2 * sd_e + noise) + 167 * 8  # and the (S,) int64 sampled index
     emb = 3 * 6 * 4 * 4 + 2 * 2 * 4 * 2
     owned = 2 * 6 * 4 * 4
     assert h.memory["shard_weights"] == h.memory["momentum"] == 334 * 4 * 2
@@ -122,6 +123,12 @@ def test_memory_adamw_and_grad_accum() -> None:
     assert one.num_sample_planned == three.num_sample_planned == 250
     assert three.memory["sampled_weights_grad"] == 2 * one.memory["sampled_weights_grad"]
     assert three.comm_bytes_per_step == 3 * one.comm_bytes_per_step + 8 + 3 * 2 * 8
+    # and a step that measures the discrepancy keeps every micro-batch's owned samples (4 of the 4 samples of a
+    # micro-batch at most, embedding and class row, D = 4, fp32): 3 in the backward, 3 + the last step's in the
+    # forward, against 1 and 2
+    owned_rows, sd_f = 2 * 4 * 4 * 4, 250 * 4 * 4
+    assert {k: three.phases[k] - one.phases[k] for k in one.phases} == {
+        "forward": sd_f + 2 * owned_rows, "backward": sd_f + 2 * owned_rows, "optimizer": sd_f + 2 * owned_rows}
     with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
         plan_rank(10, 2, 2, 4, 0.5, optimizer="adam")
 
