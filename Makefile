@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,dali,deepspeed
+EXTRAS ?= dev,dali,deepspeed,gpu
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast lint bench oracle clean gpu-wheels gpu-check gpu-check-dry
@@ -52,15 +52,15 @@ clean:
 
 # ---- the GPU machine (issue 16): no network there, torch preinstalled, pydantic not. -------------
 # `make gpu-wheels` (here, with network) downloads the wheels `import launcher` needs beyond what the
-# GPU machine has into .whl/ (git-ignored; send it along with the working tree). Versions pinned to
-# the ones this project is tested with; typing-extensions because pydantic needs a newer one than
-# torch may bring.
+# GPU machine has into .whl/ (git-ignored; send it along with the working tree). Versions are the images'
+# (docker/requirements.lock, docker/requirements-gpu.lock); typing-extensions because pydantic needs a
+# newer one than torch may bring.
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/site
-GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-	typing-extensions==4.16.0 \
-	einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 psutil==7.2.2 py-cpuinfo==9.0.0 tqdm==4.70.1
-GPU_DEEPSPEED := deepspeed==0.19.8
+GPU_WHEELS := $(shell grep -E '^(pydantic|pydantic-core|annotated-types|typing-inspection|typing-extensions|tqdm)==' \
+	docker/requirements.lock) \
+	$(shell grep -E '^(einops|hjson|msgpack|ninja|psutil|py-cpuinfo)==' docker/requirements-gpu.lock)
+GPU_DEEPSPEED := $(shell grep -E '^deepspeed==' docker/requirements-gpu.lock)
 
 # DeepSpeed (and, above, what it imports) for gpu-check's ZeRO step. It is published as source only, so it
 # is built here into a pure-Python wheel without its compiled ops (DS_BUILD_OPS=0: ZeRO-1/2 with torch's

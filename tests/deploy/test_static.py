@@ -109,9 +109,11 @@ def test_gpu_dockerfile_pins_cuda_stack_and_runs_pfc_as_non_root():
     assert base, "the base must be a pinned nvidia/cuda runtime image"
     major, minor = base.group(1), base.group(2)
     assert f"whl/cu{major}{minor}" in text, "torch must come from the index of the base image's CUDA"
-    assert f"nvidia-dali-cuda{major}0==" in text, "DALI must be built for the same CUDA major"
+    gpu_lock = (REPO / "docker" / "requirements-gpu.lock").read_text()
+    assert re.search(rf"(?m)^nvidia-dali-cuda{major}0==", gpu_lock), "DALI must be built for the same CUDA major"
+    assert re.search(r"(?m)^deepspeed==\d+\.\d+\.\d+$", gpu_lock)
+    assert "-r requirements-gpu.lock" in text and "--no-deps" in text
     assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", text)
-    assert re.search(r"ARG DEEPSPEED_VERSION=\d+\.\d+\.\d+", text)
     assert "DS_BUILD_OPS=0" in text
     _common_runtime_checks(ins, MetricsConfig().port_base)
 
@@ -226,6 +228,13 @@ def test_dependencies_come_from_the_lock_file_before_the_sources_and_the_lock_is
     assert any("tqdm is needed but not pinned" in p for p in found), found
     assert any("left-pad is pinned but no runtime dependency needs it" in p for p in found), found
     assert any("pyyaml==5.1.0 is outside" in p for p in found), found
+    # and the GPU image's: DeepSpeed's hjson missing, a package the base lock already pins, DALI out of range
+    gpu = (REPO / "docker" / "requirements-gpu.lock").read_text()
+    broken = re.sub(r"(?m)^hjson==.*\n", "", gpu).replace("nvidia-dali-cuda130==", "nvidia-dali-cuda130==1.0\n#")
+    found = lock.problems(broken + "numpy==2.4.6\n", gpu=True)
+    assert any("hjson is needed but not pinned" in p for p in found), found
+    assert any(p.startswith("numpy is pinned but the GPU image's extras do not need it") for p in found), found
+    assert any("nvidia-dali-cuda130==1.0 is outside" in p for p in found), found
 
 
 def test_dockerignore_keeps_what_the_build_copies():
