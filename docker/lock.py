@@ -31,6 +31,9 @@ LOCK = REPO / "docker" / "requirements.lock"
 GPU_LOCK = REPO / "docker" / "requirements-gpu.lock"
 LEFT_OUT = re.compile(r"^(torch|triton|nvidia-.*)$")
 GPU_EXTRAS = ("dali", "deepspeed", "gpu")
+# Both images run Python 3.12 (tests/deploy/test_static.py): requirement markers are read for it, not for
+# the Python that writes the lock.
+IMAGE_PYTHON = {"python_version": "3.12", "python_full_version": "3.12.3"}
 # what the CUDA build of torch brings (its index's wheels): never pinned by the GPU lock either
 GPU_LEFT_OUT = re.compile(r"^(torch|triton|nvidia-(cuda|cublas|cudnn|cufft|cufile|curand|cusolver|cusparse|cusparselt|"
                           r"nccl|nvjitlink|nvshmem|nvtx)(-.*)?)$")
@@ -60,7 +63,7 @@ def _installed(requirements: list[Requirement]) -> dict[str, str]:
                              f"(make venv installs the extras {', '.join(GPU_EXTRAS)} too)") from None
         seen[name] = dist.version
         for r in (Requirement(x) for x in dist.requires or []):
-            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+            if r.marker is None or any(r.marker.evaluate({"extra": e, **IMAGE_PYTHON}) for e in ("", *req.extras)):
                 todo.append(r)
     return seen
 
