@@ -81,7 +81,6 @@ class RunCallbacks:
         self.best = BestKeeper(cfg, ctx.is_main, resumed_at=start_step)
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_a_row)
         self.ckpt_failures = 0
-        self.skipped_seen = data.skipped_records  # corrupt records skipped before the last observed step
         self.saved_step = -1  # step of the last successful save of this run
         self.evals: dict[str, Any] | None = None  # the last evaluation
         self.stopped: dict[str, Any] | None = None  # set when a stop signal ended the run
@@ -134,7 +133,7 @@ class RunCallbacks:
         """The step's values to the exporter, and every ``log.every_steps`` (and a ``last`` step) to the log and the
         trackers."""
         cfg, head = self.cfg, self.c.head
-        self.metrics.observe_step(step, scalars, images=self.images_read(),
+        self.metrics.observe_step(step, scalars, images=int(scalars["images_rank"]),
                                   sampled_classes=head.record.num_sampled if head.record else 0,
                                   skipped_records=self.data.skipped_records)
         if step % cfg.eval.discrepancy_every_steps == 0:
@@ -147,12 +146,6 @@ class RunCallbacks:
             logged = self.progress.emit(step, {k: scalars[k] for k in _LOGGED
                                                if k in scalars and (k != "xi_norm" or head.xi is not None)})
             self.trackers.scalars(step, logged)
-
-    def images_read(self) -> int:
-        """Images this rank trained on in the step just taken: ``grad_accum`` batches, each short by the
-        corrupt records its loader skipped (``data.skip_corrupt``)."""
-        skipped, self.skipped_seen = self.data.skipped_records - self.skipped_seen, self.data.skipped_records
-        return self.cfg.train.batch_size * self.cfg.optim.grad_accum - skipped
 
     def evaluate_every(self, step: int) -> None:
         """Every ``eval.every_steps`` and at ``train.steps``: the verification sets (collective), best/."""

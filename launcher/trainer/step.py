@@ -220,7 +220,8 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
 
     ``losses``: :func:`forward_backward`'s, on the device; ``scale``: the fp16 loss scale its backward used
     (1 without a scaler); ``images``: this rank's images of the step. Returns the step's scalars: the losses,
-    ``images`` (all ranks' images of the step: the global batch less the corrupt records skipped), the
+    ``images`` (all ranks' images of the step: the global batch less the corrupt records skipped),
+    ``images_rank`` (this rank's, the count ``pfc_samples_total`` adds), the
     gradient norm, the LR the step ran at, whether (and why not) the step was taken (``scale_backoff``: the
     skip was a normal back-off of the fp16 loss scale; :func:`train_one_step` adds the scale after the
     step, read once the step is done); and the values still
@@ -255,7 +256,7 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
         late["grad_norm"] = (after.detach().float() if isinstance(after, torch.Tensor)
                              else float(torch.tensor(after, dtype=torch.float32)))
     backoff = not ok and is_loss_scale_backoff(bad_loss, bad_backbone, bad_head, scale)
-    out.update({"finite": float(ok), "nonfinite_loss": float(bad_loss),
+    out.update({"images_rank": float(images), "finite": float(ok), "nonfinite_loss": float(bad_loss),
                 "nonfinite_grad": float(bad_backbone or bad_head), "scale_backoff": float(backoff), "lr": lr})
     return out, late
 

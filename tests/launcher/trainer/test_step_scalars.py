@@ -102,6 +102,7 @@ def _plain_step(c: Components, data: _Batches, cfg: Config, ctx: DistContext, st
         head_sq += c.head.b.grad.double().pow(2).sum()
     checks = [torch.tensor(out["loss"], dtype=torch.float32), grad_norm.float(), head_sq]
     flags = torch.tensor([0.0 if bool(torch.isfinite(v).all()) else 1.0 for v in checks])
+    out["images_rank"] = float(seen)
     if ctx.distributed:
         dist.all_reduce(flags)
         dist.all_reduce(seen)
