@@ -138,15 +138,18 @@ def test_time_limit_reached_during_the_save_after_usr1_still_requeues(submit):
     assert _job_state(job, env)[1] >= 1, "not requeued"
 
 
-def test_term_before_srun_has_made_its_step_still_reaches_the_ranks(submit, tmp_path):
+@pytest.mark.parametrize("array", [False, True], ids=["job", "array_task"])
+def test_term_before_srun_has_made_its_step_still_reaches_the_ranks(submit, tmp_path, array):
     """A TERM to the batch script while srun is still making its step (here a real srun started 3 s late,
     as a busy controller would make it): `scancel --signal` reaches only steps that exist, so the script
-    must wait for the step; otherwise the stop request is lost and the ranks train on."""
+    must wait for the step; otherwise the stop request is lost and the ranks train on. An array task's steps
+    are listed as ARRAYJOBID_TASKID.N (a one-task array: its job id is the array's)."""
     wrapper = tmp_path / "bin" / "srun"
     wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/bash\nsleep 3\nexec {shutil.which("srun")} "$@"\n')
     wrapper.chmod(0o755)
-    job, env = submit("1", "--ntasks=2", PATH=f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    job, env = submit("1", "--ntasks=2", *(["--array=0"] if array else []),
+                      PATH=f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     _wait_for(lambda: "pfc-train: job" in _logs(job, env)[0], 30, "the batch script to start")
     assert "start" not in _logs(job, env)[1], "the step started before the TERM: the test proves nothing"
     _signal(job, env, "--signal=TERM", "--batch")
