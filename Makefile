@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,dali,deepspeed,gpu
-STAMP := $(VENV)/.installed
+# the extras in the stamp's name: a venv made with other extras is brought up to these
+STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: venv demo test test-fast lint bench oracle clean gpu-wheels gpu-check gpu-check-dry
 

@@ -93,6 +93,9 @@ __all__ = ["METRIC_NAMES", "CudaReading", "DeviceReading", "MetricsPortError", "
 
 log = logging.getLogger("pfc")
 
+PUSH_TIMEOUT_S = 5.0  # per socket operation of one push
+PUSH_JOIN_S = 10.0  # how long close() waits for the push thread before its last push
+
 def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
                    write: bool = False) -> str:
     """The run identity, the same on every rank of one launch: ``metrics.run_id``, else ``slurm-<job id>``,
@@ -158,6 +161,9 @@ class TrainingMetrics:
         self._thread: threading.Thread | None = None
         self._push_stop = threading.Event()
         self._push_thread: threading.Thread | None = None
+        # one push at a time: close()'s last push (with the end mark) must reach the gateway after any push the
+        # thread has in flight, or an older push applied last would take the end mark away
+        self._push_lock = threading.Lock()
         self._gateway: str | None = None
         self._closed = False
         self._last_mark = time.perf_counter()
@@ -262,8 +268,9 @@ class TrainingMetrics:
 
     def _push(self, gateway: str) -> None:
         try:
-            push_to_gateway(gateway, job=self.cfg.job, registry=self.registry, grouping_key=self._grouping(),
-                            timeout=5)
+            with self._push_lock:
+                push_to_gateway(gateway, job=self.cfg.job, registry=self.registry, grouping_key=self._grouping(),
+                                timeout=PUSH_TIMEOUT_S)
         except Exception as e:  # monitoring must never stop training
             log.warning(f"metrics: push to {gateway} failed: {e}")
 
@@ -357,7 +364,7 @@ class TrainingMetrics:
         self._closed = True
         if self._push_thread is not None:
             self._push_stop.set()
-            self._push_thread.join(timeout=10)
+            self._push_thread.join(timeout=PUSH_JOIN_S)
             self._push_thread = None
         self.ended.labels(**self._labels).set_to_current_time()
         if self._gateway:

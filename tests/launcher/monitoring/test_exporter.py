@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
@@ -246,6 +246,52 @@ def test_a_job_shorter_than_the_push_interval_is_pushed_at_start_and_at_its_end(
     ended = end_values["pfc_run_end_timestamp_seconds"]
     assert before_close <= ended <= time.time()
     assert ended >= end_values["pfc_last_step_timestamp_seconds"]
+
+
+class _SlowFirstGateway(_Gateway):
+    """A slow gateway: its first PUT is applied (recorded) 2 s after it came, then answered; the others at once."""
+
+    first_seen = threading.Event()
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if not self.first_seen.is_set():
+            self.first_seen.set()
+            time.sleep(2.0)
+        self.received.append(("PUT", self.path, body, time.monotonic()))
+        self.send_response(200)
+        self.end_headers()
+
+
+def test_the_last_push_follows_a_push_in_flight(monkeypatch):
+    """close() gives up waiting for the push thread (here after 0.3 s instead of 10) while its push is still
+    unanswered: its own last push, with the end mark, must still be applied after that one, or the group would
+    keep values without the end mark (PfcStepHung for a rank that ended)."""
+    import launcher.monitoring.exporter as exporter
+
+    monkeypatch.setattr(exporter, "PUSH_JOIN_S", 0.3)
+    _SlowFirstGateway.received = []
+    _SlowFirstGateway.first_seen = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowFirstGateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        m = _exporter(free_port(2), {"pushgateway": f"http://127.0.0.1:{server.server_address[1]}",
+                                     "push_interval_s": 30, "run_id": "exp-8"})
+        m.start()
+        deadline = time.monotonic() + 10
+        while not _SlowFirstGateway.first_seen.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m.close()
+        deadline = time.monotonic() + 5
+        while len(_SlowFirstGateway.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = list(_SlowFirstGateway.received)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(got) == 2, got
+    assert "pfc_run_end_timestamp_seconds" not in _pushed(got[0][2])
+    assert "pfc_run_end_timestamp_seconds" in _pushed(got[-1][2])  # applied last
 
 
 def test_pushes_come_every_interval_and_a_gateway_that_is_down_never_stops_training(caplog):
