@@ -73,7 +73,7 @@ SAMPLER_PERMUTATION_BYTES_PER_ROW = 48
 # * the owned samples' normalised embeddings and class rows (n x D each, n the global batch's samples whose
 #   class is in the shard), which head.record keeps from one forward to the next: the last step's pair and
 #   this step's are both alive at the end of a forward (with k micro-batches, a step that measures the
-#   discrepancy keeps all k, launcher.trainer.step: k + 1 then);
+#   discrepancy keeps all k, launcher.trainer.step: k + 1 then, and 2k while they are merged into one);
 # * the sampled rows' local index (head._sampled, (S,) int64), kept from the forward to the next step;
 # * on the CPU, when the positives decide S (which then moves from step to step), the workspace's S-sized
 #   buffers hold 5% more than the largest S asked for (partialfc.softmax.Workspace grows by 5% when it must).
@@ -298,7 +298,8 @@ def _step_memory(rows: int, s: int, n: int, local_batch: int, dim: int, e: int, 
         "forward": {**workspace, "sampler": sampler, "embeddings": embeddings, "owned_samples": held * owned_rows},
         "backward": {**workspace, "embeddings": embeddings, "owned_samples": grad_accum * owned_rows,
                      "row_dot_scratch": min(s, blocks.rows_per_dot_block(dim * f)) * dim * f},
-        "optimizer": {**workspace, "owned_samples": grad_accum * owned_rows,
+        # (the merge of the k records into one, right before the optimizer step, holds both for a moment)
+        "optimizer": {**workspace, "owned_samples": (2 * grad_accum if grad_accum > 1 else 1) * owned_rows,
                       **({"rounding_noise_draw": ROUNDING_DRAW_BYTES_PER_ROW * s} if stochastic else {})},
     }
     return state, phases

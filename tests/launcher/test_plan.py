@@ -125,10 +125,10 @@ def test_memory_adamw_and_grad_accum() -> None:
     assert three.comm_bytes_per_step == 3 * one.comm_bytes_per_step + 8 + 3 * 2 * 8
     # and a step that measures the discrepancy keeps every micro-batch's owned samples (4 of the 4 samples of a
     # micro-batch at most, embedding and class row, D = 4, fp32): 3 in the backward, 3 + the last step's in the
-    # forward, against 1 and 2
+    # forward, 3 + their merged copy before the optimizer step, against 1, 2 and 1
     owned_rows, sd_f = 2 * 4 * 4 * 4, 250 * 4 * 4
     assert {k: three.phases[k] - one.phases[k] for k in one.phases} == {
-        "forward": sd_f + 2 * owned_rows, "backward": sd_f + 2 * owned_rows, "optimizer": sd_f + 2 * owned_rows}
+        "forward": sd_f + 2 * owned_rows, "backward": sd_f + 2 * owned_rows, "optimizer": sd_f + 5 * owned_rows}
     with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
         plan_rank(10, 2, 2, 4, 0.5, optimizer="adam")
 
