@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import logging
 import os
 import re
 import socket
@@ -40,6 +41,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AtomicFile", "CommitOrAbort", "Leftover", "atomic_write", "backup_name", "describe_error", "folder_lock",
            "fsync_dir", "fsync_file", "leftover_temps", "temp_name"]
@@ -63,6 +66,24 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
     _fsync_path(path)
 
 
+#: the file ``folder_lock`` locks where the folder itself cannot be (NFS); kept, since removing a lock file races
+FOLDER_LOCK_FILE = ".pfc-dataset.lock"
+
+
+def _flock(path: str | os.PathLike[str], flags: int) -> int | None:
+    """An fd of ``path`` (opened with ``flags``) holding an exclusive ``flock`` (waited for), or None."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the directory ``folder`` for the block: what a dataset overwrite holds
@@ -73,16 +94,18 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
     ``.rec`` with another write's ``.idx``; and a sweep in another pid namespace took a live overwrite's
     backups for a dead one's (the pid in their names not running there) and removed them. The lock belongs
     to the kernel's open file, seen from every namespace, and goes with a killed holder. Held for renames
-    only (milliseconds), it serialises every dataset of the folder. A folder that cannot be locked (a
-    filesystem without flock) is used without it, as before."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
+    only (milliseconds), it serialises every dataset of the folder.
+
+    Where the folder cannot be locked (NFS fails ``flock`` on a directory) :data:`FOLDER_LOCK_FILE` in it is;
+    where neither can be (a read-only folder, no locks at all), the folder is used unlocked, with a warning."""
+    fd = _flock(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if fd is None:  # NFS emulates flock with a POSIX lock, which needs an fd open for writing: not a directory's
+        fd = _flock(os.path.join(folder, FOLDER_LOCK_FILE), os.O_RDWR | os.O_CREAT)
+    if fd is None:
+        log.warning(f"{folder}: cannot lock the folder; two writers of one dataset there at once are not kept apart")
         yield
         return
     try:
-        with contextlib.suppress(OSError):  # not BlockingIOError: this waits
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
