@@ -38,6 +38,9 @@ def _rank(rank: int, port: int, own_group: bool, out: str) -> None:
         ctx = init_distributed("gloo", timeout_s=30)
         assert ctx.store is not None
     dog = HangWatchdog(ctx, 30.0, interval_s=0.05)
+    # the context's store when it has one (init_process_group keeps a store it is given, so the default
+    # group's store would be the same object: only identity with ctx.store shows which one was taken)
+    assert dog.store is (ctx.store if ctx.store is not None else store)
     dog.progress(7 + rank)
     dog._publish()
     dist.barrier()
