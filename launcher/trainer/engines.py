@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -236,8 +237,14 @@ class DeepSpeedEngine:
             # DeepSpeed clips to 1.0 unless told otherwise; 0 disables it, as grad_clip=None does for DDP.
             "gradient_clipping": cfg.optim.grad_clip or 0.0,
         }
+        # DeepSpeed takes its GPU from LOCAL_RANK unless args.device_rank names one: a SLURM task bound to one GPU
+        # (cuda:0, SLURM_LOCALID 3) or ranks sharing a GPU would ask for a device this rank does not use.
+        args = None
+        if ctx.device.type == "cuda":
+            args = SimpleNamespace(device_rank=ctx.device.index if ctx.device.index is not None
+                                   else torch.cuda.current_device())
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
-            model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
+            args=args, model=backbone, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.torch_opt = opt  # the optimizer DeepSpeed steps inside its own (ZeRO's) or directly (stage 0)
         self.device = ctx.device
         self.module = self.engine.module
