@@ -50,6 +50,13 @@ def head_optimizer_kwargs(o: OptimConfig) -> dict[str, Any]:
     return {"lr": o.head_lr or o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "name": o.name}
 
 
+def uses_channels_last(cfg: Config, ctx: DistContext) -> bool:
+    """Whether the backbone and its inputs take the channels-last layout: ``train.channels_last`` on a CUDA
+    device under DDP (DeepSpeed's start broadcasts each weight as bytes, which a channels-last one cannot be
+    viewed as, and ZeRO's flat buffers would give the weights their contiguous layout back)."""
+    return cfg.train.channels_last and ctx.device.type == "cuda" and cfg.dist.engine == "ddp"
+
+
 def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
     torch.manual_seed(cfg.train.seed)  # identical backbone init on every rank
     bcfg = backbone_config(cfg)
@@ -68,11 +75,13 @@ def build(cfg: Config, ctx: DistContext, num_classes: int) -> Components:
             load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
             log.info(f"fine-tuning from backbone weights {cfg.checkpoint.init_backbone} with a new head")
     backbone.to(ctx.device)
-    if cfg.train.channels_last and ctx.device.type == "cuda":
+    if uses_channels_last(cfg, ctx):
         backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     elif cfg.train.channels_last and ctx.is_main:
-        log.warning(f"train.channels_last=true has no effect on {ctx.device.type}: the channels-last layout "
-                    "is used on CUDA devices only (the backbone and its inputs stay contiguous)")
+        why = (f"on {ctx.device.type}: the channels-last layout is used on CUDA devices only"
+               if ctx.device.type != "cuda" else "with dist.engine=deepspeed: its start (the weights' broadcast) "
+               "fails on channels-last weights and ZeRO lays them out flat again")
+        log.warning(f"train.channels_last=true has no effect {why} (the backbone and its inputs stay contiguous)")
     engine = make_engine(backbone, cfg, ctx)
     h, o = cfg.head, cfg.optim
     if h.discface_lambda == 0 and h.discface_cap != HeadConfig.model_fields["discface_cap"].default and ctx.is_main:

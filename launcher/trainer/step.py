@@ -21,7 +21,7 @@ from launcher.distributed import DistContext
 from launcher.errors import UserError
 from launcher.trainer import faults
 from launcher.trainer.batches import Pixels, TrainData, to_model_input
-from launcher.trainer.components import Components
+from launcher.trainer.components import Components, uses_channels_last
 from launcher.trainer.engines import scale_embedding_grad, schedule_next
 from launcher.trainer.finetune import backbone_frozen, skip_backbone_step
 from launcher.trainer.timing import PhaseClock
@@ -128,7 +128,7 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
         with clock.host("data"):
             images, labels = batches[micro] if batches else data.next_batch()
         with clock.device("data"):
-            images = to_model_input(images, ctx.device, cfg.train.channels_last and ctx.device.type == "cuda",
+            images = to_model_input(images, ctx.device, uses_channels_last(cfg, ctx),
                                     augment=data.augmentation(step, micro))
             trained += len(labels)
             labels = labels.to(ctx.device, non_blocking=True)
@@ -229,10 +229,10 @@ def optimizer_step(c: Components, cfg: Config, ctx: DistContext, step: int, loss
     unscale_head_grads(c.head, scale)
     grad_norm = _on(c.engine.clip_and_norm(), ctx.device)
     # Each value checked in the precision the check has always used: the loss and the backbone's norm in
-    # float32 (a float64 value past float32's range counts as non-finite), the head's squared norm in float64
+    # float32 (a float64 value past float32's range counts as non-finite), the head's gradients entry by entry
     out, (bad_loss, bad_backbone, bad_head) = agree_on_step(
         {**losses, "grad_norm": grad_norm},
-        [losses["loss"].float(), grad_norm.float(), head_grad_sq_norm(c.head)], ctx, {"images": images})
+        [losses["loss"].float(), grad_norm.float(), head_grad_bounds(c.head)], ctx, {"images": images})
     ok = not (bad_loss or bad_backbone or bad_head)
     lr = c.engine.lr()  # the LR this step runs at (the schedule moves on in step()/skip())
     if ok:
@@ -306,16 +306,16 @@ def unscale_head_grads(head: PartialFC, scale: float) -> None:
         head.b.grad.div_(scale)
 
 
-def head_grad_sq_norm(head: PartialFC) -> torch.Tensor:
-    """Squared norm of this rank's head gradients (sampled rows and b), float64 on the head's device (left
-    there: :func:`agree_on_step` reads it back with the step's other values); non-finite if any entry is."""
+def head_grad_bounds(head: PartialFC) -> torch.Tensor:
+    """The smallest and largest entry of this rank's head gradients (sampled rows and b), on the head's device
+    (left there: :func:`agree_on_step` reads its flag with the step's other values); non-finite if any entry is
+    (min and max propagate NaN). Only finiteness is asked, and a reduction of the S_k x D gradient itself needs
+    no temporary of its size (its float64 square did: four times the gradient's bytes for a moment)."""
     _, g = head.weight_grad()
-    total = torch.zeros((), dtype=torch.float64, device=head.weight.device)
-    if g is not None:
-        total = total + g.double().pow(2).sum()
-    if head.b is not None and head.b.grad is not None:
-        total = total + head.b.grad.double().pow(2).sum()
-    return total
+    grads = [t for t in (g, head.b.grad if head.b is not None else None) if t is not None and t.numel()]
+    if not grads:
+        return torch.zeros(2, device=head.weight.device)
+    return torch.stack([x.double() for t in grads for x in torch.aminmax(t)])
 
 
 def loss_components(head: PartialFC, loss: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -50,6 +50,20 @@ def test_channels_last_on_a_cpu_says_it_has_no_effect(caplog: pytest.LogCaptureF
     assert _channels_last_warnings(caplog) == []
 
 
+def test_channels_last_takes_effect_on_cuda_under_ddp_only() -> None:
+    """The layout the backbone and its inputs take: channels-last on a CUDA device under DDP; never on a CPU, nor
+    under DeepSpeed, whose start fails on channels-last weights (a torch.device names CUDA without needing one)."""
+    from launcher.trainer.components import uses_channels_last
+
+    cuda = DistContext.single_process(torch.device("cuda", 0))
+    on = load_config(None, [*BASE, "train.channels_last=true"])
+    assert uses_channels_last(on, cuda)
+    assert not uses_channels_last(on, DistContext.single_process())
+    deepspeed = load_config(None, [*BASE, "train.channels_last=true", 'dist.engine="deepspeed"'])
+    assert not uses_channels_last(deepspeed, cuda)
+    assert not uses_channels_last(load_config(None, [*BASE]), cuda)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="channels-last is applied on CUDA devices only")
 def test_channels_last_on_a_gpu_lays_the_backbone_out_channels_last() -> None:
