@@ -68,7 +68,9 @@ def to_model_input(images: torch.Tensor | Pixels, device: torch.device, channels
         chw = images.permute(0, 3, 1, 2) if images.shape[3] == 3 and images.shape[1] != 3 else images
         chw = _mirror(chw, flips)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = chw.contiguous(memory_format=fmt).float().div_(127.5).sub_(1.0)
+        # by a 0-d tensor on the device, not a Python number: CUDA divides by a number as a multiplication by
+        # its reciprocal, 1 ulp off the CPU loader's x / 127.5 - 1 for 111 of the 256 pixel values
+        out = chw.contiguous(memory_format=fmt).float().div_(torch.full((), 127.5, device=chw.device)).sub_(1.0)
     elif images.is_floating_point():
         out = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         out = _mirror(out, flips)
