@@ -38,7 +38,6 @@ class StepRecord:
     owned_w_hat: torch.Tensor
     owned_labels: torch.Tensor
 
-
     @staticmethod
     def merged(records: list[StepRecord]) -> StepRecord:
         """One record for the forwards of one optimizer step (its micro-batches, ``head.begin_step``): the owned
@@ -48,8 +47,8 @@ class StepRecord:
         if len(records) == 1:
             return last
         return replace(last, owned_z_hat=torch.cat([r.owned_z_hat for r in records]),
-                                   owned_w_hat=torch.cat([r.owned_w_hat for r in records]),
-                                   owned_labels=torch.cat([r.owned_labels for r in records]))
+                       owned_w_hat=torch.cat([r.owned_w_hat for r in records]),
+                       owned_labels=torch.cat([r.owned_labels for r in records]))
 
 
 __all__ = ["StepRecord"]

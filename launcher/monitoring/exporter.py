@@ -96,6 +96,7 @@ log = logging.getLogger("pfc")
 PUSH_TIMEOUT_S = 5.0  # per socket operation of one push
 PUSH_JOIN_S = 10.0  # how long close() waits for the push thread before its last push
 
+
 def resolve_run_id(cfg: MetricsConfig, run_dir: str | os.PathLike[str] | None = None,
                    write: bool = False) -> str:
     """The run identity, the same on every rank of one launch: ``metrics.run_id``, else ``slurm-<job id>``,

@@ -33,7 +33,7 @@ from launcher.trainer.components import Components
 from launcher.trainer.evaluation import evaluate_bins
 from launcher.trainer.finetune import BestKeeper
 from launcher.trainer.progress import ProgressLogger
-from launcher.trainer.step import NonFiniteError, NonFiniteSteps
+from launcher.trainer.step import NonFiniteError, NonFiniteSteps, measures_discrepancy
 from launcher.trainer.watchdog import HangWatchdog
 from partialfc import PartialFC
 
@@ -136,7 +136,7 @@ class RunCallbacks:
         self.metrics.observe_step(step, scalars, images=int(scalars["images_rank"]),
                                   sampled_classes=head.record.num_sampled if head.record else 0,
                                   skipped_records=self.data.skipped_records)
-        if step % cfg.eval.discrepancy_every_steps == 0:
+        if measures_discrepancy(step, cfg):
             disc = owned_discrepancy(head)
             self.progress.latest.update(disc)  # the last measured values, as the exporter's
             self.metrics.observe_discrepancy(disc)

@@ -116,7 +116,7 @@ def forward_backward(c: Components, data: TrainData, cfg: Config, ctx: DistConte
     batches: list[tuple[torch.Tensor | Pixels, torch.Tensor]] = []
     # The discrepancy measured after this step (RunCallbacks.observe) reads head.record: the owned samples of
     # every micro-batch, not the last one's (1/accum of the step), kept only on the steps that measure it.
-    records: list[StepRecord] | None = [] if accum > 1 and step % cfg.eval.discrepancy_every_steps == 0 else None
+    records: list[StepRecord] | None = [] if accum > 1 and measures_discrepancy(step, cfg) else None
     shares = [float(accum)] * accum  # micro-batch m's loss is divided by shares[m] (N / n_m: see micro_shares)
     if accum > 1:
         with clock.host("data"):
@@ -304,6 +304,11 @@ def unscale_head_grads(head: PartialFC, scale: float) -> None:
         g.div_(scale)
     if head.b is not None and head.b.grad is not None:
         head.b.grad.div_(scale)
+
+
+def measures_discrepancy(step: int, cfg: Config) -> bool:
+    """Whether the discrepancy is measured after ``step`` (every ``eval.discrepancy_every_steps``)."""
+    return step % cfg.eval.discrepancy_every_steps == 0
 
 
 def head_grad_bounds(head: PartialFC) -> torch.Tensor:
