@@ -3,6 +3,7 @@ them as JSON with ``--json``)."""
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TypeVar
@@ -252,10 +253,18 @@ def bench_train_cmd(
     workdir: Path | None = typer.Option(None, "--workdir", help="where the generated data and the run folder go "
                                         "(default a temporary folder); they are deleted afterwards unless --keep"),
     keep: bool = typer.Option(False, "--keep", help="keep the generated data and the run folder"),
+    profile_dir: Path | None = typer.Option(
+        None, "--profile", help="write a torch.profiler table and trace per rank into this folder, of the timed "
+                                "steps but the last (the profiler inflates the step times reported)"),
 ) -> None:
     """Training throughput and step-time split (data wait, forward, backward, communication, optimizer)."""
     from launcher.bench.train_speed import backbone_floor, bench_train
+    from launcher.trainer import profiling
 
+    if profile_dir is not None:  # the ranks (torchrun's children) inherit the environment
+        os.environ[profiling.DIR_ENV] = str(profile_dir.resolve())
+        # The timed steps but the last, which ends the run with its final checkpoint.
+        os.environ[profiling.STEPS_ENV] = f"{warmup + 1}:{warmup + steps - 1}"
     res = bench_train(config, data, steps, warmup, nproc, list(sets or []), workdir=workdir, device_data=device_data,
                       keep=keep)
     card = f" ({res['device_name']})" if res["device_name"] else ""

@@ -26,6 +26,7 @@ from launcher.trainer.components import Components, build
 from launcher.trainer.finetune import adopt_init_backbone, set_backbone_mode
 from launcher.trainer.kernels import kernel_settings
 from launcher.trainer.preemption import StopRequest
+from launcher.trainer.profiling import step_profiler
 from launcher.trainer.run_folder import check_run_folder, resume_point
 from launcher.trainer.step import check_amp, train_one_step
 from launcher.trainer.watchdog import HangWatchdog, watching
@@ -94,11 +95,16 @@ def train_steps(c: Components, data: TrainData, cfg: Config, ctx: DistContext, s
                 stop: StopRequest, watchdog: HangWatchdog | None) -> int:
     """Train from ``step`` to ``callbacks.last_step`` or an agreed stop signal; returns the step reached."""
     c.engine.train()
+    profiler = step_profiler(ctx.rank, ctx.device)  # `pfc bench train --profile`
     while step < callbacks.last_step:
         step += 1
         set_backbone_mode(c.engine, cfg, step)
+        if profiler is not None:
+            profiler.before(step)
         scalars = train_one_step(c, data, cfg, ctx, step)
         callbacks.after_step(step, scalars)
+        if profiler is not None:
+            profiler.after(step)
         # one all-reduce of the stop flag: every rank stops after the same step (the last step just ends)
         signum = stop.agreed(ctx) if step < callbacks.last_step else 0
         if signum:
