@@ -174,8 +174,8 @@ def _card(doc: dict[str, Any]) -> str:
     card = env.get("device") or (smi[0] if smi else "no CUDA device")
     driver = smi[1] if len(smi) > 1 else "unknown"
     date = str(doc.get("started_at", "unknown date"))[:10]
-    return (f"Card, driver, date: {card} ({env.get('cpu_count')} cores), driver {driver}, CUDA {env.get('cuda')}, "
-            f"torch {env.get('torch')}, {date}; `make gpu-check` took {doc.get('seconds')} s.")
+    return (f"Card, driver, date: {card} (on a machine of {env.get('cpu_count')} CPU cores), driver {driver}, "
+            f"CUDA {env.get('cuda')}, torch {env.get('torch')}, {date}; `make gpu-check` took {doc.get('seconds')} s.")
 
 
 def block(doc: dict[str, Any]) -> str:

@@ -3,7 +3,6 @@ them as JSON with ``--json``)."""
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import TypeVar
@@ -261,12 +260,14 @@ def bench_train_cmd(
     from launcher.bench.train_speed import backbone_floor, bench_train
     from launcher.trainer import profiling
 
-    if profile_dir is not None:  # the ranks (torchrun's children) inherit the environment
-        os.environ[profiling.DIR_ENV] = str(profile_dir.resolve())
-        # The timed steps but the last, which ends the run with its final checkpoint.
-        os.environ[profiling.STEPS_ENV] = f"{warmup + 1}:{warmup + steps - 1}"
-    res = bench_train(config, data, steps, warmup, nproc, list(sets or []), workdir=workdir, device_data=device_data,
-                      keep=keep)
+    # The timed steps but the last, which ends the run with its final checkpoint; the ranks (torchrun's
+    # children) inherit the environment, which says "no profile" without --profile.
+    first, last = warmup + 1, warmup + steps - 1
+    with profiling.profile_environment(profile_dir, first, last):
+        res = bench_train(config, data, steps, warmup, nproc, list(sets or []), workdir=workdir,
+                          device_data=device_data, keep=keep)
+    if profile_dir is not None:
+        res["profiled_steps"] = [first, last]  # their times (in the medians) are inflated by the profiler
     card = f" ({res['device_name']})" if res["device_name"] else ""
     typer.echo(f"{res['backbone']} {res['image_size']}px on {res['device']}{card}, {res['world_size']} rank(s) x "
                f"{res['batch_per_rank']} (steps {res['timed_step_range'][0]}-{res['timed_step_range'][1]} timed): "
@@ -284,6 +285,9 @@ def bench_train_cmd(
                    f"reaches {res['step_over_floor_images_per_s']:.2f} of it (per rank)")
     if res["workdir"]:
         typer.echo(f"the run folder (and any data generated) kept in {res['workdir']}")
+    if profile_dir is not None:
+        typer.echo(f"profiles of steps {first}-{last} (their times inflated by the profiler) in "
+                   f"{profile_dir}/profile_rank*.txt, traces in {profile_dir}/trace_rank*.json")
     write_json(json_path, res)
 
 

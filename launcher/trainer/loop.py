@@ -96,21 +96,28 @@ def train_steps(c: Components, data: TrainData, cfg: Config, ctx: DistContext, s
     """Train from ``step`` to ``callbacks.last_step`` or an agreed stop signal; returns the step reached."""
     c.engine.train()
     profiler = step_profiler(ctx.rank, ctx.device)  # `pfc bench train --profile`
-    while step < callbacks.last_step:
-        step += 1
-        set_backbone_mode(c.engine, cfg, step)
+    try:
+        while step < callbacks.last_step:
+            step += 1
+            set_backbone_mode(c.engine, cfg, step)
+            if profiler is not None:
+                profiler.before(step)
+            scalars = train_one_step(c, data, cfg, ctx, step)
+            callbacks.after_step(step, scalars)
+            if profiler is not None:
+                profiler.after(step)
+            # one all-reduce of the stop flag: every rank stops after the same step (the last step just ends)
+            signum = stop.agreed(ctx) if step < callbacks.last_step else 0
+            if signum:
+                callbacks.save_on_stop(step, signum)
+                break
+            if watchdog is not None:
+                watchdog.progress(step)
+            faults.maybe_kill(step, ctx.rank)
+    except BaseException:
         if profiler is not None:
-            profiler.before(step)
-        scalars = train_one_step(c, data, cfg, ctx, step)
-        callbacks.after_step(step, scalars)
-        if profiler is not None:
-            profiler.after(step)
-        # one all-reduce of the stop flag: every rank stops after the same step (the last step just ends)
-        signum = stop.agreed(ctx) if step < callbacks.last_step else 0
-        if signum:
-            callbacks.save_on_stop(step, signum)
-            break
-        if watchdog is not None:
-            watchdog.progress(step)
-        faults.maybe_kill(step, ctx.rank)
+            profiler.abandon()
+        raise
+    if profiler is not None:
+        profiler.close()  # what it recorded, also when a stop signal ended the run early
     return step
