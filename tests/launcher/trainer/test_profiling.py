@@ -13,7 +13,6 @@ from torch.autograd import DeviceType
 
 from launcher.trainer import profiling
 from tests.support.pfc_forks import PfcForks
-from tests.support.runs import pfc  # noqa: F401  (the fixture)
 
 
 def test_no_profiler_unless_the_environment_asks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +97,7 @@ def test_the_environment_asks_only_with_a_folder_and_is_restored(tmp_path: Path,
 
 
 @pytest.mark.multiprocess
-def test_bench_train_profiles_the_timed_steps_but_the_last(tmp_path: Path, pfc: PfcForks,  # noqa: F811
+def test_bench_train_profiles_the_timed_steps_but_the_last(tmp_path: Path, pfc: PfcForks,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, res_json = tmp_path / "prof", tmp_path / "r.json"
